@@ -1,0 +1,100 @@
+"""Atomic, verified checkpoints in ``RUN_DIR/checkpoints/step-NNNNNNNN/``.
+
+A checkpoint is written into a hidden temporary directory and renamed into
+place only when complete, so a crash never leaves a half-written one under a
+real name. ``meta.json`` records the SHA-256 of the state file; loading checks
+it, and :func:`load_latest` falls back to an older checkpoint (with a warning)
+when the newest is truncated or corrupt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+STATE_FILE = "state.pt"
+META_FILE = "meta.json"
+
+
+class CheckpointError(Exception):
+    """A checkpoint is missing, truncated or does not match its checksum."""
+
+
+def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def save(run_dir: str | os.PathLike, step: int, state: dict[str, Any], keep: int = 3) -> Path:
+    """Write ``state`` as the checkpoint of ``step``; keep the newest ``keep``."""
+    root = checkpoint_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    raw = buf.getvalue()
+    final = root / f"step-{step:08d}"
+    tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    with (tmp / STATE_FILE).open("wb") as fh:
+        fh.write(raw)
+        fh.flush()
+        os.fsync(fh.fileno())
+    meta = {"step": step, "sha256": _sha256(raw), "bytes": len(raw)}
+    (tmp / META_FILE).write_text(json.dumps(meta))
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoint directories, oldest first."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+
+
+def load(path: Path) -> dict[str, Any]:
+    """Load and verify one checkpoint directory."""
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+        raw = (path / STATE_FILE).read_bytes()
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e})") from None
+    if _sha256(raw) != meta.get("sha256"):
+        raise CheckpointError(f"{path}: checksum mismatch (truncated or corrupt)")
+    return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+
+
+def load_latest(run_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that verifies, or ``None`` if there is none."""
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            return path, load(path)
+        except CheckpointError as e:
+            print(f"shoal: warning: skipping checkpoint {e}", file=sys.stderr)
+    return None

@@ -1,0 +1,48 @@
+"""The ``shoal`` command: one module per subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from shoal.errors import UserError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line on stderr, not a usage dump."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from shoal.cli import report, train
+
+    parser = Parser(
+        prog="shoal",
+        description="Distributed training with every classic strategy, one job model.",
+        epilog="Run 'shoal COMMAND --help' for the flags of each command.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    sub.required = True
+    train.add_parser(sub)
+    report.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``shoal`` console command."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except UserError as e:
+        print(f"shoal: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("shoal: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""``shoal train``: resolve the job, check it, launch the workers, summarise."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from shoal import checkpoint
+from shoal.cli.flags import add_job_flags, apply_flags, given
+from shoal.config import JobConfig, load_toml
+from shoal.data import build_dataset
+from shoal.dist import resolve_device
+from shoal.errors import UserError
+from shoal.launch import LaunchFailed, check_port, describe, launch
+from shoal.models import check_model_name, default_data
+from shoal.strategies import STRATEGIES, check_strategy_name
+from shoal.trainer import SUMMARY_FILE, write_resolved_config
+
+EXAMPLES = """\
+examples:
+  shoal train --model mlp --workers 4 --steps 300 --optimizer adam --lr 0.003
+  shoal train --model linear --workers 2 --batch-size 128 --lr 0.1 --steps 200
+  shoal train --config job.toml --workers 4 --out runs/exp1
+  shoal train --resume runs/exp1 --steps 600          # continue, to step 600
+
+several machines (same command on each, node 0's address as the endpoint):
+  shoal train --workers 2 --nnodes 2 --node-rank 0 --rdzv-endpoint 10.0.0.1:29500
+  shoal train --workers 2 --nnodes 2 --node-rank 1 --rdzv-endpoint 10.0.0.1:29500
+
+strategies: {strategies}
+--batch-size is the GLOBAL batch: the same samples make up step t whatever the
+number of workers, so synchronous strategies match a single-process run.
+"""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a model with a distributed strategy",
+        description="Train a model across worker processes (and machines) with one strategy. "
+        "Flags override the --config file; the resolved job is written to RUN_DIR/config.toml.",
+        epilog=EXAMPLES.format(
+            strategies=", ".join(f"{k} ({v.description})" for k, v in STRATEGIES.items())
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", metavar="TOML", help="job file with [model], [train], ... tables")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the job and print the resolved config and torchrun command; run nothing",
+    )
+    add_job_flags(p)
+    p.set_defaults(run=run)
+
+
+def resolve_job(args: argparse.Namespace) -> JobConfig:
+    """Defaults <- run dir (on --resume) <- --config <- flags, then checked."""
+    resume = getattr(args, "output.resume", "")
+    job = JobConfig()
+    if resume:
+        if not (Path(resume) / "config.toml").is_file():
+            raise UserError(f"--resume {resume}: not a shoal run directory (no config.toml)")
+        job = load_toml(Path(resume) / "config.toml")
+    if args.config:
+        job = load_toml(args.config, job)
+    apply_flags(args, job)
+    if given(args, "train", "epochs") and not given(args, "train", "steps"):
+        job.train.steps = 0
+    if resume:
+        job.output.out = resume
+    if not job.data.name:
+        check_model_name(job.model.name)
+        job.data.name = default_data(job.model.name)
+    job.validate()
+    check_strategy_name(job.strategy.name)
+    check_model_name(job.model.name)
+    if resolve_device(job.train.device) == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda, but no CUDA device is visible")
+    data = build_dataset(job.data)
+    if job.train.batch_size > data.num_train:
+        raise UserError(
+            f"--batch-size {job.train.batch_size} is larger than the training set "
+            f"({data.num_train} samples of {data.name})"
+        )
+    if not job.output.out:
+        job.output.out = f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{job.strategy.name}"
+    return job
+
+
+def prepare_run_dir(job: JobConfig) -> Path:
+    """Check the run directory; return where the workers read the resolved job."""
+    out = Path(job.output.out)
+    if job.output.resume:
+        if not checkpoint.list_checkpoints(out):
+            raise UserError(f"--resume {out}: no checkpoint to resume from in {out}/checkpoints")
+        if checkpoint.load_latest(out) is None:
+            raise UserError(f"--resume {out}: every checkpoint is corrupt")
+    elif job.cluster.node_rank == 0 and out.exists() and any(out.iterdir()):
+        raise UserError(f"run directory {out} already exists; choose another --out or --resume it")
+    check_port(job.cluster)
+    if job.cluster.node_rank == 0:
+        write_resolved_config(job, out)
+        return out / "config.toml"
+    # Other machines only read the job; rank 0 (on node 0) owns the run directory.
+    tmp = Path(tempfile.mkdtemp(prefix="shoal-node-"))
+    write_resolved_config(job, tmp)
+    return tmp / "config.toml"
+
+
+def run(args: argparse.Namespace) -> int:
+    job = resolve_job(args)
+    if args.dry_run:
+        from shoal.config import dumps_toml
+
+        print(dumps_toml(job))
+        print(describe(job.cluster, str(Path(job.output.out) / "config.toml")))
+        return 0
+    config_path = prepare_run_dir(job)
+    try:
+        launch(job.cluster, str(config_path))
+    except LaunchFailed as e:
+        print(f"shoal: error: training failed: {e}", file=sys.stderr)
+        return 1
+    out = Path(job.output.out)
+    summary_path = out / SUMMARY_FILE
+    if job.cluster.node_rank != 0 or not summary_path.exists():
+        return 0
+    summary = json.loads(summary_path.read_text())
+    if job.output.report:
+        from shoal.report import write_report
+
+        write_report([out], out)
+    print_summary(summary, out, report=job.output.report)
+    return 0
+
+
+def print_summary(summary: dict, out: Path, report: bool) -> None:
+    """A readable table of the finished run."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"shoal: {summary['strategy']} on {summary['world_size']} workers", show_header=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    rows = [
+        ("model / data", f"{summary['model']} / {summary['data']}"),
+        ("steps", f"{summary['steps']:,}"),
+        ("final train loss", f"{summary['final_loss']:.5g}"),
+    ]
+    for key in ("test_loss", "test_accuracy", "lstsq_rel_error"):
+        if key in summary:
+            rows.append((key.replace("_", " "), f"{summary[key]:.5g}"))
+    rows += [
+        ("wall time", f"{summary['wall_time_s']:.1f} s"),
+        ("throughput", f"{summary['samples_per_s']:,.0f} samples/s"),
+        ("bytes sent (all workers)", _human_bytes(summary["bytes_sent_total"])),
+        ("run directory", str(out)),
+    ]
+    if report:
+        rows.append(("report", str(out / "report.html")))
+    for k, v in rows:
+        table.add_row(k, v)
+    Console().print(table)
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"

@@ -1,0 +1,299 @@
+"""Typed job configuration: one dataclass per component, TOML in and out.
+
+The command line is derived from these dataclasses (see :mod:`shoal.cli.flags`):
+every field becomes a flag named after it (or after ``metadata["flag"]``), with
+its docstring-like ``help`` text. A TOML file uses one table per component::
+
+    [model]
+    name = "mlp"
+
+    [train]
+    steps = 300
+    batch_size = 64
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from shoal.errors import UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def _f(default: Any, help: str, flag: str | None = None, choices: tuple | None = None) -> Any:
+    meta: dict[str, Any] = {"help": help}
+    if flag:
+        meta["flag"] = flag
+    if choices:
+        meta["choices"] = choices
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    """The model to train."""
+
+    name: str = _f(
+        "mlp",
+        "built-in model (linear, softmax, mlp) or package.module:function for your own",
+        flag="--model",
+    )
+    hidden: int = _f(128, "width of each hidden layer (mlp)")
+    layers: int = _f(2, "number of hidden layers (mlp)")
+
+
+@dataclass
+class DataConfig:
+    """The dataset and how it is cut into batches."""
+
+    name: str = _f(
+        "",
+        "built-in dataset (synthetic-linear, digits) or package.module:function; "
+        "empty picks the model's default",
+        flag="--data",
+    )
+    num_samples: int = _f(4096, "samples to generate (synthetic data)")
+    num_features: int = _f(32, "features per sample (synthetic data)")
+    noise: float = _f(0.1, "standard deviation of the label noise (synthetic-linear)")
+    test_fraction: float = _f(0.2, "fraction of the data held out for evaluation")
+    data_seed: int = _f(1234, "seed of the data generator and of the train/test split")
+    drop_last: bool = _f(False, "drop the last, smaller global batch of each epoch")
+
+
+@dataclass
+class OptimConfig:
+    """The optimizer (torch.optim) and its learning-rate schedule."""
+
+    name: str = _f(
+        "sgd",
+        "optimizer",
+        flag="--optimizer",
+        choices=("sgd", "momentum", "adam", "adamw", "adagrad"),
+    )
+    lr: float = _f(0.05, "peak learning rate")
+    momentum: float = _f(0.9, "momentum (momentum optimizer)")
+    weight_decay: float = _f(0.0, "weight decay (decoupled for adamw)")
+    warmup_steps: int = _f(0, "steps of linear warmup from 0 to --lr")
+    schedule: str = _f(
+        "constant",
+        "learning-rate schedule after warmup",
+        choices=("constant", "cosine", "linear"),
+    )
+
+
+@dataclass
+class StrategyConfig:
+    """How the work is spread over processes."""
+
+    name: str = _f("allreduce", "distribution strategy", flag="--strategy")
+    bucket_mb: float = _f(25.0, "gradient bucket size in MB for all-reduce overlap")
+
+
+@dataclass
+class TrainConfig:
+    """The training loop."""
+
+    steps: int = _f(0, "global optimizer steps to run (0: derive from --epochs)")
+    epochs: float = _f(1.0, "passes over the training data, used when --steps is 0")
+    batch_size: int = _f(64, "GLOBAL batch size, split over all workers")
+    seed: int = _f(0, "seed for model initialisation and the data order")
+    device: str = _f("cpu", "where to compute", choices=("cpu", "cuda", "auto"))
+    log_every: int = _f(10, "steps between metric records")
+    eval_every: int = _f(0, "steps between evaluations on the test split (0: at the end only)")
+    checkpoint_every: int = _f(0, "steps between checkpoints (0: only at the end)")
+    keep_checkpoints: int = _f(3, "how many recent checkpoints to keep")
+
+
+@dataclass
+class ClusterConfig:
+    """Processes and machines, as torchrun understands them."""
+
+    workers: int = _f(2, "worker processes on this machine (torchrun --nproc-per-node)")
+    nnodes: int = _f(1, "number of machines (torchrun --nnodes)")
+    node_rank: int = _f(0, "rank of this machine, 0..nnodes-1 (torchrun --node-rank)")
+    rdzv_endpoint: str = _f(
+        "",
+        "HOST:PORT of node 0 where the machines meet (torchrun --rdzv-endpoint); "
+        "empty picks a free local port",
+    )
+
+
+@dataclass
+class OutputConfig:
+    """Where results go and what is shown."""
+
+    out: str = _f("", "run directory (default runs/<time>-<strategy>)")
+    resume: str = _f("", "continue the run in this directory from its newest checkpoint")
+    progress: bool = _f(True, "show a live progress display")
+    report: bool = _f(True, "write plots and report.html into the run directory at the end")
+
+
+@dataclass
+class JobConfig:
+    """A whole training job."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    @property
+    def world_size(self) -> int:
+        """Total number of worker processes over all machines."""
+        return self.cluster.workers * self.cluster.nnodes
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        """Check sizes and ranges; raise :class:`UserError` with one clear line."""
+        c, t, o = self.cluster, self.train, self.optim
+        _positive("--workers", c.workers)
+        _positive("--nnodes", c.nnodes)
+        if not 0 <= c.node_rank < c.nnodes:
+            raise UserError(f"--node-rank {c.node_rank} must be between 0 and {c.nnodes - 1}")
+        if c.nnodes > 1 and not c.rdzv_endpoint:
+            raise UserError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT of node 0")
+        if c.rdzv_endpoint:
+            parse_endpoint(c.rdzv_endpoint)
+        _positive("--batch-size", t.batch_size)
+        if t.batch_size < self.world_size:
+            raise UserError(
+                f"--batch-size {t.batch_size} is the global batch and must be at least the "
+                f"number of workers ({self.world_size})"
+            )
+        if t.steps < 0:
+            raise UserError(f"--steps must be >= 0, got {t.steps}")
+        if t.steps == 0 and not (t.epochs > 0 and math.isfinite(t.epochs)):
+            raise UserError(f"--epochs must be > 0 when --steps is 0, got {t.epochs}")
+        for name in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+            if getattr(t, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 0")
+        _positive("--log-every", t.log_every)
+        if not (o.lr > 0 and math.isfinite(o.lr)):
+            raise UserError(f"--lr must be a positive number, got {o.lr}")
+        if o.warmup_steps < 0:
+            raise UserError("--warmup-steps must be >= 0")
+        if not 0.0 <= self.data.test_fraction < 1.0:
+            raise UserError("--test-fraction must be in [0, 1)")
+        _positive("--num-samples", self.data.num_samples)
+        _positive("--num-features", self.data.num_features)
+        if self.strategy.bucket_mb <= 0:
+            raise UserError("--bucket-mb must be positive")
+        _check_choices(self)
+
+
+def _positive(flag: str, value: int) -> None:
+    if value <= 0:
+        raise UserError(f"{flag} must be a positive integer, got {value}")
+
+
+def _check_choices(job: JobConfig) -> None:
+    for section in dataclasses.fields(job):
+        comp = getattr(job, section.name)
+        for f in dataclasses.fields(comp):
+            choices = f.metadata.get("choices")
+            value = getattr(comp, f.name)
+            if choices and value not in choices:
+                flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+                raise UserError(f"{flag} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def parse_endpoint(endpoint: str) -> tuple[str, int]:
+    """Split ``HOST:PORT``; raise :class:`UserError` if it is not one."""
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise UserError(f"--rdzv-endpoint must look like HOST:PORT, got {endpoint!r}")
+    return host, int(port)
+
+
+# --- TOML ---------------------------------------------------------------------------
+
+
+def from_dict(data: dict[str, Any], base: JobConfig | None = None, source: str = "") -> JobConfig:
+    """Overlay a ``{section: {field: value}}`` mapping on ``base`` (default values)."""
+    job = base or JobConfig()
+    where = f" in {source}" if source else ""
+    sections = {f.name: f for f in dataclasses.fields(JobConfig)}
+    for sname, values in data.items():
+        if sname not in sections:
+            raise UserError(f"unknown section [{sname}]{where}; known: {', '.join(sections)}")
+        if not isinstance(values, dict):
+            raise UserError(f"[{sname}]{where} must be a table")
+        comp = getattr(job, sname)
+        fields = {f.name: f for f in dataclasses.fields(comp)}
+        for key, value in values.items():
+            if key not in fields:
+                raise UserError(
+                    f"unknown key {key!r} in [{sname}]{where}; known: {', '.join(fields)}"
+                )
+            setattr(comp, key, _coerce(value, fields[key], f"[{sname}] {key}{where}"))
+    return job
+
+
+def _coerce(value: Any, f: dataclasses.Field, what: str) -> Any:
+    kind = type(f.default)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(value, kind):
+        return value
+    raise UserError(f"{what} must be a {kind.__name__}, got {value!r}")
+
+
+def load_toml(path: str | os.PathLike, base: JobConfig | None = None) -> JobConfig:
+    """Read a job file; unreadable or invalid files raise :class:`UserError`."""
+    p = Path(path)
+    try:
+        with p.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise UserError(f"config file {p} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read config file {p}: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"config file {p} is not valid TOML: {e}") from None
+    return from_dict(data, base, source=str(p))
+
+
+def dumps_toml(job: JobConfig) -> str:
+    return tomli_w.dumps(job.to_dict())
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    raw = data.encode() if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(raw)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

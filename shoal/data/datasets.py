@@ -1,0 +1,131 @@
+"""Built-in datasets: in-memory tensors with a train and a test split.
+
+Every dataset is generated or loaded identically on every rank from
+``data_seed``, so workers never need to exchange data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from shoal.config import DataConfig
+
+Split = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class Dataset:
+    """Tensors of one workload plus what the trainer needs to know about them.
+
+    ``task`` picks the loss and the evaluation metrics: ``"regression"`` (squared
+    error) or ``"classification"`` (cross-entropy, accuracy). ``reference`` may
+    compute extra metrics for a trained model (for instance the distance to the
+    closed-form least-squares solution).
+    """
+
+    name: str
+    task: str
+    train: Split
+    test: Split | None
+    num_outputs: int
+    input_shape: tuple[int, ...]
+    reference: Callable[[nn.Module], dict[str, float]] | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_train(self) -> int:
+        return len(self.train[0])
+
+    @property
+    def num_features(self) -> int:
+        return int(np.prod(self.input_shape))
+
+
+def _split(x: torch.Tensor, y: torch.Tensor, fraction: float, seed: int) -> tuple[Split, Split | None]:
+    if fraction <= 0:
+        return (x, y), None
+    perm = np.random.default_rng([seed, 7]).permutation(len(x))
+    num_test = max(1, int(round(len(x) * fraction)))
+    test, train = perm[:num_test], perm[num_test:]
+    return (x[train], y[train]), (x[test], y[test])
+
+
+def synthetic_linear(cfg: DataConfig) -> Dataset:
+    """y = X w + b + noise, with known ``w``, ``b`` and noise level.
+
+    ``reference`` compares a trained ``nn.Linear`` with numpy's least-squares
+    solution on the same training data, the best any training can do.
+    """
+    rng = np.random.default_rng(cfg.data_seed)
+    n, d = cfg.num_samples, cfg.num_features
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    w = rng.standard_normal(d).astype(np.float32)
+    b = np.float32(rng.standard_normal())
+    y = x @ w + b + cfg.noise * rng.standard_normal(n).astype(np.float32)
+    train, test = _split(torch.from_numpy(x), torch.from_numpy(y), cfg.test_fraction, cfg.data_seed)
+
+    xt = train[0].double().numpy()
+    design = np.hstack([xt, np.ones((len(xt), 1))])
+    solution, *_ = np.linalg.lstsq(design, train[1].double().numpy(), rcond=None)
+
+    def reference(model: nn.Module) -> dict[str, float]:
+        linear = _only_linear(model)
+        if linear is None:
+            return {}
+        got = np.concatenate(
+            [linear.weight.detach().double().cpu().numpy().ravel(),
+             linear.bias.detach().double().cpu().numpy().ravel()]
+        )
+        true = np.concatenate([w, [b]]).astype(np.float64)
+        return {
+            "lstsq_rel_error": float(np.linalg.norm(got - solution) / np.linalg.norm(solution)),
+            "true_weights_rel_error": float(np.linalg.norm(got - true) / np.linalg.norm(true)),
+        }
+
+    return Dataset(
+        name="synthetic-linear",
+        task="regression",
+        train=train,
+        test=test,
+        num_outputs=1,
+        input_shape=(d,),
+        reference=reference,
+        info={"noise": cfg.noise},
+    )
+
+
+def _only_linear(model: nn.Module) -> nn.Linear | None:
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if len(linears) == 1 and linears[0].out_features == 1 and linears[0].bias is not None:
+        return linears[0]
+    return None
+
+
+def digits(cfg: DataConfig) -> Dataset:
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes)."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = torch.tensor(bunch.data / 16.0, dtype=torch.float32)
+    y = torch.tensor(bunch.target, dtype=torch.long)
+    train, test = _split(x, y, cfg.test_fraction, cfg.data_seed)
+    return Dataset(
+        name="digits",
+        task="classification",
+        train=train,
+        test=test,
+        num_outputs=10,
+        input_shape=(1, 8, 8),
+    )
+
+
+DATASETS: dict[str, Callable[[DataConfig], Dataset]] = {
+    "synthetic-linear": synthetic_linear,
+    "digits": digits,
+}

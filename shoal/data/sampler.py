@@ -1,0 +1,136 @@
+"""Global-batch sampler: shards of one seeded permutation per epoch.
+
+Global step ``s`` of epoch ``e`` covers positions ``[s*B, (s+1)*B)`` of the
+permutation ``perm(seed, e)``. Each of the ``W`` workers takes one contiguous
+slice of that global batch, the first ``n % W`` slices one sample longer. The
+set of samples in a global step therefore never depends on ``W``: that is what
+makes N synchronous workers equal to one, and what lets a run resume, or be
+re-sharded onto a different number of workers, mid-epoch without losing or
+repeating a sample.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+
+def split_sizes(n: int, parts: int) -> list[int]:
+    """Sizes of ``parts`` contiguous slices of ``n`` items, differing by at most 1."""
+    base, extra = divmod(n, parts)
+    return [base + (1 if r < extra else 0) for r in range(parts)]
+
+
+class GlobalBatchSampler:
+    """Yields this rank's indices for each global step, with resumable state.
+
+    Args:
+        num_samples: size of the training set.
+        batch_size: the GLOBAL batch size (all workers together).
+        rank, world_size: this worker's slot.
+        seed: seeds the per-epoch permutation.
+        drop_last: drop the final, smaller global batch of an epoch.
+
+    Iterating yields lists of indices until the end of the current epoch, so it
+    can be passed as ``batch_sampler=`` to a ``torch.utils.data.DataLoader``.
+    Call :meth:`next_batch` to step explicitly. The position is
+    ``(epoch, step_in_epoch)``; :meth:`state_dict` captures it, together with
+    how many samples of each epoch this rank has consumed.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        drop_last: bool = False,
+    ) -> None:
+        if batch_size < world_size:
+            raise ValueError("the global batch must hold at least one sample per worker")
+        if batch_size > num_samples:
+            raise ValueError(f"global batch {batch_size} is larger than the dataset ({num_samples})")
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.drop_last = drop_last
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.samples_seen: dict[int, int] = {}
+        self._perm_epoch = -1
+        self._perm: np.ndarray | None = None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        if self.drop_last:
+            return self.num_samples // self.batch_size
+        return math.ceil(self.num_samples / self.batch_size)
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        """The sample order of ``epoch`` (identical on every rank)."""
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+            self._perm_epoch = epoch
+        assert self._perm is not None
+        return self._perm
+
+    def global_indices(self, epoch: int, step: int) -> np.ndarray:
+        """All samples of global step ``step`` of ``epoch``."""
+        start = step * self.batch_size
+        return self.permutation(epoch)[start : start + self.batch_size]
+
+    def local_slice(self, n: int) -> slice:
+        sizes = split_sizes(n, self.world_size)
+        start = sum(sizes[: self.rank])
+        return slice(start, start + sizes[self.rank])
+
+    def next_batch(self) -> tuple[np.ndarray, int]:
+        """Advance one global step; return (this rank's indices, global batch size)."""
+        g = self.global_indices(self.epoch, self.step_in_epoch)
+        local = g[self.local_slice(len(g))]
+        self.samples_seen[self.epoch] = self.samples_seen.get(self.epoch, 0) + len(local)
+        self.step_in_epoch += 1
+        if self.step_in_epoch >= self.steps_per_epoch:
+            self.epoch += 1
+            self.step_in_epoch = 0
+        return local, len(g)
+
+    def loss_scale(self, global_batch: int) -> float:
+        """Factor turning this rank's summed loss into its share of the global mean.
+
+        Gradient averaging divides by ``world_size``; multiplying each rank's
+        loss sum by ``world_size / global_batch`` makes the average equal to the
+        mean over the global batch even when slices differ in size.
+        """
+        return self.world_size / global_batch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch = self.epoch
+        while self.epoch == epoch:
+            yield self.next_batch()[0].tolist()
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch - self.step_in_epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "seed": self.seed,
+            "num_samples": self.num_samples,
+            "batch_size": self.batch_size,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the position; ``world_size`` may differ from the saved run."""
+        for key in ("seed", "num_samples", "batch_size"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"sampler {key} changed from {state[key]} to {getattr(self, key)}")
+        self.epoch = int(state["epoch"])
+        self.step_in_epoch = int(state["step_in_epoch"])

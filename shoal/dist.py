@@ -1,0 +1,94 @@
+"""The process's place in the job: process group, device, threads.
+
+Workers are started by torchrun's machinery, which sets ``RANK``,
+``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR`` and
+``MASTER_PORT``; :func:`init` reads them. Run without them (plain ``python``),
+it falls back to a single process.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits: ranks, device and collective backend."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+    backend: str
+    host: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(kind: str) -> str:
+    """``auto`` becomes ``cuda`` when a GPU is visible, else ``cpu``."""
+    if kind == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return kind
+
+
+def threads_per_process(local_world_size: int) -> int:
+    """Cores available to this process when the node's cores are shared fairly."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, local_world_size))
+
+
+def init(device: str = "cpu", timeout_s: float = 300.0) -> DistEnv:
+    """Join the process group that torchrun's environment describes.
+
+    Sets the torch thread count so that oversubscribed CPU workers do not crawl,
+    picks ``cuda:LOCAL_RANK`` with NCCL for ``device="cuda"`` and gloo otherwise.
+    Safe to call twice.
+    """
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(threads_per_process(local_world_size))
+    kind = resolve_device(device)
+    if kind == "cuda":
+        torch.cuda.set_device(local_rank)
+        dev, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        dev, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        if "MASTER_ADDR" not in os.environ:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        dist.init_process_group(
+            backend=backend,
+            rank=rank,
+            world_size=world_size,
+            timeout=timedelta(seconds=timeout_s),
+            device_id=dev if kind == "cuda" else None,
+        )
+    return DistEnv(rank, world_size, local_rank, local_world_size, dev, backend, socket.gethostname())
+
+
+def shutdown() -> None:
+    """Leave the process group if this process joined one."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

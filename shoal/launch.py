@@ -1,0 +1,116 @@
+"""Launching workers through torchrun's own machinery.
+
+``shoal train`` builds the argument list that ``torchrun`` would take, turns it
+into a :class:`torch.distributed.launcher.api.LaunchConfig` with
+``torch.distributed.run.config_from_args`` and hands it to
+:func:`~torch.distributed.launcher.api.elastic_launch`. The process running
+``shoal train`` is therefore torchrun's elastic agent, and the same command runs
+on several machines with torchrun's multi-node settings.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shlex
+import socket
+import uuid
+from dataclasses import dataclass
+
+from shoal.config import ClusterConfig, parse_endpoint
+from shoal.errors import UserError
+
+WORKER_MODULE = "shoal.worker"
+
+
+@dataclass
+class LaunchFailed(Exception):
+    """Some worker failed; ``message`` is one line naming it."""
+
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def torchrun_args(cluster: ClusterConfig, config_path: str) -> list[str]:
+    """The ``torchrun`` arguments equivalent to this launch."""
+    args = ["--nnodes", str(cluster.nnodes), "--nproc-per-node", str(cluster.workers)]
+    if cluster.rdzv_endpoint:
+        args += [
+            "--rdzv-backend", "static",
+            "--rdzv-endpoint", cluster.rdzv_endpoint,
+            "--node-rank", str(cluster.node_rank),
+        ]  # fmt: skip
+    else:  # what torchrun --standalone does: a private store on a free local port
+        args += [
+            "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", "localhost:0",
+            "--rdzv-id", uuid.uuid4().hex,
+        ]  # fmt: skip
+    args += ["--max-restarts", "0", "--monitor-interval", "0.5"]
+    return [*args, "-m", WORKER_MODULE, config_path]
+
+
+def describe(cluster: ClusterConfig, config_path: str) -> str:
+    """The equivalent ``torchrun`` command line, for logs and docs."""
+    return "torchrun " + shlex.join(torchrun_args(cluster, config_path))
+
+
+def check_port(cluster: ClusterConfig) -> None:
+    """On node 0, fail early and clearly if the rendezvous port is taken."""
+    if not cluster.rdzv_endpoint or cluster.node_rank != 0:
+        return
+    host, port = parse_endpoint(cluster.rdzv_endpoint)
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise UserError(f"cannot resolve rendezvous host {host!r}: {e.strerror}") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(addr)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise UserError(
+                    f"port {port} on {host} is already in use; pick another with "
+                    "--rdzv-endpoint HOST:PORT"
+                ) from None
+            if e.errno == errno.EADDRNOTAVAIL:
+                raise UserError(
+                    f"{host} is not an address of this machine, but node 0 must host "
+                    "the rendezvous (--rdzv-endpoint)"
+                ) from None
+            raise
+
+
+def launch(cluster: ClusterConfig, config_path: str) -> None:
+    """Run the workers of this node to completion; raise :class:`LaunchFailed` if one fails."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import elastic_launch
+    from torch.distributed.run import config_from_args, parse_args
+
+    _quiet_torchrun()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    config, cmd, cmd_args = config_from_args(parse_args(torchrun_args(cluster, config_path)))
+    try:
+        elastic_launch(config, cmd)(*cmd_args)
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        how = (
+            f"was killed by signal {failure.signal_name()}"
+            if failure.exitcode < 0
+            else f"exited with code {failure.exitcode}"
+        )
+        raise LaunchFailed(f"worker rank {rank} (pid {failure.pid}) {how}") from None
+    except Exception as e:  # rendezvous and agent failures: one line, not a traceback
+        raise LaunchFailed(f"launch failed: {type(e).__name__}: {e}".splitlines()[0]) from None
+
+
+def _quiet_torchrun() -> None:
+    """torchrun's agent logs every rendezvous detail at INFO/WARNING; keep errors."""
+    for name in ("torch.distributed.elastic", "torch.distributed.launcher", "torch.distributed.run"):
+        logging.getLogger(name).setLevel(logging.ERROR)

@@ -1,0 +1,62 @@
+"""Built-in workloads: a model builder plus the dataset it trains on by default.
+
+Adding a workload is one entry in :data:`MODELS`. A builder takes the
+:class:`~shoal.data.Dataset` (for input shape and output count) and the
+:class:`~shoal.config.ModelConfig`, and returns an ``nn.Module``. User code
+(``--model package.module:function``) has the same signature.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from shoal.config import ModelConfig
+from shoal.data import Dataset
+from shoal.errors import UserError
+from shoal.models import simple
+from shoal.registry import import_ref, is_user_ref, lookup
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    build: Callable[[Dataset, ModelConfig], nn.Module]
+    default_data: str
+    description: str
+
+
+MODELS: dict[str, ModelSpec] = {
+    "linear": ModelSpec(simple.linear, "synthetic-linear", "linear regression"),
+    "softmax": ModelSpec(simple.linear, "digits", "softmax (multinomial logistic) regression"),
+    "mlp": ModelSpec(simple.mlp, "digits", "multi-layer perceptron"),
+}
+
+USER_DEFAULT_DATA = "digits"
+
+
+def default_data(model_name: str) -> str:
+    """The dataset a model trains on when ``--data`` is not given."""
+    if is_user_ref(model_name):
+        return USER_DEFAULT_DATA
+    return lookup(model_name, MODELS, "model").default_data
+
+
+def check_model_name(name: str) -> None:
+    """Fail early, in the launcher, on a model name that cannot resolve."""
+    if is_user_ref(name):
+        import_ref(name, "model")
+    else:
+        lookup(name, MODELS, "model")
+
+
+def build_model(cfg: ModelConfig, data: Dataset) -> nn.Module:
+    """Build the model named by ``cfg.name`` for ``data``."""
+    if is_user_ref(cfg.name):
+        model = import_ref(cfg.name, "model")(data, cfg)
+    else:
+        model = lookup(cfg.name, MODELS, "model").build(data, cfg)
+    if not isinstance(model, nn.Module):
+        raise UserError(f"model {cfg.name!r} returned {type(model).__name__}, not an nn.Module")
+    return model

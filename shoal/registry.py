@@ -1,0 +1,47 @@
+"""Name -> factory tables for models, datasets and strategies, plus user code.
+
+A name is either a key of the table or ``package.module:function``, which is
+imported and called instead; both fail with a :class:`UserError` naming what
+was asked for and what exists.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+from shoal.errors import UserError
+
+T = TypeVar("T")
+
+
+def is_user_ref(name: str) -> bool:
+    """True for ``package.module:function`` references to user code."""
+    return ":" in name
+
+
+def import_ref(ref: str, kind: str) -> Callable[..., Any]:
+    """Import ``package.module:function`` and return the function."""
+    module_name, _, attr = ref.partition(":")
+    if not module_name or not attr:
+        raise UserError(f"{kind} {ref!r} must look like package.module:function")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise UserError(f"cannot import {kind} module {module_name!r}: {e}") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise UserError(f"{kind} {ref!r}: {module_name} has no callable {attr!r}")
+    return fn
+
+
+def lookup(name: str, table: Mapping[str, T], kind: str) -> T:
+    """Return ``table[name]`` or raise a :class:`UserError` listing the choices."""
+    try:
+        return table[name]
+    except KeyError:
+        known = ", ".join(sorted(table))
+        raise UserError(
+            f"unknown {kind} {name!r}; built-in: {known} (or package.module:function)"
+        ) from None

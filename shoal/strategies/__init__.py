@@ -1,0 +1,25 @@
+"""Strategy registry: adding a strategy is one module plus one line here."""
+
+from __future__ import annotations
+
+from shoal.config import JobConfig
+from shoal.dist import DistEnv
+from shoal.registry import lookup
+from shoal.strategies.allreduce import AllReduce
+from shoal.strategies.base import Batch, LossFn, Strategy
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    AllReduce.name: AllReduce,
+}
+
+__all__ = ["STRATEGIES", "Batch", "LossFn", "Strategy", "build_strategy", "check_strategy_name"]
+
+
+def check_strategy_name(name: str) -> None:
+    """Raise a :class:`~shoal.errors.UserError` for an unknown strategy."""
+    lookup(name, STRATEGIES, "strategy")
+
+
+def build_strategy(job: JobConfig, env: DistEnv) -> Strategy:
+    """Instantiate the strategy named in ``job.strategy.name``."""
+    return lookup(job.strategy.name, STRATEGIES, "strategy")(job, env)

@@ -1,0 +1,73 @@
+"""The strategy protocol: the one seam between the trainer and distribution.
+
+A strategy owns the model replica (or shard), the optimizer and the
+communication. The trainer hands it batches and asks for its state; it never
+asks which strategy it is talking to.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from shoal.config import JobConfig
+from shoal.dist import DistEnv
+from shoal.metrics import CommCounter, PhaseTimer
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+"""Maps (model, batch) to the loss of every sample in the batch."""
+
+
+class Strategy(ABC):
+    """One way of spreading training over processes.
+
+    Lifecycle: ``__init__`` -> :meth:`setup` -> (:meth:`load_state_dict`) ->
+    :meth:`train_step` per global step -> :meth:`close`. Implementations count
+    the bytes they put on and take off the wire in :attr:`comm`.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+
+    def __init__(self, job: JobConfig, env: DistEnv) -> None:
+        self.job = job
+        self.env = env
+        self.comm = CommCounter()
+
+    @abstractmethod
+    def setup(self, model: nn.Module, total_steps: int) -> None:
+        """Take ownership of ``model`` (already on ``env.device``) and build the optimizer."""
+
+    @abstractmethod
+    def train_step(self, batch: Batch, loss_fn: LossFn, loss_scale: float, timer: PhaseTimer) -> torch.Tensor:
+        """Run one global step on this rank's slice of the batch.
+
+        ``loss_scale`` turns this rank's loss *sum* into its share of the global
+        mean (see :meth:`shoal.data.GlobalBatchSampler.loss_scale`). Returns the
+        detached loss sum over this rank's samples, for logging.
+        """
+
+    @abstractmethod
+    def eval_model(self) -> nn.Module:
+        """The full, unwrapped model as a plain module, for evaluation and export."""
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly: model, optimizer, schedule, extras."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+    @property
+    @abstractmethod
+    def lr(self) -> float:
+        """The learning rate of the step about to run."""
+
+    def close(self) -> None:
+        """Release sockets, threads and hooks."""

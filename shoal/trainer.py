@@ -1,0 +1,267 @@
+"""The training loop: data -> strategy step -> metrics and checkpoints.
+
+Runs inside every worker process. It knows nothing about how a strategy
+communicates; it only feeds batches, gathers telemetry at log steps and saves
+what the strategy says its state is.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+from shoal import checkpoint
+from shoal.config import JobConfig, dumps_toml, write_atomic
+from shoal.data import Dataset, GlobalBatchSampler, build_dataset
+from shoal.dist import DistEnv
+from shoal.metrics import PHASES, MetricsFile, PhaseTimer, Progress
+from shoal.models import build_model
+from shoal.models.tasks import evaluate, per_sample_loss
+from shoal.strategies import Batch, Strategy, build_strategy
+
+SUMMARY_FILE = "summary.json"
+MODEL_FILE = "model.safetensors"
+
+
+def total_steps(job: JobConfig, steps_per_epoch: int) -> int:
+    """Global steps of the job: ``--steps``, or ``--epochs`` worth of them."""
+    if job.train.steps > 0:
+        return job.train.steps
+    return max(1, math.ceil(job.train.epochs * steps_per_epoch))
+
+
+@dataclass
+class _Window:
+    """Telemetry accumulated on this rank since the last log record."""
+
+    loss_sum: torch.Tensor
+    count: int = 0
+    global_samples: int = 0
+    steps: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+
+class Trainer:
+    """One worker's view of a training job."""
+
+    def __init__(self, job: JobConfig, env: DistEnv) -> None:
+        self.job = job
+        self.env = env
+        self.out = Path(job.output.out)
+        torch.manual_seed(job.train.seed)
+        self.data: Dataset = build_dataset(job.data)
+        self.x, self.y = (t.to(env.device) for t in self.data.train)
+        model = build_model(job.model, self.data).to(env.device)
+        self.num_parameters = sum(p.numel() for p in model.parameters())
+        self.sampler = GlobalBatchSampler(
+            self.data.num_train,
+            job.train.batch_size,
+            env.rank,
+            env.world_size,
+            seed=job.train.seed,
+            drop_last=job.data.drop_last,
+        )
+        self.total_steps = total_steps(job, self.sampler.steps_per_epoch)
+        self.strategy: Strategy = build_strategy(job, env)
+        self.strategy.setup(model, self.total_steps)
+        self.step = 0
+        self.wall_offset = 0.0
+        self.prior_samples: dict[int, int] = {}
+        self.last_loss = float("nan")
+        self.eval_metrics: dict[str, float] = {}
+
+    # --- state --------------------------------------------------------------------
+
+    def restore(self) -> Path | None:
+        """Continue from the newest good checkpoint in the run directory, if any."""
+        found = checkpoint.load_latest(self.out)
+        if found is None:
+            return None
+        path, state = found
+        self.strategy.load_state_dict(state["strategy"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.step = int(state["step"])
+        self.wall_offset = float(state["wall_time"])
+        self.prior_samples = {int(k): int(v) for k, v in state["samples_per_epoch"].items()}
+        rng = state["rng"]
+        if self.env.rank < len(rng):
+            torch.set_rng_state(rng[self.env.rank])
+        return path
+
+    def save_checkpoint(self) -> None:
+        """Collective: every rank contributes its RNG; rank 0 writes."""
+        rng = self._all_gather(torch.get_rng_state())
+        counts = self.samples_per_epoch()
+        if self.env.is_main:
+            state = {
+                "step": self.step,
+                "strategy": self.strategy.state_dict(),
+                "sampler": self.sampler.state_dict(),
+                "rng": [r.cpu() for r in rng],
+                "samples_per_epoch": counts,
+                "wall_time": self.wall_time(),
+            }
+            checkpoint.save(self.out, self.step, state, keep=self.job.train.keep_checkpoints)
+
+    def samples_per_epoch(self) -> dict[int, int]:
+        """Samples consumed per epoch by all workers together (collective)."""
+        num_epochs = self.sampler.epoch + 1
+        local = torch.zeros(num_epochs, dtype=torch.float64, device=self.env.device)
+        for epoch, n in self.sampler.samples_seen.items():
+            local[epoch] = n
+        dist.all_reduce(local)
+        counts = dict(self.prior_samples)
+        for epoch, n in enumerate(local.tolist()):
+            if n:
+                counts[epoch] = counts.get(epoch, 0) + int(n)
+        return counts
+
+    # --- loop ---------------------------------------------------------------------
+
+    def loss_fn(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        x, y = batch
+        return per_sample_loss(self.data.task, model(x), y)
+
+    def run(self) -> None:
+        """Train to ``total_steps``, logging, evaluating and checkpointing on the way."""
+        t = self.job.train
+        metrics = MetricsFile(self.out / "metrics.jsonl", self.step) if self.env.is_main else None
+        progress = Progress(
+            self.total_steps,
+            self.step,
+            enabled=self.env.is_main and self.job.output.progress,
+            title=f"{self.job.strategy.name} x{self.env.world_size}",
+        )
+        self._start = time.perf_counter()
+        timer = PhaseTimer(self.env.device)
+        window = _Window(torch.zeros((), device=self.env.device, dtype=torch.float64))
+        try:
+            while self.step < self.total_steps:
+                with timer.phase("data"):
+                    idx, global_batch = self.sampler.next_batch()
+                    index = torch.from_numpy(idx).to(self.env.device)
+                    batch = (self.x[index], self.y[index])
+                scale = self.sampler.loss_scale(global_batch)
+                lr = self.strategy.lr
+                loss_sum = self.strategy.train_step(batch, self.loss_fn, scale, timer)
+                self.step += 1
+                window.loss_sum += loss_sum
+                window.count += len(idx)
+                window.global_samples += global_batch
+                window.steps += 1
+                last = self.step == self.total_steps
+                if self.step % t.log_every == 0 or last:
+                    record = self._log(window, timer, lr)
+                    if metrics is not None:
+                        metrics.write(record)
+                    window = _Window(torch.zeros_like(window.loss_sum))
+                    progress.update(self.step, record["loss"], record["samples_per_s"])
+                else:
+                    progress.update(self.step, None, None)
+                if t.eval_every and self.step % t.eval_every == 0 and not last:
+                    self._evaluate(metrics)
+                if t.checkpoint_every and self.step % t.checkpoint_every == 0 and not last:
+                    self.save_checkpoint()
+        finally:
+            progress.close()
+        self.save_checkpoint()
+        self._evaluate(metrics)
+        if metrics is not None:
+            metrics.close()
+        self._finish()
+
+    def wall_time(self) -> float:
+        return self.wall_offset + time.perf_counter() - self._start
+
+    def _all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        tensor = tensor.to(self.env.device)
+        parts = [torch.empty_like(tensor) for _ in range(self.env.world_size)]
+        dist.all_gather(parts, tensor)
+        return parts
+
+    def _log(self, window: _Window, timer: PhaseTimer, lr: float) -> dict[str, Any]:
+        """Collective: gather every rank's window; rank 0 builds the record."""
+        phases = timer.take()
+        comm = self.strategy.comm
+        local = torch.tensor(
+            [window.loss_sum.item(), window.count, comm.sent, comm.received]
+            + [phases[p] for p in PHASES],
+            dtype=torch.float64,
+        )
+        rows = torch.stack(self._all_gather(local)).cpu()
+        elapsed = time.perf_counter() - window.start
+        loss = float(rows[:, 0].sum() / rows[:, 1].sum())
+        self.last_loss = loss
+        record: dict[str, Any] = {
+            "step": self.step,
+            "epoch": self.sampler.epoch + self.sampler.step_in_epoch / self.sampler.steps_per_epoch,
+            "loss": loss,
+            "lr": lr,
+            "samples_per_s": window.global_samples / elapsed,
+            "step_time_s": elapsed / window.steps,
+            "bytes_sent": int(rows[:, 2].sum()),
+            "bytes_received": int(rows[:, 3].sum()),
+            "wall_time": self.wall_time(),
+        }
+        for i, p in enumerate(PHASES):
+            record[f"t_{p}"] = float(rows[:, 4 + i].mean()) / window.steps
+        return record
+
+    def _evaluate(self, metrics: MetricsFile | None) -> None:
+        if not self.env.is_main:
+            return
+        self.eval_metrics = evaluate(self.strategy.eval_model(), self.data, self.env.device)
+        if metrics is not None:
+            metrics.write({"step": self.step, "wall_time": self.wall_time(), "eval": self.eval_metrics})
+
+    def _finish(self) -> None:
+        """Collective: gather per-worker totals; rank 0 writes the model and summary."""
+        comm = self.strategy.comm
+        totals = self._all_gather(torch.tensor([comm.sent, comm.received], dtype=torch.float64))
+        hosts: list[Any] = [None] * self.env.world_size
+        dist.all_gather_object(hosts, self.env.host)
+        counts = self.samples_per_epoch()
+        if not self.env.is_main:
+            return
+        model = self.strategy.eval_model()
+        tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        tmp = self.out / f".{MODEL_FILE}.tmp"
+        save_file(tensors, str(tmp))
+        tmp.replace(self.out / MODEL_FILE)
+        wall = self.wall_time()
+        per_worker = [
+            {"rank": r, "host": hosts[r], "bytes_sent": int(t[0]), "bytes_received": int(t[1])}
+            for r, t in enumerate(totals)
+        ]
+        summary = {
+            "strategy": self.job.strategy.name,
+            "model": self.job.model.name,
+            "data": self.data.name,
+            "world_size": self.env.world_size,
+            "steps": self.step,
+            "global_batch_size": self.job.train.batch_size,
+            "num_parameters": self.num_parameters,
+            "final_loss": self.last_loss,
+            **self.eval_metrics,
+            "wall_time_s": wall,
+            "samples_per_s": sum(counts.values()) / wall if wall > 0 else 0.0,
+            "bytes_sent_total": sum(w["bytes_sent"] for w in per_worker),
+            "bytes_received_total": sum(w["bytes_received"] for w in per_worker),
+            "samples_per_epoch": {str(k): v for k, v in sorted(counts.items())},
+            "train_samples": self.data.num_train,
+            "per_worker": per_worker,
+        }
+        write_atomic(self.out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+
+
+def write_resolved_config(job: JobConfig, run_dir: Path) -> None:
+    """The fully resolved job, as ``config.toml`` in the run directory."""
+    write_atomic(run_dir / "config.toml", dumps_toml(job))

@@ -1,0 +1,41 @@
+"""Entry point of every launched process: ``python -m shoal.worker CONFIG``.
+
+torchrun's agent starts one of these per local rank with the rendezvous
+environment set; it reads the resolved job file and runs the trainer.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from shoal import dist
+from shoal.config import load_toml
+from shoal.errors import UserError
+from shoal.trainer import Trainer
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m shoal.worker CONFIG.toml", file=sys.stderr)
+        return 2
+    trainer = None
+    try:
+        job = load_toml(args[0])
+        env = dist.init(job.train.device)
+        trainer = Trainer(job, env)
+        if job.output.resume:
+            trainer.restore()
+        trainer.run()
+    except UserError as e:
+        print(f"shoal: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if trainer is not None:
+            trainer.strategy.close()
+        dist.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
