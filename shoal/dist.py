@@ -79,7 +79,9 @@ def init(device: str = "cpu", timeout_s: float = 300.0) -> DistEnv:
             timeout=timedelta(seconds=timeout_s),
             device_id=dev if kind == "cuda" else None,
         )
-    return DistEnv(rank, world_size, local_rank, local_world_size, dev, backend, socket.gethostname())
+    return DistEnv(
+        rank, world_size, local_rank, local_world_size, dev, backend, socket.gethostname()
+    )
 
 
 def shutdown() -> None:

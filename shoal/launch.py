@@ -112,5 +112,9 @@ def launch(cluster: ClusterConfig, config_path: str) -> None:
 
 def _quiet_torchrun() -> None:
     """torchrun's agent logs every rendezvous detail at INFO/WARNING; keep errors."""
-    for name in ("torch.distributed.elastic", "torch.distributed.launcher", "torch.distributed.run"):
+    for name in (
+        "torch.distributed.elastic",
+        "torch.distributed.launcher",
+        "torch.distributed.run",
+    ):
         logging.getLogger(name).setLevel(logging.ERROR)

@@ -128,7 +128,9 @@ class Progress:
                 TimeRemainingColumn(),
                 console=console,
             )
-            self._task = self._bar.add_task(title, total=total_steps, completed=start_step, loss="-", rate="-")
+            self._task = self._bar.add_task(
+                title, total=total_steps, completed=start_step, loss="-", rate="-"
+            )
             self._bar.start()
         else:
             print(f"{title}: {total_steps - start_step} steps to run", file=sys.stderr, flush=True)

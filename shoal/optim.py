@@ -11,7 +11,9 @@ from torch.optim.lr_scheduler import LambdaLR
 from shoal.config import OptimConfig
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(
+    params: Iterable[torch.nn.Parameter], cfg: OptimConfig
+) -> torch.optim.Optimizer:
     """The torch optimizer named by ``cfg.name``."""
     name, lr, wd = cfg.name, cfg.lr, cfg.weight_decay
     if name == "sgd":
@@ -42,6 +44,8 @@ def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
     raise ValueError(f"unknown schedule {cfg.schedule!r}")
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int
+) -> LambdaLR:
     """A ``LambdaLR`` following :func:`lr_factor`; step it once per optimizer step."""
     return LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, cfg))

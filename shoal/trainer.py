@@ -22,6 +22,7 @@ from shoal import checkpoint
 from shoal.config import JobConfig, dumps_toml, write_atomic
 from shoal.data import Dataset, GlobalBatchSampler, build_dataset
 from shoal.dist import DistEnv
+from shoal.faults import Injector
 from shoal.metrics import PHASES, MetricsFile, PhaseTimer, Progress
 from shoal.models import build_model
 from shoal.models.tasks import evaluate, per_sample_loss
@@ -77,6 +78,7 @@ class Trainer:
         self.prior_samples: dict[int, int] = {}
         self.last_loss = float("nan")
         self.eval_metrics: dict[str, float] = {}
+        self.faults = Injector(env.rank)
 
     # --- state --------------------------------------------------------------------
 
@@ -170,6 +172,7 @@ class Trainer:
                     self._evaluate(metrics)
                 if t.checkpoint_every and self.step % t.checkpoint_every == 0 and not last:
                     self.save_checkpoint()
+                self.faults.after_step(self.step)
         finally:
             progress.close()
         self.save_checkpoint()
@@ -220,7 +223,9 @@ class Trainer:
             return
         self.eval_metrics = evaluate(self.strategy.eval_model(), self.data, self.env.device)
         if metrics is not None:
-            metrics.write({"step": self.step, "wall_time": self.wall_time(), "eval": self.eval_metrics})
+            metrics.write(
+                {"step": self.step, "wall_time": self.wall_time(), "eval": self.eval_metrics}
+            )
 
     def _finish(self) -> None:
         """Collective: gather per-worker totals; rank 0 writes the model and summary."""

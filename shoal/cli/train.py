@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from shoal import checkpoint
+from shoal import checkpoint, faults
 from shoal.cli.flags import add_job_flags, apply_flags, given
 from shoal.config import JobConfig, load_toml
 from shoal.data import build_dataset
@@ -77,6 +78,10 @@ def resolve_job(args: argparse.Namespace) -> JobConfig:
         check_model_name(job.model.name)
         job.data.name = default_data(job.model.name)
     job.validate()
+    try:
+        faults.parse(os.environ.get(faults.ENV, ""))
+    except ValueError as e:
+        raise UserError(str(e)) from None
     check_strategy_name(job.strategy.name)
     check_model_name(job.model.name)
     if resolve_device(job.train.device) == "cuda":
@@ -147,7 +152,9 @@ def print_summary(summary: dict, out: Path, report: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"shoal: {summary['strategy']} on {summary['world_size']} workers", show_header=False)
+    table = Table(
+        title=f"shoal: {summary['strategy']} on {summary['world_size']} workers", show_header=False
+    )
     table.add_column(style="bold")
     table.add_column(justify="right")
     rows = [

@@ -28,6 +28,8 @@ def build_dataset(cfg: DataConfig) -> Dataset:
     if is_user_ref(cfg.name):
         dataset = import_ref(cfg.name, "dataset")(cfg)
         if not isinstance(dataset, Dataset):
-            raise UserError(f"dataset {cfg.name!r} returned {type(dataset).__name__}, not a shoal Dataset")
+            raise UserError(
+                f"dataset {cfg.name!r} returned {type(dataset).__name__}, not a shoal Dataset"
+            )
         return dataset
     return lookup(cfg.name, DATASETS, "dataset")(cfg)

@@ -47,11 +47,13 @@ class Dataset:
         return int(np.prod(self.input_shape))
 
 
-def _split(x: torch.Tensor, y: torch.Tensor, fraction: float, seed: int) -> tuple[Split, Split | None]:
+def _split(
+    x: torch.Tensor, y: torch.Tensor, fraction: float, seed: int
+) -> tuple[Split, Split | None]:
     if fraction <= 0:
         return (x, y), None
     perm = np.random.default_rng([seed, 7]).permutation(len(x))
-    num_test = max(1, int(round(len(x) * fraction)))
+    num_test = max(1, round(len(x) * fraction))
     test, train = perm[:num_test], perm[num_test:]
     return (x[train], y[train]), (x[test], y[test])
 
@@ -79,8 +81,10 @@ def synthetic_linear(cfg: DataConfig) -> Dataset:
         if linear is None:
             return {}
         got = np.concatenate(
-            [linear.weight.detach().double().cpu().numpy().ravel(),
-             linear.bias.detach().double().cpu().numpy().ravel()]
+            [
+                linear.weight.detach().double().cpu().numpy().ravel(),
+                linear.bias.detach().double().cpu().numpy().ravel(),
+            ]
         )
         true = np.concatenate([w, [b]]).astype(np.float64)
         return {

@@ -53,7 +53,9 @@ class GlobalBatchSampler:
         if batch_size < world_size:
             raise ValueError("the global batch must hold at least one sample per worker")
         if batch_size > num_samples:
-            raise ValueError(f"global batch {batch_size} is larger than the dataset ({num_samples})")
+            raise ValueError(
+                f"global batch {batch_size} is larger than the dataset ({num_samples})"
+            )
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.rank = rank

@@ -19,7 +19,9 @@ def per_sample_loss(task: str, output: torch.Tensor, target: torch.Tensor) -> to
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Dataset, device: torch.device, batch: int = 4096) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, data: Dataset, device: torch.device, batch: int = 4096
+) -> dict[str, float]:
     """Metrics of ``model`` on the held-out split, plus the dataset's own reference."""
     metrics: dict[str, float] = {}
     was_training = model.training

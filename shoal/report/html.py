@@ -40,7 +40,9 @@ def _table(runs: list[Run]) -> str:
         if not any(key in r.summary for r in runs):
             continue
         cells = "".join(
-            f"<td>{html.escape(fmt.format(r.summary[key]))}</td>" if key in r.summary else "<td>-</td>"
+            f"<td>{html.escape(fmt.format(r.summary[key]))}</td>"
+            if key in r.summary
+            else "<td>-</td>"
             for r in runs
         )
         body.append(f"<tr><td>{html.escape(title)}</td>{cells}</tr>")

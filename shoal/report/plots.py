@@ -7,9 +7,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from shoal.report.runs import Run  # noqa: E402
+from shoal.report.runs import Run
 
 PLOTS = (
     ("loss_vs_step.png", "step", "loss", "training loss vs step", True),

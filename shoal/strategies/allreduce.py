@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from shoal.dist import DistEnv
 from shoal.metrics import CommCounter, PhaseTimer
 from shoal.optim import build_optimizer, build_scheduler
 from shoal.strategies.base import Batch, LossFn, Strategy
@@ -61,6 +62,21 @@ def allreduce_hook(state: HookState, bucket: dist.GradBucket) -> torch.futures.F
     return fut.then(done)
 
 
+def wrap_ddp(
+    model: nn.Module, env: DistEnv, bucket_mb: float, comm: CommCounter
+) -> tuple[DDP, HookState]:
+    """``model`` in DDP with :func:`allreduce_hook` counting into ``comm``."""
+    ddp = DDP(
+        model,
+        device_ids=[env.device] if env.device.type == "cuda" else None,
+        bucket_cap_mb=bucket_mb,
+        gradient_as_bucket_view=True,
+    )
+    state = HookState(env.world_size, comm)
+    ddp.register_comm_hook(state, allreduce_hook)
+    return ddp, state
+
+
 class AllReduce(Strategy):
     """Synchronous data parallel over ring all-reduce (DDP), gloo or NCCL."""
 
@@ -68,20 +84,16 @@ class AllReduce(Strategy):
     description = "synchronous data parallel: DDP, bucketed all-reduce overlapped with backward"
 
     def setup(self, model: nn.Module, total_steps: int) -> None:
-        cuda = self.env.device.type == "cuda"
         self.model = model
-        self.ddp = DDP(
-            model,
-            device_ids=[self.env.device] if cuda else None,
-            bucket_cap_mb=self.job.strategy.bucket_mb,
-            gradient_as_bucket_view=True,
+        self.ddp, self.hook_state = wrap_ddp(
+            model, self.env, self.job.strategy.bucket_mb, self.comm
         )
-        self.hook_state = HookState(self.env.world_size, self.comm)
-        self.ddp.register_comm_hook(self.hook_state, allreduce_hook)
         self.optimizer = build_optimizer(self.ddp.parameters(), self.job.optim)
         self.scheduler = build_scheduler(self.optimizer, self.job.optim, total_steps)
 
-    def train_step(self, batch: Batch, loss_fn: LossFn, loss_scale: float, timer: PhaseTimer) -> torch.Tensor:
+    def train_step(
+        self, batch: Batch, loss_fn: LossFn, loss_scale: float, timer: PhaseTimer
+    ) -> torch.Tensor:
         self.hook_state.timer = timer
         self.optimizer.zero_grad(set_to_none=True)
         with timer.phase("forward_backward"):

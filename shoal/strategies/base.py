@@ -44,7 +44,9 @@ class Strategy(ABC):
         """Take ownership of ``model`` (already on ``env.device``) and build the optimizer."""
 
     @abstractmethod
-    def train_step(self, batch: Batch, loss_fn: LossFn, loss_scale: float, timer: PhaseTimer) -> torch.Tensor:
+    def train_step(
+        self, batch: Batch, loss_fn: LossFn, loss_scale: float, timer: PhaseTimer
+    ) -> torch.Tensor:
         """Run one global step on this rank's slice of the batch.
 
         ``loss_scale`` turns this rank's loss *sum* into its share of the global
@@ -69,5 +71,5 @@ class Strategy(ABC):
     def lr(self) -> float:
         """The learning rate of the step about to run."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, most strategies hold nothing
         """Release sockets, threads and hooks."""

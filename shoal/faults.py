@@ -1,0 +1,50 @@
+"""Fault injection for tests and demos, driven by the ``SHOAL_FAULT`` variable.
+
+``SHOAL_FAULT="crash:rank=1:step=150"`` makes rank 1 kill itself with SIGKILL
+right after finishing global step 150, as a machine failure would: no cleanup,
+no flushing, no goodbye to its peers. Several faults are separated by ``;``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+
+ENV = "SHOAL_FAULT"
+KINDS = ("crash",)
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str
+    rank: int
+    step: int
+
+
+def parse(spec: str) -> list[Fault]:
+    """Parse ``kind:rank=R:step=S[;...]``; raise ``ValueError`` on anything else."""
+    faults = []
+    for part in filter(None, (p.strip() for p in spec.split(";"))):
+        kind, *fields = part.split(":")
+        if kind not in KINDS:
+            raise ValueError(f"{ENV}: unknown fault {kind!r} (known: {', '.join(KINDS)})")
+        values = dict(f.split("=", 1) for f in fields if "=" in f)
+        try:
+            faults.append(Fault(kind, int(values["rank"]), int(values["step"])))
+        except (KeyError, ValueError):
+            raise ValueError(f"{ENV}: {part!r} must look like {kind}:rank=R:step=S") from None
+    return faults
+
+
+class Injector:
+    """Checks after every step whether this rank is due to fail."""
+
+    def __init__(self, rank: int, spec: str | None = None) -> None:
+        spec = os.environ.get(ENV, "") if spec is None else spec
+        self.faults = [f for f in parse(spec) if f.rank == rank]
+
+    def after_step(self, step: int) -> None:
+        for fault in self.faults:
+            if fault.step == step and fault.kind == "crash":
+                os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,68 @@
+"""Shared helpers: run the shoal command as a user would, read what it wrote."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shoal_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("SHOAL_FAULT", None)
+    env.update(extra or {})
+    return env
+
+
+def run_shoal(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 240
+) -> subprocess.CompletedProcess:
+    """Run ``python -m shoal ARGS`` and return the finished process (output captured)."""
+    return subprocess.run(
+        [sys.executable, "-m", "shoal", *args],
+        cwd=cwd,
+        env=shoal_env(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def train(
+    out: Path, *args: str, env: dict[str, str] | None = None, check: bool = True
+) -> subprocess.CompletedProcess:
+    """``shoal train --out OUT ARGS --no-progress --no-report``; assert success if ``check``."""
+    proc = run_shoal("train", "--out", str(out), "--no-progress", "--no-report", *args, env=env)
+    if check:
+        assert proc.returncode == 0, f"shoal train failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def params(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The final model a run wrote."""
+    return load_file(str(run_dir / "model.safetensors"))
+
+
+def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def session_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("runs")

@@ -1,0 +1,116 @@
+"""Every user mistake: one clear line on stderr, non-zero exit, nothing written."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from tests.conftest import run_shoal
+
+
+def assert_one_line_error(proc, needle: str) -> None:
+    assert proc.returncode != 0
+    err = proc.stderr.strip()
+    assert "Traceback" not in proc.stderr
+    assert len(err.splitlines()) == 1, err
+    assert needle in err, err
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--workers", "0"], "--workers must be a positive integer"),
+        (["--model", "resnet9000"], "unknown model 'resnet9000'"),
+        (["--data", "imagenet"], "unknown dataset 'imagenet'"),
+        (["--strategy", "magic"], "unknown strategy 'magic'"),
+        (["--model", "nopkg.nomodule:build"], "cannot import model module 'nopkg.nomodule'"),
+        (["--workers", "4", "--batch-size", "2"], "must be at least the number of workers (4)"),
+        (["--batch-size", "100000"], "larger than the training set"),
+        (["--optimizer", "lbfgs"], "invalid choice: 'lbfgs'"),
+        (["--steps", "many"], "invalid int value: 'many'"),
+        (["--lr", "0"], "--lr must be a positive number"),
+        (["--rdzv-endpoint", "nohost"], "must look like HOST:PORT"),
+        (["--bogus-flag"], "unrecognized arguments: --bogus-flag"),
+    ],
+)
+@pytest.mark.timeout(60)
+def test_bad_flags(tmp_path, args, needle):
+    out = tmp_path / "run"
+    proc = run_shoal("train", "--out", str(out), *args, cwd=tmp_path)
+    assert_one_line_error(proc, needle)
+    assert not out.exists()
+
+
+@pytest.mark.timeout(60)
+def test_missing_invalid_and_wrong_config(tmp_path):
+    out = tmp_path / "run"
+    assert_one_line_error(
+        run_shoal("train", "--config", str(tmp_path / "no.toml"), "--out", str(out)),
+        "does not exist",
+    )
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train\nsteps=")
+    assert_one_line_error(
+        run_shoal("train", "--config", str(bad), "--out", str(out)), "not valid TOML"
+    )
+    wrong = tmp_path / "wrong.toml"
+    wrong.write_text("[train]\nstep = 5\n")
+    assert_one_line_error(
+        run_shoal("train", "--config", str(wrong), "--out", str(out)), "unknown key 'step'"
+    )
+    unreadable = tmp_path / "dir.toml"
+    unreadable.mkdir()
+    assert_one_line_error(
+        run_shoal("train", "--config", str(unreadable), "--out", str(out)),
+        "cannot read config file",
+    )
+    assert not out.exists()
+
+
+@pytest.mark.timeout(60)
+def test_resume_without_checkpoint(tmp_path):
+    assert_one_line_error(
+        run_shoal("train", "--resume", str(tmp_path / "nothing")), "not a shoal run directory"
+    )
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text("[train]\nsteps = 5\n")
+    assert_one_line_error(run_shoal("train", "--resume", str(run)), "no checkpoint to resume from")
+    assert sorted(p.name for p in run.iterdir()) == ["config.toml"]
+
+
+@pytest.mark.timeout(60)
+def test_busy_port(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        out = tmp_path / "run"
+        proc = run_shoal("train", "--out", str(out), "--rdzv-endpoint", f"127.0.0.1:{port}")
+    assert_one_line_error(proc, f"port {port} on 127.0.0.1 is already in use")
+    assert not out.exists()
+
+
+@pytest.mark.timeout(60)
+def test_existing_run_directory_is_not_overwritten(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert_one_line_error(run_shoal("train", "--out", str(out)), "already exists")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+@pytest.mark.timeout(60)
+def test_bad_fault_spec_and_report_of_nothing(tmp_path):
+    proc = run_shoal("train", "--out", str(tmp_path / "r"), env={"SHOAL_FAULT": "explode:rank=0"})
+    assert_one_line_error(proc, "unknown fault 'explode'")
+    assert_one_line_error(run_shoal("report", str(tmp_path)), "not a shoal run directory")
+
+
+@pytest.mark.timeout(60)
+def test_help_teaches():
+    proc = run_shoal("train", "--help")
+    assert proc.returncode == 0
+    for text in ("--batch-size", "GLOBAL", "--nnodes", "--rdzv-endpoint", "allreduce", "examples:"):
+        assert text in proc.stdout

@@ -1,0 +1,95 @@
+"""Config: TOML in and out, layering, validation messages."""
+
+from __future__ import annotations
+
+import pytest
+
+from shoal.config import JobConfig, dumps_toml, from_dict, load_toml, parse_endpoint
+from shoal.errors import UserError
+
+
+def test_toml_round_trip(tmp_path):
+    job = JobConfig()
+    job.model.name = "linear"
+    job.train.steps = 123
+    job.optim.lr = 0.25
+    job.data.drop_last = True
+    path = tmp_path / "job.toml"
+    path.write_text(dumps_toml(job))
+    assert load_toml(path) == job
+
+
+def test_layering_keeps_base_values(tmp_path):
+    path = tmp_path / "job.toml"
+    path.write_text("[train]\nsteps = 7\n")
+    base = JobConfig()
+    base.model.name = "softmax"
+    job = load_toml(path, base)
+    assert (job.model.name, job.train.steps) == ("softmax", 7)
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"nope": {}}, "unknown section [nope]"),
+        ({"train": {"stepz": 3}}, "unknown key 'stepz' in [train]"),
+        ({"train": {"steps": "ten"}}, "[train] steps must be a int"),
+        ({"train": {"steps": True}}, "[train] steps must be a int"),
+        ({"optim": {"lr": "fast"}}, "[optim] lr must be a float"),
+        ({"train": 3}, "[train] must be a table"),
+    ],
+)
+def test_bad_values_are_user_errors(data, message):
+    with pytest.raises(UserError, match=None) as e:
+        from_dict(data)
+    assert message in str(e.value)
+
+
+def test_int_accepted_for_float():
+    assert from_dict({"optim": {"lr": 1}}).optim.lr == 1.0
+
+
+def test_invalid_toml_is_user_error(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[train\nsteps = ")
+    with pytest.raises(UserError, match="not valid TOML"):
+        load_toml(path)
+    with pytest.raises(UserError, match="does not exist"):
+        load_toml(tmp_path / "missing.toml")
+
+
+@pytest.mark.parametrize(
+    "section, key, value, message",
+    [
+        ("cluster", "workers", 0, "--workers must be a positive integer"),
+        ("train", "batch_size", 3, "must be at least the number of workers"),
+        ("optim", "lr", -1.0, "--lr must be a positive number"),
+        ("optim", "name", "lbfgs", "--optimizer must be one of"),
+        ("cluster", "node_rank", 2, "--node-rank 2 must be between"),
+        ("train", "epochs", 0.0, "--epochs must be > 0"),
+    ],
+)
+def test_validate(section, key, value, message):
+    job = JobConfig()
+    job.cluster.workers = 4
+    setattr(getattr(job, section), key, value)
+    with pytest.raises(UserError) as e:
+        job.validate()
+    assert message in str(e.value)
+
+
+def test_multinode_needs_endpoint():
+    job = JobConfig()
+    job.cluster.nnodes = 2
+    with pytest.raises(UserError, match="--rdzv-endpoint"):
+        job.validate()
+    job.cluster.rdzv_endpoint = "10.0.0.1:29500"
+    job.validate()
+    assert job.world_size == 4
+
+
+@pytest.mark.parametrize("bad", ["localhost", ":80", "host:port", "h:70000"])
+def test_parse_endpoint_rejects(bad):
+    with pytest.raises(UserError):
+        parse_endpoint(bad)
+    assert parse_endpoint("[::1]:5") == ("[::1]", 5)

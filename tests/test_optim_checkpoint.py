@@ -1,0 +1,80 @@
+"""Learning-rate schedule, optimizers, atomic verified checkpoints."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from shoal import checkpoint
+from shoal.config import OptimConfig
+from shoal.optim import build_optimizer, build_scheduler, lr_factor
+
+
+def test_warmup_then_cosine():
+    cfg = OptimConfig(warmup_steps=10, schedule="cosine")
+    assert lr_factor(0, 110, cfg) == pytest.approx(0.1)
+    assert lr_factor(9, 110, cfg) == pytest.approx(1.0)
+    assert lr_factor(60, 110, cfg) == pytest.approx(0.5)
+    assert lr_factor(110, 110, cfg) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_linear_and_constant():
+    assert lr_factor(50, 100, OptimConfig(schedule="linear")) == pytest.approx(0.5)
+    assert lr_factor(99, 100, OptimConfig()) == 1.0
+
+
+def test_scheduler_drives_the_torch_optimizer():
+    p = torch.nn.Parameter(torch.zeros(2))
+    cfg = OptimConfig(name="adamw", lr=0.1, schedule="cosine")
+    opt = build_optimizer([p], cfg)
+    assert isinstance(opt, torch.optim.AdamW)
+    sched = build_scheduler(opt, cfg, total_steps=4)
+    lrs = []
+    for _ in range(4):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([0.1 * 0.5 * (1 + math.cos(math.pi * t / 4)) for t in range(4)])
+
+
+@pytest.mark.parametrize(
+    "name, cls",
+    [
+        ("sgd", torch.optim.SGD),
+        ("momentum", torch.optim.SGD),
+        ("adam", torch.optim.Adam),
+        ("adagrad", torch.optim.Adagrad),
+    ],
+)
+def test_optimizer_names(name, cls):
+    opt = build_optimizer([torch.nn.Parameter(torch.zeros(1))], OptimConfig(name=name))
+    assert type(opt) is cls
+    assert opt.param_groups[0].get("momentum", 0) == (0.9 if name == "momentum" else 0)
+
+
+def test_checkpoint_round_trip_and_retention(tmp_path):
+    for step in (10, 20, 30, 40):
+        checkpoint.save(tmp_path, step, {"step": step, "w": torch.full((3,), float(step))}, keep=2)
+    names = [p.name for p in checkpoint.list_checkpoints(tmp_path)]
+    assert names == ["step-00000030", "step-00000040"]
+    path, state = checkpoint.load_latest(tmp_path)
+    assert path.name == "step-00000040" and torch.equal(state["w"], torch.full((3,), 40.0))
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def test_corrupt_newest_falls_back_to_previous(tmp_path, capsys):
+    checkpoint.save(tmp_path, 1, {"v": torch.ones(4)})
+    newest = checkpoint.save(tmp_path, 2, {"v": torch.zeros(4)})
+    raw = (newest / checkpoint.STATE_FILE).read_bytes()
+    (newest / checkpoint.STATE_FILE).write_bytes(raw[: len(raw) // 2])  # truncated
+    path, state = checkpoint.load_latest(tmp_path)
+    assert path.name == "step-00000001" and torch.equal(state["v"], torch.ones(4))
+    assert "checksum mismatch" in capsys.readouterr().err
+    with pytest.raises(checkpoint.CheckpointError):
+        checkpoint.load(newest)
+
+
+def test_no_checkpoint(tmp_path):
+    assert checkpoint.load_latest(tmp_path) is None
