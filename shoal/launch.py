@@ -89,6 +89,7 @@ def check_port(cluster: ClusterConfig) -> None:
 
 def launch(cluster: ClusterConfig, config_path: str) -> None:
     """Run the workers of this node to completion; raise :class:`LaunchFailed` if one fails."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
     from torch.distributed.run import config_from_args, parse_args
@@ -106,6 +107,8 @@ def launch(cluster: ClusterConfig, config_path: str) -> None:
             else f"exited with code {failure.exitcode}"
         )
         raise LaunchFailed(f"worker rank {rank} (pid {failure.pid}) {how}") from None
+    except SignalException:  # Ctrl-C or SIGTERM: the agent has already stopped the workers
+        raise KeyboardInterrupt from None
     except Exception as e:  # rendezvous and agent failures: one line, not a traceback
         raise LaunchFailed(f"launch failed: {type(e).__name__}: {e}".splitlines()[0]) from None
 

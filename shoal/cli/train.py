@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -134,6 +135,9 @@ def run(args: argparse.Namespace) -> int:
     except LaunchFailed as e:
         print(f"shoal: error: training failed: {e}", file=sys.stderr)
         return 1
+    finally:
+        if job.cluster.node_rank != 0:
+            shutil.rmtree(config_path.parent, ignore_errors=True)
     out = Path(job.output.out)
     summary_path = out / SUMMARY_FILE
     if job.cluster.node_rank != 0 or not summary_path.exists():
