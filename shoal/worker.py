@@ -6,7 +6,10 @@ environment set; it reads the resolved job file and runs the trainer.
 
 from __future__ import annotations
 
+import os
 import sys
+
+import torch.distributed
 
 from shoal import dist
 from shoal.config import load_toml
@@ -33,9 +36,20 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if trainer is not None:
             trainer.strategy.close()
-        dist.shutdown()
+            del trainer
+    # Leave together, then tear down: a rank that exits while a peer's gloo
+    # threads still expect it can abort that peer.
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    dist.shutdown()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Skip interpreter finalisation: gloo's worker threads may still hold
+    # tensors whose release at that point aborts the process (SIGABRT). Every
+    # output was already written and closed.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

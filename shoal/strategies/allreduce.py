@@ -111,6 +111,10 @@ class AllReduce(Strategy):
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
+    def close(self) -> None:
+        self.hook_state.timer = None
+        self.ddp = None  # releases DDP's reducer, its buckets and pending futures
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "model": self.model.state_dict(),
