@@ -34,6 +34,21 @@ class DistEnv:
         return self.rank == 0
 
 
+class CollectiveGatherer:
+    """Gathers one row per rank to rank 0 with a collective (the writer is rank 0)."""
+
+    def __init__(self, env: DistEnv) -> None:
+        self.env = env
+        self.is_writer = env.is_main
+
+    def gather(self, row: torch.Tensor) -> torch.Tensor | None:
+        """Stack every rank's ``row`` on rank 0; ``None`` elsewhere. Collective."""
+        row = row.to(self.env.device)
+        parts = [torch.empty_like(row) for _ in range(self.env.world_size)]
+        dist.all_gather(parts, row)
+        return torch.stack(parts).cpu() if self.is_writer else None
+
+
 def resolve_device(kind: str) -> str:
     """``auto`` becomes ``cuda`` when a GPU is visible, else ``cpu``."""
     if kind == "auto":

@@ -9,7 +9,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import torch
 
@@ -17,6 +17,21 @@ PHASES = ("data", "forward_backward", "comm", "optimizer")
 """Per-phase times recorded each step. ``comm`` is the time collectives were in
 flight; with overlap it runs *inside* ``forward_backward``, so the phases do not
 add up to the step time."""
+
+
+SUMMARY_FILE = "summary.json"
+MODEL_FILE = "model.safetensors"
+HOST_BYTES = 64
+
+
+class Gatherer(Protocol):
+    """Collects one telemetry row per worker at the writer (rank 0, or a coordinator)."""
+
+    is_writer: bool
+
+    def gather(self, row: torch.Tensor) -> torch.Tensor | None:
+        """Return the stacked rows on the writer, ``None`` on every other worker."""
+        ...
 
 
 class CommCounter:
@@ -154,3 +169,109 @@ class Progress:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.stop()
+
+
+# --- records shared by every writer (rank 0 of a collective, or a coordinator) ---------
+
+
+def window_row(
+    loss_sum: float, count: int, sent: int, received: int, phases: dict[str, float]
+) -> torch.Tensor:
+    """One worker's statistics for a log window, as gathered to the writer."""
+    values = [loss_sum, count, sent, received] + [phases[p] for p in PHASES]
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def window_record(
+    rows: torch.Tensor,
+    *,
+    step: int,
+    epoch: float,
+    lr: float,
+    steps: int,
+    global_samples: int,
+    elapsed: float,
+    wall_time: float,
+) -> dict[str, Any]:
+    """A ``metrics.jsonl`` record from every worker's :func:`window_row`."""
+    rows = rows.double().cpu()
+    record: dict[str, Any] = {
+        "step": step,
+        "epoch": epoch,
+        "loss": float(rows[:, 0].sum() / rows[:, 1].sum().clamp(min=1)),
+        "lr": lr,
+        "samples_per_s": global_samples / elapsed if elapsed > 0 else 0.0,
+        "step_time_s": elapsed / max(1, steps),
+        "bytes_sent": int(rows[:, 2].sum()),
+        "bytes_received": int(rows[:, 3].sum()),
+        "wall_time": wall_time,
+    }
+    for i, p in enumerate(PHASES):
+        record[f"t_{p}"] = float(rows[:, 4 + i].mean()) / max(1, steps)
+    return record
+
+
+def merge_counts(prior: dict[int, int], per_epoch: list[float]) -> dict[int, int]:
+    """Samples per epoch: counts from before a resume plus those since."""
+    counts = dict(prior)
+    for epoch, n in enumerate(per_epoch):
+        if n:
+            counts[epoch] = counts.get(epoch, 0) + int(n)
+    return counts
+
+
+def host_code(host: str) -> torch.Tensor:
+    """A host name as a fixed-size float tensor, so it can ride in a gathered row."""
+    raw = host.encode()[:HOST_BYTES].ljust(HOST_BYTES, b"\0")
+    return torch.tensor(list(raw), dtype=torch.float64)
+
+
+def host_name(code: torch.Tensor) -> str:
+    return bytes(int(v) for v in code.tolist()).rstrip(b"\0").decode(errors="replace")
+
+
+def save_model(model: torch.nn.Module, out: Path) -> None:
+    """The final model as ``model.safetensors``, written atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = out / f".{MODEL_FILE}.tmp"
+    save_file(tensors, str(tmp))
+    tmp.replace(out / MODEL_FILE)
+
+
+def build_summary(
+    job: Any,
+    *,
+    dataset: str,
+    world_size: int,
+    steps: int,
+    num_parameters: int,
+    final_loss: float,
+    eval_metrics: dict[str, float],
+    wall_time: float,
+    counts: dict[int, int],
+    train_samples: int,
+    per_worker: list[dict[str, Any]],
+    **extra: Any,
+) -> dict[str, Any]:
+    """The contents of ``summary.json``."""
+    return {
+        "strategy": job.strategy.name,
+        "model": job.model.name,
+        "data": dataset,
+        "world_size": world_size,
+        "steps": steps,
+        "global_batch_size": job.train.batch_size,
+        "num_parameters": num_parameters,
+        "final_loss": final_loss,
+        **eval_metrics,
+        "wall_time_s": wall_time,
+        "samples_per_s": sum(counts.values()) / wall_time if wall_time > 0 else 0.0,
+        "bytes_sent_total": sum(w["bytes_sent"] for w in per_worker),
+        "bytes_received_total": sum(w["bytes_received"] for w in per_worker),
+        "samples_per_epoch": {str(k): v for k, v in sorted(counts.items())},
+        "train_samples": train_samples,
+        "per_worker": per_worker,
+        **extra,
+    }

@@ -15,21 +15,28 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
-from safetensors.torch import save_file
 
 from shoal import checkpoint
 from shoal.config import JobConfig, dumps_toml, write_atomic
 from shoal.data import Dataset, GlobalBatchSampler, build_dataset
 from shoal.dist import DistEnv
 from shoal.faults import Injector
-from shoal.metrics import PHASES, MetricsFile, PhaseTimer, Progress
+from shoal.metrics import (
+    SUMMARY_FILE,
+    MetricsFile,
+    PhaseTimer,
+    Progress,
+    build_summary,
+    host_code,
+    host_name,
+    merge_counts,
+    save_model,
+    window_record,
+    window_row,
+)
 from shoal.models import build_model
 from shoal.models.tasks import evaluate, per_sample_loss
 from shoal.strategies import Batch, Strategy, build_strategy
-
-SUMMARY_FILE = "summary.json"
-MODEL_FILE = "model.safetensors"
 
 
 def total_steps(job: JobConfig, steps_per_epoch: int) -> int:
@@ -73,6 +80,7 @@ class Trainer:
         self.total_steps = total_steps(job, self.sampler.steps_per_epoch)
         self.strategy: Strategy = build_strategy(job, env)
         self.strategy.setup(model, self.total_steps)
+        self.gatherer = self.strategy.gatherer()
         self.step = 0
         self.wall_offset = 0.0
         self.prior_samples: dict[int, int] = {}
@@ -99,32 +107,29 @@ class Trainer:
         return path
 
     def save_checkpoint(self) -> None:
-        """Collective: every rank contributes its RNG; rank 0 writes."""
-        rng = self._all_gather(torch.get_rng_state())
+        """Every rank contributes its RNG and sample counts; the writer saves."""
+        rng = self.gatherer.gather(torch.get_rng_state())
         counts = self.samples_per_epoch()
-        if self.env.is_main:
+        if rng is not None and counts is not None:
             state = {
                 "step": self.step,
                 "strategy": self.strategy.state_dict(),
                 "sampler": self.sampler.state_dict(),
-                "rng": [r.cpu() for r in rng],
+                "rng": [r.clone() for r in rng],  # own storage each: set_rng_state ignores offsets
                 "samples_per_epoch": counts,
                 "wall_time": self.wall_time(),
             }
             checkpoint.save(self.out, self.step, state, keep=self.job.train.keep_checkpoints)
 
-    def samples_per_epoch(self) -> dict[int, int]:
-        """Samples consumed per epoch by all workers together (collective)."""
-        num_epochs = self.sampler.epoch + 1
-        local = torch.zeros(num_epochs, dtype=torch.float64, device=self.env.device)
+    def samples_per_epoch(self) -> dict[int, int] | None:
+        """Samples consumed per epoch by all workers together (on the writer)."""
+        local = torch.zeros(self.sampler.epoch + 1, dtype=torch.float64)
         for epoch, n in self.sampler.samples_seen.items():
             local[epoch] = n
-        dist.all_reduce(local)
-        counts = dict(self.prior_samples)
-        for epoch, n in enumerate(local.tolist()):
-            if n:
-                counts[epoch] = counts.get(epoch, 0) + int(n)
-        return counts
+        rows = self.gatherer.gather(local)
+        if rows is None:
+            return None
+        return merge_counts(self.prior_samples, rows.sum(0).tolist())
 
     # --- loop ---------------------------------------------------------------------
 
@@ -135,11 +140,12 @@ class Trainer:
     def run(self) -> None:
         """Train to ``total_steps``, logging, evaluating and checkpointing on the way."""
         t = self.job.train
-        metrics = MetricsFile(self.out / "metrics.jsonl", self.step) if self.env.is_main else None
+        writer = self.gatherer.is_writer
+        metrics = MetricsFile(self.out / "metrics.jsonl", self.step) if writer else None
         progress = Progress(
             self.total_steps,
             self.step,
-            enabled=self.env.is_main and self.job.output.progress,
+            enabled=writer and self.job.output.progress,
             title=f"{self.job.strategy.name} x{self.env.world_size}",
         )
         self._start = time.perf_counter()
@@ -162,10 +168,10 @@ class Trainer:
                 last = self.step == self.total_steps
                 if self.step % t.log_every == 0 or last:
                     record = self._log(window, timer, lr)
-                    if metrics is not None:
-                        metrics.write(record)
                     window = _Window(torch.zeros_like(window.loss_sum))
-                    progress.update(self.step, record["loss"], record["samples_per_s"])
+                    if metrics is not None and record is not None:
+                        metrics.write(record)
+                        progress.update(self.step, record["loss"], record["samples_per_s"])
                 else:
                     progress.update(self.step, None, None)
                 if t.eval_every and self.step % t.eval_every == 0 and not last:
@@ -184,42 +190,28 @@ class Trainer:
     def wall_time(self) -> float:
         return self.wall_offset + time.perf_counter() - self._start
 
-    def _all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
-        tensor = tensor.to(self.env.device)
-        parts = [torch.empty_like(tensor) for _ in range(self.env.world_size)]
-        dist.all_gather(parts, tensor)
-        return parts
-
-    def _log(self, window: _Window, timer: PhaseTimer, lr: float) -> dict[str, Any]:
-        """Collective: gather every rank's window; rank 0 builds the record."""
+    def _log(self, window: _Window, timer: PhaseTimer, lr: float) -> dict[str, Any] | None:
+        """Every rank contributes its window; the writer builds the record."""
         phases = timer.take()
         comm = self.strategy.comm
-        local = torch.tensor(
-            [window.loss_sum.item(), window.count, comm.sent, comm.received]
-            + [phases[p] for p in PHASES],
-            dtype=torch.float64,
+        local = window_row(window.loss_sum.item(), window.count, comm.sent, comm.received, phases)
+        rows = self.gatherer.gather(local)
+        if rows is None:
+            return None
+        self.last_loss = rows[:, 0].sum().item() / max(1.0, rows[:, 1].sum().item())
+        return window_record(
+            rows,
+            step=self.step,
+            epoch=self.sampler.epoch + self.sampler.step_in_epoch / self.sampler.steps_per_epoch,
+            lr=lr,
+            steps=window.steps,
+            global_samples=window.global_samples,
+            elapsed=time.perf_counter() - window.start,
+            wall_time=self.wall_time(),
         )
-        rows = torch.stack(self._all_gather(local)).cpu()
-        elapsed = time.perf_counter() - window.start
-        loss = float(rows[:, 0].sum() / rows[:, 1].sum())
-        self.last_loss = loss
-        record: dict[str, Any] = {
-            "step": self.step,
-            "epoch": self.sampler.epoch + self.sampler.step_in_epoch / self.sampler.steps_per_epoch,
-            "loss": loss,
-            "lr": lr,
-            "samples_per_s": window.global_samples / elapsed,
-            "step_time_s": elapsed / window.steps,
-            "bytes_sent": int(rows[:, 2].sum()),
-            "bytes_received": int(rows[:, 3].sum()),
-            "wall_time": self.wall_time(),
-        }
-        for i, p in enumerate(PHASES):
-            record[f"t_{p}"] = float(rows[:, 4 + i].mean()) / window.steps
-        return record
 
     def _evaluate(self, metrics: MetricsFile | None) -> None:
-        if not self.env.is_main:
+        if not self.gatherer.is_writer:
             return
         self.eval_metrics = evaluate(self.strategy.eval_model(), self.data, self.env.device)
         if metrics is not None:
@@ -228,42 +220,41 @@ class Trainer:
             )
 
     def _finish(self) -> None:
-        """Collective: gather per-worker totals; rank 0 writes the model and summary."""
+        """Every rank contributes its totals; the writer saves the model and summary."""
         comm = self.strategy.comm
-        totals = self._all_gather(torch.tensor([comm.sent, comm.received], dtype=torch.float64))
-        hosts: list[Any] = [None] * self.env.world_size
-        dist.all_gather_object(hosts, self.env.host)
+        totals = self.gatherer.gather(
+            torch.cat(
+                [
+                    torch.tensor([comm.sent, comm.received], dtype=torch.float64),
+                    host_code(self.env.host),
+                ]
+            )
+        )
         counts = self.samples_per_epoch()
-        if not self.env.is_main:
+        if totals is None or counts is None:
             return
-        model = self.strategy.eval_model()
-        tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        tmp = self.out / f".{MODEL_FILE}.tmp"
-        save_file(tensors, str(tmp))
-        tmp.replace(self.out / MODEL_FILE)
-        wall = self.wall_time()
-        per_worker = [
-            {"rank": r, "host": hosts[r], "bytes_sent": int(t[0]), "bytes_received": int(t[1])}
-            for r, t in enumerate(totals)
-        ]
-        summary = {
-            "strategy": self.job.strategy.name,
-            "model": self.job.model.name,
-            "data": self.data.name,
-            "world_size": self.env.world_size,
-            "steps": self.step,
-            "global_batch_size": self.job.train.batch_size,
-            "num_parameters": self.num_parameters,
-            "final_loss": self.last_loss,
-            **self.eval_metrics,
-            "wall_time_s": wall,
-            "samples_per_s": sum(counts.values()) / wall if wall > 0 else 0.0,
-            "bytes_sent_total": sum(w["bytes_sent"] for w in per_worker),
-            "bytes_received_total": sum(w["bytes_received"] for w in per_worker),
-            "samples_per_epoch": {str(k): v for k, v in sorted(counts.items())},
-            "train_samples": self.data.num_train,
-            "per_worker": per_worker,
-        }
+        save_model(self.strategy.eval_model(), self.out)
+        summary = build_summary(
+            self.job,
+            dataset=self.data.name,
+            world_size=self.env.world_size,
+            steps=self.step,
+            num_parameters=self.num_parameters,
+            final_loss=self.last_loss,
+            eval_metrics=self.eval_metrics,
+            wall_time=self.wall_time(),
+            counts=counts,
+            train_samples=self.data.num_train,
+            per_worker=[
+                {
+                    "rank": r,
+                    "host": host_name(t[2:]),
+                    "bytes_sent": int(t[0]),
+                    "bytes_received": int(t[1]),
+                }
+                for r, t in enumerate(totals)
+            ],
+        )
         write_atomic(self.out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
 
 

@@ -33,6 +33,15 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"shoal: error: {e}", file=sys.stderr)
         return 2
+    except (torch.distributed.DistError, RuntimeError) as e:
+        if not _peer_failure(e):
+            raise
+        rank = os.environ.get("RANK", "?")
+        print(
+            f"shoal: error: rank {rank} lost a peer: {str(e).splitlines()[0][:300]}",
+            file=sys.stderr,
+        )
+        return 1
     finally:
         if trainer is not None:
             trainer.strategy.close()
@@ -43,6 +52,14 @@ def main(argv: list[str] | None = None) -> int:
         torch.distributed.barrier()
     dist.shutdown()
     return 0
+
+
+def _peer_failure(e: BaseException) -> bool:
+    """A collective failed because another process died or vanished (not a bug here)."""
+    text = str(e)
+    return isinstance(e, torch.distributed.DistNetworkError) or any(
+        s in text for s in ("Connection reset by peer", "Connection closed by peer", "Broken pipe")
+    )
 
 
 if __name__ == "__main__":

@@ -18,9 +18,10 @@ from shoal.data import build_dataset
 from shoal.dist import resolve_device
 from shoal.errors import UserError
 from shoal.launch import LaunchFailed, check_port, describe, launch
+from shoal.metrics import SUMMARY_FILE
 from shoal.models import check_model_name, default_data
 from shoal.strategies import STRATEGIES, check_strategy_name
-from shoal.trainer import SUMMARY_FILE, write_resolved_config
+from shoal.trainer import write_resolved_config
 
 EXAMPLES = """\
 examples:

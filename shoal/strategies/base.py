@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from shoal.config import JobConfig
-from shoal.dist import DistEnv
-from shoal.metrics import CommCounter, PhaseTimer
+from shoal.dist import CollectiveGatherer, DistEnv
+from shoal.metrics import CommCounter, Gatherer, PhaseTimer
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
@@ -70,6 +70,10 @@ class Strategy(ABC):
     @abstractmethod
     def lr(self) -> float:
         """The learning rate of the step about to run."""
+
+    def gatherer(self) -> Gatherer:
+        """Where per-rank telemetry goes; by default a collective to rank 0."""
+        return CollectiveGatherer(self.env)
 
     def close(self) -> None:  # noqa: B027 - optional hook, most strategies hold nothing
         """Release sockets, threads and hooks."""
