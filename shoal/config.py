@@ -100,6 +100,13 @@ class StrategyConfig:
 
     name: str = _f("allreduce", "distribution strategy", flag="--strategy")
     bucket_mb: float = _f(25.0, "gradient bucket size in MB for all-reduce overlap")
+    ps_mode: str = _f(
+        "bsp",
+        "parameter-server consistency: bsp (lock step), asp (async), ssp (bounded staleness)",
+        choices=("bsp", "asp", "ssp"),
+    )
+    staleness: int = _f(3, "ssp: how many clocks a worker may run ahead of the slowest")
+    ps_max_message_mb: float = _f(1024.0, "parameter server: largest message accepted, in MB")
 
 
 @dataclass
@@ -122,6 +129,7 @@ class ClusterConfig:
     """Processes and machines, as torchrun understands them."""
 
     workers: int = _f(2, "worker processes on this machine (torchrun --nproc-per-node)")
+    servers: int = _f(1, "parameter-server shards on this machine (--strategy ps)")
     nnodes: int = _f(1, "number of machines (torchrun --nnodes)")
     node_rank: int = _f(0, "rank of this machine, 0..nnodes-1 (torchrun --node-rank)")
     rdzv_endpoint: str = _f(
@@ -194,6 +202,12 @@ class JobConfig:
             raise UserError("--test-fraction must be in [0, 1)")
         _positive("--num-samples", self.data.num_samples)
         _positive("--num-features", self.data.num_features)
+        if self.cluster.servers < 0:
+            raise UserError("--servers must be >= 0")
+        if self.strategy.staleness < 0:
+            raise UserError("--staleness must be >= 0")
+        if self.strategy.ps_max_message_mb <= 0:
+            raise UserError("--ps-max-message-mb must be positive")
         if self.strategy.bucket_mb <= 0:
             raise UserError("--bucket-mb must be positive")
         _check_choices(self)

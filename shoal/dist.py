@@ -41,7 +41,9 @@ class CollectiveGatherer:
         self.env = env
         self.is_writer = env.is_main
 
-    def gather(self, row: torch.Tensor) -> torch.Tensor | None:
+    def gather(
+        self, row: torch.Tensor, tag: str = "", meta: dict | None = None
+    ) -> torch.Tensor | None:
         """Stack every rank's ``row`` on rank 0; ``None`` elsewhere. Collective."""
         row = row.to(self.env.device)
         parts = [torch.empty_like(row) for _ in range(self.env.world_size)]
@@ -65,12 +67,13 @@ def threads_per_process(local_world_size: int) -> int:
     return max(1, cores // max(1, local_world_size))
 
 
-def init(device: str = "cpu", timeout_s: float = 300.0) -> DistEnv:
+def init(device: str = "cpu", timeout_s: float = 300.0, process_group: bool = True) -> DistEnv:
     """Join the process group that torchrun's environment describes.
 
     Sets the torch thread count so that oversubscribed CPU workers do not crawl,
     picks ``cuda:LOCAL_RANK`` with NCCL for ``device="cuda"`` and gloo otherwise.
-    Safe to call twice.
+    Safe to call twice. ``process_group=False`` only reads the environment
+    (strategies that talk over their own sockets).
     """
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -83,7 +86,7 @@ def init(device: str = "cpu", timeout_s: float = 300.0) -> DistEnv:
         dev, backend = torch.device("cuda", local_rank), "nccl"
     else:
         dev, backend = torch.device("cpu"), "gloo"
-    if not dist.is_initialized():
+    if process_group and not dist.is_initialized():
         if "MASTER_ADDR" not in os.environ:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))

@@ -121,3 +121,75 @@ def _quiet_torchrun() -> None:
         "torch.distributed.run",
     ):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+# --- independent roles (parameter server) -----------------------------------------------
+
+
+@dataclass
+class Role:
+    """One process to start: its role name, its rank within the role, its environment."""
+
+    role: str
+    rank: int
+    env: dict[str, str]
+
+
+class RoleGroup:
+    """Processes started with torchrun's process layer, each watched on its own.
+
+    torchrun's agent treats its workers as one unit: one failure stops (or
+    restarts) them all. A parameter server needs the opposite, so roles are
+    started one ``PContext`` each (``torch.distributed.elastic.multiprocessing.
+    start_processes``, the layer under the agent) and :meth:`poll` reports each
+    exit separately.
+    """
+
+    def __init__(self, roles: list[Role], config_path: str) -> None:
+        import sys
+
+        from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, start_processes
+
+        _quiet_torchrun()
+        self.roles = roles
+        self.contexts = []
+        for r in roles:
+            env = {**r.env, "SHOAL_ROLE": r.role, "SHOAL_ROLE_RANK": str(r.rank)}
+            self.contexts.append(
+                start_processes(
+                    name=f"shoal-{r.role}{r.rank}",
+                    entrypoint=sys.executable,
+                    args={0: ("-u", "-m", WORKER_MODULE, config_path)},
+                    envs={0: env},
+                    logs_specs=DefaultLogsSpecs(),
+                )
+            )
+        self.exit_codes: dict[int, int] = {}
+
+    def pids(self) -> list[int]:
+        return [next(iter(c.pids().values())) for c in self.contexts]
+
+    def poll(self) -> list[tuple[Role, int]]:
+        """Roles that exited since the last call, with their exit codes (negative: signal)."""
+        exited = []
+        for i, ctx in enumerate(self.contexts):
+            if i in self.exit_codes:
+                continue
+            result = ctx.wait(0)
+            if result is None:
+                continue
+            code = 0
+            if result.failures:
+                code = next(iter(result.failures.values())).exitcode
+            self.exit_codes[i] = code
+            exited.append((self.roles[i], code))
+        return exited
+
+    @property
+    def running(self) -> int:
+        return len(self.contexts) - len(self.exit_codes)
+
+    def close(self) -> None:
+        for i, ctx in enumerate(self.contexts):
+            if i not in self.exit_codes:
+                ctx.close()

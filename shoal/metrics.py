@@ -29,8 +29,14 @@ class Gatherer(Protocol):
 
     is_writer: bool
 
-    def gather(self, row: torch.Tensor) -> torch.Tensor | None:
-        """Return the stacked rows on the writer, ``None`` on every other worker."""
+    def gather(
+        self, row: torch.Tensor, tag: str, meta: dict[str, Any] | None = None
+    ) -> torch.Tensor | None:
+        """Return the stacked rows on the writer, ``None`` on every other worker.
+
+        ``tag`` says what the row is (``window``, ``counts``, ``totals``, ``rng``);
+        ``meta`` describes a window (step, epoch, lr, steps, global_samples).
+        """
         ...
 
 

@@ -108,7 +108,7 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         """Every rank contributes its RNG and sample counts; the writer saves."""
-        rng = self.gatherer.gather(torch.get_rng_state())
+        rng = self.gatherer.gather(torch.get_rng_state(), "rng")
         counts = self.samples_per_epoch()
         if rng is not None and counts is not None:
             state = {
@@ -126,7 +126,7 @@ class Trainer:
         local = torch.zeros(self.sampler.epoch + 1, dtype=torch.float64)
         for epoch, n in self.sampler.samples_seen.items():
             local[epoch] = n
-        rows = self.gatherer.gather(local)
+        rows = self.gatherer.gather(local, "counts")
         if rows is None:
             return None
         return merge_counts(self.prior_samples, rows.sum(0).tolist())
@@ -195,14 +195,22 @@ class Trainer:
         phases = timer.take()
         comm = self.strategy.comm
         local = window_row(window.loss_sum.item(), window.count, comm.sent, comm.received, phases)
-        rows = self.gatherer.gather(local)
+        epoch = self.sampler.epoch + self.sampler.step_in_epoch / self.sampler.steps_per_epoch
+        meta = {
+            "step": self.step,
+            "epoch": epoch,
+            "lr": lr,
+            "steps": window.steps,
+            "global_samples": window.global_samples,
+        }
+        rows = self.gatherer.gather(local, "window", meta)
         if rows is None:
             return None
         self.last_loss = rows[:, 0].sum().item() / max(1.0, rows[:, 1].sum().item())
         return window_record(
             rows,
             step=self.step,
-            epoch=self.sampler.epoch + self.sampler.step_in_epoch / self.sampler.steps_per_epoch,
+            epoch=epoch,
             lr=lr,
             steps=window.steps,
             global_samples=window.global_samples,
@@ -222,14 +230,8 @@ class Trainer:
     def _finish(self) -> None:
         """Every rank contributes its totals; the writer saves the model and summary."""
         comm = self.strategy.comm
-        totals = self.gatherer.gather(
-            torch.cat(
-                [
-                    torch.tensor([comm.sent, comm.received], dtype=torch.float64),
-                    host_code(self.env.host),
-                ]
-            )
-        )
+        sums = torch.tensor([comm.sent, comm.received], dtype=torch.float64)
+        totals = self.gatherer.gather(torch.cat([sums, host_code(self.env.host)]), "totals")
         counts = self.samples_per_epoch()
         if totals is None or counts is None:
             return

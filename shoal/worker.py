@@ -14,6 +14,7 @@ import torch.distributed
 from shoal import dist
 from shoal.config import load_toml
 from shoal.errors import UserError
+from shoal.strategies import strategy_class
 from shoal.trainer import Trainer
 
 
@@ -25,7 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     trainer = None
     try:
         job = load_toml(args[0])
-        env = dist.init(job.train.device)
+        cls = strategy_class(job.strategy.name)
+        env = dist.init(job.train.device, process_group=cls.needs_process_group)
+        role = os.environ.get("SHOAL_ROLE", "worker")
+        if role != "worker":
+            cls.run_role(role, job, env)
+            return 0
         trainer = Trainer(job, env)
         if job.output.resume:
             trainer.restore()

@@ -17,10 +17,10 @@ from shoal.config import JobConfig, load_toml
 from shoal.data import build_dataset
 from shoal.dist import resolve_device
 from shoal.errors import UserError
-from shoal.launch import LaunchFailed, check_port, describe, launch
+from shoal.launch import LaunchFailed, check_port, describe
 from shoal.metrics import SUMMARY_FILE
 from shoal.models import check_model_name, default_data
-from shoal.strategies import STRATEGIES, check_strategy_name
+from shoal.strategies import STRATEGIES, check_strategy_name, strategy_class
 from shoal.trainer import write_resolved_config
 
 EXAMPLES = """\
@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     config_path = prepare_run_dir(job)
     try:
-        launch(job.cluster, str(config_path))
+        strategy_class(job.strategy.name).launch(job, str(config_path))
     except LaunchFailed as e:
         print(f"shoal: error: training failed: {e}", file=sys.stderr)
         return 1

@@ -7,12 +7,22 @@ from shoal.dist import DistEnv
 from shoal.registry import lookup
 from shoal.strategies.allreduce import AllReduce
 from shoal.strategies.base import Batch, LossFn, Strategy
+from shoal.strategies.ps.strategy import ParameterServer
 
 STRATEGIES: dict[str, type[Strategy]] = {
     AllReduce.name: AllReduce,
+    ParameterServer.name: ParameterServer,
 }
 
-__all__ = ["STRATEGIES", "Batch", "LossFn", "Strategy", "build_strategy", "check_strategy_name"]
+__all__ = [
+    "STRATEGIES",
+    "Batch",
+    "LossFn",
+    "Strategy",
+    "build_strategy",
+    "check_strategy_name",
+    "strategy_class",
+]
 
 
 def check_strategy_name(name: str) -> None:
@@ -20,6 +30,11 @@ def check_strategy_name(name: str) -> None:
     lookup(name, STRATEGIES, "strategy")
 
 
+def strategy_class(name: str) -> type[Strategy]:
+    """The strategy registered under ``name``."""
+    return lookup(name, STRATEGIES, "strategy")
+
+
 def build_strategy(job: JobConfig, env: DistEnv) -> Strategy:
     """Instantiate the strategy named in ``job.strategy.name``."""
-    return lookup(job.strategy.name, STRATEGIES, "strategy")(job, env)
+    return strategy_class(job.strategy.name)(job, env)

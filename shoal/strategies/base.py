@@ -33,6 +33,20 @@ class Strategy(ABC):
 
     name: ClassVar[str]
     description: ClassVar[str]
+    needs_process_group: ClassVar[bool] = True
+    """Whether workers join a torch.distributed process group (collective strategies)."""
+
+    @classmethod
+    def launch(cls, job: JobConfig, config_path: str) -> None:
+        """Start this node's processes and wait for them (default: torchrun's agent)."""
+        from shoal.launch import launch
+
+        launch(job.cluster, config_path)
+
+    @classmethod
+    def run_role(cls, role: str, job: JobConfig, env: DistEnv) -> None:
+        """Entry point of a process that is not a training worker (a server, say)."""
+        raise ValueError(f"strategy {cls.name} has no role {role!r}")
 
     def __init__(self, job: JobConfig, env: DistEnv) -> None:
         self.job = job

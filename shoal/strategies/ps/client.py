@@ -1,0 +1,96 @@
+"""Client side of the parameter-server wire: one authenticated DEALER per peer.
+
+Requests carry an ``id``; replies are matched by it, so a pull that the server
+parks (BSP/SSP) does not block other requests to the same shard. Requests to
+all shards are sent first and awaited after, so shards work in parallel.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import torch
+import zmq
+
+from shoal.metrics import CommCounter
+from shoal.strategies.ps import wire
+
+Reply = tuple[dict[str, Any], list[torch.Tensor]]
+
+
+class PeerError(RuntimeError):
+    """A peer refused a request or did not answer in time."""
+
+
+class Peer:
+    """One authenticated connection to a server shard or the coordinator."""
+
+    def __init__(
+        self,
+        ctx: zmq.Context,
+        address: str,
+        secret: bytes,
+        who: str,
+        comm: CommCounter,
+        timeout_s: float = 300.0,
+        max_bytes: int = 1 << 30,
+    ) -> None:
+        self.address = address
+        self.comm = comm
+        self.timeout_ms = int(timeout_s * 1000)
+        self.max_bytes = max_bytes
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(address)
+        self.ids = itertools.count()
+        self.stash: dict[int, Reply] = {}
+        challenge, _ = self.call({"op": "hello", "who": who})
+        self.call({"op": "auth", "mac": wire.mac(secret, challenge["nonce"])})
+
+    def send(self, header: dict[str, Any], tensors: list[torch.Tensor] = ()) -> int:
+        rid = next(self.ids)
+        frames = wire.encode({**header, "id": rid}, list(tensors))
+        self.comm.add(sent=wire.message_bytes(frames))
+        self.sock.send_multipart(frames, copy=False)
+        return rid
+
+    def recv(self, rid: int) -> Reply:
+        """The reply to request ``rid`` (other replies are kept for their callers)."""
+        while rid not in self.stash:
+            if not self.sock.poll(self.timeout_ms):
+                raise PeerError(f"no answer from {self.address} in {self.timeout_ms / 1000:.0f} s")
+            frames = self.sock.recv_multipart(copy=False)
+            self.comm.add(received=wire.message_bytes(frames))
+            header, tensors = wire.decode(frames, self.max_bytes)
+            self.stash[header.get("id")] = (header, tensors)
+        header, tensors = self.stash.pop(rid)
+        if header["op"] == "error":
+            raise PeerError(f"{self.address} refused: {header.get('error')}")
+        return header, tensors
+
+    def call(self, header: dict[str, Any], tensors: list[torch.Tensor] = ()) -> Reply:
+        return self.recv(self.send(header, tensors))
+
+    def close(self) -> None:
+        self.sock.close(0)
+
+
+class Client:
+    """Connections to every server shard."""
+
+    def __init__(
+        self, addresses: list[str], secret: bytes, who: str, comm: CommCounter, **kw: Any
+    ) -> None:
+        self.ctx = zmq.Context.instance()
+        self.comm = comm
+        self.shards = [Peer(self.ctx, a, secret, who, comm, **kw) for a in addresses]
+
+    def call_all(self, requests: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> list[Reply]:
+        """Send one request to each shard, then collect every reply."""
+        rids = [peer.send(h, t) for peer, (h, t) in zip(self.shards, requests)]
+        return [peer.recv(rid) for peer, rid in zip(self.shards, rids)]
+
+    def close(self) -> None:
+        for peer in self.shards:
+            peer.close()

@@ -1,0 +1,283 @@
+"""The coordinator: discovery, membership, telemetry and the final model.
+
+Runs as a thread inside node 0's ``shoal train`` process (the launcher), so it
+outlives any worker or server. Servers register their addresses; workers ask
+for them; workers send their telemetry windows here and the coordinator writes
+``metrics.jsonl`` once every live worker has reported a step. When a worker
+dies, the launcher tells the coordinator, which tells every shard to stop
+waiting for it. At the end it pulls the final parameters, evaluates them and
+writes ``model.safetensors`` and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+import zmq
+
+from shoal.config import JobConfig, write_atomic
+from shoal.data import build_dataset
+from shoal.metrics import (
+    SUMMARY_FILE,
+    CommCounter,
+    MetricsFile,
+    Progress,
+    build_summary,
+    host_name,
+    save_model,
+    window_record,
+)
+from shoal.models import build_model
+from shoal.models.tasks import evaluate
+from shoal.strategies.ps import wire
+from shoal.strategies.ps.client import Client
+from shoal.strategies.ps.placement import dense_plan
+
+
+class Coordinator(threading.Thread):
+    """Bookkeeping for one parameter-server job; see the module docstring."""
+
+    def __init__(
+        self,
+        job: JobConfig,
+        secret: bytes,
+        bind: str,
+        num_servers: int,
+        num_workers: int,
+        total_steps: int,
+    ) -> None:
+        super().__init__(name="shoal-ps-coordinator", daemon=True)
+        self.job = job
+        self.secret = secret
+        self.num_servers, self.num_workers = num_servers, num_workers
+        self.total_steps = total_steps
+        self.auth = wire.Authenticator(secret)
+        self.ctx = zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        host = bind.rsplit(":", 1)[0]
+        self.address = (
+            f"{host}:{self.sock.bind_to_random_port(host)}" if bind.endswith(":0") else bind
+        )
+        if not bind.endswith(":0"):
+            self.sock.bind(bind)
+        self.servers: dict[int, str] = {}
+        self.waiting: list[tuple[bytes, Any]] = []
+        self.windows: dict[int, dict[int, tuple[torch.Tensor, dict[str, Any]]]] = {}
+        self.rows: dict[str, dict[int, torch.Tensor]] = {"counts": {}, "totals": {}}
+        self.left: set[int] = set()
+        self.dead: dict[int, int] = {}
+        self.events: queue.Queue = queue.Queue()
+        self.stopped = threading.Event()
+        self.out = Path(job.output.out)
+        self.metrics = MetricsFile(self.out / "metrics.jsonl")
+        self.progress = Progress(
+            total_steps, 0, job.output.progress, f"ps/{job.strategy.ps_mode} x{num_workers}"
+        )
+        self.start_time = time.perf_counter()
+        self.last_record = self.start_time
+        self.last_loss = float("nan")
+        self.rejected: Counter = Counter()
+
+    # --- thread -----------------------------------------------------------------------
+
+    def run(self) -> None:
+        while not self.stopped.is_set():
+            while not self.events.empty():
+                self._worker_gone(*self.events.get())
+            if not self.sock.poll(100):
+                continue
+            frames = self.sock.recv_multipart(copy=False)
+            peer = frames[0].bytes
+            try:
+                header, tensors = wire.decode(frames[1:], 1 << 26)
+                reply = self.auth.handle(peer, header)
+                if reply is None:
+                    self.auth.check(peer)
+                    reply = self.dispatch(peer, header, tensors)
+                if reply is not None:
+                    self._send(peer, {**reply, "id": header.get("id")})
+            except (wire.WireError, KeyError, TypeError, ValueError) as e:
+                self.rejected[getattr(e, "kind", "malformed")] += 1
+                self._send(peer, {"op": "error", "error": str(e)[:200]})
+        self.sock.close(0)
+
+    def _send(self, peer: bytes, header: dict[str, Any]) -> None:
+        self.sock.send_multipart([peer, *wire.encode(header)], copy=False)
+
+    def dispatch(
+        self, peer: bytes, header: dict[str, Any], tensors: list[torch.Tensor]
+    ) -> dict[str, Any] | None:
+        op = header["op"]
+        if op == "register_server":
+            self.servers[int(header["shard"])] = str(header["address"])
+            self._answer_waiting()
+            return {"op": "ok"}
+        if op == "servers":
+            self.waiting.append((peer, header.get("id")))
+            self._answer_waiting()
+            return None
+        if op == "gather":
+            self._gather(
+                header["tag"], int(header["worker"]), header.get("meta") or {}, tensors[0].clone()
+            )
+            return {"op": "ok"}
+        if op == "leave":
+            self.left.add(int(header["worker"]))
+            return {"op": "ok"}
+        raise wire.WireError("malformed", f"unknown op {op[:32]!r}")
+
+    def _answer_waiting(self) -> None:
+        if len(self.servers) < self.num_servers:
+            return
+        addresses = [self.servers[k] for k in range(self.num_servers)]
+        for peer, rid in self.waiting:
+            self._send(peer, {"op": "servers", "id": rid, "servers": addresses})
+        self.waiting = []
+
+    # --- membership and telemetry -----------------------------------------------------
+
+    def worker_died(self, worker: int, exit_code: int) -> None:
+        """Called by the launcher (any thread) when a worker process exits badly."""
+        self.events.put((worker, exit_code))
+
+    def _worker_gone(self, worker: int, exit_code: int) -> None:
+        self.dead[worker] = exit_code
+        client = self._client()
+        try:
+            client.call_all([({"op": "leave", "worker": worker}, [])] * len(client.shards))
+        finally:
+            client.close()
+        self._flush_windows()
+
+    def _gather(self, tag: str, worker: int, meta: dict[str, Any], row: torch.Tensor) -> None:
+        if tag == "window":
+            self.windows.setdefault(int(meta["step"]), {})[worker] = (row, meta)
+            self._flush_windows()
+        elif tag in self.rows:
+            self.rows[tag][worker] = row
+
+    def _flush_windows(self) -> None:
+        alive = [w for w in range(self.num_workers) if w not in self.dead]
+        for step in sorted(self.windows):
+            got = self.windows[step]
+            if not alive or not all(w in got for w in alive):
+                break
+            del self.windows[step]
+            now = time.perf_counter()
+            rows = torch.stack([r for r, _ in got.values()])
+            meta = got[alive[0]][1]
+            record = window_record(
+                rows,
+                step=step,
+                epoch=float(meta["epoch"]),
+                lr=float(meta["lr"]),
+                steps=int(meta["steps"]),
+                global_samples=int(meta["global_samples"]),
+                elapsed=now - self.last_record,
+                wall_time=now - self.start_time,
+            )
+            self.last_record = now
+            self.last_loss = record["loss"]
+            self.metrics.write(record)
+            self.progress.update(step, record["loss"], record["samples_per_s"])
+
+    # --- the end ----------------------------------------------------------------------
+
+    def _client(self) -> Client:
+        addresses = [self.servers[k] for k in range(self.num_servers)]
+        return Client(addresses, self.secret, "coordinator", CommCounter(), timeout_s=60)
+
+    def finish(self) -> dict[str, Any]:
+        """Stop the thread, pull and evaluate the final model, write the summary."""
+        self.stopped.set()
+        self.join(timeout=10)
+        while not self.events.empty():
+            self.dead.setdefault(self.events.get()[0], -1)
+        self.progress.close()
+        data = build_dataset(self.job.data)
+        torch.manual_seed(self.job.train.seed)
+        model = build_model(self.job.model, data)
+        params = dict(model.named_parameters())
+        plan = dense_plan([(n, p.numel()) for n, p in params.items()], self.num_servers)
+        by_shard = [[s for s in plan if s.shard == k] for k in range(self.num_servers)]
+        client = self._client()
+        try:
+            replies = client.call_all(
+                [({"op": "pull", "clock": 0, "dense": True, "tables": []}, [])] * self.num_servers
+            )
+            stats = [
+                h["stats"] for h, _ in client.call_all([({"op": "stats"}, [])] * self.num_servers)
+            ]
+            with torch.no_grad():
+                for slices, (_, values) in zip(by_shard, replies):
+                    for s, v in zip(slices, values):
+                        params[s.name].view(-1)[s.start : s.stop].copy_(v)
+            client.call_all([({"op": "shutdown"}, [])] * self.num_servers)
+        finally:
+            client.close()
+        eval_metrics = evaluate(model, data, torch.device("cpu"))
+        self.metrics.write(
+            {"step": self.total_steps, "wall_time": self.wall_time(), "eval": eval_metrics}
+        )
+        self.metrics.close()
+        save_model(model, self.out)
+        summary = self._summary(data, model, eval_metrics, stats)
+        write_atomic(self.out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+        return summary
+
+    def wall_time(self) -> float:
+        return time.perf_counter() - self.start_time
+
+    def _summary(
+        self, data: Any, model: torch.nn.Module, eval_metrics: dict[str, float], stats: list[dict]
+    ) -> dict[str, Any]:
+        counts: dict[int, int] = {}
+        for row in self.rows["counts"].values():
+            for epoch, n in enumerate(row.tolist()):
+                if n:
+                    counts[epoch] = counts.get(epoch, 0) + int(n)
+        per_worker = []
+        for w in range(self.num_workers):
+            t = self.rows["totals"].get(w)
+            entry: dict[str, Any] = {"rank": w, "bytes_sent": 0, "bytes_received": 0}
+            if t is not None:
+                entry.update(host=host_name(t[2:]), bytes_sent=int(t[0]), bytes_received=int(t[1]))
+            if w in self.dead:
+                entry["failed_exit_code"] = self.dead[w]
+            per_worker.append(entry)
+        staleness: Counter = Counter()
+        for s in stats:
+            staleness.update({int(k): v for k, v in s["staleness"].items()})
+        return build_summary(
+            self.job,
+            dataset=data.name,
+            world_size=self.num_workers,
+            steps=self.total_steps,
+            num_parameters=sum(p.numel() for p in model.parameters()),
+            final_loss=self.last_loss,
+            eval_metrics=eval_metrics,
+            wall_time=self.wall_time(),
+            counts=counts,
+            train_samples=data.num_train,
+            per_worker=per_worker,
+            ps={
+                "mode": self.job.strategy.ps_mode,
+                "staleness_bound": self.job.strategy.staleness
+                if self.job.strategy.ps_mode == "ssp"
+                else None,
+                "num_servers": self.num_servers,
+                "staleness_histogram": {str(k): v for k, v in sorted(staleness.items())},
+                "max_staleness": max(staleness, default=0),
+                "failed_workers": sorted(self.dead),
+                "servers": stats,
+                "coordinator_rejected": dict(self.rejected),
+            },
+        )

@@ -1,0 +1,277 @@
+"""A parameter-server shard: storage, server-side optimizer, consistency, wire.
+
+One process, one ROUTER socket, one thread: requests are handled in arrival
+order, and pulls that the consistency mode says must wait are parked and
+answered as soon as the clocks allow. Bad messages are refused and counted;
+they never stop the loop.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import zmq
+
+from shoal.config import OptimConfig
+from shoal.strategies.ps import wire
+from shoal.strategies.ps.consistency import Clocks
+from shoal.strategies.ps.optim import ServerOptimizer
+from shoal.strategies.ps.storage import SparseTable, sum_rows
+
+
+@dataclass
+class _Pending:
+    """Gradients of one BSP clock, summed until every live worker has pushed."""
+
+    contributors: set[int] = field(default_factory=set)
+    dense: list[torch.Tensor] | None = None
+    rows: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = field(default_factory=dict)
+
+
+@dataclass
+class ServerStats:
+    """What a shard reports: traffic, refusals, staleness, apply time, queue depth."""
+
+    bytes_in: int = 0
+    bytes_out: int = 0
+    rejected: Counter = field(default_factory=Counter)
+    staleness: Counter = field(default_factory=Counter)
+    updates: int = 0
+    apply_s: float = 0.0
+    max_queue: int = 0
+    peer_bytes: dict[str, list[int]] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "rejected": dict(self.rejected),
+            "staleness": {str(k): v for k, v in sorted(self.staleness.items())},
+            "updates": self.updates,
+            "apply_s": self.apply_s,
+            "max_queue": self.max_queue,
+            "peer_bytes": self.peer_bytes,
+        }
+
+
+class Server:
+    """One shard. :meth:`serve` runs until a ``shutdown`` request."""
+
+    def __init__(
+        self,
+        shard: int,
+        secret: bytes,
+        optim: OptimConfig,
+        mode: str,
+        staleness: int,
+        bind: str = "tcp://127.0.0.1:0",
+        max_message_bytes: int = 1 << 30,
+    ) -> None:
+        self.shard = shard
+        self.auth = wire.Authenticator(secret)
+        self.optim_cfg = optim
+        self.optimizer: ServerOptimizer | None = None
+        self.mode, self.staleness_bound = mode, staleness
+        self.max_bytes = max_message_bytes
+        self.ctx = zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes + wire.MAX_HEADER_BYTES)
+        if bind.endswith(":0"):
+            port = self.sock.bind_to_random_port(bind.rsplit(":", 1)[0])
+            self.address = f"{bind.rsplit(':', 1)[0]}:{port}"
+        else:
+            self.sock.bind(bind)
+            self.address = bind
+        self.stats = ServerStats()
+        self.names: dict[bytes, str] = {}
+        self.clocks: Clocks | None = None
+        self.keys: list[str] = []
+        self.dense: list[torch.Tensor] = []
+        self.dense_state: list[dict[str, torch.Tensor]] = []
+        self.tables: dict[str, SparseTable] = {}
+        self.pending: dict[int, _Pending] = {}
+        self.parked: list[tuple[bytes, dict[str, Any], list[torch.Tensor]]] = []
+        self.running = True
+
+    # --- loop ---------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        while self.running:
+            if not poller.poll(200):
+                continue
+            frames = self.sock.recv_multipart(copy=False)
+            self.handle(frames[0].bytes, frames[1:])
+        self.sock.close(linger=2000)  # let the reply to shutdown leave
+
+    def handle(self, peer: bytes, frames: list[Any]) -> None:
+        size = wire.message_bytes(frames)
+        self.stats.bytes_in += size
+        try:
+            header, tensors = wire.decode(frames, self.max_bytes)
+            self._count_peer(peer, header, received=size)
+            reply = self.auth.handle(peer, header)
+            if reply is None:
+                self.auth.check(peer)
+                self.dispatch(peer, header, tensors)
+            else:
+                self.send(peer, {**reply, "id": header.get("id")})
+        except wire.WireError as e:
+            self.stats.rejected[e.kind] += 1
+            self.send(peer, {"op": "error", "kind": e.kind, "error": str(e)})
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+            self.stats.rejected["malformed"] += 1
+            self.send(
+                peer,
+                {"op": "error", "kind": "malformed", "error": f"{type(e).__name__}: {e}"[:200]},
+            )
+
+    def send(self, peer: bytes, header: dict[str, Any], tensors: list[torch.Tensor] = ()) -> None:
+        frames = wire.encode(header, list(tensors))
+        size = wire.message_bytes(frames)
+        self.stats.bytes_out += size
+        name = self.names.get(peer)
+        if name is not None:
+            self.stats.peer_bytes.setdefault(name, [0, 0])[1] += size
+        self.sock.send_multipart([peer, *frames], copy=False)
+
+    def _count_peer(self, peer: bytes, header: dict[str, Any], received: int) -> None:
+        if header["op"] == "hello" and isinstance(header.get("who"), str):
+            self.names[peer] = header["who"][:64]
+        name = self.names.get(peer)
+        if name is not None:
+            self.stats.peer_bytes.setdefault(name, [0, 0])[0] += received
+
+    def dispatch(self, peer: bytes, header: dict[str, Any], tensors: list[torch.Tensor]) -> None:
+        op, rid = header["op"], header.get("id")
+        if op == "init":
+            self.init(header, tensors)
+            self.send(peer, {"op": "ok", "id": rid})
+        elif op == "pull":
+            self.parked.append((peer, header, tensors))
+        elif op == "push":
+            self.push(header, tensors)
+            self.send(peer, {"op": "ok", "id": rid})
+        elif op == "leave":
+            if self.clocks is not None:
+                self.clocks.leave(int(header["worker"]))
+                self._complete_bsp()
+            self.send(peer, {"op": "ok", "id": rid})
+        elif op == "stats":
+            self.send(peer, {"op": "stats", "id": rid, "stats": self.stats.as_dict()})
+        elif op == "shutdown":
+            self.running = False
+            self.send(peer, {"op": "ok", "id": rid})
+        elif op == "ping":
+            self.send(peer, {"op": "pong", "id": rid})
+        else:
+            raise wire.WireError("malformed", f"unknown op {op[:32]!r}")
+        self._answer_parked()
+
+    # --- operations ---------------------------------------------------------------------
+
+    def init(self, header: dict[str, Any], tensors: list[torch.Tensor]) -> None:
+        """First ``init`` wins: dense slices, table specs, number of workers."""
+        if self.clocks is not None:
+            return
+        self.optimizer = ServerOptimizer(self.optim_cfg, int(header["total_steps"]))
+        keys = header["keys"]
+        if len(keys) != len(tensors):
+            raise wire.WireError("malformed", "init: keys and tensors differ in number")
+        self.keys = [str(k) for k in keys]
+        self.dense = [t.detach().clone().float().reshape(1, -1) for t in tensors]
+        self.dense_state = [self.optimizer.new_state(1, t.shape[1]) for t in self.dense]
+        for spec in header.get("tables", []):
+            self.tables[spec["name"]] = SparseTable(
+                int(spec["dim"]), float(spec["init_std"]), int(spec["seed"]), self.optimizer
+            )
+        self.clocks = Clocks(self.mode, self.staleness_bound, int(header["workers"]))
+
+    def _answer_parked(self) -> None:
+        if self.clocks is None:
+            return
+        still = []
+        for peer, header, tensors in self.parked:
+            if self.clocks.can_read(int(header["clock"])):
+                self._pull(peer, header, tensors)
+            else:
+                still.append((peer, header, tensors))
+        self.parked = still
+        queue = len(self.parked) + sum(len(p.contributors) for p in self.pending.values())
+        self.stats.max_queue = max(self.stats.max_queue, queue)
+
+    def _pull(self, peer: bytes, header: dict[str, Any], tensors: list[torch.Tensor]) -> None:
+        assert self.clocks is not None
+        out: list[torch.Tensor] = (
+            [d.reshape(-1) for d in self.dense] if header.get("dense", True) else []
+        )
+        names = header.get("tables", [])
+        if len(names) != len(tensors):
+            raise wire.WireError("malformed", "pull: tables and id tensors differ in number")
+        for name, ids in zip(names, tensors):
+            out.append(self.tables[name].read(ids.to(torch.int64)))
+        self.send(
+            peer,
+            {"op": "values", "id": header.get("id"), "min_clock": self.clocks.min_clock()},
+            out,
+        )
+
+    def push(self, header: dict[str, Any], tensors: list[torch.Tensor]) -> None:
+        """Gradients of one worker's clock: applied now (asp/ssp) or summed (bsp)."""
+        if self.clocks is None:
+            raise wire.WireError("malformed", "push before init")
+        worker, clock = int(header["worker"]), int(header["clock"])
+        dense, rest = tensors[: len(self.dense)], tensors[len(self.dense) :]
+        names = header.get("tables", [])
+        if len(rest) != 2 * len(names) or (dense and len(dense) != len(self.dense)):
+            raise wire.WireError("malformed", "push: tensors do not match the declared keys")
+        rows = {
+            n: (rest[2 * i].to(torch.int64), rest[2 * i + 1].float()) for i, n in enumerate(names)
+        }
+        self.stats.staleness[max(0, clock - int(header.get("read_clock", clock)))] += 1
+        self.clocks.pushed(worker, clock)
+        if self.mode != "bsp":
+            self._apply(dense, {n: ([i], [g]) for n, (i, g) in rows.items()}, 1, clock)
+            return
+        p = self.pending.setdefault(clock, _Pending())
+        p.contributors.add(worker)
+        if dense:
+            p.dense = (
+                [d.float().clone() for d in dense]
+                if p.dense is None
+                else [a.add_(d) for a, d in zip(p.dense, dense)]
+            )
+        for n, (i, g) in rows.items():
+            p.rows.setdefault(n, ([], []))
+            p.rows[n][0].append(i)
+            p.rows[n][1].append(g)
+        self._complete_bsp()
+
+    def _complete_bsp(self) -> None:
+        assert self.clocks is not None
+        for clock in sorted(self.pending):
+            p = self.pending[clock]
+            if not self.clocks.complete(p.contributors):
+                break
+            del self.pending[clock]
+            self._apply(p.dense or [], p.rows, len(p.contributors), clock)
+
+    def _apply(
+        self, dense: list[torch.Tensor], rows: dict[str, tuple[list, list]], count: int, clock: int
+    ) -> None:
+        assert self.optimizer is not None
+        start = time.perf_counter()
+        for param, grad, state in zip(self.dense, dense, self.dense_state):
+            g = grad.float().reshape(1, -1)
+            self.optimizer.apply(param, g / count if count > 1 else g, state, clock)
+        for name, (ids, grads) in rows.items():
+            unique, summed = sum_rows(ids, grads)
+            self.tables[name].apply(unique, summed / count if count > 1 else summed, clock)
+        self.stats.updates += 1
+        self.stats.apply_s += time.perf_counter() - start

@@ -1,0 +1,100 @@
+"""What a server shard stores: dense slices and lazily grown embedding tables."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from shoal.strategies.ps.optim import ServerOptimizer
+
+_MASK = (1 << 63) - 1
+
+
+def hashed_uniform(ids: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
+    """Deterministic uniform [0, 1) values per (row id, column): the same on any shard count."""
+    x = (
+        ids.to(torch.int64).unsqueeze(1) * 0x9E3779B1
+        + torch.arange(dim, dtype=torch.int64) * 0x85EBCA77
+        + seed
+    )
+    for mult, shift in ((0xBF58476D1CE4E5B9 & _MASK, 30), (0x94D049BB133111EB & _MASK, 27)):
+        x = x ^ (x >> shift)
+        x = x * mult
+    x = x ^ (x >> 31)
+    return (x & ((1 << 24) - 1)).to(torch.float32) / float(1 << 24)
+
+
+class SparseTable:
+    """Rows of one embedding table, created on first touch, with optimizer state.
+
+    Rows live in one growing slab; ``index`` maps a row id to its slot. Memory is
+    proportional to the rows touched, not to the table's nominal size.
+    """
+
+    def __init__(self, dim: int, init_std: float, seed: int, optimizer: ServerOptimizer) -> None:
+        self.dim = dim
+        self.init_std = init_std
+        self.seed = seed
+        self.optimizer = optimizer
+        self.index: dict[int, int] = {}
+        self.rows = torch.empty(0, dim)
+        self.state = optimizer.new_state(0, dim)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def slots(self, ids: torch.Tensor) -> torch.Tensor:
+        """Slots of ``ids`` (unique), creating missing rows."""
+        index = self.index
+        out, new = [], []
+        for i in ids.tolist():
+            slot = index.get(i)
+            if slot is None:
+                slot = len(index)
+                index[i] = slot
+                new.append(i)
+            out.append(slot)
+        if new:
+            self._grow(torch.tensor(new, dtype=torch.int64))
+        return torch.tensor(out, dtype=torch.int64)
+
+    def _grow(self, new_ids: torch.Tensor) -> None:
+        needed = len(self.index)
+        if needed > len(self.rows):
+            capacity = max(needed, 2 * len(self.rows), 1024)
+            self.rows = _resize(self.rows, capacity)
+            self.state = {k: _resize(v, capacity) for k, v in self.state.items()}
+        start = needed - len(new_ids)
+        scale = self.init_std * math.sqrt(3.0)
+        self.rows[start:needed] = (hashed_uniform(new_ids, self.dim, self.seed) * 2 - 1) * scale
+        for v in self.state.values():
+            v[start:needed] = 0
+
+    def read(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.rows[self.slots(ids)]
+
+    def apply(self, ids: torch.Tensor, grads: torch.Tensor, clock: int) -> None:
+        slots = self.slots(ids)
+        param = self.rows[slots]
+        state = {k: v[slots] for k, v in self.state.items()}
+        self.optimizer.apply(param, grads, state, clock)
+        self.rows[slots] = param
+        for k, v in state.items():
+            self.state[k][slots] = v
+
+
+def _resize(t: torch.Tensor, rows: int) -> torch.Tensor:
+    out = torch.zeros(rows, *t.shape[1:], dtype=t.dtype)
+    out[: len(t)] = t
+    return out
+
+
+def sum_rows(
+    ids: list[torch.Tensor], grads: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate row gradients and add up duplicates: (unique ids, summed grads)."""
+    all_ids = torch.cat(ids)
+    unique, inverse = torch.unique(all_ids, return_inverse=True)
+    summed = torch.zeros(len(unique), grads[0].shape[1]).index_add_(0, inverse, torch.cat(grads))
+    return unique, summed

@@ -1,0 +1,179 @@
+"""``--strategy ps``: workers pull parameters, push gradients; servers apply them.
+
+Processes: ``--servers K`` shards and ``--workers N`` workers per machine, plus
+a coordinator thread inside node 0's ``shoal train`` (discovery, membership,
+telemetry, the final model and summary). Every worker walks the same sequence
+of global steps as the collective strategies and takes its slice of each, so
+``bsp`` with server-side SGD reproduces ``allreduce`` with SGD.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, ClassVar
+
+import torch
+import zmq
+from torch import nn
+
+from shoal.config import JobConfig
+from shoal.dist import DistEnv
+from shoal.metrics import CommCounter, PhaseTimer
+from shoal.strategies.base import Batch, LossFn, Strategy
+from shoal.strategies.ps import wire
+from shoal.strategies.ps.client import Client, Peer
+from shoal.strategies.ps.optim import ServerOptimizer
+from shoal.strategies.ps.placement import dense_plan
+
+COORDINATOR_ENV = "SHOAL_PS_COORDINATOR"
+HOST_ENV = "SHOAL_PS_HOST"
+
+
+def max_message_bytes(job: JobConfig) -> int:
+    return int(job.strategy.ps_max_message_mb * 1024 * 1024)
+
+
+class RemoteGatherer:
+    """Telemetry rows go to the coordinator, which writes; workers never write."""
+
+    is_writer = False
+
+    def __init__(self, coordinator: Peer, worker: int) -> None:
+        self.coordinator = coordinator
+        self.worker = worker
+
+    def gather(self, row: torch.Tensor, tag: str, meta: dict[str, Any] | None = None) -> None:
+        if tag in ("window", "counts", "totals"):
+            self.coordinator.call(
+                {"op": "gather", "tag": tag, "worker": self.worker, "meta": meta or {}},
+                [row.double()],
+            )
+        return None
+
+
+class ParameterServer(Strategy):
+    """Data parallel through sharded parameter servers (bsp, asp or ssp)."""
+
+    name = "ps"
+    description = (
+        "parameter server: sharded servers over ZeroMQ, bsp/asp/ssp, server-side optimizer"
+    )
+    needs_process_group: ClassVar[bool] = False
+
+    @classmethod
+    def launch(cls, job: JobConfig, config_path: str) -> None:
+        from shoal.strategies.ps.launch import launch_ps
+
+        launch_ps(job, config_path)
+
+    @classmethod
+    def run_role(cls, role: str, job: JobConfig, env: DistEnv) -> None:
+        from shoal.strategies.ps.launch import run_server
+
+        if role != "server":
+            raise ValueError(f"ps has no role {role!r}")
+        run_server(job)
+
+    def setup(self, model: nn.Module, total_steps: int) -> None:
+        self.model = model
+        self.total_steps = total_steps
+        self.worker = self.env.rank
+        secret = wire.load_secret()
+        ctx = zmq.Context.instance()
+        who = f"worker{self.worker}"
+        # telemetry to the coordinator is not training traffic: its own counter
+        self.coordinator = Peer(ctx, os.environ[COORDINATOR_ENV], secret, who, CommCounter())
+        info, _ = self.coordinator.call({"op": "servers"})
+        self.client = Client(
+            info["servers"], secret, who, self.comm, max_bytes=max_message_bytes(self.job)
+        )
+        num_shards = len(info["servers"])
+        self.params = dict(model.named_parameters())
+        plan = dense_plan([(n, p.numel()) for n, p in self.params.items()], num_shards)
+        self.by_shard = [[s for s in plan if s.shard == k] for k in range(num_shards)]
+        self.schedule = ServerOptimizer(self.job.optim, total_steps)
+        self.clock = 0
+        self.read_clock = 0
+        with torch.no_grad():
+            requests = [
+                (
+                    {
+                        "op": "init",
+                        "workers": self.env.world_size,
+                        "total_steps": total_steps,
+                        "keys": [s.key for s in slices],
+                        "tables": [],
+                    },
+                    [self.params[s.name].detach().reshape(-1)[s.start : s.stop] for s in slices],
+                )
+                for slices in self.by_shard
+            ]
+        self.client.call_all(requests)
+
+    def train_step(
+        self, batch: Batch, loss_fn: LossFn, loss_scale: float, timer: PhaseTimer
+    ) -> torch.Tensor:
+        with timer.phase("comm"):
+            self._pull()
+        with timer.phase("forward_backward"):
+            for p in self.params.values():
+                p.grad = None
+            loss_sum = loss_fn(self.model, batch).sum()
+            (loss_sum * loss_scale).backward()
+        with timer.phase("comm"):
+            self._push()
+        self.clock += 1
+        return loss_sum.detach()
+
+    @torch.no_grad()
+    def _pull(self) -> None:
+        header = {"op": "pull", "clock": self.clock, "dense": True, "tables": []}
+        replies = self.client.call_all([(header, [])] * len(self.by_shard))
+        self.read_clock = min(h["min_clock"] for h, _ in replies)
+        for slices, (_, values) in zip(self.by_shard, replies):
+            for s, v in zip(slices, values):
+                self.params[s.name].view(-1)[s.start : s.stop].copy_(v)
+
+    def _push(self) -> None:
+        header = {
+            "op": "push",
+            "worker": self.worker,
+            "clock": self.clock,
+            "read_clock": self.read_clock,
+            "tables": [],
+        }
+        requests = []
+        for slices in self.by_shard:
+            grads = []
+            for s in slices:
+                g = self.params[s.name].grad
+                flat = torch.zeros(s.numel) if g is None else g.reshape(-1)[s.start : s.stop]
+                grads.append(flat)
+            requests.append((header, grads))
+        self.client.call_all(requests)
+
+    def gatherer(self) -> RemoteGatherer:
+        return RemoteGatherer(self.coordinator, self.worker)
+
+    def eval_model(self) -> nn.Module:
+        return self.model
+
+    @property
+    def lr(self) -> float:
+        return self.schedule.lr(self.clock)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}  # the servers hold the parameters and optimizer state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        """Tell the servers and the coordinator this worker is done."""
+        leave = {"op": "leave", "worker": self.worker}
+        try:
+            self.client.call_all([(leave, [])] * len(self.client.shards))
+            self.coordinator.call(leave)
+        finally:
+            self.client.close()
+            self.coordinator.close()
