@@ -2,17 +2,20 @@
 
 ``SHOAL_FAULT="crash:rank=1:step=150"`` makes rank 1 kill itself with SIGKILL
 right after finishing global step 150, as a machine failure would: no cleanup,
-no flushing, no goodbye to its peers. Several faults are separated by ``;``.
+no flushing, no goodbye to its peers. ``slow:rank=1:ms=20`` makes rank 1 sleep
+20 ms after every step (from ``step``, default 0): a straggler. Several faults
+are separated by ``;``.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 from dataclasses import dataclass
 
 ENV = "SHOAL_FAULT"
-KINDS = ("crash",)
+KINDS = ("crash", "slow")
 
 
 @dataclass(frozen=True)
@@ -20,6 +23,7 @@ class Fault:
     kind: str
     rank: int
     step: int
+    ms: int = 0
 
 
 def parse(spec: str) -> list[Fault]:
@@ -31,9 +35,15 @@ def parse(spec: str) -> list[Fault]:
             raise ValueError(f"{ENV}: unknown fault {kind!r} (known: {', '.join(KINDS)})")
         values = dict(f.split("=", 1) for f in fields if "=" in f)
         try:
-            faults.append(Fault(kind, int(values["rank"]), int(values["step"])))
+            if kind == "crash":
+                faults.append(Fault(kind, int(values["rank"]), int(values["step"])))
+            else:
+                faults.append(
+                    Fault(kind, int(values["rank"]), int(values.get("step", 0)), int(values["ms"]))
+                )
         except (KeyError, ValueError):
-            raise ValueError(f"{ENV}: {part!r} must look like {kind}:rank=R:step=S") from None
+            form = "crash:rank=R:step=S" if kind == "crash" else "slow:rank=R:ms=M[:step=S]"
+            raise ValueError(f"{ENV}: {part!r} must look like {form}") from None
     return faults
 
 
@@ -46,5 +56,7 @@ class Injector:
 
     def after_step(self, step: int) -> None:
         for fault in self.faults:
-            if fault.step == step and fault.kind == "crash":
+            if fault.kind == "crash" and fault.step == step:
                 os.kill(os.getpid(), signal.SIGKILL)
+            elif fault.kind == "slow" and step >= fault.step:
+                time.sleep(fault.ms / 1000)

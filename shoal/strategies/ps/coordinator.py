@@ -41,6 +41,10 @@ from shoal.strategies.ps.client import Client
 from shoal.strategies.ps.placement import dense_plan
 
 
+ENDPOINTS_FILE = "ps_endpoints.json"
+"""Written into the run directory once every shard is up: where the job listens."""
+
+
 class Coordinator(threading.Thread):
     """Bookkeeping for one parameter-server job; see the module docstring."""
 
@@ -106,7 +110,9 @@ class Coordinator(threading.Thread):
                     self._send(peer, {**reply, "id": header.get("id")})
             except (wire.WireError, KeyError, TypeError, ValueError) as e:
                 self.rejected[getattr(e, "kind", "malformed")] += 1
-                self._send(peer, {"op": "error", "error": str(e)[:200]})
+                self._send(
+                    peer, {"op": "error", "id": wire.request_id(frames[1:]), "error": str(e)[:200]}
+                )
         self.sock.close(0)
 
     def _send(self, peer: bytes, header: dict[str, Any]) -> None:
@@ -138,6 +144,9 @@ class Coordinator(threading.Thread):
         if len(self.servers) < self.num_servers:
             return
         addresses = [self.servers[k] for k in range(self.num_servers)]
+        if not (self.out / ENDPOINTS_FILE).exists():
+            endpoints = {"coordinator": self.address, "servers": addresses}
+            write_atomic(self.out / ENDPOINTS_FILE, json.dumps(endpoints, indent=2) + "\n")
         for peer, rid in self.waiting:
             self._send(peer, {"op": "servers", "id": rid, "servers": addresses})
         self.waiting = []

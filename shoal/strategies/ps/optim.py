@@ -61,10 +61,11 @@ class ServerOptimizer:
             step = state["step"].add_(1)
             state["exp_avg"].lerp_(grad, 1 - beta1)
             state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            bias1 = 1 - beta1**step
-            bias2_sqrt = (1 - beta2**step).sqrt()
+            step64 = step.double()  # torch.optim computes bias corrections in double
+            bias1 = (1 - beta1**step64).float()
+            bias2_sqrt = (1 - beta2**step64).sqrt().float()
             denom = (state["exp_avg_sq"].sqrt() / bias2_sqrt).add_(eps)
-            param.addcdiv_(state["exp_avg"], denom * bias1, value=-lr)
+            param.sub_(state["exp_avg"] / denom * (lr / bias1))  # torch.optim's order of operations
         elif name == "adagrad":
             state["sum"].addcmul_(grad, grad)
             param.addcdiv_(grad, state["sum"].sqrt().add_(1e-10), value=-lr)

@@ -113,6 +113,7 @@ class Server:
     def handle(self, peer: bytes, frames: list[Any]) -> None:
         size = wire.message_bytes(frames)
         self.stats.bytes_in += size
+        rid = wire.request_id(frames)
         try:
             header, tensors = wire.decode(frames, self.max_bytes)
             self._count_peer(peer, header, received=size)
@@ -124,13 +125,11 @@ class Server:
                 self.send(peer, {**reply, "id": header.get("id")})
         except wire.WireError as e:
             self.stats.rejected[e.kind] += 1
-            self.send(peer, {"op": "error", "kind": e.kind, "error": str(e)})
+            self.send(peer, {"op": "error", "id": rid, "kind": e.kind, "error": str(e)})
         except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
             self.stats.rejected["malformed"] += 1
-            self.send(
-                peer,
-                {"op": "error", "kind": "malformed", "error": f"{type(e).__name__}: {e}"[:200]},
-            )
+            error = f"{type(e).__name__}: {e}"[:200]
+            self.send(peer, {"op": "error", "id": rid, "kind": "malformed", "error": error})
 
     def send(self, peer: bytes, header: dict[str, Any], tensors: list[torch.Tensor] = ()) -> None:
         frames = wire.encode(header, list(tensors))

@@ -72,7 +72,8 @@ class SparseTable:
             v[start:needed] = 0
 
     def read(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.rows[self.slots(ids)]
+        slots = self.slots(ids)  # first: it may grow (replace) self.rows
+        return self.rows[slots]
 
     def apply(self, ids: torch.Tensor, grads: torch.Tensor, clock: int) -> None:
         slots = self.slots(ids)

@@ -107,6 +107,17 @@ def decode(frames: list[Any], max_bytes: int) -> tuple[dict[str, Any], list[torc
     return header, tensors
 
 
+def request_id(frames: list[Any]) -> int | None:
+    """The ``id`` of a request whose header parses, so even a refusal reaches its caller."""
+    try:
+        head = frames[0]
+        header = json.loads(bytes(head.buffer if hasattr(head, "buffer") else head))
+    except (IndexError, ValueError, UnicodeDecodeError, TypeError):
+        return None
+    rid = header.get("id") if isinstance(header, dict) else None
+    return rid if isinstance(rid, int) and not isinstance(rid, bool) else None
+
+
 def _check_spec(item: Any) -> tuple[torch.dtype, list[int]]:
     if not (
         isinstance(item, list)

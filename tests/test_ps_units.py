@@ -1,0 +1,197 @@
+"""Parameter-server parts in one process: placement, wire, optimizers, rows, clocks."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+import zmq
+
+from shoal.config import OptimConfig
+from shoal.metrics import CommCounter
+from shoal.strategies.ps import wire
+from shoal.strategies.ps.client import Peer, PeerError
+from shoal.strategies.ps.consistency import Clocks
+from shoal.strategies.ps.optim import ServerOptimizer
+from shoal.strategies.ps.placement import dense_plan, row_shard, shard_bytes
+from shoal.strategies.ps.server import Server
+from shoal.strategies.ps.storage import SparseTable, hashed_uniform, sum_rows
+
+
+def test_dense_plan_balances_bytes_and_covers_every_element():
+    params = [("big", 1000), ("a", 10), ("b", 7), ("c", 300)]
+    plan = dense_plan(params, 3)
+    for name, numel in params:
+        covered = sorted((s.start, s.stop) for s in plan if s.name == name)
+        assert covered[0][0] == 0 and covered[-1][1] == numel
+        assert all(a[1] == b[0] for a, b in zip(covered, covered[1:]))
+    sizes = shard_bytes(plan, 3)
+    assert max(sizes) - min(sizes) <= 4 * 1 and sum(sizes) == 4 * 1317
+    assert len([s for s in plan if s.name == "big"]) >= 3  # the large tensor is split
+
+
+def test_dense_plan_more_shards_than_elements():
+    plan = dense_plan([("w", 2)], 4)
+    assert sum(s.numel for s in plan) == 2
+
+
+def test_row_shard():
+    assert row_shard(torch.tensor([0, 5, 7, 12]), 4).tolist() == [0, 1, 3, 0]
+
+
+@pytest.mark.parametrize("dtype", list(wire.DTYPES.values()))
+def test_wire_round_trip(dtype):
+    t = torch.arange(12).reshape(3, 4).to(dtype)
+    header, tensors = wire.decode(
+        wire.encode({"op": "x", "k": 1}, [t, torch.empty(0, 5, dtype=dtype)]), 1 << 20
+    )
+    assert header["op"] == "x" and header["k"] == 1
+    assert torch.equal(tensors[0], t) and tensors[1].shape == (0, 5)
+
+
+@pytest.mark.parametrize(
+    "frames, kind",
+    [
+        ([], "malformed"),
+        ([b"\xff\xfe"], "malformed"),
+        ([b"[1,2]"], "malformed"),
+        ([b'{"op":"x","t":[["float32",[4]]]}'], "truncated"),
+        ([b'{"op":"x","t":[["float32",[4]]]}', b"\0" * 8], "truncated"),
+        ([b'{"op":"x","t":[["complex",[1]]]}', b"\0" * 8], "malformed"),
+        ([b'{"op":"x","t":[["float32",[-1]]]}', b""], "malformed"),
+        ([b'{"op":"x","t":[["float32",[1000000]]]}', b""], "oversized"),
+        ([b"{" + b" " * (wire.MAX_HEADER_BYTES + 1) + b"}"], "oversized"),
+    ],
+)
+def test_wire_refuses(frames, kind):
+    with pytest.raises(wire.WireError) as e:
+        wire.decode(frames, max_bytes=1 << 20)
+    assert e.value.kind == kind
+
+
+def test_handshake():
+    auth = wire.Authenticator(b"s" * 32)
+    with pytest.raises(wire.WireError, match="unauthenticated"):
+        auth.check(b"peer")
+    nonce = auth.handle(b"peer", {"op": "hello"})["nonce"]
+    with pytest.raises(wire.WireError, match="unauthenticated"):
+        auth.handle(b"peer", {"op": "auth", "mac": wire.mac(b"wrong" * 8, nonce)})
+    nonce = auth.handle(b"peer", {"op": "hello"})["nonce"]
+    assert auth.handle(b"peer", {"op": "auth", "mac": wire.mac(b"s" * 32, nonce)}) == {"op": "ok"}
+    auth.check(b"peer")
+
+
+@pytest.mark.parametrize(
+    "name, torch_opt",
+    [
+        ("sgd", lambda p: torch.optim.SGD(p, lr=0.1, weight_decay=0.01)),
+        ("momentum", lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=0.01)),
+        ("adam", lambda p: torch.optim.Adam(p, lr=0.1, weight_decay=0.01)),
+        ("adamw", lambda p: torch.optim.AdamW(p, lr=0.1, weight_decay=0.01)),
+        ("adagrad", lambda p: torch.optim.Adagrad(p, lr=0.1, weight_decay=0.01)),
+    ],
+)
+def test_server_optimizers_match_torch(name, torch_opt):
+    torch.manual_seed(0)
+    init = torch.randn(3, 5)
+    ref = torch.nn.Parameter(init.clone())
+    opt = torch_opt([ref])
+    ours = init.clone()
+    server = ServerOptimizer(OptimConfig(name=name, lr=0.1, weight_decay=0.01), total_steps=10)
+    state = server.new_state(3, 5)
+    for step in range(6):
+        grad = torch.randn(3, 5)
+        ref.grad = grad.clone()
+        opt.step()
+        server.apply(ours, grad, state, step)
+    torch.testing.assert_close(ours, ref.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_sparse_table_creates_rows_lazily_and_deterministically():
+    opt = ServerOptimizer(OptimConfig(name="adagrad", lr=0.5), 10)
+    a, b = SparseTable(4, 0.1, 7, opt), SparseTable(4, 0.1, 7, opt)
+    ra = a.read(torch.tensor([5, 10**12, 3]))
+    rb = b.read(torch.tensor([3, 5]))
+    assert len(a) == 3 and len(b) == 2
+    torch.testing.assert_close(ra[0], rb[1])  # row 5: same value whatever came first
+    assert ra.abs().max() <= 0.1 * 3**0.5 and ra.std() > 0.01
+    before = a.read(torch.tensor([3])).clone()
+    a.apply(torch.tensor([5]), torch.ones(1, 4), clock=0)
+    assert torch.equal(a.read(torch.tensor([3])), before)  # untouched row unchanged
+    assert a.state["sum"][a.slots(torch.tensor([3]))].abs().sum() == 0
+    for i in range(2000):  # growth keeps rows
+        a.read(torch.tensor([100 + i]))
+    torch.testing.assert_close(a.read(torch.tensor([3])), before)
+
+
+def test_hashed_uniform_range():
+    u = hashed_uniform(torch.arange(10000), 8, 1)
+    assert u.min() >= 0 and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.01
+
+
+def test_sum_rows_adds_duplicates():
+    ids, grads = sum_rows(
+        [torch.tensor([3, 1]), torch.tensor([1])], [torch.ones(2, 2), 2 * torch.ones(1, 2)]
+    )
+    assert ids.tolist() == [1, 3] and grads.tolist() == [[3.0, 3.0], [1.0, 1.0]]
+
+
+def test_clocks():
+    bsp = Clocks("bsp", 5, 2)
+    assert bsp.can_read(0) and not bsp.can_read(1)
+    bsp.pushed(0, 0)
+    assert not bsp.can_read(1)
+    bsp.pushed(1, 0)
+    assert bsp.can_read(1)
+    ssp = Clocks("ssp", 2, 2)
+    for c in range(3):
+        ssp.pushed(0, c)
+    assert ssp.can_read(2) and not ssp.can_read(3)
+    ssp.leave(1)
+    assert ssp.can_read(3)
+    assert Clocks("asp", 0, 2).can_read(100)
+
+
+@pytest.fixture
+def server():
+    srv = Server(0, b"k" * 32, OptimConfig(lr=0.1), "bsp", 0, max_message_bytes=1 << 16)
+    thread = threading.Thread(target=srv.serve, daemon=True)
+    thread.start()
+    yield srv
+    srv.running = False
+    thread.join(timeout=5)
+
+
+@pytest.mark.timeout(30)
+def test_server_bsp_round_and_refusals(server):
+    ctx = zmq.Context.instance()
+    peers = [
+        Peer(ctx, server.address, b"k" * 32, f"w{i}", CommCounter(), timeout_s=5) for i in range(2)
+    ]
+    init = {"op": "init", "workers": 2, "total_steps": 10, "keys": ["w@0"], "tables": []}
+    for p in peers:
+        p.call(init, [torch.zeros(4)])
+    rid = peers[0].send(
+        {"op": "push", "worker": 0, "clock": 0, "read_clock": 0, "tables": []}, [torch.ones(4)]
+    )
+    peers[0].recv(rid)
+    parked = peers[0].send({"op": "pull", "clock": 1, "tables": []})
+    assert not peers[0].sock.poll(300)  # BSP: waits for worker 1
+    peers[1].call(
+        {"op": "push", "worker": 1, "clock": 0, "read_clock": 0, "tables": []}, [3 * torch.ones(4)]
+    )
+    _, (values,) = peers[0].recv(parked)
+    torch.testing.assert_close(values, torch.full((4,), -0.2))  # mean gradient 2, lr 0.1
+    with pytest.raises(PeerError, match="oversized"):
+        peers[0].call({"op": "push", "worker": 0, "clock": 1, "tables": []}, [torch.zeros(20000)])
+    assert peers[0].call({"op": "ping"})[0]["op"] == "pong"  # still served
+    stranger = ctx.socket(zmq.DEALER)
+    stranger.connect(server.address)
+    stranger.send_multipart(wire.encode({"op": "pull", "clock": 0, "tables": []}))
+    assert stranger.poll(3000)
+    header, _ = wire.decode(stranger.recv_multipart(), 1 << 20)
+    assert header["op"] == "error" and header["kind"] == "unauthenticated"
+    stranger.close(0)
+    stats, _ = peers[0].call({"op": "stats"})
+    assert stats["stats"]["rejected"] == {"oversized": 1, "unauthenticated": 1}
