@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 
 import pytest
@@ -25,7 +26,7 @@ def test_dense_plan_balances_bytes_and_covers_every_element():
     for name, numel in params:
         covered = sorted((s.start, s.stop) for s in plan if s.name == name)
         assert covered[0][0] == 0 and covered[-1][1] == numel
-        assert all(a[1] == b[0] for a, b in zip(covered, covered[1:]))
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(covered))
     sizes = shard_bytes(plan, 3)
     assert max(sizes) - min(sizes) <= 4 * 1 and sum(sizes) == 4 * 1317
     assert len([s for s in plan if s.name == "big"]) >= 3  # the large tensor is split

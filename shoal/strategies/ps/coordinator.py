@@ -40,7 +40,6 @@ from shoal.strategies.ps import wire
 from shoal.strategies.ps.client import Client
 from shoal.strategies.ps.placement import dense_plan
 
-
 ENDPOINTS_FILE = "ps_endpoints.json"
 """Written into the run directory once every shard is up: where the job listens."""
 
