@@ -1,0 +1,162 @@
+"""End to end: ``shoal train --strategy ps`` with real server and worker processes."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import zmq
+
+from shoal.strategies.ps import wire
+from tests.conftest import max_abs_diff, params, shoal_env, train
+
+LINEAR = [
+    "--model",
+    "linear",
+    "--steps",
+    "200",
+    "--batch-size",
+    "64",
+    "--lr",
+    "0.05",
+    "--seed",
+    "2",
+]
+DIGITS = [
+    "--model",
+    "mlp",
+    "--steps",
+    "300",
+    "--batch-size",
+    "64",
+    "--optimizer",
+    "adam",
+    "--lr",
+    "0.003",
+]
+PS = ["--strategy", "ps", "--workers", "2", "--servers", "2"]
+
+
+def summary(out):
+    return json.loads((out / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def allreduce_linear(session_tmp):
+    out = session_tmp / "ps-ref-allreduce"
+    train(out, *LINEAR, "--workers", "2")
+    return out
+
+
+@pytest.mark.timeout(300)
+def test_bsp_matches_allreduce(allreduce_linear, session_tmp):
+    out = session_tmp / "ps-bsp-linear"
+    train(out, *LINEAR, *PS, "--ps-mode", "bsp")
+    assert max_abs_diff(params(out), params(allreduce_linear)) < 1e-5
+    s = summary(out)
+    assert s["ps"]["max_staleness"] == 0 and s["ps"]["num_servers"] == 2
+    assert all(w["bytes_sent"] > 0 and w["bytes_received"] > 0 for w in s["per_worker"])
+    for server in s["ps"]["servers"]:
+        assert server["updates"] == 200 and server["bytes_in"] > 0 and server["apply_s"] > 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == list(range(10, 201, 10))
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("mode", ["asp", "ssp"])
+def test_async_modes_reach_the_bsp_targets(mode, session_tmp):
+    """The targets: linear test MSE within 2x the noise floor; digits 90% test accuracy."""
+    lin = session_tmp / f"ps-{mode}-linear"
+    train(lin, *LINEAR, *PS, "--ps-mode", mode, "--staleness", "2")
+    assert summary(lin)["test_loss"] < 2 * 0.1**2
+    dig = session_tmp / f"ps-{mode}-digits"
+    train(dig, *DIGITS, *PS, "--ps-mode", mode, "--staleness", "2")
+    assert summary(dig)["test_accuracy"] >= 0.90
+
+
+@pytest.mark.timeout(300)
+def test_bsp_reaches_the_same_targets(session_tmp):
+    dig = session_tmp / "ps-bsp-digits"
+    train(dig, *DIGITS, *PS, "--ps-mode", "bsp")
+    assert summary(dig)["test_accuracy"] >= 0.90
+
+
+@pytest.mark.timeout(300)
+def test_ssp_staleness_never_exceeds_bound(tmp_path):
+    """A worker slowed 3x: the fast one runs ahead, but never more than s clocks."""
+    out = tmp_path / "ssp"
+    train(out, *LINEAR, *PS, "--ps-mode", "ssp", "--staleness", "2", "--steps", "120",
+          env={"SHOAL_FAULT": "slow:rank=1:ms=15"})  # fmt: skip
+    ps = summary(out)["ps"]
+    assert ps["max_staleness"] <= 2
+    assert ps["max_staleness"] >= 1, "the slow worker should have made the fast one run ahead"
+    asp = tmp_path / "asp"
+    train(asp, *LINEAR, *PS, "--ps-mode", "asp", "--steps", "120",
+          env={"SHOAL_FAULT": "slow:rank=1:ms=15"})  # fmt: skip
+    assert summary(asp)["ps"]["max_staleness"] > 2  # without the bound it grows
+
+
+@pytest.mark.timeout(300)
+def test_asp_survives_sigkill_of_a_worker(tmp_path):
+    out = tmp_path / "asp-kill"
+    proc = train(out, *LINEAR, "--strategy", "ps", "--workers", "3", "--servers", "2", "--ps-mode", "asp",
+                 env={"SHOAL_FAULT": "crash:rank=1:step=60"})  # fmt: skip
+    assert "worker 1 failed" in proc.stderr
+    s = summary(out)
+    assert s["ps"]["failed_workers"] == [1]
+    assert s["per_worker"][1]["failed_exit_code"] == -9
+    assert s["test_loss"] < 2 * 0.1**2
+
+
+def _refused(sock: zmq.Socket, frames: list) -> dict:
+    sock.send_multipart(frames)
+    assert sock.poll(5000), "the server must answer a refusal"
+    header, _ = wire.decode(sock.recv_multipart(), 1 << 20)
+    assert header["op"] == "error"
+    return header
+
+
+@pytest.mark.timeout(300)
+def test_hostile_messages_are_refused_and_training_is_unaffected(allreduce_linear, tmp_path):
+    out = tmp_path / "attacked"
+    cmd = [sys.executable, "-m", "shoal", "train", "--out", str(out), "--no-progress", "--no-report",
+           *LINEAR, *PS, "--ps-mode", "bsp"]  # fmt: skip
+    job = subprocess.Popen(cmd, env=shoal_env({"SHOAL_FAULT": "slow:rank=0:ms=20"}),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        endpoints = out / "ps_endpoints.json"
+        deadline = time.monotonic() + 60
+        while not endpoints.exists():
+            assert time.monotonic() < deadline and job.poll() is None, job.stderr.read()
+            time.sleep(0.1)
+        server = json.loads(endpoints.read_text())["servers"][0]
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(server)
+        kinds = [
+            _refused(sock, [b"\x00garbage\xff"])["kind"],
+            _refused(sock, [b'{"op":"push","id":1,"t":[["float32",[1000]]]}', b"\0" * 12])["kind"],
+            _refused(sock, [b'{"op":"push","id":2,"t":[["float32",[99999999999]]]}', b""])["kind"],
+            _refused(sock, wire.encode({"op": "pull", "id": 3, "clock": 0, "tables": []}))["kind"],
+            _refused(sock, wire.encode({"op": "auth", "id": 4, "mac": "00" * 32}))["kind"],
+            _refused(sock, wire.encode({"op": "shutdown", "id": 5}))["kind"],
+        ]
+        assert kinds == ["malformed", "truncated", "oversized", "unauthenticated", "unauthenticated",
+                         "unauthenticated"]  # fmt: skip
+        sock.close()
+        host, port = server.removeprefix("tcp://").rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=5) as raw:  # not even ZMTP
+            raw.sendall(b"GET / HTTP/1.0\r\n\r\n" * 100)
+        _, err = job.communicate(timeout=200)
+    finally:
+        job.kill()
+    assert job.returncode == 0, err
+    assert max_abs_diff(params(out), params(allreduce_linear)) < 1e-5  # training unaffected
+    rejected = summary(out)["ps"]["servers"][0]["rejected"]
+    assert rejected == {"malformed": 1, "truncated": 1, "oversized": 1, "unauthenticated": 3}
+    assert torch.isfinite(torch.tensor(summary(out)["final_loss"]))
