@@ -48,7 +48,7 @@ class ModelConfig:
 
     name: str = _f(
         "mlp",
-        "built-in model (linear, softmax, mlp) or package.module:function for your own",
+        "built-in model (linear, softmax, mlp, ctr) or package.module:function for your own",
         flag="--model",
     )
     hidden: int = _f(128, "width of each hidden layer (mlp)")
@@ -61,13 +61,14 @@ class DataConfig:
 
     name: str = _f(
         "",
-        "built-in dataset (synthetic-linear, digits) or package.module:function; "
+        "built-in dataset (synthetic-linear, digits, ctr) or package.module:function; "
         "empty picks the model's default",
         flag="--data",
     )
     num_samples: int = _f(4096, "samples to generate (synthetic data)")
     num_features: int = _f(32, "features per sample (synthetic data)")
     noise: float = _f(0.1, "standard deviation of the label noise (synthetic-linear)")
+    table_rows: int = _f(1_000_000, "rows of the hashed embedding table (ctr)")
     test_fraction: float = _f(0.2, "fraction of the data held out for evaluation")
     data_seed: int = _f(1234, "seed of the data generator and of the train/test split")
     drop_last: bool = _f(False, "drop the last, smaller global batch of each epoch")
@@ -202,6 +203,7 @@ class JobConfig:
             raise UserError("--test-fraction must be in [0, 1)")
         _positive("--num-samples", self.data.num_samples)
         _positive("--num-features", self.data.num_features)
+        _positive("--table-rows", self.data.table_rows)
         if self.cluster.servers < 0:
             raise UserError("--servers must be >= 0")
         if self.strategy.staleness < 0:

@@ -24,7 +24,8 @@ class Dataset:
     """Tensors of one workload plus what the trainer needs to know about them.
 
     ``task`` picks the loss and the evaluation metrics: ``"regression"`` (squared
-    error) or ``"classification"`` (cross-entropy, accuracy). ``reference`` may
+    error), ``"classification"`` (cross-entropy, accuracy) or ``"binary"``
+    (logistic loss on one logit, accuracy). ``reference`` may
     compute extra metrics for a trained model (for instance the distance to the
     closed-form least-squares solution).
     """
@@ -129,7 +130,14 @@ def digits(cfg: DataConfig) -> Dataset:
     )
 
 
+def _ctr(cfg: DataConfig) -> Dataset:
+    from shoal.data.ctr import ctr
+
+    return ctr(cfg)
+
+
 DATASETS: dict[str, Callable[[DataConfig], Dataset]] = {
     "synthetic-linear": synthetic_linear,
     "digits": digits,
+    "ctr": _ctr,
 }

@@ -17,6 +17,7 @@ from shoal.config import ModelConfig
 from shoal.data import Dataset
 from shoal.errors import UserError
 from shoal.models import simple
+from shoal.models.sparse import LogisticCTR
 from shoal.registry import import_ref, is_user_ref, lookup
 
 
@@ -31,6 +32,11 @@ MODELS: dict[str, ModelSpec] = {
     "linear": ModelSpec(simple.linear, "synthetic-linear", "linear regression"),
     "softmax": ModelSpec(simple.linear, "digits", "softmax (multinomial logistic) regression"),
     "mlp": ModelSpec(simple.mlp, "digits", "multi-layer perceptron"),
+    "ctr": ModelSpec(
+        lambda data, cfg: LogisticCTR(data.info["table_rows"]),
+        "ctr",
+        "click-through logistic regression on a hashed embedding table",
+    ),
 }
 
 USER_DEFAULT_DATA = "digits"

@@ -15,6 +15,10 @@ def per_sample_loss(task: str, output: torch.Tensor, target: torch.Tensor) -> to
         return (output.reshape(target.shape) - target).pow(2)
     if task == "classification":
         return F.cross_entropy(output, target, reduction="none")
+    if task == "binary":
+        return F.binary_cross_entropy_with_logits(
+            output.reshape(target.shape), target, reduction="none"
+        )
     raise ValueError(f"unknown task {task!r}")
 
 
@@ -35,8 +39,10 @@ def evaluate(
             total += per_sample_loss(data.task, out, yb).sum().item()
             if data.task == "classification":
                 correct += int((out.argmax(-1) == yb).sum())
+            elif data.task == "binary":
+                correct += int(((out.reshape(yb.shape) > 0).float() == yb).sum())
         metrics["test_loss"] = total / len(x)
-        if data.task == "classification":
+        if data.task in ("classification", "binary"):
             metrics["test_accuracy"] = correct / len(x)
     if data.reference is not None:
         metrics.update(data.reference(model))

@@ -35,6 +35,7 @@ from shoal.metrics import (
     window_record,
 )
 from shoal.models import build_model
+from shoal.models.sparse import SparseEmbedding
 from shoal.models.tasks import evaluate
 from shoal.strategies.ps import wire
 from shoal.strategies.ps.client import Client
@@ -213,7 +214,9 @@ class Coordinator(threading.Thread):
         data = build_dataset(self.job.data)
         torch.manual_seed(self.job.train.seed)
         model = build_model(self.job.model, data)
-        params = dict(model.named_parameters())
+        tables = {n: m for n, m in model.named_modules() if isinstance(m, SparseEmbedding)}
+        table_params = {f"{n}.weight" for n in tables}
+        params = {n: p for n, p in model.named_parameters() if n not in table_params}
         plan = dense_plan([(n, p.numel()) for n, p in params.items()], self.num_servers)
         by_shard = [[s for s in plan if s.shard == k] for k in range(self.num_servers)]
         client = self._client()
@@ -228,6 +231,11 @@ class Coordinator(threading.Thread):
                 for slices, (_, values) in zip(by_shard, replies):
                     for s, v in zip(slices, values):
                         params[s.name].view(-1)[s.start : s.stop].copy_(v)
+                for name, module in tables.items():
+                    for _, (ids, rows) in client.call_all(
+                        [({"op": "dump", "table": name}, [])] * self.num_servers
+                    ):
+                        module.weight[ids] = rows
             client.call_all([({"op": "shutdown"}, [])] * self.num_servers)
         finally:
             client.close()

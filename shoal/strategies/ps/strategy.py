@@ -19,11 +19,12 @@ from torch import nn
 from shoal.config import JobConfig
 from shoal.dist import DistEnv
 from shoal.metrics import CommCounter, PhaseTimer
+from shoal.models.sparse import SparseEmbedding
 from shoal.strategies.base import Batch, LossFn, Strategy
 from shoal.strategies.ps import wire
 from shoal.strategies.ps.client import Client, Peer
 from shoal.strategies.ps.optim import ServerOptimizer
-from shoal.strategies.ps.placement import dense_plan
+from shoal.strategies.ps.placement import dense_plan, row_shard
 
 COORDINATOR_ENV = "SHOAL_PS_COORDINATOR"
 HOST_ENV = "SHOAL_PS_HOST"
@@ -88,12 +89,23 @@ class ParameterServer(Strategy):
             info["servers"], secret, who, self.comm, max_bytes=max_message_bytes(self.job)
         )
         num_shards = len(info["servers"])
+        self.num_shards = num_shards
+        # embedding tables stay on the servers: rows are fetched per batch
+        self.tables = {n: m for n, m in model.named_modules() if isinstance(m, SparseEmbedding)}
+        for module in self.tables.values():
+            module.attach(self._rows)
+        self.table_names = {id(m): n for n, m in self.tables.items()}
+        self.touched: list[tuple[str, torch.Tensor, torch.Tensor]] = []
         self.params = dict(model.named_parameters())
         plan = dense_plan([(n, p.numel()) for n, p in self.params.items()], num_shards)
         self.by_shard = [[s for s in plan if s.shard == k] for k in range(num_shards)]
         self.schedule = ServerOptimizer(self.job.optim, total_steps)
         self.clock = 0
         self.read_clock = 0
+        tables = [
+            {"name": n, "dim": m.dim, "init_std": m.init_std, "seed": self.job.train.seed}
+            for n, m in self.tables.items()
+        ]
         with torch.no_grad():
             requests = [
                 (
@@ -102,7 +114,7 @@ class ParameterServer(Strategy):
                         "workers": self.env.world_size,
                         "total_steps": total_steps,
                         "keys": [s.key for s in slices],
-                        "tables": [],
+                        "tables": tables,
                     },
                     [self.params[s.name].detach().reshape(-1)[s.start : s.stop] for s in slices],
                 )
@@ -134,22 +146,47 @@ class ParameterServer(Strategy):
             for s, v in zip(slices, values):
                 self.params[s.name].view(-1)[s.start : s.stop].copy_(v)
 
+    def _rows(self, module: SparseEmbedding, ids: torch.Tensor) -> torch.Tensor:
+        """Row source of the model's tables: pull this batch's distinct rows, once each."""
+        name = self.table_names[id(module)]
+        unique, inverse = torch.unique(ids, return_inverse=True)
+        shard_of = row_shard(unique, self.num_shards)
+        parts = [unique[shard_of == k] for k in range(self.num_shards)]
+        header = {"op": "pull", "clock": self.clock, "dense": False, "tables": [name]}
+        replies = self.client.call_all([(header, [p]) for p in parts])
+        values = torch.empty(len(unique), module.dim)
+        for k, (_, (rows,)) in enumerate(replies):
+            values[shard_of == k] = rows
+        leaf = values.requires_grad_()
+        self.touched.append((name, unique, leaf))
+        return leaf[inverse]
+
     def _push(self) -> None:
+        """Dense gradients by slice and the touched rows' gradients, one message per shard."""
+        names: list[str] = []
+        rows: list[list[torch.Tensor]] = [[] for _ in range(self.num_shards)]
+        for name, unique, leaf in self.touched:
+            grads = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+            shard_of = row_shard(unique, self.num_shards)
+            names.append(name)
+            for k in range(self.num_shards):
+                mask = shard_of == k
+                rows[k] += [unique[mask], grads[mask]]
+        self.touched = []
         header = {
             "op": "push",
             "worker": self.worker,
             "clock": self.clock,
             "read_clock": self.read_clock,
-            "tables": [],
+            "tables": names,
         }
         requests = []
-        for slices in self.by_shard:
+        for slices, row_tensors in zip(self.by_shard, rows):
             grads = []
             for s in slices:
                 g = self.params[s.name].grad
-                flat = torch.zeros(s.numel) if g is None else g.reshape(-1)[s.start : s.stop]
-                grads.append(flat)
-            requests.append((header, grads))
+                grads.append(torch.zeros(s.numel) if g is None else g.reshape(-1)[s.start : s.stop])
+            requests.append((header, grads + row_tensors))
         self.client.call_all(requests)
 
     def gatherer(self) -> RemoteGatherer:
