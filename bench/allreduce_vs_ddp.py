@@ -24,10 +24,35 @@ REPO = Path(__file__).resolve().parents[1]
 
 def shoal_run(tmp: Path, i: int, args: argparse.Namespace) -> float:
     out = tmp / f"shoal-{i}"
-    cmd = [sys.executable, "-m", "shoal", "train", "--model", "mlp", "--hidden", str(args.hidden),
-           "--layers", "2", "--workers", str(args.workers), "--steps", str(args.steps),
-           "--batch-size", "64", "--optimizer", "sgd", "--lr", "0.05", "--drop-last",
-           "--log-every", "10", "--no-progress", "--no-report", "--out", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "shoal",
+        "train",
+        "--model",
+        "mlp",
+        "--hidden",
+        str(args.hidden),
+        "--layers",
+        "2",
+        "--workers",
+        str(args.workers),
+        "--steps",
+        str(args.steps),
+        "--batch-size",
+        "64",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "0.05",
+        "--drop-last",
+        "--log-every",
+        "10",
+        "--no-progress",
+        "--no-report",
+        "--out",
+        str(out),
+    ]
     subprocess.run(cmd, check=True, cwd=REPO, capture_output=True)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     times = [r["step_time_s"] for r in records if "step_time_s" in r]
@@ -36,9 +61,20 @@ def shoal_run(tmp: Path, i: int, args: argparse.Namespace) -> float:
 
 def ddp_run(tmp: Path, i: int, args: argparse.Namespace) -> float:
     out = tmp / f"ddp-{i}.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={args.workers}", str(REPO / "bench" / "plain_ddp.py"),
-           "--steps", str(args.steps), "--hidden", str(args.hidden), "--out", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={args.workers}",
+        str(REPO / "bench" / "plain_ddp.py"),
+        "--steps",
+        str(args.steps),
+        "--hidden",
+        str(args.hidden),
+        "--out",
+        str(out),
+    ]
     subprocess.run(cmd, check=True, cwd=REPO, capture_output=True)
     return statistics.median(json.loads(out.read_text())["step_time_s"][1:])
 
@@ -57,8 +93,11 @@ def main() -> None:
         for i in range(args.pairs):
             ours, base = shoal_run(tmp, i, args), ddp_run(tmp, i, args)
             rows.append((ours, base, ours / base))
-            print(f"pair {i + 1}: shoal {ours * 1e3:.2f} ms/step  ddp {base * 1e3:.2f} ms/step  "
-                  f"ratio {ours / base:.3f}", flush=True)  # fmt: skip
+            print(
+                f"pair {i + 1}: shoal {ours * 1e3:.2f} ms/step  ddp {base * 1e3:.2f} ms/step  "
+                f"ratio {ours / base:.3f}",
+                flush=True,
+            )
     ratios = [r for _, _, r in rows]
     result = {
         "median_ratio": statistics.median(ratios),

@@ -108,12 +108,18 @@ def main() -> None:
             proc.join(timeout=30)
     ratios = [r / s for r, s in zip(raw_times, ps_times)]
     mb = 2 * args.mb  # bytes moved per round trip: there and back
-    print(f"raw pyzmq round trip of {args.mb} MB: median {statistics.median(raw_times):.3f} s "
-          f"({mb / statistics.median(raw_times):.0f} MB/s)")  # fmt: skip
-    print(f"shoal push+pull of {args.mb} MB:    median {statistics.median(ps_times):.3f} s "
-          f"({mb / statistics.median(ps_times):.0f} MB/s)")  # fmt: skip
-    print(f"throughput shoal / raw: median {statistics.median(ratios):.3f} "
-          f"(min {min(ratios):.3f}, max {max(ratios):.3f}) over {args.reps} reps")  # fmt: skip
+    print(
+        f"raw pyzmq round trip of {args.mb} MB: median {statistics.median(raw_times):.3f} s "
+        f"({mb / statistics.median(raw_times):.0f} MB/s)"
+    )
+    print(
+        f"shoal push+pull of {args.mb} MB:    median {statistics.median(ps_times):.3f} s "
+        f"({mb / statistics.median(ps_times):.0f} MB/s)"
+    )
+    print(
+        f"throughput shoal / raw: median {statistics.median(ratios):.3f} "
+        f"(min {min(ratios):.3f}, max {max(ratios):.3f}) over {args.reps} reps"
+    )
 
 
 if __name__ == "__main__":

@@ -39,16 +39,22 @@ def torchrun_args(cluster: ClusterConfig, config_path: str) -> list[str]:
     args = ["--nnodes", str(cluster.nnodes), "--nproc-per-node", str(cluster.workers)]
     if cluster.rdzv_endpoint:
         args += [
-            "--rdzv-backend", "static",
-            "--rdzv-endpoint", cluster.rdzv_endpoint,
-            "--node-rank", str(cluster.node_rank),
-        ]  # fmt: skip
+            "--rdzv-backend",
+            "static",
+            "--rdzv-endpoint",
+            cluster.rdzv_endpoint,
+            "--node-rank",
+            str(cluster.node_rank),
+        ]
     else:  # what torchrun --standalone does: a private store on a free local port
         args += [
-            "--rdzv-backend", "c10d",
-            "--rdzv-endpoint", "localhost:0",
-            "--rdzv-id", uuid.uuid4().hex,
-        ]  # fmt: skip
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            "localhost:0",
+            "--rdzv-id",
+            uuid.uuid4().hex,
+        ]
     args += ["--max-restarts", "0", "--monitor-interval", "0.5"]
     return [*args, "-m", WORKER_MODULE, config_path]
 

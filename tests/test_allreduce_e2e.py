@@ -13,8 +13,24 @@ import pytest
 
 from tests.conftest import max_abs_diff, params, train
 
-LINEAR = ["--model", "linear", "--strategy", "allreduce", "--steps", "200", "--batch-size", "64",
-          "--lr", "0.05", "--schedule", "cosine", "--seed", "3", "--log-every", "20"]  # fmt: skip
+LINEAR = [
+    "--model",
+    "linear",
+    "--strategy",
+    "allreduce",
+    "--steps",
+    "200",
+    "--batch-size",
+    "64",
+    "--lr",
+    "0.05",
+    "--schedule",
+    "cosine",
+    "--seed",
+    "3",
+    "--log-every",
+    "20",
+]
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +69,17 @@ def test_run_directory_contents(linear_runs):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == list(range(20, 201, 20))
-    for key in ("epoch", "samples_per_s", "bytes_sent", "bytes_received", "wall_time",
-                "t_data", "t_forward_backward", "t_comm", "t_optimizer"):  # fmt: skip
+    for key in (
+        "epoch",
+        "samples_per_s",
+        "bytes_sent",
+        "bytes_received",
+        "wall_time",
+        "t_data",
+        "t_forward_backward",
+        "t_comm",
+        "t_optimizer",
+    ):
         assert key in steps[0], key
     assert steps[-1]["loss"] < steps[0]["loss"]
     summary = json.loads((out / "summary.json").read_text())
@@ -81,8 +106,16 @@ def test_every_sample_accounted_per_epoch(linear_runs):
 def test_resume_after_crash_matches_uninterrupted(linear_runs, session_tmp):
     """Rank 1 is SIGKILLed at step 150, after the step-100 checkpoint; --resume finishes."""
     out = session_tmp / "linear-crash"
-    crashed = train(out, *LINEAR, "--workers", "2", "--checkpoint-every", "100",
-                    env={"SHOAL_FAULT": "crash:rank=1:step=150"}, check=False)  # fmt: skip
+    crashed = train(
+        out,
+        *LINEAR,
+        "--workers",
+        "2",
+        "--checkpoint-every",
+        "100",
+        env={"SHOAL_FAULT": "crash:rank=1:step=150"},
+        check=False,
+    )
     assert crashed.returncode != 0
     assert "worker rank 1" in crashed.stderr and "SIGKILL" in crashed.stderr
     assert not (out / "summary.json").exists()
@@ -101,7 +134,20 @@ def test_resume_after_crash_matches_uninterrupted(linear_runs, session_tmp):
 @pytest.mark.timeout(300)
 def test_digits_mlp_reaches_95_percent(session_tmp):
     out = session_tmp / "digits-mlp"
-    train(out, "--model", "mlp", "--workers", "2", "--optimizer", "adam", "--lr", "0.003",
-          "--steps", "400", "--batch-size", "64")  # fmt: skip
+    train(
+        out,
+        "--model",
+        "mlp",
+        "--workers",
+        "2",
+        "--optimizer",
+        "adam",
+        "--lr",
+        "0.003",
+        "--steps",
+        "400",
+        "--batch-size",
+        "64",
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["test_accuracy"] >= 0.95

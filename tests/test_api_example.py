@@ -14,8 +14,15 @@ from tests.conftest import REPO, max_abs_diff, shoal_env
 
 def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
     script = REPO / "examples" / "torchrun_digits.py"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nproc}", str(script), *args]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        str(script),
+        *args,
+    ]
     proc = subprocess.run(cmd, env=shoal_env(), capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr
     return proc

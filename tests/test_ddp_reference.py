@@ -57,9 +57,24 @@ def test_allreduce_matches_plain_ddp(tmp_path):
     reference = torch.load(ref_path, weights_only=True)
 
     out = tmp_path / "shoal"
-    train(out, "--model", "linear", "--workers", str(WORLD), "--steps", str(STEPS),
-          "--batch-size", str(BATCH), "--lr", str(LR), "--schedule", "cosine",
-          "--seed", str(SEED), "--drop-last")  # fmt: skip
+    train(
+        out,
+        "--model",
+        "linear",
+        "--workers",
+        str(WORLD),
+        "--steps",
+        str(STEPS),
+        "--batch-size",
+        str(BATCH),
+        "--lr",
+        str(LR),
+        "--schedule",
+        "cosine",
+        "--seed",
+        str(SEED),
+        "--drop-last",
+    )
     ours = params(out)
     assert max_abs_diff(ours, reference) < 1e-5
     # and training did move the parameters far from their initialisation

@@ -10,8 +10,20 @@ import pytest
 from tests import netns
 from tests.conftest import free_port, max_abs_diff, params, shoal_env, train
 
-JOB = ["--model", "linear", "--steps", "60", "--lr", "0.05", "--batch-size", "64",
-       "--seed", "5", "--no-progress", "--no-report"]  # fmt: skip
+JOB = [
+    "--model",
+    "linear",
+    "--steps",
+    "60",
+    "--lr",
+    "0.05",
+    "--batch-size",
+    "64",
+    "--seed",
+    "5",
+    "--no-progress",
+    "--no-report",
+]
 
 
 @pytest.mark.netns
@@ -23,10 +35,26 @@ def test_two_namespace_hosts_match_single_node(tmp_path):
         port = free_port()
         procs = []
         for rank, host in enumerate((a, b)):
-            cmd = [*host.prefix(), "env", f"GLOO_SOCKET_IFNAME={host.ifname}", sys.executable,
-                   "-m", "shoal", "train", *JOB, "--workers", "1", "--nnodes", "2",
-                   "--node-rank", str(rank), "--rdzv-endpoint", f"{a.addr}:{port}",
-                   "--out", str(tmp_path / f"node{rank}")]  # fmt: skip
+            cmd = [
+                *host.prefix(),
+                "env",
+                f"GLOO_SOCKET_IFNAME={host.ifname}",
+                sys.executable,
+                "-m",
+                "shoal",
+                "train",
+                *JOB,
+                "--workers",
+                "1",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(rank),
+                "--rdzv-endpoint",
+                f"{a.addr}:{port}",
+                "--out",
+                str(tmp_path / f"node{rank}"),
+            ]
             procs.append(
                 subprocess.Popen(
                     cmd, env=shoal_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True

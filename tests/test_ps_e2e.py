@@ -90,22 +90,51 @@ def test_bsp_reaches_the_same_targets(session_tmp):
 def test_ssp_staleness_never_exceeds_bound(tmp_path):
     """A worker slowed 3x: the fast one runs ahead, but never more than s clocks."""
     out = tmp_path / "ssp"
-    train(out, *LINEAR, *PS, "--ps-mode", "ssp", "--staleness", "2", "--steps", "120",
-          env={"SHOAL_FAULT": "slow:rank=1:ms=15"})  # fmt: skip
+    train(
+        out,
+        *LINEAR,
+        *PS,
+        "--ps-mode",
+        "ssp",
+        "--staleness",
+        "2",
+        "--steps",
+        "120",
+        env={"SHOAL_FAULT": "slow:rank=1:ms=15"},
+    )
     ps = summary(out)["ps"]
     assert ps["max_staleness"] <= 2
     assert ps["max_staleness"] >= 1, "the slow worker should have made the fast one run ahead"
     asp = tmp_path / "asp"
-    train(asp, *LINEAR, *PS, "--ps-mode", "asp", "--steps", "120",
-          env={"SHOAL_FAULT": "slow:rank=1:ms=15"})  # fmt: skip
+    train(
+        asp,
+        *LINEAR,
+        *PS,
+        "--ps-mode",
+        "asp",
+        "--steps",
+        "120",
+        env={"SHOAL_FAULT": "slow:rank=1:ms=15"},
+    )
     assert summary(asp)["ps"]["max_staleness"] > 2  # without the bound it grows
 
 
 @pytest.mark.timeout(300)
 def test_asp_survives_sigkill_of_a_worker(tmp_path):
     out = tmp_path / "asp-kill"
-    proc = train(out, *LINEAR, "--strategy", "ps", "--workers", "3", "--servers", "2", "--ps-mode", "asp",
-                 env={"SHOAL_FAULT": "crash:rank=1:step=60"})  # fmt: skip
+    proc = train(
+        out,
+        *LINEAR,
+        "--strategy",
+        "ps",
+        "--workers",
+        "3",
+        "--servers",
+        "2",
+        "--ps-mode",
+        "asp",
+        env={"SHOAL_FAULT": "crash:rank=1:step=60"},
+    )
     assert "worker 1 failed" in proc.stderr
     s = summary(out)
     assert s["ps"]["failed_workers"] == [1]
@@ -124,10 +153,27 @@ def _refused(sock: zmq.Socket, frames: list) -> dict:
 @pytest.mark.timeout(300)
 def test_hostile_messages_are_refused_and_training_is_unaffected(allreduce_linear, tmp_path):
     out = tmp_path / "attacked"
-    cmd = [sys.executable, "-m", "shoal", "train", "--out", str(out), "--no-progress", "--no-report",
-           *LINEAR, *PS, "--ps-mode", "bsp"]  # fmt: skip
-    job = subprocess.Popen(cmd, env=shoal_env({"SHOAL_FAULT": "slow:rank=0:ms=20"}),
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "shoal",
+        "train",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--no-report",
+        *LINEAR,
+        *PS,
+        "--ps-mode",
+        "bsp",
+    ]
+    job = subprocess.Popen(
+        cmd,
+        env=shoal_env({"SHOAL_FAULT": "slow:rank=0:ms=20"}),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         endpoints = out / "ps_endpoints.json"
         deadline = time.monotonic() + 60
@@ -146,8 +192,14 @@ def test_hostile_messages_are_refused_and_training_is_unaffected(allreduce_linea
             _refused(sock, wire.encode({"op": "auth", "id": 4, "mac": "00" * 32}))["kind"],
             _refused(sock, wire.encode({"op": "shutdown", "id": 5}))["kind"],
         ]
-        assert kinds == ["malformed", "truncated", "oversized", "unauthenticated", "unauthenticated",
-                         "unauthenticated"]  # fmt: skip
+        assert kinds == [
+            "malformed",
+            "truncated",
+            "oversized",
+            "unauthenticated",
+            "unauthenticated",
+            "unauthenticated",
+        ]
         sock.close()
         host, port = server.removeprefix("tcp://").rsplit(":", 1)
         with socket.create_connection((host, int(port)), timeout=5) as raw:  # not even ZMTP
