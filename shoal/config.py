@@ -173,7 +173,15 @@ class JobConfig:
     def validate(self) -> None:
         """Check sizes and ranges; raise :class:`UserError` with one clear line."""
         c, t, o = self.cluster, self.train, self.optim
-        _positive("--workers", c.workers)
+        if self.strategy.name == "ps":  # a machine may hold only servers, or only workers
+            if c.workers < 0 or c.workers + c.servers == 0:
+                raise UserError("--strategy ps needs --workers or --servers on every machine")
+            if c.nnodes == 1 and (c.workers == 0 or c.servers == 0):
+                raise UserError(
+                    "--strategy ps on one machine needs --workers >= 1 and --servers >= 1"
+                )
+        else:
+            _positive("--workers", c.workers)
         _positive("--nnodes", c.nnodes)
         if not 0 <= c.node_rank < c.nnodes:
             raise UserError(f"--node-rank {c.node_rank} must be between 0 and {c.nnodes - 1}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -71,3 +72,76 @@ def test_two_namespace_hosts_match_single_node(tmp_path):
     assert max_abs_diff(params(node0), params(single)) < 1e-5
     assert not (tmp_path / "node1").exists()  # only node 0 owns the run directory
     assert (node0 / "summary.json").read_text().count('"rank"') == 2
+
+
+def _run_on_hosts(commands: list[tuple[netns.Host, list[str]]], env: dict[str, str]) -> None:
+    procs = []
+    for host, args in commands:
+        cmd = [
+            *host.prefix(),
+            "env",
+            f"GLOO_SOCKET_IFNAME={host.ifname}",
+            sys.executable,
+            "-m",
+            "shoal",
+            *args,
+        ]
+        procs.append(
+            subprocess.Popen(
+                cmd, env=shoal_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
+    try:
+        results = [p.communicate(timeout=200) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (out, err) in zip(procs, results):
+        assert p.returncode == 0, f"{out}\n{err}"
+
+
+@pytest.mark.netns
+@pytest.mark.timeout(300)
+def test_ps_servers_and_workers_on_different_hosts(tmp_path):
+    """Host a: the coordinator and 2 server shards; host b: 2 workers. BSP == one machine."""
+    ps = ["--strategy", "ps", "--ps-mode", "bsp"]
+    single = tmp_path / "single"
+    train(single, *JOB, *ps, "--workers", "2", "--servers", "2")
+    with netns.hosts(subnet="10.231.8") as (a, b):
+        endpoint = f"{a.addr}:{free_port()}"
+        multi = ["--nnodes", "2", "--rdzv-endpoint", endpoint]
+        node_a = [
+            "--node-rank",
+            "0",
+            "--servers",
+            "2",
+            "--workers",
+            "0",
+            "--out",
+            str(tmp_path / "a"),
+        ]
+        node_b = [
+            "--node-rank",
+            "1",
+            "--servers",
+            "0",
+            "--workers",
+            "2",
+            "--out",
+            str(tmp_path / "b"),
+        ]
+        _run_on_hosts(
+            [
+                (a, ["train", *JOB, *ps, *multi, *node_a]),
+                (b, ["train", *JOB, *ps, *multi, *node_b]),
+            ],
+            env={"SHOAL_PS_SECRET": "ab" * 32},
+        )
+    out = tmp_path / "a"
+    assert max_abs_diff(params(out), params(single)) < 1e-5
+    summary = json.loads((out / "summary.json").read_text())
+    servers = summary["ps"]["servers"]
+    assert len(servers) == 2 and all(s["updates"] == 60 for s in servers)
+    assert {w["rank"] for w in summary["per_worker"]} == {0, 1}
+    endpoints = json.loads((out / "ps_endpoints.json").read_text())
+    assert all(a.addr in s for s in endpoints["servers"])  # the shards listen on host a

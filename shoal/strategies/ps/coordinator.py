@@ -12,7 +12,6 @@ writes ``model.safetensors`` and ``summary.json``.
 from __future__ import annotations
 
 import json
-import queue
 import threading
 import time
 from collections import Counter
@@ -49,18 +48,15 @@ class Coordinator(threading.Thread):
     """Bookkeeping for one parameter-server job; see the module docstring."""
 
     def __init__(
-        self,
-        job: JobConfig,
-        secret: bytes,
-        bind: str,
-        num_servers: int,
-        num_workers: int,
-        total_steps: int,
+        self, job: JobConfig, secret: bytes, bind: str, num_nodes: int, total_steps: int
     ) -> None:
         super().__init__(name="shoal-ps-coordinator", daemon=True)
         self.job = job
         self.secret = secret
-        self.num_servers, self.num_workers = num_servers, num_workers
+        self.num_nodes = num_nodes
+        self.nodes: dict[int, tuple[int, int]] = {}  # node rank -> (workers, servers)
+        self.node_waiting: list[tuple[bytes, Any, int]] = []
+        self.num_servers = self.num_workers = 0
         self.total_steps = total_steps
         self.auth = wire.Authenticator(secret)
         self.ctx = zmq.Context.instance()
@@ -78,13 +74,10 @@ class Coordinator(threading.Thread):
         self.rows: dict[str, dict[int, torch.Tensor]] = {"counts": {}, "totals": {}}
         self.left: set[int] = set()
         self.dead: dict[int, int] = {}
-        self.events: queue.Queue = queue.Queue()
         self.stopped = threading.Event()
         self.out = Path(job.output.out)
         self.metrics = MetricsFile(self.out / "metrics.jsonl")
-        self.progress = Progress(
-            total_steps, 0, job.output.progress, f"ps/{job.strategy.ps_mode} x{num_workers}"
-        )
+        self.progress: Progress | None = None
         self.start_time = time.perf_counter()
         self.last_record = self.start_time
         self.last_loss = float("nan")
@@ -94,8 +87,6 @@ class Coordinator(threading.Thread):
 
     def run(self) -> None:
         while not self.stopped.is_set():
-            while not self.events.empty():
-                self._worker_gone(*self.events.get())
             if not self.sock.poll(100):
                 continue
             frames = self.sock.recv_multipart(copy=False)
@@ -122,6 +113,14 @@ class Coordinator(threading.Thread):
         self, peer: bytes, header: dict[str, Any], tensors: list[torch.Tensor]
     ) -> dict[str, Any] | None:
         op = header["op"]
+        if op == "node":
+            self.nodes[int(header["node_rank"])] = (int(header["workers"]), int(header["servers"]))
+            self.node_waiting.append((peer, header.get("id"), int(header["node_rank"])))
+            self._answer_nodes()
+            return None
+        if op == "worker_died":
+            self._worker_gone(int(header["worker"]), int(header["code"]))
+            return {"op": "ok"}
         if op == "register_server":
             self.servers[int(header["shard"])] = str(header["address"])
             self._answer_waiting()
@@ -140,8 +139,35 @@ class Coordinator(threading.Thread):
             return {"op": "ok"}
         raise wire.WireError("malformed", f"unknown op {op[:32]!r}")
 
+    def _answer_nodes(self) -> None:
+        """Once every machine has registered, tell each where its ids start."""
+        if len(self.nodes) < self.num_nodes:
+            return
+        self.num_workers = sum(w for w, _ in self.nodes.values())
+        self.num_servers = sum(k for _, k in self.nodes.values())
+        title = f"ps/{self.job.strategy.ps_mode} x{self.num_workers}"
+        self.progress = Progress(self.total_steps, 0, self.job.output.progress, title)
+        bases, worker_base, server_base = {}, 0, 0
+        for rank in sorted(self.nodes):
+            bases[rank] = (worker_base, server_base)
+            worker_base += self.nodes[rank][0]
+            server_base += self.nodes[rank][1]
+        layout = {"num_workers": self.num_workers, "num_servers": self.num_servers}
+        for peer, rid, rank in self.node_waiting:
+            w, k = bases[rank]
+            self._send(
+                peer, {"op": "layout", "id": rid, "worker_base": w, "server_base": k, **layout}
+            )
+        self.node_waiting = []
+
+    def all_workers_done(self) -> bool:
+        """Every worker of the job has finished or died (called from the launcher)."""
+        if self.num_workers == 0:
+            return False
+        return len(self.left | set(self.dead)) >= self.num_workers
+
     def _answer_waiting(self) -> None:
-        if len(self.servers) < self.num_servers:
+        if not self.num_servers or len(self.servers) < self.num_servers:
             return
         addresses = [self.servers[k] for k in range(self.num_servers)]
         if not (self.out / ENDPOINTS_FILE).exists():
@@ -152,10 +178,6 @@ class Coordinator(threading.Thread):
         self.waiting = []
 
     # --- membership and telemetry -----------------------------------------------------
-
-    def worker_died(self, worker: int, exit_code: int) -> None:
-        """Called by the launcher (any thread) when a worker process exits badly."""
-        self.events.put((worker, exit_code))
 
     def _worker_gone(self, worker: int, exit_code: int) -> None:
         self.dead[worker] = exit_code
@@ -196,7 +218,8 @@ class Coordinator(threading.Thread):
             self.last_record = now
             self.last_loss = record["loss"]
             self.metrics.write(record)
-            self.progress.update(step, record["loss"], record["samples_per_s"])
+            if self.progress is not None:
+                self.progress.update(step, record["loss"], record["samples_per_s"])
 
     # --- the end ----------------------------------------------------------------------
 
@@ -208,9 +231,8 @@ class Coordinator(threading.Thread):
         """Stop the thread, pull and evaluate the final model, write the summary."""
         self.stopped.set()
         self.join(timeout=10)
-        while not self.events.empty():
-            self.dead.setdefault(self.events.get()[0], -1)
-        self.progress.close()
+        if self.progress is not None:
+            self.progress.close()
         data = build_dataset(self.job.data)
         torch.manual_seed(self.job.train.seed)
         model = build_model(self.job.model, data)

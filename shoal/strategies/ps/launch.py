@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import time
 
-from shoal.config import JobConfig
+import zmq
+
+from shoal.config import JobConfig, parse_endpoint
 from shoal.data import build_dataset
 from shoal.data.sampler import GlobalBatchSampler
 from shoal.errors import UserError
 from shoal.launch import LaunchFailed, Role, RoleGroup
+from shoal.metrics import CommCounter
 from shoal.strategies.ps import wire
 from shoal.strategies.ps.client import Peer
 from shoal.strategies.ps.coordinator import Coordinator
@@ -27,66 +31,112 @@ def _total_steps(job: JobConfig) -> int:
 
 
 def launch_ps(job: JobConfig, config_path: str) -> None:
-    """Run a parameter-server job on this machine to completion."""
+    """Run this machine's part of a parameter-server job to completion.
+
+    Node 0 also hosts the coordinator, at ``--rdzv-endpoint`` on several
+    machines. Every node registers its ``--workers`` and ``--servers`` with it
+    and gets back where its ids start, so machines may differ (servers on one
+    host, workers on another).
+    """
     cluster = job.cluster
-    if cluster.nnodes > 1:
-        raise UserError("--strategy ps runs on one machine for now (--nnodes 1)")
-    if cluster.servers < 1:
-        raise UserError("--strategy ps needs --servers 1 or more")
     if job.output.resume:
         raise UserError("--resume is not supported for --strategy ps yet")
-    secret_hex = os.environ.get(wire.SECRET_ENV) or wire.new_secret()
-    num_workers, num_servers = cluster.workers, cluster.servers
-    coordinator = Coordinator(
-        job,
-        bytes.fromhex(secret_hex),
-        "tcp://127.0.0.1:0",
-        num_servers,
-        num_workers,
-        _total_steps(job),
+    multi = cluster.nnodes > 1
+    secret_hex = os.environ.get(wire.SECRET_ENV, "")
+    if multi and not secret_hex:
+        raise UserError(
+            f"--strategy ps on several machines needs {wire.SECRET_ENV} set to the same "
+            "hex string on each (for example: openssl rand -hex 32)"
+        )
+    try:
+        secret = bytes.fromhex(secret_hex or wire.new_secret())
+    except ValueError:
+        raise UserError(f"{wire.SECRET_ENV} must be a hex string") from None
+    if len(secret) < 16:
+        raise UserError(f"{wire.SECRET_ENV} must hold at least 16 bytes (32 hex digits)")
+    if multi:
+        host, port = parse_endpoint(cluster.rdzv_endpoint)
+        local_host, address = _local_address(host, port), f"tcp://{host}:{port}"
+    else:
+        local_host, address = "127.0.0.1", ""
+    coordinator = None
+    if cluster.node_rank == 0:
+        bind = address or "tcp://127.0.0.1:0"
+        coordinator = Coordinator(job, secret, bind, cluster.nnodes, _total_steps(job))
+        coordinator.start()
+        address = coordinator.address
+    ctx = zmq.Context.instance()
+    node = Peer(ctx, address, secret, f"node{cluster.node_rank}", CommCounter(), timeout_s=600)
+    layout, _ = node.call(
+        {
+            "op": "node",
+            "node_rank": cluster.node_rank,
+            "workers": cluster.workers,
+            "servers": cluster.servers,
+        }
     )
-    coordinator.start()
     base = {
-        wire.SECRET_ENV: secret_hex,
-        COORDINATOR_ENV: coordinator.address,
-        HOST_ENV: "127.0.0.1",
-        "LOCAL_WORLD_SIZE": str(num_workers + num_servers),
+        wire.SECRET_ENV: secret.hex(),
+        COORDINATOR_ENV: address,
+        HOST_ENV: local_host,
+        "LOCAL_WORLD_SIZE": str(cluster.workers + cluster.servers),
         "OMP_NUM_THREADS": "1",
     }
-    roles = [Role("server", k, dict(base)) for k in range(num_servers)]
-    roles += [
-        Role(
-            "worker",
-            w,
-            {**base, "RANK": str(w), "WORLD_SIZE": str(num_workers), "LOCAL_RANK": str(w)},
-        )
-        for w in range(num_workers)
-    ]
+    roles = [Role("server", layout["server_base"] + k, dict(base)) for k in range(cluster.servers)]
+    for i in range(cluster.workers):
+        w = layout["worker_base"] + i
+        env = {
+            **base,
+            "RANK": str(w),
+            "WORLD_SIZE": str(layout["num_workers"]),
+            "LOCAL_RANK": str(i),
+        }
+        roles.append(Role("worker", w, env))
     group = RoleGroup(roles, config_path)
     try:
-        _watch(group, coordinator, num_workers)
-        coordinator.finish()
+        _watch(group, node, cluster.workers)
+        if coordinator is not None:
+            while not coordinator.all_workers_done():
+                _check_servers(group.poll())
+                time.sleep(0.1)
+            coordinator.finish()
+        while group.running:  # this node's servers, until the coordinator shuts them down
+            _check_servers(group.poll())
+            time.sleep(0.1)
     finally:
         group.close()
+        node.close()
 
 
-def _watch(group: RoleGroup, coordinator: Coordinator, num_workers: int) -> None:
-    """Wait for every worker; a dead worker is dropped, a dead server fails the job."""
-    finished, failed = 0, []
-    while finished + len(failed) < num_workers:
+def _local_address(host: str, port: int) -> str:
+    """This machine's address on the route to node 0 (where its servers listen)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((host, port))
+        except OSError as e:
+            raise UserError(f"cannot reach node 0 at {host}:{port}: {e.strerror}") from None
+        return s.getsockname()[0]
+
+
+def _check_servers(exited: list[tuple[Role, int]]) -> None:
+    for role, code in exited:
+        if role.role == "server" and code != 0:
+            raise LaunchFailed(f"server shard {role.rank} exited with code {code}")
+
+
+def _watch(group: RoleGroup, node: Peer, num_workers: int) -> None:
+    """Wait for this node's workers; a dead worker is reported and dropped."""
+    done = 0
+    while done < num_workers:
         for role, code in group.poll():
             if role.role == "server":
-                raise LaunchFailed(f"server shard {role.rank} exited with code {code}")
-            if code == 0:
-                finished += 1
-            else:
-                failed.append(role.rank)
-                coordinator.worker_died(role.rank, code)
-                print(f"shoal: warning: worker {role.rank} failed (exit code {code}); "
-                      "the others carry on", file=sys.stderr)  # fmt: skip
+                _check_servers([(role, code or 1)])
+            done += 1
+            if code != 0:
+                node.call({"op": "worker_died", "worker": role.rank, "code": code})
+                warning = f"worker {role.rank} failed (exit code {code}); the others carry on"
+                print(f"shoal: warning: {warning}", file=sys.stderr)
         time.sleep(0.1)
-    if not finished:
-        raise LaunchFailed("every worker failed")
 
 
 def run_server(job: JobConfig) -> None:
@@ -103,10 +153,6 @@ def run_server(job: JobConfig) -> None:
         bind=f"tcp://{host}:0",
         max_message_bytes=max_message_bytes(job),
     )
-    import zmq
-
-    from shoal.metrics import CommCounter
-
     peer = Peer(
         zmq.Context.instance(), os.environ[COORDINATOR_ENV], secret, f"server{shard}", CommCounter()
     )
