@@ -3,13 +3,16 @@
 ``SHOAL_FAULT="crash:rank=1:step=150"`` makes rank 1 kill itself with SIGKILL
 right after finishing global step 150, as a machine failure would: no cleanup,
 no flushing, no goodbye to its peers. ``slow:rank=1:ms=20`` makes rank 1 sleep
-20 ms after every step (from ``step``, default 0): a straggler. Several faults
-are separated by ``;``.
+20 ms after every step (from ``step``, default 0): a straggler.
+``slow:rank=*:ms=40:prob=0.25`` makes every rank sleep 40 ms after a random
+quarter of its steps (seeded per rank): stragglers that come and go. Several
+faults are separated by ``;``.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import signal
 import time
 from dataclasses import dataclass
@@ -21,9 +24,10 @@ KINDS = ("crash", "slow")
 @dataclass(frozen=True)
 class Fault:
     kind: str
-    rank: int
+    rank: int  # -1: every rank
     step: int
     ms: int = 0
+    prob: float = 1.0
 
 
 def parse(spec: str) -> list[Fault]:
@@ -35,14 +39,22 @@ def parse(spec: str) -> list[Fault]:
             raise ValueError(f"{ENV}: unknown fault {kind!r} (known: {', '.join(KINDS)})")
         values = dict(f.split("=", 1) for f in fields if "=" in f)
         try:
+            rank = -1 if values["rank"] == "*" else int(values["rank"])
             if kind == "crash":
-                faults.append(Fault(kind, int(values["rank"]), int(values["step"])))
+                faults.append(Fault(kind, rank, int(values["step"])))
             else:
-                faults.append(
-                    Fault(kind, int(values["rank"]), int(values.get("step", 0)), int(values["ms"]))
+                step, ms, prob = (
+                    int(values.get("step", 0)),
+                    int(values["ms"]),
+                    float(values.get("prob", 1)),
                 )
+                if not 0 < prob <= 1:
+                    raise ValueError
+                faults.append(Fault(kind, rank, step, ms, prob))
         except (KeyError, ValueError):
-            form = "crash:rank=R:step=S" if kind == "crash" else "slow:rank=R:ms=M[:step=S]"
+            form = (
+                "crash:rank=R:step=S" if kind == "crash" else "slow:rank=R|*:ms=M[:step=S][:prob=P]"
+            )
             raise ValueError(f"{ENV}: {part!r} must look like {form}") from None
     return faults
 
@@ -52,11 +64,12 @@ class Injector:
 
     def __init__(self, rank: int, spec: str | None = None) -> None:
         spec = os.environ.get(ENV, "") if spec is None else spec
-        self.faults = [f for f in parse(spec) if f.rank == rank]
+        self.faults = [f for f in parse(spec) if f.rank in (rank, -1)]
+        self.random = random.Random(rank)
 
     def after_step(self, step: int) -> None:
         for fault in self.faults:
             if fault.kind == "crash" and fault.step == step:
                 os.kill(os.getpid(), signal.SIGKILL)
-            elif fault.kind == "slow" and step >= fault.step:
+            elif fault.kind == "slow" and step >= fault.step and self.random.random() < fault.prob:
                 time.sleep(fault.ms / 1000)
