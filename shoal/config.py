@@ -108,6 +108,9 @@ class StrategyConfig:
     )
     staleness: int = _f(3, "ssp: how many clocks a worker may run ahead of the slowest")
     ps_max_message_mb: float = _f(1024.0, "parameter server: largest message accepted, in MB")
+    heartbeat_timeout: float = _f(
+        5.0, "parameter server: seconds without a heartbeat before a worker is dropped"
+    )
 
 
 @dataclass
@@ -216,6 +219,8 @@ class JobConfig:
             raise UserError("--servers must be >= 0")
         if self.strategy.staleness < 0:
             raise UserError("--staleness must be >= 0")
+        if not self.strategy.heartbeat_timeout > 0:
+            raise UserError("--heartbeat-timeout must be positive")
         if self.strategy.ps_max_message_mb <= 0:
             raise UserError("--ps-max-message-mb must be positive")
         if self.strategy.bucket_mb <= 0:

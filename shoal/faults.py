@@ -2,7 +2,9 @@
 
 ``SHOAL_FAULT="crash:rank=1:step=150"`` makes rank 1 kill itself with SIGKILL
 right after finishing global step 150, as a machine failure would: no cleanup,
-no flushing, no goodbye to its peers. ``slow:rank=1:ms=20`` makes rank 1 sleep
+no flushing, no goodbye to its peers. ``hang:rank=1:step=150`` makes it stop
+itself with SIGSTOP instead: alive, silent, holding its sockets.
+``slow:rank=1:ms=20`` makes rank 1 sleep
 20 ms after every step (from ``step``, default 0): a straggler.
 ``slow:rank=*:ms=40:prob=0.25`` makes every rank sleep 40 ms after a random
 quarter of its steps (seeded per rank): stragglers that come and go. Several
@@ -18,7 +20,7 @@ import time
 from dataclasses import dataclass
 
 ENV = "SHOAL_FAULT"
-KINDS = ("crash", "slow")
+KINDS = ("crash", "hang", "slow")
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,7 @@ def parse(spec: str) -> list[Fault]:
         values = dict(f.split("=", 1) for f in fields if "=" in f)
         try:
             rank = -1 if values["rank"] == "*" else int(values["rank"])
-            if kind == "crash":
+            if kind in ("crash", "hang"):
                 faults.append(Fault(kind, rank, int(values["step"])))
             else:
                 step, ms, prob = (
@@ -53,7 +55,9 @@ def parse(spec: str) -> list[Fault]:
                 faults.append(Fault(kind, rank, step, ms, prob))
         except (KeyError, ValueError):
             form = (
-                "crash:rank=R:step=S" if kind == "crash" else "slow:rank=R|*:ms=M[:step=S][:prob=P]"
+                f"{kind}:rank=R:step=S"
+                if kind != "slow"
+                else "slow:rank=R|*:ms=M[:step=S][:prob=P]"
             )
             raise ValueError(f"{ENV}: {part!r} must look like {form}") from None
     return faults
@@ -71,5 +75,7 @@ class Injector:
         for fault in self.faults:
             if fault.kind == "crash" and fault.step == step:
                 os.kill(os.getpid(), signal.SIGKILL)
+            elif fault.kind == "hang" and fault.step == step:
+                os.kill(os.getpid(), signal.SIGSTOP)
             elif fault.kind == "slow" and step >= fault.step and self.random.random() < fault.prob:
                 time.sleep(fault.ms / 1000)

@@ -10,6 +10,7 @@ on several machines with torchrun's multi-node settings.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -190,6 +191,16 @@ class RoleGroup:
             self.exit_codes[i] = code
             exited.append((self.roles[i], code))
         return exited
+
+    def kill(self, role: str, rank: int) -> None:
+        """Stop one role's process (a hung worker): SIGKILL, even if it is stopped."""
+        import signal
+
+        for i, r in enumerate(self.roles):
+            if r.role == role and r.rank == rank and i not in self.exit_codes:
+                for pid in self.contexts[i].pids().values():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
 
     @property
     def running(self) -> int:

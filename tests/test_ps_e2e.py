@@ -212,3 +212,22 @@ def test_hostile_messages_are_refused_and_training_is_unaffected(allreduce_linea
     rejected = summary(out)["ps"]["servers"][0]["rejected"]
     assert rejected == {"malformed": 1, "truncated": 1, "oversized": 1, "unauthenticated": 3}
     assert torch.isfinite(torch.tensor(summary(out)["final_loss"]))
+
+
+@pytest.mark.timeout(300)
+def test_hung_worker_is_dropped_by_heartbeat_and_the_job_finishes(tmp_path):
+    """Worker 2 SIGSTOPs itself: the coordinator notices the silence, the others finish."""
+    out = tmp_path / "asp-hang"
+    start = time.monotonic()
+    proc = train(
+        out,
+        *LINEAR,
+        "--strategy", "ps", "--workers", "3", "--servers", "1", "--ps-mode", "asp",
+        "--heartbeat-timeout", "2",
+        env={"SHOAL_FAULT": "hang:rank=2:step=40"},
+    )  # fmt: skip
+    assert "worker 2 sent no heartbeat" in proc.stderr
+    s = summary(out)
+    assert s["ps"]["failed_workers"] == [2]
+    assert s["test_loss"] < 2 * 0.1**2
+    assert time.monotonic() - start < 120

@@ -12,6 +12,7 @@ writes ``model.safetensors`` and ``summary.json``.
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 from collections import Counter
@@ -40,6 +41,8 @@ from shoal.strategies.ps import wire
 from shoal.strategies.ps.client import Client
 from shoal.strategies.ps.placement import dense_plan
 
+HEARTBEAT_LOST = -1000
+"""The exit code recorded for a worker dropped for missing heartbeats."""
 ENDPOINTS_FILE = "ps_endpoints.json"
 """Written into the run directory once every shard is up: where the job listens."""
 
@@ -73,6 +76,7 @@ class Coordinator(threading.Thread):
         self.windows: dict[int, dict[int, tuple[torch.Tensor, dict[str, Any]]]] = {}
         self.rows: dict[str, dict[int, torch.Tensor]] = {"counts": {}, "totals": {}}
         self.left: set[int] = set()
+        self.last_seen: dict[int, float] = {}
         self.dead: dict[int, int] = {}
         self.stopped = threading.Event()
         self.out = Path(job.output.out)
@@ -87,6 +91,7 @@ class Coordinator(threading.Thread):
 
     def run(self) -> None:
         while not self.stopped.is_set():
+            self._check_heartbeats()
             if not self.sock.poll(100):
                 continue
             frames = self.sock.recv_multipart(copy=False)
@@ -118,6 +123,11 @@ class Coordinator(threading.Thread):
             self.node_waiting.append((peer, header.get("id"), int(header["node_rank"])))
             self._answer_nodes()
             return None
+        if op == "heartbeat":
+            self.last_seen[int(header["worker"])] = time.monotonic()
+            return {"op": "ok"}
+        if op == "status":
+            return {"op": "status", "dropped": sorted(self.dead)}
         if op == "worker_died":
             self._worker_gone(int(header["worker"]), int(header["code"]))
             return {"op": "ok"}
@@ -126,6 +136,8 @@ class Coordinator(threading.Thread):
             self._answer_waiting()
             return {"op": "ok"}
         if op == "servers":
+            if "worker" in header:  # watched for heartbeats from now on
+                self.last_seen.setdefault(int(header["worker"]), time.monotonic())
             self.waiting.append((peer, header.get("id")))
             self._answer_waiting()
             return None
@@ -179,7 +191,19 @@ class Coordinator(threading.Thread):
 
     # --- membership and telemetry -----------------------------------------------------
 
+    def _check_heartbeats(self) -> None:
+        """Drop a worker that stopped beating (hung, or its whole machine is gone)."""
+        now, timeout = time.monotonic(), self.job.strategy.heartbeat_timeout
+        for worker, seen in list(self.last_seen.items()):
+            if worker in self.left or worker in self.dead or now - seen <= timeout:
+                continue
+            silent = f"worker {worker} sent no heartbeat for {now - seen:.1f} s"
+            print(f"shoal: warning: {silent}; dropped", file=sys.stderr)
+            self._worker_gone(worker, HEARTBEAT_LOST)
+
     def _worker_gone(self, worker: int, exit_code: int) -> None:
+        if worker in self.dead:
+            return
         self.dead[worker] = exit_code
         client = self._client()
         try:

@@ -8,6 +8,7 @@ import sys
 import time
 
 import zmq
+from torch.distributed.elastic.multiprocessing.api import SignalException
 
 from shoal.config import JobConfig, parse_endpoint
 from shoal.data import build_dataset
@@ -94,18 +95,25 @@ def launch_ps(job: JobConfig, config_path: str) -> None:
         roles.append(Role("worker", w, env))
     group = RoleGroup(roles, config_path)
     try:
-        _watch(group, node, cluster.workers)
-        if coordinator is not None:
-            while not coordinator.all_workers_done():
-                _check_servers(group.poll())
-                time.sleep(0.1)
-            coordinator.finish()
-        while group.running:  # this node's servers, until the coordinator shuts them down
-            _check_servers(group.poll())
-            time.sleep(0.1)
+        _run(group, node, cluster.workers, coordinator)
+    except SignalException:  # Ctrl-C or SIGTERM: stop every local process
+        raise KeyboardInterrupt from None
     finally:
         group.close()
         node.close()
+
+
+def _run(group: RoleGroup, node: Peer, num_workers: int, coordinator: Coordinator | None) -> None:
+    """Until this node's part is done: its workers, then (node 0) the whole job's end."""
+    _watch(group, node, num_workers)
+    if coordinator is not None:
+        while not coordinator.all_workers_done():
+            _check_servers(group.poll())
+            time.sleep(0.1)
+        coordinator.finish()
+    while group.running:  # this node's servers, until the coordinator shuts them down
+        _check_servers(group.poll())
+        time.sleep(0.1)
 
 
 def _local_address(host: str, port: int) -> str:
@@ -125,9 +133,18 @@ def _check_servers(exited: list[tuple[Role, int]]) -> None:
 
 
 def _watch(group: RoleGroup, node: Peer, num_workers: int) -> None:
-    """Wait for this node's workers; a dead worker is reported and dropped."""
-    done = 0
+    """Wait for this node's workers; a dead worker is reported and dropped.
+
+    A worker the coordinator dropped for silence (hung, SIGSTOPped) is killed
+    here, so that the job can end.
+    """
+    done, last_status = 0, 0.0
     while done < num_workers:
+        if time.monotonic() - last_status > 0.5:
+            last_status = time.monotonic()
+            status, _ = node.call({"op": "status"})
+            for rank in status["dropped"]:
+                group.kill("worker", rank)
         for role, code in group.poll():
             if role.role == "server":
                 _check_servers([(role, code or 1)])

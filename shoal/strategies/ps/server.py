@@ -230,6 +230,11 @@ class Server:
         if self.clocks is None:
             raise wire.WireError("malformed", "push before init")
         worker, clock = int(header["worker"]), int(header["clock"])
+        if (
+            worker in self.clocks.left
+        ):  # dropped (dead, or silent too long): its work no longer counts
+            self.stats.rejected["dropped_worker"] += 1
+            return
         dense, rest = tensors[: len(self.dense)], tensors[len(self.dense) :]
         names = header.get("tables", [])
         if len(rest) != 2 * len(names) or (dense and len(dense) != len(self.dense)):

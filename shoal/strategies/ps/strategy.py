@@ -10,6 +10,7 @@ of global steps as the collective strategies and takes its slice of each, so
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any, ClassVar
 
 import torch
@@ -52,6 +53,41 @@ class RemoteGatherer:
         return None
 
 
+class Heartbeat(threading.Thread):
+    """Tells the coordinator every ``interval`` seconds that this worker is alive.
+
+    Its own socket, its own thread: a worker busy in a long step still beats.
+    """
+
+    def __init__(self, address: str, secret: bytes, worker: int, interval: float) -> None:
+        super().__init__(name="shoal-heartbeat", daemon=True)
+        self.address, self.secret, self.worker, self.interval = address, secret, worker, interval
+        self.stopped = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        peer = Peer(
+            zmq.Context.instance(),
+            self.address,
+            self.secret,
+            f"heartbeat{self.worker}",
+            CommCounter(),
+        )
+        try:
+            while True:
+                peer.call({"op": "heartbeat", "worker": self.worker})
+                if self.stopped.wait(self.interval):
+                    break
+        except Exception:  # the coordinator is gone: the job is ending
+            pass
+        finally:
+            peer.close()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.join(timeout=5)
+
+
 class ParameterServer(Strategy):
     """Data parallel through sharded parameter servers (bsp, asp or ssp)."""
 
@@ -84,7 +120,13 @@ class ParameterServer(Strategy):
         who = f"worker{self.worker}"
         # telemetry to the coordinator is not training traffic: its own counter
         self.coordinator = Peer(ctx, os.environ[COORDINATOR_ENV], secret, who, CommCounter())
-        info, _ = self.coordinator.call({"op": "servers"})
+        self.heartbeat = Heartbeat(
+            os.environ[COORDINATOR_ENV],
+            secret,
+            self.worker,
+            self.job.strategy.heartbeat_timeout / 5,
+        )
+        info, _ = self.coordinator.call({"op": "servers", "worker": self.worker})
         self.client = Client(
             info["servers"], secret, who, self.comm, max_bytes=max_message_bytes(self.job)
         )
@@ -207,6 +249,7 @@ class ParameterServer(Strategy):
 
     def close(self) -> None:
         """Tell the servers and the coordinator this worker is done."""
+        self.heartbeat.stop()
         leave = {"op": "leave", "worker": self.worker}
         try:
             self.client.call_all([(leave, [])] * len(self.client.shards))
