@@ -163,9 +163,10 @@ class Server:
                 self._complete_bsp()
             self.send(peer, {"op": "ok", "id": rid})
         elif op == "dump":  # every materialised row of a table (for the final model)
-            table = self.tables[header["table"]]
-            ids = torch.tensor(list(table.index), dtype=torch.int64)
-            self.send(peer, {"op": "rows", "id": rid}, [ids, table.rows[: len(ids)]])
+            ids, slots = self.tables[header["table"]].ids()
+            self.send(
+                peer, {"op": "rows", "id": rid}, [ids, self.tables[header["table"]].rows[slots]]
+            )
         elif op == "stats":
             self.send(peer, {"op": "stats", "id": rid, "stats": self.stats.as_dict()})
         elif op == "shutdown":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from shoal.strategies.ps.optim import ServerOptimizer
@@ -28,8 +29,10 @@ def hashed_uniform(ids: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
 class SparseTable:
     """Rows of one embedding table, created on first touch, with optimizer state.
 
-    Rows live in one growing slab; ``index`` maps a row id to its slot. Memory is
-    proportional to the rows touched, not to the table's nominal size.
+    Rows live in one growing slab. Row ids are kept in a sorted array beside
+    their slots, so a batch of ids is looked up with one vectorised binary
+    search and new ids are merged in with one insertion, not a Python loop.
+    Memory is proportional to the rows touched, not to the table's nominal size.
     """
 
     def __init__(self, dim: int, init_std: float, seed: int, optimizer: ServerOptimizer) -> None:
@@ -37,30 +40,39 @@ class SparseTable:
         self.init_std = init_std
         self.seed = seed
         self.optimizer = optimizer
-        self.index: dict[int, int] = {}
+        self.keys = np.empty(0, dtype=np.int64)  # sorted row ids
+        self.key_slots = np.empty(0, dtype=np.int64)  # slot of keys[i] in the slab
         self.rows = torch.empty(0, dim)
         self.state = optimizer.new_state(0, dim)
 
     def __len__(self) -> int:
-        return len(self.index)
+        return len(self.keys)
+
+    def ids(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row ids, their slots) of every row that exists."""
+        return torch.from_numpy(self.keys.copy()), torch.from_numpy(self.key_slots.copy())
 
     def slots(self, ids: torch.Tensor) -> torch.Tensor:
-        """Slots of ``ids`` (unique), creating missing rows."""
-        index = self.index
-        out, new = [], []
-        for i in ids.tolist():
-            slot = index.get(i)
-            if slot is None:
-                slot = len(index)
-                index[i] = slot
-                new.append(i)
-            out.append(slot)
-        if new:
-            self._grow(torch.tensor(new, dtype=torch.int64))
-        return torch.tensor(out, dtype=torch.int64)
+        """Slots of ``ids``, creating missing rows."""
+        want = ids.to(torch.int64).numpy()
+        pos = np.searchsorted(self.keys, want)
+        found = pos < len(self.keys)
+        found[found] = self.keys[pos[found]] == want[found]
+        out = np.empty(len(want), dtype=np.int64)
+        out[found] = self.key_slots[pos[found]]
+        if not found.all():
+            new, inverse = np.unique(want[~found], return_inverse=True)
+            first = len(self.keys)
+            new_slots = np.arange(first, first + len(new), dtype=np.int64)
+            out[~found] = new_slots[inverse]
+            at = np.searchsorted(self.keys, new)
+            self.keys = np.insert(self.keys, at, new)
+            self.key_slots = np.insert(self.key_slots, at, new_slots)
+            self._grow(torch.from_numpy(new))
+        return torch.from_numpy(out)
 
     def _grow(self, new_ids: torch.Tensor) -> None:
-        needed = len(self.index)
+        needed = len(self.keys)
         if needed > len(self.rows):
             capacity = max(needed, 2 * len(self.rows), 1024)
             self.rows = _resize(self.rows, capacity)
