@@ -107,7 +107,9 @@ def launch(cluster: ClusterConfig, config_path: str) -> None:
     try:
         elastic_launch(config, cmd)(*cmd_args)
     except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
+        # name the root cause: a worker killed by a signal, not the peers it took down
+        signalled = [(r, f) for r, f in e.failures.items() if f.exitcode < 0]
+        rank, failure = min(signalled or e.failures.items(), key=lambda rf: rf[1].timestamp)
         how = (
             f"was killed by signal {failure.signal_name()}"
             if failure.exitcode < 0
