@@ -28,7 +28,7 @@ want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "setup: installing shoal and its dependencies"
   pip_q -e ".[test]"
-  "$PY" -c "import shoal, torch, zmq" 2>/dev/null || "$PY" -c "import shoal, torch"
+  "$PY" -c "import shoal, torch, zmq"
   echo "$want" > "$stamp"
 fi
 "$PY" -c "import torch, shoal; print(f'setup: ready (torch {torch.__version__})')"
