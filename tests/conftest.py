@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -45,6 +46,11 @@ def train(
     if check:
         assert proc.returncode == 0, f"shoal train failed:\n{proc.stdout}\n{proc.stderr}"
     return proc
+
+
+def read_summary(run_dir: Path) -> dict:
+    """The ``summary.json`` a run wrote."""
+    return json.loads((run_dir / "summary.json").read_text())
 
 
 def params(run_dir: Path) -> dict[str, torch.Tensor]:

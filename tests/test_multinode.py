@@ -27,53 +27,6 @@ JOB = [
 ]
 
 
-@pytest.mark.netns
-@pytest.mark.timeout(300)
-def test_two_namespace_hosts_match_single_node(tmp_path):
-    single = tmp_path / "single"
-    train(single, *JOB, "--workers", "2")
-    with netns.hosts() as (a, b):
-        port = free_port()
-        procs = []
-        for rank, host in enumerate((a, b)):
-            cmd = [
-                *host.prefix(),
-                "env",
-                f"GLOO_SOCKET_IFNAME={host.ifname}",
-                sys.executable,
-                "-m",
-                "shoal",
-                "train",
-                *JOB,
-                "--workers",
-                "1",
-                "--nnodes",
-                "2",
-                "--node-rank",
-                str(rank),
-                "--rdzv-endpoint",
-                f"{a.addr}:{port}",
-                "--out",
-                str(tmp_path / f"node{rank}"),
-            ]
-            procs.append(
-                subprocess.Popen(
-                    cmd, env=shoal_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-                )
-            )
-        try:
-            results = [p.communicate(timeout=200) for p in procs]
-        finally:
-            for p in procs:
-                p.kill()
-        for p, (out, err) in zip(procs, results):
-            assert p.returncode == 0, f"{out}\n{err}"
-    node0 = tmp_path / "node0"
-    assert max_abs_diff(params(node0), params(single)) < 1e-5
-    assert not (tmp_path / "node1").exists()  # only node 0 owns the run directory
-    assert (node0 / "summary.json").read_text().count('"rank"') == 2
-
-
 def _run_on_hosts(commands: list[tuple[netns.Host, list[str]]], env: dict[str, str]) -> None:
     procs = []
     for host, args in commands:
@@ -98,6 +51,37 @@ def _run_on_hosts(commands: list[tuple[netns.Host, list[str]]], env: dict[str, s
             p.kill()
     for p, (out, err) in zip(procs, results):
         assert p.returncode == 0, f"{out}\n{err}"
+
+
+@pytest.mark.netns
+@pytest.mark.timeout(300)
+def test_two_namespace_hosts_match_single_node(tmp_path):
+    single = tmp_path / "single"
+    train(single, *JOB, "--workers", "2")
+    with netns.hosts() as (a, b):
+        multi = ["--workers", "1", "--nnodes", "2", "--rdzv-endpoint", f"{a.addr}:{free_port()}"]
+        _run_on_hosts(
+            [
+                (
+                    host,
+                    [
+                        "train",
+                        *JOB,
+                        *multi,
+                        "--node-rank",
+                        str(rank),
+                        "--out",
+                        str(tmp_path / f"node{rank}"),
+                    ],
+                )
+                for rank, host in enumerate((a, b))
+            ],
+            env={},
+        )
+    node0 = tmp_path / "node0"
+    assert max_abs_diff(params(node0), params(single)) < 1e-5
+    assert not (tmp_path / "node1").exists()  # only node 0 owns the run directory
+    assert (node0 / "summary.json").read_text().count('"rank"') == 2
 
 
 @pytest.mark.netns

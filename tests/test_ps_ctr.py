@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
-from tests.conftest import params, train
+from tests.conftest import params, read_summary, train
 
 CTR = ["--model", "ctr", "--optimizer", "adagrad", "--lr", "0.1", "--batch-size", "512"]
-
-
-def summary(out):
-    return json.loads((out / "summary.json").read_text())
 
 
 @pytest.mark.timeout(300)
@@ -37,7 +31,7 @@ def test_ctr_on_a_million_row_table_gets_close_to_the_true_model(tmp_path):
         "--ps-mode",
         "asp",
     )
-    s = summary(out)
+    s = read_summary(out)
     assert s["true_model_auc"] - s["auc"] < 0.01
     assert s["logloss"] < s["true_model_logloss"] + 0.02
     touched = sum(len(v) for v in [params(out)["table.weight"].nonzero()])

@@ -13,7 +13,7 @@ import torch
 import zmq
 
 from shoal.strategies.ps import wire
-from tests.conftest import max_abs_diff, params, shoal_env, train
+from tests.conftest import max_abs_diff, params, read_summary, shoal_env, train
 
 LINEAR = [
     "--model",
@@ -42,10 +42,6 @@ DIGITS = [
 PS = ["--strategy", "ps", "--workers", "2", "--servers", "2"]
 
 
-def summary(out):
-    return json.loads((out / "summary.json").read_text())
-
-
 @pytest.fixture(scope="module")
 def allreduce_linear(session_tmp):
     out = session_tmp / "ps-ref-allreduce"
@@ -58,7 +54,7 @@ def test_bsp_matches_allreduce(allreduce_linear, session_tmp):
     out = session_tmp / "ps-bsp-linear"
     train(out, *LINEAR, *PS, "--ps-mode", "bsp")
     assert max_abs_diff(params(out), params(allreduce_linear)) < 1e-5
-    s = summary(out)
+    s = read_summary(out)
     assert s["ps"]["max_staleness"] == 0 and s["ps"]["num_servers"] == 2
     assert all(w["bytes_sent"] > 0 and w["bytes_received"] > 0 for w in s["per_worker"])
     for server in s["ps"]["servers"]:
@@ -73,17 +69,17 @@ def test_async_modes_reach_the_bsp_targets(mode, session_tmp):
     """The targets: linear test MSE within 2x the noise floor; digits 90% test accuracy."""
     lin = session_tmp / f"ps-{mode}-linear"
     train(lin, *LINEAR, *PS, "--ps-mode", mode, "--staleness", "2")
-    assert summary(lin)["test_loss"] < 2 * 0.1**2
+    assert read_summary(lin)["test_loss"] < 2 * 0.1**2
     dig = session_tmp / f"ps-{mode}-digits"
     train(dig, *DIGITS, *PS, "--ps-mode", mode, "--staleness", "2")
-    assert summary(dig)["test_accuracy"] >= 0.90
+    assert read_summary(dig)["test_accuracy"] >= 0.90
 
 
 @pytest.mark.timeout(300)
 def test_bsp_reaches_the_same_targets(session_tmp):
     dig = session_tmp / "ps-bsp-digits"
     train(dig, *DIGITS, *PS, "--ps-mode", "bsp")
-    assert summary(dig)["test_accuracy"] >= 0.90
+    assert read_summary(dig)["test_accuracy"] >= 0.90
 
 
 @pytest.mark.timeout(300)
@@ -102,7 +98,7 @@ def test_ssp_staleness_never_exceeds_bound(tmp_path):
         "120",
         env={"SHOAL_FAULT": "slow:rank=1:ms=15"},
     )
-    ps = summary(out)["ps"]
+    ps = read_summary(out)["ps"]
     assert ps["max_staleness"] <= 2
     assert ps["max_staleness"] >= 1, "the slow worker should have made the fast one run ahead"
     asp = tmp_path / "asp"
@@ -116,7 +112,7 @@ def test_ssp_staleness_never_exceeds_bound(tmp_path):
         "120",
         env={"SHOAL_FAULT": "slow:rank=1:ms=15"},
     )
-    assert summary(asp)["ps"]["max_staleness"] > 2  # without the bound it grows
+    assert read_summary(asp)["ps"]["max_staleness"] > 2  # without the bound it grows
 
 
 @pytest.mark.timeout(300)
@@ -136,7 +132,7 @@ def test_asp_survives_sigkill_of_a_worker(tmp_path):
         env={"SHOAL_FAULT": "crash:rank=1:step=60"},
     )
     assert "worker 1 failed" in proc.stderr
-    s = summary(out)
+    s = read_summary(out)
     assert s["ps"]["failed_workers"] == [1]
     assert s["per_worker"][1]["failed_exit_code"] == -9
     assert s["test_loss"] < 2 * 0.1**2
@@ -209,9 +205,9 @@ def test_hostile_messages_are_refused_and_training_is_unaffected(allreduce_linea
         job.kill()
     assert job.returncode == 0, err
     assert max_abs_diff(params(out), params(allreduce_linear)) < 1e-5  # training unaffected
-    rejected = summary(out)["ps"]["servers"][0]["rejected"]
+    rejected = read_summary(out)["ps"]["servers"][0]["rejected"]
     assert rejected == {"malformed": 1, "truncated": 1, "oversized": 1, "unauthenticated": 3}
-    assert torch.isfinite(torch.tensor(summary(out)["final_loss"]))
+    assert torch.isfinite(torch.tensor(read_summary(out)["final_loss"]))
 
 
 @pytest.mark.timeout(300)
@@ -227,7 +223,7 @@ def test_hung_worker_is_dropped_by_heartbeat_and_the_job_finishes(tmp_path):
         env={"SHOAL_FAULT": "hang:rank=2:step=40"},
     )  # fmt: skip
     assert "worker 2 sent no heartbeat" in proc.stderr
-    s = summary(out)
+    s = read_summary(out)
     assert s["ps"]["failed_workers"] == [2]
     assert s["test_loss"] < 2 * 0.1**2
     assert time.monotonic() - start < 120
