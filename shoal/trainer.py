@@ -155,8 +155,9 @@ class Trainer:
             while self.step < self.total_steps:
                 with timer.phase("data"):
                     idx, global_batch = self.sampler.next_batch()
-                    index = torch.from_numpy(idx).to(self.env.device)
-                    batch = (self.x[index], self.y[index])
+                    batch = self._batch(idx)
+                    if self.strategy.prefetches and self.step + 1 < self.total_steps:
+                        self.strategy.prefetch(self._batch(self.sampler.peek()))
                 scale = self.sampler.loss_scale(global_batch)
                 lr = self.strategy.lr
                 loss_sum = self.strategy.train_step(batch, self.loss_fn, scale, timer)
@@ -186,6 +187,10 @@ class Trainer:
         if metrics is not None:
             metrics.close()
         self._finish()
+
+    def _batch(self, idx: Any) -> Batch:
+        index = torch.from_numpy(idx).to(self.env.device)
+        return self.x[index], self.y[index]
 
     def wall_time(self) -> float:
         return self.wall_offset + time.perf_counter() - self._start

@@ -196,3 +196,40 @@ def test_server_bsp_round_and_refusals(server):
     stranger.close(0)
     stats, _ = peers[0].call({"op": "stats"})
     assert stats["stats"]["rejected"] == {"oversized": 1, "unauthenticated": 1}
+
+
+@pytest.mark.timeout(30)
+def test_server_survives_hostile_and_inconsistent_requests(server):
+    ctx = zmq.Context.instance()
+    peer = Peer(ctx, server.address, b"k" * 32, "w0", CommCounter(), timeout_s=5)
+    init = {"op": "init", "workers": 2, "total_steps": 10, "keys": ["w@0"]}
+    init["tables"] = [{"name": "t", "dim": 2, "init_std": 0.0, "seed": 0}]
+    peer.call(init, [torch.zeros(4)])
+    bad = [
+        ({"op": "pull", "clock": 0, "tables": ["nope"]}, [torch.tensor([1])]),  # no such table
+        ({"op": "pull", "clock": 0.5, "tables": []}, []),  # clock not an integer
+        ({"op": "push", "worker": 7, "clock": 0, "tables": []}, [torch.zeros(4)]),  # no such worker
+        ({"op": "push", "worker": 0, "clock": 0, "tables": []}, [torch.zeros(1)]),  # wrong size
+        (
+            {"op": "push", "worker": 0, "clock": 0, "tables": ["t"]},
+            [torch.zeros(4), torch.tensor([1]), torch.ones(1, 3)],
+        ),
+    ]
+    for header, tensors in bad:
+        with pytest.raises(PeerError, match="malformed"):
+            peer.call(header, tensors)
+    stranger = ctx.socket(zmq.DEALER)
+    stranger.connect(server.address)
+    stranger.send_multipart([b"[" * 60000])  # deep nesting: RecursionError in a JSON parser
+    assert stranger.poll(3000)
+    stranger.close(0)
+    # a table used twice in one push: both parts count (asp-like: worker 0 and 1 push clock 0)
+    push = {"op": "push", "worker": 0, "clock": 0, "read_clock": 0, "tables": ["t", "t"]}
+    rows = [torch.tensor([1]), torch.ones(1, 2), torch.tensor([2]), torch.ones(1, 2)]
+    peer.call(push, [torch.zeros(4), *rows])
+    peer.call({**push, "worker": 1}, [torch.zeros(4), *rows])
+    _, (values,) = peer.call(
+        {"op": "pull", "clock": 1, "dense": False, "tables": ["t"]}, [torch.tensor([1, 2])]
+    )
+    torch.testing.assert_close(values, torch.full((2, 2), -0.1))  # both rows moved: lr 0.1 x grad 1
+    assert peer.call({"op": "ping"})[0]["op"] == "pong"

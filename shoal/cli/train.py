@@ -85,6 +85,7 @@ def resolve_job(args: argparse.Namespace) -> JobConfig:
     except ValueError as e:
         raise UserError(str(e)) from None
     check_strategy_name(job.strategy.name)
+    strategy_class(job.strategy.name).check(job)
     check_model_name(job.model.name)
     if resolve_device(job.train.device) == "cuda":
         import torch

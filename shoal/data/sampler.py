@@ -92,6 +92,11 @@ class GlobalBatchSampler:
         start = sum(sizes[: self.rank])
         return slice(start, start + sizes[self.rank])
 
+    def peek(self) -> np.ndarray:
+        """This rank's indices of the *next* global step, without moving there."""
+        g = self.global_indices(self.epoch, self.step_in_epoch)
+        return g[self.local_slice(len(g))]
+
     def next_batch(self) -> tuple[np.ndarray, int]:
         """Advance one global step; return (this rank's indices, global batch size)."""
         g = self.global_indices(self.epoch, self.step_in_epoch)

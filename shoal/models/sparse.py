@@ -25,6 +25,8 @@ class SparseEmbedding(nn.Module):
         self.num_rows, self.dim, self.init_std = num_rows, dim, init_std
         self.weight: nn.Parameter | None = nn.Parameter(torch.randn(num_rows, dim) * init_std)
         self.source: RowSource | None = None
+        self.input_ids: Callable[[torch.Tensor], torch.Tensor] | None = None
+        """Maps the model's input to this table's ids, so rows can be fetched ahead."""
 
     def attach(self, source: RowSource) -> None:
         """Fetch rows from ``source`` from now on and drop the local table."""
@@ -43,6 +45,7 @@ class LogisticCTR(nn.Module):
     def __init__(self, num_rows: int) -> None:
         super().__init__()
         self.table = SparseEmbedding(num_rows, 1)
+        self.table.input_ids = lambda ids: ids
         self.bias = nn.Parameter(torch.zeros(1))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

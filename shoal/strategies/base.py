@@ -35,6 +35,15 @@ class Strategy(ABC):
     description: ClassVar[str]
     needs_process_group: ClassVar[bool] = True
     """Whether workers join a torch.distributed process group (collective strategies)."""
+    prefetches: ClassVar[bool] = False
+    """Whether :meth:`prefetch` wants to see the next batch while this one computes."""
+
+    @classmethod  # noqa: B027 - an optional hook: most strategies accept every job
+    def check(cls, job: JobConfig) -> None:
+        """Refuse, with a :class:`~shoal.errors.UserError`, a job this strategy cannot run.
+
+        Called before anything is written, so a mistake leaves no trace.
+        """
 
     @classmethod
     def launch(cls, job: JobConfig, config_path: str) -> None:
@@ -84,6 +93,9 @@ class Strategy(ABC):
     @abstractmethod
     def lr(self) -> float:
         """The learning rate of the step about to run."""
+
+    def prefetch(self, batch: Batch) -> None:  # noqa: B027 - optional hook
+        """Start fetching what the next step's ``batch`` will need (see :attr:`prefetches`)."""
 
     def gatherer(self) -> Gatherer:
         """Where per-rank telemetry goes; by default a collective to rank 0."""

@@ -91,7 +91,10 @@ class Coordinator(threading.Thread):
 
     def run(self) -> None:
         while not self.stopped.is_set():
-            self._check_heartbeats()
+            try:
+                self._check_heartbeats()
+            except Exception as e:  # telling the shards failed: say so, keep coordinating
+                print(f"shoal: warning: coordinator: {type(e).__name__}: {e}", file=sys.stderr)
             if not self.sock.poll(100):
                 continue
             frames = self.sock.recv_multipart(copy=False)
@@ -104,7 +107,7 @@ class Coordinator(threading.Thread):
                     reply = self.dispatch(peer, header, tensors)
                 if reply is not None:
                     self._send(peer, {**reply, "id": header.get("id")})
-            except (wire.WireError, KeyError, TypeError, ValueError) as e:
+            except Exception as e:  # a bad message is refused; the coordinator keeps running
                 self.rejected[getattr(e, "kind", "malformed")] += 1
                 self._send(
                     peer, {"op": "error", "id": wire.request_id(frames[1:]), "error": str(e)[:200]}
@@ -119,6 +122,10 @@ class Coordinator(threading.Thread):
     ) -> dict[str, Any] | None:
         op = header["op"]
         if op == "node":
+            if int(header["node_rank"]) in self.nodes:
+                raise wire.WireError(
+                    "malformed", f"node rank {header['node_rank']} registered twice"
+                )
             self.nodes[int(header["node_rank"])] = (int(header["workers"]), int(header["servers"]))
             self.node_waiting.append((peer, header.get("id"), int(header["node_rank"])))
             self._answer_nodes()
@@ -182,6 +189,8 @@ class Coordinator(threading.Thread):
         if not self.num_servers or len(self.servers) < self.num_servers:
             return
         addresses = [self.servers[k] for k in range(self.num_servers)]
+        if self.waiting or not (self.out / ENDPOINTS_FILE).exists():
+            self._tell_shards_dead(sorted(self.dead))  # workers that died before all shards were up
         if not (self.out / ENDPOINTS_FILE).exists():
             endpoints = {"coordinator": self.address, "servers": addresses}
             write_atomic(self.out / ENDPOINTS_FILE, json.dumps(endpoints, indent=2) + "\n")
@@ -205,12 +214,19 @@ class Coordinator(threading.Thread):
         if worker in self.dead:
             return
         self.dead[worker] = exit_code
+        self._tell_shards_dead([worker])
+        self._flush_windows()
+
+    def _tell_shards_dead(self, workers: list[int]) -> None:
+        """Every shard stops waiting for ``workers`` (later, once all shards are up)."""
+        if not workers or not self.num_servers or len(self.servers) < self.num_servers:
+            return
         client = self._client()
         try:
-            client.call_all([({"op": "leave", "worker": worker}, [])] * len(client.shards))
+            for worker in workers:
+                client.call_all([({"op": "leave", "worker": worker}, [])] * len(client.shards))
         finally:
             client.close()
-        self._flush_windows()
 
     def _gather(self, tag: str, worker: int, meta: dict[str, Any], row: torch.Tensor) -> None:
         if tag == "window":

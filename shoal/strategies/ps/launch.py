@@ -13,11 +13,12 @@ from torch.distributed.elastic.multiprocessing.api import SignalException
 from shoal.config import JobConfig, parse_endpoint
 from shoal.data import build_dataset
 from shoal.data.sampler import GlobalBatchSampler
+from shoal.dist import resolve_device
 from shoal.errors import UserError
 from shoal.launch import LaunchFailed, Role, RoleGroup
 from shoal.metrics import CommCounter
 from shoal.strategies.ps import wire
-from shoal.strategies.ps.client import Peer
+from shoal.strategies.ps.client import Peer, PeerError
 from shoal.strategies.ps.coordinator import Coordinator
 from shoal.strategies.ps.server import Server
 from shoal.strategies.ps.strategy import COORDINATOR_ENV, HOST_ENV, max_message_bytes
@@ -31,6 +32,27 @@ def _total_steps(job: JobConfig) -> int:
     return total_steps(job, sampler.steps_per_epoch)
 
 
+def check_job(job: JobConfig) -> None:
+    """What a parameter-server job needs that the generic checks do not cover."""
+    if job.output.resume:
+        raise UserError("--resume is not supported for --strategy ps yet")
+    if resolve_device(job.train.device) != "cpu":
+        raise UserError("--strategy ps runs on the CPU for now (--device cpu)")
+    secret_hex = os.environ.get(wire.SECRET_ENV, "")
+    if job.cluster.nnodes > 1 and not secret_hex:
+        raise UserError(
+            f"--strategy ps on several machines needs {wire.SECRET_ENV} set to the same "
+            "hex string on each (for example: openssl rand -hex 32)"
+        )
+    if secret_hex:
+        try:
+            secret = bytes.fromhex(secret_hex)
+        except ValueError:
+            raise UserError(f"{wire.SECRET_ENV} must be a hex string") from None
+        if len(secret) < 16:
+            raise UserError(f"{wire.SECRET_ENV} must hold at least 16 bytes (32 hex digits)")
+
+
 def launch_ps(job: JobConfig, config_path: str) -> None:
     """Run this machine's part of a parameter-server job to completion.
 
@@ -40,21 +62,9 @@ def launch_ps(job: JobConfig, config_path: str) -> None:
     host, workers on another).
     """
     cluster = job.cluster
-    if job.output.resume:
-        raise UserError("--resume is not supported for --strategy ps yet")
+    check_job(job)
     multi = cluster.nnodes > 1
-    secret_hex = os.environ.get(wire.SECRET_ENV, "")
-    if multi and not secret_hex:
-        raise UserError(
-            f"--strategy ps on several machines needs {wire.SECRET_ENV} set to the same "
-            "hex string on each (for example: openssl rand -hex 32)"
-        )
-    try:
-        secret = bytes.fromhex(secret_hex or wire.new_secret())
-    except ValueError:
-        raise UserError(f"{wire.SECRET_ENV} must be a hex string") from None
-    if len(secret) < 16:
-        raise UserError(f"{wire.SECRET_ENV} must hold at least 16 bytes (32 hex digits)")
+    secret = bytes.fromhex(os.environ.get(wire.SECRET_ENV, "") or wire.new_secret())
     if multi:
         host, port = parse_endpoint(cluster.rdzv_endpoint)
         local_host, address = _local_address(host, port), f"tcp://{host}:{port}"
@@ -108,8 +118,12 @@ def _run(group: RoleGroup, node: Peer, num_workers: int, coordinator: Coordinato
     _watch(group, node, num_workers)
     if coordinator is not None:
         while not coordinator.all_workers_done():
+            if not coordinator.is_alive():
+                raise LaunchFailed("the coordinator stopped unexpectedly")
             _check_servers(group.poll())
             time.sleep(0.1)
+        if len(coordinator.dead) >= coordinator.num_workers:
+            raise LaunchFailed("every worker failed")
         coordinator.finish()
     while group.running:  # this node's servers, until the coordinator shuts them down
         _check_servers(group.poll())
@@ -139,15 +153,20 @@ def _watch(group: RoleGroup, node: Peer, num_workers: int) -> None:
     here, so that the job can end.
     """
     done, last_status = 0, 0.0
+    node.timeout_ms = 20_000  # registered: the coordinator answers at once from now on
     while done < num_workers:
         if time.monotonic() - last_status > 0.5:
             last_status = time.monotonic()
-            status, _ = node.call({"op": "status"})
+            try:
+                status, _ = node.call({"op": "status"})
+            except PeerError:  # the job is ending on node 0 (or node 0 is gone)
+                status = {"dropped": []}
             for rank in status["dropped"]:
                 group.kill("worker", rank)
         for role, code in group.poll():
             if role.role == "server":
-                _check_servers([(role, code or 1)])
+                _check_servers([(role, code)])
+                continue
             done += 1
             if code != 0:
                 node.call({"op": "worker_died", "worker": role.rank, "code": code})

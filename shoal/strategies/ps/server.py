@@ -96,6 +96,7 @@ class Server:
         self.tables: dict[str, SparseTable] = {}
         self.pending: dict[int, _Pending] = {}
         self.parked: list[tuple[bytes, dict[str, Any], list[torch.Tensor]]] = []
+        self.left_early: set[int] = set()
         self.running = True
 
     # --- loop ---------------------------------------------------------------------------
@@ -113,8 +114,8 @@ class Server:
     def handle(self, peer: bytes, frames: list[Any]) -> None:
         size = wire.message_bytes(frames)
         self.stats.bytes_in += size
-        rid = wire.request_id(frames)
         try:
+            rid = wire.request_id(frames)
             header, tensors = wire.decode(frames, self.max_bytes)
             self._count_peer(peer, header, received=size)
             reply = self.auth.handle(peer, header)
@@ -126,7 +127,7 @@ class Server:
         except wire.WireError as e:
             self.stats.rejected[e.kind] += 1
             self.send(peer, {"op": "error", "id": rid, "kind": e.kind, "error": str(e)})
-        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+        except Exception as e:  # whatever a bad message does, the shard keeps serving
             self.stats.rejected["malformed"] += 1
             error = f"{type(e).__name__}: {e}"[:200]
             self.send(peer, {"op": "error", "id": rid, "kind": "malformed", "error": error})
@@ -153,11 +154,13 @@ class Server:
             self.init(header, tensors)
             self.send(peer, {"op": "ok", "id": rid})
         elif op == "pull":
+            self._check_pull(header, tensors)
             self.parked.append((peer, header, tensors))
         elif op == "push":
             self.push(header, tensors)
             self.send(peer, {"op": "ok", "id": rid})
         elif op == "leave":
+            self.left_early.add(int(header["worker"]))
             if self.clocks is not None:
                 self.clocks.leave(int(header["worker"]))
                 self._complete_bsp()
@@ -196,16 +199,41 @@ class Server:
                 int(spec["dim"]), float(spec["init_std"]), int(spec["seed"]), self.optimizer
             )
         self.clocks = Clocks(self.mode, self.staleness_bound, int(header["workers"]))
+        for worker in self.left_early:  # died before this shard was initialised
+            self.clocks.leave(worker)
+
+    def _check_pull(self, header: dict[str, Any], tensors: list[torch.Tensor]) -> None:
+        """Refuse a pull now rather than park something that can never be answered."""
+        names = header.get("tables", [])
+        if not isinstance(names, list) or len(names) != len(tensors):
+            raise wire.WireError("malformed", "pull: tables and id tensors differ in number")
+        for name, ids in zip(names, tensors):
+            if self.clocks is not None and name not in self.tables:
+                raise wire.WireError("malformed", f"pull: no table {str(name)[:32]!r}")
+            if ids.dim() != 1 or ids.dtype not in (torch.int64, torch.int32):
+                raise wire.WireError("malformed", "pull: ids must be a 1-d integer tensor")
 
     def _answer_parked(self) -> None:
         if self.clocks is None:
             return
         still = []
         for peer, header, tensors in self.parked:
-            if self.clocks.can_read(int(header["clock"])):
-                self._pull(peer, header, tensors)
-            else:
+            if not self.clocks.can_read(header["clock"]):
                 still.append((peer, header, tensors))
+                continue
+            try:
+                self._pull(peer, header, tensors)
+            except Exception as e:  # e.g. parked before init named a table that never came
+                self.stats.rejected["malformed"] += 1
+                self.send(
+                    peer,
+                    {
+                        "op": "error",
+                        "id": header.get("id"),
+                        "kind": "malformed",
+                        "error": str(e)[:200],
+                    },
+                )
         self.parked = still
         queue = len(self.parked) + sum(len(p.contributors) for p in self.pending.values())
         self.stats.max_queue = max(self.stats.max_queue, queue)
@@ -231,22 +259,31 @@ class Server:
         if self.clocks is None:
             raise wire.WireError("malformed", "push before init")
         worker, clock = int(header["worker"]), int(header["clock"])
-        if (
-            worker in self.clocks.left
-        ):  # dropped (dead, or silent too long): its work no longer counts
+        if worker in self.clocks.left:  # dropped (dead, or silent too long): no longer counts
             self.stats.rejected["dropped_worker"] += 1
             return
+        if not 0 <= worker < len(self.clocks.clock):
+            raise wire.WireError("malformed", f"push: no worker {worker}")
         dense, rest = tensors[: len(self.dense)], tensors[len(self.dense) :]
         names = header.get("tables", [])
         if len(rest) != 2 * len(names) or (dense and len(dense) != len(self.dense)):
             raise wire.WireError("malformed", "push: tensors do not match the declared keys")
-        rows = {
-            n: (rest[2 * i].to(torch.int64), rest[2 * i + 1].float()) for i, n in enumerate(names)
-        }
+        for d, p in zip(dense, self.dense):
+            if d.numel() != p.numel():
+                raise wire.WireError("malformed", "push: dense gradient of the wrong size")
+        rows: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        for i, n in enumerate(names):  # a table may appear more than once: keep every part
+            ids, grads = rest[2 * i].to(torch.int64), rest[2 * i + 1].float()
+            table = self.tables.get(n)
+            if table is None or ids.dim() != 1 or grads.shape != (len(ids), table.dim):
+                raise wire.WireError("malformed", f"push: bad rows for table {str(n)[:32]!r}")
+            rows.setdefault(n, ([], []))
+            rows[n][0].append(ids)
+            rows[n][1].append(grads)
         self.stats.staleness[max(0, clock - int(header.get("read_clock", clock)))] += 1
         self.clocks.pushed(worker, clock)
         if self.mode != "bsp":
-            self._apply(dense, {n: ([i], [g]) for n, (i, g) in rows.items()}, 1, clock)
+            self._apply(dense, rows, 1, clock)
             return
         p = self.pending.setdefault(clock, _Pending())
         p.contributors.add(worker)
@@ -258,8 +295,8 @@ class Server:
             )
         for n, (i, g) in rows.items():
             p.rows.setdefault(n, ([], []))
-            p.rows[n][0].append(i)
-            p.rows[n][1].append(g)
+            p.rows[n][0].extend(i)
+            p.rows[n][1].extend(g)
         self._complete_bsp()
 
     def _complete_bsp(self) -> None:

@@ -98,6 +98,12 @@ class ParameterServer(Strategy):
     needs_process_group: ClassVar[bool] = False
 
     @classmethod
+    def check(cls, job: JobConfig) -> None:
+        from shoal.strategies.ps.launch import check_job
+
+        check_job(job)
+
+    @classmethod
     def launch(cls, job: JobConfig, config_path: str) -> None:
         from shoal.strategies.ps.launch import launch_ps
 
@@ -138,6 +144,8 @@ class ParameterServer(Strategy):
             module.attach(self._rows)
         self.table_names = {id(m): n for n, m in self.tables.items()}
         self.touched: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+        self.prefetched: dict[tuple[str, int], tuple[torch.Tensor, list[int]]] = {}
+        self.prefetches = any(m.input_ids is not None for m in self.tables.values())
         self.params = dict(model.named_parameters())
         plan = dense_plan([(n, p.numel()) for n, p in self.params.items()], num_shards)
         self.by_shard = [[s for s in plan if s.shard == k] for k in range(num_shards)]
@@ -188,15 +196,38 @@ class ParameterServer(Strategy):
             for s, v in zip(slices, values):
                 self.params[s.name].view(-1)[s.start : s.stop].copy_(v)
 
+    def _send_row_pulls(self, name: str, unique: torch.Tensor, clock: int) -> list[int]:
+        shard_of = row_shard(unique, self.num_shards)
+        header = {"op": "pull", "clock": clock, "dense": False, "tables": [name]}
+        return [
+            peer.send(header, [unique[shard_of == k]]) for k, peer in enumerate(self.client.shards)
+        ]
+
+    def prefetch(self, batch: Batch) -> None:
+        """Ask now for the rows the next step will touch; they arrive while this one computes.
+
+        The request carries the next clock, so under bsp the shard answers it only
+        after this step's update: prefetched rows are never staler than the mode allows.
+        """
+        for name, module in self.tables.items():
+            if module.input_ids is not None:
+                unique = torch.unique(module.input_ids(batch[0]))
+                key = (name, self.clock + 1)
+                self.prefetched[key] = (unique, self._send_row_pulls(name, unique, self.clock + 1))
+
     def _rows(self, module: SparseEmbedding, ids: torch.Tensor) -> torch.Tensor:
-        """Row source of the model's tables: pull this batch's distinct rows, once each."""
+        """Row source of the model's tables: this batch's distinct rows, once each."""
         name = self.table_names[id(module)]
         unique, inverse = torch.unique(ids, return_inverse=True)
         shard_of = row_shard(unique, self.num_shards)
-        parts = [unique[shard_of == k] for k in range(self.num_shards)]
-        header = {"op": "pull", "clock": self.clock, "dense": False, "tables": [name]}
-        replies = self.client.call_all([(header, [p]) for p in parts])
-        values = torch.empty(len(unique), module.dim)
+        ahead = self.prefetched.pop((name, self.clock), None)
+        if ahead is not None and not torch.equal(ahead[0], unique):
+            for peer, rid in zip(self.client.shards, ahead[1]):
+                peer.recv(rid)  # not what this forward asked for: drain and pull afresh
+            ahead = None
+        rids = ahead[1] if ahead is not None else self._send_row_pulls(name, unique, self.clock)
+        replies = [peer.recv(rid) for peer, rid in zip(self.client.shards, rids)]
+        values = torch.empty(len(unique), module.dim, device=ids.device)
         for k, (_, (rows,)) in enumerate(replies):
             values[shard_of == k] = rows
         leaf = values.requires_grad_()
@@ -249,11 +280,11 @@ class ParameterServer(Strategy):
 
     def close(self) -> None:
         """Tell the servers and the coordinator this worker is done."""
-        self.heartbeat.stop()
         leave = {"op": "leave", "worker": self.worker}
         try:
             self.client.call_all([(leave, [])] * len(self.client.shards))
             self.coordinator.call(leave)
         finally:
+            self.heartbeat.stop()  # only now: a slow goodbye must not look like a hang
             self.client.close()
             self.coordinator.close()

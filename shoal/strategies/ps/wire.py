@@ -78,10 +78,15 @@ def decode(frames: list[Any], max_bytes: int) -> tuple[dict[str, Any], list[torc
         raise WireError("oversized", f"header of {head.nbytes} bytes")
     try:
         header = json.loads(bytes(head))
-    except (UnicodeDecodeError, ValueError):
+    except Exception:  # not JSON, or hostile JSON (deep nesting: RecursionError)
         raise WireError("malformed", "header is not JSON") from None
     if not isinstance(header, dict) or not isinstance(header.get("op"), str):
         raise WireError("malformed", "header is not an object with an op")
+    for key in ("clock", "worker", "read_clock"):
+        if key in header and not (
+            isinstance(header[key], int) and not isinstance(header[key], bool)
+        ):
+            raise WireError("malformed", f"{key} must be an integer")
     spec = header.get("t", [])
     if not isinstance(spec, list) or len(spec) != len(frames) - 1:
         raise WireError(
@@ -112,7 +117,7 @@ def request_id(frames: list[Any]) -> int | None:
     try:
         head = frames[0]
         header = json.loads(bytes(head.buffer if hasattr(head, "buffer") else head))
-    except (IndexError, ValueError, UnicodeDecodeError, TypeError):
+    except Exception:
         return None
     rid = header.get("id") if isinstance(header, dict) else None
     return rid if isinstance(rid, int) and not isinstance(rid, bool) else None
