@@ -53,13 +53,32 @@ def save(run_dir: str | os.PathLike, step: int, state: dict[str, Any], keep: int
         os.fsync(fh.fileno())
     meta = {"step": step, "sha256": _sha256(raw), "bytes": len(raw)}
     (tmp / META_FILE).write_text(json.dumps(meta))
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(tmp, final)
+    if final.exists():  # swap by renames: at every instant one complete copy has the real name
+        trash = root / f".old-step-{step:08d}-{os.getpid()}"
+        os.rename(final, trash)
+        os.rename(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
     _fsync_dir(root)
-    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    prune(run_dir, step, keep)
     return final
+
+
+def step_of(path: Path) -> int:
+    return int(path.name.removeprefix("step-"))
+
+
+def prune(run_dir: str | os.PathLike, step: int, keep: int) -> None:
+    """After saving ``step``: drop checkpoints from beyond it (left over from before a
+    resume that fell back), then all but the newest ``keep``."""
+    existing = list_checkpoints(run_dir)
+    for path in existing:
+        if step_of(path) > step:
+            shutil.rmtree(path, ignore_errors=True)
+    kept = [p for p in existing if step_of(p) <= step]
+    for old in kept[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _fsync_dir(path: Path) -> None:

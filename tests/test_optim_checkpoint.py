@@ -78,3 +78,19 @@ def test_corrupt_newest_falls_back_to_previous(tmp_path, capsys):
 
 def test_no_checkpoint(tmp_path):
     assert checkpoint.load_latest(tmp_path) is None
+
+
+def test_saving_after_a_fallback_drops_the_stale_future(tmp_path):
+    for step in (100, 200):
+        checkpoint.save(tmp_path, step, {"v": torch.ones(1) * step}, keep=1 if step == 200 else 3)
+    # pretend step-200 was corrupt and the run resumed from 100: its next save is 150
+    checkpoint.save(tmp_path, 150, {"v": torch.zeros(1)}, keep=1)
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step-00000150"]
+
+
+def test_saving_the_same_step_twice_replaces_it(tmp_path):
+    checkpoint.save(tmp_path, 5, {"v": torch.ones(1)})
+    checkpoint.save(tmp_path, 5, {"v": torch.zeros(1)})
+    path, state = checkpoint.load_latest(tmp_path)
+    assert path.name == "step-00000005" and state["v"].item() == 0
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000005"]

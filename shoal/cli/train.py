@@ -109,8 +109,14 @@ def prepare_run_dir(job: JobConfig) -> Path:
     if job.output.resume:
         if not checkpoint.list_checkpoints(out):
             raise UserError(f"--resume {out}: no checkpoint to resume from in {out}/checkpoints")
-        if checkpoint.load_latest(out) is None:
+        latest = checkpoint.load_latest(out)
+        if latest is None:
             raise UserError(f"--resume {out}: every checkpoint is corrupt")
+        if 0 < job.train.steps <= latest[1]["step"]:
+            raise UserError(
+                f"--resume {out}: the run is already at step {latest[1]['step']}; "
+                f"give --steps above it to continue"
+            )
     elif job.cluster.node_rank == 0 and out.exists() and any(out.iterdir()):
         raise UserError(f"run directory {out} already exists; choose another --out or --resume it")
     check_port(job.cluster)
