@@ -41,6 +41,8 @@ from shoal.strategies.ps import wire
 from shoal.strategies.ps.client import Client
 from shoal.strategies.ps.placement import dense_plan
 
+MAX_MESSAGE_BYTES = 1 << 26
+"""The coordinator only ever receives small telemetry rows and control messages."""
 HEARTBEAT_LOST = -1000
 """The exit code recorded for a worker dropped for missing heartbeats."""
 ENDPOINTS_FILE = "ps_endpoints.json"
@@ -100,7 +102,7 @@ class Coordinator(threading.Thread):
             frames = self.sock.recv_multipart(copy=False)
             peer = frames[0].bytes
             try:
-                header, tensors = wire.decode(frames[1:], 1 << 26)
+                header, tensors = wire.decode(frames[1:], MAX_MESSAGE_BYTES)
                 reply = self.auth.handle(peer, header)
                 if reply is None:
                     self.auth.check(peer)

@@ -89,6 +89,8 @@ class Server:
             self.address = bind
         self.stats = ServerStats()
         self.names: dict[bytes, str] = {}
+        self.claimed: dict[bytes, str] = {}
+        self.pending_name: tuple[bytes, str] | None = None
         self.clocks: Clocks | None = None
         self.keys: list[str] = []
         self.dense: list[torch.Tensor] = []
@@ -119,6 +121,9 @@ class Server:
             header, tensors = wire.decode(frames, self.max_bytes)
             self._count_peer(peer, header, received=size)
             reply = self.auth.handle(peer, header)
+            if reply is not None and self.pending_name and self.pending_name[0] == peer:
+                self.names[peer] = self.pending_name[1]  # the handshake succeeded
+            self.pending_name = None
             if reply is None:
                 self.auth.check(peer)
                 self.dispatch(peer, header, tensors)
@@ -142,8 +147,11 @@ class Server:
         self.sock.send_multipart([peer, *frames], copy=False)
 
     def _count_peer(self, peer: bytes, header: dict[str, Any], received: int) -> None:
+        """Per-peer traffic, under the name a peer gave, once it has proven the secret."""
         if header["op"] == "hello" and isinstance(header.get("who"), str):
-            self.names[peer] = header["who"][:64]
+            self.claimed[peer] = header["who"][:64]
+        elif header["op"] == "auth" and peer in self.claimed:
+            self.pending_name = (peer, self.claimed.pop(peer))
         name = self.names.get(peer)
         if name is not None:
             self.stats.peer_bytes.setdefault(name, [0, 0])[0] += received

@@ -189,6 +189,8 @@ class Authenticator:
         """Answer a handshake message, or ``None`` if ``header`` is not one."""
         op = header["op"]
         if op == "hello":
+            if len(self.nonces) > 10_000:  # many half-open handshakes: forget the oldest
+                self.nonces.pop(next(iter(self.nonces)))
             nonce = secrets.token_hex(16)
             self.nonces[peer] = nonce
             return {"op": "challenge", "nonce": nonce}
