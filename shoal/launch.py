@@ -175,9 +175,6 @@ class RoleGroup:
             )
         self.exit_codes: dict[int, int] = {}
 
-    def pids(self) -> list[int]:
-        return [next(iter(c.pids().values())) for c in self.contexts]
-
     def poll(self) -> list[tuple[Role, int]]:
         """Roles that exited since the last call, with their exit codes (negative: signal)."""
         exited = []

@@ -74,6 +74,7 @@ class Coordinator(threading.Thread):
         if not bind.endswith(":0"):
             self.sock.bind(bind)
         self.servers: dict[int, str] = {}
+        self.shards_up = False
         self.waiting: list[tuple[bytes, Any]] = []
         self.windows: dict[int, dict[int, tuple[torch.Tensor, dict[str, Any]]]] = {}
         self.rows: dict[str, dict[int, torch.Tensor]] = {"counts": {}, "totals": {}}
@@ -191,9 +192,9 @@ class Coordinator(threading.Thread):
         if not self.num_servers or len(self.servers) < self.num_servers:
             return
         addresses = [self.servers[k] for k in range(self.num_servers)]
-        if self.waiting or not (self.out / ENDPOINTS_FILE).exists():
-            self._tell_shards_dead(sorted(self.dead))  # workers that died before all shards were up
-        if not (self.out / ENDPOINTS_FILE).exists():
+        if not self.shards_up:  # the first time every shard is registered
+            self.shards_up = True
+            self._tell_shards_dead(sorted(self.dead))  # workers that died before that
             endpoints = {"coordinator": self.address, "servers": addresses}
             write_atomic(self.out / ENDPOINTS_FILE, json.dumps(endpoints, indent=2) + "\n")
         for peer, rid in self.waiting:
@@ -221,7 +222,7 @@ class Coordinator(threading.Thread):
 
     def _tell_shards_dead(self, workers: list[int]) -> None:
         """Every shard stops waiting for ``workers`` (later, once all shards are up)."""
-        if not workers or not self.num_servers or len(self.servers) < self.num_servers:
+        if not workers or not self.shards_up:
             return
         client = self._client()
         try:
