@@ -68,16 +68,16 @@ def time_ps(address: str, payload: torch.Tensor, reps: int) -> list[float]:
         max_bytes=2 * payload.nbytes,
     )
     peer.call(
-        {"op": "init", "workers": 1, "total_steps": 10**9, "keys": ["w@0"], "tables": []}, [payload]
+        {"op": "init", "parts": 1, "total_steps": 10**9, "keys": ["w@0"], "tables": []}, [payload]
     )
     out = []
-    for clock in range(reps):
+    for step in range(reps):
         start = time.perf_counter()
         push = peer.send(
-            {"op": "push", "worker": 0, "clock": clock, "read_clock": clock, "tables": []},
+            {"op": "push", "step": step, "part": 0, "read_through": step - 1, "tables": []},
             [payload],
         )
-        pull = peer.send({"op": "pull", "clock": clock + 1, "tables": []})
+        pull = peer.send({"op": "pull", "step": step + 1, "tables": []})
         peer.recv(push)
         _, (values,) = peer.recv(pull)
         assert values.numel() == payload.numel()

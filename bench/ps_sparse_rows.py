@@ -47,15 +47,15 @@ def time_ps(address: str, ids: list[torch.Tensor], dim: int) -> float:
     from shoal.strategies.ps.client import Peer
 
     peer = Peer(zmq.Context.instance(), address, b"b" * 32, "bench", CommCounter())
-    init = {"op": "init", "workers": 1, "total_steps": 10**9, "keys": [], "tables": []}
+    init = {"op": "init", "parts": 1, "total_steps": 10**9, "keys": [], "tables": []}
     init["tables"] = [{"name": "t", "dim": dim, "init_std": 0.01, "seed": 0}]
     peer.call(init)
     start = time.perf_counter()
-    for clock, batch in enumerate(ids):
+    for step, batch in enumerate(ids):
         _, (rows,) = peer.call(
-            {"op": "pull", "clock": clock, "dense": False, "tables": ["t"]}, [batch]
+            {"op": "pull", "step": step, "dense": False, "tables": ["t"]}, [batch]
         )
-        push = {"op": "push", "worker": 0, "clock": clock, "read_clock": clock, "tables": ["t"]}
+        push = {"op": "push", "step": step, "part": 0, "read_through": step - 1, "tables": ["t"]}
         peer.call(push, [batch, torch.ones_like(rows)])
     elapsed = time.perf_counter() - start
     peer.call({"op": "shutdown"})

@@ -106,7 +106,7 @@ class StrategyConfig:
         "parameter-server consistency: bsp (lock step), asp (async), ssp (bounded staleness)",
         choices=("bsp", "asp", "ssp"),
     )
-    staleness: int = _f(3, "ssp: how many clocks a worker may run ahead of the slowest")
+    staleness: int = _f(3, "ssp: how many steps a task may run ahead of the oldest unfinished step")
     ps_max_message_mb: float = _f(1024.0, "parameter server: largest message accepted, in MB")
     heartbeat_timeout: float = _f(
         5.0, "parameter server: seconds without a heartbeat before a worker is dropped"

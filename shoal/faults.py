@@ -1,12 +1,14 @@
 """Fault injection for tests and demos, driven by the ``SHOAL_FAULT`` variable.
 
 ``SHOAL_FAULT="crash:rank=1:step=150"`` makes rank 1 kill itself with SIGKILL
-right after finishing global step 150, as a machine failure would: no cleanup,
+right after finishing global step 150 (or the first one after it, where
+work comes from a queue), as a machine failure would: no cleanup,
 no flushing, no goodbye to its peers. ``hang:rank=1:step=150`` makes it stop
 itself with SIGSTOP instead: alive, silent, holding its sockets.
 ``slow:rank=1:ms=20`` makes rank 1 sleep
-20 ms after every step (from ``step``, default 0): a straggler.
-``slow:rank=*:ms=40:prob=0.25`` makes every rank sleep 40 ms after a random
+20 ms in the forward pass of every step (from ``step``, default 0): a straggler
+whose compute is slow, so its gradients are as stale as a slow device makes them.
+``slow:rank=*:ms=40:prob=0.25`` makes every rank sleep 40 ms in a random
 quarter of its steps (seeded per rank): stragglers that come and go. Several
 faults are separated by ``;``.
 """
@@ -70,12 +72,17 @@ class Injector:
         spec = os.environ.get(ENV, "") if spec is None else spec
         self.faults = [f for f in parse(spec) if f.rank in (rank, -1)]
         self.random = random.Random(rank)
+        self.fired: set[Fault] = set()
+
+    def in_step(self, step: int) -> None:
+        """Called in the forward pass of global step ``step`` (counted from 1)."""
+        for fault in self.faults:
+            if fault.kind == "slow" and step >= fault.step and self.random.random() < fault.prob:
+                time.sleep(fault.ms / 1000)
 
     def after_step(self, step: int) -> None:
+        """Called after each task, with its global step + 1 (a queue may skip steps)."""
         for fault in self.faults:
-            if fault.kind == "crash" and fault.step == step:
-                os.kill(os.getpid(), signal.SIGKILL)
-            elif fault.kind == "hang" and fault.step == step:
-                os.kill(os.getpid(), signal.SIGSTOP)
-            elif fault.kind == "slow" and step >= fault.step and self.random.random() < fault.prob:
-                time.sleep(fault.ms / 1000)
+            if fault.kind in ("crash", "hang") and step >= fault.step and fault not in self.fired:
+                self.fired.add(fault)
+                os.kill(os.getpid(), signal.SIGKILL if fault.kind == "crash" else signal.SIGSTOP)

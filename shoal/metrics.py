@@ -13,10 +13,11 @@ from typing import IO, Any, Protocol
 
 import torch
 
-PHASES = ("data", "forward_backward", "comm", "optimizer")
-"""Per-phase times recorded each step. ``comm`` is the time collectives were in
-flight; with overlap it runs *inside* ``forward_backward``, so the phases do not
-add up to the step time."""
+PHASES = ("wait", "data", "forward_backward", "comm", "optimizer")
+"""Per-phase times recorded each step. ``wait`` is time spent waiting for work
+(a parameter-server task from the coordinator's queue; next to nothing
+elsewhere). ``comm`` is the time collectives were in flight; with overlap it
+runs *inside* ``forward_backward``, so the phases do not add up to the step time."""
 
 
 SUMMARY_FILE = "summary.json"

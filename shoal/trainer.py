@@ -18,7 +18,7 @@ import torch
 
 from shoal import checkpoint
 from shoal.config import JobConfig, dumps_toml, write_atomic
-from shoal.data import Dataset, GlobalBatchSampler, build_dataset
+from shoal.data import Dataset, GlobalBatchSampler, Task, build_dataset
 from shoal.dist import DistEnv
 from shoal.faults import Injector
 from shoal.metrics import (
@@ -135,6 +135,7 @@ class Trainer:
 
     def loss_fn(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         x, y = batch
+        self.faults.in_step(self.step + 1)
         return per_sample_loss(self.data.task, model(x), y)
 
     def run(self) -> None:
@@ -151,24 +152,29 @@ class Trainer:
         self._start = time.perf_counter()
         timer = PhaseTimer(self.env.device)
         window = _Window(torch.zeros((), device=self.env.device, dtype=torch.float64))
+        work = self.strategy.work(self.sampler, self.step, self.total_steps)
         try:
-            while self.step < self.total_steps:
+            while True:
+                with timer.phase("wait"):
+                    task = work.next()
+                if task is None:
+                    break
                 with timer.phase("data"):
-                    idx, global_batch = self.sampler.next_batch()
-                    batch = self._batch(idx)
-                    if self.strategy.prefetches and self.step + 1 < self.total_steps:
-                        self.strategy.prefetch(self._batch(self.sampler.peek()))
-                scale = self.sampler.loss_scale(global_batch)
+                    batch = self._batch(task.indices)
+                    ahead = work.peek() if self.strategy.prefetches else None
+                    if ahead is not None:
+                        self.strategy.prefetch(self._batch(ahead.indices))
                 lr = self.strategy.lr
-                loss_sum = self.strategy.train_step(batch, self.loss_fn, scale, timer)
-                self.step += 1
+                self.step = task.step  # until it is done
+                loss_sum = self.strategy.train_step(batch, self.loss_fn, task.loss_scale, timer)
+                self.step = task.step + 1
                 window.loss_sum += loss_sum
-                window.count += len(idx)
-                window.global_samples += global_batch
+                window.count += len(task.indices)
+                window.global_samples += task.global_batch
                 window.steps += 1
                 last = self.step == self.total_steps
-                if self.step % t.log_every == 0 or last:
-                    record = self._log(window, timer, lr)
+                if work.log_now(self.step):
+                    record = self._log(window, timer, lr, task)
                     window = _Window(torch.zeros_like(window.loss_sum))
                     if metrics is not None and record is not None:
                         metrics.write(record)
@@ -195,14 +201,17 @@ class Trainer:
     def wall_time(self) -> float:
         return self.wall_offset + time.perf_counter() - self._start
 
-    def _log(self, window: _Window, timer: PhaseTimer, lr: float) -> dict[str, Any] | None:
+    def _log(
+        self, window: _Window, timer: PhaseTimer, lr: float, task: Task
+    ) -> dict[str, Any] | None:
         """Every rank contributes its window; the writer builds the record."""
         phases = timer.take()
         comm = self.strategy.comm
         local = window_row(window.loss_sum.item(), window.count, comm.sent, comm.received, phases)
-        epoch = self.sampler.epoch + self.sampler.step_in_epoch / self.sampler.steps_per_epoch
+        epoch = self.step / self.sampler.steps_per_epoch
         meta = {
             "step": self.step,
+            "task": [task.step, task.part],
             "epoch": epoch,
             "lr": lr,
             "steps": window.steps,

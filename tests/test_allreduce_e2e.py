@@ -75,6 +75,7 @@ def test_run_directory_contents(linear_runs):
         "bytes_sent",
         "bytes_received",
         "wall_time",
+        "t_wait",
         "t_data",
         "t_forward_backward",
         "t_comm",

@@ -1,4 +1,4 @@
-"""Parameter-server parts in one process: placement, wire, optimizers, rows, clocks."""
+"""Parameter-server parts in one process: placement, wire, optimizers, rows, steps, tasks."""
 
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ from shoal.config import OptimConfig
 from shoal.metrics import CommCounter
 from shoal.strategies.ps import wire
 from shoal.strategies.ps.client import Peer, PeerError
-from shoal.strategies.ps.consistency import Clocks
+from shoal.strategies.ps.consistency import Steps
 from shoal.strategies.ps.optim import ServerOptimizer
 from shoal.strategies.ps.placement import dense_plan, row_shard, shard_bytes
 from shoal.strategies.ps.server import Server
 from shoal.strategies.ps.storage import SparseTable, hashed_uniform, sum_rows
+from shoal.strategies.ps.tasks import TaskQueue
 
 
 def test_dense_plan_balances_bytes_and_covers_every_element():
@@ -118,7 +119,7 @@ def test_sparse_table_creates_rows_lazily_and_deterministically():
     torch.testing.assert_close(ra[0], rb[1])  # row 5: same value whatever came first
     assert ra.abs().max() <= 0.1 * 3**0.5 and ra.std() > 0.01
     before = a.read(torch.tensor([3])).clone()
-    a.apply(torch.tensor([5]), torch.ones(1, 4), clock=0)
+    a.apply(torch.tensor([5]), torch.ones(1, 4), step=0)
     assert torch.equal(a.read(torch.tensor([3])), before)  # untouched row unchanged
     assert a.state["sum"][a.slots(torch.tensor([3]))].abs().sum() == 0
     for i in range(2000):  # growth keeps rows
@@ -138,20 +139,40 @@ def test_sum_rows_adds_duplicates():
     assert ids.tolist() == [1, 3] and grads.tolist() == [[3.0, 3.0], [1.0, 1.0]]
 
 
-def test_clocks():
-    bsp = Clocks("bsp", 5, 2)
+def test_steps_bound_reads_by_applied_steps():
+    bsp = Steps("bsp", 5, 2)
     assert bsp.can_read(0) and not bsp.can_read(1)
-    bsp.pushed(0, 0)
-    assert not bsp.can_read(1)
-    bsp.pushed(1, 0)
-    assert bsp.can_read(1)
-    ssp = Clocks("ssp", 2, 2)
-    for c in range(3):
-        ssp.pushed(0, c)
-    assert ssp.can_read(2) and not ssp.can_read(3)
-    ssp.leave(1)
-    assert ssp.can_read(3)
-    assert Clocks("asp", 0, 2).can_read(100)
+    assert not bsp.received(0, 1)
+    assert not bsp.can_read(1) and not bsp.is_new(0, 1) and bsp.is_new(0, 0)
+    assert bsp.received(0, 0)
+    bsp.applied(0)
+    assert bsp.can_read(1) and not bsp.is_new(0, 0) and bsp.applied_through == 0
+    ssp = Steps("ssp", 2, 1)
+    for step in (0, 2, 1):  # out of order: applied_through waits for step 1
+        ssp.received(step, 0)
+        ssp.applied(step)
+        assert ssp.applied_through == (0 if step != 1 else 2)
+    assert ssp.can_read(5) and not ssp.can_read(6)
+    assert Steps("asp", 0, 2).can_read(100)
+
+
+def test_task_queue_hands_out_in_order_bounded_and_requeues_lost_tasks():
+    q = TaskQueue(total_steps=3, parts=2, mode="ssp", staleness=0)
+    assert [q.take(0), q.take(1)] == [(0, 0), (0, 1)]
+    assert q.take(0) is None  # step 1 may not read before step 0 is finished
+    assert q.finish(0, (0, 0)) and q.take(0) is None
+    assert q.lose(1) == [(0, 1)]
+    assert q.take(0) == (0, 1)  # a lost task comes back first
+    assert q.finish(0, (0, 1)) and q.finished_through == 0
+    assert not q.finish(1, (0, 1))  # a zombie's report of the same task counts once
+    assert not q.finish(0, (2, 0))  # never handed out
+    assert [q.take(0), q.take(0)] == [(1, 0), (1, 1)]
+    for part in (1, 0):
+        assert q.finish(0, (1, part))
+    assert [q.take(1), q.take(1), q.take(1)] == [(2, 0), (2, 1), None]
+    assert q.finish(1, (2, 0)) and q.finish(1, (2, 1)) and q.done
+    asp = TaskQueue(total_steps=10, parts=1, mode="asp", staleness=0)
+    assert [asp.take(0) for _ in range(3)] == [(0, 0), (1, 0), (2, 0)]  # no bound
 
 
 @pytest.fixture
@@ -170,26 +191,26 @@ def test_server_bsp_round_and_refusals(server):
     peers = [
         Peer(ctx, server.address, b"k" * 32, f"w{i}", CommCounter(), timeout_s=5) for i in range(2)
     ]
-    init = {"op": "init", "workers": 2, "total_steps": 10, "keys": ["w@0"], "tables": []}
+    init = {"op": "init", "parts": 2, "total_steps": 10, "keys": ["w@0"], "tables": []}
     for p in peers:
         p.call(init, [torch.zeros(4)])
     rid = peers[0].send(
-        {"op": "push", "worker": 0, "clock": 0, "read_clock": 0, "tables": []}, [torch.ones(4)]
+        {"op": "push", "step": 0, "part": 0, "read_through": -1, "tables": []}, [torch.ones(4)]
     )
     peers[0].recv(rid)
-    parked = peers[0].send({"op": "pull", "clock": 1, "tables": []})
-    assert not peers[0].sock.poll(300)  # BSP: waits for worker 1
+    parked = peers[0].send({"op": "pull", "step": 1, "tables": []})
+    assert not peers[0].sock.poll(300)  # BSP: waits for part 1 of step 0
     peers[1].call(
-        {"op": "push", "worker": 1, "clock": 0, "read_clock": 0, "tables": []}, [3 * torch.ones(4)]
+        {"op": "push", "step": 0, "part": 1, "read_through": -1, "tables": []}, [3 * torch.ones(4)]
     )
     _, (values,) = peers[0].recv(parked)
     torch.testing.assert_close(values, torch.full((4,), -0.2))  # mean gradient 2, lr 0.1
     with pytest.raises(PeerError, match="oversized"):
-        peers[0].call({"op": "push", "worker": 0, "clock": 1, "tables": []}, [torch.zeros(20000)])
+        peers[0].call({"op": "push", "step": 1, "part": 0, "tables": []}, [torch.zeros(20000)])
     assert peers[0].call({"op": "ping"})[0]["op"] == "pong"  # still served
     stranger = ctx.socket(zmq.DEALER)
     stranger.connect(server.address)
-    stranger.send_multipart(wire.encode({"op": "pull", "clock": 0, "tables": []}))
+    stranger.send_multipart(wire.encode({"op": "pull", "step": 0, "tables": []}))
     assert stranger.poll(3000)
     header, _ = wire.decode(stranger.recv_multipart(), 1 << 20)
     assert header["op"] == "error" and header["kind"] == "unauthenticated"
@@ -202,16 +223,17 @@ def test_server_bsp_round_and_refusals(server):
 def test_server_survives_hostile_and_inconsistent_requests(server):
     ctx = zmq.Context.instance()
     peer = Peer(ctx, server.address, b"k" * 32, "w0", CommCounter(), timeout_s=5)
-    init = {"op": "init", "workers": 2, "total_steps": 10, "keys": ["w@0"]}
+    init = {"op": "init", "parts": 2, "total_steps": 10, "keys": ["w@0"]}
     init["tables"] = [{"name": "t", "dim": 2, "init_std": 0.0, "seed": 0}]
     peer.call(init, [torch.zeros(4)])
     bad = [
-        ({"op": "pull", "clock": 0, "tables": ["nope"]}, [torch.tensor([1])]),  # no such table
-        ({"op": "pull", "clock": 0.5, "tables": []}, []),  # clock not an integer
-        ({"op": "push", "worker": 7, "clock": 0, "tables": []}, [torch.zeros(4)]),  # no such worker
-        ({"op": "push", "worker": 0, "clock": 0, "tables": []}, [torch.zeros(1)]),  # wrong size
+        ({"op": "pull", "step": 0, "tables": ["nope"]}, [torch.tensor([1])]),  # no such table
+        ({"op": "pull", "step": 0.5, "tables": []}, []),  # step not an integer
+        ({"op": "pull", "tables": []}, []),  # no step
+        ({"op": "push", "step": 0, "part": 7, "tables": []}, [torch.zeros(4)]),  # no such part
+        ({"op": "push", "step": 0, "part": 0, "tables": []}, [torch.zeros(1)]),  # wrong size
         (
-            {"op": "push", "worker": 0, "clock": 0, "tables": ["t"]},
+            {"op": "push", "step": 0, "part": 0, "tables": ["t"]},
             [torch.zeros(4), torch.tensor([1]), torch.ones(1, 3)],
         ),
     ]
@@ -223,13 +245,15 @@ def test_server_survives_hostile_and_inconsistent_requests(server):
     stranger.send_multipart([b"[" * 60000])  # deep nesting: RecursionError in a JSON parser
     assert stranger.poll(3000)
     stranger.close(0)
-    # a table used twice in one push: both parts count (asp-like: worker 0 and 1 push clock 0)
-    push = {"op": "push", "worker": 0, "clock": 0, "read_clock": 0, "tables": ["t", "t"]}
+    # a table used twice in one push: both parts count (bsp: parts 0 and 1 of step 0)
+    push = {"op": "push", "step": 0, "part": 0, "read_through": -1, "tables": ["t", "t"]}
     rows = [torch.tensor([1]), torch.ones(1, 2), torch.tensor([2]), torch.ones(1, 2)]
     peer.call(push, [torch.zeros(4), *rows])
-    peer.call({**push, "worker": 1}, [torch.zeros(4), *rows])
+    peer.call(push, [torch.zeros(4), *rows])  # the same task twice: counted once
+    peer.call({**push, "part": 1}, [torch.zeros(4), *rows])
     _, (values,) = peer.call(
-        {"op": "pull", "clock": 1, "dense": False, "tables": ["t"]}, [torch.tensor([1, 2])]
+        {"op": "pull", "step": 1, "dense": False, "tables": ["t"]}, [torch.tensor([1, 2])]
     )
     torch.testing.assert_close(values, torch.full((2, 2), -0.1))  # both rows moved: lr 0.1 x grad 1
     assert peer.call({"op": "ping"})[0]["op"] == "pong"
+    assert peer.call({"op": "stats"})[0]["stats"]["duplicates"] == 1

@@ -4,11 +4,20 @@ from __future__ import annotations
 
 from shoal.config import DataConfig
 from shoal.data.datasets import DATASETS, Dataset
-from shoal.data.sampler import GlobalBatchSampler, split_sizes
+from shoal.data.sampler import GlobalBatchSampler, StepWork, Task, Work, split_sizes
 from shoal.errors import UserError
 from shoal.registry import import_ref, is_user_ref, lookup
 
-__all__ = ["DATASETS", "Dataset", "GlobalBatchSampler", "build_dataset", "split_sizes"]
+__all__ = [
+    "DATASETS",
+    "Dataset",
+    "GlobalBatchSampler",
+    "StepWork",
+    "Task",
+    "Work",
+    "build_dataset",
+    "split_sizes",
+]
 
 
 def check_dataset_name(name: str) -> None:

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -22,6 +23,45 @@ def split_sizes(n: int, parts: int) -> list[int]:
     """Sizes of ``parts`` contiguous slices of ``n`` items, differing by at most 1."""
     base, extra = divmod(n, parts)
     return [base + (1 if r < extra else 0) for r in range(parts)]
+
+
+def part_slice(n: int, part: int, parts: int) -> slice:
+    """Part ``part`` of ``parts`` contiguous slices of ``n`` items."""
+    sizes = split_sizes(n, parts)
+    start = sum(sizes[:part])
+    return slice(start, start + sizes[part])
+
+
+@dataclass(frozen=True)
+class Task:
+    """One piece of work: part ``part`` of global step ``step``'s batch, cut in ``parts``."""
+
+    step: int
+    part: int
+    parts: int
+    indices: np.ndarray
+    global_batch: int
+
+    @property
+    def loss_scale(self) -> float:
+        """Turns this part's loss sum into its share of the global mean (summed over parts)."""
+        return self.parts / self.global_batch
+
+
+class Work(Protocol):
+    """Where a worker's tasks come from: its own slice of every step, or a shared queue."""
+
+    def next(self) -> Task | None:
+        """The task to compute now; ``None`` when this worker is done."""
+        ...
+
+    def peek(self) -> Task | None:
+        """The task after the current one, if it is known already (for prefetching)."""
+        ...
+
+    def log_now(self, step: int) -> bool:
+        """Whether the trainer should report telemetry after finishing a task of ``step``."""
+        ...
 
 
 class GlobalBatchSampler:
@@ -88,9 +128,12 @@ class GlobalBatchSampler:
         return self.permutation(epoch)[start : start + self.batch_size]
 
     def local_slice(self, n: int) -> slice:
-        sizes = split_sizes(n, self.world_size)
-        start = sum(sizes[: self.rank])
-        return slice(start, start + sizes[self.rank])
+        return part_slice(n, self.rank, self.world_size)
+
+    def task(self, step: int, part: int, parts: int) -> Task:
+        """Part ``part`` of global step ``step`` (counted from the start of training)."""
+        g = self.global_indices(*divmod(step, self.steps_per_epoch))
+        return Task(step, part, parts, g[part_slice(len(g), part, parts)], len(g))
 
     def peek(self) -> np.ndarray:
         """This rank's indices of the *next* global step, without moving there."""
@@ -141,3 +184,28 @@ class GlobalBatchSampler:
                 raise ValueError(f"sampler {key} changed from {state[key]} to {getattr(self, key)}")
         self.epoch = int(state["epoch"])
         self.step_in_epoch = int(state["step_in_epoch"])
+
+
+class StepWork:
+    """Every global step from ``step`` to ``total``, this rank's slice of each, in order."""
+
+    def __init__(self, sampler: GlobalBatchSampler, step: int, total: int, log_every: int) -> None:
+        self.sampler, self.step, self.total, self.log_every = sampler, step, total, log_every
+
+    def next(self) -> Task | None:
+        if self.step >= self.total:
+            return None
+        s = self.sampler
+        idx, global_batch = s.next_batch()
+        self.step += 1
+        return Task(self.step - 1, s.rank, s.world_size, idx, global_batch)
+
+    def peek(self) -> Task | None:
+        if self.step >= self.total:
+            return None
+        s = self.sampler
+        g = s.global_indices(s.epoch, s.step_in_epoch)
+        return Task(self.step, s.rank, s.world_size, g[s.local_slice(len(g))], len(g))
+
+    def log_now(self, step: int) -> bool:
+        return step % self.log_every == 0 or step == self.total

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from shoal.config import JobConfig
+from shoal.data import GlobalBatchSampler, StepWork, Work
 from shoal.dist import CollectiveGatherer, DistEnv
 from shoal.metrics import CommCounter, Gatherer, PhaseTimer
 
@@ -27,7 +28,7 @@ class Strategy(ABC):
     """One way of spreading training over processes.
 
     Lifecycle: ``__init__`` -> :meth:`setup` -> (:meth:`load_state_dict`) ->
-    :meth:`train_step` per global step -> :meth:`close`. Implementations count
+    :meth:`work` -> :meth:`train_step` per task it hands out -> :meth:`close`. Implementations count
     the bytes they put on and take off the wire in :attr:`comm`.
     """
 
@@ -70,11 +71,11 @@ class Strategy(ABC):
     def train_step(
         self, batch: Batch, loss_fn: LossFn, loss_scale: float, timer: PhaseTimer
     ) -> torch.Tensor:
-        """Run one global step on this rank's slice of the batch.
+        """Run one task: this rank's part of a global step's batch.
 
-        ``loss_scale`` turns this rank's loss *sum* into its share of the global
-        mean (see :meth:`shoal.data.GlobalBatchSampler.loss_scale`). Returns the
-        detached loss sum over this rank's samples, for logging.
+        ``loss_scale`` turns the part's loss *sum* into its share of the global
+        mean (see :attr:`shoal.data.Task.loss_scale`). Returns the detached loss
+        sum over the part's samples, for logging.
         """
 
     @abstractmethod
@@ -93,6 +94,10 @@ class Strategy(ABC):
     @abstractmethod
     def lr(self) -> float:
         """The learning rate of the step about to run."""
+
+    def work(self, sampler: GlobalBatchSampler, step: int, total_steps: int) -> Work:
+        """What this worker computes; by default its own slice of every global step."""
+        return StepWork(sampler, step, total_steps, self.job.train.log_every)
 
     def prefetch(self, batch: Batch) -> None:  # noqa: B027 - optional hook
         """Start fetching what the next step's ``batch`` will need (see :attr:`prefetches`)."""

@@ -1,12 +1,14 @@
-"""The coordinator: discovery, membership, telemetry and the final model.
+"""The coordinator: discovery, membership, the task queue, telemetry, the final model.
 
 Runs as a thread inside node 0's ``shoal train`` process (the launcher), so it
 outlives any worker or server. Servers register their addresses; workers ask
-for them; workers send their telemetry windows here and the coordinator writes
-``metrics.jsonl`` once every live worker has reported a step. When a worker
-dies, the launcher tells the coordinator, which tells every shard to stop
-waiting for it. At the end it pulls the final parameters, evaluates them and
-writes ``model.safetensors`` and ``summary.json``.
+for them, then take tasks (parts of global steps) from the
+:class:`~shoal.strategies.ps.tasks.TaskQueue`, reporting each finished task's
+telemetry with the request for the next. The coordinator writes
+``metrics.jsonl`` as steps finish and counts every sample of every epoch once.
+When a worker dies or goes silent, its tasks go back to the queue. At the end
+it pulls the final parameters, evaluates them and writes ``model.safetensors``
+and ``summary.json``.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from shoal.models.tasks import evaluate
 from shoal.strategies.ps import wire
 from shoal.strategies.ps.client import Client
 from shoal.strategies.ps.placement import dense_plan
+from shoal.strategies.ps.tasks import TaskQueue
 
 MAX_MESSAGE_BYTES = 1 << 26
 """The coordinator only ever receives small telemetry rows and control messages."""
@@ -53,7 +56,13 @@ class Coordinator(threading.Thread):
     """Bookkeeping for one parameter-server job; see the module docstring."""
 
     def __init__(
-        self, job: JobConfig, secret: bytes, bind: str, num_nodes: int, total_steps: int
+        self,
+        job: JobConfig,
+        secret: bytes,
+        bind: str,
+        num_nodes: int,
+        total_steps: int,
+        steps_per_epoch: int,
     ) -> None:
         super().__init__(name="shoal-ps-coordinator", daemon=True)
         self.job = job
@@ -63,6 +72,9 @@ class Coordinator(threading.Thread):
         self.node_waiting: list[tuple[bytes, Any, int]] = []
         self.num_servers = self.num_workers = 0
         self.total_steps = total_steps
+        self.steps_per_epoch = steps_per_epoch
+        self.queue: TaskQueue | None = None  # once every node has registered
+        self.task_waiting: list[tuple[bytes, Any, int, int]] = []  # peer, id, worker, take
         self.auth = wire.Authenticator(secret)
         self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.ROUTER)
@@ -76,8 +88,14 @@ class Coordinator(threading.Thread):
         self.servers: dict[int, str] = {}
         self.shards_up = False
         self.waiting: list[tuple[bytes, Any]] = []
-        self.windows: dict[int, dict[int, tuple[torch.Tensor, dict[str, Any]]]] = {}
-        self.rows: dict[str, dict[int, torch.Tensor]] = {"counts": {}, "totals": {}}
+        self.step_rows: dict[int, torch.Tensor] = {}  # unfinished steps: summed task rows
+        self.step_lr: dict[int, float] = {}
+        self.window: torch.Tensor | None = None  # finished steps since the last record
+        self.logged_through = 0  # steps covered by metrics records so far
+        self.worker_bytes: dict[int, tuple[float, float]] = {}  # latest (sent, received)
+        self.counts: Counter = Counter()  # samples per epoch, each task counted once
+        self.tasks_done: Counter = Counter()  # per worker
+        self.totals: dict[int, torch.Tensor] = {}
         self.left: set[int] = set()
         self.last_seen: dict[int, float] = {}
         self.dead: dict[int, int] = {}
@@ -151,10 +169,11 @@ class Coordinator(threading.Thread):
             self.waiting.append((peer, header.get("id")))
             self._answer_waiting()
             return None
+        if op == "task":
+            return self._task(peer, header, tensors)
         if op == "gather":
-            self._gather(
-                header["tag"], int(header["worker"]), header.get("meta") or {}, tensors[0].clone()
-            )
+            if header["tag"] == "totals":
+                self.totals[int(header["worker"])] = tensors[0].clone()
             return {"op": "ok"}
         if op == "leave":
             self.left.add(int(header["worker"]))
@@ -167,6 +186,10 @@ class Coordinator(threading.Thread):
             return
         self.num_workers = sum(w for w, _ in self.nodes.values())
         self.num_servers = sum(k for _, k in self.nodes.values())
+        strategy = self.job.strategy
+        self.queue = TaskQueue(
+            self.total_steps, max(1, self.num_workers), strategy.ps_mode, strategy.staleness
+        )
         title = f"ps/{self.job.strategy.ps_mode} x{self.num_workers}"
         self.progress = Progress(self.total_steps, 0, self.job.output.progress, title)
         bases, worker_base, server_base = {}, 0, 0
@@ -194,7 +217,6 @@ class Coordinator(threading.Thread):
         addresses = [self.servers[k] for k in range(self.num_servers)]
         if not self.shards_up:  # the first time every shard is registered
             self.shards_up = True
-            self._tell_shards_dead(sorted(self.dead))  # workers that died before that
             endpoints = {"coordinator": self.address, "servers": addresses}
             write_atomic(self.out / ENDPOINTS_FILE, json.dumps(endpoints, indent=2) + "\n")
         for peer, rid in self.waiting:
@@ -217,44 +239,102 @@ class Coordinator(threading.Thread):
         if worker in self.dead:
             return
         self.dead[worker] = exit_code
-        self._tell_shards_dead([worker])
-        self._flush_windows()
+        if self.queue is not None:
+            lost = self.queue.lose(worker)
+            if lost:
+                steps = ", ".join(f"{t}/{p}" for t, p in lost)
+                print(
+                    f"shoal: worker {worker}'s tasks (step/part) {steps} handed out again",
+                    file=sys.stderr,
+                )
+            self._answer_tasks()
 
-    def _tell_shards_dead(self, workers: list[int]) -> None:
-        """Every shard stops waiting for ``workers`` (later, once all shards are up)."""
-        if not workers or not self.shards_up:
-            return
-        client = self._client()
-        try:
-            for worker in workers:
-                client.call_all([({"op": "leave", "worker": worker}, [])] * len(client.shards))
-        finally:
-            client.close()
+    # --- the task queue -----------------------------------------------------------------
 
-    def _gather(self, tag: str, worker: int, meta: dict[str, Any], row: torch.Tensor) -> None:
-        if tag == "window":
-            self.windows.setdefault(int(meta["step"]), {})[worker] = (row, meta)
-            self._flush_windows()
-        elif tag in self.rows:
-            self.rows[tag][worker] = row
+    def _task(
+        self, peer: bytes, header: dict[str, Any], tensors: list[torch.Tensor]
+    ) -> dict[str, Any] | None:
+        """Take a worker's finished tasks, then hand it up to ``take`` new ones.
 
-    def _flush_windows(self) -> None:
-        alive = [w for w in range(self.num_workers) if w not in self.dead]
-        for step in sorted(self.windows):
-            got = self.windows[step]
-            if not alive or not all(w in got for w in alive):
-                break
-            del self.windows[step]
+        With ``wait`` the request is parked until a task can be handed out (or
+        the job is done), otherwise it is answered at once, possibly empty.
+        """
+        if self.queue is None:
+            raise wire.WireError("malformed", "task: the job has not started")
+        worker, take = int(header["worker"]), int(header.get("take", 1))
+        done = header.get("done") or []
+        if not isinstance(done, list) or len(done) != len(tensors):
+            raise wire.WireError("malformed", "task: reports and rows differ in number")
+        for meta, row in zip(done, tensors):
+            self._finished(worker, meta, row)
+        self._flush_steps()
+        if header.get("wait"):
+            self.task_waiting.append((peer, header.get("id"), worker, take))
+            self._answer_tasks()
+            return None
+        return self._hand_out(worker, take)
+
+    def _hand_out(self, worker: int, take: int) -> dict[str, Any]:
+        assert self.queue is not None
+        tasks = []
+        if worker not in self.dead:  # a dropped worker gets nothing more
+            while len(tasks) < take and (task := self.queue.take(worker)) is not None:
+                tasks.append(list(task))
+        finished = self.queue.done or worker in self.dead
+        return {"op": "tasks", "tasks": tasks, "parts": self.queue.parts, "finished": finished}
+
+    def _answer_tasks(self) -> None:
+        """Answer parked task requests that can be answered now, oldest first."""
+        assert self.queue is not None
+        still = []
+        for peer, rid, worker, take in self.task_waiting:
+            reply = self._hand_out(worker, take)
+            if reply["tasks"] or reply["finished"]:
+                self._send(peer, {**reply, "id": rid})
+            else:
+                still.append((peer, rid, worker, take))
+        self.task_waiting = still
+
+    def _finished(self, worker: int, meta: dict[str, Any], row: torch.Tensor) -> None:
+        assert self.queue is not None
+        step, part = (int(v) for v in meta["task"])
+        self.worker_bytes[worker] = (float(row[2]), float(row[3]))
+        if not self.queue.finish(worker, (step, part)):
+            return  # done before by someone else: counted once
+        self.counts[step // self.steps_per_epoch] += int(row[1])
+        self.tasks_done[worker] += 1
+        row = row.clone()
+        row[2:4] = 0  # byte counters are cumulative per worker: kept apart
+        self.step_rows[step] = row if step not in self.step_rows else self.step_rows[step] + row
+        self.step_lr[step] = float(meta.get("lr", 0.0))
+
+    def _flush_steps(self) -> None:
+        """Write a metrics record for each log window whose steps have all finished."""
+        assert self.queue is not None
+        log_every = self.job.train.log_every
+        while self.logged_through <= self.queue.finished_through:
+            step = self.logged_through
+            row = self.step_rows.pop(step)
+            self.window = row if self.window is None else self.window + row
+            lr = self.step_lr.pop(step)
+            self.logged_through += 1
+            end = self.logged_through
+            if end % log_every and end != self.total_steps:
+                continue
+            steps = (end - 1) % log_every + 1
+            rows = self.window.unsqueeze(0).clone()
+            rows[0, 4:] /= self.queue.parts  # phase times: per task, as for one worker a step
+            rows[0, 2] = sum(s for s, _ in self.worker_bytes.values())
+            rows[0, 3] = sum(r for _, r in self.worker_bytes.values())
+            self.window = None
             now = time.perf_counter()
-            rows = torch.stack([r for r, _ in got.values()])
-            meta = got[alive[0]][1]
             record = window_record(
                 rows,
-                step=step,
-                epoch=float(meta["epoch"]),
-                lr=float(meta["lr"]),
-                steps=int(meta["steps"]),
-                global_samples=int(meta["global_samples"]),
+                step=end,
+                epoch=end / self.steps_per_epoch,
+                lr=lr,
+                steps=steps,
+                global_samples=int(rows[0, 1]),
                 elapsed=now - self.last_record,
                 wall_time=now - self.start_time,
             )
@@ -262,7 +342,11 @@ class Coordinator(threading.Thread):
             self.last_loss = record["loss"]
             self.metrics.write(record)
             if self.progress is not None:
-                self.progress.update(step, record["loss"], record["samples_per_s"])
+                self.progress.update(end, record["loss"], record["samples_per_s"])
+
+    def job_done(self) -> bool:
+        """Every task of every step has finished."""
+        return self.queue is not None and self.queue.done
 
     # --- the end ----------------------------------------------------------------------
 
@@ -287,7 +371,7 @@ class Coordinator(threading.Thread):
         client = self._client()
         try:
             replies = client.call_all(
-                [({"op": "pull", "clock": 0, "dense": True, "tables": []}, [])] * self.num_servers
+                [({"op": "pull", "step": 0, "dense": True, "tables": []}, [])] * self.num_servers
             )
             stats = [
                 h["stats"] for h, _ in client.call_all([({"op": "stats"}, [])] * self.num_servers)
@@ -320,15 +404,16 @@ class Coordinator(threading.Thread):
     def _summary(
         self, data: Any, model: torch.nn.Module, eval_metrics: dict[str, float], stats: list[dict]
     ) -> dict[str, Any]:
-        counts: dict[int, int] = {}
-        for row in self.rows["counts"].values():
-            for epoch, n in enumerate(row.tolist()):
-                if n:
-                    counts[epoch] = counts.get(epoch, 0) + int(n)
+        counts = dict(sorted(self.counts.items()))
         per_worker = []
         for w in range(self.num_workers):
-            t = self.rows["totals"].get(w)
-            entry: dict[str, Any] = {"rank": w, "bytes_sent": 0, "bytes_received": 0}
+            t = self.totals.get(w)
+            entry: dict[str, Any] = {
+                "rank": w,
+                "bytes_sent": 0,
+                "bytes_received": 0,
+                "tasks": self.tasks_done[w],
+            }
             if t is not None:
                 entry.update(host=host_name(t[2:]), bytes_sent=int(t[0]), bytes_received=int(t[1]))
             if w in self.dead:

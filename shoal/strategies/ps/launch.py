@@ -24,12 +24,13 @@ from shoal.strategies.ps.server import Server
 from shoal.strategies.ps.strategy import COORDINATOR_ENV, HOST_ENV, max_message_bytes
 
 
-def _total_steps(job: JobConfig) -> int:
-    from shoal.trainer import total_steps  # the trainer's own rule, not a copy
+def _steps(job: JobConfig) -> tuple[int, int]:
+    """(global steps of the job, steps per epoch), by the trainer's own rule."""
+    from shoal.trainer import total_steps
 
     data = build_dataset(job.data)
     sampler = GlobalBatchSampler(data.num_train, job.train.batch_size, drop_last=job.data.drop_last)
-    return total_steps(job, sampler.steps_per_epoch)
+    return total_steps(job, sampler.steps_per_epoch), sampler.steps_per_epoch
 
 
 def check_job(job: JobConfig) -> None:
@@ -73,7 +74,7 @@ def launch_ps(job: JobConfig, config_path: str) -> None:
     coordinator = None
     if cluster.node_rank == 0:
         bind = address or "tcp://127.0.0.1:0"
-        coordinator = Coordinator(job, secret, bind, cluster.nnodes, _total_steps(job))
+        coordinator = Coordinator(job, secret, bind, cluster.nnodes, *_steps(job))
         coordinator.start()
         address = coordinator.address
     ctx = zmq.Context.instance()
@@ -124,6 +125,8 @@ def _run(group: RoleGroup, node: Peer, num_workers: int, coordinator: Coordinato
             time.sleep(0.1)
         if len(coordinator.dead) >= coordinator.num_workers:
             raise LaunchFailed("every worker failed")
+        if not coordinator.job_done():
+            raise LaunchFailed("the workers stopped before every step was done")
         coordinator.finish()
     while group.running:  # this node's servers, until the coordinator shuts them down
         _check_servers(group.poll())

@@ -32,19 +32,19 @@ class ServerOptimizer:
         self.total_steps = total_steps
         self.state_keys = STATE_KEYS[cfg.name]
 
-    def lr(self, clock: int) -> float:
-        """The learning rate at global step ``clock`` (the schedule of torch.optim runs)."""
-        return self.cfg.lr * lr_factor(clock, self.total_steps, self.cfg)
+    def lr(self, step: int) -> float:
+        """The learning rate at global step ``step`` (the schedule of torch.optim runs)."""
+        return self.cfg.lr * lr_factor(step, self.total_steps, self.cfg)
 
     def new_state(self, rows: int, dim: int) -> dict[str, torch.Tensor]:
         """Zero state for ``rows`` new rows of width ``dim``."""
         return {k: torch.zeros(rows, 1 if k == "step" else dim) for k in self.state_keys}
 
     def apply(
-        self, param: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], clock: int
+        self, param: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], step: int
     ) -> None:
         """``param``, ``grad``: [rows, dim]; ``state`` tensors aligned with the rows."""
-        cfg, lr, wd = self.cfg, self.lr(clock), self.cfg.weight_decay
+        cfg, lr, wd = self.cfg, self.lr(step), self.cfg.weight_decay
         name = cfg.name
         if wd and name != "adamw":
             grad = grad.add(param, alpha=wd)

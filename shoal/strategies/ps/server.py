@@ -2,7 +2,7 @@
 
 One process, one ROUTER socket, one thread: requests are handled in arrival
 order, and pulls that the consistency mode says must wait are parked and
-answered as soon as the clocks allow. Bad messages are refused and counted;
+answered as soon as the applied steps allow. Bad messages are refused and counted;
 they never stop the loop.
 """
 
@@ -18,16 +18,15 @@ import zmq
 
 from shoal.config import OptimConfig
 from shoal.strategies.ps import wire
-from shoal.strategies.ps.consistency import Clocks
+from shoal.strategies.ps.consistency import Steps
 from shoal.strategies.ps.optim import ServerOptimizer
 from shoal.strategies.ps.storage import SparseTable, sum_rows
 
 
 @dataclass
 class _Pending:
-    """Gradients of one BSP clock, summed until every live worker has pushed."""
+    """Gradients of one BSP step, summed until every part has been pushed."""
 
-    contributors: set[int] = field(default_factory=set)
     dense: list[torch.Tensor] | None = None
     rows: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = field(default_factory=dict)
 
@@ -41,6 +40,7 @@ class ServerStats:
     rejected: Counter = field(default_factory=Counter)
     staleness: Counter = field(default_factory=Counter)
     updates: int = 0
+    duplicates: int = 0
     apply_s: float = 0.0
     max_queue: int = 0
     peer_bytes: dict[str, list[int]] = field(default_factory=dict)
@@ -52,6 +52,7 @@ class ServerStats:
             "rejected": dict(self.rejected),
             "staleness": {str(k): v for k, v in sorted(self.staleness.items())},
             "updates": self.updates,
+            "duplicates": self.duplicates,
             "apply_s": self.apply_s,
             "max_queue": self.max_queue,
             "peer_bytes": self.peer_bytes,
@@ -91,14 +92,13 @@ class Server:
         self.names: dict[bytes, str] = {}
         self.claimed: dict[bytes, str] = {}
         self.pending_name: tuple[bytes, str] | None = None
-        self.clocks: Clocks | None = None
+        self.steps: Steps | None = None
         self.keys: list[str] = []
         self.dense: list[torch.Tensor] = []
         self.dense_state: list[dict[str, torch.Tensor]] = []
         self.tables: dict[str, SparseTable] = {}
         self.pending: dict[int, _Pending] = {}
         self.parked: list[tuple[bytes, dict[str, Any], list[torch.Tensor]]] = []
-        self.left_early: set[int] = set()
         self.running = True
 
     # --- loop ---------------------------------------------------------------------------
@@ -167,12 +167,6 @@ class Server:
         elif op == "push":
             self.push(header, tensors)
             self.send(peer, {"op": "ok", "id": rid})
-        elif op == "leave":
-            self.left_early.add(int(header["worker"]))
-            if self.clocks is not None:
-                self.clocks.leave(int(header["worker"]))
-                self._complete_bsp()
-            self.send(peer, {"op": "ok", "id": rid})
         elif op == "dump":  # every materialised row of a table (for the final model)
             ids, slots = self.tables[header["table"]].ids()
             self.send(
@@ -192,8 +186,8 @@ class Server:
     # --- operations ---------------------------------------------------------------------
 
     def init(self, header: dict[str, Any], tensors: list[torch.Tensor]) -> None:
-        """First ``init`` wins: dense slices, table specs, number of workers."""
-        if self.clocks is not None:
+        """First ``init`` wins: dense slices, table specs, parts per step."""
+        if self.steps is not None:
             return
         self.optimizer = ServerOptimizer(self.optim_cfg, int(header["total_steps"]))
         keys = header["keys"]
@@ -206,27 +200,27 @@ class Server:
             self.tables[spec["name"]] = SparseTable(
                 int(spec["dim"]), float(spec["init_std"]), int(spec["seed"]), self.optimizer
             )
-        self.clocks = Clocks(self.mode, self.staleness_bound, int(header["workers"]))
-        for worker in self.left_early:  # died before this shard was initialised
-            self.clocks.leave(worker)
+        self.steps = Steps(self.mode, self.staleness_bound, int(header["parts"]))
 
     def _check_pull(self, header: dict[str, Any], tensors: list[torch.Tensor]) -> None:
         """Refuse a pull now rather than park something that can never be answered."""
         names = header.get("tables", [])
+        if "step" not in header:
+            raise wire.WireError("malformed", "pull: no step")
         if not isinstance(names, list) or len(names) != len(tensors):
             raise wire.WireError("malformed", "pull: tables and id tensors differ in number")
         for name, ids in zip(names, tensors):
-            if self.clocks is not None and name not in self.tables:
+            if self.steps is not None and name not in self.tables:
                 raise wire.WireError("malformed", f"pull: no table {str(name)[:32]!r}")
             if ids.dim() != 1 or ids.dtype not in (torch.int64, torch.int32):
                 raise wire.WireError("malformed", "pull: ids must be a 1-d integer tensor")
 
     def _answer_parked(self) -> None:
-        if self.clocks is None:
+        if self.steps is None:
             return
         still = []
         for peer, header, tensors in self.parked:
-            if not self.clocks.can_read(header["clock"]):
+            if not self.steps.can_read(header["step"]):
                 still.append((peer, header, tensors))
                 continue
             try:
@@ -243,11 +237,11 @@ class Server:
                     },
                 )
         self.parked = still
-        queue = len(self.parked) + sum(len(p.contributors) for p in self.pending.values())
+        queue = len(self.parked) + sum(len(p) for p in self.steps.seen.values())
         self.stats.max_queue = max(self.stats.max_queue, queue)
 
     def _pull(self, peer: bytes, header: dict[str, Any], tensors: list[torch.Tensor]) -> None:
-        assert self.clocks is not None
+        assert self.steps is not None
         out: list[torch.Tensor] = (
             [d.reshape(-1) for d in self.dense] if header.get("dense", True) else []
         )
@@ -258,20 +252,17 @@ class Server:
             out.append(self.tables[name].read(ids.to(torch.int64)))
         self.send(
             peer,
-            {"op": "values", "id": header.get("id"), "min_clock": self.clocks.min_clock()},
+            {"op": "values", "id": header.get("id"), "applied_through": self.steps.applied_through},
             out,
         )
 
     def push(self, header: dict[str, Any], tensors: list[torch.Tensor]) -> None:
-        """Gradients of one worker's clock: applied now (asp/ssp) or summed (bsp)."""
-        if self.clocks is None:
+        """Gradients of one task: applied now (asp/ssp) or summed into its step (bsp)."""
+        if self.steps is None:
             raise wire.WireError("malformed", "push before init")
-        worker, clock = int(header["worker"]), int(header["clock"])
-        if worker in self.clocks.left:  # dropped (dead, or silent too long): no longer counts
-            self.stats.rejected["dropped_worker"] += 1
-            return
-        if not 0 <= worker < len(self.clocks.clock):
-            raise wire.WireError("malformed", f"push: no worker {worker}")
+        step, part = int(header["step"]), int(header["part"])
+        if not 0 <= part < self.steps.parts or step < 0:
+            raise wire.WireError("malformed", f"push: no part {part} of step {step}")
         dense, rest = tensors[: len(self.dense)], tensors[len(self.dense) :]
         names = header.get("tables", [])
         if len(rest) != 2 * len(names) or (dense and len(dense) != len(self.dense)):
@@ -288,44 +279,42 @@ class Server:
             rows.setdefault(n, ([], []))
             rows[n][0].append(ids)
             rows[n][1].append(grads)
-        self.stats.staleness[max(0, clock - int(header.get("read_clock", clock)))] += 1
-        self.clocks.pushed(worker, clock)
-        if self.mode != "bsp":
-            self._apply(dense, rows, 1, clock)
+        if not self.steps.is_new(step, part):  # a task handed out twice: it counts once
+            self.stats.duplicates += 1
             return
-        p = self.pending.setdefault(clock, _Pending())
-        p.contributors.add(worker)
-        if dense:
-            p.dense = (
-                [d.float().clone() for d in dense]
-                if p.dense is None
-                else [a.add_(d) for a, d in zip(p.dense, dense)]
-            )
-        for n, (i, g) in rows.items():
-            p.rows.setdefault(n, ([], []))
-            p.rows[n][0].extend(i)
-            p.rows[n][1].extend(g)
-        self._complete_bsp()
-
-    def _complete_bsp(self) -> None:
-        assert self.clocks is not None
-        for clock in sorted(self.pending):
-            p = self.pending[clock]
-            if not self.clocks.complete(p.contributors):
-                break
-            del self.pending[clock]
-            self._apply(p.dense or [], p.rows, len(p.contributors), clock)
+        read = int(header.get("read_through", step - 1))
+        self.stats.staleness[max(0, step - 1 - read)] += 1
+        whole = self.steps.received(step, part)
+        if self.mode != "bsp":
+            self._apply(dense, rows, 1, step)
+        else:
+            p = self.pending.setdefault(step, _Pending())
+            if dense:
+                p.dense = (
+                    [d.float().clone() for d in dense]
+                    if p.dense is None
+                    else [a.add_(d) for a, d in zip(p.dense, dense)]
+                )
+            for n, (i, g) in rows.items():
+                p.rows.setdefault(n, ([], []))
+                p.rows[n][0].extend(i)
+                p.rows[n][1].extend(g)
+            if whole:
+                self._apply(p.dense or [], p.rows, self.steps.parts, step)
+                del self.pending[step]
+        if whole:
+            self.steps.applied(step)
 
     def _apply(
-        self, dense: list[torch.Tensor], rows: dict[str, tuple[list, list]], count: int, clock: int
+        self, dense: list[torch.Tensor], rows: dict[str, tuple[list, list]], count: int, step: int
     ) -> None:
         assert self.optimizer is not None
         start = time.perf_counter()
         for param, grad, state in zip(self.dense, dense, self.dense_state):
             g = grad.float().reshape(1, -1)
-            self.optimizer.apply(param, g / count if count > 1 else g, state, clock)
+            self.optimizer.apply(param, g / count if count > 1 else g, state, step)
         for name, (ids, grads) in rows.items():
             unique, summed = sum_rows(ids, grads)
-            self.tables[name].apply(unique, summed / count if count > 1 else summed, clock)
+            self.tables[name].apply(unique, summed / count if count > 1 else summed, step)
         self.stats.updates += 1
         self.stats.apply_s += time.perf_counter() - start

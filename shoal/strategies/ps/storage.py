@@ -87,11 +87,11 @@ class SparseTable:
         slots = self.slots(ids)  # first: it may grow (replace) self.rows
         return self.rows[slots]
 
-    def apply(self, ids: torch.Tensor, grads: torch.Tensor, clock: int) -> None:
+    def apply(self, ids: torch.Tensor, grads: torch.Tensor, step: int) -> None:
         slots = self.slots(ids)
         param = self.rows[slots]
         state = {k: v[slots] for k, v in self.state.items()}
-        self.optimizer.apply(param, grads, state, clock)
+        self.optimizer.apply(param, grads, state, step)
         self.rows[slots] = param
         for k, v in state.items():
             self.state[k][slots] = v

@@ -2,9 +2,12 @@
 
 Processes: ``--servers K`` shards and ``--workers N`` workers per machine, plus
 a coordinator thread inside node 0's ``shoal train`` (discovery, membership,
-telemetry, the final model and summary). Every worker walks the same sequence
-of global steps as the collective strategies and takes its slice of each, so
-``bsp`` with server-side SGD reproduces ``allreduce`` with SGD.
+the task queue, telemetry, the final model and summary). The job walks the same
+sequence of global steps as the collective strategies, each cut into N parts;
+workers take parts from the coordinator's queue, so a fast worker does more of
+them and a dead worker's parts are done by the others. ``bsp`` sums the parts
+of a step into one update, so with server-side SGD it reproduces ``allreduce``
+with SGD.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import zmq
 from torch import nn
 
 from shoal.config import JobConfig
+from shoal.data import GlobalBatchSampler, Task
 from shoal.dist import DistEnv
 from shoal.metrics import CommCounter, PhaseTimer
 from shoal.models.sparse import SparseEmbedding
@@ -35,17 +39,80 @@ def max_message_bytes(job: JobConfig) -> int:
     return int(job.strategy.ps_max_message_mb * 1024 * 1024)
 
 
+class TaskWork:
+    """Tasks from the coordinator's queue (see :mod:`shoal.strategies.ps.tasks`).
+
+    The telemetry of a finished task rides on the request for the next one, so
+    a task costs one round trip to the coordinator. With ``lookahead`` the
+    worker also holds the task after the current one when the queue can spare
+    it at once, so that its rows can be prefetched.
+    """
+
+    def __init__(self, coordinator: Peer, worker: int, lookahead: bool) -> None:
+        self.coordinator, self.worker, self.lookahead = coordinator, worker, lookahead
+        self.sampler: GlobalBatchSampler | None = None  # set by ParameterServer.work
+        self.reports: list[tuple[dict[str, Any], torch.Tensor]] = []
+        self.ahead: Task | None = None
+        self.current: Task | None = None
+
+    def report(self, row: torch.Tensor, meta: dict[str, Any]) -> None:
+        self.reports.append((meta, row.double()))
+
+    def _ask(self, take: int, wait: bool) -> tuple[list[Task], bool]:
+        reports, self.reports = self.reports, []
+        header = {
+            "op": "task",
+            "worker": self.worker,
+            "take": take,
+            "wait": wait,
+            "done": [meta for meta, _ in reports],
+        }
+        reply, _ = self.coordinator.call(header, [row for _, row in reports])
+        assert self.sampler is not None
+        parts = int(reply["parts"])
+        tasks = [self.sampler.task(int(s), int(p), parts) for s, p in reply["tasks"]]
+        return tasks, bool(reply["finished"])
+
+    def next(self) -> Task | None:
+        if self.ahead is not None:
+            self.current, self.ahead = self.ahead, None
+            tasks, _ = self._ask(1 if self.lookahead else 0, wait=False)
+            self.ahead = tasks[0] if tasks else None
+            return self.current
+        tasks, finished = self._ask(2 if self.lookahead else 1, wait=True)
+        if finished and not tasks:
+            if self.reports:  # nothing should be left, but never drop telemetry
+                self._ask(0, wait=False)
+            self.current = None
+            return None
+        self.current = tasks[0]
+        self.ahead = tasks[1] if len(tasks) > 1 else None
+        return self.current
+
+    def peek(self) -> Task | None:
+        return self.ahead
+
+    def log_now(self, step: int) -> bool:
+        return True  # every task reports; the coordinator builds the log windows
+
+
 class RemoteGatherer:
-    """Telemetry rows go to the coordinator, which writes; workers never write."""
+    """Telemetry goes to the coordinator, which writes; workers never write.
+
+    Window rows ride on the next task request; totals are sent at once.
+    """
 
     is_writer = False
 
-    def __init__(self, coordinator: Peer, worker: int) -> None:
+    def __init__(self, coordinator: Peer, work: TaskWork, worker: int) -> None:
         self.coordinator = coordinator
+        self.work = work
         self.worker = worker
 
     def gather(self, row: torch.Tensor, tag: str, meta: dict[str, Any] | None = None) -> None:
-        if tag in ("window", "counts", "totals"):
+        if tag == "window":
+            self.work.report(row, meta or {})
+        elif tag == "totals":
             self.coordinator.call(
                 {"op": "gather", "tag": tag, "worker": self.worker, "meta": meta or {}},
                 [row.double()],
@@ -146,12 +213,12 @@ class ParameterServer(Strategy):
         self.touched: list[tuple[str, torch.Tensor, torch.Tensor]] = []
         self.prefetched: dict[tuple[str, int], tuple[torch.Tensor, list[int]]] = {}
         self.prefetches = any(m.input_ids is not None for m in self.tables.values())
+        self.tasks = TaskWork(self.coordinator, self.worker, lookahead=self.prefetches)
         self.params = dict(model.named_parameters())
         plan = dense_plan([(n, p.numel()) for n, p in self.params.items()], num_shards)
         self.by_shard = [[s for s in plan if s.shard == k] for k in range(num_shards)]
         self.schedule = ServerOptimizer(self.job.optim, total_steps)
-        self.clock = 0
-        self.read_clock = 0
+        self.read_through = -1
         tables = [
             {"name": n, "dim": m.dim, "init_std": m.init_std, "seed": self.job.train.seed}
             for n, m in self.tables.items()
@@ -161,7 +228,7 @@ class ParameterServer(Strategy):
                 (
                     {
                         "op": "init",
-                        "workers": self.env.world_size,
+                        "parts": self.env.world_size,
                         "total_steps": total_steps,
                         "keys": [s.key for s in slices],
                         "tables": tables,
@@ -184,48 +251,55 @@ class ParameterServer(Strategy):
             (loss_sum * loss_scale).backward()
         with timer.phase("comm"):
             self._push()
-        self.clock += 1
         return loss_sum.detach()
+
+    @property
+    def task(self) -> Task:
+        assert self.tasks.current is not None, "train_step outside a task"
+        return self.tasks.current
 
     @torch.no_grad()
     def _pull(self) -> None:
-        header = {"op": "pull", "clock": self.clock, "dense": True, "tables": []}
+        header = {"op": "pull", "step": self.task.step, "dense": True, "tables": []}
         replies = self.client.call_all([(header, [])] * len(self.by_shard))
-        self.read_clock = min(h["min_clock"] for h, _ in replies)
+        self.read_through = min(h["applied_through"] for h, _ in replies)
         for slices, (_, values) in zip(self.by_shard, replies):
             for s, v in zip(slices, values):
                 self.params[s.name].view(-1)[s.start : s.stop].copy_(v)
 
-    def _send_row_pulls(self, name: str, unique: torch.Tensor, clock: int) -> list[int]:
+    def _send_row_pulls(self, name: str, unique: torch.Tensor, step: int) -> list[int]:
         shard_of = row_shard(unique, self.num_shards)
-        header = {"op": "pull", "clock": clock, "dense": False, "tables": [name]}
+        header = {"op": "pull", "step": step, "dense": False, "tables": [name]}
         return [
             peer.send(header, [unique[shard_of == k]]) for k, peer in enumerate(self.client.shards)
         ]
 
     def prefetch(self, batch: Batch) -> None:
-        """Ask now for the rows the next step will touch; they arrive while this one computes.
+        """Ask now for the rows the next task will touch; they arrive while this one computes.
 
-        The request carries the next clock, so under bsp the shard answers it only
-        after this step's update: prefetched rows are never staler than the mode allows.
+        The queue hands out a task only once its step may read, so the shards
+        answer at once, and the rows are never staler than the mode allows.
         """
+        ahead = self.tasks.ahead
+        if ahead is None:
+            return
         for name, module in self.tables.items():
             if module.input_ids is not None:
                 unique = torch.unique(module.input_ids(batch[0]))
-                key = (name, self.clock + 1)
-                self.prefetched[key] = (unique, self._send_row_pulls(name, unique, self.clock + 1))
+                key = (name, ahead.step, ahead.part)
+                self.prefetched[key] = (unique, self._send_row_pulls(name, unique, ahead.step))
 
     def _rows(self, module: SparseEmbedding, ids: torch.Tensor) -> torch.Tensor:
         """Row source of the model's tables: this batch's distinct rows, once each."""
         name = self.table_names[id(module)]
         unique, inverse = torch.unique(ids, return_inverse=True)
         shard_of = row_shard(unique, self.num_shards)
-        ahead = self.prefetched.pop((name, self.clock), None)
+        ahead = self.prefetched.pop((name, self.task.step, self.task.part), None)
         if ahead is not None and not torch.equal(ahead[0], unique):
             for peer, rid in zip(self.client.shards, ahead[1]):
                 peer.recv(rid)  # not what this forward asked for: drain and pull afresh
             ahead = None
-        rids = ahead[1] if ahead is not None else self._send_row_pulls(name, unique, self.clock)
+        rids = ahead[1] if ahead is not None else self._send_row_pulls(name, unique, self.task.step)
         replies = [peer.recv(rid) for peer, rid in zip(self.client.shards, rids)]
         values = torch.empty(len(unique), module.dim, device=ids.device)
         for k, (_, (rows,)) in enumerate(replies):
@@ -249,8 +323,9 @@ class ParameterServer(Strategy):
         header = {
             "op": "push",
             "worker": self.worker,
-            "clock": self.clock,
-            "read_clock": self.read_clock,
+            "step": self.task.step,
+            "part": self.task.part,
+            "read_through": self.read_through,
             "tables": names,
         }
         requests = []
@@ -262,15 +337,20 @@ class ParameterServer(Strategy):
             requests.append((header, grads + row_tensors))
         self.client.call_all(requests)
 
+    def work(self, sampler: GlobalBatchSampler, step: int, total_steps: int) -> TaskWork:
+        self.tasks.sampler = sampler
+        return self.tasks
+
     def gatherer(self) -> RemoteGatherer:
-        return RemoteGatherer(self.coordinator, self.worker)
+        return RemoteGatherer(self.coordinator, self.tasks, self.worker)
 
     def eval_model(self) -> nn.Module:
         return self.model
 
     @property
     def lr(self) -> float:
-        return self.schedule.lr(self.clock)
+        current = self.tasks.current
+        return self.schedule.lr(current.step if current is not None else 0)
 
     def state_dict(self) -> dict[str, Any]:
         return {}  # the servers hold the parameters and optimizer state
@@ -279,11 +359,9 @@ class ParameterServer(Strategy):
         pass
 
     def close(self) -> None:
-        """Tell the servers and the coordinator this worker is done."""
-        leave = {"op": "leave", "worker": self.worker}
+        """Tell the coordinator this worker is done."""
         try:
-            self.client.call_all([(leave, [])] * len(self.client.shards))
-            self.coordinator.call(leave)
+            self.coordinator.call({"op": "leave", "worker": self.worker})
         finally:
             self.heartbeat.stop()  # only now: a slow goodbye must not look like a hang
             self.client.close()

@@ -82,7 +82,7 @@ def decode(frames: list[Any], max_bytes: int) -> tuple[dict[str, Any], list[torc
         raise WireError("malformed", "header is not JSON") from None
     if not isinstance(header, dict) or not isinstance(header.get("op"), str):
         raise WireError("malformed", "header is not an object with an op")
-    for key in ("clock", "worker", "read_clock"):
+    for key in ("step", "part", "worker", "read_through"):
         if key in header and not (
             isinstance(header[key], int) and not isinstance(header[key], bool)
         ):
