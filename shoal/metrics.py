@@ -237,11 +237,14 @@ def host_name(code: torch.Tensor) -> str:
     return bytes(int(v) for v in code.tolist()).rstrip(b"\0").decode(errors="replace")
 
 
-def save_model(model: torch.nn.Module, out: Path) -> None:
-    """The final model as ``model.safetensors``, written atomically."""
+def save_model(
+    model: torch.nn.Module, out: Path, extra: dict[str, torch.Tensor] | None = None
+) -> None:
+    """The final model (plus ``extra`` tensors) as ``model.safetensors``, written atomically."""
     from safetensors.torch import save_file
 
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = {**model.state_dict(), **(extra or {})}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     tmp = out / f".{MODEL_FILE}.tmp"
     save_file(tensors, str(tmp))
     tmp.replace(out / MODEL_FILE)

@@ -35,6 +35,7 @@ from shoal.metrics import (
     window_row,
 )
 from shoal.models import build_model
+from shoal.models.sparse import count_parameters, remote_tables
 from shoal.models.tasks import evaluate, per_sample_loss
 from shoal.strategies import Batch, Strategy, build_strategy
 
@@ -67,8 +68,10 @@ class Trainer:
         torch.manual_seed(job.train.seed)
         self.data: Dataset = build_dataset(job.data)
         self.x, self.y = (t.to(env.device) for t in self.data.train)
-        model = build_model(job.model, self.data).to(env.device)
-        self.num_parameters = sum(p.numel() for p in model.parameters())
+        self.strategy: Strategy = build_strategy(job, env)
+        with remote_tables(self.strategy.remote_tables):
+            model = build_model(job.model, self.data).to(env.device)
+        self.num_parameters = count_parameters(model)
         self.sampler = GlobalBatchSampler(
             self.data.num_train,
             job.train.batch_size,
@@ -78,7 +81,6 @@ class Trainer:
             drop_last=job.data.drop_last,
         )
         self.total_steps = total_steps(job, self.sampler.steps_per_epoch)
-        self.strategy: Strategy = build_strategy(job, env)
         self.strategy.setup(model, self.total_steps)
         self.gatherer = self.strategy.gatherer()
         self.step = 0

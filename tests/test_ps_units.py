@@ -11,13 +11,21 @@ import zmq
 
 from shoal.config import OptimConfig
 from shoal.metrics import CommCounter
+from shoal.models.sparse import (
+    SparseEmbedding,
+    StoredRows,
+    count_parameters,
+    hashed_uniform,
+    init_rows,
+    remote_tables,
+)
 from shoal.strategies.ps import wire
 from shoal.strategies.ps.client import Peer, PeerError
 from shoal.strategies.ps.consistency import Steps
 from shoal.strategies.ps.optim import ServerOptimizer
 from shoal.strategies.ps.placement import dense_plan, row_shard, shard_bytes
 from shoal.strategies.ps.server import Server
-from shoal.strategies.ps.storage import SparseTable, hashed_uniform, sum_rows
+from shoal.strategies.ps.storage import SparseTable, sum_rows
 from shoal.strategies.ps.tasks import TaskQueue
 
 
@@ -257,3 +265,21 @@ def test_server_survives_hostile_and_inconsistent_requests(server):
     torch.testing.assert_close(values, torch.full((2, 2), -0.1))  # both rows moved: lr 0.1 x grad 1
     assert peer.call({"op": "ping"})[0]["op"] == "pong"
     assert peer.call({"op": "stats"})[0]["stats"]["duplicates"] == 1
+
+
+def test_remote_tables_are_never_allocated_and_rows_match_the_servers():
+    torch.manual_seed(7)
+    with remote_tables():
+        remote = SparseEmbedding(10**12, 4, init_std=0.1)  # would be 16 TB if allocated
+    assert remote.weight is None and count_parameters(remote) == 4 * 10**12
+    torch.manual_seed(7)
+    local = SparseEmbedding(1000, 4, init_std=0.1)
+    shard = SparseTable(4, 0.1, local.seed, ServerOptimizer(OptimConfig(), 1))
+    ids = torch.tensor([3, 999, 17])
+    torch.testing.assert_close(shard.read(ids), local.weight[ids].detach())  # same rows
+    stored = StoredRows(torch.tensor([17, 3]), torch.ones(2, 4))
+    out = stored(remote, torch.tensor([[3, 5]]))
+    assert out.shape == (1, 2, 4) and out[0, 0].eq(1).all()
+    torch.testing.assert_close(out[0, 1], init_rows(torch.tensor([5]), 4, 0.1, remote.seed)[0])
+    dense = stored.dense(local)
+    assert dense[17].eq(1).all() and torch.equal(dense[999], local.weight[999].detach())

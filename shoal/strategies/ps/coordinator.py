@@ -37,7 +37,12 @@ from shoal.metrics import (
     window_record,
 )
 from shoal.models import build_model
-from shoal.models.sparse import SparseEmbedding
+from shoal.models.sparse import (
+    SparseEmbedding,
+    StoredRows,
+    count_parameters,
+    remote_tables,
+)
 from shoal.models.tasks import evaluate
 from shoal.strategies.ps import wire
 from shoal.strategies.ps.client import Client
@@ -50,6 +55,19 @@ HEARTBEAT_LOST = -1000
 """The exit code recorded for a worker dropped for missing heartbeats."""
 ENDPOINTS_FILE = "ps_endpoints.json"
 """Written into the run directory once every shard is up: where the job listens."""
+
+
+DENSE_EXPORT_ELEMENTS = 1 << 28
+"""Tables up to this many values (1 GiB of float32) are exported whole."""
+
+
+def export_table(name: str, module: SparseEmbedding, stored: StoredRows) -> dict[str, torch.Tensor]:
+    """A table for ``model.safetensors``: ``NAME.weight`` whole when it is small
+    enough, else only the rows that exist (``NAME.ids``, ``NAME.rows``; every
+    other row is at its initial value, :func:`~shoal.models.sparse.init_rows`)."""
+    if module.num_rows * module.dim <= DENSE_EXPORT_ELEMENTS:
+        return {f"{name}.weight": stored.dense(module)}
+    return {f"{name}.ids": stored.ids, f"{name}.rows": stored.rows}
 
 
 class Coordinator(threading.Thread):
@@ -362,10 +380,11 @@ class Coordinator(threading.Thread):
             self.progress.close()
         data = build_dataset(self.job.data)
         torch.manual_seed(self.job.train.seed)
-        model = build_model(self.job.model, data)
+        with remote_tables():  # never the whole table: the touched rows, from the shards
+            model = build_model(self.job.model, data)
         tables = {n: m for n, m in model.named_modules() if isinstance(m, SparseEmbedding)}
-        table_params = {f"{n}.weight" for n in tables}
-        params = {n: p for n, p in model.named_parameters() if n not in table_params}
+        params = dict(model.named_parameters())
+        exported: dict[str, torch.Tensor] = {}
         plan = dense_plan([(n, p.numel()) for n, p in params.items()], self.num_servers)
         by_shard = [[s for s in plan if s.shard == k] for k in range(self.num_servers)]
         client = self._client()
@@ -381,10 +400,15 @@ class Coordinator(threading.Thread):
                     for s, v in zip(slices, values):
                         params[s.name].view(-1)[s.start : s.stop].copy_(v)
                 for name, module in tables.items():
-                    for _, (ids, rows) in client.call_all(
+                    dumps = client.call_all(
                         [({"op": "dump", "table": name}, [])] * self.num_servers
-                    ):
-                        module.weight[ids] = rows
+                    )
+                    stored = StoredRows(
+                        torch.cat([ids for _, (ids, _) in dumps]),
+                        torch.cat([rows for _, (_, rows) in dumps]),
+                    )
+                    module.attach(stored)
+                    exported.update(export_table(name, module, stored))
             client.call_all([({"op": "shutdown"}, [])] * self.num_servers)
         finally:
             client.close()
@@ -393,7 +417,7 @@ class Coordinator(threading.Thread):
             {"step": self.total_steps, "wall_time": self.wall_time(), "eval": eval_metrics}
         )
         self.metrics.close()
-        save_model(model, self.out)
+        save_model(model, self.out, exported)
         summary = self._summary(data, model, eval_metrics, stats)
         write_atomic(self.out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
         return summary
@@ -427,7 +451,7 @@ class Coordinator(threading.Thread):
             dataset=data.name,
             world_size=self.num_workers,
             steps=self.total_steps,
-            num_parameters=sum(p.numel() for p in model.parameters()),
+            num_parameters=count_parameters(model),
             final_loss=self.last_loss,
             eval_metrics=eval_metrics,
             wall_time=self.wall_time(),

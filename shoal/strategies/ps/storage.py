@@ -2,28 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
+from shoal.models.sparse import init_rows
 from shoal.strategies.ps.optim import ServerOptimizer
-
-_MASK = (1 << 63) - 1
-
-
-def hashed_uniform(ids: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
-    """Deterministic uniform [0, 1) values per (row id, column): the same on any shard count."""
-    x = (
-        ids.to(torch.int64).unsqueeze(1) * 0x9E3779B1
-        + torch.arange(dim, dtype=torch.int64) * 0x85EBCA77
-        + seed
-    )
-    for mult, shift in ((0xBF58476D1CE4E5B9 & _MASK, 30), (0x94D049BB133111EB & _MASK, 27)):
-        x = x ^ (x >> shift)
-        x = x * mult
-    x = x ^ (x >> 31)
-    return (x & ((1 << 24) - 1)).to(torch.float32) / float(1 << 24)
 
 
 class SparseTable:
@@ -78,8 +61,7 @@ class SparseTable:
             self.rows = _resize(self.rows, capacity)
             self.state = {k: _resize(v, capacity) for k, v in self.state.items()}
         start = needed - len(new_ids)
-        scale = self.init_std * math.sqrt(3.0)
-        self.rows[start:needed] = (hashed_uniform(new_ids, self.dim, self.seed) * 2 - 1) * scale
+        self.rows[start:needed] = init_rows(new_ids, self.dim, self.init_std, self.seed)
         for v in self.state.values():
             v[start:needed] = 0
 

@@ -163,6 +163,7 @@ class ParameterServer(Strategy):
         "parameter server: sharded servers over ZeroMQ, bsp/asp/ssp, server-side optimizer"
     )
     needs_process_group: ClassVar[bool] = False
+    remote_tables: ClassVar[bool] = True
 
     @classmethod
     def check(cls, job: JobConfig) -> None:
@@ -220,7 +221,7 @@ class ParameterServer(Strategy):
         self.schedule = ServerOptimizer(self.job.optim, total_steps)
         self.read_through = -1
         tables = [
-            {"name": n, "dim": m.dim, "init_std": m.init_std, "seed": self.job.train.seed}
+            {"name": n, "dim": m.dim, "init_std": m.init_std, "seed": m.seed}
             for n, m in self.tables.items()
         ]
         with torch.no_grad():
