@@ -60,3 +60,32 @@ def test_sparse_bsp_equals_dense_allreduce(tmp_path):
     torch.testing.assert_close(sparse["bias"], dense["bias"], rtol=0, atol=1e-5)
     torch.testing.assert_close(sparse["table.weight"], dense["table.weight"], rtol=0, atol=1e-5)
     assert dense["table.weight"].abs().sum() > 1
+
+
+@pytest.mark.timeout(300)
+def test_prefetching_workers_share_the_queue_with_a_straggler(tmp_path):
+    """Workers holding a task ahead (for row prefetch) still leave the slow one less work."""
+    out = tmp_path / "ctr-slow"
+    train(
+        out,
+        *CTR,
+        "--num-samples",
+        "20000",
+        "--table-rows",
+        "100000",
+        "--steps",
+        "150",
+        "--strategy",
+        "ps",
+        "--servers",
+        "2",
+        "--workers",
+        "3",
+        "--ps-mode",
+        "ssp",
+        env={"SHOAL_FAULT": "slow:rank=1:ms=30"},
+    )
+    s = read_summary(out)
+    tasks = [w["tasks"] for w in s["per_worker"]]
+    assert sum(tasks) == 3 * 150 and tasks[1] < min(tasks[0], tasks[2]) / 2, tasks
+    assert s["ps"]["max_staleness"] <= 3

@@ -9,7 +9,7 @@ import pytest
 import torch
 import zmq
 
-from shoal.config import OptimConfig
+from shoal.config import JobConfig, OptimConfig
 from shoal.metrics import CommCounter
 from shoal.models.sparse import (
     SparseEmbedding,
@@ -22,6 +22,7 @@ from shoal.models.sparse import (
 from shoal.strategies.ps import wire
 from shoal.strategies.ps.client import Peer, PeerError
 from shoal.strategies.ps.consistency import Steps
+from shoal.strategies.ps.coordinator import Coordinator
 from shoal.strategies.ps.optim import ServerOptimizer
 from shoal.strategies.ps.placement import dense_plan, row_shard, shard_bytes
 from shoal.strategies.ps.server import Server
@@ -283,3 +284,38 @@ def test_remote_tables_are_never_allocated_and_rows_match_the_servers():
     torch.testing.assert_close(out[0, 1], init_rows(torch.tensor([5]), 4, 0.1, remote.seed)[0])
     dense = stored.dense(local)
     assert dense[17].eq(1).all() and torch.equal(dense[999], local.weight[999].detach())
+
+
+@pytest.mark.timeout(30)
+def test_coordinator_answers_a_parked_task_request_when_another_worker_finishes_a_step(tmp_path):
+    """Worker A waits for step 1; worker B's report (sent without waiting) must release it."""
+    job = JobConfig()
+    job.output.out = str(tmp_path)
+    job.output.progress = False
+    job.strategy.ps_mode = "bsp"
+    coordinator = Coordinator(job, b"k" * 32, "tcp://127.0.0.1:0", 1, 3, 3)
+    coordinator.start()
+    ctx = zmq.Context.instance()
+    node, a, b = (
+        Peer(ctx, coordinator.address, b"k" * 32, who, CommCounter(), timeout_s=5)
+        for who in ("node0", "a", "b")
+    )
+    try:
+        node.call({"op": "node", "node_rank": 0, "workers": 2, "servers": 1})
+
+        def ask(peer, worker, done=(), wait=True):
+            header = {"op": "task", "worker": worker, "take": 1, "wait": wait}
+            header["done"] = [{"task": list(t), "lr": 0.1} for t in done]
+            return peer.send(header, [torch.ones(9, dtype=torch.float64) for _ in done])
+
+        assert a.recv(ask(a, 0))[0]["tasks"] == [[0, 0]]
+        assert b.recv(ask(b, 1))[0]["tasks"] == [[0, 1]]
+        parked = ask(a, 0, done=[(0, 0)])
+        assert not a.sock.poll(300)  # bsp: step 1 waits for step 0's other part
+        assert b.recv(ask(b, 1, done=[(0, 1)], wait=False))[0]["tasks"] == [[1, 1]]
+        assert a.recv(parked)[0]["tasks"] == [[1, 0]]  # released by B's report, served first
+    finally:
+        for peer in (node, a, b):
+            peer.close()
+        coordinator.stopped.set()
+        coordinator.join(timeout=5)

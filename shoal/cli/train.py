@@ -174,9 +174,17 @@ def print_summary(summary: dict, out: Path, report: bool) -> None:
         ("steps", f"{summary['steps']:,}"),
         ("final train loss", f"{summary['final_loss']:.5g}"),
     ]
-    for key in ("test_loss", "test_accuracy", "lstsq_rel_error"):
+    for key in ("test_loss", "test_accuracy", "lstsq_rel_error", "auc", "true_model_auc"):
         if key in summary:
             rows.append((key.replace("_", " "), f"{summary[key]:.5g}"))
+    ps = summary.get("ps")
+    if ps:
+        bound = f" (bound {ps['staleness_bound']})" if ps.get("staleness_bound") is not None else ""
+        rows.append(("ps mode / max staleness", f"{ps['mode']} / {ps['max_staleness']}{bound}"))
+        tasks = " / ".join(str(w.get("tasks", 0)) for w in summary["per_worker"])
+        rows.append(("tasks per worker", tasks))
+        if ps["failed_workers"]:
+            rows.append(("failed workers", ", ".join(map(str, ps["failed_workers"]))))
     rows += [
         ("wall time", f"{summary['wall_time_s']:.1f} s"),
         ("throughput", f"{summary['samples_per_s']:,.0f} samples/s"),

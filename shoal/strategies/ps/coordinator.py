@@ -288,9 +288,8 @@ class Coordinator(threading.Thread):
         self._flush_steps()
         if header.get("wait"):
             self.task_waiting.append((peer, header.get("id"), worker, take))
-            self._answer_tasks()
-            return None
-        return self._hand_out(worker, take)
+        self._answer_tasks()  # finished steps may let parked requests go, oldest first
+        return None if header.get("wait") else self._hand_out(worker, take)
 
     def _hand_out(self, worker: int, take: int) -> dict[str, Any]:
         assert self.queue is not None
