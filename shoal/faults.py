@@ -74,6 +74,10 @@ class Injector:
         self.random = random.Random(rank)
         self.fired: set[Fault] = set()
 
+    def resumed_at(self, step: int) -> None:
+        """A run resumed after ``step``: crashes and hangs due by then have happened."""
+        self.fired |= {f for f in self.faults if f.kind != "slow" and f.step <= step}
+
     def in_step(self, step: int) -> None:
         """Called in the forward pass of global step ``step`` (counted from 1)."""
         for fault in self.faults:

@@ -101,6 +101,7 @@ class Trainer:
         self.strategy.load_state_dict(state["strategy"])
         self.sampler.load_state_dict(state["sampler"])
         self.step = int(state["step"])
+        self.faults.resumed_at(self.step)
         self.wall_offset = float(state["wall_time"])
         self.prior_samples = {int(k): int(v) for k, v in state["samples_per_epoch"].items()}
         rng = state["rng"]

@@ -105,8 +105,7 @@ class GlobalBatchSampler:
         self.epoch = 0
         self.step_in_epoch = 0
         self.samples_seen: dict[int, int] = {}
-        self._perm_epoch = -1
-        self._perm: np.ndarray | None = None
+        self._perms: dict[int, np.ndarray] = {}
 
     @property
     def steps_per_epoch(self) -> int:
@@ -115,12 +114,16 @@ class GlobalBatchSampler:
         return math.ceil(self.num_samples / self.batch_size)
 
     def permutation(self, epoch: int) -> np.ndarray:
-        """The sample order of ``epoch`` (identical on every rank)."""
-        if epoch != self._perm_epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
-            self._perm_epoch = epoch
-        assert self._perm is not None
-        return self._perm
+        """The sample order of ``epoch`` (identical on every rank).
+
+        The last two are kept: tasks from a queue may straddle an epoch boundary.
+        """
+        if epoch not in self._perms:
+            if len(self._perms) >= 2:
+                del self._perms[min(self._perms)]
+            rng = np.random.default_rng([self.seed, epoch])
+            self._perms[epoch] = rng.permutation(self.num_samples)
+        return self._perms[epoch]
 
     def global_indices(self, epoch: int, step: int) -> np.ndarray:
         """All samples of global step ``step`` of ``epoch``."""

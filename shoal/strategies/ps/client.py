@@ -23,6 +23,10 @@ class PeerError(RuntimeError):
     """A peer refused a request or did not answer in time."""
 
 
+class PeerTimeout(PeerError):
+    """A peer did not answer in time."""
+
+
 class Peer:
     """One authenticated connection to a server shard or the coordinator."""
 
@@ -55,11 +59,12 @@ class Peer:
         self.sock.send_multipart(frames, copy=False)
         return rid
 
-    def recv(self, rid: int) -> Reply:
+    def recv(self, rid: int, timeout_s: float | None = None) -> Reply:
         """The reply to request ``rid`` (other replies are kept for their callers)."""
+        timeout_ms = self.timeout_ms if timeout_s is None else int(timeout_s * 1000)
         while rid not in self.stash:
-            if not self.sock.poll(self.timeout_ms):
-                raise PeerError(f"no answer from {self.address} in {self.timeout_ms / 1000:.0f} s")
+            if not self.sock.poll(timeout_ms):
+                raise PeerTimeout(f"no answer from {self.address} in {timeout_ms / 1000:.0f} s")
             frames = self.sock.recv_multipart(copy=False)
             self.comm.add(received=wire.message_bytes(frames))
             header, tensors = wire.decode(frames, self.max_bytes)
@@ -69,8 +74,13 @@ class Peer:
             raise PeerError(f"{self.address} refused: {header.get('error')}")
         return header, tensors
 
-    def call(self, header: dict[str, Any], tensors: list[torch.Tensor] = ()) -> Reply:
-        return self.recv(self.send(header, tensors))
+    def call(
+        self,
+        header: dict[str, Any],
+        tensors: list[torch.Tensor] = (),
+        timeout_s: float | None = None,
+    ) -> Reply:
+        return self.recv(self.send(header, tensors), timeout_s)
 
     def close(self) -> None:
         self.sock.close(0)

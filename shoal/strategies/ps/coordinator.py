@@ -301,15 +301,23 @@ class Coordinator(threading.Thread):
         return {"op": "tasks", "tasks": tasks, "parts": self.queue.parts, "finished": finished}
 
     def _answer_tasks(self) -> None:
-        """Answer parked task requests that can be answered now, oldest first."""
+        """Answer parked task requests that can be answered now, oldest first.
+
+        Each gets one task first; a task ahead (for prefetch) only goes to a
+        worker when nobody is left waiting for a first one.
+        """
         assert self.queue is not None
-        still = []
+        still, answered = [], []
         for peer, rid, worker, take in self.task_waiting:
-            reply = self._hand_out(worker, take)
+            reply = self._hand_out(worker, 1)
             if reply["tasks"] or reply["finished"]:
-                self._send(peer, {**reply, "id": rid})
+                answered.append((peer, rid, worker, take, reply))
             else:
                 still.append((peer, rid, worker, take))
+        for peer, rid, worker, take, reply in answered:
+            if take > 1 and reply["tasks"] and not still:
+                reply["tasks"] += self._hand_out(worker, take - 1)["tasks"]
+            self._send(peer, {**reply, "id": rid})
         self.task_waiting = still
 
     def _finished(self, worker: int, meta: dict[str, Any], row: torch.Tensor) -> None:

@@ -27,12 +27,16 @@ from shoal.metrics import CommCounter, PhaseTimer
 from shoal.models.sparse import SparseEmbedding
 from shoal.strategies.base import Batch, LossFn, Strategy
 from shoal.strategies.ps import wire
-from shoal.strategies.ps.client import Client, Peer
+from shoal.strategies.ps.client import Client, Peer, PeerTimeout
 from shoal.strategies.ps.optim import ServerOptimizer
 from shoal.strategies.ps.placement import dense_plan, row_shard
 
 COORDINATOR_ENV = "SHOAL_PS_COORDINATOR"
 HOST_ENV = "SHOAL_PS_HOST"
+
+
+ALIVE_CHECK_S = 30.0
+"""A worker waiting for a task checks this often that the coordinator still answers."""
 
 
 def max_message_bytes(job: JobConfig) -> int:
@@ -67,7 +71,16 @@ class TaskWork:
             "wait": wait,
             "done": [meta for meta, _ in reports],
         }
-        reply, _ = self.coordinator.call(header, [row for _, row in reports])
+        rid = self.coordinator.send(header, [row for _, row in reports])
+        while True:
+            try:
+                reply, _ = self.coordinator.recv(rid, ALIVE_CHECK_S if wait else None)
+                break
+            except PeerTimeout:
+                if not wait:
+                    raise
+                # parked for as long as the slowest task takes: just check the coordinator lives
+                self.coordinator.call({"op": "status"}, timeout_s=ALIVE_CHECK_S)
         assert self.sampler is not None
         parts = int(reply["parts"])
         tasks = [self.sampler.task(int(s), int(p), parts) for s, p in reply["tasks"]]
@@ -76,7 +89,10 @@ class TaskWork:
     def next(self) -> Task | None:
         if self.ahead is not None:
             self.current, self.ahead = self.ahead, None
-            tasks, _ = self._ask(1 if self.lookahead else 0, wait=False)
+            tasks, finished = self._ask(1 if self.lookahead else 0, wait=False)
+            if finished:  # the job is done, or this worker was dropped: the task is not ours
+                self.current = None
+                return None
             self.ahead = tasks[0] if tasks else None
             return self.current
         tasks, finished = self._ask(2 if self.lookahead else 1, wait=True)
@@ -214,7 +230,9 @@ class ParameterServer(Strategy):
         self.touched: list[tuple[str, torch.Tensor, torch.Tensor]] = []
         self.prefetched: dict[tuple[str, int], tuple[torch.Tensor, list[int]]] = {}
         self.prefetches = any(m.input_ids is not None for m in self.tables.values())
-        self.tasks = TaskWork(self.coordinator, self.worker, lookahead=self.prefetches)
+        # under bsp the next step's tasks exist only once this one is done: no task ahead
+        lookahead = self.prefetches and self.job.strategy.ps_mode != "bsp"
+        self.tasks = TaskWork(self.coordinator, self.worker, lookahead=lookahead)
         self.params = dict(model.named_parameters())
         plan = dense_plan([(n, p.numel()) for n, p in self.params.items()], num_shards)
         self.by_shard = [[s for s in plan if s.shard == k] for k in range(num_shards)]
@@ -252,6 +270,10 @@ class ParameterServer(Strategy):
             (loss_sum * loss_scale).backward()
         with timer.phase("comm"):
             self._push()
+            here = (self.task.step, self.task.part)
+            for key in [k for k in self.prefetched if k[1:] == here]:  # fetched, not used
+                for peer, rid in zip(self.client.shards, self.prefetched.pop(key)[1]):
+                    peer.recv(rid)
         return loss_sum.detach()
 
     @property
