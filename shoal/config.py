@@ -48,10 +48,10 @@ class ModelConfig:
 
     name: str = _f(
         "mlp",
-        "built-in model (linear, softmax, mlp, ctr) or package.module:function for your own",
+        "built-in model (linear, softmax, mlp, cnn, ctr) or package.module:function for your own",
         flag="--model",
     )
-    hidden: int = _f(128, "width of each hidden layer (mlp)")
+    hidden: int = _f(128, "width of each hidden layer (mlp, cnn)")
     layers: int = _f(2, "number of hidden layers (mlp)")
 
 
@@ -110,6 +110,11 @@ class StrategyConfig:
     ps_max_message_mb: float = _f(1024.0, "parameter server: largest message accepted, in MB")
     heartbeat_timeout: float = _f(
         5.0, "parameter server: seconds without a heartbeat before a worker is dropped"
+    )
+    compress: str = _f(
+        "none",
+        "gradient compression: none, fp16, bf16, topk:RATIO, qsgd:LEVELS, sign, powersgd:RANK "
+        "(topk, sign and powersgd with error feedback)",
     )
 
 
@@ -219,6 +224,12 @@ class JobConfig:
             raise UserError("--servers must be >= 0")
         if self.strategy.staleness < 0:
             raise UserError("--staleness must be >= 0")
+        from shoal.compress import parse_codec  # torch: only once a job is checked
+
+        try:
+            parse_codec(self.strategy.compress)
+        except ValueError as e:
+            raise UserError(str(e)) from None
         if not self.strategy.heartbeat_timeout > 0:
             raise UserError("--heartbeat-timeout must be positive")
         if self.strategy.ps_max_message_mb <= 0:

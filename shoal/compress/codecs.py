@@ -15,8 +15,8 @@ part of the signal that the last encoding dropped and add it to the next one
 - ``qsgd:S``: stochastic quantisation to ``S`` levels of ``|x| / ||x||``
   (Alistarh et al. 2017), unbiased; one int8 per entry (sign and level) and the
   norm.
-- ``sign``: one bit per entry, packed, and one float32 scale (the mean
-  magnitude); error feedback (as in EF-SignSGD).
+- ``sign``: one bit per entry, packed, and a float32 scale (the mean
+  magnitude) per 512 entries; error feedback (as in EF-SignSGD).
 - ``powersgd:R``: a rank-``R`` approximation ``P Q^T`` of each matrix by one
   step of subspace iteration, warm-started from the last ``Q`` (Vogels et al.
   2019); error feedback. Vectors travel uncompressed.
@@ -175,8 +175,11 @@ class QSGD(Codec):
 
 
 class Sign(Codec):
+    """One bit per entry and, per chunk of ``chunk`` entries, its mean magnitude."""
+
     name = "sign"
     error_feedback = True
+    chunk = 512
 
     def _encode(self, key: str, x: torch.Tensor) -> Payload:
         flat = x.reshape(-1)
@@ -184,13 +187,17 @@ class Sign(Codec):
         bits = (flat >= 0).to(torch.uint8)
         bits = torch.cat([bits, bits.new_zeros(-n % 8)]).reshape(-1, 8)
         packed = (bits * _BITS.to(bits.device)).sum(1, dtype=torch.uint8)
-        return Payload([packed, flat.abs().mean().reshape(1)], x.shape)
+        padded = torch.cat([flat.abs(), flat.new_zeros(-n % self.chunk)]).reshape(-1, self.chunk)
+        counts = torch.full((len(padded),), float(self.chunk), device=flat.device)
+        counts[-1] = n - self.chunk * (len(padded) - 1)
+        return Payload([packed, padded.sum(1) / counts], x.shape)
 
     def decode(self, payload: Payload) -> torch.Tensor:
-        packed, scale = payload.tensors
+        packed, scales = payload.tensors
         n = payload.shape.numel()
         bits = (packed.unsqueeze(1) & _BITS.to(packed.device)).ne(0).reshape(-1)[:n]
-        return ((bits.float() * 2 - 1) * scale.float()).reshape(payload.shape)
+        scale = scales.float().repeat_interleave(self.chunk)[:n]
+        return ((bits.float() * 2 - 1) * scale).reshape(payload.shape)
 
 
 def as_matrix(shape: torch.Size) -> tuple[int, int] | None:

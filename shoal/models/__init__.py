@@ -32,6 +32,7 @@ MODELS: dict[str, ModelSpec] = {
     "linear": ModelSpec(simple.linear, "synthetic-linear", "linear regression"),
     "softmax": ModelSpec(simple.linear, "digits", "softmax (multinomial logistic) regression"),
     "mlp": ModelSpec(simple.mlp, "digits", "multi-layer perceptron"),
+    "cnn": ModelSpec(simple.cnn, "digits", "small convolutional network for square images"),
     "ctr": ModelSpec(
         lambda data, cfg: LogisticCTR(data.info["table_rows"]),
         "ctr",

@@ -1,11 +1,14 @@
-"""Small dense models: linear/softmax regression and an MLP."""
+"""Small dense models: linear/softmax regression, an MLP and a small CNN."""
 
 from __future__ import annotations
+
+import math
 
 from torch import nn
 
 from shoal.config import ModelConfig
 from shoal.data import Dataset
+from shoal.errors import UserError
 
 
 def linear(data: Dataset, cfg: ModelConfig) -> nn.Module:
@@ -22,3 +25,24 @@ def mlp(data: Dataset, cfg: ModelConfig) -> nn.Module:
         width = cfg.hidden
     layers.append(nn.Linear(width, data.num_outputs))
     return nn.Sequential(*layers)
+
+
+def cnn(data: Dataset, cfg: ModelConfig) -> nn.Module:
+    """Two 3x3 convolutions, a 2x2 max-pool and two dense layers, for square grey images."""
+    side = math.isqrt(data.num_features)
+    if side * side != data.num_features:
+        raise UserError(
+            f"--model cnn needs square images; {data.name} has {data.num_features} features"
+        )
+    return nn.Sequential(
+        nn.Unflatten(1, (1, side, side)),
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * (side // 2) ** 2, cfg.hidden),
+        nn.ReLU(),
+        nn.Linear(cfg.hidden, data.num_outputs),
+    )

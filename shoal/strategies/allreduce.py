@@ -11,7 +11,7 @@ before the collective and decodes it after.
 # No "from __future__ import annotations": DDP inspects the hook's real annotations.
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -19,30 +19,24 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from shoal.compress import Codec, parse_codec
 from shoal.dist import DistEnv
 from shoal.metrics import CommCounter, PhaseTimer
 from shoal.optim import build_optimizer, build_scheduler
 from shoal.strategies.base import Batch, LossFn, Strategy
-
-
-def ring_allreduce_bytes(num_bytes: int, world_size: int) -> int:
-    """Bytes one rank sends (and receives) in a ring all-reduce of ``num_bytes``.
-
-    Reduce-scatter then all-gather: ``2 (W-1) / W`` of the buffer each way.
-    """
-    if world_size <= 1:
-        return 0
-    return 2 * (world_size - 1) * num_bytes // world_size
+from shoal.strategies.collectives import average, ring_allreduce_bytes
 
 
 @dataclass
 class HookState:
-    """What :func:`allreduce_hook` needs: the group, and where to count."""
+    """What the hooks need: the group, where to count, and (compressed) the codec."""
 
     world_size: int
     comm: CommCounter
     timer: PhaseTimer | None = None
     group: dist.ProcessGroup | None = None
+    codec: Codec | None = None
+    names: dict[int, str] = field(default_factory=dict)  # id(parameter) -> its name
 
 
 def allreduce_hook(state: HookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -62,10 +56,30 @@ def allreduce_hook(state: HookState, bucket: dist.GradBucket) -> torch.futures.F
     return fut.then(done)
 
 
+def compressed_hook(
+    state: HookState, bucket: dist.GradBucket
+) -> torch.futures.Future[torch.Tensor]:
+    """Average one bucket through the codec, parameter by parameter (error feedback is
+    kept per parameter). Runs its collectives at once: no overlap with backward."""
+    assert state.codec is not None
+    start = time.perf_counter()
+    grads = bucket.gradients()
+    keys = [state.names[id(p)] for p in bucket.parameters()]
+    means = average(list(zip(keys, grads)), state.codec, state.world_size, state.comm, state.group)
+    for g, m in zip(grads, means):
+        g.copy_(m.reshape(g.shape))
+    if state.timer is not None:
+        state.timer.add("comm", time.perf_counter() - start)
+    fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+    fut.set_result(bucket.buffer())
+    return fut
+
+
 def wrap_ddp(
-    model: nn.Module, env: DistEnv, bucket_mb: float, comm: CommCounter
+    model: nn.Module, env: DistEnv, bucket_mb: float, comm: CommCounter, codec: Codec | None = None
 ) -> tuple[DDP, HookState]:
-    """``model`` in DDP with :func:`allreduce_hook` counting into ``comm``."""
+    """``model`` in DDP, its gradients averaged by :func:`allreduce_hook` (or, with a
+    codec other than ``none``, :func:`compressed_hook`), counting into ``comm``."""
     ddp = DDP(
         model,
         device_ids=[env.device] if env.device.type == "cuda" else None,
@@ -73,7 +87,12 @@ def wrap_ddp(
         gradient_as_bucket_view=True,
     )
     state = HookState(env.world_size, comm)
-    ddp.register_comm_hook(state, allreduce_hook)
+    if codec is None or codec.name == "none":
+        ddp.register_comm_hook(state, allreduce_hook)
+    else:
+        state.codec = codec
+        state.names = {id(p): n for n, p in model.named_parameters()}
+        ddp.register_comm_hook(state, compressed_hook)
     return ddp, state
 
 
@@ -85,8 +104,11 @@ class AllReduce(Strategy):
 
     def setup(self, model: nn.Module, total_steps: int) -> None:
         self.model = model
+        self.codec = parse_codec(
+            self.job.strategy.compress, seed=self.job.train.seed + self.env.rank
+        )
         self.ddp, self.hook_state = wrap_ddp(
-            model, self.env, self.job.strategy.bucket_mb, self.comm
+            model, self.env, self.job.strategy.bucket_mb, self.comm, self.codec
         )
         self.optimizer = build_optimizer(self.ddp.parameters(), self.job.optim)
         self.scheduler = build_scheduler(self.optimizer, self.job.optim, total_steps)
@@ -120,7 +142,7 @@ class AllReduce(Strategy):
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-        }
+        }  # error-feedback residuals differ per rank and restart at zero on resume
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])

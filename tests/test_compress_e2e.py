@@ -1,0 +1,108 @@
+"""Compressed all-reduce end to end: bytes counted at the collective layer, and accuracy."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from shoal.config import DataConfig, ModelConfig
+from shoal.data import build_dataset
+from shoal.models import build_model
+from tests.conftest import read_summary, train
+
+CODECS = ["fp16", "bf16", "topk:0.01", "qsgd:8", "sign", "powersgd:2"]
+STEPS = 20
+
+
+def cnn_shapes() -> list[tuple[int, ...]]:
+    model = build_model(ModelConfig(name="cnn"), build_dataset(DataConfig(name="digits")))
+    return [tuple(p.shape) for p in model.parameters()]
+
+
+def per_step_bytes(spec: str) -> int:
+    """What one of 2 ranks sends per step, by the codec's formula, for the digits CNN.
+
+    With 2 ranks a ring all-reduce of b bytes sends b per rank, and an
+    all-gather of b bytes per rank sends b too.
+    """
+    total = 0
+    for shape in cnn_shapes():
+        n = math.prod(shape)
+        if spec == "none":
+            total += 4 * n
+        elif spec in ("fp16", "bf16"):
+            total += 2 * n
+        elif spec == "topk:0.01":
+            total += 8 * math.ceil(0.01 * n)  # int32 index + float32 value per kept entry
+        elif spec == "qsgd:8":
+            total += n + 4  # int8 per entry + the norm
+        elif spec == "sign":
+            total += math.ceil(n / 8) + 4 * math.ceil(n / 512)  # bits + a scale per 512
+        elif spec == "powersgd:2":
+            rows, cols = shape[0], n // shape[0]
+            low_rank = len(shape) >= 2 and min(rows, cols) > 2
+            total += 4 * 2 * (rows + cols) if low_rank else 4 * n  # P and Q, or as is
+    return total
+
+
+@pytest.fixture(scope="module")
+def uncompressed(session_tmp):
+    out = session_tmp / "cnn-none-bytes"
+    train(out, "--model", "cnn", "--workers", "2", "--steps", str(STEPS), "--log-every", "10")
+    return read_summary(out)
+
+
+@pytest.mark.timeout(120)
+def test_uncompressed_bytes_are_the_parameter_bytes(uncompressed):
+    sent = [w["bytes_sent"] for w in uncompressed["per_worker"]]
+    assert sent == [STEPS * per_step_bytes("none")] * 2
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("spec", CODECS)
+def test_compressed_bytes_match_the_formula(spec, uncompressed, tmp_path):
+    out = tmp_path / "run"
+    train(out, "--model", "cnn", "--workers", "2", "--steps", str(STEPS), "--compress", spec)
+    sent = [w["bytes_sent"] for w in read_summary(out)["per_worker"]]
+    assert sent == [STEPS * per_step_bytes(spec)] * 2
+    ratio = sent[0] / uncompressed["per_worker"][0]["bytes_sent"]
+    expected = {"fp16": 0.5, "bf16": 0.5, "topk:0.01": 1 / 50, "qsgd:8": 1 / 4, "sign": 1 / 32}
+    if spec in expected:  # whole-model ratios near the per-tensor formulas
+        assert ratio == pytest.approx(expected[spec], rel=0.15), ratio
+    else:
+        assert ratio < 0.2
+
+
+ACCURACY_JOB = [
+    "--model",
+    "cnn",
+    "--workers",
+    "2",
+    "--steps",
+    "900",
+    "--batch-size",
+    "64",
+    "--optimizer",
+    "sgd",
+    "--lr",
+    "0.2",
+    "--log-every",
+    "100",
+]
+
+
+@pytest.fixture(scope="module")
+def reference_accuracy(session_tmp):
+    out = session_tmp / "cnn-none-accuracy"
+    train(out, *ACCURACY_JOB)
+    return read_summary(out)["test_accuracy"]
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("spec", CODECS)
+def test_codec_reaches_uncompressed_accuracy_within_one_point(spec, reference_accuracy, tmp_path):
+    """Digits CNN, same steps: compressed training (with error feedback) within 1 point."""
+    out = tmp_path / "run"
+    train(out, *ACCURACY_JOB, "--compress", spec)
+    assert read_summary(out)["test_accuracy"] >= reference_accuracy - 0.01
