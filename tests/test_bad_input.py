@@ -32,6 +32,13 @@ def assert_one_line_error(proc, needle: str) -> None:
         (["--lr", "0"], "--lr must be a positive number"),
         (["--rdzv-endpoint", "nohost"], "must look like HOST:PORT"),
         (["--bogus-flag"], "unrecognized arguments: --bogus-flag"),
+        (["--compress", "zip"], "unknown codec 'zip'"),
+        (["--compress", "topk:5"], "needs 0 < R <= 1"),
+        (["--model", "cnn", "--data", "synthetic-linear"], "--model cnn needs square images"),
+        (
+            ["--strategy", "ps", "--servers", "1", "--compress", "powersgd:2"],
+            "powersgd needs whole matrices",
+        ),
     ],
 )
 @pytest.mark.timeout(60)

@@ -49,10 +49,16 @@ def allreduce_linear(session_tmp):
     return out
 
 
-@pytest.mark.timeout(300)
-def test_bsp_matches_allreduce(allreduce_linear, session_tmp):
+@pytest.fixture(scope="module")
+def ps_bsp_linear(session_tmp):
     out = session_tmp / "ps-bsp-linear"
     train(out, *LINEAR, *PS, "--ps-mode", "bsp")
+    return out
+
+
+@pytest.mark.timeout(300)
+def test_bsp_matches_allreduce(allreduce_linear, ps_bsp_linear):
+    out = ps_bsp_linear
     assert max_abs_diff(params(out), params(allreduce_linear)) < 1e-5
     s = read_summary(out)
     assert s["ps"]["max_staleness"] == 0 and s["ps"]["num_servers"] == 2
@@ -233,3 +239,15 @@ def test_hung_worker_is_dropped_by_heartbeat_and_the_job_finishes(tmp_path):
     assert s["ps"]["failed_workers"] == [2]
     assert s["test_loss"] < 2 * 0.1**2
     assert time.monotonic() - start < 120
+
+
+@pytest.mark.timeout(300)
+def test_compressed_pushes_send_fewer_bytes_and_still_train(tmp_path):
+    """fp16 pushes of the digits MLP: about half the bytes, about the same loss."""
+    job = [*DIGITS, *PS, "--steps", "100"]
+    train(tmp_path / "full", *job)
+    train(tmp_path / "fp16", *job, "--compress", "fp16")
+    full, half = read_summary(tmp_path / "full"), read_summary(tmp_path / "fp16")
+    ratio = half["bytes_sent_total"] / full["bytes_sent_total"]
+    assert 0.45 < ratio < 0.55, ratio  # gradients halve; headers and pull requests do not
+    assert half["final_loss"] == pytest.approx(full["final_loss"], rel=0.1)

@@ -14,12 +14,12 @@ from pathlib import Path
 from shoal import checkpoint, faults
 from shoal.cli.flags import add_job_flags, apply_flags, given
 from shoal.config import JobConfig, load_toml
-from shoal.data import build_dataset
+from shoal.data import Dataset, build_dataset
 from shoal.dist import resolve_device
 from shoal.errors import UserError
 from shoal.launch import LaunchFailed, check_port, describe
 from shoal.metrics import SUMMARY_FILE
-from shoal.models import check_model_name, default_data
+from shoal.models import build_model, check_model_name, default_data
 from shoal.strategies import STRATEGIES, check_strategy_name, strategy_class
 from shoal.trainer import write_resolved_config
 
@@ -98,9 +98,26 @@ def resolve_job(args: argparse.Namespace) -> JobConfig:
             f"--batch-size {job.train.batch_size} is larger than the training set "
             f"({data.num_train} samples of {data.name})"
         )
+    _check_model_fits(job, data)
     if not job.output.out:
         job.output.out = f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{job.strategy.name}"
     return job
+
+
+def _check_model_fits(job: JobConfig, data: Dataset) -> None:
+    """Build the model on the meta device (no memory): a model that cannot take this data
+    says so here, in one line, not in every worker."""
+    import torch
+
+    from shoal.models.sparse import remote_tables
+
+    try:
+        with torch.device("meta"), remote_tables():
+            build_model(job.model, data)
+    except UserError:
+        raise
+    except Exception:  # anything else shows up, with its traceback, in the workers
+        pass
 
 
 def prepare_run_dir(job: JobConfig) -> Path:

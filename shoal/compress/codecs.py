@@ -52,6 +52,8 @@ class Codec(ABC):
     """Encodes tensors for the wire; keeps its own error-feedback state per key."""
 
     name: ClassVar[str]
+    num_tensors: ClassVar[int] = 1
+    """Tensors in a payload of a vector (what a receiver expects per encoded tensor)."""
     summable: ClassVar[bool] = False
     """Payloads of several ranks can be added without decoding (an all-reduce works)."""
     error_feedback: ClassVar[bool] = False
@@ -120,6 +122,7 @@ class HalfPrecision(Codec):
 
 class TopK(Codec):
     name = "topk"
+    num_tensors = 2
     error_feedback = True
 
     def __init__(self, ratio: float) -> None:
@@ -147,6 +150,7 @@ class TopK(Codec):
 
 class QSGD(Codec):
     name = "qsgd"
+    num_tensors = 2
 
     def __init__(self, levels: int, seed: int = 0) -> None:
         super().__init__()
@@ -178,6 +182,7 @@ class Sign(Codec):
     """One bit per entry and, per chunk of ``chunk`` entries, its mean magnitude."""
 
     name = "sign"
+    num_tensors = 2
     error_feedback = True
     chunk = 512
 

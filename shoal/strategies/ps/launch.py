@@ -37,6 +37,11 @@ def check_job(job: JobConfig) -> None:
     """What a parameter-server job needs that the generic checks do not cover."""
     if job.output.resume:
         raise UserError("--resume is not supported for --strategy ps yet")
+    if job.strategy.compress.startswith("powersgd"):
+        raise UserError(
+            "--compress powersgd needs whole matrices, and the parameter server splits tensors "
+            "across shards: use fp16, bf16, topk, qsgd or sign with --strategy ps"
+        )
     if resolve_device(job.train.device) != "cpu":
         raise UserError("--strategy ps runs on the CPU for now (--device cpu)")
     secret_hex = os.environ.get(wire.SECRET_ENV, "")

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import zmq
 
+from shoal.compress import Codec, Payload, PowerSGD, parse_codec
 from shoal.config import OptimConfig
 from shoal.strategies.ps import wire
 from shoal.strategies.ps.consistency import Steps
@@ -99,6 +100,7 @@ class Server:
         self.tables: dict[str, SparseTable] = {}
         self.pending: dict[int, _Pending] = {}
         self.parked: list[tuple[bytes, dict[str, Any], list[torch.Tensor]]] = []
+        self.codecs: dict[str, Codec] = {}
         self.running = True
 
     # --- loop ---------------------------------------------------------------------------
@@ -263,13 +265,19 @@ class Server:
         step, part = int(header["step"]), int(header["part"])
         if not 0 <= part < self.steps.parts or step < 0:
             raise wire.WireError("malformed", f"push: no part {part} of step {step}")
-        dense, rest = tensors[: len(self.dense)], tensors[len(self.dense) :]
         names = header.get("tables", [])
-        if len(rest) != 2 * len(names) or (dense and len(dense) != len(self.dense)):
+        codec = self._codec(header.get("codec", "none"))
+        split = len(tensors) - 2 * len(names)
+        encoded, rest = tensors[:split], tensors[split:]
+        if split not in (0, codec.num_tensors * len(self.dense)):
             raise wire.WireError("malformed", "push: tensors do not match the declared keys")
-        for d, p in zip(dense, self.dense):
+        dense = []
+        for i, p in enumerate(self.dense if encoded else []):
+            k = codec.num_tensors
+            d = codec.decode(Payload(encoded[i * k : (i + 1) * k], torch.Size([p.numel()])))
             if d.numel() != p.numel():
                 raise wire.WireError("malformed", "push: dense gradient of the wrong size")
+            dense.append(d)
         rows: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         for i, n in enumerate(names):  # a table may appear more than once: keep every part
             ids, grads = rest[2 * i].to(torch.int64), rest[2 * i + 1].float()
@@ -304,6 +312,20 @@ class Server:
                 del self.pending[step]
         if whole:
             self.steps.applied(step)
+
+    def _codec(self, spec: Any) -> Codec:
+        """The decoder of a push's ``codec`` (stateless here: feedback stays with workers)."""
+        if spec not in self.codecs:
+            if not isinstance(spec, str) or len(self.codecs) > 16:
+                raise wire.WireError("malformed", "push: bad codec")
+            try:
+                codec = parse_codec(spec)
+            except ValueError as e:
+                raise wire.WireError("malformed", f"push: {e}") from None
+            if isinstance(codec, PowerSGD):
+                raise wire.WireError("malformed", "push: powersgd needs whole matrices")
+            self.codecs[spec] = codec
+        return self.codecs[spec]
 
     def _apply(
         self, dense: list[torch.Tensor], rows: dict[str, tuple[list, list]], count: int, step: int

@@ -20,6 +20,7 @@ import torch
 import zmq
 from torch import nn
 
+from shoal.compress import parse_codec
 from shoal.config import JobConfig
 from shoal.data import GlobalBatchSampler, Task
 from shoal.dist import DistEnv
@@ -237,6 +238,7 @@ class ParameterServer(Strategy):
         plan = dense_plan([(n, p.numel()) for n, p in self.params.items()], num_shards)
         self.by_shard = [[s for s in plan if s.shard == k] for k in range(num_shards)]
         self.schedule = ServerOptimizer(self.job.optim, total_steps)
+        self.codec = parse_codec(self.job.strategy.compress, seed=self.job.train.seed + self.worker)
         self.read_through = -1
         tables = [
             {"name": n, "dim": m.dim, "init_std": m.init_std, "seed": m.seed}
@@ -351,12 +353,15 @@ class ParameterServer(Strategy):
             "read_through": self.read_through,
             "tables": names,
         }
+        if self.codec.name != "none":
+            header["codec"] = self.codec.spec
         requests = []
         for slices, row_tensors in zip(self.by_shard, rows):
             grads = []
             for s in slices:
                 g = self.params[s.name].grad
-                grads.append(torch.zeros(s.numel) if g is None else g.reshape(-1)[s.start : s.stop])
+                grad = torch.zeros(s.numel) if g is None else g.reshape(-1)[s.start : s.stop]
+                grads += self.codec.encode(s.key, grad).tensors  # error feedback per slice
             requests.append((header, grads + row_tensors))
         self.client.call_all(requests)
 

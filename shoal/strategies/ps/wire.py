@@ -38,6 +38,7 @@ DTYPES: dict[str, torch.dtype] = {
     "int64": torch.int64,
     "int32": torch.int32,
     "uint8": torch.uint8,
+    "int8": torch.int8,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 FAULTS = ("malformed", "truncated", "oversized", "unauthenticated")
