@@ -111,6 +111,9 @@ class StrategyConfig:
     heartbeat_timeout: float = _f(
         5.0, "parameter server: seconds without a heartbeat before a worker is dropped"
     )
+    sync_every: int = _f(8, "local-sgd, diloco: local steps between synchronizations (H)")
+    outer_lr: float = _f(0.7, "diloco: learning rate of the outer Nesterov SGD")
+    outer_momentum: float = _f(0.9, "diloco: momentum of the outer Nesterov SGD")
     compress: str = _f(
         "none",
         "gradient compression: none, fp16, bf16, topk:RATIO, qsgd:LEVELS, sign, powersgd:RANK "
@@ -224,6 +227,11 @@ class JobConfig:
             raise UserError("--servers must be >= 0")
         if self.strategy.staleness < 0:
             raise UserError("--staleness must be >= 0")
+        _positive("--sync-every", self.strategy.sync_every)
+        if not (self.strategy.outer_lr > 0 and math.isfinite(self.strategy.outer_lr)):
+            raise UserError("--outer-lr must be a positive number")
+        if not 0 <= self.strategy.outer_momentum < 1:
+            raise UserError("--outer-momentum must be in [0, 1)")
         from shoal.compress import parse_codec  # torch: only once a job is checked
 
         try:

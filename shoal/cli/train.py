@@ -85,7 +85,10 @@ def resolve_job(args: argparse.Namespace) -> JobConfig:
     except ValueError as e:
         raise UserError(str(e)) from None
     check_strategy_name(job.strategy.name)
-    strategy_class(job.strategy.name).check(job)
+    cls = strategy_class(job.strategy.name)
+    if cls.default_optimizer and not (given(args, "optim", "name") or args.config or resume):
+        job.optim.name = cls.default_optimizer
+    cls.check(job)
     check_model_name(job.model.name)
     if resolve_device(job.train.device) == "cuda":
         import torch

@@ -7,11 +7,14 @@ from shoal.dist import DistEnv
 from shoal.registry import lookup
 from shoal.strategies.allreduce import AllReduce
 from shoal.strategies.base import Batch, LossFn, Strategy
+from shoal.strategies.periodic import DiLoCo, LocalSGD
 from shoal.strategies.ps.strategy import ParameterServer
 
 STRATEGIES: dict[str, type[Strategy]] = {
     AllReduce.name: AllReduce,
     ParameterServer.name: ParameterServer,
+    LocalSGD.name: LocalSGD,
+    DiLoCo.name: DiLoCo,
 }
 
 __all__ = [

@@ -36,6 +36,8 @@ class Strategy(ABC):
     description: ClassVar[str]
     needs_process_group: ClassVar[bool] = True
     """Whether workers join a torch.distributed process group (collective strategies)."""
+    default_optimizer: ClassVar[str | None] = None
+    """The ``--optimizer`` this strategy uses when none is given."""
     remote_tables: ClassVar[bool] = False
     """Whether embedding tables live elsewhere (built unallocated: see ``remote_tables``)."""
     prefetches: ClassVar[bool] = False

@@ -1,0 +1,157 @@
+"""Periodic data parallel: local SGD (model averaging) and DiLoCo.
+
+Each worker trains its own replica on its slice of every global step, with its
+own optimizer, and talks only every ``--sync-every H`` steps (and after the
+last step, so the final model is one model):
+
+- ``local-sgd``: the replicas' parameters are averaged (Stich 2019; Lin et al.
+  2020). What travels is each replica's change since the last average, so a
+  codec compresses the update, with error feedback, not the weights.
+- ``diloco``: the replicas' average change is a pseudo-gradient for an outer
+  optimizer, Nesterov momentum SGD (``--outer-lr``, ``--outer-momentum``), on
+  the shared parameters; the inner optimizer is the job's ``--optimizer``
+  (AdamW unless told otherwise, as in Douillard et al. 2023).
+
+With no compression one average moves every parameter once in a ring
+all-reduce: 1/H of what ``allreduce`` moves in the same steps.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from shoal.compress import parse_codec
+from shoal.metrics import PhaseTimer
+from shoal.optim import build_optimizer, build_scheduler
+from shoal.strategies.base import Batch, LossFn, Strategy
+from shoal.strategies.collectives import average
+
+
+class LocalSGD(Strategy):
+    """Local steps, parameters averaged every H steps."""
+
+    name = "local-sgd"
+    description = "local SGD: workers step alone, parameters averaged every --sync-every steps"
+
+    def setup(self, model: nn.Module, total_steps: int) -> None:
+        self.model = model
+        self.total_steps = total_steps
+        self.sync_every = self.job.strategy.sync_every
+        self.optimizer = build_optimizer(model.parameters(), self.job.optim)
+        self.scheduler = build_scheduler(self.optimizer, self.job.optim, total_steps)
+        self.codec = parse_codec(
+            self.job.strategy.compress, seed=self.job.train.seed + self.env.rank
+        )
+        # the replicas start equal: every worker builds the model from the same seed
+        self.params = dict(model.named_parameters())
+        self.anchor = {n: p.detach().clone() for n, p in self.params.items()}
+        self.steps = 0
+
+    def train_step(
+        self, batch: Batch, loss_fn: LossFn, loss_scale: float, timer: PhaseTimer
+    ) -> torch.Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        with timer.phase("forward_backward"):
+            loss_sum = loss_fn(self.model, batch).sum()
+            # W/B: the mean over this replica's slice of the step (B/W samples)
+            (loss_sum * loss_scale).backward()
+        with timer.phase("optimizer"):
+            self.optimizer.step()
+            self.scheduler.step()
+        self.steps += 1
+        if self.steps % self.sync_every == 0 or self.steps == self.total_steps:
+            with timer.phase("comm"):
+                self.synchronize()
+        return loss_sum.detach()
+
+    @torch.no_grad()
+    def synchronize(self) -> None:
+        """Average the replicas' changes since the last synchronization, through the codec."""
+        deltas = [(n, p.detach() - self.anchor[n]) for n, p in self.params.items()]
+        means = average(deltas, self.codec, self.env.world_size, self.comm)
+        self._apply_average(means)
+        for n, p in self.params.items():
+            self.anchor[n].copy_(p)
+
+    def _apply_average(self, means: list[torch.Tensor]) -> None:
+        for (n, p), m in zip(self.params.items(), means):
+            p.copy_(self.anchor[n] + m.reshape(p.shape))
+
+    def eval_model(self) -> nn.Module:
+        return self.model
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Rank 0's replica and the last common parameters.
+
+        Between synchronizations the replicas differ and only rank 0's is kept:
+        resuming is exact when checkpoints fall on synchronizations
+        (``--checkpoint-every`` a multiple of ``--sync-every``).
+        """
+        return {
+            "model": self.model.state_dict(),
+            "anchor": {n: t.clone() for n, t in self.anchor.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "steps": self.steps,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        for n, t in state["anchor"].items():
+            self.anchor[n].copy_(t)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.steps = int(state["steps"])
+
+
+class DiLoCo(LocalSGD):
+    """Inner optimizer for H steps; outer Nesterov momentum on the averaged pseudo-gradient."""
+
+    name = "diloco"
+    description = (
+        "DiLoCo: inner --optimizer (adamw) for --sync-every steps, "
+        "outer Nesterov SGD on the averaged change"
+    )
+    default_optimizer: ClassVar[str | None] = "adamw"
+
+    def setup(self, model: nn.Module, total_steps: int) -> None:
+        super().setup(model, total_steps)
+        self.outer_params = [
+            nn.Parameter(t.clone(), requires_grad=False) for t in self.anchor.values()
+        ]
+        s = self.job.strategy
+        self.outer = torch.optim.SGD(
+            self.outer_params,
+            lr=s.outer_lr,
+            momentum=s.outer_momentum,
+            nesterov=s.outer_momentum > 0,  # torch refuses Nesterov without momentum
+        )
+
+    def _apply_average(self, means: list[torch.Tensor]) -> None:
+        """Outer step: the pseudo-gradient is minus the replicas' mean change."""
+        for outer, m in zip(self.outer_params, means):
+            outer.grad = -m.reshape(outer.shape)
+        self.outer.step()
+        for (_, p), outer in zip(self.params.items(), self.outer_params):
+            p.copy_(outer)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **super().state_dict(),
+            "outer_params": [p.detach().clone() for p in self.outer_params],
+            "outer": self.outer.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        with torch.no_grad():
+            for p, t in zip(self.outer_params, state["outer_params"]):
+                p.copy_(t)
+        self.outer.load_state_dict(state["outer"])
