@@ -16,7 +16,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from shoal.cli import report, train
+    from shoal.cli import bench, report, train
 
     parser = Parser(
         prog="shoal",
@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     train.add_parser(sub)
     report.add_parser(sub)
+    bench.add_parser(sub)
     return parser
 
 

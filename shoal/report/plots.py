@@ -14,6 +14,7 @@ from shoal.report.runs import Run
 PLOTS = (
     ("loss_vs_step.png", "step", "loss", "training loss vs step", True),
     ("loss_vs_time.png", "wall_time", "loss", "training loss vs wall time (s)", True),
+    ("loss_vs_bytes.png", "bytes_sent", "loss", "training loss vs bytes sent", True),
     ("throughput.png", "step", "samples_per_s", "throughput (samples/s) vs step", False),
 )
 
