@@ -1,17 +1,18 @@
 """``shoal bench``: strategies side by side on emulated networks.
 
 ``shoal bench comm`` builds hosts from Linux network namespaces on one bridge
-(:mod:`shoal.netns`), caps each host's link with ``tc ... tbf`` at every rate
-asked for, and runs the same job once per strategy x codec on each: a real
-multi-node run through the launcher, one node per host. It reports, per rate,
-time and bytes to the target loss and the speed-up over uncompressed
-``allreduce``, and writes the table, a JSON file and a report with plots (loss
-vs wall time, loss vs bytes sent).
+(:mod:`shoal.netns`), gives each its own share of the cores (``taskset``),
+caps each host's link with ``tc ... tbf`` at every rate asked for, and runs
+the same job once per strategy x codec on each: a real multi-node run through
+the launcher, one node per host. It reports, per rate, time and bytes to the
+target loss and the speed-up over uncompressed ``allreduce``, and writes the
+table, a JSON file and a report with plots (loss vs wall time, loss vs bytes sent).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -25,14 +26,17 @@ from shoal.config import write_atomic
 from shoal.errors import UserError
 from shoal.metrics import read_metrics
 
+_PORTS = itertools.count()
 DEFAULT_RUNS = (
     "allreduce:none,allreduce:fp16,allreduce:topk:0.01,allreduce:sign,allreduce:powersgd:4,"
     "local-sgd:none,diloco:none"
 )
 DEFAULT_JOB = (
-    "--model mlp --hidden 2304 --layers 3 --batch-size 64 --optimizer adam --lr 0.0003 "
-    "--steps 240 --log-every 4"
+    "--model mlp --hidden 2304 --layers 3 --batch-size 16 --optimizer adam --lr 0.0003 "
+    "--steps 300 --log-every 4"
 )
+SMOOTH = 5
+"""The target counts as reached when the mean loss of the last 5 records is at most it."""
 EXAMPLES = """examples:
   sudo shoal bench comm                                   # 2 hosts, 1gbit and uncapped
   sudo shoal bench comm --rates 100mbit,1gbit --hosts 4
@@ -65,7 +69,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--runs", default=DEFAULT_RUNS, help="STRATEGY:CODEC pairs to run, comma-separated"
     )
     comm.add_argument(
-        "--target", type=float, default=0.1, help="training loss that counts as reached"
+        "--target",
+        type=float,
+        default=0.1,
+        help=f"training loss to reach (mean of the last {SMOOTH} metrics records)",
     )
     comm.add_argument(
         "--run-timeout", type=float, default=900, help="seconds before a run is stopped"
@@ -100,9 +107,6 @@ def _runs(spec: str) -> list[tuple[str, str]]:
 
 
 def run_comm(args: argparse.Namespace) -> int:
-    reason = netns.unavailable()
-    if reason:
-        raise UserError(f"shoal bench comm {reason} (run it with sudo)")
     if not 2 <= args.hosts <= 4:
         raise UserError("--hosts must be 2, 3 or 4")
     if args.workers < 1:
@@ -114,6 +118,9 @@ def run_comm(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise UserError(str(e)) from None
     runs = _runs(args.runs)
+    reason = netns.unavailable()
+    if reason:
+        raise UserError(f"shoal bench comm: {reason} (run it with sudo)")
     job = args.job[1:] if args.job[:1] == ["--"] else args.job
     job = job or DEFAULT_JOB.split()
     out = Path(args.out or f"runs/bench-comm-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -150,13 +157,17 @@ def _run_one(
     job: list[str],
     args: argparse.Namespace,
 ) -> dict[str, Any]:
-    endpoint = f"{hosts[0].addr}:29611"
+    # a fresh port per run: the last run's store port may still be in TIME_WAIT
+    endpoint = f"{hosts[0].addr}:{29611 + next(_PORTS)}"
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     procs = []
     for rank, host in enumerate(hosts):
         out = run_dir if rank == 0 else run_dir.parent / f".{run_dir.name}-node{rank}"
         cmd = [
             *host.prefix(),
+            "taskset",
+            "-c",
+            host_cores(rank, len(hosts)),
             "env",
             f"GLOO_SOCKET_IFNAME={host.ifname}",
             sys.executable,
@@ -185,26 +196,45 @@ def _run_one(
         procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
     deadline = time.monotonic() + args.run_timeout
     try:
-        for proc, _ in procs:
-            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        return {"error": f"stopped after {args.run_timeout:.0f} s"}
+        while any(p.poll() is None for p, _ in procs):
+            if any(p.poll() not in (None, 0) for p, _ in procs):
+                break  # one node failed: the others would wait for it until they time out
+            if time.monotonic() > deadline:
+                return {"error": f"stopped after {args.run_timeout:.0f} s"}
+            time.sleep(0.2)
     finally:
         for proc, log in procs:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
             log.close()
-    codes = [p.returncode for p, _ in procs]
+    codes = [p.poll() for p, _ in procs]
     if any(codes) or not (run_dir / "summary.json").exists():
         return {"error": f"exit codes {codes}; logs beside {run_dir}"}
     return _measure(run_dir, args.target)
 
 
+def host_cores(rank: int, num_hosts: int) -> str:
+    """The cores host ``rank`` may use: machines do not share cores, so neither do hosts
+    (where there are fewer cores than hosts, hosts share them round-robin)."""
+    cores = sorted(os.sched_getaffinity(0))
+    per = max(1, len(cores) // num_hosts)
+    start = (rank * per) % len(cores)
+    return ",".join(str(c) for c in cores[start : start + per])
+
+
 def _measure(run_dir: Path, target: float) -> dict[str, Any]:
     summary = json.loads((run_dir / "summary.json").read_text())
     steps = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
-    reached = next((r for r in steps if r["loss"] <= target), None)
+    reached = next(
+        (
+            r
+            for i, r in enumerate(steps)
+            if i + 1 >= SMOOTH
+            and sum(x["loss"] for x in steps[i + 1 - SMOOTH : i + 1]) / SMOOTH <= target
+        ),
+        None,
+    )
     per_step = [r["step_time_s"] for r in steps[1:]] or [float("nan")]
     return {
         "time_to_target_s": reached["wall_time"] if reached else None,

@@ -60,8 +60,11 @@ def compressed_hook(
     state: HookState, bucket: dist.GradBucket
 ) -> torch.futures.Future[torch.Tensor]:
     """Average one bucket through the codec, parameter by parameter (error feedback is
-    kept per parameter). Runs its collectives at once: no overlap with backward."""
+    kept per parameter). Runs its collectives at once: no overlap with backward, except
+    for summable codecs (fp16, bf16), which all-reduce the bucket asynchronously."""
     assert state.codec is not None
+    if state.codec.summable:
+        return _summable_hook(state, bucket)
     start = time.perf_counter()
     grads = bucket.gradients()
     keys = [state.names[id(p)] for p in bucket.parameters()]
@@ -73,6 +76,26 @@ def compressed_hook(
     fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
     fut.set_result(bucket.buffer())
     return fut
+
+
+def _summable_hook(state: HookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """fp16/bf16: the whole bucket in half precision, all-reduced while backward goes on."""
+    assert state.codec is not None
+    start = time.perf_counter()
+    buffer = bucket.buffer()
+    payload = state.codec.encode(f"bucket{bucket.index()}", buffer.div_(state.world_size))
+    half = payload.tensors[0]
+    wire = ring_allreduce_bytes(half.numel() * half.element_size(), state.world_size)
+    state.comm.add(sent=wire, received=wire)
+    fut = dist.all_reduce(half, group=state.group, async_op=True).get_future()
+
+    def done(f: torch.futures.Future[list[torch.Tensor]]) -> torch.Tensor:
+        buffer.copy_(state.codec.decode(payload).reshape(buffer.shape))  # type: ignore[union-attr]
+        if state.timer is not None:
+            state.timer.add("comm", time.perf_counter() - start)
+        return buffer
+
+    return fut.then(done)
 
 
 def wrap_ddp(
