@@ -274,8 +274,11 @@ class Server:
         dense = []
         for i, p in enumerate(self.dense if encoded else []):
             k = codec.num_tensors
-            d = codec.decode(Payload(encoded[i * k : (i + 1) * k], torch.Size([p.numel()])))
-            if d.numel() != p.numel():
+            try:
+                d = codec.decode(Payload(encoded[i * k : (i + 1) * k], torch.Size([p.numel()])))
+            except (RuntimeError, IndexError, ValueError):
+                d = None  # sizes or dtypes that do not make this slice
+            if d is None or d.numel() != p.numel():
                 raise wire.WireError("malformed", "push: dense gradient of the wrong size")
             dense.append(d)
         rows: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
