@@ -26,6 +26,13 @@ from shoal.config import write_atomic
 from shoal.errors import UserError
 from shoal.metrics import read_metrics
 
+COMM_HELP = """Build 2 to 4 hosts from Linux network namespaces on one bridge, each with its
+own share of the cores, cap each host's link with tc tbf at every rate given,
+and run the same job once per STRATEGY:CODEC on each: a real multi-node run,
+one node per host. Writes, per rate, time and bytes to the target loss and the
+speed-up over uncompressed allreduce (results.md, results.json) and a report
+with plots (loss vs wall time, loss vs bytes sent). Needs root; removes every
+namespace it made, also when it fails or is interrupted."""
 _PORTS = itertools.count()
 DEFAULT_RUNS = (
     "allreduce:none,allreduce:fp16,allreduce:topk:0.01,allreduce:sign,allreduce:powersgd:4,"
@@ -55,7 +62,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     comm = kinds.add_parser(
         "comm",
         help="strategy x codec to a target loss over capped links (needs root)",
-        description=__doc__.split("\n\n", 1)[1],
+        description=COMM_HELP,
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
