@@ -135,6 +135,12 @@ class TrainConfig:
     checkpoint_every: int = _f(0, "steps between checkpoints (0: only at the end)")
     keep_checkpoints: int = _f(3, "how many recent checkpoints to keep")
 
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """Global steps of the job: ``--steps``, or ``--epochs`` worth of them."""
+        if self.steps > 0:
+            return self.steps
+        return max(1, math.ceil(self.epochs * steps_per_epoch))
+
 
 @dataclass
 class ClusterConfig:

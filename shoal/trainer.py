@@ -8,7 +8,6 @@ what the strategy says its state is.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,13 +37,6 @@ from shoal.models import build_model
 from shoal.models.sparse import count_parameters, remote_tables
 from shoal.models.tasks import evaluate, per_sample_loss
 from shoal.strategies import Batch, Strategy, build_strategy
-
-
-def total_steps(job: JobConfig, steps_per_epoch: int) -> int:
-    """Global steps of the job: ``--steps``, or ``--epochs`` worth of them."""
-    if job.train.steps > 0:
-        return job.train.steps
-    return max(1, math.ceil(job.train.epochs * steps_per_epoch))
 
 
 @dataclass
@@ -80,7 +72,7 @@ class Trainer:
             seed=job.train.seed,
             drop_last=job.data.drop_last,
         )
-        self.total_steps = total_steps(job, self.sampler.steps_per_epoch)
+        self.total_steps = job.train.total_steps(self.sampler.steps_per_epoch)
         self.strategy.setup(model, self.total_steps)
         self.gatherer = self.strategy.gatherer()
         self.step = 0

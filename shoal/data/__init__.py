@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from shoal.config import DataConfig
-from shoal.data.datasets import DATASETS, Dataset
+from shoal.data.ctr import ctr
+from shoal.data.datasets import BUILTIN, Dataset
 from shoal.data.sampler import GlobalBatchSampler, StepWork, Task, Work, split_sizes
 from shoal.errors import UserError
 from shoal.registry import import_ref, is_user_ref, lookup
+
+DATASETS = {**BUILTIN, "ctr": ctr}
+"""Built-in datasets by name."""
 
 __all__ = [
     "DATASETS",

@@ -18,6 +18,7 @@ from sklearn.metrics import log_loss, roc_auc_score
 from torch import nn
 
 from shoal.config import DataConfig
+from shoal.data.datasets import Dataset, _split
 
 NUM_FIELDS = 8
 VOCAB = 50_000
@@ -33,10 +34,8 @@ def hash_rows(field: np.ndarray, value: np.ndarray, rows: int) -> np.ndarray:
     return ((x ^ (x >> np.uint64(31))) % np.uint64(rows)).astype(np.int64)
 
 
-def ctr(cfg: DataConfig):
+def ctr(cfg: DataConfig) -> Dataset:
     """The dataset: int64 row ids [N, fields], float labels; see the module docstring."""
-    from shoal.data.datasets import Dataset, _split
-
     rng = np.random.default_rng(cfg.data_seed)
     n, rows = cfg.num_samples, cfg.table_rows
     values = np.minimum(rng.zipf(ZIPF, size=(n, NUM_FIELDS)), VOCAB) - 1

@@ -130,14 +130,8 @@ def digits(cfg: DataConfig) -> Dataset:
     )
 
 
-def _ctr(cfg: DataConfig) -> Dataset:
-    from shoal.data.ctr import ctr
-
-    return ctr(cfg)
-
-
-DATASETS: dict[str, Callable[[DataConfig], Dataset]] = {
+BUILTIN: dict[str, Callable[[DataConfig], Dataset]] = {
     "synthetic-linear": synthetic_linear,
     "digits": digits,
-    "ctr": _ctr,
 }
+"""Datasets defined here; ``shoal.data.DATASETS`` adds the click-through one."""

@@ -21,16 +21,13 @@ from shoal.strategies.ps import wire
 from shoal.strategies.ps.client import Peer, PeerError
 from shoal.strategies.ps.coordinator import Coordinator
 from shoal.strategies.ps.server import Server
-from shoal.strategies.ps.strategy import COORDINATOR_ENV, HOST_ENV, max_message_bytes
 
 
 def _steps(job: JobConfig) -> tuple[int, int]:
     """(global steps of the job, steps per epoch), by the trainer's own rule."""
-    from shoal.trainer import total_steps
-
     data = build_dataset(job.data)
     sampler = GlobalBatchSampler(data.num_train, job.train.batch_size, drop_last=job.data.drop_last)
-    return total_steps(job, sampler.steps_per_epoch), sampler.steps_per_epoch
+    return job.train.total_steps(sampler.steps_per_epoch), sampler.steps_per_epoch
 
 
 def check_job(job: JobConfig) -> None:
@@ -94,8 +91,8 @@ def launch_ps(job: JobConfig, config_path: str) -> None:
     )
     base = {
         wire.SECRET_ENV: secret.hex(),
-        COORDINATOR_ENV: address,
-        HOST_ENV: local_host,
+        wire.COORDINATOR_ENV: address,
+        wire.HOST_ENV: local_host,
         "LOCAL_WORLD_SIZE": str(cluster.workers + cluster.servers),
         "OMP_NUM_THREADS": "1",
     }
@@ -187,7 +184,7 @@ def run_server(job: JobConfig) -> None:
     """Entry of a server process: bind, register with the coordinator, serve."""
     secret = wire.load_secret()
     shard = int(os.environ["SHOAL_ROLE_RANK"])
-    host = os.environ.get(HOST_ENV, "127.0.0.1")
+    host = os.environ.get(wire.HOST_ENV, "127.0.0.1")
     server = Server(
         shard,
         secret,
@@ -195,10 +192,14 @@ def run_server(job: JobConfig) -> None:
         job.strategy.ps_mode,
         job.strategy.staleness,
         bind=f"tcp://{host}:0",
-        max_message_bytes=max_message_bytes(job),
+        max_message_bytes=wire.max_message_bytes(job),
     )
     peer = Peer(
-        zmq.Context.instance(), os.environ[COORDINATOR_ENV], secret, f"server{shard}", CommCounter()
+        zmq.Context.instance(),
+        os.environ[wire.COORDINATOR_ENV],
+        secret,
+        f"server{shard}",
+        CommCounter(),
     )
     peer.call({"op": "register_server", "shard": shard, "address": server.address})
     peer.close()

@@ -32,16 +32,8 @@ from shoal.strategies.ps.client import Client, Peer, PeerTimeout
 from shoal.strategies.ps.optim import ServerOptimizer
 from shoal.strategies.ps.placement import dense_plan, row_shard
 
-COORDINATOR_ENV = "SHOAL_PS_COORDINATOR"
-HOST_ENV = "SHOAL_PS_HOST"
-
-
 ALIVE_CHECK_S = 30.0
 """A worker waiting for a task checks this often that the coordinator still answers."""
-
-
-def max_message_bytes(job: JobConfig) -> int:
-    return int(job.strategy.ps_max_message_mb * 1024 * 1024)
 
 
 class TaskWork:
@@ -210,16 +202,16 @@ class ParameterServer(Strategy):
         ctx = zmq.Context.instance()
         who = f"worker{self.worker}"
         # telemetry to the coordinator is not training traffic: its own counter
-        self.coordinator = Peer(ctx, os.environ[COORDINATOR_ENV], secret, who, CommCounter())
+        self.coordinator = Peer(ctx, os.environ[wire.COORDINATOR_ENV], secret, who, CommCounter())
         self.heartbeat = Heartbeat(
-            os.environ[COORDINATOR_ENV],
+            os.environ[wire.COORDINATOR_ENV],
             secret,
             self.worker,
             self.job.strategy.heartbeat_timeout / 5,
         )
         info, _ = self.coordinator.call({"op": "servers", "worker": self.worker})
         self.client = Client(
-            info["servers"], secret, who, self.comm, max_bytes=max_message_bytes(self.job)
+            info["servers"], secret, who, self.comm, max_bytes=wire.max_message_bytes(self.job)
         )
         num_shards = len(info["servers"])
         self.num_shards = num_shards

@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from shoal.config import JobConfig
+
 MAX_HEADER_BYTES = 64 * 1024
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -156,6 +158,15 @@ def message_bytes(frames: list[Any]) -> int:
 # --- authentication ---------------------------------------------------------------------
 
 SECRET_ENV = "SHOAL_PS_SECRET"
+COORDINATOR_ENV = "SHOAL_PS_COORDINATOR"
+"""Where workers and servers find the coordinator (set by the launcher)."""
+HOST_ENV = "SHOAL_PS_HOST"
+"""The address this machine's servers listen on (set by the launcher)."""
+
+
+def max_message_bytes(job: JobConfig) -> int:
+    """The largest message a peer accepts, from ``--ps-max-message-mb``."""
+    return int(job.strategy.ps_max_message_mb * 1024 * 1024)
 
 
 def load_secret() -> bytes:
