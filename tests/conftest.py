@@ -14,6 +14,11 @@ import torch
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
+LINEAR_JOB = ["--model", "linear", "--steps", "200", "--batch-size", "64", "--lr", "0.05"]
+LINEAR_JOB += ["--seed", "2"]
+"""Linear regression on synthetic data: 200 steps of the global batch 64."""
+NOISE_FLOOR = 0.1**2
+"""synthetic-linear's label noise variance: a fitted model's test MSE is near it."""
 
 
 def shoal_env(extra: dict[str, str] | None = None) -> dict[str, str]:

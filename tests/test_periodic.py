@@ -4,24 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import max_abs_diff, params, read_summary, train
+from tests.conftest import LINEAR_JOB, NOISE_FLOOR, max_abs_diff, params, read_summary, train
 
-LINEAR = [
-    "--model",
-    "linear",
-    "--steps",
-    "200",
-    "--batch-size",
-    "64",
-    "--lr",
-    "0.05",
-    "--seed",
-    "2",
-]
+LINEAR = LINEAR_JOB
 DIGITS = ["--model", "mlp", "--steps", "304", "--batch-size", "64", "--optimizer", "adam"]
 DIGITS += ["--lr", "0.003"]
 W2 = ["--workers", "2"]
-NOISE_FLOOR = 0.1**2  # synthetic-linear's label noise variance
 
 
 @pytest.fixture(scope="module")

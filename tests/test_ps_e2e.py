@@ -13,20 +13,17 @@ import torch
 import zmq
 
 from shoal.strategies.ps import wire
-from tests.conftest import max_abs_diff, params, read_summary, shoal_env, train
+from tests.conftest import (
+    LINEAR_JOB,
+    NOISE_FLOOR,
+    max_abs_diff,
+    params,
+    read_summary,
+    shoal_env,
+    train,
+)
 
-LINEAR = [
-    "--model",
-    "linear",
-    "--steps",
-    "200",
-    "--batch-size",
-    "64",
-    "--lr",
-    "0.05",
-    "--seed",
-    "2",
-]
+LINEAR = LINEAR_JOB
 DIGITS = [
     "--model",
     "mlp",
@@ -75,7 +72,7 @@ def test_async_modes_reach_the_bsp_targets(mode, session_tmp):
     """The targets: linear test MSE within 2x the noise floor; digits 90% test accuracy."""
     lin = session_tmp / f"ps-{mode}-linear"
     train(lin, *LINEAR, *PS, "--ps-mode", mode, "--staleness", "2")
-    assert read_summary(lin)["test_loss"] < 2 * 0.1**2
+    assert read_summary(lin)["test_loss"] < 2 * NOISE_FLOOR
     dig = session_tmp / f"ps-{mode}-digits"
     train(dig, *DIGITS, *PS, "--ps-mode", mode, "--staleness", "2")
     assert read_summary(dig)["test_accuracy"] >= 0.90
@@ -145,7 +142,7 @@ def test_asp_survives_sigkill_of_a_worker(allreduce_linear, tmp_path):
     s = read_summary(out)
     assert s["ps"]["failed_workers"] == [1]
     assert s["per_worker"][1]["failed_exit_code"] == -9
-    assert s["test_loss"] < 2 * 0.1**2
+    assert s["test_loss"] < 2 * NOISE_FLOOR
     assert sum(w["tasks"] for w in s["per_worker"]) == 3 * 200
     assert s["samples_per_epoch"] == read_summary(allreduce_linear)["samples_per_epoch"]
 
@@ -237,7 +234,7 @@ def test_hung_worker_is_dropped_by_heartbeat_and_the_job_finishes(tmp_path):
     assert "worker 2 sent no heartbeat" in proc.stderr
     s = read_summary(out)
     assert s["ps"]["failed_workers"] == [2]
-    assert s["test_loss"] < 2 * 0.1**2
+    assert s["test_loss"] < 2 * NOISE_FLOOR
     assert time.monotonic() - start < 120
 
 
