@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -40,7 +40,6 @@ class Payload:
 
     tensors: list[torch.Tensor]
     shape: torch.Size
-    meta: dict[str, Any] = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
@@ -84,12 +83,6 @@ class Codec(ABC):
     @abstractmethod
     def decode(self, payload: Payload) -> torch.Tensor:
         """The dense float32 tensor a payload stands for."""
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"residuals": {k: v.clone() for k, v in self.residuals.items()}}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.residuals = {k: v.clone() for k, v in state["residuals"].items()}
 
 
 class NoCompression(Codec):
@@ -294,13 +287,6 @@ class PowerSGD(Codec):
         self.residuals[key] = mat - p @ q_own.t()  # what this rank's own share left out
         self.q[key] = q.detach().cpu()
         return approx
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "q": {k: v.clone() for k, v in self.q.items()}}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.q = {k: v.clone() for k, v in state["q"].items()}
 
 
 def orthogonalize(p: torch.Tensor) -> torch.Tensor:

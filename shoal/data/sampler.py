@@ -207,8 +207,8 @@ class StepWork:
         if self.step >= self.total:
             return None
         s = self.sampler
-        g = s.global_indices(s.epoch, s.step_in_epoch)
-        return Task(self.step, s.rank, s.world_size, g[s.local_slice(len(g))], len(g))
+        global_batch = len(s.global_indices(s.epoch, s.step_in_epoch))
+        return Task(self.step, s.rank, s.world_size, s.peek(), global_batch)
 
     def log_now(self, step: int) -> bool:
         return step % self.log_every == 0 or step == self.total

@@ -86,7 +86,7 @@ def _from_bytes(buf: torch.Tensor, like: list[Payload]) -> list[Payload]:
             n = _nbytes(t)
             tensors.append(buf[at : at + n].clone().view(t.dtype).reshape(t.shape))
             at += n
-        out.append(Payload(tensors, p.shape, p.meta))
+        out.append(Payload(tensors, p.shape))
     return out
 
 
@@ -112,7 +112,7 @@ def _average_powersgd(
     items: Items, codec: PowerSGD, world: int, comm: CommCounter, group: object
 ) -> list[torch.Tensor]:
     low = [i for i, (_, t) in enumerate(items) if codec.compresses(t.shape)]
-    rest = [i for i in range(len(items)) if i not in set(low)]
+    rest = [i for i, (_, t) in enumerate(items) if not codec.compresses(t.shape)]
     ps = [codec.project(items[i][0], items[i][1]) for i in low]
     first = torch.cat([p.reshape(-1) for p in ps] + [items[i][1].float().reshape(-1) for i in rest])
     if world > 1:

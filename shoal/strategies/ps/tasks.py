@@ -91,6 +91,3 @@ class TaskQueue:
         for task in tasks:
             heapq.heappush(self.returned, task)
         return tasks
-
-    def holding(self, worker: int) -> int:
-        return len(self.held.get(worker, ()))
