@@ -109,7 +109,8 @@ class StrategyConfig:
     staleness: int = _f(3, "ssp: how many steps a task may run ahead of the oldest unfinished step")
     ps_max_message_mb: float = _f(1024.0, "parameter server: largest message accepted, in MB")
     heartbeat_timeout: float = _f(
-        5.0, "parameter server: seconds without a heartbeat before a worker is dropped"
+        3.0,
+        "seconds without a heartbeat before a worker is declared dead, hung or cut off",
     )
     sync_every: int = _f(8, "local-sgd, diloco: local steps between synchronizations (H)")
     outer_lr: float = _f(0.7, "diloco: learning rate of the outer Nesterov SGD")
@@ -154,6 +155,11 @@ class ClusterConfig:
         "",
         "HOST:PORT of node 0 where the machines meet (torchrun --rdzv-endpoint); "
         "empty picks a free local port",
+    )
+    max_restarts: int = _f(
+        3,
+        "collective strategies: restarts of the workers after a failure, each resuming from "
+        "the newest good checkpoint (torchrun --max-restarts)",
     )
 
 
@@ -229,6 +235,8 @@ class JobConfig:
         _positive("--num-samples", self.data.num_samples)
         _positive("--num-features", self.data.num_features)
         _positive("--table-rows", self.data.table_rows)
+        if c.max_restarts < 0:
+            raise UserError("--max-restarts must be >= 0")
         if self.cluster.servers < 0:
             raise UserError("--servers must be >= 0")
         if self.strategy.staleness < 0:

@@ -11,6 +11,10 @@ whose compute is slow, so its gradients are as stale as a slow device makes them
 ``slow:rank=*:ms=40:prob=0.25`` makes every rank sleep 40 ms in a random
 quarter of its steps (seeded per rank): stragglers that come and go. Several
 faults are separated by ``;``.
+
+A crash or hang fires once per job, not once per process: before firing, the
+injector leaves a marker in ``RUN_DIR/faults/``, so the workers a restart
+brings up (which redo the steps since the last checkpoint) do not fire it again.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import random
 import signal
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 ENV = "SHOAL_FAULT"
 KINDS = ("crash", "hang", "slow")
@@ -68,11 +73,20 @@ def parse(spec: str) -> list[Fault]:
 class Injector:
     """Checks after every step whether this rank is due to fail."""
 
-    def __init__(self, rank: int, spec: str | None = None) -> None:
+    def __init__(
+        self, rank: int, spec: str | None = None, run_dir: str | os.PathLike | None = None
+    ) -> None:
         spec = os.environ.get(ENV, "") if spec is None else spec
         self.faults = [f for f in parse(spec) if f.rank in (rank, -1)]
+        self.rank = rank
         self.random = random.Random(rank)
-        self.fired: set[Fault] = set()
+        self.markers = Path(run_dir) / "faults" if run_dir is not None else None
+        self.fired: set[Fault] = {f for f in self.faults if self._marker(f).exists()}
+
+    def _marker(self, fault: Fault) -> Path:
+        if self.markers is None:
+            return Path("/nonexistent/shoal-fault")
+        return self.markers / f"{fault.kind}-rank{self.rank}-step{fault.step}"
 
     def resumed_at(self, step: int) -> None:
         """A run resumed after ``step``: crashes and hangs due by then have happened."""
@@ -89,4 +103,7 @@ class Injector:
         for fault in self.faults:
             if fault.kind in ("crash", "hang") and step >= fault.step and fault not in self.fired:
                 self.fired.add(fault)
+                if self.markers is not None:
+                    self.markers.mkdir(parents=True, exist_ok=True)
+                    self._marker(fault).touch()
                 os.kill(os.getpid(), signal.SIGKILL if fault.kind == "crash" else signal.SIGSTOP)

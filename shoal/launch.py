@@ -56,7 +56,7 @@ def torchrun_args(cluster: ClusterConfig, config_path: str) -> list[str]:
             "--rdzv-id",
             uuid.uuid4().hex,
         ]
-    args += ["--max-restarts", "0", "--monitor-interval", "0.5"]
+    args += ["--max-restarts", str(cluster.max_restarts), "--monitor-interval", "0.5"]
     return [*args, "-m", WORKER_MODULE, config_path]
 
 
@@ -103,6 +103,9 @@ def launch(cluster: ClusterConfig, config_path: str) -> None:
 
     _quiet_torchrun()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # A restart must meet in a fresh store: in the agent's shared one, the new
+    # workers would read the dead ones' gloo addresses (same keys, no prefix).
+    os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     config, cmd, cmd_args = config_from_args(parse_args(torchrun_args(cluster, config_path)))
     try:
         elastic_launch(config, cmd)(*cmd_args)
@@ -124,6 +127,9 @@ def launch(cluster: ClusterConfig, config_path: str) -> None:
 
 def _quiet_torchrun() -> None:
     """torchrun's agent logs every rendezvous detail at INFO/WARNING; keep errors."""
+    # and its line for a failed worker, which names the first rank to exit, not the culprit:
+    # the workers name that themselves (shoal.health), and LaunchFailed names the last one
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
     for name in (
         "torch.distributed.elastic",
         "torch.distributed.launcher",

@@ -8,6 +8,7 @@ what the strategy says its state is.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from shoal import checkpoint
 from shoal.config import JobConfig, dumps_toml, write_atomic
 from shoal.data import Dataset, GlobalBatchSampler, Task, build_dataset
 from shoal.dist import DistEnv
+from shoal.errors import UserError
 from shoal.faults import Injector
 from shoal.metrics import (
     SUMMARY_FILE,
@@ -80,13 +82,16 @@ class Trainer:
         self.prior_samples: dict[int, int] = {}
         self.last_loss = float("nan")
         self.eval_metrics: dict[str, float] = {}
-        self.faults = Injector(env.rank)
+        self.faults = Injector(env.rank, run_dir=self.out)
+        self.resumed_from: int | None = None
+        self.restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
     # --- state --------------------------------------------------------------------
 
     def restore(self) -> Path | None:
         """Continue from the newest good checkpoint in the run directory, if any."""
         found = checkpoint.load_latest(self.out)
+        self._agree_on(checkpoint.step_of(found[0]) if found else -1)
         if found is None:
             return None
         path, state = found
@@ -94,12 +99,27 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         self.step = int(state["step"])
         self.faults.resumed_at(self.step)
+        self.resumed_from = self.step
         self.wall_offset = float(state["wall_time"])
         self.prior_samples = {int(k): int(v) for k, v in state["samples_per_epoch"].items()}
         rng = state["rng"]
         if self.env.rank < len(rng):
             torch.set_rng_state(rng[self.env.rank])
         return path
+
+    def _agree_on(self, step: int) -> None:
+        """Every rank of a process group must resume from the same checkpoint."""
+        if not torch.distributed.is_initialized():
+            return
+        mine = torch.tensor([step, -step], dtype=torch.int64)
+        both = mine.clone()
+        torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
+        if int(both[0]) != -int(both[1]):
+            raise UserError(
+                f"the workers see different newest checkpoints in {self.out} (rank "
+                f"{self.env.rank} sees step {step}): the run directory must be on a "
+                "filesystem every machine sees"
+            )
 
     def save_checkpoint(self) -> None:
         """Every rank contributes its RNG and sample counts; the writer saves."""
@@ -265,6 +285,8 @@ class Trainer:
                 }
                 for r, t in enumerate(totals)
             ],
+            restarts=self.restarts,
+            resumed_from_step=self.resumed_from,
         )
         write_atomic(self.out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
 

@@ -14,6 +14,7 @@ import torch.distributed
 from shoal import dist
 from shoal.config import load_toml
 from shoal.errors import UserError
+from shoal.health import EXIT_PEER_LOST, Heartbeat
 from shoal.strategies import strategy_class
 from shoal.trainer import Trainer
 
@@ -23,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         print("usage: python -m shoal.worker CONFIG.toml", file=sys.stderr)
         return 2
-    trainer = None
+    trainer = heartbeat = None
     try:
         job = load_toml(args[0])
         cls = strategy_class(job.strategy.name)
@@ -32,22 +33,27 @@ def main(argv: list[str] | None = None) -> int:
         if role != "worker":
             cls.run_role(role, job, env)
             return 0
+        if cls.needs_process_group and env.world_size > 1:
+            heartbeat = Heartbeat(env.rank, env.world_size, job.strategy.heartbeat_timeout)
         trainer = Trainer(job, env)
-        if job.output.resume:
-            trainer.restore()
+        if cls.needs_process_group or job.output.resume:
+            _restore(trainer, env)
         trainer.run()
+        if heartbeat is not None:
+            heartbeat.stop()
     except UserError as e:
         print(f"shoal: error: {e}", file=sys.stderr)
         return 2
     except (torch.distributed.DistError, RuntimeError) as e:
         if not _peer_failure(e):
             raise
-        rank = os.environ.get("RANK", "?")
-        print(
-            f"shoal: error: rank {rank} lost a peer: {str(e).splitlines()[0][:300]}",
-            file=sys.stderr,
-        )
-        return 1
+        if heartbeat is None or not heartbeat.name_lost_peer():
+            rank = os.environ.get("RANK", "?")
+            print(
+                f"shoal: error: rank {rank} lost a peer: {str(e).splitlines()[0][:300]}",
+                file=sys.stderr,
+            )
+        return EXIT_PEER_LOST
     finally:
         if trainer is not None:
             trainer.strategy.close()
@@ -58,6 +64,20 @@ def main(argv: list[str] | None = None) -> int:
         torch.distributed.barrier()
     dist.shutdown()
     return 0
+
+
+def _restore(trainer: Trainer, env: dist.DistEnv) -> None:
+    """Continue from the newest good checkpoint, if the run has one: after ``--resume``,
+    and after torchrun's agent restarted the workers following a failure."""
+    path = trainer.restore()
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if env.is_main and attempt > 0:
+        where = f"from {path.parent.name}/{path.name}" if path else "from the start (no checkpoint)"
+        print(
+            f"shoal: restart {attempt}: {env.world_size} workers resume {where}",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _peer_failure(e: BaseException) -> bool:

@@ -77,3 +77,19 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def session_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="session")
+def linear_reference(session_tmp: Path) -> Path:
+    """The unfailed reference: allreduce on 2 workers, checkpoints at steps 100 and 200."""
+    out = session_tmp / "linear-reference"
+    train(out, *LINEAR_JOB, "--workers", "2", "--checkpoint-every", "100")
+    return out
+
+
+@pytest.fixture(scope="session")
+def local_sgd_reference(session_tmp: Path) -> Path:
+    """Local SGD (H=8) on 2 workers, unfailed, checkpoints every 96 steps."""
+    out = session_tmp / "local-sgd-reference"
+    train(out, *LINEAR_JOB, "--workers", "2", "--strategy", "local-sgd", "--checkpoint-every", "96")
+    return out

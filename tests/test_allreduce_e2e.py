@@ -105,7 +105,7 @@ def test_every_sample_accounted_per_epoch(linear_runs):
 
 @pytest.mark.timeout(300)
 def test_resume_after_crash_matches_uninterrupted(linear_runs, session_tmp):
-    """Rank 1 is SIGKILLed at step 150, after the step-100 checkpoint; --resume finishes."""
+    """With no restarts allowed, a SIGKILL at step 150 ends the run; --resume finishes it."""
     out = session_tmp / "linear-crash"
     crashed = train(
         out,
@@ -114,6 +114,8 @@ def test_resume_after_crash_matches_uninterrupted(linear_runs, session_tmp):
         "2",
         "--checkpoint-every",
         "100",
+        "--max-restarts",
+        "0",
         env={"SHOAL_FAULT": "crash:rank=1:step=150"},
         check=False,
     )

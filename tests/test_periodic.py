@@ -13,25 +13,23 @@ W2 = ["--workers", "2"]
 
 
 @pytest.fixture(scope="module")
-def allreduce_runs(session_tmp):
-    lin, dig = session_tmp / "periodic-ref-linear", session_tmp / "periodic-ref-digits"
-    train(lin, *LINEAR, *W2)
+def allreduce_runs(session_tmp, linear_reference):
+    lin, dig = linear_reference, session_tmp / "periodic-ref-digits"
     train(dig, *DIGITS, *W2)
     return read_summary(lin), read_summary(dig)
 
 
 @pytest.mark.timeout(120)
-def test_local_sgd_every_step_with_sgd_is_allreduce(tmp_path, allreduce_runs, session_tmp):
+def test_local_sgd_every_step_with_sgd_is_allreduce(tmp_path, linear_reference):
     """Averaging parameters after every plain SGD step == averaging gradients."""
     out = tmp_path / "h1"
     train(out, *LINEAR, *W2, "--strategy", "local-sgd", "--sync-every", "1")
-    assert max_abs_diff(params(out), params(session_tmp / "periodic-ref-linear")) < 1e-5
+    assert max_abs_diff(params(out), params(linear_reference)) < 1e-5
 
 
 @pytest.mark.timeout(120)
-def test_diloco_with_plain_outer_sgd_is_local_sgd(tmp_path):
+def test_diloco_with_plain_outer_sgd_is_local_sgd(tmp_path, local_sgd_reference):
     """Outer lr 1, no momentum: the outer step is the average; inner SGD: local SGD."""
-    train(tmp_path / "local", *LINEAR, *W2, "--strategy", "local-sgd")
     train(
         tmp_path / "diloco",
         *LINEAR,
@@ -45,7 +43,7 @@ def test_diloco_with_plain_outer_sgd_is_local_sgd(tmp_path):
         "--outer-momentum",
         "0",
     )
-    assert max_abs_diff(params(tmp_path / "local"), params(tmp_path / "diloco")) < 1e-5
+    assert max_abs_diff(params(local_sgd_reference), params(tmp_path / "diloco")) < 1e-5
 
 
 @pytest.mark.timeout(300)

@@ -24,6 +24,8 @@ import torch
 from torch import nn
 
 from shoal.compress import parse_codec
+from shoal.config import JobConfig
+from shoal.errors import UserError
 from shoal.metrics import PhaseTimer
 from shoal.optim import build_optimizer, build_scheduler
 from shoal.strategies.base import Batch, LossFn, Strategy
@@ -35,6 +37,16 @@ class LocalSGD(Strategy):
 
     name = "local-sgd"
     description = "local SGD: workers step alone, parameters averaged every --sync-every steps"
+
+    @classmethod
+    def check(cls, job: JobConfig) -> None:
+        """Checkpoints fall on synchronizations, where the replicas are one model."""
+        every, h = job.train.checkpoint_every, job.strategy.sync_every
+        if every % h:
+            raise UserError(
+                f"--checkpoint-every {every} must be a multiple of --sync-every {h} with "
+                f"--strategy {cls.name}: between synchronizations the replicas differ"
+            )
 
     def setup(self, model: nn.Module, total_steps: int) -> None:
         self.model = model
@@ -88,12 +100,8 @@ class LocalSGD(Strategy):
         return self.optimizer.param_groups[0]["lr"]
 
     def state_dict(self) -> dict[str, Any]:
-        """Rank 0's replica and the last common parameters.
-
-        Between synchronizations the replicas differ and only rank 0's is kept:
-        resuming is exact when checkpoints fall on synchronizations
-        (``--checkpoint-every`` a multiple of ``--sync-every``).
-        """
+        """The model (one model: checkpoints fall on synchronizations, see :meth:`check`)
+        and rank 0's inner optimizer state, which every replica resumes with."""
         return {
             "model": self.model.state_dict(),
             "anchor": {n: t.clone() for n, t in self.anchor.items()},

@@ -1,0 +1,221 @@
+"""Heartbeats between the workers of a collective job.
+
+A collective only notices a dead peer when a socket breaks, and a hung peer
+(SIGSTOP, a wedged device) or a peer behind a cut link not at all until gloo's
+timeout, minutes later. So every worker runs a :class:`Heartbeat` thread that
+bumps its own counter in the job's store (the ``TCPStore`` torchrun's agent
+hosts) every ``timeout / 6`` seconds and reads everyone else's. A counter that
+has not moved for ``timeout`` seconds names its rank as failed; a store that
+does not answer for ``timeout`` seconds means this worker is the one cut off.
+
+Either way the worker says so in one line (role, rank, host and pid of the
+culprit), SIGKILLs a hung culprit that shares its host (a stopped process
+ignores the agent's SIGTERM, and the agent would wait 30 s before its SIGKILL),
+and exits with :data:`EXIT_PEER_LOST`, so torchrun's agent restarts the group
+from the newest checkpoint at once instead of waiting on a collective that
+cannot finish.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch.distributed as dist
+
+EXIT_PEER_LOST = 75
+"""Exit status of a worker that stopped because a peer failed (EX_TEMPFAIL)."""
+
+
+class Heartbeat:
+    """Beat for this rank and watch every other; act on a silent one.
+
+    ``on_failure`` (for tests) replaces the exit; it gets the line that was printed.
+    """
+
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        timeout_s: float,
+        store: dist.Store | None = None,
+        on_failure=None,
+    ) -> None:
+        self.rank, self.world_size, self.timeout_s = rank, world_size, timeout_s
+        self.interval_s = timeout_s / 6
+        self.store = store if store is not None else _job_store(timeout_s)
+        self.host, self.pid, self.machine = _host_name(), os.getpid(), _machine()
+        self.on_failure = on_failure or _exit
+        self._stop = threading.Event()
+        who = {"host": self.host, "pid": self.pid, "machine": self.machine}
+        self.store.set(f"who/{rank}", json.dumps(who))
+        self.store.set(f"beat/{rank}", "0")
+        self._thread = threading.Thread(target=self._run, name="shoal-heartbeat", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """This rank is leaving on purpose: say so, so that its silence is not a failure."""
+        self._stop.set()
+        self._thread.join()
+        with contextlib.suppress(Exception):
+            self.store.set(f"done/{self.rank}", "1")
+
+    def name_lost_peer(self) -> bool:
+        """A collective just broke: name the peer that went away, once, and say True.
+
+        A dead peer on this host is found at once; one elsewhere by its silence
+        (this waits up to the timeout; the heartbeat thread reports and exits).
+        """
+        deadline = time.monotonic() + self.timeout_s + 2 * self.interval_s
+        while time.monotonic() < deadline:
+            dead = []
+            for r in range(self.world_size):
+                who = self._who(r)
+                if r != self.rank and self._here(who) and _local_state(who) == "dead":
+                    dead.append(r)
+            if dead:
+                line = "; ".join(f"{self._describe(r)} died" for r in dead)
+                self._report(dead, line)
+                return True
+            time.sleep(0.1)
+        return False
+
+    def _here(self, who: dict) -> bool:
+        """Whether that worker runs on this machine (pids mean something here)."""
+        return who.get("machine") == self.machine
+
+    def _describe(self, rank: int) -> str:
+        who = self._who(rank)
+        return f"worker rank {rank} on {who['host']} (pid {who['pid']})"
+
+    def _report(self, culprits: list[int], line: str) -> None:
+        """One line per failure, from the lowest healthy rank."""
+        alive = [r for r in range(self.world_size) if r not in culprits]
+        if self.rank == min(alive):
+            print(f"shoal: error: {line}; restarting the workers", file=sys.stderr, flush=True)
+
+    # --- the thread ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        others = [r for r in range(self.world_size) if r != self.rank]
+        keys = [f"beat/{r}" for r in others]
+        seen: dict[int, bytes] = {}
+        moved = dict.fromkeys(others, time.monotonic())
+        beat = 0
+        contact = time.monotonic()
+        while not self._stop.wait(self.interval_s):
+            beat += 1
+            try:
+                self.store.set(f"beat/{self.rank}", str(beat))
+                # multi_get would wait for a key that is not there yet: read those that are
+                present = [r for r in others if self.store.check([f"beat/{r}"])]
+                values = self.store.multi_get([keys[others.index(r)] for r in present])
+            except Exception:  # the store (node 0) is unreachable: this side is cut off
+                if time.monotonic() - contact > self.timeout_s:
+                    self._lost_store(time.monotonic() - contact)
+                    return
+                continue
+            now = contact = time.monotonic()
+            for r, value in zip(present, values, strict=True):
+                if seen.get(r) != value:
+                    seen[r], moved[r] = value, now
+            silent = [r for r in others if now - moved[r] > self.timeout_s]
+            silent = [r for r in silent if not self._done(r)]
+            if silent and not self._stop.is_set():
+                self._silent(silent, {r: now - moved[r] for r in silent})
+                return
+
+    def _done(self, rank: int) -> bool:
+        try:
+            return self.store.check([f"done/{rank}"])
+        except Exception:
+            return False
+
+    def _who(self, rank: int) -> dict:
+        try:
+            return json.loads(self.store.get(f"who/{rank}"))
+        except Exception:
+            return {"host": "?", "pid": 0}
+
+    def _silent(self, ranks: list[int], quiet_s: dict[int, float]) -> None:
+        parts = []
+        for r in ranks:
+            who = self._who(r)
+            state = _local_state(who) if self._here(who) else None
+            what = {"dead": "died", "stopped": "is hung (stopped)"}.get(
+                state or "", "is hung or unreachable"
+            )
+            parts.append(f"{self._describe(r)} {what}: no heartbeat for {quiet_s[r]:.1f} s")
+            if state is not None and state != "dead":  # fence it, so the restart need not wait
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(who["pid"], signal.SIGKILL)
+        line = "; ".join(parts)
+        self._report(ranks, line)
+        self.on_failure(line)
+
+    def _lost_store(self, quiet_s: float) -> None:
+        line = (
+            f"worker rank {self.rank} on {self.host} (pid {self.pid}) lost contact with the "
+            f"job's store for {quiet_s:.1f} s: this host is cut off"
+        )
+        print(f"shoal: error: {line}", file=sys.stderr, flush=True)
+        self.on_failure(line)
+
+
+def _job_store(timeout_s: float) -> dist.Store:
+    """A connection of our own to the store the process group met in, per restart."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        is_master=False,
+        timeout=timedelta(seconds=max(1.0, timeout_s / 3)),
+    )
+    return dist.PrefixStore(f"shoal/health/{attempt}/", store)
+
+
+def _host_name() -> str:
+    """The host name, with the address that reaches the job's store unless that is loopback."""
+    name = socket.gethostname()
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((os.environ.get("MASTER_ADDR", "127.0.0.1"), 9))
+            addr = s.getsockname()[0]
+    except OSError:
+        return name
+    return name if addr.startswith("127.") else f"{name}/{addr}"
+
+
+def _machine() -> str:
+    """What tells two machines apart, also two network namespaces of one kernel."""
+    try:
+        netns = os.stat("/proc/self/ns/net").st_ino
+    except OSError:
+        netns = 0
+    return f"{socket.gethostname()}:{netns}"
+
+
+def _local_state(who: dict) -> str | None:
+    """``dead``, ``stopped`` or ``running`` for a shoal worker pid on this host."""
+    pid = int(who.get("pid", 0))
+    proc = Path(f"/proc/{pid}")
+    try:
+        if b"shoal.worker" not in (proc / "cmdline").read_bytes():
+            return "dead"  # the pid was reused
+        state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "dead"
+    return {"T": "stopped", "t": "stopped", "Z": "dead", "X": "dead"}.get(state, "running")
+
+
+def _exit(line: str) -> None:
+    sys.stderr.flush()
+    os._exit(EXIT_PEER_LOST)

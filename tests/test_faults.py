@@ -1,0 +1,238 @@
+"""Fault tolerance end to end: real SIGKILLs, SIGSTOPs, cut links and corrupt files.
+
+Every failed run is compared with an unfailed one: the same samples in every
+epoch (none lost, none counted twice, work redone after a restart counted
+once), the same parameters where the strategy is deterministic, and a final
+loss within 5%.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests import netns
+from tests.conftest import (
+    LINEAR_JOB,
+    free_port,
+    max_abs_diff,
+    params,
+    read_summary,
+    shoal_env,
+    train,
+)
+
+W2 = ["--workers", "2"]
+MID_EPOCH = 150
+"""A step in the middle of epoch 2 of LINEAR_JOB (52 steps an epoch)."""
+
+
+def _like_unfailed(run: Path, reference: Path, exact: bool = True) -> dict:
+    s, ref = read_summary(run), read_summary(reference)
+    assert s["samples_per_epoch"] == ref["samples_per_epoch"]
+    assert s["steps"] == ref["steps"]
+    assert s["test_loss"] <= 1.05 * ref["test_loss"]
+    if exact:
+        assert max_abs_diff(params(run), params(reference)) < 1e-6
+    return s
+
+
+@pytest.mark.timeout(180)
+def test_allreduce_restarts_itself_after_a_sigkill(tmp_path, linear_reference):
+    """No flag: torchrun's agent restarts the workers, which resume from step 100."""
+    out = tmp_path / "run"
+    proc = train(
+        out,
+        *LINEAR_JOB,
+        *W2,
+        "--checkpoint-every",
+        "100",
+        env={"SHOAL_FAULT": f"crash:rank=1:step={MID_EPOCH}"},
+    )
+    assert "worker rank 1 on" in proc.stderr and "died; restarting" in proc.stderr
+    assert "restart 1: 2 workers resume from checkpoints/step-00000100" in proc.stderr
+    s = _like_unfailed(out, linear_reference)
+    assert s["restarts"] == 1 and s["resumed_from_step"] == 100
+
+
+@pytest.mark.timeout(180)
+def test_local_sgd_restarts_itself_after_a_sigkill(tmp_path, local_sgd_reference):
+    out = tmp_path / "run"
+    train(
+        out,
+        *LINEAR_JOB,
+        *W2,
+        "--strategy",
+        "local-sgd",
+        "--checkpoint-every",
+        "96",
+        env={"SHOAL_FAULT": f"crash:rank=0:step={MID_EPOCH}"},
+    )
+    s = _like_unfailed(out, local_sgd_reference)
+    assert s["restarts"] == 1 and s["resumed_from_step"] == 96
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("mode", ["bsp", "ssp", "asp"])
+def test_parameter_server_survives_a_sigkilled_worker(mode, tmp_path, linear_reference):
+    """The others finish the job, the dead worker's task included: every sample once."""
+    job = [*LINEAR_JOB, "--strategy", "ps", "--workers", "3", "--servers", "2", "--ps-mode", mode]
+    out = tmp_path / mode
+    proc = train(out, *job, env={"SHOAL_FAULT": f"crash:rank=1:step={MID_EPOCH}"})
+    assert "worker 1 failed" in proc.stderr
+    if mode == "bsp":  # it sums the same parts of the same steps: the allreduce model
+        s = _like_unfailed(out, linear_reference)
+    else:  # staleness costs some loss, with or without a kill: compare like with like
+        train(tmp_path / "unfailed", *job)
+        s = _like_unfailed(out, tmp_path / "unfailed", exact=False)
+    assert s["ps"]["failed_workers"] == [1]
+    assert s["per_worker"][1]["failed_exit_code"] == -signal.SIGKILL
+    assert sum(w["tasks"] for w in s["per_worker"]) == 3 * 200
+
+
+class _Watched:
+    """A ``shoal`` command whose stderr lines are timestamped as they arrive."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(
+            cmd,
+            env=shoal_env(env),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        self.lines: list[tuple[float, str]] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.append((time.time(), line.rstrip()))
+
+    def first(self, text: str, timeout: float) -> float:
+        """When a line containing ``text`` arrived (waits for it)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for t, line in self.lines:
+                if text in line:
+                    return t
+            time.sleep(0.05)
+        raise AssertionError(f"no line with {text!r}:\n" + "\n".join(s for _, s in self.lines))
+
+    def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+
+def _shoal(out: Path) -> list[str]:
+    return [sys.executable, "-m", "shoal", "train", "--out", str(out), "--no-progress"]
+
+
+@pytest.mark.timeout(180)
+def test_a_hung_worker_is_named_within_5_s_and_the_job_recovers(tmp_path, linear_reference):
+    out = tmp_path / "run"
+    cmd = [*_shoal(out), "--no-report", *LINEAR_JOB, *W2, "--checkpoint-every", "100"]
+    job = _Watched(cmd, env={"SHOAL_FAULT": f"hang:rank=1:step={MID_EPOCH}"})
+    try:
+        seen = job.first("worker rank 1 on", timeout=120)
+        assert job.proc.wait(timeout=120) == 0, "\n".join(s for _, s in job.lines)
+    finally:
+        job.stop()
+    stopped = (out / "faults" / f"hang-rank1-step{MID_EPOCH}").stat().st_mtime
+    assert seen - stopped < 5.0
+    assert any("is hung (stopped)" in line for _, line in job.lines)
+    s = _like_unfailed(out, linear_reference)
+    assert s["restarts"] == 1
+
+
+@pytest.mark.timeout(180)
+def test_corrupt_newest_checkpoint_falls_back_on_resume(tmp_path, linear_reference):
+    out = tmp_path / "run"
+    shutil.copytree(linear_reference, out)
+    for name in ("summary.json", "model.safetensors"):
+        (out / name).unlink()
+    state = out / "checkpoints" / "step-00000200" / "state.pt"
+    state.write_bytes(state.read_bytes()[:1000])  # truncated
+    proc = train(out, "--resume", str(out))
+    assert "skipping checkpoint" in proc.stderr and "checksum mismatch" in proc.stderr
+    s = _like_unfailed(out, linear_reference)
+    assert s["resumed_from_step"] == 100
+
+
+@pytest.mark.timeout(240)
+def test_four_workers_killed_then_three_finish_the_epoch(tmp_path, linear_reference):
+    """Killed mid-epoch 1 on 4 workers; resumed on 3, the global batch re-sharded."""
+    out = tmp_path / "run"
+    crashed = train(
+        out,
+        *LINEAR_JOB,
+        "--workers",
+        "4",
+        "--checkpoint-every",
+        "60",
+        "--max-restarts",
+        "0",
+        env={"SHOAL_FAULT": "crash:rank=2:step=80"},
+        check=False,
+    )
+    assert crashed.returncode != 0 and "worker rank 2" in crashed.stderr
+    assert not (out / "summary.json").exists()
+    train(out, "--resume", str(out), "--workers", "3")
+    s = _like_unfailed(out, linear_reference, exact=False)
+    assert s["world_size"] == 3 and s["resumed_from_step"] == 60
+    # synchronous data parallel: the same samples make the same steps on 3 workers as on 2
+    assert max_abs_diff(params(out), params(linear_reference)) < 1e-5
+
+
+@pytest.mark.netns
+@pytest.mark.timeout(240)
+def test_a_downed_link_is_named_within_5_s(tmp_path):
+    with netns.hosts(subnet="10.231.8") as (a, b):
+        endpoint = f"{a.addr}:{free_port()}"
+        jobs = []
+        for rank, host in enumerate((a, b)):
+            cmd = [
+                *host.prefix(),
+                "env",
+                f"GLOO_SOCKET_IFNAME={host.ifname}",
+                *_shoal(tmp_path / f"node{rank}"),
+                "--no-report",
+                *["--model", "linear", "--batch-size", "64", "--steps", "100000"],
+                "--workers",
+                "1",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(rank),
+                "--rdzv-endpoint",
+                endpoint,
+            ]
+            jobs.append(_Watched(cmd))
+        try:
+            metrics = tmp_path / "node0" / "metrics.jsonl"
+            deadline = time.monotonic() + 120
+            while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+                assert time.monotonic() < deadline, "training did not start"
+                time.sleep(0.2)
+            subprocess.run(
+                ["ip", "-n", b.ns, "link", "set", b.ifname, "down"], check=True, timeout=20
+            )
+            cut = time.time()
+            seen = jobs[0].first("worker rank 1 on", timeout=60)
+            assert seen - cut < 5.0
+            line = next(s for _, s in jobs[0].lines if "worker rank 1 on" in s)
+            assert b.addr in line and "hung or unreachable" in line
+        finally:
+            for job in jobs:
+                job.stop()
