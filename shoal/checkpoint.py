@@ -2,9 +2,10 @@
 
 A checkpoint is written into a hidden temporary directory and renamed into
 place only when complete, so a crash never leaves a half-written one under a
-real name. ``meta.json`` records the SHA-256 of the state file; loading checks
-it, and :func:`load_latest` falls back to an older checkpoint (with a warning)
-when the newest is truncated or corrupt.
+real name. :class:`AsyncSaver` does the writing in a background thread, so
+training stops only to copy its state. ``meta.json`` records the SHA-256 of
+the state file; loading checks it, and :func:`load_latest` falls back to an
+older checkpoint (with a warning) when the newest is truncated or corrupt.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import json
 import os
 import shutil
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,68 @@ META_FILE = "meta.json"
 
 class CheckpointError(Exception):
     """A checkpoint is missing, truncated or does not match its checksum."""
+
+
+def snapshot(state: Any) -> Any:
+    """A copy of ``state`` whose tensors own their memory (on the CPU): what training may
+    change next cannot reach it. Containers are copied; other values are shared."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {k: snapshot(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(snapshot(v) for v in state)
+    return state
+
+
+class AsyncSaver:
+    """Checkpoints written in a background thread; training waits only for the copy.
+
+    :meth:`save` snapshots the state (the stall), then serializes, checksums,
+    fsyncs and renames it into place in a thread, as :func:`save` does. At most
+    one write is in flight: a second :meth:`save` first waits for the one
+    before. :meth:`wait` (also before the run ends) re-raises a failed write.
+    ``background=False`` writes in the caller's thread instead.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, keep: int = 3, background: bool = True) -> None:
+        self.run_dir, self.keep, self.background = run_dir, keep, background
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.stall_s = 0.0
+        """Seconds the caller was blocked, over all saves."""
+        self.saves = 0
+
+    def save(self, step: int, state: dict[str, Any]) -> None:
+        start = time.perf_counter()
+        self.wait()
+        if not self.background:  # the same work in the caller's thread, for comparison
+            save(self.run_dir, step, state, keep=self.keep)
+            self.stall_s += time.perf_counter() - start
+            self.saves += 1
+            return
+        copy = snapshot(state)
+        self._thread = threading.Thread(
+            target=self._write, args=(step, copy), name="shoal-checkpoint", daemon=True
+        )
+        self._thread.start()
+        self.stall_s += time.perf_counter() - start
+        self.saves += 1
+
+    def _write(self, step: int, state: dict[str, Any]) -> None:
+        try:
+            save(self.run_dir, step, state, keep=self.keep)
+        except BaseException as e:  # handed to the training thread by wait()
+            self._error = e
+
+    def wait(self) -> None:
+        """Block until the write in flight is on disk; raise its error if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 def checkpoint_dir(run_dir: str | os.PathLike) -> Path:

@@ -135,6 +135,9 @@ class TrainConfig:
     eval_every: int = _f(0, "steps between evaluations on the test split (0: at the end only)")
     checkpoint_every: int = _f(0, "steps between checkpoints (0: only at the end)")
     keep_checkpoints: int = _f(3, "how many recent checkpoints to keep")
+    checkpoint_async: bool = _f(
+        True, "write checkpoints in the background (training waits only for a copy of the state)"
+    )
 
     def total_steps(self, steps_per_epoch: int) -> int:
         """Global steps of the job: ``--steps``, or ``--epochs`` worth of them."""

@@ -13,7 +13,8 @@ culprit), SIGKILLs a hung culprit that shares its host (a stopped process
 ignores the agent's SIGTERM, and the agent would wait 30 s before its SIGKILL),
 and exits with :data:`EXIT_PEER_LOST`, so torchrun's agent restarts the group
 from the newest checkpoint at once instead of waiting on a collective that
-cannot finish.
+cannot finish. A worker that simply died is named by the agent, which sees it
+exit (see :func:`shoal.launch.launch`).
 """
 
 from __future__ import annotations
@@ -68,25 +69,11 @@ class Heartbeat:
         with contextlib.suppress(Exception):
             self.store.set(f"done/{self.rank}", "1")
 
-    def name_lost_peer(self) -> bool:
-        """A collective just broke: name the peer that went away, once, and say True.
-
-        A dead peer on this host is found at once; one elsewhere by its silence
-        (this waits up to the timeout; the heartbeat thread reports and exits).
-        """
-        deadline = time.monotonic() + self.timeout_s + 2 * self.interval_s
-        while time.monotonic() < deadline:
-            dead = []
-            for r in range(self.world_size):
-                who = self._who(r)
-                if r != self.rank and self._here(who) and _local_state(who) == "dead":
-                    dead.append(r)
-            if dead:
-                line = "; ".join(f"{self._describe(r)} died" for r in dead)
-                self._report(dead, line)
-                return True
-            time.sleep(0.1)
-        return False
+    def await_verdict(self) -> None:
+        """A collective just broke. Wait, without exiting, for who knows more to act: the
+        agent, which sees a dead worker of this host exit and stops the rest of us, or
+        the heartbeat, which names a silent peer elsewhere (and exits) within the timeout."""
+        time.sleep(self.timeout_s + 2 * self.interval_s)
 
     def _here(self, who: dict) -> bool:
         """Whether that worker runs on this machine (pids mean something here)."""
@@ -100,7 +87,7 @@ class Heartbeat:
         """One line per failure, from the lowest healthy rank."""
         alive = [r for r in range(self.world_size) if r not in culprits]
         if self.rank == min(alive):
-            print(f"shoal: error: {line}; restarting the workers", file=sys.stderr, flush=True)
+            print(f"shoal: error: {line}", file=sys.stderr, flush=True)
 
     # --- the thread ---------------------------------------------------------------
 
@@ -153,8 +140,12 @@ class Heartbeat:
             what = {"dead": "died", "stopped": "is hung (stopped)"}.get(
                 state or "", "is hung or unreachable"
             )
-            parts.append(f"{self._describe(r)} {what}: no heartbeat for {quiet_s[r]:.1f} s")
-            if state is not None and state != "dead":  # fence it, so the restart need not wait
+            fence = state is not None and state != "dead"
+            parts.append(
+                f"{self._describe(r)} {what}: no heartbeat for {quiet_s[r]:.1f} s"
+                + ("; killing it" if fence else "")
+            )
+            if fence:  # a stopped process ignores the agent's SIGTERM: the restart would wait
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(who["pid"], signal.SIGKILL)
         line = "; ".join(parts)

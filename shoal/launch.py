@@ -16,6 +16,7 @@ import logging
 import os
 import shlex
 import socket
+import sys
 import uuid
 from dataclasses import dataclass
 
@@ -102,10 +103,13 @@ def launch(cluster: ClusterConfig, config_path: str) -> None:
     from torch.distributed.run import config_from_args, parse_args
 
     _quiet_torchrun()
+    _name_failed_workers(cluster)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     # A restart must meet in a fresh store: in the agent's shared one, the new
     # workers would read the dead ones' gloo addresses (same keys, no prefix).
     os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    # a dead peer makes c10d print a C++ stack per failed store call; shoal names the culprit
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     config, cmd, cmd_args = config_from_args(parse_args(torchrun_args(cluster, config_path)))
     try:
         elastic_launch(config, cmd)(*cmd_args)
@@ -125,11 +129,56 @@ def launch(cluster: ClusterConfig, config_path: str) -> None:
         raise LaunchFailed(f"launch failed: {type(e).__name__}: {e}".splitlines()[0]) from None
 
 
+class _FailedWorker(logging.Handler):
+    """Turns the agent's record of a failed worker into shoal's one line naming it.
+
+    The agent polls its workers every ``--monitor-interval`` and, at the first
+    poll that finds one failed, logs it and stops the others. Survivors of a
+    broken collective wait for that (see ``Heartbeat.await_verdict``), so the
+    worker named is the one that died. A worker that exited with
+    :data:`~shoal.health.EXIT_PEER_LOST` has named the culprit itself.
+    """
+
+    def __init__(self, cluster: ClusterConfig) -> None:
+        super().__init__(logging.ERROR)
+        self.cluster = cluster
+
+    def emit(self, record: logging.LogRecord) -> None:
+        import signal
+
+        from shoal.health import EXIT_PEER_LOST
+
+        if not str(record.msg).startswith("failed (exitcode") or len(record.args or ()) < 3:
+            return
+        code, local_rank, pid = record.args[:3]  # type: ignore[index]
+        if code == EXIT_PEER_LOST:
+            return
+        how = (
+            f"was killed by {signal.Signals(-code).name}"
+            if code < 0
+            else f"exited with code {code}"
+        )
+        who = (
+            f"worker rank {local_rank}"
+            if self.cluster.nnodes == 1
+            else f"node {self.cluster.node_rank}'s local worker {local_rank}"
+        )
+        print(
+            f"shoal: error: {who} on {socket.gethostname()} (pid {pid}) {how}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def _name_failed_workers(cluster: ClusterConfig) -> None:
+    log = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
+    log.handlers = [h for h in log.handlers if not isinstance(h, _FailedWorker)]
+    log.addHandler(_FailedWorker(cluster))
+    log.propagate = False
+
+
 def _quiet_torchrun() -> None:
     """torchrun's agent logs every rendezvous detail at INFO/WARNING; keep errors."""
-    # and its line for a failed worker, which names the first rank to exit, not the culprit:
-    # the workers name that themselves (shoal.health), and LaunchFailed names the last one
-    logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
     for name in (
         "torch.distributed.elastic",
         "torch.distributed.launcher",
@@ -161,8 +210,6 @@ class RoleGroup:
     """
 
     def __init__(self, roles: list[Role], config_path: str) -> None:
-        import sys
-
         from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, start_processes
 
         _quiet_torchrun()

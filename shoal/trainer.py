@@ -82,6 +82,9 @@ class Trainer:
         self.prior_samples: dict[int, int] = {}
         self.last_loss = float("nan")
         self.eval_metrics: dict[str, float] = {}
+        self.saver = checkpoint.AsyncSaver(
+            self.out, job.train.keep_checkpoints, background=job.train.checkpoint_async
+        )
         self.faults = Injector(env.rank, run_dir=self.out)
         self.resumed_from: int | None = None
         self.restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
@@ -134,7 +137,7 @@ class Trainer:
                 "samples_per_epoch": counts,
                 "wall_time": self.wall_time(),
             }
-            checkpoint.save(self.out, self.step, state, keep=self.job.train.keep_checkpoints)
+            self.saver.save(self.step, state)
 
     def samples_per_epoch(self) -> dict[int, int] | None:
         """Samples consumed per epoch by all workers together (on the writer)."""
@@ -205,6 +208,7 @@ class Trainer:
             progress.close()
         self.save_checkpoint()
         self._evaluate(metrics)
+        self.saver.wait()
         if metrics is not None:
             metrics.close()
         self._finish()
@@ -285,6 +289,11 @@ class Trainer:
                 }
                 for r, t in enumerate(totals)
             ],
+            checkpoints={
+                "saved": self.saver.saves,
+                "background": self.saver.background,
+                "stall_s": self.saver.stall_s,
+            },
             restarts=self.restarts,
             resumed_from_step=self.resumed_from,
         )

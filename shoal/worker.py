@@ -47,12 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     except (torch.distributed.DistError, RuntimeError) as e:
         if not _peer_failure(e):
             raise
-        if heartbeat is None or not heartbeat.name_lost_peer():
-            rank = os.environ.get("RANK", "?")
-            print(
-                f"shoal: error: rank {rank} lost a peer: {str(e).splitlines()[0][:300]}",
-                file=sys.stderr,
-            )
+        if heartbeat is not None:
+            heartbeat.await_verdict()  # usually ends this process
+        rank = os.environ.get("RANK", "?")
+        print(
+            f"shoal: error: rank {rank} lost a peer: {str(e).splitlines()[0][:300]}",
+            file=sys.stderr,
+        )
         return EXIT_PEER_LOST
     finally:
         if trainer is not None:

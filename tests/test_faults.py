@@ -58,7 +58,7 @@ def test_allreduce_restarts_itself_after_a_sigkill(tmp_path, linear_reference):
         "100",
         env={"SHOAL_FAULT": f"crash:rank=1:step={MID_EPOCH}"},
     )
-    assert "worker rank 1 on" in proc.stderr and "died; restarting" in proc.stderr
+    assert "shoal: error: worker rank 1 on" in proc.stderr and "killed by SIGKILL" in proc.stderr
     assert "restart 1: 2 workers resume from checkpoints/step-00000100" in proc.stderr
     s = _like_unfailed(out, linear_reference)
     assert s["restarts"] == 1 and s["resumed_from_step"] == 100

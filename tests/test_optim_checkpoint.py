@@ -94,3 +94,32 @@ def test_saving_the_same_step_twice_replaces_it(tmp_path):
     path, state = checkpoint.load_latest(tmp_path)
     assert path.name == "step-00000005" and state["v"].item() == 0
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000005"]
+
+
+def test_background_save_keeps_the_state_of_its_moment(tmp_path):
+    """Training goes on changing its tensors while the thread writes: the copy is taken first."""
+    w = torch.zeros(1 << 20)
+    nested = {"model": {"w": w}, "optim": [{"m": w * 2}], "step": 7}
+    saver = checkpoint.AsyncSaver(tmp_path, keep=2)
+    saver.save(7, nested)
+    w.add_(1.0)  # the next optimizer step, while the write may still be running
+    saver.save(8, nested)
+    saver.wait()
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == [
+        "step-00000007",
+        "step-00000008",
+    ]
+    old = checkpoint.load(checkpoint.checkpoint_dir(tmp_path) / "step-00000007")
+    new = checkpoint.load(checkpoint.checkpoint_dir(tmp_path) / "step-00000008")
+    assert old["model"]["w"].max() == 0 and new["model"]["w"].min() == 1 and old["step"] == 7
+    assert saver.saves == 2 and saver.stall_s > 0
+
+
+def test_a_failed_background_write_is_raised(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    saver = checkpoint.AsyncSaver(blocker)
+    saver.save(1, {"v": torch.ones(1)})  # returns: the failure happens in the thread
+    with pytest.raises(OSError):
+        saver.wait()
+    saver.wait()  # reported once

@@ -1,4 +1,6 @@
-"""``shoal bench``: strategies side by side on emulated networks.
+"""``shoal bench``: strategies side by side on emulated networks, and under failures.
+
+``shoal bench faults`` lives in :mod:`shoal.cli.bench_faults`.
 
 ``shoal bench comm`` builds hosts from Linux network namespaces on one bridge
 (:mod:`shoal.netns`), gives each its own share of the cores (``taskset``),
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from shoal import netns
+from shoal.cli import bench_faults
 from shoal.config import write_atomic
 from shoal.errors import UserError
 from shoal.metrics import read_metrics
@@ -54,7 +57,7 @@ EXAMPLES = """examples:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser(
         "bench",
-        help="strategies side by side on emulated networks",
+        help="strategies side by side on emulated networks, and under failures",
         description=__doc__.splitlines()[0],
     )
     kinds = bench.add_subparsers(dest="bench", metavar="BENCH", parser_class=type(bench))
@@ -90,6 +93,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help=f"after --: 'shoal train' flags of the job (default: {DEFAULT_JOB})",
     )
     comm.set_defaults(run=run_comm)
+    bench_faults.add_parser(kinds)
 
 
 def _runs(spec: str) -> list[tuple[str, str]]:
