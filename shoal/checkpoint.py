@@ -97,6 +97,11 @@ def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+def step_path(run_dir: str | os.PathLike, step: int) -> Path:
+    """The directory of the checkpoint of ``step``."""
+    return checkpoint_dir(run_dir) / f"step-{step:08d}"
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -108,7 +113,7 @@ def save(run_dir: str | os.PathLike, step: int, state: dict[str, Any], keep: int
     buf = io.BytesIO()
     torch.save(state, buf)
     raw = buf.getvalue()
-    final = root / f"step-{step:08d}"
+    final = step_path(run_dir, step)
     tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

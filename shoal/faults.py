@@ -9,8 +9,9 @@ itself with SIGSTOP instead: alive, silent, holding its sockets.
 20 ms in the forward pass of every step (from ``step``, default 0): a straggler
 whose compute is slow, so its gradients are as stale as a slow device makes them.
 ``slow:rank=*:ms=40:prob=0.25`` makes every rank sleep 40 ms in a random
-quarter of its steps (seeded per rank): stragglers that come and go. Several
-faults are separated by ``;``.
+quarter of its steps (seeded per rank): stragglers that come and go.
+``crash:role=server:rank=0:step=120`` kills parameter-server shard 0 once it
+has applied step 120. Several faults are separated by ``;``.
 
 A crash or hang fires once per job, not once per process: before firing, the
 injector leaves a marker in ``RUN_DIR/faults/``, so the workers a restart
@@ -30,6 +31,9 @@ ENV = "SHOAL_FAULT"
 KINDS = ("crash", "hang", "slow")
 
 
+ROLES = ("worker", "server")
+
+
 @dataclass(frozen=True)
 class Fault:
     kind: str
@@ -37,6 +41,7 @@ class Fault:
     step: int
     ms: int = 0
     prob: float = 1.0
+    role: str = "worker"
 
 
 def parse(spec: str) -> list[Fault]:
@@ -47,10 +52,13 @@ def parse(spec: str) -> list[Fault]:
         if kind not in KINDS:
             raise ValueError(f"{ENV}: unknown fault {kind!r} (known: {', '.join(KINDS)})")
         values = dict(f.split("=", 1) for f in fields if "=" in f)
+        role = values.get("role", "worker")
+        if role not in ROLES or (role == "server" and kind == "slow"):
+            raise ValueError(f"{ENV}: {part!r}: role must be worker, or server for crash/hang")
         try:
             rank = -1 if values["rank"] == "*" else int(values["rank"])
             if kind in ("crash", "hang"):
-                faults.append(Fault(kind, rank, int(values["step"])))
+                faults.append(Fault(kind, rank, int(values["step"]), role=role))
             else:
                 step, ms, prob = (
                     int(values.get("step", 0)),
@@ -74,11 +82,15 @@ class Injector:
     """Checks after every step whether this rank is due to fail."""
 
     def __init__(
-        self, rank: int, spec: str | None = None, run_dir: str | os.PathLike | None = None
+        self,
+        rank: int,
+        spec: str | None = None,
+        run_dir: str | os.PathLike | None = None,
+        role: str = "worker",
     ) -> None:
         spec = os.environ.get(ENV, "") if spec is None else spec
-        self.faults = [f for f in parse(spec) if f.rank in (rank, -1)]
-        self.rank = rank
+        self.faults = [f for f in parse(spec) if f.rank in (rank, -1) and f.role == role]
+        self.rank, self.role = rank, role
         self.random = random.Random(rank)
         self.markers = Path(run_dir) / "faults" if run_dir is not None else None
         self.fired: set[Fault] = {f for f in self.faults if self._marker(f).exists()}
@@ -86,7 +98,8 @@ class Injector:
     def _marker(self, fault: Fault) -> Path:
         if self.markers is None:
             return Path("/nonexistent/shoal-fault")
-        return self.markers / f"{fault.kind}-rank{self.rank}-step{fault.step}"
+        who = f"rank{self.rank}" if self.role == "worker" else f"{self.role}{self.rank}"
+        return self.markers / f"{fault.kind}-{who}-step{fault.step}"
 
     def resumed_at(self, step: int) -> None:
         """A run resumed after ``step``: crashes and hangs due by then have happened."""

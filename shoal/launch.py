@@ -19,6 +19,7 @@ import socket
 import sys
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 from shoal.config import ClusterConfig, parse_endpoint
 from shoal.errors import UserError
@@ -174,6 +175,7 @@ def _name_failed_workers(cluster: ClusterConfig) -> None:
     log = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
     log.handlers = [h for h in log.handlers if not isinstance(h, _FailedWorker)]
     log.addHandler(_FailedWorker(cluster))
+    log.setLevel(logging.ERROR)
     log.propagate = False
 
 
@@ -210,23 +212,37 @@ class RoleGroup:
     """
 
     def __init__(self, roles: list[Role], config_path: str) -> None:
+        _quiet_torchrun()
+        # each exit is reported by the caller, in its own words
+        logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(
+            logging.CRITICAL
+        )
+        self.roles = roles
+        self.config_path = config_path
+        self.contexts = [self._start(r) for r in roles]
+        self.exit_codes: dict[int, int] = {}
+        self.restarts: dict[int, int] = {}
+
+    def _start(self, r: Role) -> Any:
         from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, start_processes
 
-        _quiet_torchrun()
-        self.roles = roles
-        self.contexts = []
-        for r in roles:
-            env = {**r.env, "SHOAL_ROLE": r.role, "SHOAL_ROLE_RANK": str(r.rank)}
-            self.contexts.append(
-                start_processes(
-                    name=f"shoal-{r.role}{r.rank}",
-                    entrypoint=sys.executable,
-                    args={0: ("-u", "-m", WORKER_MODULE, config_path)},
-                    envs={0: env},
-                    logs_specs=DefaultLogsSpecs(),
-                )
-            )
-        self.exit_codes: dict[int, int] = {}
+        env = {**r.env, "SHOAL_ROLE": r.role, "SHOAL_ROLE_RANK": str(r.rank)}
+        return start_processes(
+            name=f"shoal-{r.role}{r.rank}",
+            entrypoint=sys.executable,
+            args={0: ("-u", "-m", WORKER_MODULE, self.config_path)},
+            envs={0: env},
+            logs_specs=DefaultLogsSpecs(),
+        )
+
+    def restart(self, role: Role, env: dict[str, str]) -> int:
+        """Start ``role`` again (it exited), with ``env`` added; how often it was restarted."""
+        i = self.roles.index(role)
+        self.roles[i] = Role(role.role, role.rank, {**role.env, **env})
+        self.contexts[i] = self._start(self.roles[i])
+        self.exit_codes.pop(i, None)
+        self.restarts[i] = self.restarts.get(i, 0) + 1
+        return self.restarts[i]
 
     def poll(self) -> list[tuple[Role, int]]:
         """Roles that exited since the last call, with their exit codes (negative: signal)."""

@@ -9,6 +9,7 @@ loss within 5%.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -97,6 +98,26 @@ def test_parameter_server_survives_a_sigkilled_worker(mode, tmp_path, linear_ref
     assert s["ps"]["failed_workers"] == [1]
     assert s["per_worker"][1]["failed_exit_code"] == -signal.SIGKILL
     assert sum(w["tasks"] for w in s["per_worker"]) == 3 * 200
+
+
+@pytest.mark.timeout(240)
+def test_a_killed_server_is_restored_and_the_job_finishes(tmp_path, linear_reference):
+    """Every shard goes back to the step-100 checkpoint, the killed one in a new process;
+    the tasks since are done again, so bsp still ends at the allreduce model."""
+    out = tmp_path / "run"
+    proc = train(
+        out,
+        *LINEAR_JOB,
+        *["--strategy", "ps", "--workers", "2", "--servers", "2", "--ps-mode", "bsp"],
+        *["--checkpoint-every", "50"],
+        env={"SHOAL_FAULT": "crash:role=server:rank=1:step=120"},
+    )
+    assert "server shard 1 was killed by SIGKILL" in proc.stderr
+    s = _like_unfailed(out, linear_reference)
+    assert s["ps"]["server_restores"] == [{"shard": 1, "exit_code": -9, "step": 100}]
+    assert sum(w["tasks"] for w in s["per_worker"]) == 2 * 200
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps.count(110) == 1  # replayed, recorded once
 
 
 class _Watched:

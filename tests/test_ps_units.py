@@ -184,6 +184,59 @@ def test_task_queue_hands_out_in_order_bounded_and_requeues_lost_tasks():
     assert [asp.take(0) for _ in range(3)] == [(0, 0), (1, 0), (2, 0)]  # no bound
 
 
+def test_task_queue_holds_at_a_checkpoint_and_rolls_back_to_it():
+    q = TaskQueue(total_steps=6, parts=2, mode="asp", staleness=0)
+    q.hold_at = 2
+    got = [q.take(0) for _ in range(5)]
+    assert got == [(0, 0), (0, 1), (1, 0), (1, 1), None]  # nothing of step 2 yet
+    for task in got[:4]:
+        q.finish(0, task)
+    assert q.finished_through == 1  # every step before the checkpoint: shards are at it
+    q.hold_at = None
+    assert [q.take(1), q.take(1)] == [(2, 0), (2, 1)]
+    assert q.finish(1, (2, 0)) and q.finish(1, (2, 1)) and q.finished_through == 2
+    q.rollback(2)  # a shard died: back to the checkpoint of step 2
+    assert q.finished_through == 1 and not q.held
+    assert [q.take(0), q.take(0)] == [(2, 0), (2, 1)]  # step 2 is done again
+    q.paused = True
+    assert q.take(0) is None
+
+
+@pytest.mark.timeout(30)
+def test_server_checkpoint_and_restore_refuse_the_voided_work(tmp_path):
+    srv = Server(0, b"k" * 32, OptimConfig(lr=0.1), "asp", 0, run_dir=tmp_path)
+    thread = threading.Thread(target=srv.serve, daemon=True)
+    thread.start()
+    try:
+        peer = Peer(zmq.Context.instance(), srv.address, b"k" * 32, "w", CommCounter(), 5)
+        peer.call(
+            {"op": "init", "parts": 1, "total_steps": 10, "keys": ["w@0"], "tables": []},
+            [torch.zeros(4)],
+        )
+
+        def push(step: int, gen: int = 0) -> None:
+            peer.call({"op": "push", "step": step, "part": 0, "gen": gen}, [torch.ones(4)])
+
+        def values(gen: int = 0) -> torch.Tensor:
+            return peer.call({"op": "pull", "step": 0, "tables": [], "gen": gen})[1][0]
+
+        push(0)
+        with pytest.raises(PeerError, match="applied through 0"):
+            peer.call({"op": "checkpoint", "step": 3})  # not at a step boundary
+        peer.call({"op": "checkpoint", "step": 1})
+        push(1)
+        torch.testing.assert_close(values(), torch.full((4,), -0.2))
+        peer.call({"op": "restore", "step": 1, "generation": 1})
+        with pytest.raises(PeerError, match="stale"):
+            push(1)  # handed out before the restore: void
+        torch.testing.assert_close(values(gen=1), torch.full((4,), -0.1))  # step 1 undone
+        push(1, gen=1)  # done again, applied once
+        torch.testing.assert_close(values(gen=1), torch.full((4,), -0.2))
+    finally:
+        srv.running = False
+        thread.join(timeout=5)
+
+
 @pytest.fixture
 def server():
     srv = Server(0, b"k" * 32, OptimConfig(lr=0.1), "bsp", 0, max_message_bytes=1 << 16)

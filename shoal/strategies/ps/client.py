@@ -8,6 +8,8 @@ all shards are sent first and awaited after, so shards work in parallel.
 from __future__ import annotations
 
 import itertools
+import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -17,6 +19,9 @@ from shoal.metrics import CommCounter
 from shoal.strategies.ps import wire
 
 Reply = tuple[dict[str, Any], list[torch.Tensor]]
+
+
+WATCH_MS = 1000
 
 
 class PeerError(RuntimeError):
@@ -49,6 +54,8 @@ class Peer:
         self.sock.connect(address)
         self.ids = itertools.count()
         self.stash: dict[int, Reply] = {}
+        self.watch: Callable[[], None] | None = None
+        """Called about every second while a reply is awaited; may raise to stop waiting."""
         challenge, _ = self.call({"op": "hello", "who": who})
         self.call({"op": "auth", "mac": wire.mac(secret, challenge["nonce"])})
 
@@ -62,9 +69,15 @@ class Peer:
     def recv(self, rid: int, timeout_s: float | None = None) -> Reply:
         """The reply to request ``rid`` (other replies are kept for their callers)."""
         timeout_ms = self.timeout_ms if timeout_s is None else int(timeout_s * 1000)
+        deadline = time.monotonic() + timeout_ms / 1000
         while rid not in self.stash:
-            if not self.sock.poll(timeout_ms):
-                raise PeerTimeout(f"no answer from {self.address} in {timeout_ms / 1000:.0f} s")
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if not self.sock.poll(max(0, min(left_ms, WATCH_MS if self.watch else left_ms))):
+                if left_ms <= 0:
+                    raise PeerTimeout(f"no answer from {self.address} in {timeout_ms / 1000:.0f} s")
+                if self.watch is not None:
+                    self.watch()
+                continue
             frames = self.sock.recv_multipart(copy=False)
             self.comm.add(received=wire.message_bytes(frames))
             header, tensors = wire.decode(frames, self.max_bytes)
@@ -100,6 +113,11 @@ class Client:
         """Send one request to each shard, then collect every reply."""
         rids = [peer.send(h, t) for peer, (h, t) in zip(self.shards, requests)]
         return [peer.recv(rid) for peer, rid in zip(self.shards, rids)]
+
+    def watch(self, check: Callable[[], None]) -> None:
+        """Call ``check`` about every second while waiting on any shard."""
+        for peer in self.shards:
+            peer.watch = check
 
     def close(self) -> None:
         for peer in self.shards:

@@ -45,7 +45,7 @@ from shoal.models.sparse import (
 )
 from shoal.models.tasks import evaluate
 from shoal.strategies.ps import wire
-from shoal.strategies.ps.client import Client
+from shoal.strategies.ps.client import Client, Peer, PeerError
 from shoal.strategies.ps.placement import dense_plan
 from shoal.strategies.ps.tasks import TaskQueue
 
@@ -125,6 +125,13 @@ class Coordinator(threading.Thread):
         self.last_record = self.start_time
         self.last_loss = float("nan")
         self.rejected: Counter = Counter()
+        # server checkpoints and restores (see TaskQueue.hold_at)
+        self.generation = 0  # bumped by every restore: work handed out before is void
+        self.snapshots: dict[int, dict[str, Any]] = {}  # step -> bookkeeping at that step
+        self.restoring: set[int] = set()  # shards whose replacement has not registered yet
+        self.restore_step = 0
+        self.restores: list[dict[str, int]] = []
+        self.shard_peers: dict[int, Peer] = {}
 
     # --- thread -----------------------------------------------------------------------
 
@@ -173,14 +180,23 @@ class Coordinator(threading.Thread):
             self.last_seen[int(header["worker"])] = time.monotonic()
             return {"op": "ok"}
         if op == "status":
-            return {"op": "status", "dropped": sorted(self.dead)}
+            return {"op": "status", "dropped": sorted(self.dead), "generation": self.generation}
+        if op == "server_died":
+            return self._server_died(int(header["shard"]), int(header["code"]))
         if op == "worker_died":
             self._worker_gone(int(header["worker"]), int(header["code"]))
             return {"op": "ok"}
         if op == "register_server":
-            self.servers[int(header["shard"])] = str(header["address"])
+            shard = int(header["shard"])
+            self.servers[shard] = str(header["address"])
             self._answer_waiting()
-            return {"op": "ok"}
+            if shard not in self.restoring:
+                return {"op": "ok"}
+            self.restoring.discard(shard)  # the replacement restores itself, then serves
+            if not self.restoring and self.queue is not None:
+                self.queue.paused = False
+                self._answer_tasks()
+            return {"op": "ok", "restore": self.restore_step, "generation": self.generation}
         if op == "servers":
             if "worker" in header:  # watched for heartbeats from now on
                 self.last_seen.setdefault(int(header["worker"]), time.monotonic())
@@ -208,6 +224,8 @@ class Coordinator(threading.Thread):
         self.queue = TaskQueue(
             self.total_steps, max(1, self.num_workers), strategy.ps_mode, strategy.staleness
         )
+        if self.job.train.checkpoint_every:  # the first checkpoint: the initial parameters
+            self.queue.hold_at = 0
         title = f"ps/{self.job.strategy.ps_mode} x{self.num_workers}"
         self.progress = Progress(self.total_steps, 0, self.job.output.progress, title)
         bases, worker_base, server_base = {}, 0, 0
@@ -286,6 +304,7 @@ class Coordinator(threading.Thread):
         for meta, row in zip(done, tensors):
             self._finished(worker, meta, row)
         self._flush_steps()
+        self._maybe_checkpoint()
         if header.get("wait"):
             self.task_waiting.append((peer, header.get("id"), worker, take))
         self._answer_tasks()  # finished steps may let parked requests go, oldest first
@@ -298,7 +317,13 @@ class Coordinator(threading.Thread):
             while len(tasks) < take and (task := self.queue.take(worker)) is not None:
                 tasks.append(list(task))
         finished = self.queue.done or worker in self.dead
-        return {"op": "tasks", "tasks": tasks, "parts": self.queue.parts, "finished": finished}
+        return {
+            "op": "tasks",
+            "tasks": tasks,
+            "parts": self.queue.parts,
+            "finished": finished,
+            "generation": self.generation,
+        }
 
     def _answer_tasks(self) -> None:
         """Answer parked task requests that can be answered now, oldest first.
@@ -324,6 +349,8 @@ class Coordinator(threading.Thread):
         assert self.queue is not None
         step, part = (int(v) for v in meta["task"])
         self.worker_bytes[worker] = (float(row[2]), float(row[3]))
+        if int(meta.get("generation", 0)) != self.generation:
+            return  # handed out before a restore: done again since, counted then
         if not self.queue.finish(worker, (step, part)):
             return  # done before by someone else: counted once
         self.counts[step // self.steps_per_epoch] += int(row[1])
@@ -369,6 +396,95 @@ class Coordinator(threading.Thread):
             if self.progress is not None:
                 self.progress.update(end, record["loss"], record["samples_per_s"])
 
+    # --- server checkpoints and restores ----------------------------------------------
+
+    def _shard(self, k: int) -> Peer:
+        if k not in self.shard_peers:
+            self.shard_peers[k] = Peer(
+                self.ctx, self.servers[k], self.secret, "coordinator", CommCounter(), timeout_s=120
+            )
+        return self.shard_peers[k]
+
+    def _bookkeeping(self) -> dict[str, Any]:
+        return {
+            "counts": Counter(self.counts),
+            "tasks_done": Counter(self.tasks_done),
+            "window": None if self.window is None else self.window.clone(),
+            "last_loss": self.last_loss,
+        }
+
+    def _maybe_checkpoint(self) -> None:
+        """Every shard snapshots itself once every step before ``hold_at`` has finished
+        (and none after was handed out); the shards write in the background."""
+        q = self.queue
+        if q is None or q.hold_at is None or q.paused or q.finished_through != q.hold_at - 1:
+            return
+        step = q.hold_at
+        following = step + self.job.train.checkpoint_every
+        try:
+            for k in range(self.num_servers):
+                self._shard(k).call({"op": "checkpoint", "step": step}, timeout_s=20)
+        except PeerError as e:  # a shard is down: its restore will roll back to an older one
+            print(f"shoal: warning: server checkpoint of step {step}: {e}", file=sys.stderr)
+            q.hold_at = following if following < self.total_steps else None
+            return
+        self.snapshots[step] = self._bookkeeping()
+        for old in sorted(self.snapshots)[: -max(1, self.job.train.keep_checkpoints)]:
+            del self.snapshots[old]
+        q.hold_at = following if following < self.total_steps else None
+
+    def _restorable(self) -> int:
+        """The newest checkpoint every shard has, whole and verified."""
+        from shoal import checkpoint
+        from shoal.strategies.ps.server import shard_dir
+
+        for step in sorted(self.snapshots, reverse=True):
+            try:
+                for k in range(self.num_servers):
+                    checkpoint.load(checkpoint.step_path(shard_dir(self.out, k), step))
+            except checkpoint.CheckpointError as e:
+                print(f"shoal: warning: skipping server checkpoint: {e}", file=sys.stderr)
+                continue
+            return step
+        raise wire.WireError("malformed", "no server checkpoint to restore from")
+
+    def _server_died(self, shard: int, code: int) -> dict[str, Any]:
+        """Roll every shard and the queue back to the newest checkpoint; the shard's
+        replacement restores itself when it registers. Until then no task is handed out."""
+        if self.queue is None or not self.snapshots:
+            raise wire.WireError(
+                "malformed", "no server checkpoint to restore from (--checkpoint-every)"
+            )
+        step = self._restorable()
+        self.generation += 1
+        self.restore_step = step
+        self.restoring.add(shard)
+        self.queue.paused = True
+        self.shard_peers.pop(shard, None)
+        for k in range(self.num_servers):
+            if k not in self.restoring:
+                self._shard(k).call({"op": "restore", "step": step, "generation": self.generation})
+        self._rollback(step)
+        self.restores.append({"shard": shard, "exit_code": code, "step": step})
+        return {"op": "ok", "address": self.servers[shard], "step": step}
+
+    def _rollback(self, step: int) -> None:
+        assert self.queue is not None
+        self.queue.rollback(step)
+        following = step + self.job.train.checkpoint_every
+        self.queue.hold_at = following if following < self.total_steps else None
+        saved = self.snapshots[step]
+        for later in [s for s in self.snapshots if s > step]:
+            del self.snapshots[later]
+        self.counts = Counter(saved["counts"])
+        self.tasks_done = Counter(saved["tasks_done"])
+        self.window = None if saved["window"] is None else saved["window"].clone()
+        self.last_loss = saved["last_loss"]
+        self.step_rows, self.step_lr = {}, {}
+        self.logged_through = step
+        self.metrics.close()
+        self.metrics = MetricsFile(self.out / "metrics.jsonl", resume_step=step)
+
     def job_done(self) -> bool:
         """Every task of every step has finished."""
         return self.queue is not None and self.queue.done
@@ -394,10 +510,24 @@ class Coordinator(threading.Thread):
         exported: dict[str, torch.Tensor] = {}
         plan = dense_plan([(n, p.numel()) for n, p in params.items()], self.num_servers)
         by_shard = [[s for s in plan if s.shard == k] for k in range(self.num_servers)]
+        for peer in self.shard_peers.values():
+            peer.close()
         client = self._client()
         try:
             replies = client.call_all(
-                [({"op": "pull", "step": 0, "dense": True, "tables": []}, [])] * self.num_servers
+                [
+                    (
+                        {
+                            "op": "pull",
+                            "step": 0,
+                            "dense": True,
+                            "tables": [],
+                            "gen": self.generation,
+                        },
+                        [],
+                    )
+                ]
+                * self.num_servers
             )
             stats = [
                 h["stats"] for h, _ in client.call_all([({"op": "stats"}, [])] * self.num_servers)
@@ -474,6 +604,7 @@ class Coordinator(threading.Thread):
                 "staleness_histogram": {str(k): v for k, v in sorted(staleness.items())},
                 "max_staleness": max(staleness, default=0),
                 "failed_workers": sorted(self.dead),
+                "server_restores": self.restores,
                 "servers": stats,
                 "coordinator_rejected": dict(self.rejected),
             },

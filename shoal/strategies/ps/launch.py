@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 import time
@@ -123,7 +124,7 @@ def _run(group: RoleGroup, node: Peer, num_workers: int, coordinator: Coordinato
         while not coordinator.all_workers_done():
             if not coordinator.is_alive():
                 raise LaunchFailed("the coordinator stopped unexpectedly")
-            _check_servers(group.poll())
+            _servers_exited(group, node, group.poll())
             time.sleep(0.1)
         if len(coordinator.dead) >= coordinator.num_workers:
             raise LaunchFailed("every worker failed")
@@ -131,7 +132,7 @@ def _run(group: RoleGroup, node: Peer, num_workers: int, coordinator: Coordinato
             raise LaunchFailed("the workers stopped before every step was done")
         coordinator.finish()
     while group.running:  # this node's servers, until the coordinator shuts them down
-        _check_servers(group.poll())
+        _servers_exited(group, node, group.poll())
         time.sleep(0.1)
 
 
@@ -145,10 +146,37 @@ def _local_address(host: str, port: int) -> str:
         return s.getsockname()[0]
 
 
-def _check_servers(exited: list[tuple[Role, int]]) -> None:
+MAX_SERVER_RESTARTS = 3
+"""How often one shard is restarted before the job gives up."""
+
+
+def _servers_exited(group: RoleGroup, node: Peer, exited: list[tuple[Role, int]]) -> None:
+    """A shard that failed is started again; the coordinator rolls every shard back to
+    the newest checkpoint, and the new process restores itself from it."""
     for role, code in exited:
-        if role.role == "server" and code != 0:
-            raise LaunchFailed(f"server shard {role.rank} exited with code {code}")
+        if role.role != "server" or code == 0:
+            continue
+        how = (
+            f"was killed by {signal.Signals(-code).name}"
+            if code < 0
+            else f"exited with code {code}"
+        )
+        if group.restarts.get(group.roles.index(role), 0) >= MAX_SERVER_RESTARTS:
+            raise LaunchFailed(f"server shard {role.rank} {how}, {MAX_SERVER_RESTARTS + 1} times")
+        try:
+            reply, _ = node.call(
+                {"op": "server_died", "shard": role.rank, "code": code}, timeout_s=120
+            )
+        except PeerError as e:
+            failed = f"server shard {role.rank} {how} and cannot be restored: {e}"
+            raise LaunchFailed(failed) from None
+        print(
+            f"shoal: error: server shard {role.rank} {how}; every shard goes back to the "
+            f"checkpoint of step {reply['step']} and shard {role.rank} restarts from it",
+            file=sys.stderr,
+            flush=True,
+        )
+        group.restart(role, {wire.BIND_ENV: str(reply["address"])})
 
 
 def _watch(group: RoleGroup, node: Peer, num_workers: int) -> None:
@@ -170,7 +198,7 @@ def _watch(group: RoleGroup, node: Peer, num_workers: int) -> None:
                 group.kill("worker", rank)
         for role, code in group.poll():
             if role.role == "server":
-                _check_servers([(role, code)])
+                _servers_exited(group, node, [(role, code)])
                 continue
             done += 1
             if code != 0:
@@ -191,8 +219,11 @@ def run_server(job: JobConfig) -> None:
         job.optim,
         job.strategy.ps_mode,
         job.strategy.staleness,
-        bind=f"tcp://{host}:0",
+        # a restarted shard takes its predecessor's address: workers reconnect to it
+        bind=os.environ.get(wire.BIND_ENV) or f"tcp://{host}:0",
         max_message_bytes=wire.max_message_bytes(job),
+        run_dir=job.output.out,
+        keep_checkpoints=job.train.keep_checkpoints,
     )
     peer = Peer(
         zmq.Context.instance(),
@@ -201,7 +232,9 @@ def run_server(job: JobConfig) -> None:
         f"server{shard}",
         CommCounter(),
     )
-    peer.call({"op": "register_server", "shard": shard, "address": server.address})
+    reply, _ = peer.call({"op": "register_server", "shard": shard, "address": server.address})
     peer.close()
+    if "restore" in reply:  # this shard replaces one that died
+        server.restore(int(reply["restore"]), int(reply["generation"]))
     server.serve()
     zmq.Context.instance().term()  # waits (linger) until the last replies have left

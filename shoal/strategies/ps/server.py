@@ -8,16 +8,20 @@ they never stop the loop.
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 import zmq
 
+from shoal import checkpoint
 from shoal.compress import Codec, Payload, PowerSGD, parse_codec
 from shoal.config import OptimConfig
+from shoal.faults import Injector
 from shoal.strategies.ps import wire
 from shoal.strategies.ps.consistency import Steps
 from shoal.strategies.ps.optim import ServerOptimizer
@@ -60,6 +64,11 @@ class ServerStats:
         }
 
 
+def shard_dir(run_dir: str | os.PathLike, shard: int) -> Path:
+    """Where shard ``shard`` keeps its checkpoints (in its own ``checkpoints/``)."""
+    return Path(run_dir) / "ps-shards" / f"shard-{shard}"
+
+
 class Server:
     """One shard. :meth:`serve` runs until a ``shutdown`` request."""
 
@@ -72,8 +81,18 @@ class Server:
         staleness: int,
         bind: str = "tcp://127.0.0.1:0",
         max_message_bytes: int = 1 << 30,
+        run_dir: str | os.PathLike | None = None,
+        keep_checkpoints: int = 3,
     ) -> None:
         self.shard = shard
+        self.saver = (
+            checkpoint.AsyncSaver(shard_dir(run_dir, shard), keep_checkpoints)
+            if run_dir is not None
+            else None
+        )
+        self.faults = Injector(shard, run_dir=run_dir, role="server")
+        self.generation = 0
+        self.total_steps = 0
         self.auth = wire.Authenticator(secret)
         self.optim_cfg = optim
         self.optimizer: ServerOptimizer | None = None
@@ -164,9 +183,11 @@ class Server:
             self.init(header, tensors)
             self.send(peer, {"op": "ok", "id": rid})
         elif op == "pull":
+            self._check_generation(header)
             self._check_pull(header, tensors)
             self.parked.append((peer, header, tensors))
         elif op == "push":
+            self._check_generation(header)
             self.push(header, tensors)
             self.send(peer, {"op": "ok", "id": rid})
         elif op == "dump":  # every materialised row of a table (for the final model)
@@ -174,6 +195,12 @@ class Server:
             self.send(
                 peer, {"op": "rows", "id": rid}, [ids, self.tables[header["table"]].rows[slots]]
             )
+        elif op == "checkpoint":
+            self.checkpoint(int(header["step"]))
+            self.send(peer, {"op": "ok", "id": rid})
+        elif op == "restore":
+            self.restore(int(header["step"]), int(header["generation"]))
+            self.send(peer, {"op": "ok", "id": rid})
         elif op == "stats":
             self.send(peer, {"op": "stats", "id": rid, "stats": self.stats.as_dict()})
         elif op == "shutdown":
@@ -185,13 +212,86 @@ class Server:
             raise wire.WireError("malformed", f"unknown op {op[:32]!r}")
         self._answer_parked()
 
+    def _check_generation(self, header: dict[str, Any]) -> None:
+        """Work handed out before the last restore is refused: it is being done again."""
+        if int(header.get("gen", 0)) != self.generation:
+            raise wire.WireError("stale", f"task of generation {header.get('gen')}: restored since")
+
+    # --- checkpoints --------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything this shard holds, when every step before the next is applied."""
+        assert self.steps is not None
+        return {
+            "keys": list(self.keys),
+            "dense": self.dense,
+            "dense_state": self.dense_state,
+            "tables": {
+                name: {
+                    "dim": t.dim,
+                    "init_std": t.init_std,
+                    "seed": t.seed,
+                    "keys": torch.from_numpy(t.keys),
+                    "key_slots": torch.from_numpy(t.key_slots),
+                    "rows": t.rows[: len(t.keys)],
+                    "state": {k: v[: len(t.keys)] for k, v in t.state.items()},
+                }
+                for name, t in self.tables.items()
+            },
+            "applied_through": self.steps.applied_through,
+            "parts": self.steps.parts,
+            "total_steps": self.total_steps,
+        }
+
+    def checkpoint(self, step: int) -> None:
+        """Snapshot the shard as of ``step`` (steps before it applied, none after), then
+        write it in the background. The coordinator asks only at such a moment."""
+        if self.saver is None or self.steps is None:
+            raise wire.WireError("malformed", "checkpoint: no run directory, or not initialised")
+        if self.steps.applied_through != step - 1 or self.steps.seen or self.pending:
+            raise wire.WireError(
+                "malformed", f"checkpoint {step}: applied through {self.steps.applied_through}"
+            )
+        self.saver.save(step, self.state_dict())
+
+    def restore(self, step: int, generation: int) -> None:
+        """Go back to the checkpoint of ``step``; pulls parked meanwhile are told so."""
+        if self.saver is None:
+            raise wire.WireError("malformed", "restore: no run directory")
+        self.saver.wait()
+        state = checkpoint.load(checkpoint.step_path(self.saver.run_dir, step))
+        self.total_steps = int(state["total_steps"])
+        self.optimizer = ServerOptimizer(self.optim_cfg, self.total_steps)
+        self.keys = list(state["keys"])
+        self.dense = state["dense"]
+        self.dense_state = state["dense_state"]
+        self.tables = {}
+        for name, t in state["tables"].items():
+            table = SparseTable(int(t["dim"]), float(t["init_std"]), int(t["seed"]), self.optimizer)
+            table.keys = t["keys"].numpy().copy()
+            table.key_slots = t["key_slots"].numpy().copy()
+            table.rows = t["rows"].clone()
+            table.state = {k: v.clone() for k, v in t["state"].items()}
+            self.tables[name] = table
+        self.steps = Steps(self.mode, self.staleness_bound, int(state["parts"]))
+        self.steps.applied_through = int(state["applied_through"])
+        self.pending = {}
+        self.generation = generation
+        for peer, header, _ in self.parked:
+            self.send(
+                peer,
+                {"op": "error", "id": header.get("id"), "kind": "stale", "error": "restored"},
+            )
+        self.parked = []
+
     # --- operations ---------------------------------------------------------------------
 
     def init(self, header: dict[str, Any], tensors: list[torch.Tensor]) -> None:
         """First ``init`` wins: dense slices, table specs, parts per step."""
         if self.steps is not None:
             return
-        self.optimizer = ServerOptimizer(self.optim_cfg, int(header["total_steps"]))
+        self.total_steps = int(header["total_steps"])
+        self.optimizer = ServerOptimizer(self.optim_cfg, self.total_steps)
         keys = header["keys"]
         if len(keys) != len(tensors):
             raise wire.WireError("malformed", "init: keys and tensors differ in number")
@@ -315,6 +415,7 @@ class Server:
                 del self.pending[step]
         if whole:
             self.steps.applied(step)
+            self.faults.after_step(self.steps.applied_through + 1)
 
     def _codec(self, spec: Any) -> Codec:
         """The decoder of a push's ``codec`` (stateless here: feedback stays with workers)."""

@@ -28,12 +28,16 @@ from shoal.metrics import CommCounter, PhaseTimer
 from shoal.models.sparse import SparseEmbedding
 from shoal.strategies.base import Batch, LossFn, Strategy
 from shoal.strategies.ps import wire
-from shoal.strategies.ps.client import Client, Peer, PeerTimeout
+from shoal.strategies.ps.client import Client, Peer, PeerError, PeerTimeout
 from shoal.strategies.ps.optim import ServerOptimizer
 from shoal.strategies.ps.placement import dense_plan, row_shard
 
 ALIVE_CHECK_S = 30.0
 """A worker waiting for a task checks this often that the coordinator still answers."""
+
+
+class Restored(PeerError):
+    """The servers went back to a checkpoint while this worker waited on them."""
 
 
 class TaskWork:
@@ -51,6 +55,8 @@ class TaskWork:
         self.reports: list[tuple[dict[str, Any], torch.Tensor]] = []
         self.ahead: Task | None = None
         self.current: Task | None = None
+        self.generation = 0  # of the coordinator's latest answer: see Coordinator.generation
+        self.current_generation = self.ahead_generation = 0
 
     def report(self, row: torch.Tensor, meta: dict[str, Any]) -> None:
         self.reports.append((meta, row.double()))
@@ -75,6 +81,7 @@ class TaskWork:
                 # parked for as long as the slowest task takes: just check the coordinator lives
                 self.coordinator.call({"op": "status"}, timeout_s=ALIVE_CHECK_S)
         assert self.sampler is not None
+        self.generation = int(reply.get("generation", 0))
         parts = int(reply["parts"])
         tasks = [self.sampler.task(int(s), int(p), parts) for s, p in reply["tasks"]]
         return tasks, bool(reply["finished"])
@@ -82,11 +89,12 @@ class TaskWork:
     def next(self) -> Task | None:
         if self.ahead is not None:
             self.current, self.ahead = self.ahead, None
+            self.current_generation = self.ahead_generation
             tasks, finished = self._ask(1 if self.lookahead else 0, wait=False)
             if finished:  # the job is done, or this worker was dropped: the task is not ours
                 self.current = None
                 return None
-            self.ahead = tasks[0] if tasks else None
+            self.ahead, self.ahead_generation = (tasks[0] if tasks else None), self.generation
             return self.current
         tasks, finished = self._ask(2 if self.lookahead else 1, wait=True)
         if finished and not tasks:
@@ -96,6 +104,7 @@ class TaskWork:
             return None
         self.current = tasks[0]
         self.ahead = tasks[1] if len(tasks) > 1 else None
+        self.current_generation = self.ahead_generation = self.generation
         return self.current
 
     def peek(self) -> Task | None:
@@ -119,8 +128,8 @@ class RemoteGatherer:
         self.worker = worker
 
     def gather(self, row: torch.Tensor, tag: str, meta: dict[str, Any] | None = None) -> None:
-        if tag == "window":
-            self.work.report(row, meta or {})
+        if tag == "window":  # a task handed out before a restore is void: the tag says so
+            self.work.report(row, {**(meta or {}), "generation": self.work.current_generation})
         elif tag == "totals":
             self.coordinator.call(
                 {"op": "gather", "tag": tag, "worker": self.worker, "meta": meta or {}},
@@ -209,11 +218,9 @@ class ParameterServer(Strategy):
             self.worker,
             self.job.strategy.heartbeat_timeout / 5,
         )
-        info, _ = self.coordinator.call({"op": "servers", "worker": self.worker})
-        self.client = Client(
-            info["servers"], secret, who, self.comm, max_bytes=wire.max_message_bytes(self.job)
-        )
-        num_shards = len(info["servers"])
+        self.secret = secret
+        self.client = self._connect()
+        num_shards = len(self.client.shards)
         self.num_shards = num_shards
         # embedding tables stay on the servers: rows are fetched per batch
         self.tables = {n: m for n, m in model.named_modules() if isinstance(m, SparseEmbedding)}
@@ -252,7 +259,55 @@ class ParameterServer(Strategy):
             ]
         self.client.call_all(requests)
 
+    def _connect(self) -> Client:
+        """Connections to every shard, which give up waiting once a restore voids the task."""
+        info, _ = self.coordinator.call({"op": "servers", "worker": self.worker})
+        client = Client(
+            info["servers"],
+            self.secret,
+            f"worker{self.worker}",
+            self.comm,
+            max_bytes=wire.max_message_bytes(self.job),
+        )
+        client.watch(self._check_restored)
+        self.client_generation = self.tasks.generation if hasattr(self, "tasks") else 0
+        return client
+
+    def _restored(self) -> bool:
+        """Whether the servers were restored since the current task was handed out."""
+        if self.tasks.current is None:  # setting up: nothing to void
+            return False
+        status, _ = self.coordinator.call({"op": "status"})
+        return int(status.get("generation", 0)) != self.tasks.current_generation
+
+    def _check_restored(self) -> None:
+        if self._restored():
+            raise Restored("the servers were restored from a checkpoint")
+
     def train_step(
+        self, batch: Batch, loss_fn: LossFn, loss_scale: float, timer: PhaseTimer
+    ) -> torch.Tensor:
+        if self.tasks.current_generation != self.client_generation:
+            self._reconnect()  # restored while this worker waited for its task
+        try:
+            return self._train_step(batch, loss_fn, loss_scale, timer)
+        except PeerError:
+            if not self._restored():
+                raise
+        # A shard died and every shard went back to a checkpoint: this task is void (the
+        # coordinator hands it out again).
+        self._reconnect()
+        self.tasks.ahead = None
+        return torch.zeros((), dtype=torch.float64)
+
+    def _reconnect(self) -> None:
+        """A restarted shard is a new process: the old connections lead nowhere."""
+        self.client.close()
+        self.prefetched.clear()
+        self.touched = []
+        self.client = self._connect()
+
+    def _train_step(
         self, batch: Batch, loss_fn: LossFn, loss_scale: float, timer: PhaseTimer
     ) -> torch.Tensor:
         with timer.phase("comm"):
@@ -277,16 +332,24 @@ class ParameterServer(Strategy):
 
     @torch.no_grad()
     def _pull(self) -> None:
-        header = {"op": "pull", "step": self.task.step, "dense": True, "tables": []}
+        header = {
+            "op": "pull",
+            "step": self.task.step,
+            "dense": True,
+            "tables": [],
+            "gen": self.tasks.current_generation,
+        }
         replies = self.client.call_all([(header, [])] * len(self.by_shard))
         self.read_through = min(h["applied_through"] for h, _ in replies)
         for slices, (_, values) in zip(self.by_shard, replies):
             for s, v in zip(slices, values):
                 self.params[s.name].view(-1)[s.start : s.stop].copy_(v)
 
-    def _send_row_pulls(self, name: str, unique: torch.Tensor, step: int) -> list[int]:
+    def _send_row_pulls(
+        self, name: str, unique: torch.Tensor, step: int, generation: int
+    ) -> list[int]:
         shard_of = row_shard(unique, self.num_shards)
-        header = {"op": "pull", "step": step, "dense": False, "tables": [name]}
+        header = {"op": "pull", "step": step, "dense": False, "tables": [name], "gen": generation}
         return [
             peer.send(header, [unique[shard_of == k]]) for k, peer in enumerate(self.client.shards)
         ]
@@ -304,7 +367,8 @@ class ParameterServer(Strategy):
             if module.input_ids is not None:
                 unique = torch.unique(module.input_ids(batch[0]))
                 key = (name, ahead.step, ahead.part)
-                self.prefetched[key] = (unique, self._send_row_pulls(name, unique, ahead.step))
+                rids = self._send_row_pulls(name, unique, ahead.step, self.tasks.ahead_generation)
+                self.prefetched[key] = (unique, rids)
 
     def _rows(self, module: SparseEmbedding, ids: torch.Tensor) -> torch.Tensor:
         """Row source of the model's tables: this batch's distinct rows, once each."""
@@ -316,7 +380,11 @@ class ParameterServer(Strategy):
             for peer, rid in zip(self.client.shards, ahead[1]):
                 peer.recv(rid)  # not what this forward asked for: drain and pull afresh
             ahead = None
-        rids = ahead[1] if ahead is not None else self._send_row_pulls(name, unique, self.task.step)
+        rids = (
+            ahead[1]
+            if ahead is not None
+            else self._send_row_pulls(name, unique, self.task.step, self.tasks.current_generation)
+        )
         replies = [peer.recv(rid) for peer, rid in zip(self.client.shards, rids)]
         values = torch.empty(len(unique), module.dim, device=ids.device)
         for k, (_, (rows,)) in enumerate(replies):
@@ -344,6 +412,7 @@ class ParameterServer(Strategy):
             "part": self.task.part,
             "read_through": self.read_through,
             "tables": names,
+            "gen": self.tasks.current_generation,
         }
         if self.codec.name != "none":
             header["codec"] = self.codec.spec

@@ -12,6 +12,11 @@ a dead worker can still reach it.
 Each ``(step, part)`` finishes once: a second report of the same task (from a
 worker dropped for silence that was not dead after all) is ignored, which is
 what makes the per-epoch sample counts exact.
+
+Checkpoints of the servers are taken at a step boundary: the queue holds back
+every task from step ``c`` on (:attr:`TaskQueue.hold_at`) until all steps before
+``c`` have finished, so every shard has applied exactly those. Restoring one
+rolls the queue back to the same boundary (:meth:`TaskQueue.rollback`).
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ class TaskQueue:
         self.held: dict[int, set[Task]] = {}  # worker -> tasks it holds
         self.finished_parts: dict[int, set[int]] = {}  # unfinished steps: parts done
         self.finished_through = -1  # every step up to here is finished
+        self.hold_at: int | None = None  # no task of this step or later (a checkpoint is due)
+        self.paused = False  # nothing at all (a server is being restored)
 
     @property
     def done(self) -> bool:
@@ -52,6 +59,8 @@ class TaskQueue:
         """The oldest task ``worker`` may start now, or ``None`` (wait, or nothing left)."""
         task = self._next()
         if task is None or self.finished_through < read_bound(self.mode, self.staleness, task[0]):
+            return None
+        if self.paused or (self.hold_at is not None and task[0] >= self.hold_at):
             return None
         if self.returned:
             heapq.heappop(self.returned)
@@ -84,6 +93,15 @@ class TaskQueue:
             self.finished_through += 1
             del self.finished_parts[self.finished_through]
         return True
+
+    def rollback(self, step: int) -> None:
+        """Back to the moment every step before ``step`` had finished and none after had
+        been handed out (a checkpoint): everything later is to be done again."""
+        self.fresh = step * self.parts
+        self.returned = []
+        self.held = {}
+        self.finished_parts = {}
+        self.finished_through = step - 1
 
     def lose(self, worker: int) -> list[Task]:
         """``worker`` is gone: its tasks go back to the front of the queue."""

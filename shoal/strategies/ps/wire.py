@@ -43,7 +43,8 @@ DTYPES: dict[str, torch.dtype] = {
     "int8": torch.int8,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-FAULTS = ("malformed", "truncated", "oversized", "unauthenticated")
+FAULTS = ("malformed", "truncated", "oversized", "unauthenticated", "stale")
+"""Why a message is refused. ``stale``: work handed out before a restore."""
 
 # Received buffers are read-only; tensors made on them are only ever read.
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
@@ -162,6 +163,8 @@ COORDINATOR_ENV = "SHOAL_PS_COORDINATOR"
 """Where workers and servers find the coordinator (set by the launcher)."""
 HOST_ENV = "SHOAL_PS_HOST"
 """The address this machine's servers listen on (set by the launcher)."""
+BIND_ENV = "SHOAL_PS_BIND"
+"""The exact address a restarted server binds: the one its predecessor had."""
 
 
 def max_message_bytes(job: JobConfig) -> int:
