@@ -161,8 +161,8 @@ class ClusterConfig:
     )
     max_restarts: int = _f(
         3,
-        "collective strategies: restarts of the workers after a failure, each resuming from "
-        "the newest good checkpoint (torchrun --max-restarts)",
+        "restarts after a failure: collective strategies restart every worker from the "
+        "newest good checkpoint (torchrun --max-restarts); ps restarts the failed worker",
     )
 
 

@@ -116,7 +116,9 @@ class Coordinator(threading.Thread):
         self.totals: dict[int, torch.Tensor] = {}
         self.left: set[int] = set()
         self.last_seen: dict[int, float] = {}
-        self.dead: dict[int, int] = {}
+        self.dead: dict[int, int] = {}  # workers out of the job now: exit code
+        self.dropped: set[int] = set()  # dropped for silence, not yet reported dead
+        self.failures: dict[int, list[int]] = {}  # every failure of each worker: exit codes
         self.stopped = threading.Event()
         self.out = Path(job.output.out)
         self.metrics = MetricsFile(self.out / "metrics.jsonl")
@@ -180,11 +182,20 @@ class Coordinator(threading.Thread):
             self.last_seen[int(header["worker"])] = time.monotonic()
             return {"op": "ok"}
         if op == "status":
-            return {"op": "status", "dropped": sorted(self.dead), "generation": self.generation}
+            return {
+                "op": "status",
+                "dropped": sorted(self.dropped),
+                "generation": self.generation,
+                "done": self.job_done(),
+            }
         if op == "server_died":
             return self._server_died(int(header["shard"]), int(header["code"]))
         if op == "worker_died":
-            self._worker_gone(int(header["worker"]), int(header["code"]))
+            worker, code = int(header["worker"]), int(header["code"])
+            self.dropped.discard(worker)
+            if worker in self.dead:  # dropped for silence before: now its exit is known
+                self.failures[worker][-1] = code
+            self._worker_gone(worker, code)
             return {"op": "ok"}
         if op == "register_server":
             shard = int(header["shard"])
@@ -199,7 +210,10 @@ class Coordinator(threading.Thread):
             return {"op": "ok", "restore": self.restore_step, "generation": self.generation}
         if op == "servers":
             if "worker" in header:  # watched for heartbeats from now on
-                self.last_seen.setdefault(int(header["worker"]), time.monotonic())
+                worker = int(header["worker"])
+                self.last_seen[worker] = time.monotonic()
+                if self.dead.pop(worker, None) is not None:  # restarted: it rejoins
+                    print(f"shoal: worker {worker} rejoined", file=sys.stderr)
             self.waiting.append((peer, header.get("id")))
             self._answer_waiting()
             return None
@@ -269,12 +283,14 @@ class Coordinator(threading.Thread):
                 continue
             silent = f"worker {worker} sent no heartbeat for {now - seen:.1f} s"
             print(f"shoal: warning: {silent}; dropped", file=sys.stderr)
+            self.dropped.add(worker)
             self._worker_gone(worker, HEARTBEAT_LOST)
 
     def _worker_gone(self, worker: int, exit_code: int) -> None:
         if worker in self.dead:
             return
         self.dead[worker] = exit_code
+        self.failures.setdefault(worker, []).append(exit_code)
         if self.queue is not None:
             lost = self.queue.lose(worker)
             if lost:
@@ -577,8 +593,9 @@ class Coordinator(threading.Thread):
             }
             if t is not None:
                 entry.update(host=host_name(t[2:]), bytes_sent=int(t[0]), bytes_received=int(t[1]))
-            if w in self.dead:
-                entry["failed_exit_code"] = self.dead[w]
+            if w in self.failures:
+                entry["failed_exit_code"] = self.failures[w][-1]
+                entry["failures"] = len(self.failures[w])
             per_worker.append(entry)
         staleness: Counter = Counter()
         for s in stats:
@@ -603,7 +620,7 @@ class Coordinator(threading.Thread):
                 "num_servers": self.num_servers,
                 "staleness_histogram": {str(k): v for k, v in sorted(staleness.items())},
                 "max_staleness": max(staleness, default=0),
-                "failed_workers": sorted(self.dead),
+                "failed_workers": sorted(self.failures),
                 "server_restores": self.restores,
                 "servers": stats,
                 "coordinator_rejected": dict(self.rejected),

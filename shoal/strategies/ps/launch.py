@@ -109,7 +109,7 @@ def launch_ps(job: JobConfig, config_path: str) -> None:
         roles.append(Role("worker", w, env))
     group = RoleGroup(roles, config_path)
     try:
-        _run(group, node, cluster.workers, coordinator)
+        _run(group, node, cluster.workers, cluster.max_restarts, coordinator)
     except SignalException:  # Ctrl-C or SIGTERM: stop every local process
         raise KeyboardInterrupt from None
     finally:
@@ -117,9 +117,15 @@ def launch_ps(job: JobConfig, config_path: str) -> None:
         node.close()
 
 
-def _run(group: RoleGroup, node: Peer, num_workers: int, coordinator: Coordinator | None) -> None:
+def _run(
+    group: RoleGroup,
+    node: Peer,
+    num_workers: int,
+    max_restarts: int,
+    coordinator: Coordinator | None,
+) -> None:
     """Until this node's part is done: its workers, then (node 0) the whole job's end."""
-    _watch(group, node, num_workers)
+    _watch(group, node, num_workers, max_restarts)
     if coordinator is not None:
         while not coordinator.all_workers_done():
             if not coordinator.is_alive():
@@ -179,13 +185,16 @@ def _servers_exited(group: RoleGroup, node: Peer, exited: list[tuple[Role, int]]
         group.restart(role, {wire.BIND_ENV: str(reply["address"])})
 
 
-def _watch(group: RoleGroup, node: Peer, num_workers: int) -> None:
-    """Wait for this node's workers; a dead worker is reported and dropped.
+def _watch(group: RoleGroup, node: Peer, num_workers: int, max_restarts: int) -> None:
+    """Wait for this node's workers; a dead worker is reported, its tasks go to the
+    others, and it is started again (up to ``max_restarts`` times): it rejoins the job
+    and pulls the current parameters.
 
     A worker the coordinator dropped for silence (hung, SIGSTOPped) is killed
     here, so that the job can end.
     """
     done, last_status = 0, 0.0
+    status: dict = {"dropped": [], "done": False}
     node.timeout_ms = 20_000  # registered: the coordinator answers at once from now on
     while done < num_workers:
         if time.monotonic() - last_status > 0.5:
@@ -193,18 +202,26 @@ def _watch(group: RoleGroup, node: Peer, num_workers: int) -> None:
             try:
                 status, _ = node.call({"op": "status"})
             except PeerError:  # the job is ending on node 0 (or node 0 is gone)
-                status = {"dropped": []}
+                status = {"dropped": [], "done": True}
             for rank in status["dropped"]:
                 group.kill("worker", rank)
         for role, code in group.poll():
             if role.role == "server":
                 _servers_exited(group, node, [(role, code)])
                 continue
-            done += 1
-            if code != 0:
-                node.call({"op": "worker_died", "worker": role.rank, "code": code})
-                warning = f"worker {role.rank} failed (exit code {code}); the others carry on"
-                print(f"shoal: warning: {warning}", file=sys.stderr)
+            if code == 0:
+                done += 1
+                continue
+            node.call({"op": "worker_died", "worker": role.rank, "code": code})
+            restarts = group.restarts.get(group.roles.index(role), 0)
+            failed = f"worker {role.rank} failed (exit code {code})"
+            if restarts < max_restarts and not status.get("done"):
+                group.restart(role, {})
+                again = f"restarting it ({restarts + 1} of {max_restarts})"
+                print(f"shoal: warning: {failed}; {again}; the others carry on", file=sys.stderr)
+            else:
+                done += 1
+                print(f"shoal: warning: {failed}; the others carry on", file=sys.stderr)
         time.sleep(0.1)
 
 
