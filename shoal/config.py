@@ -152,7 +152,12 @@ class ClusterConfig:
 
     workers: int = _f(2, "worker processes on this machine (torchrun --nproc-per-node)")
     servers: int = _f(1, "parameter-server shards on this machine (--strategy ps)")
-    nnodes: int = _f(1, "number of machines (torchrun --nnodes)")
+    nnodes: int = _f(
+        1,
+        "number of machines (torchrun --nnodes); MIN:MAX is elastic: the job goes on with "
+        "as few as MIN and takes in machines up to MAX",
+    )
+    min_nodes: int = _f(0, "elastic jobs: the fewest machines to go on with (0: --nnodes)")
     node_rank: int = _f(0, "rank of this machine, 0..nnodes-1 (torchrun --node-rank)")
     rdzv_endpoint: str = _f(
         "",
@@ -164,6 +169,11 @@ class ClusterConfig:
         "restarts after a failure: collective strategies restart every worker from the "
         "newest good checkpoint (torchrun --max-restarts); ps restarts the failed worker",
     )
+
+    @property
+    def elastic(self) -> bool:
+        """Whether the number of machines may change while the job runs."""
+        return 0 < self.min_nodes < self.nnodes
 
 
 @dataclass
@@ -215,6 +225,10 @@ class JobConfig:
             raise UserError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT of node 0")
         if c.rdzv_endpoint:
             parse_endpoint(c.rdzv_endpoint)
+        if not 0 <= c.min_nodes <= c.nnodes:
+            raise UserError(f"--nnodes {c.min_nodes}:{c.nnodes}: MIN must be between 1 and MAX")
+        if c.elastic and self.strategy.name == "ps":
+            raise UserError("--strategy ps takes a fixed --nnodes (workers rejoin on their own)")
         _positive("--batch-size", t.batch_size)
         if t.batch_size < self.world_size:
             raise UserError(

@@ -39,8 +39,26 @@ class LaunchFailed(Exception):
 
 def torchrun_args(cluster: ClusterConfig, config_path: str) -> list[str]:
     """The ``torchrun`` arguments equivalent to this launch."""
-    args = ["--nnodes", str(cluster.nnodes), "--nproc-per-node", str(cluster.workers)]
-    if cluster.rdzv_endpoint:
+    nodes = f"{cluster.min_nodes}:{cluster.nnodes}" if cluster.elastic else str(cluster.nnodes)
+    args = ["--nnodes", nodes, "--nproc-per-node", str(cluster.workers)]
+    if cluster.elastic:  # torchrun's dynamic rendezvous; it hands out the node ranks
+        args += [
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            cluster.rdzv_endpoint,
+            "--rdzv-id",
+            f"shoal-{cluster.rdzv_endpoint}",
+            # node 0 hosts the rendezvous store (torch guesses from the host name, which
+            # need not be the endpoint's); after a failure the survivors go on once MIN
+            # have met and nobody else came for 10 s
+            "--rdzv-conf",
+            f"is_host={str(cluster.node_rank == 0).lower()},last_call_timeout=10",
+            # the address the other machines reach this one at (torch would take the FQDN)
+            "--local-addr",
+            local_address(*parse_endpoint(cluster.rdzv_endpoint)),
+        ]
+    elif cluster.rdzv_endpoint:
         args += [
             "--rdzv-backend",
             "static",
@@ -60,6 +78,16 @@ def torchrun_args(cluster: ClusterConfig, config_path: str) -> list[str]:
         ]
     args += ["--max-restarts", str(cluster.max_restarts), "--monitor-interval", "0.5"]
     return [*args, "-m", WORKER_MODULE, config_path]
+
+
+def local_address(host: str, port: int) -> str:
+    """This machine's address on the route to ``host`` (node 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((host, port))
+        except OSError as e:
+            raise UserError(f"cannot reach node 0 at {host}:{port}: {e.strerror}") from None
+        return s.getsockname()[0]
 
 
 def describe(cluster: ClusterConfig, config_path: str) -> str:

@@ -75,7 +75,8 @@ def _restore(trainer: Trainer, env: dist.DistEnv) -> None:
     if env.is_main and attempt > 0:
         where = f"from {path.parent.name}/{path.name}" if path else "from the start (no checkpoint)"
         print(
-            f"shoal: restart {attempt}: {env.world_size} workers resume {where}",
+            f"shoal: restart {attempt}: {env.world_size} worker"
+            f"{'s' if env.world_size != 1 else ''} resume {where}",
             file=sys.stderr,
             flush=True,
         )

@@ -259,3 +259,50 @@ def test_a_downed_link_is_named_within_5_s(tmp_path):
         finally:
             for job in jobs:
                 job.stop()
+
+
+@pytest.mark.netns
+@pytest.mark.timeout(300)
+def test_elastic_nodes_a_dead_host_leaves_and_the_survivor_finishes(tmp_path):
+    """--nnodes 1:2: host 1 dies whole; host 0 names it, re-forms the job alone through
+    torchrun's rendezvous, resumes from the newest checkpoint and finishes the epochs."""
+    job = [*LINEAR_JOB[:2], "--steps", "6000", *LINEAR_JOB[4:], "--log-every", "200"]
+    job += ["--checkpoint-every", "500"]
+    train(tmp_path / "single", *job, "--workers", "1")
+    with netns.hosts(subnet="10.231.5") as (a, b):
+        endpoint = f"{a.addr}:{free_port()}"
+        jobs = []
+        for rank, host in enumerate((a, b)):
+            cmd = [
+                *host.prefix(),
+                "env",
+                f"GLOO_SOCKET_IFNAME={host.ifname}",
+                *_shoal(tmp_path / ("run" if rank == 0 else "node1")),
+                "--no-report",
+                *job,
+                *["--workers", "1", "--nnodes", "1:2", "--node-rank", str(rank)],
+                *["--rdzv-endpoint", endpoint],
+            ]
+            jobs.append(_Watched(cmd))
+        try:
+            metrics = tmp_path / "run" / "metrics.jsonl"
+            deadline = time.monotonic() + 120
+            while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+                assert time.monotonic() < deadline, "training did not start"
+                time.sleep(0.2)
+            pids = subprocess.run(
+                ["ip", "netns", "pids", b.ns], capture_output=True, text=True, timeout=20
+            ).stdout.split()
+            for pid in pids:  # the whole host dies
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+            assert jobs[0].proc.wait(timeout=200) == 0, "\n".join(s for _, s in jobs[0].lines)
+        finally:
+            for j in jobs:
+                j.stop()
+    lines = "\n".join(s for _, s in jobs[0].lines)
+    assert "worker rank 1 on" in lines and "restart 1: 1 worker resume" in lines
+    s = read_summary(tmp_path / "run")
+    assert s["world_size"] == 1 and s["restarts"] == 1
+    assert s["samples_per_epoch"] == read_summary(tmp_path / "single")["samples_per_epoch"]
+    assert max_abs_diff(params(tmp_path / "run"), params(tmp_path / "single")) < 1e-4

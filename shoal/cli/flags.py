@@ -32,7 +32,9 @@ def add_job_flags(parser: argparse.ArgumentParser) -> None:
                 "default": argparse.SUPPRESS,
                 "help": f"{f.metadata['help']} (default: {default!r})",
             }
-            if isinstance(default, bool):
+            if f.name == "nnodes":  # torchrun's N or MIN:MAX
+                kwargs["type"], kwargs["metavar"] = _nodes, "N|MIN:MAX"
+            elif isinstance(default, bool):
                 kwargs["action"] = argparse.BooleanOptionalAction
             else:
                 kwargs["type"] = type(default)
@@ -46,9 +48,20 @@ def apply_flags(ns: argparse.Namespace, job: JobConfig) -> JobConfig:
     """Overwrite ``job`` with every flag the user actually gave."""
     for dest, value in vars(ns).items():
         section, _, name = dest.partition(".")
-        if name and hasattr(job, section):
+        if dest == "cluster.nnodes":
+            job.cluster.min_nodes, job.cluster.nnodes = value
+        elif name and hasattr(job, section):
             setattr(getattr(job, section), name, value)
     return job
+
+
+def _nodes(text: str) -> tuple[int, int]:
+    """``N`` -> (0, N); ``MIN:MAX`` -> (MIN, MAX), as torchrun's ``--nnodes`` reads it."""
+    low, _, high = text.partition(":")
+    try:
+        return (int(low), int(high)) if high else (0, int(low))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not N or MIN:MAX") from None
 
 
 def given(ns: argparse.Namespace, section: str, name: str) -> bool:

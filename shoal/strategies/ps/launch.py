@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sys
 import time
 
@@ -16,7 +15,7 @@ from shoal.data import build_dataset
 from shoal.data.sampler import GlobalBatchSampler
 from shoal.dist import resolve_device
 from shoal.errors import UserError
-from shoal.launch import LaunchFailed, Role, RoleGroup
+from shoal.launch import LaunchFailed, Role, RoleGroup, local_address
 from shoal.metrics import CommCounter
 from shoal.strategies.ps import wire
 from shoal.strategies.ps.client import Peer, PeerError
@@ -71,7 +70,7 @@ def launch_ps(job: JobConfig, config_path: str) -> None:
     secret = bytes.fromhex(os.environ.get(wire.SECRET_ENV, "") or wire.new_secret())
     if multi:
         host, port = parse_endpoint(cluster.rdzv_endpoint)
-        local_host, address = _local_address(host, port), f"tcp://{host}:{port}"
+        local_host, address = local_address(host, port), f"tcp://{host}:{port}"
     else:
         local_host, address = "127.0.0.1", ""
     coordinator = None
@@ -140,16 +139,6 @@ def _run(
     while group.running:  # this node's servers, until the coordinator shuts them down
         _servers_exited(group, node, group.poll())
         time.sleep(0.1)
-
-
-def _local_address(host: str, port: int) -> str:
-    """This machine's address on the route to node 0 (where its servers listen)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect((host, port))
-        except OSError as e:
-            raise UserError(f"cannot reach node 0 at {host}:{port}: {e.strerror}") from None
-        return s.getsockname()[0]
 
 
 MAX_SERVER_RESTARTS = 3
