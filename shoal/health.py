@@ -3,8 +3,8 @@
 A collective only notices a dead peer when a socket breaks, and a hung peer
 (SIGSTOP, a wedged device) or a peer behind a cut link not at all until gloo's
 timeout, minutes later. So every worker runs a :class:`Heartbeat` thread that
-bumps its own counter in the job's store (the ``TCPStore`` torchrun's agent
-hosts) every ``timeout / 6`` seconds and reads everyone else's. A counter that
+bumps its own counter in the job's store (the ``TCPStore`` that rank 0 hosts
+for the round) every ``timeout / 6`` seconds and reads everyone else's. A counter that
 has not moved for ``timeout`` seconds names its rank as failed; a store that
 does not answer for ``timeout`` seconds means this worker is the one cut off.
 
@@ -56,16 +56,23 @@ class Heartbeat:
         self.host, self.pid, self.machine = _host_name(), os.getpid(), _machine()
         self.on_failure = on_failure or _exit
         self._stop = threading.Event()
+        self.whos: dict[int, dict] = {}
         who = {"host": self.host, "pid": self.pid, "machine": self.machine}
         self.store.set(f"who/{rank}", json.dumps(who))
         self.store.set(f"beat/{rank}", "0")
+        self.contact = time.monotonic()  # the last time the store answered
+        self._acted = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="shoal-heartbeat", daemon=True)
         self._thread.start()
+        # a store that stops answering may block the beat thread inside a call: watch it
+        self._watcher = threading.Thread(target=self._watch, name="shoal-watch", daemon=True)
+        self._watcher.start()
 
     def stop(self) -> None:
         """This rank is leaving on purpose: say so, so that its silence is not a failure."""
         self._stop.set()
-        self._thread.join()
+        self._thread.join(timeout=2 * self.timeout_s)
+        self._watcher.join()
         with contextlib.suppress(Exception):
             self.store.set(f"done/{self.rank}", "1")
 
@@ -83,11 +90,13 @@ class Heartbeat:
         who = self._who(rank)
         return f"worker rank {rank} on {who['host']} (pid {who['pid']})"
 
-    def _report(self, culprits: list[int], line: str) -> None:
-        """One line per failure, from the lowest healthy rank."""
+    def _report(self, culprits: list[int], line: str) -> bool:
+        """One line per failure, from the lowest healthy rank; whether this rank said it."""
         alive = [r for r in range(self.world_size) if r not in culprits]
-        if self.rank == min(alive):
-            print(f"shoal: error: {line}", file=sys.stderr, flush=True)
+        if self.rank != min(alive):
+            return False
+        print(f"shoal: error: {line}", file=sys.stderr, flush=True)
+        return True
 
     # --- the thread ---------------------------------------------------------------
 
@@ -97,20 +106,21 @@ class Heartbeat:
         seen: dict[int, bytes] = {}
         moved = dict.fromkeys(others, time.monotonic())
         beat = 0
-        contact = time.monotonic()
+        present: list[int] = []
         while not self._stop.wait(self.interval_s):
             beat += 1
             try:
                 self.store.set(f"beat/{self.rank}", str(beat))
-                # multi_get would wait for a key that is not there yet: read those that are
-                present = [r for r in others if self.store.check([f"beat/{r}"])]
+                if len(present) < len(others):
+                    # multi_get would wait for a key not there yet: read those that are
+                    present = [r for r in others if self.store.check([f"beat/{r}"])]
+                    if len(present) == len(others):  # everyone is up: remember who is where
+                        whos = self.store.multi_get([f"who/{r}" for r in range(self.world_size)])
+                        self.whos = {r: json.loads(w) for r, w in enumerate(whos)}
                 values = self.store.multi_get([keys[others.index(r)] for r in present])
-            except Exception:  # the store (node 0) is unreachable: this side is cut off
-                if time.monotonic() - contact > self.timeout_s:
-                    self._lost_store(time.monotonic() - contact)
-                    return
+            except Exception:  # the store does not answer: the watcher decides
                 continue
-            now = contact = time.monotonic()
+            now = self.contact = time.monotonic()
             for r, value in zip(present, values, strict=True):
                 if seen.get(r) != value:
                     seen[r], moved[r] = value, now
@@ -120,6 +130,13 @@ class Heartbeat:
                 self._silent(silent, {r: now - moved[r] for r in silent})
                 return
 
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            quiet = time.monotonic() - self.contact
+            if quiet > self.timeout_s:
+                self._lost_store(quiet)
+                return
+
     def _done(self, rank: int) -> bool:
         try:
             return self.store.check([f"done/{rank}"])
@@ -127,35 +144,60 @@ class Heartbeat:
             return False
 
     def _who(self, rank: int) -> dict:
+        if rank in self.whos:
+            return self.whos[rank]
         try:
             return json.loads(self.store.get(f"who/{rank}"))
         except Exception:
             return {"host": "?", "pid": 0}
 
     def _silent(self, ranks: list[int], quiet_s: dict[int, float]) -> None:
-        parts = []
+        if not self._once():
+            return
+        parts, fence = [], []
         for r in ranks:
             who = self._who(r)
             state = _local_state(who) if self._here(who) else None
             what = {"dead": "died", "stopped": "is hung (stopped)"}.get(
                 state or "", "is hung or unreachable"
             )
-            fence = state is not None and state != "dead"
+            if state is not None and state != "dead":
+                fence.append(int(who["pid"]))
             parts.append(
                 f"{self._describe(r)} {what}: no heartbeat for {quiet_s[r]:.1f} s"
-                + ("; killing it" if fence else "")
+                + ("; killing it" if fence and fence[-1] == who["pid"] else "")
             )
-            if fence:  # a stopped process ignores the agent's SIGTERM: the restart would wait
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(who["pid"], signal.SIGKILL)
         line = "; ".join(parts)
-        self._report(ranks, line)
+        if not self._report(ranks, line):
+            # the reporter notices within about one beat: let it speak before the agent,
+            # seeing the fenced process exit, stops everyone
+            time.sleep(2 * self.interval_s)
+        for pid in fence:  # a stopped process ignores the agent's SIGTERM: it would wait 30 s
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
         self.on_failure(line)
 
+    def _once(self) -> bool:
+        """Whether this is the first verdict (the beat thread and the watcher may both act)."""
+        return self._acted.acquire(blocking=False) and not self._stop.is_set()
+
     def _lost_store(self, quiet_s: float) -> None:
+        """The store lives in rank 0's process: a hung rank 0 silences it, too."""
+        host0 = self.whos.get(0)
+        if (
+            self.rank != 0
+            and host0 is not None
+            and self._here(host0)
+            and _local_state(host0) in ("stopped", "dead")
+        ):
+            self._silent([0], {0: quiet_s})
+            return
+        if not self._once():
+            return
         line = (
             f"worker rank {self.rank} on {self.host} (pid {self.pid}) lost contact with the "
-            f"job's store for {quiet_s:.1f} s: this host is cut off"
+            f"job's store (in worker rank 0) for {quiet_s:.1f} s: rank 0 is hung or this "
+            "host is cut off"
         )
         print(f"shoal: error: {line}", file=sys.stderr, flush=True)
         self.on_failure(line)
