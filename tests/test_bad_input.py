@@ -33,6 +33,12 @@ def assert_one_line_error(proc, needle: str) -> None:
         (["--rdzv-endpoint", "nohost"], "must look like HOST:PORT"),
         (["--bogus-flag"], "unrecognized arguments: --bogus-flag"),
         (["--compress", "zip"], "unknown codec 'zip'"),
+        (["--nnodes", "2:x"], "'2:x' is not N or MIN:MAX"),
+        (["--nnodes", "3:2", "--rdzv-endpoint", "127.0.0.1:1"], "MIN must be between 1 and MAX"),
+        (
+            ["--strategy", "local-sgd", "--checkpoint-every", "10"],
+            "must be a multiple of --sync-every 8",
+        ),
         (["--compress", "topk:5"], "needs 0 < R <= 1"),
         (["--model", "cnn", "--data", "synthetic-linear"], "--model cnn needs square images"),
         (
