@@ -105,6 +105,11 @@ def test_ssp_staleness_never_exceeds_bound(tmp_path):
     assert ps["max_staleness"] >= 1, "the slow worker should have made the fast one run ahead"
     tasks = [w["tasks"] for w in summary["per_worker"]]
     assert sum(tasks) == 2 * 120 and tasks[0] > 2 * tasks[1], tasks  # the fast one took more
+    rates = [w["samples_per_s"] for w in summary["per_worker"]]
+    assert rates[0] > 2 * rates[1] > 0  # per-worker throughput, in the summary
+    assert sum(w["samples"] for w in summary["per_worker"]) == sum(
+        summary["samples_per_epoch"].values()
+    )
     asp = tmp_path / "asp"
     train(
         asp,

@@ -113,6 +113,7 @@ class Coordinator(threading.Thread):
         self.worker_bytes: dict[int, tuple[float, float]] = {}  # latest (sent, received)
         self.counts: Counter = Counter()  # samples per epoch, each task counted once
         self.tasks_done: Counter = Counter()  # per worker
+        self.samples_done: Counter = Counter()  # per worker
         self.totals: dict[int, torch.Tensor] = {}
         self.left: set[int] = set()
         self.last_seen: dict[int, float] = {}
@@ -371,6 +372,7 @@ class Coordinator(threading.Thread):
             return  # done before by someone else: counted once
         self.counts[step // self.steps_per_epoch] += int(row[1])
         self.tasks_done[worker] += 1
+        self.samples_done[worker] += int(row[1])
         row = row.clone()
         row[2:4] = 0  # byte counters are cumulative per worker: kept apart
         self.step_rows[step] = row if step not in self.step_rows else self.step_rows[step] + row
@@ -425,6 +427,7 @@ class Coordinator(threading.Thread):
         return {
             "counts": Counter(self.counts),
             "tasks_done": Counter(self.tasks_done),
+            "samples_done": Counter(self.samples_done),
             "window": None if self.window is None else self.window.clone(),
             "last_loss": self.last_loss,
         }
@@ -494,6 +497,7 @@ class Coordinator(threading.Thread):
             del self.snapshots[later]
         self.counts = Counter(saved["counts"])
         self.tasks_done = Counter(saved["tasks_done"])
+        self.samples_done = Counter(saved["samples_done"])
         self.window = None if saved["window"] is None else saved["window"].clone()
         self.last_loss = saved["last_loss"]
         self.step_rows, self.step_lr = {}, {}
@@ -590,6 +594,8 @@ class Coordinator(threading.Thread):
                 "bytes_sent": 0,
                 "bytes_received": 0,
                 "tasks": self.tasks_done[w],
+                "samples": self.samples_done[w],
+                "samples_per_s": self.samples_done[w] / max(self.wall_time(), 1e-9),
             }
             if t is not None:
                 entry.update(host=host_name(t[2:]), bytes_sent=int(t[0]), bytes_received=int(t[1]))
