@@ -113,6 +113,7 @@ def save(run_dir: str | os.PathLike, step: int, state: dict[str, Any], keep: int
     buf = io.BytesIO()
     torch.save(state, buf)
     raw = buf.getvalue()
+    _sweep(root)
     final = step_path(run_dir, step)
     tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -133,6 +134,15 @@ def save(run_dir: str | os.PathLike, step: int, state: dict[str, Any], keep: int
     _fsync_dir(root)
     prune(run_dir, step, keep)
     return final
+
+
+def _sweep(root: Path) -> None:
+    """Remove what writers killed mid-way left (``.tmp-``/``.old-`` of a dead pid)."""
+    for path in root.iterdir():
+        if path.name.startswith((".tmp-step-", ".old-step-")):
+            pid = path.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def step_of(path: Path) -> int:

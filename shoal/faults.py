@@ -53,8 +53,8 @@ def parse(spec: str) -> list[Fault]:
             raise ValueError(f"{ENV}: unknown fault {kind!r} (known: {', '.join(KINDS)})")
         values = dict(f.split("=", 1) for f in fields if "=" in f)
         role = values.get("role", "worker")
-        if role not in ROLES or (role == "server" and kind == "slow"):
-            raise ValueError(f"{ENV}: {part!r}: role must be worker, or server for crash/hang")
+        if role not in ROLES or (role == "server" and kind != "crash"):
+            raise ValueError(f"{ENV}: {part!r}: role must be worker, or server for a crash")
         try:
             rank = -1 if values["rank"] == "*" else int(values["rank"])
             if kind in ("crash", "hang"):

@@ -9,8 +9,8 @@ has not moved for ``timeout`` seconds names its rank as failed; a store that
 does not answer for ``timeout`` seconds means this worker is the one cut off.
 
 Either way the worker says so in one line (role, rank, host and pid of the
-culprit), SIGKILLs a hung culprit that shares its host (a stopped process
-ignores the agent's SIGTERM, and the agent would wait 30 s before its SIGKILL),
+culprit), SIGKILLs a stopped culprit that shares its host (it ignores the
+agent's SIGTERM, and the agent would wait 30 s before its SIGKILL),
 and exits with :data:`EXIT_PEER_LOST`, so torchrun's agent restarts the group
 from the newest checkpoint at once instead of waiting on a collective that
 cannot finish. A worker that simply died is named by the agent, which sees it
@@ -161,7 +161,7 @@ class Heartbeat:
             what = {"dead": "died", "stopped": "is hung (stopped)"}.get(
                 state or "", "is hung or unreachable"
             )
-            if state is not None and state != "dead":
+            if state == "stopped":  # a live but late process gets the agent's SIGTERM
                 fence.append(int(who["pid"]))
             parts.append(
                 f"{self._describe(r)} {what}: no heartbeat for {quiet_s[r]:.1f} s"
@@ -204,15 +204,16 @@ class Heartbeat:
 
 
 def _job_store(timeout_s: float) -> dist.Store:
-    """A connection of our own to the store the process group met in, per restart."""
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    """A connection of our own to the store the process group met in."""
     store = dist.TCPStore(
         os.environ["MASTER_ADDR"],
         int(os.environ["MASTER_PORT"]),
         is_master=False,
         timeout=timedelta(seconds=max(1.0, timeout_s / 3)),
     )
-    return dist.PrefixStore(f"shoal/health/{attempt}/", store)
+    # every round of the job meets in a fresh store (see shoal.launch), so no round
+    # prefix: the restart count would not do, it differs between machines
+    return dist.PrefixStore("shoal/health/", store)
 
 
 def _host_name() -> str:

@@ -15,6 +15,7 @@ import errno
 import logging
 import os
 import shlex
+import signal
 import socket
 import sys
 import uuid
@@ -143,9 +144,16 @@ def launch(cluster: ClusterConfig, config_path: str) -> None:
     try:
         elastic_launch(config, cmd)(*cmd_args)
     except ChildFailedError as e:
-        # name the root cause: a worker killed by a signal, not the peers it took down
-        signalled = [(r, f) for r, f in e.failures.items() if f.exitcode < 0]
-        rank, failure = min(signalled or e.failures.items(), key=lambda rf: rf[1].timestamp)
+        # name the root cause, not the peers the agent stopped (SIGTERM) or that stopped
+        # because a peer failed (EXIT_PEER_LOST); a signal before an exit code
+        from shoal.health import EXIT_PEER_LOST
+
+        causes = [
+            (r, f)
+            for r, f in e.failures.items()
+            if f.exitcode not in (-signal.SIGTERM, EXIT_PEER_LOST)
+        ] or list(e.failures.items())
+        rank, failure = min(causes, key=lambda rf: (rf[1].exitcode >= 0, rf[1].timestamp))
         how = (
             f"was killed by signal {failure.signal_name()}"
             if failure.exitcode < 0
@@ -173,8 +181,6 @@ class _FailedWorker(logging.Handler):
         self.cluster = cluster
 
     def emit(self, record: logging.LogRecord) -> None:
-        import signal
-
         from shoal.health import EXIT_PEER_LOST
 
         if not str(record.msg).startswith("failed (exitcode") or len(record.args or ()) < 3:
@@ -290,8 +296,6 @@ class RoleGroup:
 
     def kill(self, role: str, rank: int) -> None:
         """Stop one role's process (a hung worker): SIGKILL, even if it is stopped."""
-        import signal
-
         for i, r in enumerate(self.roles):
             if r.role == role and r.rank == rank and i not in self.exit_codes:
                 for pid in self.contexts[i].pids().values():

@@ -6,6 +6,7 @@ import socket
 
 import pytest
 
+from shoal.cli import main
 from tests.conftest import run_shoal
 
 
@@ -48,11 +49,18 @@ def assert_one_line_error(proc, needle: str) -> None:
     ],
 )
 @pytest.mark.timeout(60)
-def test_bad_flags(tmp_path, args, needle):
+def test_bad_flags(tmp_path, monkeypatch, capsys, args, needle):
+    """In this process (the same ``main`` the command runs): no interpreter start per case."""
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "run"
-    proc = run_shoal("train", "--out", str(out), *args, cwd=tmp_path)
-    assert_one_line_error(proc, needle)
-    assert not out.exists()
+    try:
+        code = main(["train", "--out", str(out), *args])
+    except SystemExit as e:  # argparse's own refusals
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and "Traceback" not in err
+    assert len(err.splitlines()) == 1 and needle in err, err
+    assert not out.exists() and not (tmp_path / "runs").exists()
 
 
 @pytest.mark.timeout(60)

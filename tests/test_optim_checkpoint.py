@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -123,3 +124,14 @@ def test_a_failed_background_write_is_raised(tmp_path):
     with pytest.raises(OSError):
         saver.wait()
     saver.wait()  # reported once
+
+
+def test_leftovers_of_a_killed_writer_are_swept(tmp_path):
+    root = checkpoint.checkpoint_dir(tmp_path)
+    dead = root / ".tmp-step-00000005-4194303"  # above pid_max: nobody's
+    dead.mkdir(parents=True)
+    (dead / checkpoint.STATE_FILE).write_bytes(b"half a checkpoint")
+    mine = root / f".tmp-step-00000006-{os.getpid()}"  # a writer that is alive: left alone
+    mine.mkdir()
+    checkpoint.save(tmp_path, 7, {"v": torch.ones(1)})
+    assert not dead.exists() and mine.exists()

@@ -135,6 +135,7 @@ class Coordinator(threading.Thread):
         self.restore_step = 0
         self.restores: list[dict[str, int]] = []
         self.shard_peers: dict[int, Peer] = {}
+        self.checked_at = time.monotonic()  # of the last heartbeat check
 
     # --- thread -----------------------------------------------------------------------
 
@@ -277,8 +278,16 @@ class Coordinator(threading.Thread):
     # --- membership and telemetry -----------------------------------------------------
 
     def _check_heartbeats(self) -> None:
-        """Drop a worker that stopped beating (hung, or its whole machine is gone)."""
+        """Drop a worker that stopped beating (hung, or its whole machine is gone).
+
+        Time the coordinator itself spent busy (a checkpoint, a restore) is not held
+        against anyone: their beats were waiting in its socket."""
         now, timeout = time.monotonic(), self.job.strategy.heartbeat_timeout
+        busy = now - self.checked_at - 1.0  # the loop comes round every 0.1 s when idle
+        self.checked_at = now
+        if busy > 0:
+            for worker in self.last_seen:
+                self.last_seen[worker] += busy
         for worker, seen in list(self.last_seen.items()):
             if worker in self.left or worker in self.dead or now - seen <= timeout:
                 continue
@@ -439,18 +448,24 @@ class Coordinator(threading.Thread):
         if q is None or q.hold_at is None or q.paused or q.finished_through != q.hold_at - 1:
             return
         step = q.hold_at
-        following = step + self.job.train.checkpoint_every
         try:
             for k in range(self.num_servers):
                 self._shard(k).call({"op": "checkpoint", "step": step}, timeout_s=20)
         except PeerError as e:  # a shard is down: its restore will roll back to an older one
             print(f"shoal: warning: server checkpoint of step {step}: {e}", file=sys.stderr)
-            q.hold_at = following if following < self.total_steps else None
+            q.hold_at = self._next_hold(step)
             return
         self.snapshots[step] = self._bookkeeping()
         for old in sorted(self.snapshots)[: -max(1, self.job.train.keep_checkpoints)]:
             del self.snapshots[old]
-        q.hold_at = following if following < self.total_steps else None
+        q.hold_at = self._next_hold(step)
+
+    def _next_hold(self, step: int) -> int | None:
+        """The checkpoint after ``step``: every ``--checkpoint-every`` steps, and the last
+        step (a shard lost between the end and the final pull comes back whole)."""
+        if step >= self.total_steps:
+            return None
+        return min(step + self.job.train.checkpoint_every, self.total_steps)
 
     def _restorable(self) -> int:
         """The newest checkpoint every shard has, whole and verified."""
@@ -474,6 +489,9 @@ class Coordinator(threading.Thread):
             raise wire.WireError(
                 "malformed", "no server checkpoint to restore from (--checkpoint-every)"
             )
+        for k in range(self.num_servers):  # writes in flight on live shards: let them land
+            if k != shard and k not in self.restoring:
+                self._shard(k).call({"op": "flush"})
         step = self._restorable()
         self.generation += 1
         self.restore_step = step
@@ -490,8 +508,7 @@ class Coordinator(threading.Thread):
     def _rollback(self, step: int) -> None:
         assert self.queue is not None
         self.queue.rollback(step)
-        following = step + self.job.train.checkpoint_every
-        self.queue.hold_at = following if following < self.total_steps else None
+        self.queue.hold_at = self._next_hold(step)
         saved = self.snapshots[step]
         for later in [s for s in self.snapshots if s > step]:
             del self.snapshots[later]

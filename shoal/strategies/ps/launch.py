@@ -201,7 +201,7 @@ def _watch(group: RoleGroup, node: Peer, num_workers: int, max_restarts: int) ->
             if code == 0:
                 done += 1
                 continue
-            node.call({"op": "worker_died", "worker": role.rank, "code": code})
+            node.call({"op": "worker_died", "worker": role.rank, "code": code}, timeout_s=120)
             restarts = group.restarts.get(group.roles.index(role), 0)
             failed = f"worker {role.rank} failed (exit code {code})"
             if restarts < max_restarts and not status.get("done"):

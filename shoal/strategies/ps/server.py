@@ -198,6 +198,10 @@ class Server:
         elif op == "checkpoint":
             self.checkpoint(int(header["step"]))
             self.send(peer, {"op": "ok", "id": rid})
+        elif op == "flush":  # the checkpoint being written is on disk when this answers
+            if self.saver is not None:
+                self.saver.wait()
+            self.send(peer, {"op": "ok", "id": rid})
         elif op == "restore":
             self.restore(int(header["step"]), int(header["generation"]))
             self.send(peer, {"op": "ok", "id": rid})

@@ -278,7 +278,8 @@ class ParameterServer(Strategy):
         if self.tasks.current is None:  # setting up: nothing to void
             return False
         status, _ = self.coordinator.call({"op": "status"})
-        return int(status.get("generation", 0)) != self.tasks.current_generation
+        self.tasks.generation = max(self.tasks.generation, int(status.get("generation", 0)))
+        return self.tasks.generation != self.tasks.current_generation
 
     def _check_restored(self) -> None:
         if self._restored():
@@ -297,7 +298,8 @@ class ParameterServer(Strategy):
         # A shard died and every shard went back to a checkpoint: this task is void (the
         # coordinator hands it out again).
         self._reconnect()
-        self.tasks.ahead = None
+        if self.tasks.ahead_generation != self.tasks.generation:
+            self.tasks.ahead = None  # handed out before the restore: void as well
         return torch.zeros((), dtype=torch.float64)
 
     def _reconnect(self) -> None:
