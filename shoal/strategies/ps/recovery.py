@@ -1,0 +1,126 @@
+"""Server checkpoints and restores, as the coordinator runs them.
+
+Shards checkpoint at step boundaries: the task queue holds back the tasks of
+step ``c`` (:attr:`~shoal.strategies.ps.tasks.TaskQueue.hold_at`) until every
+earlier step has finished, then every shard copies its state and writes it in
+the background, and the coordinator keeps its own bookkeeping of that moment.
+When a shard dies, every shard, the queue, the sample counts and
+``metrics.jsonl`` go back to the newest checkpoint all shards have, under a new
+*generation*: work handed out before is refused by the shards and ignored by
+the coordinator.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from typing import Any
+
+from shoal import checkpoint
+from shoal.metrics import CommCounter, MetricsFile
+from shoal.strategies.ps import wire
+from shoal.strategies.ps.client import Peer, PeerError
+from shoal.strategies.ps.server import shard_dir
+
+
+class ShardRecovery:
+    """The coordinator's part in server checkpoints and restores (mixed into it).
+
+    It works on the coordinator's state: ``queue``, ``servers``, ``num_servers``,
+    ``snapshots``, ``restoring``, ``generation``, the counters it rolls back and
+    ``metrics`` (see :class:`~shoal.strategies.ps.coordinator.Coordinator`).
+    """
+
+    def _shard(self, k: int) -> Peer:
+        if k not in self.shard_peers:
+            self.shard_peers[k] = Peer(
+                self.ctx, self.servers[k], self.secret, "coordinator", CommCounter(), timeout_s=120
+            )
+        return self.shard_peers[k]
+
+    def _bookkeeping(self) -> dict[str, Any]:
+        return {
+            "counts": Counter(self.counts),
+            "tasks_done": Counter(self.tasks_done),
+            "samples_done": Counter(self.samples_done),
+            "window": None if self.window is None else self.window.clone(),
+            "last_loss": self.last_loss,
+        }
+
+    def _maybe_checkpoint(self) -> None:
+        """Every shard snapshots itself once every step before ``hold_at`` has finished
+        (and none after was handed out); the shards write in the background."""
+        q = self.queue
+        if q is None or q.hold_at is None or q.paused or q.finished_through != q.hold_at - 1:
+            return
+        step = q.hold_at
+        try:
+            for k in range(self.num_servers):
+                self._shard(k).call({"op": "checkpoint", "step": step}, timeout_s=20)
+        except PeerError as e:  # a shard is down: its restore will roll back to an older one
+            print(f"shoal: warning: server checkpoint of step {step}: {e}", file=sys.stderr)
+            q.hold_at = self._next_hold(step)
+            return
+        self.snapshots[step] = self._bookkeeping()
+        for old in sorted(self.snapshots)[: -max(1, self.job.train.keep_checkpoints)]:
+            del self.snapshots[old]
+        q.hold_at = self._next_hold(step)
+
+    def _next_hold(self, step: int) -> int | None:
+        """The checkpoint after ``step``: every ``--checkpoint-every`` steps, and the last
+        step (a shard lost between the end and the final pull comes back whole)."""
+        if step >= self.total_steps:
+            return None
+        return min(step + self.job.train.checkpoint_every, self.total_steps)
+
+    def _restorable(self) -> int:
+        """The newest checkpoint every shard has, whole and verified."""
+        for step in sorted(self.snapshots, reverse=True):
+            try:
+                for k in range(self.num_servers):
+                    checkpoint.load(checkpoint.step_path(shard_dir(self.out, k), step))
+            except checkpoint.CheckpointError as e:
+                print(f"shoal: warning: skipping server checkpoint: {e}", file=sys.stderr)
+                continue
+            return step
+        raise wire.WireError("malformed", "no server checkpoint to restore from")
+
+    def _server_died(self, shard: int, code: int) -> dict[str, Any]:
+        """Roll every shard and the queue back to the newest checkpoint; the shard's
+        replacement restores itself when it registers. Until then no task is handed out."""
+        if self.queue is None or not self.snapshots:
+            raise wire.WireError(
+                "malformed", "no server checkpoint to restore from (--checkpoint-every)"
+            )
+        for k in range(self.num_servers):  # writes in flight on live shards: let them land
+            if k != shard and k not in self.restoring:
+                self._shard(k).call({"op": "flush"})
+        step = self._restorable()
+        self.generation += 1
+        self.restore_step = step
+        self.restoring.add(shard)
+        self.queue.paused = True
+        self.shard_peers.pop(shard, None)
+        for k in range(self.num_servers):
+            if k not in self.restoring:
+                self._shard(k).call({"op": "restore", "step": step, "generation": self.generation})
+        self._rollback(step)
+        self.restores.append({"shard": shard, "exit_code": code, "step": step})
+        return {"op": "ok", "address": self.servers[shard], "step": step}
+
+    def _rollback(self, step: int) -> None:
+        assert self.queue is not None
+        self.queue.rollback(step)
+        self.queue.hold_at = self._next_hold(step)
+        saved = self.snapshots[step]
+        for later in [s for s in self.snapshots if s > step]:
+            del self.snapshots[later]
+        self.counts = Counter(saved["counts"])
+        self.tasks_done = Counter(saved["tasks_done"])
+        self.samples_done = Counter(saved["samples_done"])
+        self.window = None if saved["window"] is None else saved["window"].clone()
+        self.last_loss = saved["last_loss"]
+        self.step_rows, self.step_lr = {}, {}
+        self.logged_through = step
+        self.metrics.close()
+        self.metrics = MetricsFile(self.out / "metrics.jsonl", resume_step=step)
