@@ -222,36 +222,33 @@ def test_four_workers_killed_then_three_finish_the_epoch(tmp_path, linear_refere
     assert max_abs_diff(params(out), params(linear_reference)) < 1e-5
 
 
+def _on_hosts(hosts: tuple, runs: list[Path], job: list[str], nnodes: str) -> list[_Watched]:
+    """One ``shoal train`` node per namespace host, node 0's address the endpoint."""
+    endpoint = f"{hosts[0].addr}:{free_port()}"
+    jobs = []
+    for rank, (host, out) in enumerate(zip(hosts, runs, strict=True)):
+        cmd = [*host.prefix(), "env", f"GLOO_SOCKET_IFNAME={host.ifname}", *_shoal(out)]
+        cmd += ["--no-report", *job, "--workers", "1", "--nnodes", nnodes]
+        cmd += ["--node-rank", str(rank), "--rdzv-endpoint", endpoint]
+        jobs.append(_Watched(cmd))
+    return jobs
+
+
+def _wait_for_records(metrics: Path, count: int = 3) -> None:
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= count):
+        assert time.monotonic() < deadline, "training did not start"
+        time.sleep(0.2)
+
+
 @pytest.mark.netns
 @pytest.mark.timeout(240)
 def test_a_downed_link_is_named_within_5_s(tmp_path):
+    job = ["--model", "linear", "--batch-size", "64", "--steps", "100000"]
     with netns.hosts(subnet="10.231.8") as (a, b):
-        endpoint = f"{a.addr}:{free_port()}"
-        jobs = []
-        for rank, host in enumerate((a, b)):
-            cmd = [
-                *host.prefix(),
-                "env",
-                f"GLOO_SOCKET_IFNAME={host.ifname}",
-                *_shoal(tmp_path / f"node{rank}"),
-                "--no-report",
-                *["--model", "linear", "--batch-size", "64", "--steps", "100000"],
-                "--workers",
-                "1",
-                "--nnodes",
-                "2",
-                "--node-rank",
-                str(rank),
-                "--rdzv-endpoint",
-                endpoint,
-            ]
-            jobs.append(_Watched(cmd))
+        jobs = _on_hosts((a, b), [tmp_path / "node0", tmp_path / "node1"], job, "2")
         try:
-            metrics = tmp_path / "node0" / "metrics.jsonl"
-            deadline = time.monotonic() + 120
-            while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
-                assert time.monotonic() < deadline, "training did not start"
-                time.sleep(0.2)
+            _wait_for_records(tmp_path / "node0" / "metrics.jsonl")
             subprocess.run(
                 ["ip", "-n", b.ns, "link", "set", b.ifname, "down"], check=True, timeout=20
             )
@@ -273,26 +270,9 @@ def test_elastic_nodes_a_dead_host_leaves_and_the_survivor_finishes(tmp_path, li
     job = [*LINEAR_JOB[:2], "--steps", "6000", *LINEAR_JOB[4:], "--log-every", "200"]
     job += ["--checkpoint-every", "500"]
     with netns.hosts(subnet="10.231.5") as (a, b):
-        endpoint = f"{a.addr}:{free_port()}"
-        jobs = []
-        for rank, host in enumerate((a, b)):
-            cmd = [
-                *host.prefix(),
-                "env",
-                f"GLOO_SOCKET_IFNAME={host.ifname}",
-                *_shoal(tmp_path / ("run" if rank == 0 else "node1")),
-                "--no-report",
-                *job,
-                *["--workers", "1", "--nnodes", "1:2", "--node-rank", str(rank)],
-                *["--rdzv-endpoint", endpoint],
-            ]
-            jobs.append(_Watched(cmd))
+        jobs = _on_hosts((a, b), [tmp_path / "run", tmp_path / "node1"], job, "1:2")
         try:
-            metrics = tmp_path / "run" / "metrics.jsonl"
-            deadline = time.monotonic() + 120
-            while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
-                assert time.monotonic() < deadline, "training did not start"
-                time.sleep(0.2)
+            _wait_for_records(tmp_path / "run" / "metrics.jsonl")
             pids = subprocess.run(
                 ["ip", "netns", "pids", b.ns], capture_output=True, text=True, timeout=20
             ).stdout.split()
