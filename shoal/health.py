@@ -102,7 +102,6 @@ class Heartbeat:
 
     def _run(self) -> None:
         others = [r for r in range(self.world_size) if r != self.rank]
-        keys = [f"beat/{r}" for r in others]
         seen: dict[int, bytes] = {}
         moved = dict.fromkeys(others, time.monotonic())
         beat = 0
@@ -117,7 +116,7 @@ class Heartbeat:
                     if len(present) == len(others):  # everyone is up: remember who is where
                         whos = self.store.multi_get([f"who/{r}" for r in range(self.world_size)])
                         self.whos = {r: json.loads(w) for r, w in enumerate(whos)}
-                values = self.store.multi_get([keys[others.index(r)] for r in present])
+                values = self.store.multi_get([f"beat/{r}" for r in present])
             except Exception:  # the store does not answer: the watcher decides
                 continue
             now = self.contact = time.monotonic()

@@ -28,6 +28,13 @@ from shoal.errors import UserError
 WORKER_MODULE = "shoal.worker"
 
 
+def describe_exit(code: int) -> str:
+    """``was killed by SIGKILL`` or ``exited with code 1``: how a process ended."""
+    if code < 0:
+        return f"was killed by {signal.Signals(-code).name}"
+    return f"exited with code {code}"
+
+
 @dataclass
 class LaunchFailed(Exception):
     """Some worker failed; ``message`` is one line naming it."""
@@ -154,11 +161,7 @@ def launch(cluster: ClusterConfig, config_path: str) -> None:
             if f.exitcode not in (-signal.SIGTERM, EXIT_PEER_LOST)
         ] or list(e.failures.items())
         rank, failure = min(causes, key=lambda rf: (rf[1].exitcode >= 0, rf[1].timestamp))
-        how = (
-            f"was killed by signal {failure.signal_name()}"
-            if failure.exitcode < 0
-            else f"exited with code {failure.exitcode}"
-        )
+        how = describe_exit(failure.exitcode)
         raise LaunchFailed(f"worker rank {rank} (pid {failure.pid}) {how}") from None
     except SignalException:  # Ctrl-C or SIGTERM: the agent has already stopped the workers
         raise KeyboardInterrupt from None
@@ -188,11 +191,7 @@ class _FailedWorker(logging.Handler):
         code, local_rank, pid = record.args[:3]  # type: ignore[index]
         if code == EXIT_PEER_LOST:
             return
-        how = (
-            f"was killed by {signal.Signals(-code).name}"
-            if code < 0
-            else f"exited with code {code}"
-        )
+        how = describe_exit(code)
         who = (
             f"worker rank {local_rank}"
             if self.cluster.nnodes == 1

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import time
 
@@ -15,7 +14,7 @@ from shoal.data import build_dataset
 from shoal.data.sampler import GlobalBatchSampler
 from shoal.dist import resolve_device
 from shoal.errors import UserError
-from shoal.launch import LaunchFailed, Role, RoleGroup, local_address
+from shoal.launch import LaunchFailed, Role, RoleGroup, describe_exit, local_address
 from shoal.metrics import CommCounter
 from shoal.strategies.ps import wire
 from shoal.strategies.ps.client import Peer, PeerError
@@ -151,11 +150,7 @@ def _servers_exited(group: RoleGroup, node: Peer, exited: list[tuple[Role, int]]
     for role, code in exited:
         if role.role != "server" or code == 0:
             continue
-        how = (
-            f"was killed by {signal.Signals(-code).name}"
-            if code < 0
-            else f"exited with code {code}"
-        )
+        how = describe_exit(code)
         if group.restarts.get(group.roles.index(role), 0) >= MAX_SERVER_RESTARTS:
             raise LaunchFailed(f"server shard {role.rank} {how}, {MAX_SERVER_RESTARTS + 1} times")
         try:

@@ -220,6 +220,7 @@ class ParameterServer(Strategy):
         )
         self.secret = secret
         self.client = self._connect()
+        self.client_generation = 0  # of the servers these connections reach
         num_shards = len(self.client.shards)
         self.num_shards = num_shards
         # embedding tables stay on the servers: rows are fetched per batch
@@ -270,7 +271,6 @@ class ParameterServer(Strategy):
             max_bytes=wire.max_message_bytes(self.job),
         )
         client.watch(self._check_restored)
-        self.client_generation = self.tasks.generation if hasattr(self, "tasks") else 0
         return client
 
     def _restored(self) -> bool:
@@ -308,6 +308,7 @@ class ParameterServer(Strategy):
         self.prefetched.clear()
         self.touched = []
         self.client = self._connect()
+        self.client_generation = self.tasks.generation
 
     def _train_step(
         self, batch: Batch, loss_fn: LossFn, loss_scale: float, timer: PhaseTimer
