@@ -155,7 +155,8 @@ class ClusterConfig:
     nnodes: int = _f(
         1,
         "number of machines (torchrun --nnodes); MIN:MAX is elastic: the job goes on with "
-        "as few as MIN and takes in machines up to MAX",
+        "as few as MIN and takes in machines up to MAX (ps: starts once MIN are in; later "
+        "machines bring more workers)",
     )
     min_nodes: int = _f(0, "elastic jobs: the fewest machines to go on with (0: --nnodes)")
     node_rank: int = _f(0, "rank of this machine, 0..nnodes-1 (torchrun --node-rank)")
@@ -227,8 +228,6 @@ class JobConfig:
             parse_endpoint(c.rdzv_endpoint)
         if not 0 <= c.min_nodes <= c.nnodes:
             raise UserError(f"--nnodes {c.min_nodes}:{c.nnodes}: MIN must be between 1 and MAX")
-        if c.elastic and self.strategy.name == "ps":
-            raise UserError("--strategy ps takes a fixed --nnodes (workers rejoin on their own)")
         _positive("--batch-size", t.batch_size)
         if t.batch_size < self.world_size:
             raise UserError(

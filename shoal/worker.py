@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         if cls.needs_process_group and env.world_size > 1:
             heartbeat = Heartbeat(env.rank, env.world_size, job.strategy.heartbeat_timeout)
         trainer = Trainer(job, env)
-        if cls.needs_process_group or job.output.resume:
+        if cls.needs_process_group:  # (parameter servers restore themselves)
             _restore(trainer, env)
         trainer.run()
         if heartbeat is not None:

@@ -222,6 +222,68 @@ def test_four_workers_killed_then_three_finish_the_epoch(tmp_path, linear_refere
     assert max_abs_diff(params(out), params(linear_reference)) < 1e-5
 
 
+PS_JOB = [*LINEAR_JOB, "--strategy", "ps", "--ps-mode", "bsp"]
+
+
+@pytest.mark.timeout(240)
+def test_parameter_server_resumes_after_ctrl_c_on_more_workers(tmp_path, linear_reference):
+    """Interrupted after step 100's checkpoint; --resume on 3 workers. The step's parts
+    stay the first run's 2, so bsp still ends at the allreduce model."""
+    out = tmp_path / "run"
+    cmd = [*_shoal(out), "--no-report", *PS_JOB, *W2, "--servers", "2"]
+    job = _Watched([*cmd, "--checkpoint-every", "50"], env={"SHOAL_FAULT": "slow:rank=*:ms=20"})
+    try:
+        _wait_for_records(out / "metrics.jsonl", count=12)
+        os.killpg(job.proc.pid, signal.SIGINT)  # Ctrl-C
+        assert job.proc.wait(timeout=60) != 0
+    finally:
+        job.stop()
+    assert not (out / "summary.json").exists()
+    proc = train(out, "--resume", str(out), "--workers", "3")
+    assert "resuming from the server checkpoints of step 100" in proc.stderr
+    s = _like_unfailed(out, linear_reference)
+    assert s["world_size"] == 3 and s["resumed_from_step"] == 100
+    assert all(w["tasks"] > 0 for w in s["per_worker"])
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps[:-1] == list(range(10, 201, 10))  # the records after step 100 once
+    config = (out / "config.toml").read_text()
+    refused = train(out, "--resume", str(out), "--servers", "3", "--steps", "300", check=False)
+    assert refused.returncode == 2 and "resume with the same --servers" in refused.stderr
+    assert (out / "config.toml").read_text() == config
+
+
+@pytest.mark.timeout(240)
+def test_a_new_machine_joins_a_running_parameter_server_job(tmp_path, linear_reference):
+    """--nnodes 1:2: node 1 (one worker, no servers) joins once training is under way
+    and takes tasks from the queue; every sample once, bsp's model unchanged."""
+    endpoint = ["--nnodes", "1:2", "--rdzv-endpoint", f"127.0.0.1:{free_port()}"]
+    env = {"SHOAL_PS_SECRET": "ab" * 32}
+    node0 = [*endpoint, "--node-rank", "0", "--workers", "1", "--servers", "2"]
+    first = _Watched(
+        [*_shoal(tmp_path / "run"), "--no-report", *PS_JOB, *node0],
+        env={**env, "SHOAL_FAULT": "slow:rank=0:ms=60"},
+    )
+    try:
+        _wait_for_records(tmp_path / "run" / "metrics.jsonl", count=3)
+        late = train(
+            tmp_path / "node1",  # a machine that does not own the run directory
+            *PS_JOB,
+            *endpoint,
+            *["--node-rank", "1", "--workers", "1", "--servers", "0"],
+            env=env,
+        )
+        assert "joined" not in late.stderr  # node 0 says so, not the newcomer
+        assert first.proc.wait(timeout=120) == 0, "\n".join(s for _, s in first.lines)
+    finally:
+        first.stop()
+    assert any("node 1 joined the running job: workers 1..1" in s for _, s in first.lines)
+    s = _like_unfailed(tmp_path / "run", linear_reference, exact=False)
+    assert max_abs_diff(params(tmp_path / "run"), params(linear_reference)) < 1e-5
+    assert s["world_size"] == 2 and s["ps"]["joined"][0]["node"] == 1
+    assert s["per_worker"][1]["tasks"] > 0
+    assert sum(w["tasks"] for w in s["per_worker"]) == 200  # one part a step, each once
+
+
 def _on_hosts(hosts: tuple, runs: list[Path], job: list[str], nnodes: str) -> list[_Watched]:
     """One ``shoal train`` node per namespace host, node 0's address the endpoint."""
     endpoint = f"{hosts[0].addr}:{free_port()}"

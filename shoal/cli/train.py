@@ -127,9 +127,10 @@ def prepare_run_dir(job: JobConfig) -> Path:
     """Check the run directory; return where the workers read the resolved job."""
     out = Path(job.output.out)
     if job.output.resume:
-        if not checkpoint.list_checkpoints(out):
-            raise UserError(f"--resume {out}: no checkpoint to resume from in {out}/checkpoints")
-        latest = checkpoint.load_latest(out)
+        root = strategy_class(job.strategy.name).checkpoint_root(out)
+        if not checkpoint.list_checkpoints(root):
+            raise UserError(f"--resume {out}: no checkpoint to resume from in {root}/checkpoints")
+        latest = checkpoint.load_latest(root)
         if latest is None:
             raise UserError(f"--resume {out}: every checkpoint is corrupt")
         if 0 < job.train.steps <= latest[1]["step"]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -49,6 +50,11 @@ class Strategy(ABC):
 
         Called before anything is written, so a mistake leaves no trace.
         """
+
+    @classmethod
+    def checkpoint_root(cls, run_dir: Path) -> Path:
+        """Where ``--resume`` finds this strategy's checkpoints (in ``ROOT/checkpoints``)."""
+        return run_dir
 
     @classmethod
     def launch(cls, job: JobConfig, config_path: str) -> None:

@@ -26,6 +26,7 @@ import zmq
 
 from shoal.config import JobConfig, write_atomic
 from shoal.data import build_dataset
+from shoal.errors import UserError
 from shoal.metrics import (
     SUMMARY_FILE,
     CommCounter,
@@ -82,11 +83,13 @@ class Coordinator(ShardRecovery, threading.Thread):
         num_nodes: int,
         total_steps: int,
         steps_per_epoch: int,
+        max_nodes: int = 0,
     ) -> None:
         super().__init__(name="shoal-ps-coordinator", daemon=True)
         self.job = job
         self.secret = secret
-        self.num_nodes = num_nodes
+        self.num_nodes = num_nodes  # the job starts once this many machines registered
+        self.max_nodes = max(max_nodes, num_nodes)  # more may join later, with workers
         self.nodes: dict[int, tuple[int, int]] = {}  # node rank -> (workers, servers)
         self.node_waiting: list[tuple[bytes, Any, int]] = []
         self.num_servers = self.num_workers = 0
@@ -135,6 +138,8 @@ class Coordinator(ShardRecovery, threading.Thread):
         self.restoring: set[int] = set()  # shards whose replacement has not registered yet
         self.restore_step = 0
         self.restores: list[dict[str, int]] = []
+        self.resumed_from: int | None = None  # --resume: the checkpoint's step
+        self.joined: list[dict[str, int]] = []  # machines that joined the running job
         self.shard_peers: dict[int, Peer] = {}
         self.checked_at = time.monotonic()  # of the last heartbeat check
 
@@ -173,14 +178,7 @@ class Coordinator(ShardRecovery, threading.Thread):
     ) -> dict[str, Any] | None:
         op = header["op"]
         if op == "node":
-            if int(header["node_rank"]) in self.nodes:
-                raise wire.WireError(
-                    "malformed", f"node rank {header['node_rank']} registered twice"
-                )
-            self.nodes[int(header["node_rank"])] = (int(header["workers"]), int(header["servers"]))
-            self.node_waiting.append((peer, header.get("id"), int(header["node_rank"])))
-            self._answer_nodes()
-            return None
+            return self._node(peer, header)
         if op == "heartbeat":
             self.last_seen[int(header["worker"])] = time.monotonic()
             return {"op": "ok"}
@@ -210,7 +208,12 @@ class Coordinator(ShardRecovery, threading.Thread):
             if not self.restoring and self.queue is not None:
                 self.queue.paused = False
                 self._answer_tasks()
-            return {"op": "ok", "restore": self.restore_step, "generation": self.generation}
+            return {
+                "op": "ok",
+                "restore": self.restore_step,
+                "generation": self.generation,
+                "total_steps": self.total_steps,
+            }
         if op == "servers":
             if "worker" in header:  # watched for heartbeats from now on
                 worker = int(header["worker"])
@@ -231,17 +234,62 @@ class Coordinator(ShardRecovery, threading.Thread):
             return {"op": "ok"}
         raise wire.WireError("malformed", f"unknown op {op[:32]!r}")
 
+    def _node(self, peer: bytes, header: dict[str, Any]) -> dict[str, Any] | None:
+        """A machine registers its workers and servers. Before the job starts its
+        answer waits for the others; a machine joining later adds workers at once."""
+        rank, workers, servers = (int(header[k]) for k in ("node_rank", "workers", "servers"))
+        if rank in self.nodes:
+            raise wire.WireError("malformed", f"node rank {rank} registered twice")
+        if self.queue is None:
+            self.nodes[rank] = (workers, servers)
+            self.node_waiting.append((peer, header.get("id"), rank))
+            self._answer_nodes()
+            return None
+        refused = ""
+        if self.queue.done:
+            refused = "the job has finished"
+        elif len(self.nodes) >= self.max_nodes:
+            refused = f"the job already has its {self.max_nodes} machines (--nnodes)"
+        elif servers:
+            refused = "a machine joining a running job brings workers only (--servers 0)"
+        if refused:
+            return {"op": "layout", "refused": f"node {rank} cannot join: {refused}"}
+        self.nodes[rank] = (workers, 0)
+        base, self.num_workers = self.num_workers, self.num_workers + workers
+        self.joined.append({"node": rank, "workers": workers, "step": self.logged_through})
+        print(
+            f"shoal: node {rank} joined the running job: workers {base}..{self.num_workers - 1}",
+            file=sys.stderr,
+        )
+        return {
+            "op": "layout",
+            "worker_base": base,
+            "server_base": self.num_servers,
+            "num_workers": self.num_workers,
+            "num_servers": self.num_servers,
+        }
+
     def _answer_nodes(self) -> None:
         """Once every machine has registered, tell each where its ids start."""
         if len(self.nodes) < self.num_nodes:
             return
         self.num_workers = sum(w for w, _ in self.nodes.values())
         self.num_servers = sum(k for _, k in self.nodes.values())
-        strategy = self.job.strategy
-        self.queue = TaskQueue(
-            self.total_steps, max(1, self.num_workers), strategy.ps_mode, strategy.staleness
-        )
-        if self.job.train.checkpoint_every:  # the first checkpoint: the initial parameters
+        strategy, parts, resumed = self.job.strategy, max(1, self.num_workers), None
+        if self.job.output.resume:
+            try:
+                resumed = self._resume_point()
+            except UserError as e:
+                refused = f"--resume {self.out}: {e}"
+                for peer, rid, _ in self.node_waiting:
+                    self._send(peer, {"op": "layout", "id": rid, "refused": refused})
+                self.node_waiting = []
+                return
+            parts = int(resumed[1]["parts"])  # the same samples make the same steps
+        self.queue = TaskQueue(self.total_steps, parts, strategy.ps_mode, strategy.staleness)
+        if resumed is not None:
+            self._resume(*resumed)
+        elif self.job.train.checkpoint_every:  # the first checkpoint: the initial parameters
             self.queue.hold_at = 0
         title = f"ps/{self.job.strategy.ps_mode} x{self.num_workers}"
         self.progress = Progress(self.total_steps, 0, self.job.output.progress, title)
@@ -272,8 +320,10 @@ class Coordinator(ShardRecovery, threading.Thread):
             self.shards_up = True
             endpoints = {"coordinator": self.address, "servers": addresses}
             write_atomic(self.out / ENDPOINTS_FILE, json.dumps(endpoints, indent=2) + "\n")
+        assert self.queue is not None
+        reply = {"op": "servers", "servers": addresses, "parts": self.queue.parts}
         for peer, rid in self.waiting:
-            self._send(peer, {"op": "servers", "id": rid, "servers": addresses})
+            self._send(peer, {**reply, "id": rid})
         self.waiting = []
 
     # --- membership and telemetry -----------------------------------------------------
@@ -506,7 +556,7 @@ class Coordinator(ShardRecovery, threading.Thread):
     ) -> dict[str, Any]:
         counts = dict(sorted(self.counts.items()))
         per_worker = []
-        for w in range(self.num_workers):
+        for w in range(max(self.num_workers, max(self.tasks_done, default=-1) + 1)):
             t = self.totals.get(w)
             entry: dict[str, Any] = {
                 "rank": w,
@@ -537,6 +587,7 @@ class Coordinator(ShardRecovery, threading.Thread):
             counts=counts,
             train_samples=data.num_train,
             per_worker=per_worker,
+            resumed_from_step=self.resumed_from,
             ps={
                 "mode": self.job.strategy.ps_mode,
                 "staleness_bound": self.job.strategy.staleness
@@ -547,6 +598,7 @@ class Coordinator(ShardRecovery, threading.Thread):
                 "max_staleness": max(staleness, default=0),
                 "failed_workers": sorted(self.failures),
                 "server_restores": self.restores,
+                "joined": self.joined,
                 "servers": stats,
                 "coordinator_rejected": dict(self.rejected),
             },

@@ -9,6 +9,7 @@ import time
 import zmq
 from torch.distributed.elastic.multiprocessing.api import SignalException
 
+from shoal import checkpoint
 from shoal.config import JobConfig, parse_endpoint
 from shoal.data import build_dataset
 from shoal.data.sampler import GlobalBatchSampler
@@ -19,7 +20,7 @@ from shoal.metrics import CommCounter
 from shoal.strategies.ps import wire
 from shoal.strategies.ps.client import Peer, PeerError
 from shoal.strategies.ps.coordinator import Coordinator
-from shoal.strategies.ps.server import Server
+from shoal.strategies.ps.server import Server, coordinator_dir
 
 
 def _steps(job: JobConfig) -> tuple[int, int]:
@@ -31,8 +32,13 @@ def _steps(job: JobConfig) -> tuple[int, int]:
 
 def check_job(job: JobConfig) -> None:
     """What a parameter-server job needs that the generic checks do not cover."""
-    if job.output.resume:
-        raise UserError("--resume is not supported for --strategy ps yet")
+    if job.output.resume and job.cluster.nnodes == 1:  # (on several: the coordinator checks)
+        latest = checkpoint.load_latest(coordinator_dir(job.output.out))
+        if latest is not None and int(latest[1]["num_servers"]) != job.cluster.servers:
+            raise UserError(
+                f"--resume {job.output.out}: the run had {latest[1]['num_servers']} server "
+                f"shards and this job has {job.cluster.servers}: resume with the same --servers"
+            )
     if job.strategy.compress.startswith("powersgd"):
         raise UserError(
             "--compress powersgd needs whole matrices, and the parameter server splits tensors "
@@ -61,7 +67,9 @@ def launch_ps(job: JobConfig, config_path: str) -> None:
     Node 0 also hosts the coordinator, at ``--rdzv-endpoint`` on several
     machines. Every node registers its ``--workers`` and ``--servers`` with it
     and gets back where its ids start, so machines may differ (servers on one
-    host, workers on another).
+    host, workers on another). With ``--nnodes MIN:MAX`` the job starts once
+    MIN machines registered; up to MAX in all may join later with workers, which
+    take tasks from the queue like the others.
     """
     cluster = job.cluster
     check_job(job)
@@ -75,7 +83,10 @@ def launch_ps(job: JobConfig, config_path: str) -> None:
     coordinator = None
     if cluster.node_rank == 0:
         bind = address or "tcp://127.0.0.1:0"
-        coordinator = Coordinator(job, secret, bind, cluster.nnodes, *_steps(job))
+        starts_with = cluster.min_nodes if cluster.elastic else cluster.nnodes
+        coordinator = Coordinator(
+            job, secret, bind, starts_with, *_steps(job), max_nodes=cluster.nnodes
+        )
         coordinator.start()
         address = coordinator.address
     ctx = zmq.Context.instance()
@@ -88,6 +99,9 @@ def launch_ps(job: JobConfig, config_path: str) -> None:
             "servers": cluster.servers,
         }
     )
+    if "refused" in layout:
+        node.close()
+        raise UserError(str(layout["refused"]))
     base = {
         wire.SECRET_ENV: secret.hex(),
         wire.COORDINATOR_ENV: address,
@@ -236,6 +250,6 @@ def run_server(job: JobConfig) -> None:
     reply, _ = peer.call({"op": "register_server", "shard": shard, "address": server.address})
     peer.close()
     if "restore" in reply:  # this shard replaces one that died
-        server.restore(int(reply["restore"]), int(reply["generation"]))
+        server.restore(int(reply["restore"]), int(reply["generation"]), reply["total_steps"])
     server.serve()
     zmq.Context.instance().term()  # waits (linger) until the last replies have left

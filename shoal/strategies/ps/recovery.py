@@ -7,20 +7,26 @@ the background, and the coordinator keeps its own bookkeeping of that moment.
 When a shard dies, every shard, the queue, the sample counts and
 ``metrics.jsonl`` go back to the newest checkpoint all shards have, under a new
 *generation*: work handed out before is refused by the shards and ignored by
-the coordinator.
+the coordinator. The coordinator's bookkeeping of each checkpoint is written
+too (:func:`~shoal.strategies.ps.server.coordinator_dir`), so ``--resume``
+starts a new job from the newest checkpoint every shard and the coordinator
+have, on as many workers as it is given: the parts of a step stay those of the
+first run, so the same samples make the same steps.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from collections import Counter
 from typing import Any
 
 from shoal import checkpoint
+from shoal.errors import UserError
 from shoal.metrics import CommCounter, MetricsFile
 from shoal.strategies.ps import wire
 from shoal.strategies.ps.client import Peer, PeerError
-from shoal.strategies.ps.server import shard_dir
+from shoal.strategies.ps.server import coordinator_dir, shard_dir
 
 
 class ShardRecovery:
@@ -39,12 +45,16 @@ class ShardRecovery:
         return self.shard_peers[k]
 
     def _bookkeeping(self) -> dict[str, Any]:
+        """What the coordinator knows at a checkpoint (plain types: it is saved too)."""
         return {
-            "counts": Counter(self.counts),
-            "tasks_done": Counter(self.tasks_done),
-            "samples_done": Counter(self.samples_done),
+            "counts": dict(self.counts),
+            "tasks_done": dict(self.tasks_done),
+            "samples_done": dict(self.samples_done),
             "window": None if self.window is None else self.window.clone(),
             "last_loss": self.last_loss,
+            "parts": self.queue.parts,
+            "num_servers": self.num_servers,
+            "wall_time": self.wall_time(),
         }
 
     def _maybe_checkpoint(self) -> None:
@@ -61,8 +71,10 @@ class ShardRecovery:
             print(f"shoal: warning: server checkpoint of step {step}: {e}", file=sys.stderr)
             q.hold_at = self._next_hold(step)
             return
-        self.snapshots[step] = self._bookkeeping()
-        for old in sorted(self.snapshots)[: -max(1, self.job.train.keep_checkpoints)]:
+        keep = max(1, self.job.train.keep_checkpoints)
+        self.snapshots[step] = saved = self._bookkeeping()
+        checkpoint.save(coordinator_dir(self.out), step, {"step": step, **saved}, keep)
+        for old in sorted(self.snapshots)[:-keep]:
             del self.snapshots[old]
         q.hold_at = self._next_hold(step)
 
@@ -73,9 +85,9 @@ class ShardRecovery:
             return None
         return min(step + self.job.train.checkpoint_every, self.total_steps)
 
-    def _restorable(self) -> int:
-        """The newest checkpoint every shard has, whole and verified."""
-        for step in sorted(self.snapshots, reverse=True):
+    def _restorable(self, steps: list[int]) -> int:
+        """The newest of ``steps`` whose checkpoint every shard has, whole and verified."""
+        for step in sorted(steps, reverse=True):
             try:
                 for k in range(self.num_servers):
                     checkpoint.load(checkpoint.step_path(shard_dir(self.out, k), step))
@@ -84,6 +96,43 @@ class ShardRecovery:
                 continue
             return step
         raise wire.WireError("malformed", "no server checkpoint to restore from")
+
+    def _resume_point(self) -> tuple[int, dict[str, Any]]:
+        """``--resume``: the newest checkpoint the coordinator and every shard have."""
+        root = coordinator_dir(self.out)
+        saved: dict[int, dict[str, Any]] = {}
+        for path in checkpoint.list_checkpoints(root):
+            try:
+                saved[checkpoint.step_of(path)] = checkpoint.load(path)
+            except checkpoint.CheckpointError as e:
+                print(f"shoal: warning: skipping checkpoint {e}", file=sys.stderr)
+        if not saved:
+            raise UserError(f"no checkpoint to resume from in {root}")
+        servers = {int(s["num_servers"]) for s in saved.values()}
+        if servers != {self.num_servers}:
+            raise UserError(
+                f"the run had {servers.pop()} server shards and this job has "
+                f"{self.num_servers}: resume with the same --servers"
+            )
+        try:
+            step = self._restorable(list(saved))
+        except wire.WireError:
+            raise UserError("no server checkpoint that every shard has whole") from None
+        return step, saved[step]
+
+    def _resume(self, step: int, saved: dict[str, Any]) -> None:
+        """Start from a checkpoint: every shard restores itself when it registers, and
+        no task is handed out until all have."""
+        assert self.queue is not None
+        self.snapshots = {step: saved}
+        self._rollback(step)
+        self.restore_step = step
+        self.restoring = set(range(self.num_servers))
+        self.queue.paused = True
+        self.start_time -= float(saved["wall_time"])
+        self.last_record = time.perf_counter()
+        self.resumed_from = step
+        print(f"shoal: resuming from the server checkpoints of step {step}", file=sys.stderr)
 
     def _server_died(self, shard: int, code: int) -> dict[str, Any]:
         """Roll every shard and the queue back to the newest checkpoint; the shard's
@@ -95,7 +144,7 @@ class ShardRecovery:
         for k in range(self.num_servers):  # writes in flight on live shards: let them land
             if k != shard and k not in self.restoring:
                 self._shard(k).call({"op": "flush"})
-        step = self._restorable()
+        step = self._restorable(list(self.snapshots))
         self.generation += 1
         self.restore_step = step
         self.restoring.add(shard)

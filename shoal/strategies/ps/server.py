@@ -69,6 +69,12 @@ def shard_dir(run_dir: str | os.PathLike, shard: int) -> Path:
     return Path(run_dir) / "ps-shards" / f"shard-{shard}"
 
 
+def coordinator_dir(run_dir: str | os.PathLike) -> Path:
+    """Where the coordinator keeps its bookkeeping of each server checkpoint (the queue's
+    position, the sample counts): what ``--resume`` starts from."""
+    return Path(run_dir) / "ps-shards" / "coordinator"
+
+
 class Server:
     """One shard. :meth:`serve` runs until a ``shutdown`` request."""
 
@@ -203,7 +209,7 @@ class Server:
                 self.saver.wait()
             self.send(peer, {"op": "ok", "id": rid})
         elif op == "restore":
-            self.restore(int(header["step"]), int(header["generation"]))
+            self.restore(int(header["step"]), int(header["generation"]), header.get("total_steps"))
             self.send(peer, {"op": "ok", "id": rid})
         elif op == "stats":
             self.send(peer, {"op": "stats", "id": rid, "stats": self.stats.as_dict()})
@@ -258,13 +264,14 @@ class Server:
             )
         self.saver.save(step, self.state_dict())
 
-    def restore(self, step: int, generation: int) -> None:
-        """Go back to the checkpoint of ``step``; pulls parked meanwhile are told so."""
+    def restore(self, step: int, generation: int, total_steps: int | None = None) -> None:
+        """Go back to the checkpoint of ``step``; pulls parked meanwhile are told so.
+        ``total_steps`` is the job's length now (a resumed run may be given more)."""
         if self.saver is None:
             raise wire.WireError("malformed", "restore: no run directory")
         self.saver.wait()
         state = checkpoint.load(checkpoint.step_path(self.saver.run_dir, step))
-        self.total_steps = int(state["total_steps"])
+        self.total_steps = int(total_steps or state["total_steps"])
         self.optimizer = ServerOptimizer(self.optim_cfg, self.total_steps)
         self.keys = list(state["keys"])
         self.dense = state["dense"]

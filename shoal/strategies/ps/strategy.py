@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import threading
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -190,6 +191,12 @@ class ParameterServer(Strategy):
         check_job(job)
 
     @classmethod
+    def checkpoint_root(cls, run_dir: Path) -> Path:
+        from shoal.strategies.ps.server import coordinator_dir
+
+        return coordinator_dir(run_dir)
+
+    @classmethod
     def launch(cls, job: JobConfig, config_path: str) -> None:
         from shoal.strategies.ps.launch import launch_ps
 
@@ -249,7 +256,7 @@ class ParameterServer(Strategy):
                 (
                     {
                         "op": "init",
-                        "parts": self.env.world_size,
+                        "parts": self.parts,
                         "total_steps": total_steps,
                         "keys": [s.key for s in slices],
                         "tables": tables,
@@ -263,6 +270,7 @@ class ParameterServer(Strategy):
     def _connect(self) -> Client:
         """Connections to every shard, which give up waiting once a restore voids the task."""
         info, _ = self.coordinator.call({"op": "servers", "worker": self.worker})
+        self.parts = int(info["parts"])  # the job's parts per step, however many workers now
         client = Client(
             info["servers"],
             self.secret,
