@@ -72,10 +72,19 @@ def _restore(trainer: Trainer, env: dist.DistEnv) -> None:
     and after torchrun's agent restarted the workers following a failure."""
     path = trainer.restore()
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    if env.is_main and attempt > 0:
+    # torchrun counts restarts after failures only; a checkpoint in a run that was not
+    # --resume'd, found by a first attempt, means the agent re-formed the job because a
+    # machine joined
+    if attempt > 0:
+        why = f"restart {attempt}"
+    elif path is not None and not trainer.job.output.resume:
+        why = "a machine joined"
+    else:
+        return
+    if env.is_main:
         where = f"from {path.parent.name}/{path.name}" if path else "from the start (no checkpoint)"
         print(
-            f"shoal: restart {attempt}: {env.world_size} worker"
+            f"shoal: {why}: {env.world_size} worker"
             f"{'s' if env.world_size != 1 else ''} resume {where}",
             file=sys.stderr,
             flush=True,

@@ -284,16 +284,22 @@ def test_a_new_machine_joins_a_running_parameter_server_job(tmp_path, linear_ref
     assert sum(w["tasks"] for w in s["per_worker"]) == 200  # one part a step, each once
 
 
+def _on_host(
+    host, out: Path, job: list[str], nnodes: str, rank: int, endpoint: str, env=None
+) -> _Watched:
+    """Node ``rank`` of a job on a namespace host."""
+    cmd = [*host.prefix(), "env", f"GLOO_SOCKET_IFNAME={host.ifname}", *_shoal(out)]
+    cmd += ["--no-report", *job, "--workers", "1", "--nnodes", nnodes]
+    return _Watched([*cmd, "--node-rank", str(rank), "--rdzv-endpoint", endpoint], env)
+
+
 def _on_hosts(hosts: tuple, runs: list[Path], job: list[str], nnodes: str) -> list[_Watched]:
     """One ``shoal train`` node per namespace host, node 0's address the endpoint."""
     endpoint = f"{hosts[0].addr}:{free_port()}"
-    jobs = []
-    for rank, (host, out) in enumerate(zip(hosts, runs, strict=True)):
-        cmd = [*host.prefix(), "env", f"GLOO_SOCKET_IFNAME={host.ifname}", *_shoal(out)]
-        cmd += ["--no-report", *job, "--workers", "1", "--nnodes", nnodes]
-        cmd += ["--node-rank", str(rank), "--rdzv-endpoint", endpoint]
-        jobs.append(_Watched(cmd))
-    return jobs
+    return [
+        _on_host(host, out, job, nnodes, rank, endpoint)
+        for rank, (host, out) in enumerate(zip(hosts, runs, strict=True))
+    ]
 
 
 def _wait_for_records(metrics: Path, count: int = 3) -> None:
@@ -326,15 +332,22 @@ def test_a_downed_link_is_named_within_5_s(tmp_path):
 
 @pytest.mark.netns
 @pytest.mark.timeout(300)
-def test_elastic_nodes_a_dead_host_leaves_and_the_survivor_finishes(tmp_path, linear_reference):
-    """--nnodes 1:2: host 1 dies whole; host 0 names it, re-forms the job alone through
-    torchrun's rendezvous, resumes from the newest checkpoint and finishes the epochs."""
+def test_elastic_nodes_a_host_joins_then_dies_and_the_survivor_finishes(tmp_path, linear_reference):
+    """--nnodes 1:2: host 0 starts alone; host 1 arrives and torchrun's rendezvous re-forms
+    the job on both; then host 1 dies whole, host 0 names it, re-forms alone, and each
+    time the workers resume from the newest checkpoint and finish the epochs exactly."""
     job = [*LINEAR_JOB[:2], "--steps", "6000", *LINEAR_JOB[4:], "--log-every", "200"]
     job += ["--checkpoint-every", "500"]
     with netns.hosts(subnet="10.231.5") as (a, b):
-        jobs = _on_hosts((a, b), [tmp_path / "run", tmp_path / "node1"], job, "1:2")
+        endpoint = f"{a.addr}:{free_port()}"
+        slow = {"SHOAL_FAULT": "slow:rank=*:ms=5"}  # 30 s of steps: time to grow and shrink
+        jobs = [_on_host(a, tmp_path / "run", job, "1:2", 0, endpoint, slow)]
         try:
             _wait_for_records(tmp_path / "run" / "metrics.jsonl")
+            # the same run directory: both resume from its checkpoints (a shared filesystem)
+            jobs.append(_on_host(b, tmp_path / "run", job, "1:2", 1, endpoint, slow))
+            jobs[0].first("a machine joined: 2 workers resume", timeout=120)
+            _wait_for_records(tmp_path / "run" / "metrics.jsonl", count=12)
             pids = subprocess.run(
                 ["ip", "netns", "pids", b.ns], capture_output=True, text=True, timeout=20
             ).stdout.split()
@@ -348,13 +361,13 @@ def test_elastic_nodes_a_dead_host_leaves_and_the_survivor_finishes(tmp_path, li
     lines = "\n".join(s for _, s in jobs[0].lines)
     assert "worker rank 1 on" in lines and "restart 1: 1 worker resume" in lines
     s = read_summary(tmp_path / "run")
-    assert s["world_size"] == 1 and s["restarts"] == 1
+    assert s["world_size"] == 1 and s["restarts"] == 1  # torchrun counts failures only
     n, batch = s["train_samples"], 64
     per_epoch = -(-n // batch)
     expected: dict[str, int] = {}
-    for step in range(6000):  # every sample of every epoch once, on 2 workers then 1
+    for step in range(6000):  # every sample of every epoch once, on 1, 2, then 1 workers
         epoch, k = divmod(step, per_epoch)
         expected[str(epoch)] = expected.get(str(epoch), 0) + min(batch, n - k * batch)
     assert s["samples_per_epoch"] == expected
-    # it trained on: 30x the reference's steps, whatever the failure cost
+    # it trained on: 30x the reference's steps, whatever the failures cost
     assert s["test_loss"] <= 1.05 * read_summary(linear_reference)["test_loss"]
