@@ -18,6 +18,7 @@ import shutil
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ import torch
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
+SHARDS_DIR = "model"
+"""In checkpoints of sharded strategies: the model and optimizer, as a DCP directory."""
 
 
 class CheckpointError(Exception):
@@ -77,6 +80,34 @@ class AsyncSaver:
         self.stall_s += time.perf_counter() - start
         self.saves += 1
 
+    def save_sharded(
+        self,
+        step: int,
+        state: dict[str, Any],
+        write_shards: Callable[[Path], None],
+        writer: bool,
+    ) -> None:
+        """A checkpoint whose model every rank writes its part of (``write_shards``, a
+        collective DCP save into a hidden directory), then the writer adds ``state``,
+        checksums every file and renames the whole into place. Synchronous."""
+        import torch.distributed as dist
+
+        start = time.perf_counter()
+        self.wait()
+        root = checkpoint_dir(self.run_dir)
+        shards = root / f".tmp-shards-{step:08d}"
+        if writer:  # what an interrupted save left
+            root.mkdir(parents=True, exist_ok=True)
+            for stale in root.glob(".tmp-shards-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+        if dist.is_initialized():
+            dist.barrier()
+        write_shards(shards)
+        if writer:
+            save(self.run_dir, step, state, keep=self.keep, shards=shards)
+        self.stall_s += time.perf_counter() - start
+        self.saves += 1
+
     def _write(self, step: int, state: dict[str, Any]) -> None:
         try:
             save(self.run_dir, step, state, keep=self.keep)
@@ -106,8 +137,15 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def save(run_dir: str | os.PathLike, step: int, state: dict[str, Any], keep: int = 3) -> Path:
-    """Write ``state`` as the checkpoint of ``step``; keep the newest ``keep``."""
+def save(
+    run_dir: str | os.PathLike,
+    step: int,
+    state: dict[str, Any],
+    keep: int = 3,
+    shards: Path | None = None,
+) -> Path:
+    """Write ``state`` as the checkpoint of ``step``; keep the newest ``keep``.
+    ``shards``, a finished DCP directory, moves into it as ``model/``."""
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
@@ -122,7 +160,14 @@ def save(run_dir: str | os.PathLike, step: int, state: dict[str, Any], keep: int
         fh.write(raw)
         fh.flush()
         os.fsync(fh.fileno())
-    meta = {"step": step, "sha256": _sha256(raw), "bytes": len(raw)}
+    meta: dict[str, Any] = {"step": step, "sha256": _sha256(raw), "bytes": len(raw)}
+    if shards is not None:
+        os.rename(shards, tmp / SHARDS_DIR)
+        meta["files"] = {
+            str(f.relative_to(tmp)): _sha256(f.read_bytes())
+            for f in sorted((tmp / SHARDS_DIR).rglob("*"))
+            if f.is_file()
+        }
     (tmp / META_FILE).write_text(json.dumps(meta))
     if final.exists():  # swap by renames: at every instant one complete copy has the real name
         trash = root / f".old-step-{step:08d}-{os.getpid()}"
@@ -186,7 +231,36 @@ def load(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: unreadable ({e})") from None
     if _sha256(raw) != meta.get("sha256"):
         raise CheckpointError(f"{path}: checksum mismatch (truncated or corrupt)")
+    for name, digest in meta.get("files", {}).items():
+        try:
+            if _sha256((path / name).read_bytes()) != digest:
+                raise CheckpointError(f"{path / name}: checksum mismatch (truncated or corrupt)")
+        except OSError as e:
+            raise CheckpointError(f"{path / name}: unreadable ({e})") from None
     return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+
+
+def write_shards(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """The model and optimizer state as DCP, keyed by parameter name (whatever the
+    layout: whole, FSDP or tensor shards, a pipeline stage's part). Collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(directory))
+
+
+def read_shards(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load what :func:`write_shards` wrote, under any layout, into this one. Collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=str(directory))
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+    )
 
 
 def load_latest(run_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]] | None:

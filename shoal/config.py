@@ -48,11 +48,13 @@ class ModelConfig:
 
     name: str = _f(
         "mlp",
-        "built-in model (linear, softmax, mlp, cnn, ctr) or package.module:function for your own",
+        "built-in model (linear, softmax, mlp, cnn, ctr, transformer) or package.module:function "
+        "for your own",
         flag="--model",
     )
-    hidden: int = _f(128, "width of each hidden layer (mlp, cnn)")
-    layers: int = _f(2, "number of hidden layers (mlp)")
+    hidden: int = _f(128, "width of each hidden layer (mlp, cnn); model width (transformer)")
+    layers: int = _f(2, "number of hidden layers (mlp); of blocks (transformer)")
+    heads: int = _f(4, "attention heads per block (transformer)")
 
 
 @dataclass
@@ -61,7 +63,7 @@ class DataConfig:
 
     name: str = _f(
         "",
-        "built-in dataset (synthetic-linear, digits, ctr) or package.module:function; "
+        "built-in dataset (synthetic-linear, digits, ctr, text) or package.module:function; "
         "empty picks the model's default",
         flag="--data",
     )
@@ -69,6 +71,7 @@ class DataConfig:
     num_features: int = _f(32, "features per sample (synthetic data)")
     noise: float = _f(0.1, "standard deviation of the label noise (synthetic-linear)")
     table_rows: int = _f(1_000_000, "rows of the hashed embedding table (ctr)")
+    context: int = _f(64, "tokens per training sequence (text)")
     test_fraction: float = _f(0.2, "fraction of the data held out for evaluation")
     data_seed: int = _f(1234, "seed of the data generator and of the train/test split")
     drop_last: bool = _f(False, "drop the last, smaller global batch of each epoch")
@@ -115,6 +118,11 @@ class StrategyConfig:
     sync_every: int = _f(8, "local-sgd, diloco: local steps between synchronizations (H)")
     outer_lr: float = _f(0.7, "diloco: learning rate of the outer Nesterov SGD")
     outer_momentum: float = _f(0.9, "diloco: momentum of the outer Nesterov SGD")
+    mesh: str = _f(
+        "",
+        "model-parallel strategies: the workers as a mesh, e.g. dp=2,pp=2 (pipeline) or "
+        "dp=2,tp=2 (tensor); empty: every worker along the strategy's own dimension",
+    )
     compress: str = _f(
         "none",
         "gradient compression: none, fp16, bf16, topk:RATIO, qsgd:LEVELS, sign, powersgd:RANK "

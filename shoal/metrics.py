@@ -13,6 +13,8 @@ from typing import IO, Any, Protocol
 
 import torch
 
+from shoal.memory import MEMORY_FIELDS
+
 PHASES = ("wait", "data", "forward_backward", "comm", "optimizer")
 """Per-phase times recorded each step. ``wait`` is time spent waiting for work
 (a parameter-server task from the coordinator's queue; next to nothing
@@ -182,10 +184,18 @@ class Progress:
 
 
 def window_row(
-    loss_sum: float, count: int, sent: int, received: int, phases: dict[str, float]
+    loss_sum: float,
+    count: int,
+    sent: int,
+    received: int,
+    phases: dict[str, float],
+    memory: dict[str, int] | None = None,
 ) -> torch.Tensor:
-    """One worker's statistics for a log window, as gathered to the writer."""
+    """One worker's statistics for a log window, as gathered to the writer (``memory``:
+    :data:`~shoal.memory.MEMORY_FIELDS` in bytes, where the worker measures it)."""
     values = [loss_sum, count, sent, received] + [phases[p] for p in PHASES]
+    if memory is not None:
+        values += [memory[k] for k in MEMORY_FIELDS]
     return torch.tensor(values, dtype=torch.float64)
 
 
@@ -215,6 +225,9 @@ def window_record(
     }
     for i, p in enumerate(PHASES):
         record[f"t_{p}"] = float(rows[:, 4 + i].mean()) / max(1, steps)
+    if rows.shape[1] > 4 + len(PHASES):  # the most any rank holds
+        most = rows[:, 4 + len(PHASES) :].max(0).values
+        record["memory"] = {k: int(v) for k, v in zip(MEMORY_FIELDS, most.tolist())}
     return record
 
 

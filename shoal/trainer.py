@@ -22,6 +22,7 @@ from shoal.data import Dataset, GlobalBatchSampler, Task, build_dataset
 from shoal.dist import DistEnv
 from shoal.errors import UserError
 from shoal.faults import Injector
+from shoal.memory import MEMORY_FIELDS
 from shoal.metrics import (
     SUMMARY_FILE,
     MetricsFile,
@@ -66,11 +67,12 @@ class Trainer:
         with remote_tables(self.strategy.remote_tables):
             model = build_model(job.model, self.data).to(env.device)
         self.num_parameters = count_parameters(model)
+        dp_rank, dp_size = self.strategy.data_rank
         self.sampler = GlobalBatchSampler(
             self.data.num_train,
             job.train.batch_size,
-            env.rank,
-            env.world_size,
+            dp_rank,
+            dp_size,
             seed=job.train.seed,
             drop_last=job.data.drop_last,
         )
@@ -87,6 +89,7 @@ class Trainer:
         )
         self.faults = Injector(env.rank, run_dir=self.out)
         self.resumed_from: int | None = None
+        self.peak_memory: dict[str, int] = {}  # the most this rank held, per figure
         self.restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
     # --- state --------------------------------------------------------------------
@@ -99,6 +102,8 @@ class Trainer:
             return None
         path, state = found
         self.strategy.load_state_dict(state["strategy"])
+        if (path / checkpoint.SHARDS_DIR).is_dir():  # written by a sharded strategy
+            self.strategy.load_shards(path / checkpoint.SHARDS_DIR)
         self.sampler.load_state_dict(state["sampler"])
         self.step = int(state["step"])
         self.faults.resumed_at(self.step)
@@ -128,6 +133,7 @@ class Trainer:
         """Every rank contributes its RNG and sample counts; the writer saves."""
         rng = self.gatherer.gather(torch.get_rng_state(), "rng")
         counts = self.samples_per_epoch()
+        state: dict[str, Any] = {}
         if rng is not None and counts is not None:
             state = {
                 "step": self.step,
@@ -137,13 +143,16 @@ class Trainer:
                 "samples_per_epoch": counts,
                 "wall_time": self.wall_time(),
             }
+        if self.strategy.sharded_checkpoints:  # every rank writes its part of the model
+            self.saver.save_sharded(self.step, state, self.strategy.save_shards, bool(state))
+        elif state:
             self.saver.save(self.step, state)
 
     def samples_per_epoch(self) -> dict[int, int] | None:
         """Samples consumed per epoch by all workers together (on the writer)."""
         local = torch.zeros(self.sampler.epoch + 1, dtype=torch.float64)
         for epoch, n in self.sampler.samples_seen.items():
-            local[epoch] = n
+            local[epoch] = n if self.strategy.reports else 0
         rows = self.gatherer.gather(local, "counts")
         if rows is None:
             return None
@@ -154,7 +163,8 @@ class Trainer:
     def loss_fn(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         x, y = batch
         self.faults.in_step(self.step + 1)
-        return per_sample_loss(self.data.task, model(x), y)
+        with self.strategy.activations.measure():
+            return per_sample_loss(self.data.task, model(x), y)
 
     def run(self) -> None:
         """Train to ``total_steps``, logging, evaluating and checkpointing on the way."""
@@ -226,7 +236,15 @@ class Trainer:
         """Every rank contributes its window; the writer builds the record."""
         phases = timer.take()
         comm = self.strategy.comm
-        local = window_row(window.loss_sum.item(), window.count, comm.sent, comm.received, phases)
+        reports = self.strategy.reports
+        local = window_row(
+            window.loss_sum.item() if reports else 0.0,
+            window.count if reports else 0,
+            comm.sent,
+            comm.received,
+            phases,
+            self._memory(),
+        )
         epoch = self.step / self.sampler.steps_per_epoch
         meta = {
             "step": self.step,
@@ -251,10 +269,19 @@ class Trainer:
             wall_time=self.wall_time(),
         )
 
+    def _memory(self) -> dict[str, int]:
+        """This rank's memory figures (the activation peak: since the last call), also
+        kept as the run's peak."""
+        now = {**self.strategy.memory(), "activations_peak": self.strategy.activations.take_peak()}
+        for k, v in now.items():
+            self.peak_memory[k] = max(self.peak_memory.get(k, 0), v)
+        return now
+
     def _evaluate(self, metrics: MetricsFile | None) -> None:
+        model = self.strategy.eval_model()  # collective where the model is sharded
         if not self.gatherer.is_writer:
             return
-        self.eval_metrics = evaluate(self.strategy.eval_model(), self.data, self.env.device)
+        self.eval_metrics = evaluate(model, self.data, self.env.device)
         if metrics is not None:
             metrics.write(
                 {"step": self.step, "wall_time": self.wall_time(), "eval": self.eval_metrics}
@@ -263,12 +290,18 @@ class Trainer:
     def _finish(self) -> None:
         """Every rank contributes its totals; the writer saves the model and summary."""
         comm = self.strategy.comm
-        sums = torch.tensor([comm.sent, comm.received], dtype=torch.float64)
+        model = self.strategy.eval_model()  # collective where the model is sharded
+        self._memory()
+        memory = self.peak_memory
+        sums = torch.tensor(
+            [comm.sent, comm.received, *(memory[k] for k in MEMORY_FIELDS)], dtype=torch.float64
+        )
         totals = self.gatherer.gather(torch.cat([sums, host_code(self.env.host)]), "totals")
         counts = self.samples_per_epoch()
         if totals is None or counts is None:
             return
-        save_model(self.strategy.eval_model(), self.out)
+        save_model(model, self.out)
+        mem = 2 + len(MEMORY_FIELDS)
         summary = build_summary(
             self.job,
             dataset=self.data.name,
@@ -283,12 +316,16 @@ class Trainer:
             per_worker=[
                 {
                     "rank": r,
-                    "host": host_name(t[2:]),
+                    "host": host_name(t[mem:]),
                     "bytes_sent": int(t[0]),
                     "bytes_received": int(t[1]),
+                    "memory": {k: int(v) for k, v in zip(MEMORY_FIELDS, t[2:mem].tolist())},
                 }
                 for r, t in enumerate(totals)
             ],
+            memory={  # the most any rank held
+                k: int(v) for k, v in zip(MEMORY_FIELDS, totals[:, 2:mem].max(0).values.tolist())
+            },
             checkpoints={
                 "saved": self.saver.saves,
                 "background": self.saver.background,

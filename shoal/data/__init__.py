@@ -6,10 +6,11 @@ from shoal.config import DataConfig
 from shoal.data.ctr import ctr
 from shoal.data.datasets import BUILTIN, Dataset
 from shoal.data.sampler import GlobalBatchSampler, StepWork, Task, Work, split_sizes
+from shoal.data.text import text
 from shoal.errors import UserError
 from shoal.registry import import_ref, is_user_ref, lookup
 
-DATASETS = {**BUILTIN, "ctr": ctr}
+DATASETS = {**BUILTIN, "ctr": ctr, "text": text}
 """Built-in datasets by name."""
 
 __all__ = [

@@ -18,6 +18,7 @@ from shoal.data import Dataset
 from shoal.errors import UserError
 from shoal.models import simple
 from shoal.models.sparse import LogisticCTR
+from shoal.models.transformer import transformer
 from shoal.registry import import_ref, is_user_ref, lookup
 
 
@@ -38,6 +39,7 @@ MODELS: dict[str, ModelSpec] = {
         "ctr",
         "click-through logistic regression on a hashed embedding table",
     ),
+    "transformer": ModelSpec(transformer, "text", "small decoder-only transformer (GPT-style)"),
 }
 
 USER_DEFAULT_DATA = "digits"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,6 +17,12 @@ def per_sample_loss(task: str, output: torch.Tensor, target: torch.Tensor) -> to
         return (output.reshape(target.shape) - target).pow(2)
     if task == "classification":
         return F.cross_entropy(output, target, reduction="none")
+    if task == "language-model":  # mean over the sequence's tokens
+        return (
+            F.cross_entropy(output.flatten(0, 1), target.flatten(), reduction="none")
+            .view(target.shape)
+            .mean(1)
+        )
     if task == "binary":
         return F.binary_cross_entropy_with_logits(
             output.reshape(target.shape), target, reduction="none"
@@ -37,13 +45,16 @@ def evaluate(
             xb, yb = x[i : i + batch].to(device), y[i : i + batch].to(device)
             out = model(xb)
             total += per_sample_loss(data.task, out, yb).sum().item()
-            if data.task == "classification":
+            if data.task in ("classification", "language-model"):
                 correct += int((out.argmax(-1) == yb).sum())
             elif data.task == "binary":
                 correct += int(((out.reshape(yb.shape) > 0).float() == yb).sum())
         metrics["test_loss"] = total / len(x)
         if data.task in ("classification", "binary"):
             metrics["test_accuracy"] = correct / len(x)
+        if data.task == "language-model":  # per token
+            metrics["test_accuracy"] = correct / y.numel()
+            metrics["test_perplexity"] = math.exp(metrics["test_loss"])
     if data.reference is not None:
         metrics.update(data.reference(model))
     model.train(was_training)

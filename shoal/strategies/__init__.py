@@ -7,14 +7,18 @@ from shoal.dist import DistEnv
 from shoal.registry import lookup
 from shoal.strategies.allreduce import AllReduce
 from shoal.strategies.base import Batch, LossFn, Strategy
+from shoal.strategies.fsdp import FSDP
 from shoal.strategies.periodic import DiLoCo, LocalSGD
 from shoal.strategies.ps.strategy import ParameterServer
+from shoal.strategies.tensor import TensorParallel
 
 STRATEGIES: dict[str, type[Strategy]] = {
     AllReduce.name: AllReduce,
     ParameterServer.name: ParameterServer,
     LocalSGD.name: LocalSGD,
     DiLoCo.name: DiLoCo,
+    FSDP.name: FSDP,
+    TensorParallel.name: TensorParallel,
 }
 
 __all__ = [

@@ -15,9 +15,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from shoal import checkpoint
 from shoal.config import JobConfig
 from shoal.data import GlobalBatchSampler, StepWork, Work
 from shoal.dist import CollectiveGatherer, DistEnv
+from shoal.memory import ActivationMeter, state_bytes
 from shoal.metrics import CommCounter, Gatherer, PhaseTimer
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -68,10 +70,39 @@ class Strategy(ABC):
         """Entry point of a process that is not a training worker (a server, say)."""
         raise ValueError(f"strategy {cls.name} has no role {role!r}")
 
+    sharded_checkpoints: ClassVar[bool] = False
+    """Whether each rank writes its own part of the state (DCP, :meth:`save_shards`)."""
+
     def __init__(self, job: JobConfig, env: DistEnv) -> None:
         self.job = job
         self.env = env
         self.comm = CommCounter()
+        self.activations = ActivationMeter()
+        """Measures the activations each forward saves for backward (see the trainer)."""
+
+    @property
+    def data_rank(self) -> tuple[int, int]:
+        """(index, count) of this rank's slice of each global batch: ranks that hold
+        parts of one model replica (pipeline stages, tensor shards) share a slice."""
+        return self.env.rank, self.env.world_size
+
+    @property
+    def reports(self) -> bool:
+        """Whether this rank's loss and sample counts stand for its slice (one rank of
+        those sharing a slice does)."""
+        return True
+
+    def memory(self) -> dict[str, int]:
+        """Bytes of parameters, gradients and optimizer state this rank holds."""
+        return state_bytes(self.model.parameters(), getattr(self, "optimizer", None))
+
+    def save_shards(self, directory: Path) -> None:
+        """Write the model and optimizer with DCP, each rank its own part. Collective."""
+        checkpoint.write_shards(directory, self.model, self.optimizer)
+
+    def load_shards(self, directory: Path) -> None:
+        """Load a DCP checkpoint written under any layout into this one. Collective."""
+        checkpoint.read_shards(directory, self.model, self.optimizer)
 
     @abstractmethod
     def setup(self, model: nn.Module, total_steps: int) -> None:

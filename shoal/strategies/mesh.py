@@ -1,0 +1,177 @@
+"""What the model-parallel strategies share: the device mesh and sharded state.
+
+The workers form a ``DeviceMesh`` with named dimensions: ``dp`` (data
+parallel: each coordinate along it sees its own slice of the global batch),
+``pp`` (pipeline stages) and ``tp`` (tensor-parallel shards). ``--mesh
+dp=2,pp=2`` spells one out; each strategy fills in what is not given (all
+workers along its own dimension). Ranks that differ only in ``pp`` or ``tp``
+see the same data, and one of them (the last stage, tensor rank 0) reports
+the slice's loss and samples.
+
+Their state is sharded, so checkpoints go through ``torch.distributed.checkpoint``
+(DCP) under the model's own parameter names (see
+:func:`shoal.checkpoint.save_sharded`): any layout can resume any other's, a
+plain data-parallel run included. For evaluation and the exported model the
+full parameters are gathered to global rank 0, which keeps an unsharded
+replica for the purpose (not counted in the memory figures).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+)
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from shoal.config import JobConfig
+from shoal.dist import DistEnv
+from shoal.errors import UserError
+from shoal.memory import local_tensor
+from shoal.metrics import PhaseTimer
+from shoal.optim import build_optimizer, build_scheduler
+from shoal.strategies.base import Batch, LossFn, Strategy
+from shoal.strategies.collectives import ring_allreduce_bytes
+
+MESH_DIMS = ("dp", "pp", "tp")
+"""Mesh dimensions, outermost first: data parallel, pipeline, tensor parallel."""
+
+
+def parse_mesh(spec: str) -> dict[str, int]:
+    """``"dp=2,pp=2"`` -> ``{"dp": 2, "pp": 2}``; a :class:`UserError` for anything else."""
+    sizes: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, value = part.partition("=")
+        name = name.strip()
+        if name not in MESH_DIMS:
+            raise UserError(f"--mesh {spec}: unknown dimension {name!r} (use dp, pp, tp)")
+        if name in sizes:
+            raise UserError(f"--mesh {spec}: {name} given twice")
+        try:
+            sizes[name] = int(value)
+        except ValueError:
+            raise UserError(f"--mesh {spec}: {part!r} is not NAME=SIZE") from None
+        if sizes[name] < 1:
+            raise UserError(f"--mesh {spec}: {name} must be at least 1")
+    return sizes
+
+
+def mesh_sizes(job: JobConfig, own: str, world: int) -> dict[str, int]:
+    """The mesh of a job whose strategy parallelizes along ``own`` (``"dp"`` for fsdp,
+    ``"pp"``, ``"tp"``): ``--mesh`` as given, the strategy's dimension taking the
+    workers ``dp`` leaves (all of them by default)."""
+    spec = job.strategy.mesh
+    given = parse_mesh(spec)
+    foreign = sorted(set(given) - {"dp", own})
+    if foreign:
+        raise UserError(
+            f"--mesh {spec}: --strategy {job.strategy.name} has no {foreign[0]} dimension "
+            f"(it takes dp{'' if own == 'dp' else ' and ' + own})"
+        )
+    if own == "pp" and job.strategy.stages:
+        given.setdefault("pp", job.strategy.stages)
+    if own == "dp":
+        sizes = {"dp": given.get("dp", world)}
+    else:
+        size = given.get(own) or max(1, world // given.get("dp", 1))
+        sizes = {"dp": given.get("dp") or max(1, world // size), own: size}
+    needed = 1
+    for v in sizes.values():
+        needed *= v
+    if needed != world:
+        shape = ",".join(f"{k}={v}" for k, v in sizes.items())
+        raise UserError(f"the mesh {shape} needs {needed} workers, and there are {world}")
+    return sizes
+
+
+class ModelParallel(Strategy):
+    """Base of the strategies whose model state is spread over ranks."""
+
+    own_dim = "dp"
+    """The mesh dimension this strategy parallelizes along."""
+    sharded_checkpoints = True
+
+    @classmethod
+    def check(cls, job: JobConfig) -> None:
+        mesh_sizes(job, cls.own_dim, job.world_size)
+        if job.strategy.compress != "none":
+            raise UserError(f"--compress is for data-parallel strategies, not {cls.name}")
+
+    def __init__(self, job: JobConfig, env: DistEnv) -> None:
+        super().__init__(job, env)
+        self.sizes = mesh_sizes(job, self.own_dim, env.world_size)
+        names = tuple(d for d in MESH_DIMS if d in self.sizes)
+        self.mesh: DeviceMesh = init_device_mesh(
+            env.device.type, tuple(self.sizes[d] for d in names), mesh_dim_names=names
+        )
+
+    def _keep_replica(self, model: nn.Module) -> None:
+        """Rank 0 keeps an unsharded copy of ``model`` to evaluate and export."""
+        self.replica = copy.deepcopy(model) if self.env.rank == 0 else None
+
+    @property
+    def data_rank(self) -> tuple[int, int]:
+        return self.mesh["dp"].get_local_rank(), self.sizes["dp"]
+
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """Every parameter whole, on rank 0 (empty elsewhere). Collective."""
+        return get_model_state_dict(
+            self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+
+    def eval_model(self) -> nn.Module:
+        state = self.full_state()
+        if self.replica is None:
+            return self.model  # not rank 0: nothing to evaluate here
+        self.replica.load_state_dict(state)
+        return self.replica
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scheduler": self.scheduler.state_dict()}  # the rest: load_sharded
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def _optimizer(self, params: Any, total_steps: int) -> None:
+        self.optimizer = build_optimizer(params, self.job.optim)
+        self.scheduler = build_scheduler(self.optimizer, self.job.optim, total_steps)
+
+    def _step(self, batch: Batch, loss_fn: LossFn, loss_scale: float, timer: PhaseTimer) -> Any:
+        """Forward and backward of this rank's batch, the data-parallel gradient sync
+        (:meth:`_sync_grads`), the optimizer step; the loss sum for logging."""
+        self.optimizer.zero_grad(set_to_none=True)
+        with timer.phase("forward_backward"):
+            loss_sum = loss_fn(self.model, batch).sum()
+            (loss_sum * loss_scale).backward()
+        with timer.phase("comm"):
+            self._sync_grads()
+        with timer.phase("optimizer"):
+            self.optimizer.step()
+            self.scheduler.step()
+        return loss_sum.detach()
+
+    def _sync_grads(self) -> None:
+        """Average gradients over ``dp`` where this strategy replicates along it."""
+        group = self.mesh["dp"].get_group() if self.sizes["dp"] > 1 else None
+        if group is None:
+            return
+        grads = [local_tensor(p.grad) for p in self.model.parameters() if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        flat.div_(self.sizes["dp"])
+        dist.all_reduce(flat, group=group)
+        wire = ring_allreduce_bytes(flat.numel() * flat.element_size(), self.sizes["dp"])
+        self.comm.add(sent=wire, received=wire)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
