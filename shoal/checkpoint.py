@@ -240,13 +240,21 @@ def load(path: Path) -> dict[str, Any]:
     return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
 
 
+def _flat_options() -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # optimizer state keyed per parameter name ("state.block0.attn.wq.weight.exp_avg"),
+    # not by position in a parameter group: groups differ between pipeline stages
+    return StateDictOptions(flatten_optimizer_state_dict=True)
+
+
 def write_shards(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """The model and optimizer state as DCP, keyed by parameter name (whatever the
     layout: whole, FSDP or tensor shards, a pipeline stage's part). Collective."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = get_state_dict(model, optimizer, options=_flat_options())
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(directory))
 
 
@@ -255,11 +263,15 @@ def read_shards(directory: Path, model: torch.nn.Module, optimizer: torch.optim.
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = get_state_dict(model, optimizer, options=_flat_options())
     state = {"model": model_state, "optim": optim_state}
     dcp.load(state, checkpoint_id=str(directory))
     set_state_dict(
-        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+        model,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optim"],
+        options=_flat_options(),
     )
 
 

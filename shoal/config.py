@@ -94,6 +94,7 @@ class OptimConfig:
     schedule: str = _f(
         "constant",
         "learning-rate schedule after warmup",
+        flag="--lr-schedule",
         choices=("constant", "cosine", "linear"),
     )
 
@@ -122,6 +123,24 @@ class StrategyConfig:
         "",
         "model-parallel strategies: the workers as a mesh, e.g. dp=2,pp=2 (pipeline) or "
         "dp=2,tp=2 (tensor); empty: every worker along the strategy's own dimension",
+    )
+    stages: int = _f(0, "pipeline: stages, one per rank along pp (0: --mesh, else all workers)")
+    microbatches: int = _f(4, "pipeline: microbatches each rank's slice of a step is cut into")
+    schedule: str = _f(
+        "1f1b",
+        "pipeline schedule: gpipe (all forwards, then all backwards), 1f1b (fewer activations "
+        "held), interleaved (1f1b over two stages per rank: a smaller bubble)",
+        choices=("gpipe", "1f1b", "interleaved"),
+    )
+    balance: str = _f(
+        "params",
+        "pipeline: cut the model into stages of equal parameter count, or of equal measured time",
+        choices=("params", "time"),
+    )
+    split_at: str = _f(
+        "",
+        "pipeline: units that begin stages 1.. (comma-separated child names of the model, "
+        "e.g. block2,head), instead of --balance",
     )
     compress: str = _f(
         "none",

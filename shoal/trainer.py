@@ -22,7 +22,7 @@ from shoal.data import Dataset, GlobalBatchSampler, Task, build_dataset
 from shoal.dist import DistEnv
 from shoal.errors import UserError
 from shoal.faults import Injector
-from shoal.memory import MEMORY_FIELDS
+from shoal.memory import MEMORY_FIELDS, named
 from shoal.metrics import (
     SUMMARY_FILE,
     MetricsFile,
@@ -77,6 +77,7 @@ class Trainer:
             drop_last=job.data.drop_last,
         )
         self.total_steps = job.train.total_steps(self.sampler.steps_per_epoch)
+        self.strategy.example = (self.x[:64], self.y[:64])
         self.strategy.setup(model, self.total_steps)
         self.gatherer = self.strategy.gatherer()
         self.step = 0
@@ -292,16 +293,20 @@ class Trainer:
         comm = self.strategy.comm
         model = self.strategy.eval_model()  # collective where the model is sharded
         self._memory()
-        memory = self.peak_memory
-        sums = torch.tensor(
-            [comm.sent, comm.received, *(memory[k] for k in MEMORY_FIELDS)], dtype=torch.float64
-        )
-        totals = self.gatherer.gather(torch.cat([sums, host_code(self.env.host)]), "totals")
+        memory = [self.peak_memory[k] for k in MEMORY_FIELDS]
+        mine = [comm.sent, comm.received, *memory, *self.strategy.totals()]
+        row = torch.cat([torch.tensor(mine, dtype=torch.float64), host_code(self.env.host)])
+        totals = self.gatherer.gather(row, "totals")
         counts = self.samples_per_epoch()
         if totals is None or counts is None:
             return
         save_model(model, self.out)
-        mem = 2 + len(MEMORY_FIELDS)
+        mem_end = 2 + len(MEMORY_FIELDS)
+        mem, own, hosts = (
+            totals[:, 2:mem_end],
+            totals[:, mem_end : len(mine)],
+            totals[:, len(mine) :],
+        )
         summary = build_summary(
             self.job,
             dataset=self.data.name,
@@ -316,16 +321,15 @@ class Trainer:
             per_worker=[
                 {
                     "rank": r,
-                    "host": host_name(t[mem:]),
+                    "host": host_name(hosts[r]),
                     "bytes_sent": int(t[0]),
                     "bytes_received": int(t[1]),
-                    "memory": {k: int(v) for k, v in zip(MEMORY_FIELDS, t[2:mem].tolist())},
+                    "memory": named(mem[r]),
                 }
                 for r, t in enumerate(totals)
             ],
-            memory={  # the most any rank held
-                k: int(v) for k, v in zip(MEMORY_FIELDS, totals[:, 2:mem].max(0).values.tolist())
-            },
+            memory=named(mem.max(0).values),  # the most any rank held
+            **self.strategy.summarize(own),
             checkpoints={
                 "saved": self.saver.saves,
                 "background": self.saver.background,

@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import LINEAR_JOB, max_abs_diff, params, train
 
-LINEAR = [*LINEAR_JOB, "--strategy", "allreduce", "--schedule", "cosine", "--log-every", "20"]
+LINEAR = [*LINEAR_JOB, "--strategy", "allreduce", "--lr-schedule", "cosine", "--log-every", "20"]
 
 
 @pytest.fixture(scope="module")

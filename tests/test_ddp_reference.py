@@ -69,7 +69,7 @@ def test_allreduce_matches_plain_ddp(tmp_path):
         str(BATCH),
         "--lr",
         str(LR),
-        "--schedule",
+        "--lr-schedule",
         "cosine",
         "--seed",
         str(SEED),

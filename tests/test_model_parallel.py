@@ -64,3 +64,65 @@ def test_a_dp_by_tp_mesh_matches_one_process(tmp_path, single):
     train(out, *LM_JOB, "--strategy", "tensor", "--mesh", "dp=2,tp=2", "--workers", "4")
     assert max_abs_diff(params(out), params(single)) < TOLERANCE
     assert read_summary(out)["samples_per_epoch"] == read_summary(single)["samples_per_epoch"]
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_pipeline_matches_one_process(schedule, tmp_path, single):
+    out = tmp_path / schedule
+    train(out, *LM_JOB, "--strategy", "pipeline", "--schedule", schedule, "--workers", "2")
+    assert max_abs_diff(params(out), params(single)) < TOLERANCE
+    s = read_summary(out)
+    assert s["samples_per_epoch"] == read_summary(single)["samples_per_epoch"]
+    pipe = s["pipeline"]
+    assert pipe["units"] == [["embed", "block0"], ["block1", "head"]]  # equal parameters
+    assert 0.0 < pipe["bubble"] < 1.0 and len(pipe["idle_per_rank"]) == 2
+
+
+@pytest.mark.timeout(240)
+def test_a_dp_by_pp_mesh_with_the_interleaved_schedule_matches_one_process(tmp_path, single):
+    """Two pipelines of two ranks, each rank holding two of the four stages."""
+    out = tmp_path / "dp2pp2"
+    mesh = ["--mesh", "dp=2,pp=2", "--schedule", "interleaved", "--workers", "4"]
+    train(out, *LM_JOB, "--strategy", "pipeline", *mesh)
+    assert max_abs_diff(params(out), params(single)) < TOLERANCE
+    s = read_summary(out)
+    assert s["samples_per_epoch"] == read_summary(single)["samples_per_epoch"]
+    assert s["pipeline"]["units"] == [["embed"], ["block0"], ["block1"], ["head"]]
+
+
+@pytest.mark.timeout(180)
+def test_pipeline_pads_a_partial_last_batch(tmp_path):
+    """An epoch of digits ends in a batch of 30 that 4 microbatches cannot share evenly:
+    it is padded, and the padding is left out of the loss."""
+    job = ["--model", "mlp", "--batch-size", "64", "--epochs", "1", "--lr", "0.1", "--seed", "1"]
+    train(tmp_path / "single", *job, "--workers", "1")
+    train(tmp_path / "pipe", *job, "--strategy", "pipeline", "--workers", "2")
+    assert max_abs_diff(params(tmp_path / "pipe"), params(tmp_path / "single")) < TOLERANCE
+    s, ref = read_summary(tmp_path / "pipe"), read_summary(tmp_path / "single")
+    assert s["samples_per_epoch"] == ref["samples_per_epoch"]
+    assert math.isclose(s["final_loss"], ref["final_loss"], rel_tol=1e-5)
+
+
+@pytest.mark.timeout(240)
+def test_a_pipeline_checkpoint_resumes_as_data_parallel(tmp_path, single):
+    """4 steps on a 2-stage pipeline (a DCP checkpoint), then 2 more as plain data
+    parallel on 2 workers: the parameters of 6 uninterrupted steps."""
+    out = tmp_path / "run"
+    first = [*LM_JOB[: LM_JOB.index("--steps")], *LM_JOB[LM_JOB.index("--steps") + 2 :]]
+    train(out, *first, "--steps", "4", "--strategy", "pipeline", "--workers", "2")
+    assert (out / "checkpoints" / "step-00000004" / "model" / ".metadata").exists()
+    train(out, "--resume", str(out), "--steps", "6", "--strategy", "allreduce", "--workers", "2")
+    s = read_summary(out)
+    assert s["strategy"] == "allreduce" and s["resumed_from_step"] == 4
+    assert max_abs_diff(params(out), params(single)) < TOLERANCE
+
+
+@pytest.mark.timeout(180)
+def test_the_transformer_beats_the_unigram_baseline(tmp_path):
+    out = tmp_path / "lm"
+    job = ["--model", "transformer", "--hidden", "64", "--context", "32", "--batch-size", "32"]
+    train(out, *job, "--steps", "300", "--optimizer", "adam", "--lr", "0.003", "--workers", "2")
+    s = read_summary(out)
+    assert s["data"] == "text" and s["unigram_perplexity"] > 20
+    assert s["test_perplexity"] < 0.5 * s["unigram_perplexity"]

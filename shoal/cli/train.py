@@ -123,6 +123,24 @@ def _check_model_fits(job: JobConfig, data: Dataset) -> None:
         pass
 
 
+def check_layout(job: JobConfig, path: Path) -> None:
+    """Whether ``--strategy`` can read the checkpoint at ``path``: sharded ones (DCP,
+    written by fsdp, tensor or pipeline) resume under those or allreduce."""
+    cls = strategy_class(job.strategy.name)
+    sharded = (path / checkpoint.SHARDS_DIR).is_dir()
+    readers = ", ".join(n for n, c in STRATEGIES.items() if c.reads_shards)
+    if sharded and not cls.reads_shards:
+        raise UserError(
+            f"--resume: {path.name} holds a sharded model; resume it with {readers}, "
+            f"not {job.strategy.name}"
+        )
+    if not sharded and cls.sharded_checkpoints:
+        raise UserError(
+            f"--resume: {path.name} was written by a data-parallel strategy; {job.strategy.name} "
+            "resumes only sharded checkpoints (those of fsdp, tensor or pipeline)"
+        )
+
+
 def prepare_run_dir(job: JobConfig) -> Path:
     """Check the run directory; return where the workers read the resolved job."""
     out = Path(job.output.out)
@@ -133,6 +151,7 @@ def prepare_run_dir(job: JobConfig) -> Path:
         latest = checkpoint.load_latest(root)
         if latest is None:
             raise UserError(f"--resume {out}: every checkpoint is corrupt")
+        check_layout(job, latest[0])
         if 0 < job.train.steps <= latest[1]["step"]:
             raise UserError(
                 f"--resume {out}: the run is already at step {latest[1]['step']}; "

@@ -9,6 +9,7 @@ from shoal.strategies.allreduce import AllReduce
 from shoal.strategies.base import Batch, LossFn, Strategy
 from shoal.strategies.fsdp import FSDP
 from shoal.strategies.periodic import DiLoCo, LocalSGD
+from shoal.strategies.pipeline import Pipeline
 from shoal.strategies.ps.strategy import ParameterServer
 from shoal.strategies.tensor import TensorParallel
 
@@ -19,6 +20,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
     DiLoCo.name: DiLoCo,
     FSDP.name: FSDP,
     TensorParallel.name: TensorParallel,
+    Pipeline.name: Pipeline,
 }
 
 __all__ = [

@@ -123,6 +123,7 @@ class AllReduce(Strategy):
     """Synchronous data parallel over ring all-reduce (DDP), gloo or NCCL."""
 
     name = "allreduce"
+    reads_shards = True
     description = "synchronous data parallel: DDP, bucketed all-reduce overlapped with backward"
 
     def setup(self, model: nn.Module, total_steps: int) -> None:
@@ -168,6 +169,7 @@ class AllReduce(Strategy):
         }  # error-feedback residuals differ per rank and restart at zero on resume
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "model" in state:  # else a sharded strategy wrote it: see load_shards
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

@@ -72,6 +72,8 @@ class Strategy(ABC):
 
     sharded_checkpoints: ClassVar[bool] = False
     """Whether each rank writes its own part of the state (DCP, :meth:`save_shards`)."""
+    reads_shards: ClassVar[bool] = False
+    """Whether it can resume from a checkpoint a sharded strategy wrote (:meth:`load_shards`)."""
 
     def __init__(self, job: JobConfig, env: DistEnv) -> None:
         self.job = job
@@ -142,6 +144,18 @@ class Strategy(ABC):
 
     def prefetch(self, batch: Batch) -> None:  # noqa: B027 - optional hook
         """Start fetching what the next step's ``batch`` will need (see :attr:`prefetches`)."""
+
+    example: Batch | None = None
+    """A few training samples, set by the trainer before :meth:`setup`, for strategies
+    that measure the model before they split it."""
+
+    def totals(self) -> list[float]:
+        """Figures of this rank for the summary, gathered at the end (see :meth:`summarize`)."""
+        return []
+
+    def summarize(self, rows: torch.Tensor) -> dict[str, Any]:
+        """Entries for ``summary.json`` from every rank's :meth:`totals` (one row each)."""
+        return {}
 
     def gatherer(self) -> Gatherer:
         """Where per-rank telemetry goes; by default a collective to rank 0."""

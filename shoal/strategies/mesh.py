@@ -96,6 +96,7 @@ class ModelParallel(Strategy):
     own_dim = "dp"
     """The mesh dimension this strategy parallelizes along."""
     sharded_checkpoints = True
+    reads_shards = True
 
     @classmethod
     def check(cls, job: JobConfig) -> None:

@@ -1,0 +1,270 @@
+"""Pipeline (layer) parallel: consecutive units of the model on consecutive ranks.
+
+Built on ``torch.distributed.pipelining``. The model must be an
+``nn.Sequential`` (the built-in ones are; the transformer's units are
+``embed``, ``block0`` .. and ``head``): its children are cut into ``pp`` stages
+(``pp x 2`` with ``--schedule interleaved``, two per rank), balanced by
+parameter count or by measured time (``--balance``), or where the user says
+(``--split-at``). A stage is an ``nn.Sequential`` of its units under their own
+names, so every parameter keeps the name it has in the whole model and
+checkpoints move between layouts.
+
+Each rank's slice of the global batch is cut into ``--microbatches`` M; the
+schedule (``gpipe``: every forward, then every backward; ``1f1b``: one forward,
+one backward once the pipeline is full, so fewer activations are held;
+``interleaved``: 1F1B over two stages per rank, a smaller bubble) streams them
+through the stages, gradients accumulate over the microbatches, and with
+``--mesh dp=D,pp=P`` they are then averaged over ``dp``. Slices that do not
+fill M equal microbatches (the last step of an epoch) are padded, and the
+padding is left out of the loss.
+
+The bubble: each stage times its own forward and backward chunks; the rest of
+a step is idle (waiting for a neighbour). GPipe with equal stages idles
+(P-1)/(M+P-1) of the time.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.pipelining import (
+    PipelineStage,
+    Schedule1F1B,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+)
+
+from shoal.config import JobConfig
+from shoal.errors import UserError
+from shoal.metrics import PhaseTimer
+from shoal.strategies.base import Batch, LossFn
+from shoal.strategies.mesh import ModelParallel, mesh_sizes
+
+SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved": ScheduleInterleaved1F1B}
+
+
+def partition(costs: list[float], parts: int) -> list[int]:
+    """Where each of ``parts`` contiguous groups of ``costs`` starts, minimizing the
+    largest group's total (every group non-empty)."""
+    n = len(costs)
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    # best[k][i]: the smallest possible largest group splitting costs[:i] into k groups
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(parts + 1)]
+    cut = [[0] * (n + 1) for _ in range(parts + 1)]
+    best[0][0] = 0.0
+    for k in range(1, parts + 1):
+        for i in range(k, n + 1):
+            for j in range(k - 1, i):
+                worst = max(best[k - 1][j], prefix[i] - prefix[j])
+                if worst < best[k][i]:
+                    best[k][i], cut[k][i] = worst, j
+    starts, i = [], n
+    for k in range(parts, 0, -1):
+        i = cut[k][i]
+        starts.append(i)
+    return starts[::-1]
+
+
+def stage_count(job: JobConfig, world: int) -> int:
+    pp = mesh_sizes(job, "pp", world)["pp"]
+    return pp * (2 if job.strategy.schedule == "interleaved" else 1)
+
+
+class Pipeline(ModelParallel):
+    """Stages of the model on ``pp`` ranks, microbatches streamed through them."""
+
+    name = "pipeline"
+    description = "pipeline parallel: layers in stages, microbatches (gpipe, 1f1b, interleaved)"
+    own_dim = "pp"
+
+    @classmethod
+    def check(cls, job: JobConfig) -> None:
+        super().check(job)
+        sizes = mesh_sizes(job, "pp", job.world_size)
+        m, pp = job.strategy.microbatches, sizes["pp"]
+        if m < 1:
+            raise UserError(f"--microbatches must be at least 1, got {m}")
+        if job.strategy.schedule == "interleaved" and m % pp:
+            raise UserError(f"--schedule interleaved needs --microbatches a multiple of pp={pp}")
+        per_rank = math.ceil(job.train.batch_size / sizes["dp"])
+        if per_rank < m:
+            raise UserError(
+                f"--batch-size {job.train.batch_size} gives each pipeline {per_rank} samples "
+                f"a step, fewer than --microbatches {m}"
+            )
+
+    def setup(self, model: nn.Module, total_steps: int) -> None:
+        if not isinstance(model, nn.Sequential):
+            raise UserError(
+                f"--strategy pipeline needs an nn.Sequential model (its children run in order), "
+                f"and {self.job.model.name} is a {type(model).__name__}"
+            )
+        self._keep_replica(model)
+        units = list(model.named_children())
+        stages = stage_count(self.job, self.env.world_size)
+        if len(units) < stages:
+            raise UserError(f"the model has {len(units)} units, too few for {stages} stages")
+        starts = self._starts(model, units, stages)
+        bounds = [*starts, len(units)]
+        pp, rank = self.sizes["pp"], self.mesh["pp"].get_local_rank()
+        mine = [s for s in range(stages) if s % pp == rank]  # interleaved: s, s + pp
+        self.stage_units = [[n for n, _ in units[bounds[s] : bounds[s + 1]]] for s in range(stages)]
+        group = self.mesh["pp"].get_group()
+        modules = {n: m for n, m in units}
+        self.stages = []
+        for s in mine:
+            sub = nn.Sequential(OrderedDict((n, modules[n]) for n in self.stage_units[s]))
+            stage = PipelineStage(sub, s, stages, self.env.device, group=group)
+            self._time_chunks(stage)
+            self.stages.append(stage)
+        # every unit this rank holds, under its own name: for state, memory and the optimizer
+        self.model = nn.Sequential(
+            OrderedDict((n, modules[n]) for s in mine for n in self.stage_units[s])
+        )
+        self.is_first = 0 in mine
+        self.is_last = stages - 1 in mine
+        schedule = SCHEDULES[self.job.strategy.schedule]
+        m = self.job.strategy.microbatches
+        stage_arg: Any = self.stages if schedule is ScheduleInterleaved1F1B else self.stages[0]
+        self.schedule = schedule(stage_arg, m, loss_fn=self._loss, scale_grads=False)
+        self._optimizer(self.model.parameters(), total_steps)
+        self.busy = 0.0
+        self.step_time = 0.0
+        self.idle: list[float] = []
+
+    def _starts(self, model: nn.Module, units: list[tuple[str, nn.Module]], stages: int):
+        names = [n for n, _ in units]
+        split = [s.strip() for s in self.job.strategy.split_at.split(",") if s.strip()]
+        if split:
+            unknown = [s for s in split if s not in names]
+            if unknown:
+                listed = ", ".join(names)
+                raise UserError(f"--split-at {unknown[0]}: no such unit (units: {listed})")
+            if len(split) != stages - 1:
+                raise UserError(
+                    f"--split-at names {len(split)} units; {stages} stages need {stages - 1}"
+                )
+            return [0, *sorted(names.index(s) for s in split)]
+        if self.job.strategy.balance == "time":
+            costs = self._measured_costs(model)
+        else:
+            costs = [float(sum(p.numel() for p in m.parameters())) + 1.0 for _, m in units]
+        return partition(costs, stages)
+
+    def _measured_costs(self, model: nn.Module) -> list[float]:
+        """Seconds of forward and backward per unit on a microbatch of training data (the
+        median of 3), averaged over every rank so that all cut the model alike."""
+        assert self.example is not None
+        m = max(1, math.ceil(self.job.train.batch_size / self.sizes["dp"]))
+        x = self.example[0][: max(1, m // self.job.strategy.microbatches)]
+        costs = []
+        for _, unit in model.named_children():
+            runs = []
+            for _ in range(3):
+                inp = x.detach().requires_grad_(x.is_floating_point())
+                start = time.perf_counter()
+                out = unit(inp)
+                if out.requires_grad:
+                    out.float().sum().backward()
+                runs.append(time.perf_counter() - start)
+            x = out.detach()
+            costs.append(sorted(runs)[1])
+        unit_grads = [p for p in model.parameters()]
+        for p in unit_grads:
+            p.grad = None
+        mean = torch.tensor(costs, dtype=torch.float64)
+        dist.all_reduce(mean)
+        return (mean / self.env.world_size).tolist()
+
+    def _time_chunks(self, stage: PipelineStage) -> None:
+        """Count the seconds this stage computes (its forward and backward chunks)."""
+        for name in ("forward_one_chunk", "backward_one_chunk"):
+            inner = getattr(stage, name)
+
+            def timed(*args: Any, _inner: Any = inner, **kwargs: Any) -> Any:
+                start = time.perf_counter()
+                try:
+                    return _inner(*args, **kwargs)
+                finally:
+                    self.busy += time.perf_counter() - start
+
+            setattr(stage, name, timed)
+
+    @property
+    def reports(self) -> bool:
+        return self.is_last
+
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """Every stage's parameters, gathered to rank 0. Collective."""
+        mine = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        parts: list[Any] = [None] * self.env.world_size if self.env.rank == 0 else []
+        dist.gather_object(mine, parts if self.env.rank == 0 else None, dst=0)
+        return {k: v for part in parts for k, v in part.items()}
+
+    def _loss(self, output: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """A microbatch's loss, by the trainer's loss function: ``rows`` index the step's
+        samples (padding: -1, left out)."""
+        real = rows >= 0
+        batch = (torch.empty(0), self.targets[rows[real]])
+        loss = self.loss_fn(lambda _: output[real], batch).sum()
+        self.loss_sum += loss.detach().double()
+        return loss * self.loss_scale
+
+    def train_step(self, batch: Batch, loss_fn: LossFn, loss_scale: float, timer: PhaseTimer):
+        x, y = batch
+        m = self.job.strategy.microbatches
+        size = math.ceil(math.ceil(self.job.train.batch_size / self.sizes["dp"]) / m) * m
+        n = len(x)
+        rows = torch.full((size,), -1, dtype=torch.long, device=x.device)
+        rows[:n] = torch.arange(n, device=x.device)
+        padded = torch.zeros((size, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        padded[:n] = x
+        self.targets, self.loss_scale, self.loss_fn = y, loss_scale, loss_fn
+        self.loss_sum = torch.zeros((), dtype=torch.float64)
+        self.optimizer.zero_grad(set_to_none=True)
+        start, self.busy = time.perf_counter(), 0.0
+        with timer.phase("forward_backward"), self.activations.measure():
+            args = (padded,) if self.is_first else ()
+            kwargs = {"target": rows} if self.is_last else {}
+            self.schedule.step(*args, **kwargs)
+        elapsed = time.perf_counter() - start
+        self.idle.append(max(0.0, 1.0 - self.busy / elapsed) if elapsed > 0 else 0.0)
+        self.loss_sum = self.loss_sum.to(x.device)
+        with timer.phase("comm"):
+            self._sync_grads()
+        with timer.phase("optimizer"):
+            self.optimizer.step()
+            self.scheduler.step()
+        return self.loss_sum
+
+    def totals(self) -> list[float]:
+        """The idle fraction of this rank's steps (the first, which also sets the pipeline
+        up, left out) and its place in the pipeline."""
+        steps = self.idle[1:] or self.idle
+        idle = sum(steps) / len(steps) if steps else 0.0
+        return [idle, float(self.mesh["pp"].get_local_rank())]
+
+    def summarize(self, rows: torch.Tensor) -> dict[str, Any]:
+        p, m = self.sizes["pp"], self.job.strategy.microbatches
+        idle = [float(v) for v in rows[:, 0]]
+        return {
+            "pipeline": {
+                "stages": len(self.stage_units),
+                "ranks": p,
+                "microbatches": m,
+                "schedule": self.job.strategy.schedule,
+                "units": self.stage_units,
+                "bubble": sum(idle) / len(idle),
+                "idle_per_rank": idle,
+                "gpipe_bubble_theory": (p - 1) / (m + p - 1),
+            }
+        }
