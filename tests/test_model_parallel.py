@@ -8,7 +8,9 @@ float tolerance, and hold about 1/P of its parameter and optimizer bytes.
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,11 @@ def single(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("lm") / "single"
     train(out, *LM_JOB, "--strategy", "allreduce", "--workers", "1")
     return out
+
+
+def _losses(run: Path) -> list[float]:
+    records = (json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines())
+    return [r["loss"] for r in records if "loss" in r]
 
 
 def _state_bytes(summary: dict) -> int:
@@ -74,6 +81,7 @@ def test_pipeline_matches_one_process(schedule, tmp_path, single):
     assert max_abs_diff(params(out), params(single)) < TOLERANCE
     s = read_summary(out)
     assert s["samples_per_epoch"] == read_summary(single)["samples_per_epoch"]
+    assert _losses(out) == pytest.approx(_losses(single), rel=1e-5)  # the last stage's
     pipe = s["pipeline"]
     assert pipe["units"] == [["embed", "block0"], ["block1", "head"]]  # equal parameters
     assert 0.0 < pipe["bubble"] < 1.0 and len(pipe["idle_per_rank"]) == 2
@@ -107,15 +115,17 @@ def test_pipeline_pads_a_partial_last_batch(tmp_path):
 @pytest.mark.timeout(240)
 def test_a_pipeline_checkpoint_resumes_as_data_parallel(tmp_path, single):
     """4 steps on a 2-stage pipeline (a DCP checkpoint), then 2 more as plain data
-    parallel on 2 workers: the parameters of 6 uninterrupted steps."""
+    parallel on 2 workers, or as fsdp: the parameters of 6 uninterrupted steps."""
     out = tmp_path / "run"
     first = [*LM_JOB[: LM_JOB.index("--steps")], *LM_JOB[LM_JOB.index("--steps") + 2 :]]
     train(out, *first, "--steps", "4", "--strategy", "pipeline", "--workers", "2")
     assert (out / "checkpoints" / "step-00000004" / "model" / ".metadata").exists()
-    train(out, "--resume", str(out), "--steps", "6", "--strategy", "allreduce", "--workers", "2")
-    s = read_summary(out)
-    assert s["strategy"] == "allreduce" and s["resumed_from_step"] == 4
-    assert max_abs_diff(params(out), params(single)) < TOLERANCE
+    shutil.copytree(out, tmp_path / "as-fsdp")
+    for strategy, run in (("allreduce", out), ("fsdp", tmp_path / "as-fsdp")):
+        train(run, "--resume", str(run), "--steps", "6", "--strategy", strategy, "--workers", "2")
+        s = read_summary(run)
+        assert s["strategy"] == strategy and s["resumed_from_step"] == 4
+        assert max_abs_diff(params(run), params(single)) < TOLERANCE
 
 
 @pytest.mark.timeout(180)

@@ -214,9 +214,19 @@ def print_summary(summary: dict, out: Path, report: bool) -> None:
         ("steps", f"{summary['steps']:,}"),
         ("final train loss", f"{summary['final_loss']:.5g}"),
     ]
-    for key in ("test_loss", "test_accuracy", "lstsq_rel_error", "auc", "true_model_auc"):
+    keys = ("test_loss", "test_accuracy", "test_perplexity", "unigram_perplexity")
+    for key in (*keys, "lstsq_rel_error", "auc", "true_model_auc"):
         if key in summary:
             rows.append((key.replace("_", " "), f"{summary[key]:.5g}"))
+    memory = summary.get("memory")
+    if memory:
+        state = _human_bytes(memory["params"] + memory["grads"] + memory["optimizer"])
+        peak = _human_bytes(memory["activations_peak"])
+        rows.append(("memory per rank (most)", f"state {state}, activations {peak}"))
+    pipe = summary.get("pipeline")
+    if pipe:
+        bubble = f"{pipe['bubble']:.3f} (gpipe theory {pipe['gpipe_bubble_theory']:.3f})"
+        rows.append((f"pipeline bubble ({pipe['schedule']})", bubble))
     ps = summary.get("ps")
     if ps:
         bound = f" (bound {ps['staleness_bound']})" if ps.get("staleness_bound") is not None else ""

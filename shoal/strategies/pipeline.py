@@ -215,9 +215,7 @@ class Pipeline(ModelParallel):
         samples (padding: -1, left out)."""
         real = rows >= 0
         batch = (torch.empty(0), self.targets[rows[real]])
-        loss = self.loss_fn(lambda _: output[real], batch).sum()
-        self.loss_sum += loss.detach().double()
-        return loss * self.loss_scale
+        return self.loss_fn(lambda _: output[real], batch).sum() * self.loss_scale
 
     def train_step(self, batch: Batch, loss_fn: LossFn, loss_scale: float, timer: PhaseTimer):
         x, y = batch
@@ -229,22 +227,24 @@ class Pipeline(ModelParallel):
         padded = torch.zeros((size, *x.shape[1:]), dtype=x.dtype, device=x.device)
         padded[:n] = x
         self.targets, self.loss_scale, self.loss_fn = y, loss_scale, loss_fn
-        self.loss_sum = torch.zeros((), dtype=torch.float64)
         self.optimizer.zero_grad(set_to_none=True)
         start, self.busy = time.perf_counter(), 0.0
         with timer.phase("forward_backward"), self.activations.measure():
             args = (padded,) if self.is_first else ()
-            kwargs = {"target": rows} if self.is_last else {}
+            losses: list[torch.Tensor] = []  # the last stage's, one per microbatch
+            kwargs = {"target": rows, "losses": losses} if self.is_last else {}
             self.schedule.step(*args, **kwargs)
         elapsed = time.perf_counter() - start
         self.idle.append(max(0.0, 1.0 - self.busy / elapsed) if elapsed > 0 else 0.0)
-        self.loss_sum = self.loss_sum.to(x.device)
+        loss_sum = sum(
+            (loss.detach().double() for loss in losses), torch.zeros((), dtype=torch.float64)
+        )
         with timer.phase("comm"):
             self._sync_grads()
         with timer.phase("optimizer"):
             self.optimizer.step()
             self.scheduler.step()
-        return self.loss_sum
+        return (loss_sum / loss_scale).to(x.device)
 
     def totals(self) -> list[float]:
         """The idle fraction of this rank's steps (the first, which also sets the pipeline
