@@ -45,6 +45,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for schedule in args.schedules:
             for m in args.microbatches:
+                if schedule != "gpipe" and m < 2:  # 1f1b needs a microbatch per stage
+                    continue
                 r = run(Path(tmp) / f"{schedule}-{m}", schedule, m)
                 idle = " / ".join(f"{v:.3f}" for v in r["idle_per_rank"])
                 theory = r["gpipe_bubble_theory"]

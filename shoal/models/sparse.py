@@ -131,3 +131,16 @@ class LogisticCTR(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.table(ids).sum(dim=(1, 2)) + self.bias
+
+
+DENSE_EXPORT_ELEMENTS = 1 << 28
+"""Tables up to this many values (1 GiB of float32) are exported whole."""
+
+
+def export_table(name: str, module: SparseEmbedding, stored: StoredRows) -> dict[str, torch.Tensor]:
+    """A table for ``model.safetensors``: ``NAME.weight`` whole when it is small
+    enough, else only the rows that exist (``NAME.ids``, ``NAME.rows``; every
+    other row is at its initial value, :func:`~shoal.models.sparse.init_rows`)."""
+    if module.num_rows * module.dim <= DENSE_EXPORT_ELEMENTS:
+        return {f"{name}.weight": stored.dense(module)}
+    return {f"{name}.ids": stored.ids, f"{name}.rows": stored.rows}

@@ -95,6 +95,8 @@ class Pipeline(ModelParallel):
             raise UserError(f"--microbatches must be at least 1, got {m}")
         if job.strategy.schedule == "interleaved" and m % pp:
             raise UserError(f"--schedule interleaved needs --microbatches a multiple of pp={pp}")
+        if job.strategy.schedule == "1f1b" and m < pp:
+            raise UserError(f"--schedule 1f1b needs --microbatches at least pp={pp}, got {m}")
         per_rank = math.ceil(job.train.batch_size / sizes["dp"])
         if per_rank < m:
             raise UserError(

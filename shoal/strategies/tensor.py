@@ -14,6 +14,9 @@ gradients are averaged over ``dp``.
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 from torch import nn
 from torch.distributed.tensor import Replicate
 from torch.distributed.tensor.parallel import (
@@ -25,6 +28,7 @@ from torch.distributed.tensor.parallel import (
 
 from shoal.config import JobConfig
 from shoal.errors import UserError
+from shoal.memory import local_tensor
 from shoal.metrics import PhaseTimer
 from shoal.strategies.base import Batch, LossFn
 from shoal.strategies.mesh import ModelParallel, mesh_sizes
@@ -89,8 +93,32 @@ class TensorParallel(ModelParallel):
         self._keep_replica(model)
         plan = PLANS[self.job.model.name](model)
         parallelize_module(model, mesh["tp"], plan)
+        self._count_traffic(model, plan)
         self.model = model
         self._optimizer(model.parameters(), total_steps)
+
+    def _count_traffic(self, model: nn.Module, plan: dict[str, ParallelStyle]) -> None:
+        """Count the bytes the plan's collectives move, from the outputs' sizes: a
+        row-wise layer all-reduces its output in forward, and (but for the embedding,
+        whose input is token ids) the input gradient of its column-wise partner in
+        backward; a column-wise layer with gathered outputs all-gathers them."""
+        tp = self.sizes["tp"]
+
+        def hook(times: float):
+            def count(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+                size = local_tensor(output).numel() * output.element_size()
+                moved = int(times * size)
+                self.comm.add(sent=moved, received=moved)
+
+            return count
+
+        for name, style in plan.items():
+            module = model.get_submodule(name)
+            if isinstance(style, RowwiseParallel):
+                factor = 1 if isinstance(module, nn.Embedding) else 2
+                module.register_forward_hook(hook(factor * 2 * (tp - 1) / tp))
+            elif isinstance(style, ColwiseParallel) and style.output_layouts == (Replicate(),):
+                module.register_forward_hook(hook((tp - 1) / tp))
 
     @property
     def reports(self) -> bool:

@@ -42,6 +42,7 @@ from shoal.models.sparse import (
     SparseEmbedding,
     StoredRows,
     count_parameters,
+    export_table,
     remote_tables,
 )
 from shoal.models.tasks import evaluate
@@ -57,19 +58,6 @@ HEARTBEAT_LOST = -1000
 """The exit code recorded for a worker dropped for missing heartbeats."""
 ENDPOINTS_FILE = "ps_endpoints.json"
 """Written into the run directory once every shard is up: where the job listens."""
-
-
-DENSE_EXPORT_ELEMENTS = 1 << 28
-"""Tables up to this many values (1 GiB of float32) are exported whole."""
-
-
-def export_table(name: str, module: SparseEmbedding, stored: StoredRows) -> dict[str, torch.Tensor]:
-    """A table for ``model.safetensors``: ``NAME.weight`` whole when it is small
-    enough, else only the rows that exist (``NAME.ids``, ``NAME.rows``; every
-    other row is at its initial value, :func:`~shoal.models.sparse.init_rows`)."""
-    if module.num_rows * module.dim <= DENSE_EXPORT_ELEMENTS:
-        return {f"{name}.weight": stored.dense(module)}
-    return {f"{name}.ids": stored.ids, f"{name}.rows": stored.rows}
 
 
 class Coordinator(ShardRecovery, threading.Thread):
