@@ -189,7 +189,7 @@ class _FailedWorker(logging.Handler):
         if not str(record.msg).startswith("failed (exitcode") or len(record.args or ()) < 3:
             return
         code, local_rank, pid = record.args[:3]  # type: ignore[index]
-        if code == EXIT_PEER_LOST:
+        if code in (EXIT_PEER_LOST, 2):  # it named the culprit, or its mistake, itself
             return
         how = describe_exit(code)
         who = (

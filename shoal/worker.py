@@ -6,14 +6,16 @@ environment set; it reads the resolved job file and runs the trainer.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from pathlib import Path
 
 import torch.distributed
 
 from shoal import dist
 from shoal.config import load_toml
-from shoal.errors import UserError
+from shoal.errors import USER_ERROR_FILE, UserError
 from shoal.health import EXIT_PEER_LOST, Heartbeat
 from shoal.strategies import strategy_class
 from shoal.trainer import Trainer
@@ -24,9 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         print("usage: python -m shoal.worker CONFIG.toml", file=sys.stderr)
         return 2
-    trainer = heartbeat = None
+    trainer = heartbeat = job = None
     try:
         job = load_toml(args[0])
+        marker = Path(job.output.out) / USER_ERROR_FILE
+        if marker.exists() and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+            return 2  # a mistake was reported already; retrying cannot help
         cls = strategy_class(job.strategy.name)
         env = dist.init(job.train.device, process_group=cls.needs_process_group)
         role = os.environ.get("SHOAL_ROLE", "worker")
@@ -43,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
             heartbeat.stop()
     except UserError as e:
         print(f"shoal: error: {e}", file=sys.stderr)
+        if job is not None:
+            with contextlib.suppress(OSError):
+                (Path(job.output.out) / USER_ERROR_FILE).write_text(f"{e}\n")
         return 2
     except (torch.distributed.DistError, RuntimeError) as e:
         if not _peer_failure(e):

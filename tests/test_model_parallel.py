@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from shoal.strategies.pipeline import partition
 from tests.conftest import max_abs_diff, params, read_summary, train
 
 LM_JOB = ["--model", "transformer", "--hidden", "32", "--layers", "2", "--heads", "4"]
@@ -92,6 +93,7 @@ def test_a_dp_by_pp_mesh_with_the_interleaved_schedule_matches_one_process(tmp_p
     """Two pipelines of two ranks, each rank holding two of the four stages."""
     out = tmp_path / "dp2pp2"
     mesh = ["--mesh", "dp=2,pp=2", "--schedule", "interleaved", "--workers", "4"]
+    mesh += ["--balance", "time"]  # four units, four stages: measured, but one unit each
     train(out, *LM_JOB, "--strategy", "pipeline", *mesh)
     assert max_abs_diff(params(out), params(single)) < TOLERANCE
     s = read_summary(out)
@@ -99,17 +101,31 @@ def test_a_dp_by_pp_mesh_with_the_interleaved_schedule_matches_one_process(tmp_p
     assert s["pipeline"]["units"] == [["embed"], ["block0"], ["block1"], ["head"]]
 
 
-@pytest.mark.timeout(180)
-def test_pipeline_pads_a_partial_last_batch(tmp_path):
-    """An epoch of digits ends in a batch of 30 that 4 microbatches cannot share evenly:
-    it is padded, and the padding is left out of the loss."""
+@pytest.mark.timeout(240)
+def test_the_mlp_split_by_hand_or_by_columns_and_rows_matches_one_process(tmp_path):
+    """Digits MLP: a pipeline cut where --split-at says, whose epoch ends in a batch of 30
+    that 4 microbatches cannot share evenly (padded, the padding left out of the loss),
+    and the MLP's tensor-parallel plan."""
     job = ["--model", "mlp", "--batch-size", "64", "--epochs", "1", "--lr", "0.1", "--seed", "1"]
     train(tmp_path / "single", *job, "--workers", "1")
-    train(tmp_path / "pipe", *job, "--strategy", "pipeline", "--workers", "2")
-    assert max_abs_diff(params(tmp_path / "pipe"), params(tmp_path / "single")) < TOLERANCE
-    s, ref = read_summary(tmp_path / "pipe"), read_summary(tmp_path / "single")
-    assert s["samples_per_epoch"] == ref["samples_per_epoch"]
-    assert math.isclose(s["final_loss"], ref["final_loss"], rel_tol=1e-5)
+    ref = read_summary(tmp_path / "single")
+    pipe = ["--strategy", "pipeline", "--split-at", "3"]  # (flatten, linear, relu) | the rest
+    tensor = ["--strategy", "tensor"]
+    for name, how in (("pipe", pipe), ("tensor", tensor)):
+        train(tmp_path / name, *job, *how, "--workers", "2")
+        assert max_abs_diff(params(tmp_path / name), params(tmp_path / "single")) < TOLERANCE
+        s = read_summary(tmp_path / name)
+        assert s["samples_per_epoch"] == ref["samples_per_epoch"]
+        assert math.isclose(s["final_loss"], ref["final_loss"], rel_tol=1e-5)
+    units = read_summary(tmp_path / "pipe")["pipeline"]["units"]
+    assert units == [["0", "1", "2"], ["3", "4", "5"]]
+
+
+def test_partition_minimizes_the_largest_stage():
+    assert partition([1, 1, 1, 1], 2) == [0, 2]
+    assert partition([5, 1, 1, 1, 1, 1], 2) == [0, 1]
+    assert partition([1, 2, 3, 4, 5], 3) == [0, 3, 4]  # 6 | 4 | 5
+    assert partition([1, 1, 1], 3) == [0, 1, 2]
 
 
 @pytest.mark.timeout(240)

@@ -16,7 +16,7 @@ from shoal.cli.flags import add_job_flags, apply_flags, given
 from shoal.config import JobConfig, load_toml
 from shoal.data import Dataset, build_dataset
 from shoal.dist import resolve_device
-from shoal.errors import UserError
+from shoal.errors import USER_ERROR_FILE, UserError
 from shoal.launch import LaunchFailed, check_port, describe
 from shoal.metrics import SUMMARY_FILE
 from shoal.models import build_model, check_model_name, default_data
@@ -145,6 +145,8 @@ def prepare_run_dir(job: JobConfig) -> Path:
     """Check the run directory; return where the workers read the resolved job."""
     out = Path(job.output.out)
     if job.output.resume:
+        if job.cluster.node_rank == 0:  # a mistake reported by the run before
+            (out / USER_ERROR_FILE).unlink(missing_ok=True)
         root = strategy_class(job.strategy.name).checkpoint_root(out)
         if not checkpoint.list_checkpoints(root):
             raise UserError(f"--resume {out}: no checkpoint to resume from in {root}/checkpoints")
@@ -181,6 +183,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         strategy_class(job.strategy.name).launch(job, str(config_path))
     except LaunchFailed as e:
+        if (Path(job.output.out) / USER_ERROR_FILE).exists():
+            return 2  # a worker found a mistake in the job, and said so
         print(f"shoal: error: training failed: {e}", file=sys.stderr)
         return 1
     finally:

@@ -97,6 +97,8 @@ class Pipeline(ModelParallel):
             raise UserError(f"--schedule interleaved needs --microbatches a multiple of pp={pp}")
         if job.strategy.schedule == "1f1b" and m < pp:
             raise UserError(f"--schedule 1f1b needs --microbatches at least pp={pp}, got {m}")
+        if job.model.name == "ctr":
+            raise UserError("--strategy pipeline needs an nn.Sequential model; ctr is one layer")
         per_rank = math.ceil(job.train.batch_size / sizes["dp"])
         if per_rank < m:
             raise UserError(
