@@ -18,6 +18,7 @@ import shlex
 import signal
 import socket
 import sys
+import threading
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -140,7 +141,7 @@ def launch(cluster: ClusterConfig, config_path: str) -> None:
     from torch.distributed.run import config_from_args, parse_args
 
     _quiet_torchrun()
-    _name_failed_workers(cluster)
+    failed = _name_failed_workers(cluster)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     # A restart must meet in a fresh store: in the agent's shared one, the new
     # workers would read the dead ones' gloo addresses (same keys, no prefix).
@@ -164,6 +165,8 @@ def launch(cluster: ClusterConfig, config_path: str) -> None:
         how = describe_exit(failure.exitcode)
         raise LaunchFailed(f"worker rank {rank} (pid {failure.pid}) {how}") from None
     except SignalException:  # Ctrl-C or SIGTERM: the agent has already stopped the workers
+        if failed.mistake:
+            raise LaunchFailed("a worker stopped on a mistake in the job") from None
         raise KeyboardInterrupt from None
     except Exception as e:  # rendezvous and agent failures: one line, not a traceback
         raise LaunchFailed(f"launch failed: {type(e).__name__}: {e}".splitlines()[0]) from None
@@ -182,6 +185,15 @@ class _FailedWorker(logging.Handler):
     def __init__(self, cluster: ClusterConfig) -> None:
         super().__init__(logging.ERROR)
         self.cluster = cluster
+        self.mistake = False
+
+    def _stop_agent(self) -> None:
+        """A worker stopped on a mistake in the job (exit status 2, its line printed):
+        restarting cannot help, so the agent is stopped as Ctrl-C would stop it (from
+        another thread, once this log call has returned)."""
+        if not self.mistake:
+            self.mistake = True
+            threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGTERM)).start()
 
     def emit(self, record: logging.LogRecord) -> None:
         from shoal.health import EXIT_PEER_LOST
@@ -189,6 +201,8 @@ class _FailedWorker(logging.Handler):
         if not str(record.msg).startswith("failed (exitcode") or len(record.args or ()) < 3:
             return
         code, local_rank, pid = record.args[:3]  # type: ignore[index]
+        if code == 2:
+            self._stop_agent()
         if code in (EXIT_PEER_LOST, 2):  # it named the culprit, or its mistake, itself
             return
         how = describe_exit(code)
@@ -204,12 +218,14 @@ class _FailedWorker(logging.Handler):
         )
 
 
-def _name_failed_workers(cluster: ClusterConfig) -> None:
+def _name_failed_workers(cluster: ClusterConfig) -> _FailedWorker:
     log = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
     log.handlers = [h for h in log.handlers if not isinstance(h, _FailedWorker)]
-    log.addHandler(_FailedWorker(cluster))
+    handler = _FailedWorker(cluster)
+    log.addHandler(handler)
     log.setLevel(logging.ERROR)
     log.propagate = False
+    return handler
 
 
 def _quiet_torchrun() -> None:

@@ -183,6 +183,31 @@ class Progress:
 # --- records shared by every writer (rank 0 of a collective, or a coordinator) ---------
 
 
+WINDOW_FIELDS = 4 + len(PHASES)
+"""Columns of a window row before the optional memory figures: loss sum, samples,
+bytes sent and received, then one time per phase."""
+
+
+def totals_row(
+    sent: float, received: float, memory: dict[str, int], own: list[float], host: str
+) -> torch.Tensor:
+    """One worker's totals at the end of a run, as gathered to the writer."""
+    values = [sent, received, *(memory.get(k, 0) for k in MEMORY_FIELDS), *own]
+    return torch.cat([torch.tensor(values, dtype=torch.float64), host_code(host)])
+
+
+def read_totals(rows: torch.Tensor, own: int = 0) -> dict[str, Any]:
+    """The columns of gathered :func:`totals_row` rows (one per worker)."""
+    end = 2 + len(MEMORY_FIELDS)
+    return {
+        "sent": rows[:, 0],
+        "received": rows[:, 1],
+        "memory": rows[:, 2:end],
+        "own": rows[:, end : end + own],
+        "hosts": [host_name(r) for r in rows[:, end + own :]],
+    }
+
+
 def window_row(
     loss_sum: float,
     count: int,

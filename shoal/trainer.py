@@ -22,17 +22,17 @@ from shoal.data import Dataset, GlobalBatchSampler, Task, build_dataset
 from shoal.dist import DistEnv
 from shoal.errors import UserError
 from shoal.faults import Injector
-from shoal.memory import MEMORY_FIELDS, named
+from shoal.memory import named
 from shoal.metrics import (
     SUMMARY_FILE,
     MetricsFile,
     PhaseTimer,
     Progress,
     build_summary,
-    host_code,
-    host_name,
     merge_counts,
+    read_totals,
     save_model,
+    totals_row,
     window_record,
     window_row,
 )
@@ -293,20 +293,15 @@ class Trainer:
         comm = self.strategy.comm
         model = self.strategy.eval_model()  # collective where the model is sharded
         self._memory()
-        memory = [self.peak_memory[k] for k in MEMORY_FIELDS]
-        mine = [comm.sent, comm.received, *memory, *self.strategy.totals()]
-        row = torch.cat([torch.tensor(mine, dtype=torch.float64), host_code(self.env.host)])
-        totals = self.gatherer.gather(row, "totals")
+        own = self.strategy.totals()
+        row = totals_row(comm.sent, comm.received, self.peak_memory, own, self.env.host)
+        rows = self.gatherer.gather(row, "totals")
         counts = self.samples_per_epoch()
-        if totals is None or counts is None:
+        if rows is None or counts is None:
             return
         save_model(model, self.out)
-        mem_end = 2 + len(MEMORY_FIELDS)
-        mem, own, hosts = (
-            totals[:, 2:mem_end],
-            totals[:, mem_end : len(mine)],
-            totals[:, len(mine) :],
-        )
+        totals = read_totals(rows, len(own))
+        mem = totals["memory"]
         summary = build_summary(
             self.job,
             dataset=self.data.name,
@@ -321,15 +316,15 @@ class Trainer:
             per_worker=[
                 {
                     "rank": r,
-                    "host": host_name(hosts[r]),
-                    "bytes_sent": int(t[0]),
-                    "bytes_received": int(t[1]),
+                    "host": host,
+                    "bytes_sent": int(totals["sent"][r]),
+                    "bytes_received": int(totals["received"][r]),
                     "memory": named(mem[r]),
                 }
-                for r, t in enumerate(totals)
+                for r, host in enumerate(totals["hosts"])
             ],
             memory=named(mem.max(0).values),  # the most any rank held
-            **self.strategy.summarize(own),
+            **self.strategy.summarize(totals["own"]),
             checkpoints={
                 "saved": self.saver.saves,
                 "background": self.saver.background,

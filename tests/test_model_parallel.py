@@ -152,3 +152,19 @@ def test_the_transformer_beats_the_unigram_baseline(tmp_path):
     s = read_summary(out)
     assert s["data"] == "text" and s["unigram_perplexity"] > 20
     assert s["test_perplexity"] < 0.5 * s["unigram_perplexity"]
+
+
+@pytest.mark.timeout(120)
+def test_a_mistake_found_by_the_workers_is_said_once_and_not_retried(tmp_path):
+    """Unit names are known only once the model is built, in the workers: both ranks
+    refuse, the agent's restarts end at once, and the user sees the reason."""
+    proc = train(
+        tmp_path / "run",
+        *LM_JOB,
+        *["--strategy", "pipeline", "--workers", "2", "--split-at", "block9"],
+        check=False,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("shoal:")]
+    assert lines and all("--split-at block9: no such unit" in line for line in lines), lines
+    assert len(lines) <= 2  # once per rank, not once per restart

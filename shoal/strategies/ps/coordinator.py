@@ -27,13 +27,15 @@ import zmq
 from shoal.config import JobConfig, write_atomic
 from shoal.data import build_dataset
 from shoal.errors import UserError
+from shoal.memory import named
 from shoal.metrics import (
     SUMMARY_FILE,
+    WINDOW_FIELDS,
     CommCounter,
     MetricsFile,
     Progress,
     build_summary,
-    host_name,
+    read_totals,
     save_model,
     window_record,
 )
@@ -421,7 +423,7 @@ class Coordinator(ShardRecovery, threading.Thread):
         self.counts[step // self.steps_per_epoch] += int(row[1])
         self.tasks_done[worker] += 1
         self.samples_done[worker] += int(row[1])
-        row = row.clone()
+        row = row[:WINDOW_FIELDS].clone()  # (memory: in each worker's totals)
         row[2:4] = 0  # byte counters are cumulative per worker: kept apart
         self.step_rows[step] = row if step not in self.step_rows else self.step_rows[step] + row
         self.step_lr[step] = float(meta.get("lr", 0.0))
@@ -546,6 +548,7 @@ class Coordinator(ShardRecovery, threading.Thread):
         per_worker = []
         for w in range(max(self.num_workers, max(self.tasks_done, default=-1) + 1)):
             t = self.totals.get(w)
+            t = None if t is None else read_totals(t.unsqueeze(0))
             entry: dict[str, Any] = {
                 "rank": w,
                 "bytes_sent": 0,
@@ -555,7 +558,12 @@ class Coordinator(ShardRecovery, threading.Thread):
                 "samples_per_s": self.samples_done[w] / max(self.wall_time(), 1e-9),
             }
             if t is not None:
-                entry.update(host=host_name(t[2:]), bytes_sent=int(t[0]), bytes_received=int(t[1]))
+                entry.update(
+                    host=t["hosts"][0],
+                    bytes_sent=int(t["sent"][0]),
+                    bytes_received=int(t["received"][0]),
+                    memory=named(t["memory"][0]),
+                )
             if w in self.failures:
                 entry["failed_exit_code"] = self.failures[w][-1]
                 entry["failures"] = len(self.failures[w])
