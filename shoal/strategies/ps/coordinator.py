@@ -547,8 +547,6 @@ class Coordinator(ShardRecovery, threading.Thread):
         counts = dict(sorted(self.counts.items()))
         per_worker = []
         for w in range(max(self.num_workers, max(self.tasks_done, default=-1) + 1)):
-            t = self.totals.get(w)
-            t = None if t is None else read_totals(t.unsqueeze(0))
             entry: dict[str, Any] = {
                 "rank": w,
                 "bytes_sent": 0,
@@ -557,13 +555,10 @@ class Coordinator(ShardRecovery, threading.Thread):
                 "samples": self.samples_done[w],
                 "samples_per_s": self.samples_done[w] / max(self.wall_time(), 1e-9),
             }
-            if t is not None:
-                entry.update(
-                    host=t["hosts"][0],
-                    bytes_sent=int(t["sent"][0]),
-                    bytes_received=int(t["received"][0]),
-                    memory=named(t["memory"][0]),
-                )
+            if w in self.totals:  # what the worker sent when it finished
+                t = read_totals(self.totals[w].unsqueeze(0))
+                entry.update(host=t["hosts"][0], memory=named(t["memory"][0]))
+                entry.update(bytes_sent=int(t["sent"][0]), bytes_received=int(t["received"][0]))
             if w in self.failures:
                 entry["failed_exit_code"] = self.failures[w][-1]
                 entry["failures"] = len(self.failures[w])
