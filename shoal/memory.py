@@ -68,6 +68,9 @@ class ActivationMeter:
         self.live: dict[int, list[int]] = {}  # storage pointer -> [references, bytes]
         self.current = 0
         self.peak = 0
+        self.enabled = True
+        """Off, :meth:`measure` does nothing: the trainer measures one step per log
+        window (a step's activations are the same from step to step)."""
 
     def _add(self, key: int, size: int) -> None:
         entry = self.live.setdefault(key, [0, size])
@@ -100,7 +103,10 @@ class ActivationMeter:
 
     @contextlib.contextmanager
     def measure(self) -> Iterator[None]:
-        """Count what autograd saves inside this block."""
+        """Count what autograd saves inside this block (while :attr:`enabled`)."""
+        if not self.enabled:
+            yield
+            return
         with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
             yield
 

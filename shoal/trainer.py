@@ -182,6 +182,7 @@ class Trainer:
         timer = PhaseTimer(self.env.device)
         window = _Window(torch.zeros((), device=self.env.device, dtype=torch.float64))
         work = self.strategy.work(self.sampler, self.step, self.total_steps)
+        first = True
         try:
             while True:
                 with timer.phase("wait"):
@@ -195,6 +196,9 @@ class Trainer:
                         self.strategy.prefetch(self._batch(ahead.indices))
                 lr = self.strategy.lr
                 self.step = task.step  # until it is done
+                # activations: measured in the first step and each step that logs
+                self.strategy.activations.enabled = first or work.log_now(task.step + 1)
+                first = False
                 loss_sum = self.strategy.train_step(batch, self.loss_fn, task.loss_scale, timer)
                 self.step = task.step + 1
                 window.loss_sum += loss_sum
