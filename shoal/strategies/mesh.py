@@ -134,7 +134,7 @@ class ModelParallel(Strategy):
         return self.replica
 
     def state_dict(self) -> dict[str, Any]:
-        return {"scheduler": self.scheduler.state_dict()}  # the rest: load_sharded
+        return {"scheduler": self.scheduler.state_dict()}  # the rest: save_shards, load_shards
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.scheduler.load_state_dict(state["scheduler"])

@@ -141,8 +141,7 @@ class Pipeline(ModelParallel):
         stage_arg: Any = self.stages if schedule is ScheduleInterleaved1F1B else self.stages[0]
         self.schedule = schedule(stage_arg, m, loss_fn=self._loss, scale_grads=False)
         self._optimizer(self.model.parameters(), total_steps)
-        self.busy = 0.0
-        self.step_time = 0.0
+        self.busy = 0.0  # seconds this rank's stages computed in the current step
         self.idle: list[float] = []
 
     def _starts(self, model: nn.Module, units: list[tuple[str, nn.Module]], stages: int):
@@ -182,8 +181,7 @@ class Pipeline(ModelParallel):
                 runs.append(time.perf_counter() - start)
             x = out.detach()
             costs.append(sorted(runs)[1])
-        unit_grads = [p for p in model.parameters()]
-        for p in unit_grads:
+        for p in model.parameters():  # the measurement's gradients are not training's
             p.grad = None
         mean = torch.tensor(costs, dtype=torch.float64)
         dist.all_reduce(mean)
