@@ -66,6 +66,7 @@ def time_ps(address: str, payload: torch.Tensor, reps: int) -> list[float]:
         "bench",
         CommCounter(),
         max_bytes=2 * payload.nbytes,
+        target="shard-0",
     )
     peer.call(
         {"op": "init", "parts": 1, "total_steps": 10**9, "keys": ["w@0"], "tables": []}, [payload]

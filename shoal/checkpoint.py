@@ -6,14 +6,23 @@ real name. :class:`AsyncSaver` does the writing in a background thread, so
 training stops only to copy its state. ``meta.json`` records the SHA-256 of
 the state file; loading checks it, and :func:`load_latest` falls back to an
 older checkpoint (with a warning) when the newest is truncated or corrupt.
+Files and directories are fsynced before and after the rename; a checkpoint that
+replaces one of the same step is swapped in atomically (``RENAME_EXCHANGE``). A
+write the disk refuses (full) removes its partial files and is reported in one
+line; training goes on. State is loaded with ``weights_only``, and a sharded
+checkpoint's DCP metadata through an allow-list, so that a run directory from
+someone else cannot run code (:func:`read_dcp_metadata`).
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import io
 import json
 import os
+import pickle
 import shutil
 import sys
 import threading
@@ -23,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from shoal.errors import UserError
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
@@ -63,12 +74,15 @@ class AsyncSaver:
         self.stall_s = 0.0
         """Seconds the caller was blocked, over all saves."""
         self.saves = 0
+        self.failed = 0
+        """Saves that could not be written (a full disk, say): each said so in one line."""
 
     def save(self, step: int, state: dict[str, Any]) -> None:
         start = time.perf_counter()
         self.wait()
         if not self.background:  # the same work in the caller's thread, for comparison
-            save(self.run_dir, step, state, keep=self.keep)
+            self._write(step, state)
+            self.wait()
             self.stall_s += time.perf_counter() - start
             self.saves += 1
             return
@@ -102,9 +116,16 @@ class AsyncSaver:
                 shutil.rmtree(stale, ignore_errors=True)
         if dist.is_initialized():
             dist.barrier()
-        write_shards(shards)
-        if writer:
-            save(self.run_dir, step, state, keep=self.keep, shards=shards)
+        try:  # a failure reaches every rank: DCP gathers each rank's outcome
+            write_shards(shards)
+            if writer:
+                save(self.run_dir, step, state, keep=self.keep, shards=shards)
+        except Exception as e:
+            if not _write_failure(e):
+                raise
+            if writer:
+                shutil.rmtree(shards, ignore_errors=True)
+                self._failed(step, e)
         self.stall_s += time.perf_counter() - start
         self.saves += 1
 
@@ -113,15 +134,37 @@ class AsyncSaver:
             save(self.run_dir, step, state, keep=self.keep)
         except BaseException as e:  # handed to the training thread by wait()
             self._error = e
+            self._error_step = step
+
+    def _failed(self, step: int, error: BaseException) -> None:
+        why = getattr(error, "strerror", None) or str(error).splitlines()[0][:200]
+        print(
+            f"shoal: warning: the checkpoint of step {step} was not written ({why}); "
+            "training goes on and the next checkpoint is tried as usual",
+            file=sys.stderr,
+            flush=True,
+        )
+        self.failed += 1
 
     def wait(self) -> None:
-        """Block until the write in flight is on disk; raise its error if it failed."""
+        """Block until the write in flight is on disk. A write the disk refused (full,
+        read-only) is reported in one line and training goes on; other errors are raised."""
         if self._thread is not None:
             self._thread.join()
             self._thread = None
         if self._error is not None:
             error, self._error = self._error, None
-            raise error
+            if not _write_failure(error):
+                raise error
+            self._failed(self._error_step, error)
+
+
+def _write_failure(error: BaseException) -> bool:
+    """Whether ``error`` is the filesystem refusing a write (also as DCP reports it)."""
+    if isinstance(error, OSError):
+        return True
+    text = str(error)
+    return any(s in text for s in ("No space left", "Disk quota", "Read-only file system"))
 
 
 def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
@@ -155,30 +198,56 @@ def save(
     final = step_path(run_dir, step)
     tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    with (tmp / STATE_FILE).open("wb") as fh:
-        fh.write(raw)
-        fh.flush()
-        os.fsync(fh.fileno())
-    meta: dict[str, Any] = {"step": step, "sha256": _sha256(raw), "bytes": len(raw)}
-    if shards is not None:
-        os.rename(shards, tmp / SHARDS_DIR)
-        meta["files"] = {
-            str(f.relative_to(tmp)): _sha256(f.read_bytes())
-            for f in sorted((tmp / SHARDS_DIR).rglob("*"))
-            if f.is_file()
-        }
-    (tmp / META_FILE).write_text(json.dumps(meta))
-    if final.exists():  # swap by renames: at every instant one complete copy has the real name
+    try:
+        tmp.mkdir()
+        _write_synced(tmp / STATE_FILE, raw)
+        meta: dict[str, Any] = {"step": step, "sha256": _sha256(raw), "bytes": len(raw)}
+        if shards is not None:
+            os.rename(shards, tmp / SHARDS_DIR)
+            meta["files"] = {
+                str(f.relative_to(tmp)): _sha256(f.read_bytes())
+                for f in sorted((tmp / SHARDS_DIR).rglob("*"))
+                if f.is_file()
+            }
+        _write_synced(tmp / META_FILE, json.dumps(meta).encode())
+        _fsync_dir(tmp)
+    except BaseException:  # a full disk, say: no partial checkpoint stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if not final.exists():
+        os.rename(tmp, final)
+    elif _exchange(tmp, final):  # one atomic swap: a complete copy has the name throughout
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:  # no renameat2 here: the old copy steps aside for an instant
         trash = root / f".old-step-{step:08d}-{os.getpid()}"
         os.rename(final, trash)
         os.rename(tmp, final)
         shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
     _fsync_dir(root)
     prune(run_dir, step, keep)
     return final
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with path.open("wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directory entries atomically (Linux ``renameat2(RENAME_EXCHANGE)``);
+    ``False`` where the system or filesystem does not offer it."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def _sweep(root: Path) -> None:
@@ -237,7 +306,91 @@ def load(path: Path) -> dict[str, Any]:
                 raise CheckpointError(f"{path / name}: checksum mismatch (truncated or corrupt)")
         except OSError as e:
             raise CheckpointError(f"{path / name}: unreadable ({e})") from None
+    if (path / SHARDS_DIR / ".metadata").is_file():  # before anyone hands it to DCP
+        read_dcp_metadata(path / SHARDS_DIR / ".metadata")
     return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+
+
+# --- sharded checkpoints read without running code -------------------------------------
+
+_DCP_METADATA = "torch.distributed.checkpoint.metadata"
+SAFE_GLOBALS = {
+    _DCP_METADATA: {
+        "Metadata",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "TensorProperties",
+        "MetadataIndex",
+        "StorageMeta",
+        "_MEM_FORMAT_ENCODING",
+    },
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "PurePosixPath"},
+    "collections": {"OrderedDict"},
+}
+"""What DCP's ``.metadata`` pickle may name: its own dataclasses and torch's plain types."""
+
+
+class UnsafeCheckpoint(UserError):
+    """A checkpoint whose files would run code when loaded: refused, never loaded."""
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP metadata; any other class or function is refused before it exists."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if name in SAFE_GLOBALS.get(module, ()):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"{module}.{name}"[:120])
+
+
+def read_dcp_metadata(path: Path) -> Any:
+    """DCP's ``.metadata`` of the sharded checkpoint in ``path``, read with an allow-list
+    (:data:`SAFE_GLOBALS`); a file that names anything else raises
+    :class:`UnsafeCheckpoint`."""
+    try:
+        with path.open("rb") as fh:
+            return _MetadataUnpickler(fh).load()
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpoint(
+            f"{path}: names {e}, which no checkpoint of shoal holds; refusing to load it "
+            "(was the run directory written by someone else?)"
+        ) from None
+    except (OSError, EOFError, ValueError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: unreadable DCP metadata ({e})") from None
+
+
+def _safe_dcp() -> tuple[Any, Any]:
+    """DCP's file reader and load planner, without their two pickle loads: metadata
+    through :func:`read_dcp_metadata`, non-tensor values with ``weights_only``."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class Reader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            metadata = read_dcp_metadata(Path(self._get_metadata_path(kwargs.get("rank"))))
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    class Planner(DefaultLoadPlanner):
+        def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+            loaded = torch.load(value, weights_only=True)
+            if self.flatten_state_dict:
+                from torch.distributed.checkpoint._traverse import set_element
+
+                mapping = self.mappings[read_item.dest_index.fqn]
+                set_element(self.original_state_dict, mapping, loaded)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = loaded
+
+    return Reader, Planner
 
 
 def _flat_options() -> Any:
@@ -265,7 +418,8 @@ def read_shards(directory: Path, model: torch.nn.Module, optimizer: torch.optim.
 
     model_state, optim_state = get_state_dict(model, optimizer, options=_flat_options())
     state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, checkpoint_id=str(directory))
+    reader, planner = _safe_dcp()
+    dcp.load(state, storage_reader=reader(str(directory)), planner=planner())
     set_state_dict(
         model,
         optimizer,

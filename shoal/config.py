@@ -33,12 +33,32 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
-def _f(default: Any, help: str, flag: str | None = None, choices: tuple | None = None) -> Any:
+BIG = 1 << 40
+"""An upper bound for counts: far beyond any real job, far below overflow."""
+SEED_MAX = 2**32 - 1
+"""numpy's seeds are 32-bit."""
+
+
+def _f(
+    default: Any,
+    help: str,
+    flag: str | None = None,
+    choices: tuple | None = None,
+    low: float | None = None,
+    high: float | None = None,
+    above: float | None = None,
+    below: float | None = None,
+) -> Any:
+    """A field with its help text, flag name, choices, and the range a number must be in
+    (``low <= x <= high``; ``above``/``below`` exclude their bound). Numbers without a
+    range must still be finite."""
     meta: dict[str, Any] = {"help": help}
     if flag:
         meta["flag"] = flag
     if choices:
         meta["choices"] = choices
+    bounds = {"low": low, "high": high, "above": above, "below": below}
+    meta.update({k: v for k, v in bounds.items() if v is not None})
     return field(default=default, metadata=meta)
 
 
@@ -52,9 +72,11 @@ class ModelConfig:
         "for your own",
         flag="--model",
     )
-    hidden: int = _f(128, "width of each hidden layer (mlp, cnn); model width (transformer)")
-    layers: int = _f(2, "number of hidden layers (mlp); of blocks (transformer)")
-    heads: int = _f(4, "attention heads per block (transformer)")
+    hidden: int = _f(
+        128, "width of each hidden layer (mlp, cnn); model width (transformer)", low=1, high=1 << 16
+    )
+    layers: int = _f(2, "number of hidden layers (mlp); of blocks (transformer)", low=1, high=1024)
+    heads: int = _f(4, "attention heads per block (transformer)", low=1, high=1024)
 
 
 @dataclass
@@ -67,13 +89,17 @@ class DataConfig:
         "empty picks the model's default",
         flag="--data",
     )
-    num_samples: int = _f(4096, "samples to generate (synthetic data)")
-    num_features: int = _f(32, "features per sample (synthetic data)")
-    noise: float = _f(0.1, "standard deviation of the label noise (synthetic-linear)")
-    table_rows: int = _f(1_000_000, "rows of the hashed embedding table (ctr)")
-    context: int = _f(64, "tokens per training sequence (text)")
-    test_fraction: float = _f(0.2, "fraction of the data held out for evaluation")
-    data_seed: int = _f(1234, "seed of the data generator and of the train/test split")
+    num_samples: int = _f(4096, "samples to generate (synthetic data)", low=1, high=1 << 31)
+    num_features: int = _f(32, "features per sample (synthetic data)", low=1, high=1 << 20)
+    noise: float = _f(
+        0.1, "standard deviation of the label noise (synthetic-linear)", low=0, high=1e6
+    )
+    table_rows: int = _f(1_000_000, "rows of the hashed embedding table (ctr)", low=1, high=BIG)
+    context: int = _f(64, "tokens per training sequence (text)", low=1, high=1 << 20)
+    test_fraction: float = _f(0.2, "fraction of the data held out for evaluation", low=0, below=1)
+    data_seed: int = _f(
+        1234, "seed of the data generator and of the train/test split", low=0, high=SEED_MAX
+    )
     drop_last: bool = _f(False, "drop the last, smaller global batch of each epoch")
 
 
@@ -87,10 +113,10 @@ class OptimConfig:
         flag="--optimizer",
         choices=("sgd", "momentum", "adam", "adamw", "adagrad"),
     )
-    lr: float = _f(0.05, "peak learning rate")
-    momentum: float = _f(0.9, "momentum (momentum optimizer)")
-    weight_decay: float = _f(0.0, "weight decay (decoupled for adamw)")
-    warmup_steps: int = _f(0, "steps of linear warmup from 0 to --lr")
+    lr: float = _f(0.05, "peak learning rate", above=0, high=1e4)
+    momentum: float = _f(0.9, "momentum (momentum optimizer)", low=0, high=1)
+    weight_decay: float = _f(0.0, "weight decay (decoupled for adamw)", low=0, high=1e4)
+    warmup_steps: int = _f(0, "steps of linear warmup from 0 to --lr", low=0, high=BIG)
     schedule: str = _f(
         "constant",
         "learning-rate schedule after warmup",
@@ -104,28 +130,48 @@ class StrategyConfig:
     """How the work is spread over processes."""
 
     name: str = _f("allreduce", "distribution strategy", flag="--strategy")
-    bucket_mb: float = _f(25.0, "gradient bucket size in MB for all-reduce overlap")
+    bucket_mb: float = _f(
+        25.0, "gradient bucket size in MB for all-reduce overlap", above=0, high=1e5
+    )
     ps_mode: str = _f(
         "bsp",
         "parameter-server consistency: bsp (lock step), asp (async), ssp (bounded staleness)",
         choices=("bsp", "asp", "ssp"),
     )
-    staleness: int = _f(3, "ssp: how many steps a task may run ahead of the oldest unfinished step")
-    ps_max_message_mb: float = _f(1024.0, "parameter server: largest message accepted, in MB")
+    staleness: int = _f(
+        3,
+        "ssp: how many steps a task may run ahead of the oldest unfinished step",
+        low=0,
+        high=1 << 20,
+    )
+    ps_max_message_mb: float = _f(
+        1024.0, "parameter server: largest message accepted, in MB", above=0, high=1 << 20
+    )
     heartbeat_timeout: float = _f(
         3.0,
         "seconds without a heartbeat before a worker is declared dead, hung or cut off",
+        above=0,
+        high=86400,
     )
-    sync_every: int = _f(8, "local-sgd, diloco: local steps between synchronizations (H)")
-    outer_lr: float = _f(0.7, "diloco: learning rate of the outer Nesterov SGD")
-    outer_momentum: float = _f(0.9, "diloco: momentum of the outer Nesterov SGD")
+    sync_every: int = _f(
+        8, "local-sgd, diloco: local steps between synchronizations (H)", low=1, high=1 << 30
+    )
+    outer_lr: float = _f(0.7, "diloco: learning rate of the outer Nesterov SGD", above=0, high=1e4)
+    outer_momentum: float = _f(0.9, "diloco: momentum of the outer Nesterov SGD", low=0, below=1)
     mesh: str = _f(
         "",
         "model-parallel strategies: the workers as a mesh, e.g. dp=2,pp=2 (pipeline) or "
         "dp=2,tp=2 (tensor); empty: every worker along the strategy's own dimension",
     )
-    stages: int = _f(0, "pipeline: stages, one per rank along pp (0: --mesh, else all workers)")
-    microbatches: int = _f(4, "pipeline: microbatches each rank's slice of a step is cut into")
+    stages: int = _f(
+        0,
+        "pipeline: stages, one per rank along pp (0: --mesh, else all workers)",
+        low=0,
+        high=1 << 16,
+    )
+    microbatches: int = _f(
+        4, "pipeline: microbatches each rank's slice of a step is cut into", low=1, high=1 << 16
+    )
     schedule: str = _f(
         "1f1b",
         "pipeline schedule: gpipe (all forwards, then all backwards), 1f1b (fewer activations "
@@ -153,15 +199,19 @@ class StrategyConfig:
 class TrainConfig:
     """The training loop."""
 
-    steps: int = _f(0, "global optimizer steps to run (0: derive from --epochs)")
-    epochs: float = _f(1.0, "passes over the training data, used when --steps is 0")
-    batch_size: int = _f(64, "GLOBAL batch size, split over all workers")
-    seed: int = _f(0, "seed for model initialisation and the data order")
+    steps: int = _f(0, "global optimizer steps to run (0: derive from --epochs)", low=0, high=BIG)
+    epochs: float = _f(
+        1.0, "passes over the training data, used when --steps is 0", above=0, high=1e6
+    )
+    batch_size: int = _f(64, "GLOBAL batch size, split over all workers", low=1, high=1 << 31)
+    seed: int = _f(0, "seed for model initialisation and the data order", low=0, high=SEED_MAX)
     device: str = _f("cpu", "where to compute", choices=("cpu", "cuda", "auto"))
-    log_every: int = _f(10, "steps between metric records")
-    eval_every: int = _f(0, "steps between evaluations on the test split (0: at the end only)")
-    checkpoint_every: int = _f(0, "steps between checkpoints (0: only at the end)")
-    keep_checkpoints: int = _f(3, "how many recent checkpoints to keep")
+    log_every: int = _f(10, "steps between metric records", low=1, high=BIG)
+    eval_every: int = _f(
+        0, "steps between evaluations on the test split (0: at the end only)", low=0, high=BIG
+    )
+    checkpoint_every: int = _f(0, "steps between checkpoints (0: only at the end)", low=0, high=BIG)
+    keep_checkpoints: int = _f(3, "how many recent checkpoints to keep", low=0, high=1 << 20)
     checkpoint_async: bool = _f(
         True, "write checkpoints in the background (training waits only for a copy of the state)"
     )
@@ -177,16 +227,26 @@ class TrainConfig:
 class ClusterConfig:
     """Processes and machines, as torchrun understands them."""
 
-    workers: int = _f(2, "worker processes on this machine (torchrun --nproc-per-node)")
-    servers: int = _f(1, "parameter-server shards on this machine (--strategy ps)")
+    workers: int = _f(
+        2, "worker processes on this machine (torchrun --nproc-per-node)", low=0, high=1 << 16
+    )
+    servers: int = _f(
+        1, "parameter-server shards on this machine (--strategy ps)", low=0, high=1 << 16
+    )
     nnodes: int = _f(
         1,
         "number of machines (torchrun --nnodes); MIN:MAX is elastic: the job goes on with "
         "as few as MIN and takes in machines up to MAX (ps: starts once MIN are in; later "
         "machines bring more workers)",
+        low=1,
+        high=1 << 16,
     )
-    min_nodes: int = _f(0, "elastic jobs: the fewest machines to go on with (0: --nnodes)")
-    node_rank: int = _f(0, "rank of this machine, 0..nnodes-1 (torchrun --node-rank)")
+    min_nodes: int = _f(
+        0, "elastic jobs: the fewest machines to go on with (0: --nnodes)", low=0, high=1 << 16
+    )
+    node_rank: int = _f(
+        0, "rank of this machine, 0..nnodes-1 (torchrun --node-rank)", low=0, high=1 << 16
+    )
     rdzv_endpoint: str = _f(
         "",
         "HOST:PORT of node 0 where the machines meet (torchrun --rdzv-endpoint); "
@@ -196,6 +256,8 @@ class ClusterConfig:
         3,
         "restarts after a failure: collective strategies restart every worker from the "
         "newest good checkpoint (torchrun --max-restarts); ps restarts the failed worker",
+        low=0,
+        high=1000,
     )
 
     @property
@@ -302,6 +364,49 @@ class JobConfig:
         if self.strategy.bucket_mb <= 0:
             raise UserError("--bucket-mb must be positive")
         _check_choices(self)
+        _check_numbers(self)
+
+
+def _check_numbers(job: JobConfig) -> None:
+    """Every number finite and in its field's range (``low``/``high``/``above``/``below``)."""
+    for section in dataclasses.fields(job):
+        comp = getattr(job, section.name)
+        for f in dataclasses.fields(comp):
+            value = getattr(comp, f.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+            if not math.isfinite(value):
+                raise UserError(f"{flag} must be a finite number, got {value}")
+            m = f.metadata
+            low, high, above, below = (m.get(k) for k in ("low", "high", "above", "below"))
+            ok = (
+                (low is None or value >= low)
+                and (above is None or value > above)
+                and (high is None or value <= high)
+                and (below is None or value < below)
+            )
+            if not ok:
+                lo = (
+                    f">= {low:g}"
+                    if low is not None
+                    else f"> {above:g}"
+                    if above is not None
+                    else ""
+                )
+                hi = (
+                    f"<= {high:g}"
+                    if high is not None
+                    else f"< {below:g}"
+                    if below is not None
+                    else ""
+                )
+                if isinstance(value, int):  # counts and seeds read better whole
+                    lo, hi = (x.replace("e+", "e") for x in (lo, hi))
+                    if high is not None and high < 1e15:
+                        hi = f"<= {int(high)}"
+                need = " and ".join(x for x in (lo, hi) if x)
+                raise UserError(f"{flag} must be {need}, got {value}")
 
 
 def _positive(flag: str, value: int) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 import time
 from collections import defaultdict
@@ -91,31 +93,73 @@ class MetricsFile:
     """Appends one JSON object per line to ``metrics.jsonl`` (rank 0 only).
 
     On resume the records after the checkpoint's step are dropped first, so the
-    file reads as one uninterrupted run.
+    file reads as one uninterrupted run; a torn or corrupt tail (a line cut by a
+    crash, a block of NUL bytes) is cut off with a warning, and the file is
+    rewritten atomically. A record that cannot be written (a full disk) is
+    dropped with one warning, its partial line removed; training goes on.
     """
 
     def __init__(self, path: Path, resume_step: int | None = None) -> None:
+        from shoal.config import write_atomic
+
         self.path = path
+        self.dropped = 0
         if resume_step is not None and path.exists():
-            kept = [
-                line
-                for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step
-            ]
-            path.write_text("".join(line + "\n" for line in kept))
-        self._fh: IO[str] = path.open("a")
+            records, torn = _parse(path.read_bytes())
+            if torn:
+                print(
+                    f"shoal: warning: {path}: cut off a torn or corrupt tail of {torn} bytes "
+                    "(the run was interrupted while writing it)",
+                    file=sys.stderr,
+                )
+            kept = [line for line, record in records if record.get("step", 0) <= resume_step]
+            write_atomic(path, b"".join(line + b"\n" for line in kept))
+        self._fh: IO[bytes] = path.open("ab")
 
     def write(self, record: dict[str, Any]) -> None:
-        self._fh.write(json.dumps(record) + "\n")
-        self._fh.flush()
+        good = self._fh.tell()
+        try:
+            self._fh.write(json.dumps(record).encode() + b"\n")
+            self._fh.flush()
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fh.fileno(), good)  # no torn line under later records
+            if not self.dropped:
+                print(
+                    f"shoal: warning: cannot write {self.path} ({e.strerror}); metric records "
+                    "are dropped until it can",
+                    file=sys.stderr,
+                )
+            self.dropped += 1
 
     def close(self) -> None:
-        self._fh.close()
+        with contextlib.suppress(OSError):
+            self._fh.close()
+
+
+def _parse(raw: bytes) -> tuple[list[tuple[bytes, dict[str, Any]]], int]:
+    """The records of a metrics file up to its first bad line; and how many bytes follow."""
+    records: list[tuple[bytes, dict[str, Any]]] = []
+    at = 0
+    for line in raw.split(b"\n"):
+        end = at + len(line) + 1
+        if not line.strip():
+            at = end
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or end > len(raw):  # corrupt, or no newline: torn
+            return records, len(raw) - at
+        records.append((line, record))
+        at = end
+    return records, 0
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """All records of a ``metrics.jsonl`` file."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The records of a ``metrics.jsonl`` file (up to a torn or corrupt tail, if any)."""
+    return [record for _, record in _parse(path.read_bytes())[0]]
 
 
 class Progress:

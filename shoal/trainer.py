@@ -330,7 +330,8 @@ class Trainer:
             memory=named(mem.max(0).values),  # the most any rank held
             **self.strategy.summarize(totals["own"]),
             checkpoints={
-                "saved": self.saver.saves,
+                "saved": self.saver.saves - self.saver.failed,
+                "failed": self.saver.failed,
                 "background": self.saver.background,
                 "stall_s": self.saver.stall_s,
             },

@@ -15,7 +15,7 @@ import torch.distributed
 
 from shoal import dist
 from shoal.config import load_toml
-from shoal.errors import USER_ERROR_FILE, UserError
+from shoal.errors import USER_ERROR_FILE, PeerRejected, UserError
 from shoal.health import EXIT_PEER_LOST, Heartbeat
 from shoal.strategies import strategy_class
 from shoal.trainer import Trainer
@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
             with contextlib.suppress(OSError):
                 (Path(job.output.out) / USER_ERROR_FILE).write_text(f"{e}\n")
         return 2
+    except PeerRejected as e:
+        print(f"shoal: error: {e}", file=sys.stderr)
+        return 1
     except (torch.distributed.DistError, RuntimeError) as e:
         if not _peer_failure(e):
             raise

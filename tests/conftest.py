@@ -93,3 +93,11 @@ def local_sgd_reference(session_tmp: Path) -> Path:
     out = session_tmp / "local-sgd-reference"
     train(out, *LINEAR_JOB, "--workers", "2", "--strategy", "local-sgd", "--checkpoint-every", "96")
     return out
+
+
+@pytest.fixture(scope="session")
+def ps_bsp_linear(session_tmp: Path) -> Path:
+    """The linear job on the parameter server (bsp, 2 workers, 2 shards), unfailed."""
+    out = session_tmp / "ps-bsp-linear"
+    train(out, *LINEAR_JOB, "--strategy", "ps", "--workers", "2", "--servers", "2")
+    return out

@@ -135,3 +135,59 @@ def test_help_teaches():
     assert proc.returncode == 0
     for text in ("--batch-size", "GLOBAL", "--nnodes", "--rdzv-endpoint", "allreduce", "examples:"):
         assert text in proc.stdout
+
+
+HOSTILE = ["nan", "inf", "-1", "0", "1e30", "", "FILE", "FILE/under"]
+"""What the flag walk gives every flag: non-numbers, out-of-range numbers, nothing, and
+paths to a file and under a file (``FILE`` stands for a real file's path)."""
+
+
+def _train_flags() -> list[tuple[str, object]]:
+    from shoal.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if hasattr(a, "choices") and a.choices)
+    flags = []
+    for action in sub.choices["train"]._actions:
+        names = [o for o in action.option_strings if o.startswith("--")]
+        if not names or action.nargs == 0 or names[0] in ("--help", "--dry-run"):
+            continue  # switches take no value
+        flags.append((max(names, key=len), action.type))
+    return flags
+
+
+@pytest.mark.timeout(240)
+def test_every_flag_refuses_hostile_values_in_one_line(tmp_path, monkeypatch, capsys):
+    """Every value-taking flag of ``shoal train --help`` x every hostile value, checked by
+    ``--dry-run``: a refusal is one line with a non-zero exit and no traceback; a number
+    that is not finite, negative or absurd is always refused; nothing is left behind."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SHOAL_FAULT", raising=False)
+    file = tmp_path / "a-file"
+    file.write_text("not a directory\n")
+    out = tmp_path / "run"
+    flags = _train_flags()
+    assert len(flags) > 40, [f for f, _ in flags]
+    refused = 0
+    for flag, kind in flags:
+        for raw in HOSTILE:
+            value = raw.replace("FILE", str(file))
+            args = ["train", flag, value, "--dry-run"]
+            if flag != "--out":
+                args += ["--out", str(out)]
+            try:
+                code = main(args)
+            except SystemExit as e:  # argparse's own refusals
+                code = e.code
+            captured = capsys.readouterr()
+            err = captured.err.strip()
+            where = f"{flag} {value!r}: {err}"
+            assert "Traceback" not in captured.err, where
+            if code:
+                refused += 1
+                assert len(err.splitlines()) == 1, where
+            if kind in (int, float) and raw in ("nan", "inf", "-1", "1e30"):
+                assert code, f"{flag} {value!r} was accepted"
+            if flag == "--out" and "FILE" in raw:
+                assert code and "--out" in err, where
+            assert not out.exists() and not (tmp_path / "runs").exists(), where
+    assert refused > len(flags) * 3

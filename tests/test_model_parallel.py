@@ -8,8 +8,11 @@ float tolerance, and hold about 1/P of its parameter and optimizer bytes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -137,11 +140,41 @@ def test_a_pipeline_checkpoint_resumes_as_data_parallel(tmp_path, single):
     train(out, *first, "--steps", "4", "--strategy", "pipeline", "--workers", "2")
     assert (out / "checkpoints" / "step-00000004" / "model" / ".metadata").exists()
     shutil.copytree(out, tmp_path / "as-fsdp")
+    _refuses_metadata_that_runs_code(out, tmp_path / "hostile")
     for strategy, run in (("allreduce", out), ("fsdp", tmp_path / "as-fsdp")):
         train(run, "--resume", str(run), "--steps", "6", "--strategy", strategy, "--workers", "2")
         s = read_summary(run)
         assert s["strategy"] == strategy and s["resumed_from_step"] == 4
         assert max_abs_diff(params(run), params(single)) < TOLERANCE
+
+
+class _Payload:
+    """What a hostile ``.metadata`` holds: unpickling it would run a shell command."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _refuses_metadata_that_runs_code(run: Path, copy: Path) -> None:
+    """DCP's metadata replaced by a pickle that would run code, its checksum in meta.json
+    updated as a careful attacker would: --resume refuses it in one line, nothing runs."""
+    shutil.copytree(run, copy)
+    step = copy / "checkpoints" / "step-00000004"
+    marker = copy / "pwned"
+    (step / "model" / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    meta = json.loads((step / "meta.json").read_text())
+    meta["files"]["model/.metadata"] = hashlib.sha256(
+        (step / "model" / ".metadata").read_bytes()
+    ).hexdigest()
+    (step / "meta.json").write_text(json.dumps(meta))
+    proc = train(copy, "--resume", str(copy), "--steps", "6", "--workers", "2", check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "posix.system" in lines[0] and "refusing" in lines[0], lines
+    assert not marker.exists()
 
 
 @pytest.mark.timeout(180)

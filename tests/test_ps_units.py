@@ -19,7 +19,7 @@ from shoal.models.sparse import (
     init_rows,
     remote_tables,
 )
-from shoal.strategies.ps import wire
+from shoal.strategies.ps import gate, wire
 from shoal.strategies.ps.client import Peer, PeerError
 from shoal.strategies.ps.consistency import Steps
 from shoal.strategies.ps.coordinator import Coordinator
@@ -81,16 +81,42 @@ def test_wire_refuses(frames, kind):
     assert e.value.kind == kind
 
 
-def test_handshake():
-    auth = wire.Authenticator(b"s" * 32)
-    with pytest.raises(wire.WireError, match="unauthenticated"):
-        auth.check(b"peer")
-    nonce = auth.handle(b"peer", {"op": "hello"})["nonce"]
-    with pytest.raises(wire.WireError, match="unauthenticated"):
-        auth.handle(b"peer", {"op": "auth", "mac": wire.mac(b"wrong" * 8, nonce)})
-    nonce = auth.handle(b"peer", {"op": "hello"})["nonce"]
-    assert auth.handle(b"peer", {"op": "auth", "mac": wire.mac(b"s" * 32, nonce)}) == {"op": "ok"}
-    auth.check(b"peer")
+def test_large_tensors_travel_in_bounded_frames():
+    t = torch.arange(3 * wire.FRAME_BYTES // 4 + 5, dtype=torch.float32)  # 4 frames
+    frames = wire.encode({"op": "x"}, [torch.ones(2), t])
+    assert len(frames) == 1 + 1 + 4 and max(len(memoryview(f)) for f in frames) <= wire.FRAME_BYTES
+    _, (small, big) = wire.decode(frames, 1 << 20)
+    assert torch.equal(big, t) and torch.equal(small, torch.ones(2))
+    for bad in (frames[:-1], [*frames[:-1], bytes(memoryview(frames[-1]))[:-4]]):
+        with pytest.raises(wire.WireError, match="truncated"):
+            wire.decode(bad, 1 << 20)
+    with pytest.raises(wire.WireError, match="oversized"):  # checked before any frame is read
+        wire.decode(frames[:1], 1000)
+
+
+def test_door_takes_each_good_token_once_and_only_for_its_target():
+    door = gate.Door(b"s" * 32, "shard-1")
+    token = gate.client_token(b"s" * 32, "worker0", "shard-1").encode()
+    why, user = door.check(b"PLAIN", b"worker0", token)
+    assert why == "" and user.startswith("worker0|")
+    assert door.check(b"PLAIN", b"worker0", token)[0] == "replayed"
+    refusals = [
+        door.check(
+            b"PLAIN", b"worker0", gate.client_token(b"x" * 32, "worker0", "shard-1").encode()
+        ),
+        door.check(
+            b"PLAIN", b"worker0", gate.client_token(b"s" * 32, "worker0", "shard-2").encode()
+        ),
+        door.check(
+            b"PLAIN", b"worker1", gate.client_token(b"s" * 32, "worker0", "shard-1").encode()
+        ),
+        door.check(b"PLAIN", b"w", gate.client_token(b"s" * 32, "w", "shard-1", now=0).encode()),
+        door.check(b"NULL", b"", b""),
+        door.check(b"PLAIN", b"\xff", b"1.2"),
+    ]
+    assert [why for why, _ in refusals] == [
+        "bad-token", "bad-token", "bad-token", "expired", "mechanism", "malformed"
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -207,8 +233,9 @@ def test_server_checkpoint_and_restore_refuse_the_voided_work(tmp_path):
     srv = Server(0, b"k" * 32, OptimConfig(lr=0.1), "asp", 0, run_dir=tmp_path)
     thread = threading.Thread(target=srv.serve, daemon=True)
     thread.start()
+    ctx = zmq.Context.instance()
     try:
-        peer = Peer(zmq.Context.instance(), srv.address, b"k" * 32, "w", CommCounter(), 5)
+        peer = Peer(ctx, srv.address, b"k" * 32, "w", CommCounter(), 5, target="shard-0")
         peer.call(
             {"op": "init", "parts": 1, "total_steps": 10, "keys": ["w@0"], "tables": []},
             [torch.zeros(4)],
@@ -251,7 +278,8 @@ def server():
 def test_server_bsp_round_and_refusals(server):
     ctx = zmq.Context.instance()
     peers = [
-        Peer(ctx, server.address, b"k" * 32, f"w{i}", CommCounter(), timeout_s=5) for i in range(2)
+        Peer(ctx, server.address, b"k" * 32, f"w{i}", CommCounter(), timeout_s=5, target="shard-0")
+        for i in range(2)
     ]
     init = {"op": "init", "parts": 2, "total_steps": 10, "keys": ["w@0"], "tables": []}
     for p in peers:
@@ -270,21 +298,20 @@ def test_server_bsp_round_and_refusals(server):
     with pytest.raises(PeerError, match="oversized"):
         peers[0].call({"op": "push", "step": 1, "part": 0, "tables": []}, [torch.zeros(20000)])
     assert peers[0].call({"op": "ping"})[0]["op"] == "pong"  # still served
-    stranger = ctx.socket(zmq.DEALER)
+    stranger = ctx.socket(zmq.DEALER)  # no credentials: its messages never reach the shard
     stranger.connect(server.address)
     stranger.send_multipart(wire.encode({"op": "pull", "step": 0, "tables": []}))
-    assert stranger.poll(3000)
-    header, _ = wire.decode(stranger.recv_multipart(), 1 << 20)
-    assert header["op"] == "error" and header["kind"] == "unauthenticated"
+    assert not stranger.poll(1000)
     stranger.close(0)
     stats, _ = peers[0].call({"op": "stats"})
-    assert stats["stats"]["rejected"] == {"oversized": 1, "unauthenticated": 1}
+    assert stats["stats"]["rejected"] == {"oversized": 1}
+    assert stats["stats"]["refused_at_door"] == {"handshake": 1}
 
 
 @pytest.mark.timeout(30)
 def test_server_survives_hostile_and_inconsistent_requests(server):
     ctx = zmq.Context.instance()
-    peer = Peer(ctx, server.address, b"k" * 32, "w0", CommCounter(), timeout_s=5)
+    peer = Peer(ctx, server.address, b"k" * 32, "w0", CommCounter(), timeout_s=5, target="shard-0")
     init = {"op": "init", "parts": 2, "total_steps": 10, "keys": ["w@0"]}
     init["tables"] = [{"name": "t", "dim": 2, "init_std": 0.0, "seed": 0}]
     peer.call(init, [torch.zeros(4)])
@@ -302,11 +329,9 @@ def test_server_survives_hostile_and_inconsistent_requests(server):
     for header, tensors in bad:
         with pytest.raises(PeerError, match="malformed"):
             peer.call(header, tensors)
-    stranger = ctx.socket(zmq.DEALER)
-    stranger.connect(server.address)
-    stranger.send_multipart([b"[" * 60000])  # deep nesting: RecursionError in a JSON parser
-    assert stranger.poll(3000)
-    stranger.close(0)
+    peer.sock.send_multipart([b"[" * 60000])  # deep nesting: RecursionError in a JSON parser
+    assert peer.sock.poll(3000)
+    peer.sock.recv_multipart()
     # a table used twice in one push: both parts count (bsp: parts 0 and 1 of step 0)
     push = {"op": "push", "step": 0, "part": 0, "read_through": -1, "tables": ["t", "t"]}
     rows = [torch.tensor([1]), torch.ones(1, 2), torch.tensor([2]), torch.ones(1, 2)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from shoal.errors import UserError
+from shoal.errors import PeerRejected, UserError
 
 
 class Parser(argparse.ArgumentParser):
@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"shoal: error: {e}", file=sys.stderr)
         return 2
+    except PeerRejected as e:
+        print(f"shoal: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("shoal: interrupted", file=sys.stderr)
         return 130

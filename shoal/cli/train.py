@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import shutil
@@ -11,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from shoal import checkpoint, faults
+from shoal import checkpoint, faults, rundir
 from shoal.cli.flags import add_job_flags, apply_flags, given
 from shoal.config import JobConfig, load_toml
 from shoal.data import Dataset, build_dataset
@@ -64,11 +65,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def resolve_job(args: argparse.Namespace) -> JobConfig:
     """Defaults <- run dir (on --resume) <- --config <- flags, then checked."""
     resume = getattr(args, "output.resume", "")
-    job = JobConfig()
+    job = stored = JobConfig()
     if resume:
         if not (Path(resume) / "config.toml").is_file():
             raise UserError(f"--resume {resume}: not a shoal run directory (no config.toml)")
         job = load_toml(Path(resume) / "config.toml")
+        stored = copy.deepcopy(job)
     if args.config:
         job = load_toml(args.config, job)
     apply_flags(args, job)
@@ -102,8 +104,13 @@ def resolve_job(args: argparse.Namespace) -> JobConfig:
             f"({data.num_train} samples of {data.name})"
         )
     _check_model_fits(job, data)
+    if resume:
+        if not stored.data.name:  # (a hand-written config.toml)
+            stored.data.name = default_data(stored.model.name)
+        rundir.check_resume(stored, job)
     if not job.output.out:
         job.output.out = f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{job.strategy.name}"
+    rundir.check_out(Path(job.output.out))
     return job
 
 
@@ -141,12 +148,36 @@ def check_layout(job: JobConfig, path: Path) -> None:
         )
 
 
-def prepare_run_dir(job: JobConfig) -> Path:
-    """Check the run directory; return where the workers read the resolved job."""
+def prepare_run_dir(job: JobConfig) -> tuple[Path, rundir.RunLock | None]:
+    """Take and check the run directory (node 0 holds its lock for the whole job); return
+    where the workers read the resolved job. A refusal leaves the directory as it was."""
     out = Path(job.output.out)
+    if job.cluster.node_rank != 0:
+        check_port(job.cluster)
+        # Other machines only read the job; rank 0 (on node 0) owns the run directory.
+        tmp = Path(tempfile.mkdtemp(prefix="shoal-node-"))
+        write_resolved_config(job, tmp)
+        return tmp / "config.toml", None
+    created = out.absolute()  # the outermost directory this call creates, if any
+    while not created.parent.exists():
+        created = created.parent
+    existed, had_lock = out.exists(), (out / rundir.LOCK_FILE).exists()
+    lock = rundir.lock(out)
+    try:
+        _check_run_dir(job, out)
+        write_resolved_config(job, out)
+    except BaseException:
+        lock.release()
+        if not existed:
+            shutil.rmtree(created, ignore_errors=True)
+        elif not had_lock:
+            (out / rundir.LOCK_FILE).unlink(missing_ok=True)
+        raise
+    return out / "config.toml", lock
+
+
+def _check_run_dir(job: JobConfig, out: Path) -> None:
     if job.output.resume:
-        if job.cluster.node_rank == 0:  # a mistake reported by the run before
-            (out / USER_ERROR_FILE).unlink(missing_ok=True)
         root = strategy_class(job.strategy.name).checkpoint_root(out)
         if not checkpoint.list_checkpoints(root):
             raise UserError(f"--resume {out}: no checkpoint to resume from in {root}/checkpoints")
@@ -159,16 +190,10 @@ def prepare_run_dir(job: JobConfig) -> Path:
                 f"--resume {out}: the run is already at step {latest[1]['step']}; "
                 f"give --steps above it to continue"
             )
-    elif job.cluster.node_rank == 0 and out.exists() and any(out.iterdir()):
+        (out / USER_ERROR_FILE).unlink(missing_ok=True)  # a mistake reported by the run before
+    elif not rundir.is_empty(out):
         raise UserError(f"run directory {out} already exists; choose another --out or --resume it")
     check_port(job.cluster)
-    if job.cluster.node_rank == 0:
-        write_resolved_config(job, out)
-        return out / "config.toml"
-    # Other machines only read the job; rank 0 (on node 0) owns the run directory.
-    tmp = Path(tempfile.mkdtemp(prefix="shoal-node-"))
-    write_resolved_config(job, tmp)
-    return tmp / "config.toml"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -179,7 +204,17 @@ def run(args: argparse.Namespace) -> int:
         print(dumps_toml(job))
         print(describe(job.cluster, str(Path(job.output.out) / "config.toml")))
         return 0
-    config_path = prepare_run_dir(job)
+    config_path, lock = prepare_run_dir(job)  # held until the job ends
+    try:
+        return _train(job, config_path)
+    finally:
+        if lock is not None:
+            lock.release()
+        if job.cluster.node_rank != 0:
+            shutil.rmtree(config_path.parent, ignore_errors=True)
+
+
+def _train(job: JobConfig, config_path: Path) -> int:
     try:
         strategy_class(job.strategy.name).launch(job, str(config_path))
     except LaunchFailed as e:
@@ -187,9 +222,6 @@ def run(args: argparse.Namespace) -> int:
             return 2  # a worker found a mistake in the job, and said so
         print(f"shoal: error: training failed: {e}", file=sys.stderr)
         return 1
-    finally:
-        if job.cluster.node_rank != 0:
-            shutil.rmtree(config_path.parent, ignore_errors=True)
     out = Path(job.output.out)
     summary_path = out / SUMMARY_FILE
     if job.cluster.node_rank != 0 or not summary_path.exists():

@@ -1,5 +1,9 @@
 """Client side of the parameter-server wire: one authenticated DEALER per peer.
 
+A connection authenticates itself with a one-time token and then makes the
+listener prove that it knows the secret too (see
+:mod:`~shoal.strategies.ps.gate`) before anything else is asked of it.
+
 Requests carry an ``id``; replies are matched by it, so a pull that the server
 parks (BSP/SSP) does not block other requests to the same shard. Requests to
 all shards are sent first and awaited after, so shards work in parallel.
@@ -7,16 +11,20 @@ all shards are sent first and awaited after, so shards work in parallel.
 
 from __future__ import annotations
 
+import hmac
 import itertools
+import secrets
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
+from shoal.errors import PeerRejected
 from shoal.metrics import CommCounter
-from shoal.strategies.ps import wire
+from shoal.strategies.ps import gate, wire
 
 Reply = tuple[dict[str, Any], list[torch.Tensor]]
 
@@ -44,20 +52,56 @@ class Peer:
         comm: CommCounter,
         timeout_s: float = 300.0,
         max_bytes: int = 1 << 30,
+        target: str = "coordinator",
     ) -> None:
         self.address = address
         self.comm = comm
         self.timeout_ms = int(timeout_s * 1000)
         self.max_bytes = max_bytes
-        self.sock = ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(address)
+        self.sock, token_nonce = gate.connect(ctx, address, secret, who, target)
         self.ids = itertools.count()
         self.stash: dict[int, Reply] = {}
         self.watch: Callable[[], None] | None = None
         """Called about every second while a reply is awaited; may raise to stop waiting."""
-        challenge, _ = self.call({"op": "hello", "who": who})
-        self.call({"op": "auth", "mac": wire.mac(secret, challenge["nonce"])})
+        self._prove(secret, f"{who}|{token_nonce}", target)
+
+    def _prove(self, secret: bytes, user_id: str, target: str) -> None:
+        """Ask the listener to prove it knows the secret; refuse it if it cannot. A
+        listener that refuses this process's token is named as such, not waited for."""
+        nonce = secrets.token_hex(16)
+        monitor = self.sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+        )
+        watch, self.watch = self.watch, lambda: self._handshake_failed(monitor, target)
+        try:
+            welcome, _ = self.call({"op": "hello", "nonce": nonce})
+        finally:
+            self.watch = watch
+            if not self.sock.closed:
+                self.sock.disable_monitor()
+            monitor.close(0)
+        proof = gate.server_proof(secret, target, user_id, nonce)
+        if not hmac.compare_digest(str(welcome.get("proof", "")), proof):
+            self.close()
+            raise PeerRejected(
+                f"{self.address} answered as {target} but does not know the job's secret: "
+                "refusing it (another process on that port?)"
+            )
+
+    def _handshake_failed(self, monitor: zmq.Socket, target: str) -> None:
+        while monitor.poll(0):
+            event = recv_monitor_message(monitor)["event"]
+            self.close()
+            if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                raise PeerRejected(
+                    f"{target} at {self.address} refused this process's credentials: "
+                    f"{wire.SECRET_ENV} must be the same on every machine and their clocks "
+                    f"within {gate.TOKEN_WINDOW_S / 60:.0f} minutes"
+                )
+            raise PeerRejected(
+                f"{self.address} does not speak shoal's authenticated wire: refusing it "
+                f"(expected {target})"
+            )
 
     def send(self, header: dict[str, Any], tensors: list[torch.Tensor] = ()) -> int:
         rid = next(self.ids)
@@ -107,7 +151,10 @@ class Client:
     ) -> None:
         self.ctx = zmq.Context.instance()
         self.comm = comm
-        self.shards = [Peer(self.ctx, a, secret, who, comm, **kw) for a in addresses]
+        self.shards = [
+            Peer(self.ctx, a, secret, who, comm, target=f"shard-{k}", **kw)
+            for k, a in enumerate(addresses)
+        ]
 
     def call_all(self, requests: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> list[Reply]:
         """Send one request to each shard, then collect every reply."""

@@ -48,13 +48,13 @@ from shoal.models.sparse import (
     remote_tables,
 )
 from shoal.models.tasks import evaluate
-from shoal.strategies.ps import wire
+from shoal.strategies.ps import gate, wire
 from shoal.strategies.ps.client import Client, Peer
 from shoal.strategies.ps.placement import dense_plan
 from shoal.strategies.ps.recovery import ShardRecovery
 from shoal.strategies.ps.tasks import TaskQueue
 
-MAX_MESSAGE_BYTES = 1 << 26
+MAX_MESSAGE_BYTES = 1 << 22
 """The coordinator only ever receives small telemetry rows and control messages."""
 HEARTBEAT_LOST = -1000
 """The exit code recorded for a worker dropped for missing heartbeats."""
@@ -87,16 +87,9 @@ class Coordinator(ShardRecovery, threading.Thread):
         self.steps_per_epoch = steps_per_epoch
         self.queue: TaskQueue | None = None  # once every node has registered
         self.task_waiting: list[tuple[bytes, Any, int, int]] = []  # peer, id, worker, take
-        self.auth = wire.Authenticator(secret)
         self.ctx = zmq.Context.instance()
-        self.sock = self.ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        host = bind.rsplit(":", 1)[0]
-        self.address = (
-            f"{host}:{self.sock.bind_to_random_port(host)}" if bind.endswith(":0") else bind
-        )
-        if not bind.endswith(":0"):
-            self.sock.bind(bind)
+        self.listener = gate.Listener(self.ctx, bind, secret, "coordinator", gate.MAX_CONNECTIONS)
+        self.sock, self.address = self.listener.sock, self.listener.address
         self.servers: dict[int, str] = {}
         self.shards_up = False
         self.waiting: list[tuple[bytes, Any]] = []
@@ -132,6 +125,7 @@ class Coordinator(ShardRecovery, threading.Thread):
         self.joined: list[dict[str, int]] = []  # machines that joined the running job
         self.shard_peers: dict[int, Peer] = {}
         self.checked_at = time.monotonic()  # of the last heartbeat check
+        self.disk_full = False  # a checkpoint write failed for want of space (said once)
 
     # --- thread -----------------------------------------------------------------------
 
@@ -141,15 +135,16 @@ class Coordinator(ShardRecovery, threading.Thread):
                 self._check_heartbeats()
             except Exception as e:  # telling the shards failed: say so, keep coordinating
                 print(f"shoal: warning: coordinator: {type(e).__name__}: {e}", file=sys.stderr)
+            self.listener.watch_connections()
             if not self.sock.poll(100):
                 continue
             frames = self.sock.recv_multipart(copy=False)
             peer = frames[0].bytes
             try:
                 header, tensors = wire.decode(frames[1:], MAX_MESSAGE_BYTES)
-                reply = self.auth.handle(peer, header)
-                if reply is None:
-                    self.auth.check(peer)
+                if header["op"] == "hello":  # the peer proved itself at the door (gate)
+                    reply = self.listener.welcome(self.listener.user(frames[1]), header)
+                else:
                     reply = self.dispatch(peer, header, tensors)
                 if reply is not None:
                     self._send(peer, {**reply, "id": header.get("id")})
@@ -158,7 +153,7 @@ class Coordinator(ShardRecovery, threading.Thread):
                 self._send(
                     peer, {"op": "error", "id": wire.request_id(frames[1:]), "error": str(e)[:200]}
                 )
-        self.sock.close(0)
+        self.listener.close()
 
     def _send(self, peer: bytes, header: dict[str, Any]) -> None:
         self.sock.send_multipart([peer, *wire.encode(header)], copy=False)
@@ -592,5 +587,6 @@ class Coordinator(ShardRecovery, threading.Thread):
                 "joined": self.joined,
                 "servers": stats,
                 "coordinator_rejected": dict(self.rejected),
+                "coordinator_refused_at_door": self.listener.refused(),
             },
         )

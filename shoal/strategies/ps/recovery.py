@@ -40,7 +40,13 @@ class ShardRecovery:
     def _shard(self, k: int) -> Peer:
         if k not in self.shard_peers:
             self.shard_peers[k] = Peer(
-                self.ctx, self.servers[k], self.secret, "coordinator", CommCounter(), timeout_s=120
+                self.ctx,
+                self.servers[k],
+                self.secret,
+                "coordinator",
+                CommCounter(),
+                timeout_s=120,
+                target=f"shard-{k}",
             )
         return self.shard_peers[k]
 
@@ -72,8 +78,17 @@ class ShardRecovery:
             q.hold_at = self._next_hold(step)
             return
         keep = max(1, self.job.train.keep_checkpoints)
-        self.snapshots[step] = saved = self._bookkeeping()
-        checkpoint.save(coordinator_dir(self.out), step, {"step": step, **saved}, keep)
+        self.snapshots[step] = saved = self._bookkeeping()  # restores read it from memory
+        try:
+            checkpoint.save(coordinator_dir(self.out), step, {"step": step, **saved}, keep)
+        except OSError as e:  # a full disk: --resume cannot use this step; serving goes on
+            if not self.disk_full:
+                print(
+                    f"shoal: warning: the coordinator cannot write its checkpoint of step "
+                    f"{step} ({e.strerror}); it keeps serving tasks (said once)",
+                    file=sys.stderr,
+                )
+            self.disk_full = True
         for old in sorted(self.snapshots)[:-keep]:
             del self.snapshots[old]
         q.hold_at = self._next_hold(step)

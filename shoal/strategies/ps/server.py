@@ -2,8 +2,9 @@
 
 One process, one ROUTER socket, one thread: requests are handled in arrival
 order, and pulls that the consistency mode says must wait are parked and
-answered as soon as the applied steps allow. Bad messages are refused and counted;
-they never stop the loop.
+answered as soon as the applied steps allow. Only peers that proved they know
+the job's secret reach the socket (:mod:`~shoal.strategies.ps.gate`); bad
+messages from them are refused and counted; they never stop the loop.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from shoal import checkpoint
 from shoal.compress import Codec, Payload, PowerSGD, parse_codec
 from shoal.config import OptimConfig
 from shoal.faults import Injector
-from shoal.strategies.ps import wire
+from shoal.strategies.ps import gate, wire
 from shoal.strategies.ps.consistency import Steps
 from shoal.strategies.ps.optim import ServerOptimizer
 from shoal.strategies.ps.storage import SparseTable, sum_rows
@@ -99,25 +100,17 @@ class Server:
         self.faults = Injector(shard, run_dir=run_dir, role="server")
         self.generation = 0
         self.total_steps = 0
-        self.auth = wire.Authenticator(secret)
         self.optim_cfg = optim
         self.optimizer: ServerOptimizer | None = None
         self.mode, self.staleness_bound = mode, staleness
         self.max_bytes = max_message_bytes
         self.ctx = zmq.Context.instance()
-        self.sock = self.ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes + wire.MAX_HEADER_BYTES)
-        if bind.endswith(":0"):
-            port = self.sock.bind_to_random_port(bind.rsplit(":", 1)[0])
-            self.address = f"{bind.rsplit(':', 1)[0]}:{port}"
-        else:
-            self.sock.bind(bind)
-            self.address = bind
+        self.listener = gate.Listener(
+            self.ctx, bind, secret, f"shard-{shard}", gate.MAX_CONNECTIONS
+        )
+        self.sock, self.address = self.listener.sock, self.listener.address
         self.stats = ServerStats()
         self.names: dict[bytes, str] = {}
-        self.claimed: dict[bytes, str] = {}
-        self.pending_name: tuple[bytes, str] | None = None
         self.steps: Steps | None = None
         self.keys: list[str] = []
         self.dense: list[torch.Tensor] = []
@@ -133,29 +126,30 @@ class Server:
     def serve(self) -> None:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.listener.monitor, zmq.POLLIN)
         while self.running:
-            if not poller.poll(200):
+            ready = dict(poller.poll(200))
+            if self.listener.monitor in ready:
+                self.listener.watch_connections()
+            if self.sock not in ready:
                 continue
             frames = self.sock.recv_multipart(copy=False)
             self.handle(frames[0].bytes, frames[1:])
-        self.sock.close(linger=2000)  # let the reply to shutdown leave
+        self.listener.close(linger_ms=2000)  # let the reply to shutdown leave
 
     def handle(self, peer: bytes, frames: list[Any]) -> None:
         size = wire.message_bytes(frames)
         self.stats.bytes_in += size
+        user = self.listener.user(frames[0])  # proven at the door (gate)
+        self.names[peer] = name = user.split("|")[0]  # per-peer traffic under that name
+        self.stats.peer_bytes.setdefault(name, [0, 0])[0] += size
         try:
             rid = wire.request_id(frames)
             header, tensors = wire.decode(frames, self.max_bytes)
-            self._count_peer(peer, header, received=size)
-            reply = self.auth.handle(peer, header)
-            if reply is not None and self.pending_name and self.pending_name[0] == peer:
-                self.names[peer] = self.pending_name[1]  # the handshake succeeded
-            self.pending_name = None
-            if reply is None:
-                self.auth.check(peer)
-                self.dispatch(peer, header, tensors)
+            if header["op"] == "hello":
+                self.send(peer, {**self.listener.welcome(user, header), "id": rid})
             else:
-                self.send(peer, {**reply, "id": header.get("id")})
+                self.dispatch(peer, header, tensors)
         except wire.WireError as e:
             self.stats.rejected[e.kind] += 1
             self.send(peer, {"op": "error", "id": rid, "kind": e.kind, "error": str(e)})
@@ -172,16 +166,6 @@ class Server:
         if name is not None:
             self.stats.peer_bytes.setdefault(name, [0, 0])[1] += size
         self.sock.send_multipart([peer, *frames], copy=False)
-
-    def _count_peer(self, peer: bytes, header: dict[str, Any], received: int) -> None:
-        """Per-peer traffic, under the name a peer gave, once it has proven the secret."""
-        if header["op"] == "hello" and isinstance(header.get("who"), str):
-            self.claimed[peer] = header["who"][:64]
-        elif header["op"] == "auth" and peer in self.claimed:
-            self.pending_name = (peer, self.claimed.pop(peer))
-        name = self.names.get(peer)
-        if name is not None:
-            self.stats.peer_bytes.setdefault(name, [0, 0])[0] += received
 
     def dispatch(self, peer: bytes, header: dict[str, Any], tensors: list[torch.Tensor]) -> None:
         op, rid = header["op"], header.get("id")
@@ -212,7 +196,8 @@ class Server:
             self.restore(int(header["step"]), int(header["generation"]), header.get("total_steps"))
             self.send(peer, {"op": "ok", "id": rid})
         elif op == "stats":
-            self.send(peer, {"op": "stats", "id": rid, "stats": self.stats.as_dict()})
+            stats = {**self.stats.as_dict(), "refused_at_door": self.listener.refused()}
+            self.send(peer, {"op": "stats", "id": rid, "stats": stats})
         elif op == "shutdown":
             self.running = False
             self.send(peer, {"op": "ok", "id": rid})

@@ -1,25 +1,21 @@
 """The parameter server's wire: ZeroMQ multipart messages, never pickle.
 
-A message is ``[header, buffer, buffer, ...]``. The header is a UTF-8 JSON
-object with an ``op`` and a ``t`` list describing each following buffer as
-``[dtype, shape]``; buffers are raw tensor bytes, sent and received without a
-copy. :func:`decode` checks everything a hostile or broken peer could get
-wrong (size of the header, JSON shape, dtypes, declared vs actual byte counts,
-total size) and raises :class:`WireError` naming the kind of fault, which the
+A message is ``[header, frame, frame, ...]``. The header is a UTF-8 JSON
+object with an ``op`` and a ``t`` list describing each tensor that follows as
+``[dtype, shape]``; a tensor's raw bytes follow in frames of at most
+:data:`FRAME_BYTES` (one frame for small tensors, sent and received without a
+copy; larger ones are cut on sending without a copy and joined by one copy on
+receipt). Listeners accept no larger frame, which is what bounds what a peer
+that has not authenticated can make them hold (see
+:mod:`~shoal.strategies.ps.gate`). :func:`decode` checks everything a hostile
+or broken peer could get wrong (size of the header before it is parsed, JSON
+shape, dtypes, declared vs actual byte counts, total size before anything is
+allocated) and raises :class:`WireError` naming the kind of fault, which the
 receiver counts and answers without dying.
-
-Authentication is a per-connection challenge/response on a shared secret
-(:class:`Authenticator`): ``hello`` -> ``challenge{nonce}`` ->
-``auth{mac=HMAC-SHA256(secret, nonce)}``. The secret itself never crosses the
-wire, and once a connection is authenticated its messages carry no per-message
-MAC, so 100 MB tensors cost nothing extra. It authenticates; it does not
-encrypt.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import math
 import os
@@ -27,11 +23,14 @@ import secrets
 import warnings
 from typing import Any
 
+import numpy as np
 import torch
 
 from shoal.config import JobConfig
 
-MAX_HEADER_BYTES = 64 * 1024
+FRAME_BYTES = 64 * 1024
+"""The largest frame on the wire (``ZMQ_MAXMSGSIZE`` of every socket)."""
+MAX_HEADER_BYTES = FRAME_BYTES
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "float16": torch.float16,
@@ -43,7 +42,7 @@ DTYPES: dict[str, torch.dtype] = {
     "int8": torch.int8,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-FAULTS = ("malformed", "truncated", "oversized", "unauthenticated", "stale")
+FAULTS = ("malformed", "truncated", "oversized", "stale")
 """Why a message is refused. ``stale``: work handed out before a restore."""
 
 # Received buffers are read-only; tensors made on them are only ever read.
@@ -59,7 +58,8 @@ class WireError(Exception):
 
 
 def encode(header: dict[str, Any], tensors: list[torch.Tensor] = ()) -> list[Any]:
-    """Frames for ``header`` plus ``tensors`` (contiguous CPU tensors, sent zero-copy)."""
+    """Frames for ``header`` plus ``tensors`` (CPU tensors; their bytes are sent as
+    views, never copied, in frames of at most :data:`FRAME_BYTES`)."""
     frames: list[Any] = [b""]
     spec = []
     for t in tensors:
@@ -68,16 +68,28 @@ def encode(header: dict[str, Any], tensors: list[torch.Tensor] = ()) -> list[Any
             t = t.cpu()
         t = t.contiguous()
         spec.append([DTYPE_NAMES[t.dtype], list(t.shape)])
-        frames.append(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")
+        raw = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else b""
+        frames.extend(raw[i : i + FRAME_BYTES] for i in range(0, len(raw), FRAME_BYTES))
+        if not raw:
+            frames.append(b"")
     frames[0] = json.dumps({**header, "t": spec}, separators=(",", ":")).encode()
     return frames
 
 
-def decode(frames: list[Any], max_bytes: int) -> tuple[dict[str, Any], list[torch.Tensor]]:
-    """Parse and check a received message; raise :class:`WireError` if it is bad."""
+def num_frames(nbytes: int) -> int:
+    """Frames a tensor of ``nbytes`` bytes travels in."""
+    return max(1, -(-nbytes // FRAME_BYTES))
+
+
+def _view(frame: Any) -> memoryview:
+    return memoryview(frame.buffer if hasattr(frame, "buffer") else frame)
+
+
+def parse_header(frames: list[Any]) -> dict[str, Any]:
+    """The first frame as a JSON object with an ``op``; its size is checked first."""
     if not frames:
         raise WireError("malformed", "empty message")
-    head = memoryview(frames[0].buffer if hasattr(frames[0], "buffer") else frames[0])
+    head = _view(frames[0])
     if head.nbytes > MAX_HEADER_BYTES:
         raise WireError("oversized", f"header of {head.nbytes} bytes")
     try:
@@ -86,44 +98,58 @@ def decode(frames: list[Any], max_bytes: int) -> tuple[dict[str, Any], list[torc
         raise WireError("malformed", "header is not JSON") from None
     if not isinstance(header, dict) or not isinstance(header.get("op"), str):
         raise WireError("malformed", "header is not an object with an op")
+    return header
+
+
+def decode(frames: list[Any], max_bytes: int) -> tuple[dict[str, Any], list[torch.Tensor]]:
+    """Parse and check a received message; raise :class:`WireError` if it is bad."""
+    header = parse_header(frames)
     for key in ("step", "part", "worker", "read_through"):
         if key in header and not (
             isinstance(header[key], int) and not isinstance(header[key], bool)
         ):
             raise WireError("malformed", f"{key} must be an integer")
     spec = header.get("t", [])
-    if not isinstance(spec, list) or len(spec) != len(frames) - 1:
-        raise WireError(
-            "truncated",
-            f"header declares {len(spec) if isinstance(spec, list) else '?'} buffers, "
-            f"got {len(frames) - 1}",
-        )
-    tensors, total = [], 0
-    for item, frame in zip(spec, frames[1:]):
+    if not isinstance(spec, list):  # (its length is bounded by the header's size)
+        raise WireError("malformed", "t must be a list")
+    layout, total = [], 0
+    for item in spec:  # every size is checked before anything is allocated
         dtype, shape = _check_spec(item)
         want = math.prod(shape) * dtype.itemsize
         total += want
         if total > max_bytes:
             raise WireError("oversized", f"message over the {max_bytes}-byte limit")
-        buf = memoryview(frame.buffer if hasattr(frame, "buffer") else frame)
-        if buf.nbytes != want:
-            raise WireError("truncated", f"buffer of {buf.nbytes} bytes, header says {want}")
-        tensors.append(
-            torch.frombuffer(buf, dtype=dtype).reshape(shape)
-            if want
-            else torch.empty(shape, dtype=dtype)
-        )
+        layout.append((dtype, shape, want))
+    if sum(num_frames(want) for _, _, want in layout) != len(frames) - 1:
+        raise WireError("truncated", f"{len(frames) - 1} frames do not make the declared tensors")
+    tensors, i = [], 1
+    for dtype, shape, want in layout:
+        n = num_frames(want)
+        parts = [_view(f) for f in frames[i : i + n]]
+        i += n
+        sizes = [p.nbytes for p in parts]
+        if sizes != [min(FRAME_BYTES, want - k * FRAME_BYTES) for k in range(n)]:
+            raise WireError("truncated", f"frames of {sum(sizes)} bytes, header says {want}")
+        if not want:
+            tensors.append(torch.empty(shape, dtype=dtype))
+        elif n == 1:  # no copy
+            tensors.append(torch.frombuffer(parts[0], dtype=dtype).reshape(shape))
+        else:  # one copy, into memory of its own
+            out = torch.empty(want, dtype=torch.uint8)
+            flat = out.numpy()
+            for k, p in enumerate(parts):
+                flat[k * FRAME_BYTES : k * FRAME_BYTES + p.nbytes] = np.frombuffer(p, np.uint8)
+            tensors.append(out.view(dtype).reshape(shape))
     return header, tensors
 
 
 def request_id(frames: list[Any]) -> int | None:
     """The ``id`` of a request whose header parses, so even a refusal reaches its caller."""
     try:
-        head = frames[0]
-        header = json.loads(bytes(head.buffer if hasattr(head, "buffer") else head))
-    except Exception:
+        header = parse_header(frames)
+    except WireError:
         return None
-    rid = header.get("id") if isinstance(header, dict) else None
+    rid = header.get("id")
     return rid if isinstance(rid, int) and not isinstance(rid, bool) else None
 
 
@@ -156,7 +182,7 @@ def message_bytes(frames: list[Any]) -> int:
     return total
 
 
-# --- authentication ---------------------------------------------------------------------
+# --- the job's secret, and where peers are ----------------------------------------------
 
 SECRET_ENV = "SHOAL_PS_SECRET"
 COORDINATOR_ENV = "SHOAL_PS_COORDINATOR"
@@ -186,42 +212,3 @@ def load_secret() -> bytes:
 
 def new_secret() -> str:
     return secrets.token_hex(32)
-
-
-def mac(secret: bytes, nonce: str) -> str:
-    return hmac.new(secret, b"shoal-ps-auth|" + nonce.encode(), hashlib.sha256).hexdigest()
-
-
-class Authenticator:
-    """Server side of the handshake: which connections have proven the secret."""
-
-    def __init__(self, secret: bytes) -> None:
-        self.secret = secret
-        self.nonces: dict[bytes, str] = {}
-        self.peers: set[bytes] = set()
-
-    def handle(self, peer: bytes, header: dict[str, Any]) -> dict[str, Any] | None:
-        """Answer a handshake message, or ``None`` if ``header`` is not one."""
-        op = header["op"]
-        if op == "hello":
-            if len(self.nonces) > 10_000:  # many half-open handshakes: forget the oldest
-                self.nonces.pop(next(iter(self.nonces)))
-            nonce = secrets.token_hex(16)
-            self.nonces[peer] = nonce
-            return {"op": "challenge", "nonce": nonce}
-        if op == "auth":
-            nonce = self.nonces.pop(peer, None)
-            given = header.get("mac")
-            if (
-                nonce is None
-                or not isinstance(given, str)
-                or not hmac.compare_digest(given, mac(self.secret, nonce))
-            ):
-                raise WireError("unauthenticated", "bad handshake")
-            self.peers.add(peer)
-            return {"op": "ok"}
-        return None
-
-    def check(self, peer: bytes) -> None:
-        if peer not in self.peers:
-            raise WireError("unauthenticated", "request before the handshake")
