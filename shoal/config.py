@@ -252,6 +252,13 @@ class ClusterConfig:
         "HOST:PORT of node 0 where the machines meet (torchrun --rdzv-endpoint); "
         "empty picks a free local port",
     )
+    startup_timeout: float = _f(
+        60.0,
+        "seconds a parameter-server worker or shard may take from the job's start to its "
+        "first word to the coordinator before it counts as hung",
+        above=0,
+        high=86400,
+    )
     max_restarts: int = _f(
         3,
         "restarts after a failure: collective strategies restart every worker from the "

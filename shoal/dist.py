@@ -96,9 +96,34 @@ def init(device: str = "cpu", timeout_s: float = 300.0, process_group: bool = Tr
             world_size=world_size,
             timeout=timedelta(seconds=timeout_s),
             device_id=dev if kind == "cuda" else None,
+            store=_loopback_store(rank, world_size, timeout_s),
         )
     return DistEnv(
         rank, world_size, local_rank, local_world_size, dev, backend, socket.gethostname()
+    )
+
+
+def _loopback_store(rank: int, world_size: int, timeout_s: float) -> dist.Store | None:
+    """The group's store, listening on 127.0.0.1 only when the job is on one machine
+    (``MASTER_ADDR`` is loopback); ``None`` lets torch make it (every interface)."""
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    if addr != "localhost" and not addr.startswith("127."):
+        return None
+    fd = None
+    if rank == 0:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+        sock.listen(256)
+        fd = sock.detach()  # the store owns it from now on
+    return dist.TCPStore(
+        "127.0.0.1",
+        port,
+        world_size,
+        is_master=rank == 0,
+        timeout=timedelta(seconds=timeout_s),
+        multi_tenant=True,
+        master_listen_fd=fd,
     )
 
 

@@ -11,7 +11,9 @@ whose compute is slow, so its gradients are as stale as a slow device makes them
 ``slow:rank=*:ms=40:prob=0.25`` makes every rank sleep 40 ms in a random
 quarter of its steps (seeded per rank): stragglers that come and go.
 ``crash:role=server:rank=0:step=120`` kills parameter-server shard 0 once it
-has applied step 120. Several faults are separated by ``;``.
+has applied step 120 (``hang:role=server:...`` stops it). ``hang:rank=2:step=0``
+stops worker 2 as it starts, before it registers with anyone. Several faults
+are separated by ``;``.
 
 A crash or hang fires once per job, not once per process: before firing, the
 injector leaves a marker in ``RUN_DIR/faults/``, so the workers a restart
@@ -53,8 +55,8 @@ def parse(spec: str) -> list[Fault]:
             raise ValueError(f"{ENV}: unknown fault {kind!r} (known: {', '.join(KINDS)})")
         values = dict(f.split("=", 1) for f in fields if "=" in f)
         role = values.get("role", "worker")
-        if role not in ROLES or (role == "server" and kind != "crash"):
-            raise ValueError(f"{ENV}: {part!r}: role must be worker, or server for a crash")
+        if role not in ROLES or (role == "server" and kind == "slow"):
+            raise ValueError(f"{ENV}: {part!r}: role must be worker, or server for a crash or hang")
         try:
             rank = -1 if values["rank"] == "*" else int(values["rank"])
             if kind in ("crash", "hang"):
@@ -100,6 +102,10 @@ class Injector:
             return Path("/nonexistent/shoal-fault")
         who = f"rank{self.rank}" if self.role == "worker" else f"{self.role}{self.rank}"
         return self.markers / f"{fault.kind}-{who}-step{fault.step}"
+
+    def at_start(self) -> None:
+        """Called as the process starts: faults of step 0 fire here."""
+        self.after_step(0)
 
     def resumed_at(self, step: int) -> None:
         """A run resumed after ``step``: crashes and hangs due by then have happened."""

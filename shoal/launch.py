@@ -27,6 +27,8 @@ from shoal.config import ClusterConfig, parse_endpoint
 from shoal.errors import UserError
 
 WORKER_MODULE = "shoal.worker"
+LAUNCHER_ENV = "SHOAL_LAUNCHER_PID"
+"""The pid of the ``shoal train`` that started a worker: it dies with it."""
 
 
 def describe_exit(code: int) -> str:
@@ -84,6 +86,8 @@ def torchrun_args(cluster: ClusterConfig, config_path: str) -> list[str]:
             "localhost:0",
             "--rdzv-id",
             uuid.uuid4().hex,
+            "--local-addr",  # the workers' process group meets on loopback too
+            "127.0.0.1",
         ]
     args += ["--max-restarts", str(cluster.max_restarts), "--monitor-interval", "0.5"]
     return [*args, "-m", WORKER_MODULE, config_path]
@@ -143,12 +147,17 @@ def launch(cluster: ClusterConfig, config_path: str) -> None:
     _quiet_torchrun()
     failed = _name_failed_workers(cluster)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ[LAUNCHER_ENV] = str(os.getpid())
     # A restart must meet in a fresh store: in the agent's shared one, the new
     # workers would read the dead ones' gloo addresses (same keys, no prefix).
     os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     # a dead peer makes c10d print a C++ stack per failed store call; shoal names the culprit
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
-    config, cmd, cmd_args = config_from_args(parse_args(torchrun_args(cluster, config_path)))
+    args = torchrun_args(cluster, config_path)
+    if not cluster.rdzv_endpoint:  # one machine: nothing listens beyond loopback
+        _register_local_rendezvous()
+        args[args.index("--rdzv-backend") + 1] = LOCAL_RENDEZVOUS
+    config, cmd, cmd_args = config_from_args(parse_args(args))
     try:
         elastic_launch(config, cmd)(*cmd_args)
     except ChildFailedError as e:
@@ -170,6 +179,52 @@ def launch(cluster: ClusterConfig, config_path: str) -> None:
         raise KeyboardInterrupt from None
     except Exception as e:  # rendezvous and agent failures: one line, not a traceback
         raise LaunchFailed(f"launch failed: {type(e).__name__}: {e}".splitlines()[0]) from None
+
+
+LOCAL_RENDEZVOUS = "shoal-local"
+"""torchrun's c10d rendezvous, its store bound to loopback (a one-machine job)."""
+
+
+def _local_rendezvous(params: Any) -> Any:
+    """A c10d rendezvous handler whose store listens on 127.0.0.1 only: torch's own
+    binds every interface, which a job on one machine does not need."""
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+    from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import (
+        C10dRendezvousBackend,
+    )
+    from torch.distributed.elastic.rendezvous.dynamic_rendezvous import create_handler
+
+    class Backend(C10dRendezvousBackend):
+        @property
+        def name(self) -> str:
+            return LOCAL_RENDEZVOUS
+
+    store = TCPStore(
+        "127.0.0.1",
+        (sock := loopback_listener()).getsockname()[1],
+        is_master=True,
+        multi_tenant=True,
+        timeout=timedelta(seconds=60),
+        master_listen_fd=sock.detach(),
+    )
+    return create_handler(store, Backend(store, params.run_id), params)
+
+
+def loopback_listener(port: int = 0) -> socket.socket:
+    """A TCP socket listening on 127.0.0.1 (``port``, or a free one)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen(256)
+    return sock
+
+
+def _register_local_rendezvous() -> None:
+    from torch.distributed.elastic.rendezvous import rendezvous_handler_registry
+
+    rendezvous_handler_registry.register(LOCAL_RENDEZVOUS, _local_rendezvous)  # (idempotent)
 
 
 class _FailedWorker(logging.Handler):
@@ -276,6 +331,7 @@ class RoleGroup:
         from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, start_processes
 
         env = {**r.env, "SHOAL_ROLE": r.role, "SHOAL_ROLE_RANK": str(r.rank)}
+        env[LAUNCHER_ENV] = str(os.getpid())
         return start_processes(
             name=f"shoal-{r.role}{r.rank}",
             entrypoint=sys.executable,

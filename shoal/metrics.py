@@ -114,16 +114,21 @@ class MetricsFile:
                 )
             kept = [line for line, record in records if record.get("step", 0) <= resume_step]
             write_atomic(path, b"".join(line + b"\n" for line in kept))
-        self._fh: IO[bytes] = path.open("ab")
+        # unbuffered: a record the disk refuses must not linger in a buffer and come out,
+        # in part, in front of a later one
+        self._fh: IO[bytes] = path.open("ab", buffering=0)
 
     def write(self, record: dict[str, Any]) -> None:
-        good = self._fh.tell()
+        data = json.dumps(record).encode() + b"\n"
+        fd = self._fh.fileno()
+        good = os.fstat(fd).st_size
         try:
-            self._fh.write(json.dumps(record).encode() + b"\n")
-            self._fh.flush()
+            done = 0
+            while done < len(data):
+                done += os.write(fd, data[done:])
         except OSError as e:
             with contextlib.suppress(OSError):
-                os.ftruncate(self._fh.fileno(), good)  # no torn line under later records
+                os.ftruncate(fd, good)  # no torn line under later records
             if not self.dropped:
                 print(
                     f"shoal: warning: cannot write {self.path} ({e.strerror}); metric records "

@@ -7,7 +7,10 @@ environment set; it reads the resolved job file and runs the trainer.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -15,14 +18,29 @@ import torch.distributed
 
 from shoal import dist
 from shoal.config import load_toml
-from shoal.errors import USER_ERROR_FILE, PeerRejected, UserError
+from shoal.errors import USER_ERROR_FILE, PeerLost, PeerRejected, UserError
+from shoal.faults import Injector
 from shoal.health import EXIT_PEER_LOST, Heartbeat
+from shoal.launch import LAUNCHER_ENV
 from shoal.strategies import strategy_class
 from shoal.trainer import Trainer
 
 
+def _die_with_parent() -> None:
+    """Linux: this process is killed when the launcher that started it dies (a SIGKILLed
+    ``shoal train``), instead of living on as an orphan that waits for peers."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+    launcher = os.environ.get(LAUNCHER_ENV)
+    if launcher and os.getppid() != int(launcher):  # it died before we asked
+        os._exit(1)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    _die_with_parent()
     if len(args) != 1:
         print("usage: python -m shoal.worker CONFIG.toml", file=sys.stderr)
         return 2
@@ -38,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         if role != "worker":
             cls.run_role(role, job, env)
             return 0
+        Injector(env.rank, run_dir=job.output.out).at_start()  # (a fault "at step 0")
         if cls.needs_process_group and env.world_size > 1:
             heartbeat = Heartbeat(env.rank, env.world_size, job.strategy.heartbeat_timeout)
         trainer = Trainer(job, env)
@@ -52,8 +71,15 @@ def main(argv: list[str] | None = None) -> int:
             with contextlib.suppress(OSError):
                 (Path(job.output.out) / USER_ERROR_FILE).write_text(f"{e}\n")
         return 2
-    except PeerRejected as e:
-        print(f"shoal: error: {e}", file=sys.stderr)
+    except (PeerRejected, PeerLost) as e:
+        rank = os.environ.get("SHOAL_ROLE_RANK") or os.environ.get("RANK", "")
+        who = f"{os.environ.get('SHOAL_ROLE', 'worker')} {rank}"
+        print(f"shoal: error: {who.strip()}: {str(e).splitlines()[0][:300]}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise
+        print(f"shoal: error: rank {os.environ.get('RANK', '?')}: {e}", file=sys.stderr)
         return 1
     except (torch.distributed.DistError, RuntimeError) as e:
         if not _peer_failure(e):

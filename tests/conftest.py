@@ -53,6 +53,19 @@ def train(
     return proc
 
 
+def start_train(out: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """``shoal train --out OUT ARGS --no-progress --no-report`` started, not awaited
+    (stderr piped, as text)."""
+    cmd = [sys.executable, "-m", "shoal", "train", "--out", str(out), "--no-progress"]
+    return subprocess.Popen(
+        [*cmd, "--no-report", *args],
+        env=shoal_env(env),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def read_summary(run_dir: Path) -> dict:
     """The ``summary.json`` a run wrote."""
     return json.loads((run_dir / "summary.json").read_text())

@@ -24,6 +24,7 @@ import pytest
 from tests import netns
 from tests.conftest import (
     LINEAR_JOB,
+    NOISE_FLOOR,
     free_port,
     max_abs_diff,
     params,
@@ -385,3 +386,68 @@ def test_elastic_nodes_a_host_joins_then_dies_and_the_survivor_finishes(tmp_path
     assert s["samples_per_epoch"] == expected
     # it trained on: 15x the reference's steps, whatever the failures cost
     assert s["test_loss"] <= 1.05 * read_summary(linear_reference)["test_loss"]
+
+
+@pytest.mark.timeout(240)
+def test_a_stopped_server_is_named_within_5_s_and_restored(tmp_path, linear_reference):
+    """Shard 1 SIGSTOPs itself after step 120: its silence is named (role, id, host) in
+    under 5 s, its machine's launcher kills it, and it is restored like a dead one."""
+    out = tmp_path / "run"
+    cmd = [*_shoal(out), "--no-report", *LINEAR_JOB, "--checkpoint-every", "50"]
+    cmd += ["--strategy", "ps", "--workers", "2", "--servers", "2", "--ps-mode", "bsp"]
+    job = _Watched(cmd, {"SHOAL_FAULT": "hang:role=server:rank=1:step=120"})
+    try:
+        seen = job.first("server shard 1 on 127.0.0.1 (node 0) sent no heartbeat", timeout=120)
+        stopped = (out / "faults" / "hang-server1-step120").stat().st_mtime
+        assert job.proc.wait(timeout=120) == 0, "\n".join(s for _, s in job.lines)
+    finally:
+        job.stop()
+    assert seen - stopped < 5, seen - stopped
+    s = _like_unfailed(out, linear_reference)
+    assert s["ps"]["server_restores"] == [{"shard": 1, "exit_code": -9, "step": 100}]
+
+
+@pytest.mark.timeout(240)
+def test_a_worker_that_hangs_before_registering_is_named_and_the_job_goes_on(tmp_path):
+    out = tmp_path / "run"
+    cmd = [*_shoal(out), "--no-report", *LINEAR_JOB, "--startup-timeout", "8"]
+    cmd += ["--strategy", "ps", "--workers", "3", "--servers", "1", "--ps-mode", "asp"]
+    job = _Watched(cmd, {"SHOAL_FAULT": "hang:rank=2:step=0"})
+    try:
+        job.first("worker 2 did not register within 8 s (--startup-timeout); dropped", 120)
+        assert job.proc.wait(timeout=150) == 0, "\n".join(s for _, s in job.lines)
+    finally:
+        job.stop()
+    s = read_summary(out)
+    assert sum(w["tasks"] for w in s["per_worker"]) == 3 * 200
+    assert s["test_loss"] < 2 * NOISE_FLOOR
+
+
+@pytest.mark.timeout(180)
+def test_a_node_whose_coordinator_is_gone_says_so_within_the_timeout(tmp_path):
+    """Node 0 (the coordinator, the shards) dies whole; node 1 names what it lost in
+    one line within --heartbeat-timeout plus a margin, instead of waiting for ever."""
+    endpoint = ["--nnodes", "2", "--rdzv-endpoint", f"127.0.0.1:{free_port()}"]
+    job = [*LINEAR_JOB, "--steps", "100000", "--strategy", "ps", *endpoint]
+    env = {"SHOAL_PS_SECRET": "cd" * 32}
+    node0 = _Watched(
+        [*_shoal(tmp_path / "run"), "--no-report", *job, "--node-rank", "0", "--workers", "1"],
+        env,
+    )
+    node1 = _Watched(
+        [*_shoal(tmp_path / "n1"), *job, "--node-rank", "1", "--workers", "1", "--servers", "0"],
+        env,
+    )
+    try:
+        _wait_for_records(tmp_path / "run" / "metrics.jsonl", count=2)
+        node0.stop()  # the whole machine: every process of node 0 at once
+        gone = time.time()
+        seen = node1.first("has not answered for", timeout=60)
+        assert node1.proc.wait(timeout=30) == 1
+    finally:
+        node0.stop()
+        node1.stop()
+    assert seen - gone < 3 + 5 + 3, seen - gone  # timeout + margin + a status round
+    lines = [s for _, s in node1.lines]
+    assert not any("Traceback" in s for s in lines), lines
+    assert lines[-1].startswith("shoal: error: training failed: the coordinator at tcp://127.0.0.1")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import pytest
 from shoal import checkpoint
 from shoal.cli import main
 from shoal.metrics import read_metrics
-from tests.conftest import LINEAR_JOB, read_summary, run_shoal, shoal_env, train
+from tests.conftest import LINEAR_JOB, read_summary, run_shoal, start_train, train
 
 
 def _tree(run: Path) -> dict[str, tuple[int, int]]:
@@ -38,16 +37,9 @@ def test_a_live_run_directory_is_refused_to_a_second_job(tmp_path):
     """While a job runs, ``--resume`` on its directory (and a new run into it) ends with
     one line naming the holder and touches nothing."""
     out = tmp_path / "live"
-    cmd = [sys.executable, "-m", "shoal", "train", "--out", str(out), "--no-progress"]
-    cmd += ["--no-report", *LINEAR_JOB, "--workers", "2", "--checkpoint-every", "20"]
-    cmd += ["--keep-checkpoints", "0"]  # the job deletes none itself
-    job = subprocess.Popen(
-        cmd,
-        env=shoal_env({"SHOAL_FAULT": "slow:rank=0:ms=100"}),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    args = [*LINEAR_JOB, "--workers", "2", "--checkpoint-every", "20"]
+    args += ["--keep-checkpoints", "0"]  # the job deletes none itself
+    job = start_train(out, *args, env={"SHOAL_FAULT": "slow:rank=0:ms=100"})
     try:
         deadline = time.monotonic() + 90
         while len(checkpoint.list_checkpoints(out)) < 2:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from shoal import netns
-from shoal.cli import bench_faults
+from shoal.cli import bench_chaos, bench_faults
 from shoal.config import write_atomic
 from shoal.errors import UserError
 from shoal.metrics import read_metrics
@@ -94,6 +94,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     comm.set_defaults(run=run_comm)
     bench_faults.add_parser(kinds)
+    bench_chaos.add_parser(kinds)
 
 
 def _runs(spec: str) -> list[tuple[str, str]]:

@@ -18,7 +18,6 @@ import os
 import random
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -26,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from shoal.cli.bench_run import BenchRun
 from shoal.config import JobConfig, write_atomic
 from shoal.errors import UserError
 
@@ -88,16 +88,15 @@ def run_faults(args: argparse.Namespace) -> int:
     base = [*job_args, "--workers", str(args.workers), "--no-progress", "--no-report"]
 
     _say("unfailed run ...")
-    unfailed = _Run(out / "unfailed", base, args.run_timeout)
+    unfailed = BenchRun(out / "unfailed", base, args.run_timeout)
     unfailed.wait()
     _say("run with kills ...")
-    failed = _Run(out / "failed", [*base, "--max-restarts", "1000"], args.run_timeout)
+    failed = BenchRun(out / "failed", [*base, "--max-restarts", "1000"], args.run_timeout)
     kills = _Killer(failed, args.mtbf, args.seed)
     failed.wait()
     kills.stop()
     for run in (unfailed, failed):
-        if run.code != 0 or not (run.out / "summary.json").exists():
-            raise UserError(f"the {run.out.name} run failed (exit {run.code}); see {run.log}")
+        run.check()
     steps = json.loads((failed.out / "summary.json").read_text())["steps"]
     result: dict[str, Any] = {
         "job": " ".join(job_args),
@@ -137,61 +136,10 @@ def _resolve(job_args: list[str], workers: int) -> JobConfig:
     return resolve_job(ns)
 
 
-class _Run:
-    """One ``shoal train`` in its own session, stderr lines timestamped as they come."""
-
-    def __init__(self, out: Path, args: list[str], timeout: float) -> None:
-        self.out, self.timeout = out, timeout
-        self.log = out.parent / f"{out.name}.log"
-        self.lines: list[tuple[float, str]] = []
-        self.start = time.monotonic()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "shoal", "train", "--out", str(out), *args],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-        self.code: int | None = None
-        self.wall = float("nan")
-
-    def _read(self) -> None:
-        with self.log.open("w") as log:
-            for line in self.proc.stderr:  # type: ignore[union-attr]
-                self.lines.append((time.monotonic(), line.rstrip()))
-                log.write(line)
-
-    def wait(self) -> None:
-        try:
-            self.code = self.proc.wait(timeout=self.timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.code = self.proc.wait()
-        self.wall = time.monotonic() - self.start
-        self.reader.join(timeout=10)
-
-    def worker_pids(self) -> list[int]:
-        """Live worker processes of this run (children of its launcher)."""
-        found = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if int(stat[1]) == self.proc.pid and b"shoal.worker" in cmdline and stat[0] != "Z":
-                found.append(int(entry.name))
-        return found
-
-
 class _Killer:
     """SIGKILLs a random worker of ``run`` at exponential intervals of mean ``mtbf``."""
 
-    def __init__(self, run: _Run, mtbf: float, seed: int) -> None:
+    def __init__(self, run: BenchRun, mtbf: float, seed: int) -> None:
         self.run, self.mtbf = run, mtbf
         self.random = random.Random(seed)
         self.kills: list[float] = []
@@ -202,7 +150,7 @@ class _Killer:
     def _loop(self) -> None:
         """The clock runs while the workers train: after a kill it waits for the restart."""
         while not self._stop.wait(self.random.expovariate(1 / self.mtbf)):
-            pids = self.run.worker_pids()
+            pids = self.run.pids("worker")
             if len(pids) < 2:
                 continue
             try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hmac
 import itertools
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -22,7 +23,7 @@ import torch
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from shoal.errors import PeerRejected
+from shoal.errors import PeerLost, PeerRejected
 from shoal.metrics import CommCounter
 from shoal.strategies.ps import gate, wire
 
@@ -32,7 +33,7 @@ Reply = tuple[dict[str, Any], list[torch.Tensor]]
 WATCH_MS = 1000
 
 
-class PeerError(RuntimeError):
+class PeerError(PeerLost):
     """A peer refused a request or did not answer in time."""
 
 
@@ -169,3 +170,39 @@ class Client:
     def close(self) -> None:
         for peer in self.shards:
             peer.close()
+
+
+class Heartbeat(threading.Thread):
+    """Sends ``beat`` to the coordinator every ``interval`` seconds: this process lives.
+
+    Its own socket, its own thread: a worker busy in a long step, or a shard applying a
+    large update, still beats; a stopped, dead or cut-off process does not.
+    """
+
+    def __init__(
+        self, address: str, secret: bytes, who: str, beat: dict[str, Any], interval: float
+    ) -> None:
+        super().__init__(name="shoal-heartbeat", daemon=True)
+        self.address, self.secret, self.who, self.beat = address, secret, who, beat
+        self.interval = interval
+        self.stopped = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        try:
+            peer = Peer(zmq.Context.instance(), self.address, self.secret, self.who, CommCounter())
+        except Exception:  # the coordinator is gone: the job is ending
+            return
+        try:
+            while True:
+                peer.call(self.beat)
+                if self.stopped.wait(self.interval):
+                    break
+        except Exception:  # the coordinator is gone: the job is ending
+            pass
+        finally:
+            peer.close()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.join(timeout=5)

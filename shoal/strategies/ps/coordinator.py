@@ -126,6 +126,12 @@ class Coordinator(ShardRecovery, threading.Thread):
         self.shard_peers: dict[int, Peer] = {}
         self.checked_at = time.monotonic()  # of the last heartbeat check
         self.disk_full = False  # a checkpoint write failed for want of space (said once)
+        self.shard_seen: dict[int, float] = {}  # shard -> its last heartbeat
+        self.node_seen: dict[int, float] = {}  # node rank -> its launcher's last status call
+        self.shard_node: dict[int, int] = {}  # shard -> the node that runs it
+        self.expected: dict[tuple[str, int], float] = {}  # not heard from yet: since when
+        self.dropped_shards: set[int] = set()  # silent: their node is to kill them
+        self.fatal = ""  # why the job cannot go on, once it cannot
 
     # --- thread -----------------------------------------------------------------------
 
@@ -165,15 +171,25 @@ class Coordinator(ShardRecovery, threading.Thread):
         if op == "node":
             return self._node(peer, header)
         if op == "heartbeat":
-            self.last_seen[int(header["worker"])] = time.monotonic()
+            if "shard" in header:
+                self.shard_seen[int(header["shard"])] = time.monotonic()
+            else:
+                self.last_seen[int(header["worker"])] = time.monotonic()
             return {"op": "ok"}
         if op == "status":
+            if "node" in header:
+                self.node_seen[int(header["node"])] = time.monotonic()
             return {
                 "op": "status",
                 "dropped": sorted(self.dropped),
+                "dropped_shards": sorted(self.dropped_shards),
                 "generation": self.generation,
                 "done": self.job_done(),
+                "fatal": self.fatal,
             }
+        if op == "fatal":  # a machine cannot go on (its shard's restarts ran out, say)
+            self.fatal = self.fatal or str(header.get("error", "a machine failed"))[:300]
+            return {"op": "ok"}
         if op == "server_died":
             return self._server_died(int(header["shard"]), int(header["code"]))
         if op == "worker_died":
@@ -186,6 +202,8 @@ class Coordinator(ShardRecovery, threading.Thread):
         if op == "register_server":
             shard = int(header["shard"])
             self.servers[shard] = str(header["address"])
+            self.shard_seen[shard] = time.monotonic()
+            self.dropped_shards.discard(shard)
             self._answer_waiting()
             if shard not in self.restoring:
                 return {"op": "ok"}
@@ -281,8 +299,15 @@ class Coordinator(ShardRecovery, threading.Thread):
         bases, worker_base, server_base = {}, 0, 0
         for rank in sorted(self.nodes):
             bases[rank] = (worker_base, server_base)
+            for k in range(server_base, server_base + self.nodes[rank][1]):
+                self.shard_node[k] = rank
             worker_base += self.nodes[rank][0]
             server_base += self.nodes[rank][1]
+        now = time.monotonic()  # from now on every worker and shard has to be heard from
+        for w in range(self.num_workers):
+            self.expected.setdefault(("worker", w), now)
+        for k in range(self.num_servers):
+            self.expected.setdefault(("shard", k), now)
         layout = {"num_workers": self.num_workers, "num_servers": self.num_servers}
         for peer, rid, rank in self.node_waiting:
             w, k = bases[rank]
@@ -304,7 +329,12 @@ class Coordinator(ShardRecovery, threading.Thread):
         if not self.shards_up:  # the first time every shard is registered
             self.shards_up = True
             endpoints = {"coordinator": self.address, "servers": addresses}
-            write_atomic(self.out / ENDPOINTS_FILE, json.dumps(endpoints, indent=2) + "\n")
+            try:
+                write_atomic(self.out / ENDPOINTS_FILE, json.dumps(endpoints, indent=2) + "\n")
+            except OSError as e:  # a full disk: only tools read it; serving goes on
+                print(
+                    f"shoal: warning: cannot write {ENDPOINTS_FILE}: {e.strerror}", file=sys.stderr
+                )
         assert self.queue is not None
         reply = {"op": "servers", "servers": addresses, "parts": self.queue.parts}
         for peer, rid in self.waiting:
@@ -314,7 +344,8 @@ class Coordinator(ShardRecovery, threading.Thread):
     # --- membership and telemetry -----------------------------------------------------
 
     def _check_heartbeats(self) -> None:
-        """Drop a worker that stopped beating (hung, or its whole machine is gone).
+        """Drop a worker or shard that stopped beating (hung, cut off, or its whole machine
+        is gone); one never heard from gets ``--startup-timeout`` to begin.
 
         Time the coordinator itself spent busy (a checkpoint, a restore) is not held
         against anyone: their beats were waiting in its socket."""
@@ -322,8 +353,9 @@ class Coordinator(ShardRecovery, threading.Thread):
         busy = now - self.checked_at - 1.0  # the loop comes round every 0.1 s when idle
         self.checked_at = now
         if busy > 0:
-            for worker in self.last_seen:
-                self.last_seen[worker] += busy
+            for seen in (self.last_seen, self.shard_seen, self.node_seen, self.expected):
+                for key in seen:
+                    seen[key] += busy
         for worker, seen in list(self.last_seen.items()):
             if worker in self.left or worker in self.dead or now - seen <= timeout:
                 continue
@@ -331,6 +363,53 @@ class Coordinator(ShardRecovery, threading.Thread):
             print(f"shoal: warning: {silent}; dropped", file=sys.stderr)
             self.dropped.add(worker)
             self._worker_gone(worker, HEARTBEAT_LOST)
+        for shard, seen in list(self.shard_seen.items()):
+            if shard in self.restoring or shard in self.dropped_shards or now - seen <= timeout:
+                continue
+            self._shard_silent(shard, now - seen)
+        self._check_starts(now)
+
+    def _check_starts(self, now: float) -> None:
+        """Workers and shards that never said a word since the job started."""
+        startup = self.job.cluster.startup_timeout
+        for (role, rank), since in list(self.expected.items()):
+            if role == "shard":
+                heard = rank in self.shard_seen
+            else:
+                heard = rank in self.last_seen or rank in self.dead or rank in self.left
+            if heard or now - since <= startup:
+                if heard:
+                    del self.expected[(role, rank)]
+                continue
+            del self.expected[(role, rank)]
+            late = f"did not register within {startup:g} s (--startup-timeout)"
+            if role == "worker":
+                print(f"shoal: warning: worker {rank} {late}; dropped", file=sys.stderr)
+                self.dropped.add(rank)
+                self._worker_gone(rank, HEARTBEAT_LOST)
+            else:
+                self.fatal = self.fatal or f"server shard {rank} {late}"
+                print(f"shoal: error: {self.fatal}", file=sys.stderr, flush=True)
+
+    def _shard_silent(self, shard: int, silent_s: float) -> None:
+        """A silent shard is killed by its machine's launcher and restored like a dead one;
+        if that launcher is silent too, the machine is gone and the job cannot go on."""
+        host = self.servers.get(shard, "?").removeprefix("tcp://").rsplit(":", 1)[0]
+        node = self.shard_node.get(shard, 0)
+        what = (
+            f"server shard {shard} on {host} (node {node}) sent no heartbeat for {silent_s:.1f} s"
+        )
+        node_silent = time.monotonic() - self.node_seen.get(node, time.monotonic())
+        if node_silent > self.job.strategy.heartbeat_timeout:
+            self.fatal = self.fatal or f"{what}, and its machine is silent too: it is gone"
+            print(f"shoal: error: {self.fatal}", file=sys.stderr, flush=True)
+            return
+        print(
+            f"shoal: error: {what}; it is stopped, hung or cut off: restarting it",
+            file=sys.stderr,
+            flush=True,
+        )
+        self.dropped_shards.add(shard)
 
     def _worker_gone(self, worker: int, exit_code: int) -> None:
         if worker in self.dead:

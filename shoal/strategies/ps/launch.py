@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -18,7 +19,7 @@ from shoal.errors import UserError
 from shoal.launch import LaunchFailed, Role, RoleGroup, describe_exit, local_address
 from shoal.metrics import CommCounter
 from shoal.strategies.ps import wire
-from shoal.strategies.ps.client import Peer, PeerError
+from shoal.strategies.ps.client import Heartbeat, Peer, PeerError
 from shoal.strategies.ps.coordinator import Coordinator
 from shoal.strategies.ps.server import Server, coordinator_dir
 
@@ -120,13 +121,55 @@ def launch_ps(job: JobConfig, config_path: str) -> None:
         }
         roles.append(Role("worker", w, env))
     group = RoleGroup(roles, config_path)
+    tending = _Tending(group, node, cluster.node_rank, job.strategy.heartbeat_timeout)
     try:
-        _run(group, node, cluster.workers, cluster.max_restarts, coordinator)
+        _run(group, node, cluster.workers, cluster.max_restarts, coordinator, tending)
     except SignalException:  # Ctrl-C or SIGTERM: stop every local process
         raise KeyboardInterrupt from None
     finally:
         group.close()
         node.close()
+
+
+class _Tending:
+    """This node's view of the job, asked for every half second: which of its processes
+    the coordinator dropped (killed here, so that they are replaced), whether the job
+    failed elsewhere, and whether the coordinator still answers at all."""
+
+    def __init__(self, group: RoleGroup, node: Peer, node_rank: int, timeout_s: float) -> None:
+        self.group, self.node, self.node_rank, self.timeout_s = group, node, node_rank, timeout_s
+        self.last_ask = 0.0
+        self.answered = time.monotonic()
+        self.status: dict = {"dropped": [], "dropped_shards": [], "done": False}
+
+    def check(self) -> dict:
+        if time.monotonic() - self.last_ask < 0.5:
+            return self.status
+        self.last_ask = time.monotonic()
+        try:
+            self.status, _ = self.node.call(
+                {"op": "status", "node": self.node_rank}, timeout_s=self.timeout_s
+            )
+            self.answered = time.monotonic()
+        except PeerError:
+            silent = time.monotonic() - self.answered
+            if self.status.get("done") or silent <= self.timeout_s + COORDINATOR_MARGIN_S:
+                return self.status  # the job is ending on node 0, or a blip
+            raise LaunchFailed(
+                f"the coordinator at {self.node.address} (node 0) has not answered for "
+                f"{silent:.0f} s: it or its machine is gone, and the job cannot go on"
+            ) from None
+        if self.status.get("fatal"):
+            raise LaunchFailed(str(self.status["fatal"]))
+        for rank in self.status["dropped"]:
+            self.group.kill("worker", rank)
+        for shard in self.status.get("dropped_shards", []):
+            self.group.kill("server", shard)
+        return self.status
+
+
+COORDINATOR_MARGIN_S = 5.0
+"""How much longer than ``--heartbeat-timeout`` a node waits for a silent coordinator."""
 
 
 def _run(
@@ -135,21 +178,27 @@ def _run(
     num_workers: int,
     max_restarts: int,
     coordinator: Coordinator | None,
+    tending: _Tending,
 ) -> None:
     """Until this node's part is done: its workers, then (node 0) the whole job's end."""
-    _watch(group, node, num_workers, max_restarts)
+    _watch(group, node, num_workers, max_restarts, tending)
     if coordinator is not None:
         while not coordinator.all_workers_done():
             if not coordinator.is_alive():
                 raise LaunchFailed("the coordinator stopped unexpectedly")
+            tending.check()
             _servers_exited(group, node, group.poll())
             time.sleep(0.1)
         if len(coordinator.dead) >= coordinator.num_workers:
             raise LaunchFailed("every worker failed")
         if not coordinator.job_done():
             raise LaunchFailed("the workers stopped before every step was done")
-        coordinator.finish()
+        try:
+            coordinator.finish()
+        except OSError as e:
+            raise LaunchFailed(f"cannot write the final model and summary: {e}") from None
     while group.running:  # this node's servers, until the coordinator shuts them down
+        tending.check()
         _servers_exited(group, node, group.poll())
         time.sleep(0.1)
 
@@ -166,7 +215,10 @@ def _servers_exited(group: RoleGroup, node: Peer, exited: list[tuple[Role, int]]
             continue
         how = describe_exit(code)
         if group.restarts.get(group.roles.index(role), 0) >= MAX_SERVER_RESTARTS:
-            raise LaunchFailed(f"server shard {role.rank} {how}, {MAX_SERVER_RESTARTS + 1} times")
+            failed = f"server shard {role.rank} {how}, {MAX_SERVER_RESTARTS + 1} times"
+            with contextlib.suppress(PeerError):  # tell the job, so every node stops
+                node.call({"op": "fatal", "error": failed}, timeout_s=5)
+            raise LaunchFailed(failed)
         try:
             reply, _ = node.call(
                 {"op": "server_died", "shard": role.rank, "code": code}, timeout_s=120
@@ -183,26 +235,20 @@ def _servers_exited(group: RoleGroup, node: Peer, exited: list[tuple[Role, int]]
         group.restart(role, {wire.BIND_ENV: str(reply["address"])})
 
 
-def _watch(group: RoleGroup, node: Peer, num_workers: int, max_restarts: int) -> None:
+def _watch(
+    group: RoleGroup, node: Peer, num_workers: int, max_restarts: int, tending: _Tending
+) -> None:
     """Wait for this node's workers; a dead worker is reported, its tasks go to the
     others, and it is started again (up to ``max_restarts`` times): it rejoins the job
     and pulls the current parameters.
 
-    A worker the coordinator dropped for silence (hung, SIGSTOPped) is killed
-    here, so that the job can end.
+    A worker or shard the coordinator dropped for silence (hung, SIGSTOPped) is killed
+    here (:class:`_Tending`), so that the job can go on and end.
     """
-    done, last_status = 0, 0.0
-    status: dict = {"dropped": [], "done": False}
+    done = 0
     node.timeout_ms = 20_000  # registered: the coordinator answers at once from now on
     while done < num_workers:
-        if time.monotonic() - last_status > 0.5:
-            last_status = time.monotonic()
-            try:
-                status, _ = node.call({"op": "status"})
-            except PeerError:  # the job is ending on node 0 (or node 0 is gone)
-                status = {"dropped": [], "done": True}
-            for rank in status["dropped"]:
-                group.kill("worker", rank)
+        status = tending.check()
         for role, code in group.poll():
             if role.role == "server":
                 _servers_exited(group, node, [(role, code)])
@@ -210,7 +256,8 @@ def _watch(group: RoleGroup, node: Peer, num_workers: int, max_restarts: int) ->
             if code == 0:
                 done += 1
                 continue
-            node.call({"op": "worker_died", "worker": role.rank, "code": code}, timeout_s=120)
+            with contextlib.suppress(PeerError):  # (a gone coordinator: tending says so)
+                node.call({"op": "worker_died", "worker": role.rank, "code": code}, timeout_s=20)
             restarts = group.restarts.get(group.roles.index(role), 0)
             failed = f"worker {role.rank} failed (exit code {code})"
             if restarts < max_restarts and not status.get("done"):
@@ -249,7 +296,15 @@ def run_server(job: JobConfig) -> None:
     )
     reply, _ = peer.call({"op": "register_server", "shard": shard, "address": server.address})
     peer.close()
+    heartbeat = Heartbeat(
+        os.environ[wire.COORDINATOR_ENV],
+        secret,
+        f"server{shard}-heartbeat",
+        {"op": "heartbeat", "shard": shard},
+        job.strategy.heartbeat_timeout / 5,
+    )
     if "restore" in reply:  # this shard replaces one that died
         server.restore(int(reply["restore"]), int(reply["generation"]), reply["total_steps"])
     server.serve()
+    heartbeat.stop()
     zmq.Context.instance().term()  # waits (linger) until the last replies have left

@@ -160,6 +160,7 @@ class ShardRecovery:
             if k != shard and k not in self.restoring:
                 self._shard(k).call({"op": "flush"})
         step = self._restorable(list(self.snapshots))
+        self.dropped_shards.discard(shard)  # killed for its silence: it is being replaced
         self.generation += 1
         self.restore_step = step
         self.restoring.add(shard)

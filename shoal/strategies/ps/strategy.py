@@ -13,7 +13,6 @@ with SGD.
 from __future__ import annotations
 
 import os
-import threading
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -29,7 +28,7 @@ from shoal.metrics import CommCounter, PhaseTimer
 from shoal.models.sparse import SparseEmbedding
 from shoal.strategies.base import Batch, LossFn, Strategy
 from shoal.strategies.ps import wire
-from shoal.strategies.ps.client import Client, Peer, PeerError, PeerTimeout
+from shoal.strategies.ps.client import Client, Heartbeat, Peer, PeerError, PeerTimeout
 from shoal.strategies.ps.optim import ServerOptimizer
 from shoal.strategies.ps.placement import dense_plan, row_shard
 
@@ -139,41 +138,6 @@ class RemoteGatherer:
         return None
 
 
-class Heartbeat(threading.Thread):
-    """Tells the coordinator every ``interval`` seconds that this worker is alive.
-
-    Its own socket, its own thread: a worker busy in a long step still beats.
-    """
-
-    def __init__(self, address: str, secret: bytes, worker: int, interval: float) -> None:
-        super().__init__(name="shoal-heartbeat", daemon=True)
-        self.address, self.secret, self.worker, self.interval = address, secret, worker, interval
-        self.stopped = threading.Event()
-        self.start()
-
-    def run(self) -> None:
-        peer = Peer(
-            zmq.Context.instance(),
-            self.address,
-            self.secret,
-            f"heartbeat{self.worker}",
-            CommCounter(),
-        )
-        try:
-            while True:
-                peer.call({"op": "heartbeat", "worker": self.worker})
-                if self.stopped.wait(self.interval):
-                    break
-        except Exception:  # the coordinator is gone: the job is ending
-            pass
-        finally:
-            peer.close()
-
-    def stop(self) -> None:
-        self.stopped.set()
-        self.join(timeout=5)
-
-
 class ParameterServer(Strategy):
     """Data parallel through sharded parameter servers (bsp, asp or ssp)."""
 
@@ -222,7 +186,8 @@ class ParameterServer(Strategy):
         self.heartbeat = Heartbeat(
             os.environ[wire.COORDINATOR_ENV],
             secret,
-            self.worker,
+            f"heartbeat{self.worker}",
+            {"op": "heartbeat", "worker": self.worker},
             self.job.strategy.heartbeat_timeout / 5,
         )
         self.secret = secret
@@ -285,7 +250,7 @@ class ParameterServer(Strategy):
         """Whether the servers were restored since the current task was handed out."""
         if self.tasks.current is None:  # setting up: nothing to void
             return False
-        status, _ = self.coordinator.call({"op": "status"})
+        status, _ = self.coordinator.call({"op": "status"}, timeout_s=ALIVE_CHECK_S)
         self.tasks.generation = max(self.tasks.generation, int(status.get("generation", 0)))
         return self.tasks.generation != self.tasks.current_generation
 
