@@ -37,7 +37,7 @@ def ps_server(port_q: mp.Queue, max_bytes: int) -> None:
     server = Server(
         0, b"b" * 32, OptimConfig(name="sgd", lr=1e-9), "asp", 0, max_message_bytes=max_bytes
     )
-    port_q.put(server.address)
+    port_q.put(f"{server.address}#{server.target}")
     server.serve()
 
 
@@ -57,8 +57,10 @@ def time_raw(address: str, payload: torch.Tensor, reps: int) -> list[float]:
 
 def time_ps(address: str, payload: torch.Tensor, reps: int) -> list[float]:
     from shoal.metrics import CommCounter
+    from shoal.strategies.ps import wire
     from shoal.strategies.ps.client import Peer
 
+    address, target = address.split("#")
     peer = Peer(
         zmq.Context.instance(),
         address,
@@ -66,10 +68,11 @@ def time_ps(address: str, payload: torch.Tensor, reps: int) -> list[float]:
         "bench",
         CommCounter(),
         max_bytes=2 * payload.nbytes,
-        target="shard-0",
+        target=target,
     )
     peer.call(
-        {"op": "init", "parts": 1, "total_steps": 10**9, "keys": ["w@0"], "tables": []}, [payload]
+        {"op": "init", "parts": 1, "total_steps": 10**9, "tables": []},
+        [payload, wire.strings_tensor(["w@0"])],
     )
     out = []
     for step in range(reps):

@@ -29,7 +29,7 @@ def ps_server(port_q: mp.Queue) -> None:
 
     torch.set_num_threads(1)  # as shoal's launcher does for servers (OMP_NUM_THREADS=1)
     server = Server(0, b"b" * 32, OptimConfig(name="adagrad", lr=0.1), "asp", 0)
-    port_q.put(server.address)
+    port_q.put(f"{server.address}#{server.target}")
     server.serve()
 
 
@@ -44,12 +44,14 @@ def batches(args: argparse.Namespace, count: int) -> list[torch.Tensor]:
 
 def time_ps(address: str, ids: list[torch.Tensor], dim: int) -> float:
     from shoal.metrics import CommCounter
+    from shoal.strategies.ps import wire
     from shoal.strategies.ps.client import Peer
 
-    peer = Peer(zmq.Context.instance(), address, b"b" * 32, "bench", CommCounter())
-    init = {"op": "init", "parts": 1, "total_steps": 10**9, "keys": [], "tables": []}
+    address, target = address.split("#")
+    peer = Peer(zmq.Context.instance(), address, b"b" * 32, "bench", CommCounter(), target=target)
+    init = {"op": "init", "parts": 1, "total_steps": 10**9, "tables": []}
     init["tables"] = [{"name": "t", "dim": dim, "init_std": 0.01, "seed": 0}]
-    peer.call(init)
+    peer.call(init, [wire.strings_tensor([])])
     start = time.perf_counter()
     for step, batch in enumerate(ids):
         _, (rows,) = peer.call(

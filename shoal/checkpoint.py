@@ -214,15 +214,19 @@ def save(
     except BaseException:  # a full disk, say: no partial checkpoint stays behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if not final.exists():
-        os.rename(tmp, final)
-    elif _exchange(tmp, final):  # one atomic swap: a complete copy has the name throughout
+    try:
+        if not final.exists():
+            os.rename(tmp, final)
+        elif _exchange(tmp, final):  # one atomic swap: a complete copy has the name throughout
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:  # no renameat2 here: the old copy steps aside for an instant
+            trash = root / f".old-step-{step:08d}-{os.getpid()}"
+            os.rename(final, trash)
+            os.rename(tmp, final)
+            shutil.rmtree(trash, ignore_errors=True)
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-    else:  # no renameat2 here: the old copy steps aside for an instant
-        trash = root / f".old-step-{step:08d}-{os.getpid()}"
-        os.rename(final, trash)
-        os.rename(tmp, final)
-        shutil.rmtree(trash, ignore_errors=True)
+        raise
     _fsync_dir(root)
     prune(run_dir, step, keep)
     return final
@@ -346,7 +350,11 @@ class _MetadataUnpickler(pickle.Unpickler):
             return super().find_class(module, name)
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
-        raise pickle.UnpicklingError(f"{module}.{name}"[:120])
+        raise _Refused(f"{module}.{name}"[:120])
+
+
+class _Refused(pickle.UnpicklingError):
+    """A name outside :data:`SAFE_GLOBALS`."""
 
 
 def read_dcp_metadata(path: Path) -> Any:
@@ -355,14 +363,21 @@ def read_dcp_metadata(path: Path) -> Any:
     :class:`UnsafeCheckpoint`."""
     try:
         with path.open("rb") as fh:
-            return _MetadataUnpickler(fh).load()
-    except pickle.UnpicklingError as e:
+            metadata = _MetadataUnpickler(fh).load()
+    except _Refused as e:
         raise UnsafeCheckpoint(
             f"{path}: names {e}, which no checkpoint of shoal holds; refusing to load it "
             "(was the run directory written by someone else?)"
         ) from None
-    except (OSError, EOFError, ValueError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"{path}: unreadable DCP metadata ({e})") from None
+    except Exception as e:  # a corrupt pickle, or one that builds nonsense: not a checkpoint
+        raise CheckpointError(f"{path}: unreadable DCP metadata ({type(e).__name__})") from None
+    for info in (getattr(metadata, "storage_data", None) or {}).values():
+        where = Path(str(getattr(info, "relative_path", "")))
+        if where.is_absolute() or ".." in where.parts:
+            raise UnsafeCheckpoint(
+                f"{path}: points at {where}, outside the checkpoint; refusing to load it"
+            )
+    return metadata
 
 
 def _safe_dcp() -> tuple[Any, Any]:

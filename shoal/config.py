@@ -149,7 +149,7 @@ class StrategyConfig:
     )
     heartbeat_timeout: float = _f(
         3.0,
-        "seconds without a heartbeat before a worker is declared dead, hung or cut off",
+        "seconds without a heartbeat before a worker or shard is declared dead, hung or cut off",
         above=0,
         high=86400,
     )

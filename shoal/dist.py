@@ -109,6 +109,8 @@ def _loopback_store(rank: int, world_size: int, timeout_s: float) -> dist.Store 
     addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     if addr != "localhost" and not addr.startswith("127."):
         return None
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":  # plain torchrun: the
+        return None  # agent hosts the store already, on that port
     fd = None
     if rank == 0:
         sock = socket.socket()

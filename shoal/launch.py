@@ -157,6 +157,8 @@ def launch(cluster: ClusterConfig, config_path: str) -> None:
     if not cluster.rdzv_endpoint:  # one machine: nothing listens beyond loopback
         _register_local_rendezvous()
         args[args.index("--rdzv-backend") + 1] = LOCAL_RENDEZVOUS
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo's pairs, as the stores
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
     config, cmd, cmd_args = config_from_args(parse_args(args))
     try:
         elastic_launch(config, cmd)(*cmd_args)

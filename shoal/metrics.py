@@ -153,9 +153,10 @@ def _parse(raw: bytes) -> tuple[list[tuple[bytes, dict[str, Any]]], int]:
             continue
         try:
             record = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             record = None
-        if not isinstance(record, dict) or end > len(raw):  # corrupt, or no newline: torn
+        step = record.get("step", 0) if isinstance(record, dict) else None
+        if not isinstance(step, int) or end > len(raw):  # corrupt, or no newline: torn
             return records, len(raw) - at
         records.append((line, record))
         at = end

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import json
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import IO, Any
@@ -53,6 +55,29 @@ read by the new one (see ``check_layout``); the parameter server keeps its
 ``--servers``."""
 
 
+USES: dict[str, dict[str, tuple[str, ...]]] = {
+    "model": {
+        "linear": ("name",),
+        "softmax": ("name",),
+        "ctr": ("name",),
+        "mlp": ("name", "hidden", "layers"),
+        "cnn": ("name", "hidden"),
+        "transformer": ("name", "hidden", "layers", "heads"),
+    },
+    "data": {
+        "digits": ("name", "test_fraction", "data_seed", "drop_last"),
+        "synthetic-linear": (
+            "name", "test_fraction", "data_seed", "drop_last", "num_samples", "num_features",
+            "noise",
+        ),
+        "ctr": ("name", "test_fraction", "data_seed", "drop_last", "num_samples", "table_rows"),
+        "text": ("name", "test_fraction", "data_seed", "drop_last", "context"),
+    },
+}  # fmt: skip
+"""Of :data:`FIXED`, what each built-in model and dataset reads (a setting it ignores
+may change); a model or dataset of the user's own may read any."""
+
+
 class RunLock:
     """The lock of one run directory, held until :meth:`release` or the process ends."""
 
@@ -77,20 +102,28 @@ def lock(out: Path) -> RunLock:
         raise UserError(f"--out {out}: cannot create the run directory ({e.strerror})") from None
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as e:
         fh.seek(0)
         holder = _describe(fh.read())
         fh.close()
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise UserError(
+                f"--out {out}: cannot lock the run directory ({e.strerror}); its filesystem "
+                "does not support flock"
+            ) from None
         raise UserError(
             f"run directory {out} is in use by {holder}; wait for it to end, or choose "
             "another --out"
         ) from None
-    fh.seek(0)
-    fh.truncate()
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": started}
-    fh.write(json.dumps(holder) + "\n")
-    fh.flush()
+    try:
+        fh.seek(0)
+        fh.truncate()
+        fh.write(json.dumps(holder) + "\n")
+        fh.flush()
+    except OSError as e:  # (a full disk: the lock holds all the same)
+        print(f"shoal: warning: cannot write {out / LOCK_FILE}: {e.strerror}", file=sys.stderr)
     return RunLock(fh)
 
 
@@ -104,6 +137,13 @@ def _describe(text: str) -> str:
 
 def check_out(out: Path) -> None:
     """Whether ``out`` can be a run directory, without creating anything."""
+    try:
+        _check_out(out)
+    except OSError as e:  # (a parent we may not even look into)
+        raise UserError(f"--out {out}: {e.strerror}") from None
+
+
+def _check_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: a file is in the way (not a directory)")
     parent = out
@@ -125,6 +165,8 @@ def check_resume(stored: JobConfig, job: JobConfig) -> None:
     for section, names in FIXED.items():
         before, now = getattr(stored, section), getattr(job, section)
         fields = {f.name: f for f in dataclasses.fields(before)}
+        if section in USES and before.name == now.name:
+            names = USES[section].get(before.name, names)
         for name in names:
             old, new = getattr(before, name), getattr(now, name)
             if old != new:

@@ -442,12 +442,12 @@ def test_a_node_whose_coordinator_is_gone_says_so_within_the_timeout(tmp_path):
         _wait_for_records(tmp_path / "run" / "metrics.jsonl", count=2)
         node0.stop()  # the whole machine: every process of node 0 at once
         gone = time.time()
-        seen = node1.first("has not answered for", timeout=60)
+        seen = node1.first("its process or machine is gone", timeout=60)
         assert node1.proc.wait(timeout=30) == 1
     finally:
         node0.stop()
         node1.stop()
-    assert seen - gone < 3 + 5 + 3, seen - gone  # timeout + margin + a status round
+    assert seen - gone < 3 + 5 + 2, seen - gone  # noticed at once, then the grace for shards
     lines = [s for _, s in node1.lines]
     assert not any("Traceback" in s for s in lines), lines
-    assert lines[-1].startswith("shoal: error: training failed: the coordinator at tcp://127.0.0.1")
+    assert lines[-1].startswith("shoal: error: training failed: the connection to coordinator at")

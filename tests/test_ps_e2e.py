@@ -141,7 +141,7 @@ def test_unauthenticated_peers_cannot_grow_memory_or_disturb_training(ps_bsp_lin
     process grows by under 20 MB and the model is bit-identical to the undisturbed run."""
     out = tmp_path / "attacked"
     job = start_train(
-        out, *LINEAR, *PS, "--ps-mode", "bsp", env={"SHOAL_FAULT": "slow:rank=0:ms=200"}
+        out, *LINEAR, *PS, "--ps-mode", "bsp", env={"SHOAL_FAULT": "slow:rank=*:ms=300"}
     )
     try:
         endpoints = out / "ps_endpoints.json"
@@ -168,8 +168,10 @@ def test_unauthenticated_peers_cannot_grow_memory_or_disturb_training(ps_bsp_lin
     assert max_abs_diff(params(out), params(ps_bsp_linear)) == 0  # training unaffected
     ps = read_summary(out)["ps"]
     refused = ps["servers"][0]["refused_at_door"]
-    assert refused["bad-token"] >= 5000 and refused["handshake"] > 0, refused  # (resets: not all)
-    assert ps["coordinator_refused_at_door"]["bad-token"] >= 5000
+    assert refused["bad-token"] >= 3333 and refused["malformed"] >= 3333, refused
+    assert refused["handshake"] > 0, refused  # (some garbage is reset before it is read)
+    door = ps["coordinator_refused_at_door"]
+    assert door["bad-token"] >= 3333 and door["malformed"] >= 3333, door
     assert ps["servers"][0]["rejected"] == {} and ps["coordinator_rejected"] == {}
 
 

@@ -113,9 +113,10 @@ def test_door_takes_each_good_token_once_and_only_for_its_target():
         door.check(b"PLAIN", b"w", gate.client_token(b"s" * 32, "w", "shard-1", now=0).encode()),
         door.check(b"NULL", b"", b""),
         door.check(b"PLAIN", b"\xff", b"1.2"),
+        door.check(b"PLAIN", b"w", "1.2.é".encode()),  # (compare_digest takes no non-ASCII str)
     ]
     assert [why for why, _ in refusals] == [
-        "bad-token", "bad-token", "bad-token", "expired", "mechanism", "malformed"
+        "bad-token", "bad-token", "bad-token", "expired", "mechanism", "malformed", "malformed"
     ]  # fmt: skip
 
 
@@ -235,10 +236,10 @@ def test_server_checkpoint_and_restore_refuse_the_voided_work(tmp_path):
     thread.start()
     ctx = zmq.Context.instance()
     try:
-        peer = Peer(ctx, srv.address, b"k" * 32, "w", CommCounter(), 5, target="shard-0")
+        peer = Peer(ctx, srv.address, b"k" * 32, "w", CommCounter(), 5, target=srv.target)
         peer.call(
-            {"op": "init", "parts": 1, "total_steps": 10, "keys": ["w@0"], "tables": []},
-            [torch.zeros(4)],
+            {"op": "init", "parts": 1, "total_steps": 10, "tables": []},
+            [torch.zeros(4), wire.strings_tensor(["w@0"])],
         )
 
         def push(step: int, gen: int = 0) -> None:
@@ -278,12 +279,20 @@ def server():
 def test_server_bsp_round_and_refusals(server):
     ctx = zmq.Context.instance()
     peers = [
-        Peer(ctx, server.address, b"k" * 32, f"w{i}", CommCounter(), timeout_s=5, target="shard-0")
+        Peer(
+            ctx,
+            server.address,
+            b"k" * 32,
+            f"w{i}",
+            CommCounter(),
+            timeout_s=5,
+            target=server.target,
+        )
         for i in range(2)
     ]
-    init = {"op": "init", "parts": 2, "total_steps": 10, "keys": ["w@0"], "tables": []}
+    init = {"op": "init", "parts": 2, "total_steps": 10, "tables": []}
     for p in peers:
-        p.call(init, [torch.zeros(4)])
+        p.call(init, [torch.zeros(4), wire.strings_tensor(["w@0"])])
     rid = peers[0].send(
         {"op": "push", "step": 0, "part": 0, "read_through": -1, "tables": []}, [torch.ones(4)]
     )
@@ -311,10 +320,12 @@ def test_server_bsp_round_and_refusals(server):
 @pytest.mark.timeout(30)
 def test_server_survives_hostile_and_inconsistent_requests(server):
     ctx = zmq.Context.instance()
-    peer = Peer(ctx, server.address, b"k" * 32, "w0", CommCounter(), timeout_s=5, target="shard-0")
-    init = {"op": "init", "parts": 2, "total_steps": 10, "keys": ["w@0"]}
+    peer = Peer(
+        ctx, server.address, b"k" * 32, "w0", CommCounter(), timeout_s=5, target=server.target
+    )
+    init = {"op": "init", "parts": 2, "total_steps": 10}
     init["tables"] = [{"name": "t", "dim": 2, "init_std": 0.0, "seed": 0}]
-    peer.call(init, [torch.zeros(4)])
+    peer.call(init, [torch.zeros(4), wire.strings_tensor(["w@0"])])
     bad = [
         ({"op": "pull", "step": 0, "tables": ["nope"]}, [torch.tensor([1])]),  # no such table
         ({"op": "pull", "step": 0.5, "tables": []}, []),  # step not an integer

@@ -74,6 +74,9 @@ def test_resume_refuses_what_would_change_the_run_before_writing(
 ):
     run = tmp_path / "run"
     shutil.copytree(linear_reference if strategy == "allreduce" else ps_bsp_linear, run)
+    if flag == "--hidden":  # a model that has hidden layers (linear ignores --hidden)
+        config = run / "config.toml"
+        config.write_text(config.read_text().replace('name = "linear"', 'name = "mlp"'))
     before = _tree(run)
     code = main(["train", "--resume", str(run), "--steps", "300", flag, value])
     err = capsys.readouterr().err.strip()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -158,18 +159,21 @@ def prepare_run_dir(job: JobConfig) -> tuple[Path, rundir.RunLock | None]:
         tmp = Path(tempfile.mkdtemp(prefix="shoal-node-"))
         write_resolved_config(job, tmp)
         return tmp / "config.toml", None
-    created = out.absolute()  # the outermost directory this call creates, if any
-    while not created.parent.exists():
-        created = created.parent
     existed, had_lock = out.exists(), (out / rundir.LOCK_FILE).exists()
-    lock = rundir.lock(out)
+    made = [p for p in [out.absolute(), *out.absolute().parents] if not p.exists()]
+    lock = None
     try:
+        lock = rundir.lock(out)
         _check_run_dir(job, out)
         write_resolved_config(job, out)
     except BaseException:
-        lock.release()
-        if not existed:
-            shutil.rmtree(created, ignore_errors=True)
+        if lock is not None:
+            lock.release()
+        if not existed:  # what this call made, and nothing another job may have put there
+            (out / rundir.LOCK_FILE).unlink(missing_ok=True)
+            for path in made:
+                with contextlib.suppress(OSError):
+                    path.rmdir()  # (only if empty)
         elif not had_lock:
             (out / rundir.LOCK_FILE).unlink(missing_ok=True)
         raise

@@ -34,15 +34,25 @@ WATCH_MS = 1000
 
 
 class PeerError(PeerLost):
-    """A peer refused a request or did not answer in time."""
+    """A peer refused a request, did not answer in time, or the connection ended."""
 
 
 class PeerTimeout(PeerError):
     """A peer did not answer in time."""
 
 
+class PeerGone(PeerError):
+    """The connection to a peer ended (the process or its machine is gone, or cut off)."""
+
+
 class Peer:
-    """One authenticated connection to a server shard or the coordinator."""
+    """One authenticated connection to a server shard or the coordinator.
+
+    It connects once: it waits (up to ``timeout_s``) for the listener to be there,
+    authenticates with a one-time token, and asks the listener to prove the secret
+    back. It never reconnects by itself; once the connection ends, every call raises
+    :class:`PeerGone` and a new :class:`Peer` is needed.
+    """
 
     def __init__(
         self,
@@ -54,61 +64,90 @@ class Peer:
         timeout_s: float = 300.0,
         max_bytes: int = 1 << 30,
         target: str = "coordinator",
+        link_timeout_s: float = gate.LINK_TIMEOUT_S,
     ) -> None:
-        self.address = address
+        self.address, self.target = address, target
         self.comm = comm
         self.timeout_ms = int(timeout_s * 1000)
         self.max_bytes = max_bytes
-        self.sock, token_nonce = gate.connect(ctx, address, secret, who, target)
         self.ids = itertools.count()
         self.stash: dict[int, Reply] = {}
         self.watch: Callable[[], None] | None = None
         """Called about every second while a reply is awaited; may raise to stop waiting."""
-        self._prove(secret, f"{who}|{token_nonce}", target)
-
-    def _prove(self, secret: bytes, user_id: str, target: str) -> None:
-        """Ask the listener to prove it knows the secret; refuse it if it cannot. A
-        listener that refuses this process's token is named as such, not waited for."""
-        nonce = secrets.token_hex(16)
-        monitor = self.sock.get_monitor_socket(
-            zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-        )
-        watch, self.watch = self.watch, lambda: self._handshake_failed(monitor, target)
-        try:
-            welcome, _ = self.call({"op": "hello", "nonce": nonce})
-        finally:
-            self.watch = watch
-            if not self.sock.closed:
-                self.sock.disable_monitor()
-            monitor.close(0)
-        proof = gate.server_proof(secret, target, user_id, nonce)
-        if not hmac.compare_digest(str(welcome.get("proof", "")), proof):
-            self.close()
-            raise PeerRejected(
-                f"{self.address} answered as {target} but does not know the job's secret: "
-                "refusing it (another process on that port?)"
+        self.gone = ""
+        deadline = time.monotonic() + timeout_s
+        while True:  # until the listener is up (another machine may start later)
+            self.sock, self.monitor, token_nonce = gate.connect(
+                ctx, address, secret, who, target, link_timeout_s
             )
-
-    def _handshake_failed(self, monitor: zmq.Socket, target: str) -> None:
-        while monitor.poll(0):
-            event = recv_monitor_message(monitor)["event"]
+            if self._handshake(deadline):
+                break
             self.close()
+            if time.monotonic() > deadline:
+                raise PeerTimeout(f"cannot reach {target} at {address} in {timeout_s:.0f} s")
+            time.sleep(0.2)
+        try:
+            self._prove(secret, f"{who}|{token_nonce}")
+        except BaseException:
+            self.close()
+            raise
+
+    def _handshake(self, deadline: float) -> bool:
+        """Whether the connection was made and our token accepted; a listener that
+        refuses the token, or does not speak shoal's wire, is refused in turn."""
+        while time.monotonic() < deadline:
+            if not self.monitor.poll(200):
+                continue
+            event = recv_monitor_message(self.monitor)["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                return True
             if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                self.close()
                 raise PeerRejected(
-                    f"{target} at {self.address} refused this process's credentials: "
+                    f"{self.target} at {self.address} refused this process's credentials: "
                     f"{wire.SECRET_ENV} must be the same on every machine and their clocks "
                     f"within {gate.TOKEN_WINDOW_S / 60:.0f} minutes"
                 )
+            if event in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+                self.close()
+                raise PeerRejected(
+                    f"{self.address} does not speak shoal's authenticated wire: refusing it "
+                    f"(expected {self.target})"
+                )
+            if event in (zmq.EVENT_CLOSED, zmq.EVENT_DISCONNECTED, zmq.EVENT_CONNECT_RETRIED):
+                return False  # nobody listens there yet: try again
+        return False
+
+    def _prove(self, secret: bytes, user_id: str) -> None:
+        """Ask the listener to prove it knows the secret; refuse it if it cannot."""
+        nonce = secrets.token_hex(16)
+        welcome, _ = self.call({"op": "hello", "nonce": nonce})
+        proof = gate.server_proof(secret, self.target, user_id, nonce)
+        if not hmac.compare_digest(str(welcome.get("proof", "")).encode(), proof.encode()):
             raise PeerRejected(
-                f"{self.address} does not speak shoal's authenticated wire: refusing it "
-                f"(expected {target})"
+                f"{self.address} answered as {self.target} but does not know the job's "
+                "secret: refusing it (another process on that port?)"
             )
 
+    def _check_link(self) -> None:
+        """Raise :class:`PeerGone` once the connection has ended."""
+        while not self.gone and self.monitor.poll(0):
+            event = recv_monitor_message(self.monitor)["event"]
+            if event in (zmq.EVENT_DISCONNECTED, zmq.EVENT_CLOSED):
+                self.gone = f"the connection to {self.target} at {self.address} was lost"
+        if self.gone:
+            raise PeerGone(self.gone)
+
     def send(self, header: dict[str, Any], tensors: list[torch.Tensor] = ()) -> int:
+        self._check_link()
         rid = next(self.ids)
         frames = wire.encode({**header, "id": rid}, list(tensors))
         self.comm.add(sent=wire.message_bytes(frames))
-        self.sock.send_multipart(frames, copy=False)
+        try:
+            self.sock.send_multipart(frames, copy=False)
+        except zmq.Again:  # nothing to send to: the connection is gone
+            self.gone = self.gone or f"cannot send to {self.target} at {self.address}"
+            raise PeerGone(self.gone) from None
         return rid
 
     def recv(self, rid: int, timeout_s: float | None = None) -> Reply:
@@ -117,7 +156,8 @@ class Peer:
         deadline = time.monotonic() + timeout_ms / 1000
         while rid not in self.stash:
             left_ms = int((deadline - time.monotonic()) * 1000)
-            if not self.sock.poll(max(0, min(left_ms, WATCH_MS if self.watch else left_ms))):
+            if not self.sock.poll(max(0, min(left_ms, WATCH_MS))):
+                self._check_link()
                 if left_ms <= 0:
                     raise PeerTimeout(f"no answer from {self.address} in {timeout_ms / 1000:.0f} s")
                 if self.watch is not None:
@@ -141,21 +181,33 @@ class Peer:
         return self.recv(self.send(header, tensors), timeout_s)
 
     def close(self) -> None:
-        self.sock.close(0)
+        if not self.sock.closed:
+            self.sock.disable_monitor()
+            self.sock.close(0)
+        self.monitor.close(0)
 
 
 class Client:
     """Connections to every server shard."""
 
     def __init__(
-        self, addresses: list[str], secret: bytes, who: str, comm: CommCounter, **kw: Any
+        self,
+        addresses: list[str],
+        targets: list[str],
+        secret: bytes,
+        who: str,
+        comm: CommCounter,
+        **kw: Any,
     ) -> None:
         self.ctx = zmq.Context.instance()
         self.comm = comm
-        self.shards = [
-            Peer(self.ctx, a, secret, who, comm, target=f"shard-{k}", **kw)
-            for k, a in enumerate(addresses)
-        ]
+        self.shards: list[Peer] = []
+        try:
+            for address, target in zip(addresses, targets, strict=True):
+                self.shards.append(Peer(self.ctx, address, secret, who, comm, target=target, **kw))
+        except BaseException:
+            self.close()
+            raise
 
     def call_all(self, requests: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> list[Reply]:
         """Send one request to each shard, then collect every reply."""
@@ -193,16 +245,31 @@ class Heartbeat(threading.Thread):
             peer = Peer(zmq.Context.instance(), self.address, self.secret, self.who, CommCounter())
         except Exception:  # the coordinator is gone: the job is ending
             return
+        peer.watch = self._check_stopped  # a busy coordinator must not hold up stop()
         try:
             while True:
-                peer.call(self.beat)
+                rid = peer.send(self.beat)
+                while True:  # a slow answer is no reason to stop beating
+                    try:
+                        peer.recv(rid, timeout_s=max(1.0, 2 * self.interval))
+                        break
+                    except PeerTimeout:
+                        continue
                 if self.stopped.wait(self.interval):
                     break
-        except Exception:  # the coordinator is gone: the job is ending
+        except Exception:  # stopped, or the coordinator is gone: the job is ending
             pass
         finally:
             peer.close()
 
+    def _check_stopped(self) -> None:
+        if self.stopped.is_set():
+            raise _Stopped
+
     def stop(self) -> None:
         self.stopped.set()
         self.join(timeout=5)
+
+
+class _Stopped(Exception):
+    """A heartbeat's wait for an answer ends: it was stopped."""

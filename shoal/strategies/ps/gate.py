@@ -39,6 +39,7 @@ import threading
 import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
+from typing import Any
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -47,12 +48,19 @@ from shoal.strategies.ps.wire import FRAME_BYTES
 
 HANDSHAKE_S = 5.0
 """A connection that has not authenticated by then is closed (``ZMQ_HANDSHAKE_IVL``)."""
-MAX_CONNECTIONS = 256
-"""Open connections per listener (a job needs a few per worker); newer ones are cut."""
+MAX_CONNECTIONS = 1024
+"""Open connections per listener, at least (:func:`max_connections`); newer ones are cut.
+An idle connection that has not authenticated costs a few KB, and is closed after
+:data:`HANDSHAKE_S`; a job needs about three per worker at the coordinator."""
 TOKEN_WINDOW_S = 600.0
 """How far a token's time may be from the listener's clock (machines' clocks must agree
 this well); nonces are remembered this long, so a token is accepted once."""
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
+
+
+def max_connections(job: Any) -> int:
+    """The connection cap of a job's listeners: room for every worker's connections."""
+    return max(MAX_CONNECTIONS, 4 * (job.world_size + job.cluster.nnodes + job.cluster.servers))
 
 
 def _mac(secret: bytes, *parts: str) -> str:
@@ -83,13 +91,13 @@ class Door:
         """``("", user_id)`` for a good token, else ``(why, "")``."""
         if mechanism != b"PLAIN":
             return "mechanism", ""
-        try:
-            name, (ts, nonce, given) = user.decode(), password.decode().split(".")
+        try:  # ASCII only: nothing else can make a valid token
+            name, (ts, nonce, given) = user.decode("ascii"), password.decode("ascii").split(".")
             when = int(ts)
         except (UnicodeDecodeError, ValueError):
             return "malformed", ""
         expected = _mac(self.secret, "client", name, self.target, ts, nonce)
-        if not (0 < len(name) <= 64 and hmac.compare_digest(given, expected)):
+        if not (0 < len(name) <= 64 and hmac.compare_digest(given.encode(), expected.encode())):
             return "bad-token", ""
         now = time.time()
         if abs(now - when) > TOKEN_WINDOW_S:
@@ -142,8 +150,14 @@ class Gatekeeper(threading.Thread):
         try:
             while True:
                 request = self.sock.recv_multipart()
-                self.sock.send_multipart(self._answer(request))
+                try:
+                    reply = self._answer(request)
+                except Exception:  # whatever a request does, the door stays manned
+                    reply = [b"1.0", request[1] if len(request) > 1 else b"", b"500", b"", b"", b""]
+                self.sock.send_multipart(reply)
         except zmq.ZMQError:  # the context is ending
+            pass
+        finally:
             self.sock.close(0)
 
     def _answer(self, request: list[bytes]) -> list[bytes]:
@@ -178,19 +192,19 @@ class Listener:
         sock.setsockopt(zmq.HANDSHAKE_IVL, int(HANDSHAKE_S * 1000))
         sock.plain_server = True
         sock.zap_domain = self.domain.encode()
-        host, _, port = bind.rpartition(":")
-        self.address = f"{host}:{sock.bind_to_random_port(host)}" if port == "0" else bind
-        if port != "0":
-            sock.bind(bind)
-        self.sock = sock
-        self.monitor = sock.get_monitor_socket(
+        self.monitor = sock.get_monitor_socket(  # before binding: every connection is seen
             zmq.EVENT_ACCEPTED
             | zmq.EVENT_DISCONNECTED
             | zmq.EVENT_CLOSED
             | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
             | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
         )
-        self.open: list[int] = []  # file descriptors of open connections, oldest first
+        host, _, port = bind.rpartition(":")
+        self.address = f"{host}:{sock.bind_to_random_port(host)}" if port == "0" else bind
+        if port != "0":
+            sock.bind(bind)
+        self.sock = sock
+        self.open: list[tuple[int, int]] = []  # open connections (fd, inode), oldest first
         self.cut = 0
 
     def watch_connections(self) -> None:
@@ -199,14 +213,15 @@ class Listener:
             event = recv_monitor_message(self.monitor)
             kind, fd = event["event"], int(event["value"])
             if kind == zmq.EVENT_ACCEPTED:
-                self.open.append(fd)
+                self.open.append((fd, _inode(fd)))
             elif kind in (zmq.EVENT_DISCONNECTED, zmq.EVENT_CLOSED):
-                if fd in self.open:
-                    self.open.remove(fd)
+                self.open = [(f, i) for f, i in self.open if f != fd]
             else:  # not even the handshake (ZAP counts the refused credentials)
                 self.door.denied["handshake"] += 1
         while len(self.open) > self.max_connections:
-            fd = self.open.pop()
+            fd, inode = self.open.pop()
+            if _inode(fd) != inode:  # closed meanwhile, and the number reused: not ours
+                continue
             with contextlib.suppress(OSError):  # libzmq sees the end and closes it itself
                 s = socket.socket(fileno=os.dup(fd))
                 s.shutdown(socket.SHUT_RDWR)
@@ -236,15 +251,44 @@ class Listener:
         self.gate.unregister(self.domain)
 
 
+LINK_TIMEOUT_S = 10.0
+"""A connection whose far end answers no ZMTP ping for this long is closed by libzmq
+(its machine is gone or cut off); a busy peer's I/O thread still answers."""
+
+
+def _inode(fd: int) -> int:
+    """What an open file descriptor refers to (-1 once it is closed)."""
+    try:
+        return os.fstat(fd).st_ino
+    except OSError:
+        return -1
+
+
 def connect(
-    ctx: zmq.Context, address: str, secret: bytes, user: str, target: str
-) -> tuple[zmq.Socket, str]:
-    """A DEALER to listener ``target`` with a fresh token; and the token's nonce."""
+    ctx: zmq.Context, address: str, secret: bytes, user: str, target: str, link_timeout_s: float
+) -> tuple[zmq.Socket, zmq.Socket, str]:
+    """A DEALER to listener ``target`` with a fresh token, its monitor, and the token's
+    nonce. It does not reconnect in its lifetime: a connection that ends is over (a new
+    one needs a new token, and a new proof from whoever listens there now). (Not
+    ``RECONNECT_IVL=-1``: libzmq then drops replies that arrived just before the end.)"""
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, FRAME_BYTES)
+    sock.setsockopt(zmq.RECONNECT_IVL, 24 * 3600 * 1000)
+    sock.setsockopt(zmq.SNDTIMEO, int(link_timeout_s * 1000))  # no peer: no endless send
+    sock.setsockopt(zmq.HEARTBEAT_IVL, int(min(1.0, link_timeout_s / 3) * 1000))
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(link_timeout_s * 1000))
     token = client_token(secret, user, target)
     sock.plain_username = user.encode()
     sock.plain_password = token.encode()
+    monitor = sock.get_monitor_socket(  # before connecting: no event is missed
+        zmq.EVENT_HANDSHAKE_SUCCEEDED
+        | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+        | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+        | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+        | zmq.EVENT_DISCONNECTED
+        | zmq.EVENT_CLOSED
+        | zmq.EVENT_CONNECT_RETRIED
+    )
     sock.connect(address)
-    return sock, token.split(".")[1]
+    return sock, monitor, token.split(".")[1]

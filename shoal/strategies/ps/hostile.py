@@ -83,11 +83,12 @@ def garbage_hellos(address: str, count: int = 10_000) -> int:
     """``count`` handshakes with made-up credentials or plain garbage; how many were sent."""
     sent = 0
     for i in range(count):
-        if i % 2:
-            payload = GREETING_PLAIN + _hello(
-                b"worker0", f"{int(time.time())}.{i:032x}.00".encode()
-            )
-        else:
+        if i % 3 == 1:  # well formed, the wrong proof
+            token = f"{int(time.time())}.{i:032x}.{'0' * 64}".encode()
+            payload = GREETING_PLAIN + _hello(b"worker0", token)
+        elif i % 3 == 2:  # not even text: bytes a careless parser chokes on
+            payload = GREETING_PLAIN + _hello("wörker".encode(), os.urandom(40) + "é.1".encode())
+        else:  # not even ZMTP
             payload = os.urandom(64)
         for attempt in range(5):  # the listener's closes can briefly hold ports on loopback
             try:

@@ -18,8 +18,8 @@ from shoal.dist import resolve_device
 from shoal.errors import UserError
 from shoal.launch import LaunchFailed, Role, RoleGroup, describe_exit, local_address
 from shoal.metrics import CommCounter
-from shoal.strategies.ps import wire
-from shoal.strategies.ps.client import Heartbeat, Peer, PeerError
+from shoal.strategies.ps import gate, wire
+from shoal.strategies.ps.client import Heartbeat, Peer, PeerError, PeerGone, PeerTimeout
 from shoal.strategies.ps.coordinator import Coordinator
 from shoal.strategies.ps.server import Server, coordinator_dir
 
@@ -91,7 +91,15 @@ def launch_ps(job: JobConfig, config_path: str) -> None:
         coordinator.start()
         address = coordinator.address
     ctx = zmq.Context.instance()
-    node = Peer(ctx, address, secret, f"node{cluster.node_rank}", CommCounter(), timeout_s=600)
+    node = Peer(
+        ctx,
+        address,
+        secret,
+        f"node{cluster.node_rank}",
+        CommCounter(),
+        timeout_s=600,
+        link_timeout_s=job.strategy.heartbeat_timeout,
+    )
     layout, _ = node.call(
         {
             "op": "node",
@@ -134,31 +142,40 @@ def launch_ps(job: JobConfig, config_path: str) -> None:
 class _Tending:
     """This node's view of the job, asked for every half second: which of its processes
     the coordinator dropped (killed here, so that they are replaced), whether the job
-    failed elsewhere, and whether the coordinator still answers at all."""
+    failed elsewhere, and whether the coordinator is still there at all.
+
+    The coordinator is gone when the connection to it ends: its process died (the
+    kernel closes it) or its machine stopped answering ZMTP pings for
+    ``--heartbeat-timeout`` (libzmq's I/O thread answers those even while the
+    coordinator is busy with a long restore, which only delays the answers).
+    """
 
     def __init__(self, group: RoleGroup, node: Peer, node_rank: int, timeout_s: float) -> None:
         self.group, self.node, self.node_rank, self.timeout_s = group, node, node_rank, timeout_s
         self.last_ask = 0.0
         self.answered = time.monotonic()
+        self.gone_at: float | None = None
         self.status: dict = {"dropped": [], "dropped_shards": [], "done": False}
 
     def check(self) -> dict:
-        if time.monotonic() - self.last_ask < 0.5:
+        now = time.monotonic()
+        if now - self.last_ask < 0.5:
             return self.status
-        self.last_ask = time.monotonic()
+        self.last_ask = now
         try:
             self.status, _ = self.node.call(
                 {"op": "status", "node": self.node_rank}, timeout_s=self.timeout_s
             )
-            self.answered = time.monotonic()
-        except PeerError:
-            silent = time.monotonic() - self.answered
-            if self.status.get("done") or silent <= self.timeout_s + COORDINATOR_MARGIN_S:
-                return self.status  # the job is ending on node 0, or a blip
-            raise LaunchFailed(
-                f"the coordinator at {self.node.address} (node 0) has not answered for "
-                f"{silent:.0f} s: it or its machine is gone, and the job cannot go on"
-            ) from None
+            self.answered = now
+        except PeerGone as e:
+            return self._gone(str(e))
+        except PeerTimeout:  # busy (a restore, a checkpoint): its answers come later
+            if now - self.answered > COORDINATOR_BUSY_S:
+                raise LaunchFailed(
+                    f"the coordinator at {self.node.address} (node 0) has not answered for "
+                    f"{now - self.answered:.0f} s: the job cannot go on"
+                ) from None
+            return self.status
         if self.status.get("fatal"):
             raise LaunchFailed(str(self.status["fatal"]))
         for rank in self.status["dropped"]:
@@ -167,9 +184,35 @@ class _Tending:
             self.group.kill("server", shard)
         return self.status
 
+    def settle(self) -> None:
+        """This machine's workers have all ended: if the coordinator is gone before the
+        job was done, say so now rather than end as if all were well."""
+        self.last_ask = 0.0
+        self.check()
+        if self.gone_at is not None and not self.status.get("done"):
+            self.gone_at, self.last_ask = -1e9, 0.0  # (no grace: nothing of ours runs now)
+            self.check()
+
+    def _gone(self, why: str) -> dict:
+        """The coordinator left. At the end of a job it leaves first, after telling this
+        machine's shards to shut down: they get ``--heartbeat-timeout`` plus a margin
+        to end by themselves. Whatever still runs then is stopped, and the job failed."""
+        self.gone_at = self.gone_at or time.monotonic()
+        if time.monotonic() - self.gone_at > self.timeout_s + COORDINATOR_MARGIN_S:
+            for role in self.group.roles:
+                self.group.kill(role.role, role.rank)
+            if self.status.get("done"):
+                raise LaunchFailed(f"{why} before it shut this machine's shards down")
+            raise LaunchFailed(
+                f"{why} (node 0): its process or machine is gone, and the job cannot go on"
+            )
+        return self.status
+
 
 COORDINATOR_MARGIN_S = 5.0
-"""How much longer than ``--heartbeat-timeout`` a node waits for a silent coordinator."""
+"""How long a node waits for its shards' shutdown once the finished job's coordinator left."""
+COORDINATOR_BUSY_S = 600.0
+"""How long a node waits for a coordinator that is there but does not answer."""
 
 
 def _run(
@@ -182,6 +225,7 @@ def _run(
 ) -> None:
     """Until this node's part is done: its workers, then (node 0) the whole job's end."""
     _watch(group, node, num_workers, max_restarts, tending)
+    tending.settle()
     if coordinator is not None:
         while not coordinator.all_workers_done():
             if not coordinator.is_alive():
@@ -197,6 +241,7 @@ def _run(
             coordinator.finish()
         except OSError as e:
             raise LaunchFailed(f"cannot write the final model and summary: {e}") from None
+        tending.status["done"] = True
     while group.running:  # this node's servers, until the coordinator shuts them down
         tending.check()
         _servers_exited(group, node, group.poll())
@@ -260,7 +305,7 @@ def _watch(
                 node.call({"op": "worker_died", "worker": role.rank, "code": code}, timeout_s=20)
             restarts = group.restarts.get(group.roles.index(role), 0)
             failed = f"worker {role.rank} failed (exit code {code})"
-            if restarts < max_restarts and not status.get("done"):
+            if restarts < max_restarts and not status.get("done") and tending.gone_at is None:
                 group.restart(role, {})
                 again = f"restarting it ({restarts + 1} of {max_restarts})"
                 print(f"shoal: warning: {failed}; {again}; the others carry on", file=sys.stderr)
@@ -286,6 +331,7 @@ def run_server(job: JobConfig) -> None:
         max_message_bytes=wire.max_message_bytes(job),
         run_dir=job.output.out,
         keep_checkpoints=job.train.keep_checkpoints,
+        max_connections=gate.max_connections(job),
     )
     peer = Peer(
         zmq.Context.instance(),
@@ -294,7 +340,14 @@ def run_server(job: JobConfig) -> None:
         f"server{shard}",
         CommCounter(),
     )
-    reply, _ = peer.call({"op": "register_server", "shard": shard, "address": server.address})
+    reply, _ = peer.call(
+        {
+            "op": "register_server",
+            "shard": shard,
+            "address": server.address,
+            "target": server.target,
+        }
+    )
     peer.close()
     heartbeat = Heartbeat(
         os.environ[wire.COORDINATOR_ENV],

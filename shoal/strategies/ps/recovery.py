@@ -46,7 +46,7 @@ class ShardRecovery:
                 "coordinator",
                 CommCounter(),
                 timeout_s=120,
-                target=f"shard-{k}",
+                target=self.targets[k],
             )
         return self.shard_peers[k]
 

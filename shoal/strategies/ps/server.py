@@ -10,6 +10,7 @@ messages from them are refused and counted; they never stop the loop.
 from __future__ import annotations
 
 import os
+import secrets
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -90,6 +91,7 @@ class Server:
         max_message_bytes: int = 1 << 30,
         run_dir: str | os.PathLike | None = None,
         keep_checkpoints: int = 3,
+        max_connections: int = gate.MAX_CONNECTIONS,
     ) -> None:
         self.shard = shard
         self.saver = (
@@ -105,9 +107,10 @@ class Server:
         self.mode, self.staleness_bound = mode, staleness
         self.max_bytes = max_message_bytes
         self.ctx = zmq.Context.instance()
-        self.listener = gate.Listener(
-            self.ctx, bind, secret, f"shard-{shard}", gate.MAX_CONNECTIONS
-        )
+        # this process's name at the door: tokens for a shard that came before it (a
+        # restart) or for another shard are refused, even if replayed within their window
+        self.target = f"shard-{shard}/{secrets.token_hex(4)}"
+        self.listener = gate.Listener(self.ctx, bind, secret, self.target, max_connections)
         self.sock, self.address = self.listener.sock, self.listener.address
         self.stats = ServerStats()
         self.names: dict[bytes, str] = {}
@@ -288,10 +291,12 @@ class Server:
             return
         self.total_steps = int(header["total_steps"])
         self.optimizer = ServerOptimizer(self.optim_cfg, self.total_steps)
-        keys = header["keys"]
-        if len(keys) != len(tensors):
+        if not tensors:
+            raise wire.WireError("malformed", "init: no keys")
+        *tensors, keys = tensors  # the slices' keys travel as the last tensor
+        self.keys = wire.tensor_strings(keys)
+        if len(self.keys) != len(tensors):
             raise wire.WireError("malformed", "init: keys and tensors differ in number")
-        self.keys = [str(k) for k in keys]
         self.dense = [t.detach().clone().float().reshape(1, -1) for t in tensors]
         self.dense_state = [self.optimizer.new_state(1, t.shape[1]) for t in self.dense]
         for spec in header.get("tables", []):

@@ -12,6 +12,7 @@ with SGD.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any, ClassVar
@@ -223,10 +224,15 @@ class ParameterServer(Strategy):
                         "op": "init",
                         "parts": self.parts,
                         "total_steps": total_steps,
-                        "keys": [s.key for s in slices],
                         "tables": tables,
                     },
-                    [self.params[s.name].detach().reshape(-1)[s.start : s.stop] for s in slices],
+                    [
+                        *(
+                            self.params[s.name].detach().reshape(-1)[s.start : s.stop]
+                            for s in slices
+                        ),
+                        wire.strings_tensor([s.key for s in slices]),  # (long for big models)
+                    ],
                 )
                 for slices in self.by_shard
             ]
@@ -238,6 +244,7 @@ class ParameterServer(Strategy):
         self.parts = int(info["parts"])  # the job's parts per step, however many workers now
         client = Client(
             info["servers"],
+            info["targets"],
             self.secret,
             f"worker{self.worker}",
             self.comm,
@@ -426,7 +433,8 @@ class ParameterServer(Strategy):
     def close(self) -> None:
         """Tell the coordinator this worker is done."""
         try:
-            self.coordinator.call({"op": "leave", "worker": self.worker})
+            with contextlib.suppress(PeerError):  # (a coordinator that is gone: said before)
+                self.coordinator.call({"op": "leave", "worker": self.worker}, timeout_s=30)
         finally:
             self.heartbeat.stop()  # only now: a slow goodbye must not look like a hang
             self.client.close()

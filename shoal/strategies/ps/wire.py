@@ -73,7 +73,29 @@ def encode(header: dict[str, Any], tensors: list[torch.Tensor] = ()) -> list[Any
         if not raw:
             frames.append(b"")
     frames[0] = json.dumps({**header, "t": spec}, separators=(",", ":")).encode()
+    if len(frames[0]) > MAX_HEADER_BYTES:  # no socket would take it: say so here
+        raise ValueError(
+            f"a {header.get('op')!r} header of {len(frames[0])} bytes is over the "
+            f"{MAX_HEADER_BYTES}-byte frame limit (send long lists as tensors)"
+        )
     return frames
+
+
+def strings_tensor(items: list[str]) -> torch.Tensor:
+    """Strings as one uint8 tensor (for lists too long for a header)."""
+    raw = bytearray("\n".join(items).encode())
+    return torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+
+
+def tensor_strings(t: torch.Tensor) -> list[str]:
+    """The strings of :func:`strings_tensor`."""
+    if t.dtype != torch.uint8 or t.dim() != 1:
+        raise WireError("malformed", "strings must be a 1-d uint8 tensor")
+    try:
+        text = t.numpy().tobytes().decode()
+    except UnicodeDecodeError:
+        raise WireError("malformed", "strings are not UTF-8") from None
+    return text.split("\n") if text else []
 
 
 def num_frames(nbytes: int) -> int:
