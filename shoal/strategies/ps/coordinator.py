@@ -207,10 +207,11 @@ class Coordinator(ShardRecovery, Membership, threading.Thread):
             self.targets[shard] = str(header["target"])
             self.shard_seen[shard] = time.monotonic()
             self.dropped_shards.discard(shard)
-            self._answer_waiting()
-            if shard not in self.restoring:
-                return {"op": "ok"}
+            replaces = shard in self.restoring
             self.restoring.discard(shard)  # the replacement restores itself, then serves
+            self._answer_waiting()
+            if not replaces:
+                return {"op": "ok"}
             if not self.restoring and self.queue is not None:
                 self.queue.paused = False
                 self._answer_tasks()
@@ -326,7 +327,9 @@ class Coordinator(ShardRecovery, Membership, threading.Thread):
         return len(self.left | set(self.dead)) >= self.num_workers
 
     def _answer_waiting(self) -> None:
-        if not self.num_servers or len(self.servers) < self.num_servers:
+        """Tell waiting workers every shard's address and name at its door, once every
+        shard is there (a replaced one: once its replacement registered, with its name)."""
+        if not self.num_servers or len(self.servers) < self.num_servers or self.restoring:
             return
         addresses = [self.servers[k] for k in range(self.num_servers)]
         if not self.shards_up:  # the first time every shard is registered
