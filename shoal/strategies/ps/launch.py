@@ -290,7 +290,7 @@ def _watch(
     A worker or shard the coordinator dropped for silence (hung, SIGSTOPped) is killed
     here (:class:`_Tending`), so that the job can go on and end.
     """
-    done = 0
+    done = clean = 0
     node.timeout_ms = 20_000  # registered: the coordinator answers at once from now on
     while done < num_workers:
         status = tending.check()
@@ -298,8 +298,9 @@ def _watch(
             if role.role == "server":
                 _servers_exited(group, node, [(role, code)])
                 continue
-            if code == 0:
+            if code == 0:  # it was told the job is finished
                 done += 1
+                clean += 1
                 continue
             with contextlib.suppress(PeerError):  # (a gone coordinator: tending says so)
                 node.call({"op": "worker_died", "worker": role.rank, "code": code}, timeout_s=20)
@@ -313,6 +314,8 @@ def _watch(
                 done += 1
                 print(f"shoal: warning: {failed}; the others carry on", file=sys.stderr)
         time.sleep(0.1)
+    if num_workers and clean == num_workers:  # every worker here heard the job finish
+        tending.status["done"] = True
 
 
 def run_server(job: JobConfig) -> None:
