@@ -338,9 +338,7 @@ class Coordinator(ShardRecovery, Membership, threading.Thread):
             try:
                 write_atomic(self.out / ENDPOINTS_FILE, json.dumps(endpoints, indent=2) + "\n")
             except OSError as e:  # a full disk: only tools read it; serving goes on
-                print(
-                    f"shoal: warning: cannot write {ENDPOINTS_FILE}: {e.strerror}", file=sys.stderr
-                )
+                print(f"shoal: warning: {ENDPOINTS_FILE}: {e.strerror}", file=sys.stderr)
         assert self.queue is not None
         targets = [self.targets[k] for k in range(self.num_servers)]
         reply = {
