@@ -111,13 +111,7 @@ def _loopback_store(rank: int, world_size: int, timeout_s: float) -> dist.Store 
         return None
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":  # plain torchrun: the
         return None  # agent hosts the store already, on that port
-    fd = None
-    if rank == 0:
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", port))
-        sock.listen(256)
-        fd = sock.detach()  # the store owns it from now on
+    fd = loopback_listener(port).detach() if rank == 0 else None  # the store owns it
     return dist.TCPStore(
         "127.0.0.1",
         port,
@@ -127,6 +121,15 @@ def _loopback_store(rank: int, world_size: int, timeout_s: float) -> dist.Store 
         multi_tenant=True,
         master_listen_fd=fd,
     )
+
+
+def loopback_listener(port: int = 0) -> socket.socket:
+    """A TCP socket listening on 127.0.0.1 (``port``, or a free one)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen(256)
+    return sock
 
 
 def shutdown() -> None:

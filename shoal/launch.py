@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shoal.config import ClusterConfig, parse_endpoint
+from shoal.dist import loopback_listener
 from shoal.errors import UserError
 
 WORKER_MODULE = "shoal.worker"
@@ -212,15 +213,6 @@ def _local_rendezvous(params: Any) -> Any:
         master_listen_fd=sock.detach(),
     )
     return create_handler(store, Backend(store, params.run_id), params)
-
-
-def loopback_listener(port: int = 0) -> socket.socket:
-    """A TCP socket listening on 127.0.0.1 (``port``, or a free one)."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", port))
-    sock.listen(256)
-    return sock
 
 
 def _register_local_rendezvous() -> None:
