@@ -8,6 +8,8 @@ was asked for and what exists.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
@@ -22,10 +24,13 @@ def is_user_ref(name: str) -> bool:
 
 
 def import_ref(ref: str, kind: str) -> Callable[..., Any]:
-    """Import ``package.module:function`` and return the function."""
+    """Import ``package.module:function`` (from the working directory too, as the
+    workers do) and return the function."""
     module_name, _, attr = ref.partition(":")
     if not module_name or not attr:
         raise UserError(f"{kind} {ref!r} must look like package.module:function")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as python -m does, so `shoal` finds what workers find
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
@@ -36,12 +41,11 @@ def import_ref(ref: str, kind: str) -> Callable[..., Any]:
     return fn
 
 
-def lookup(name: str, table: Mapping[str, T], kind: str) -> T:
-    """Return ``table[name]`` or raise a :class:`UserError` listing the choices."""
+def lookup(name: str, table: Mapping[str, T], kind: str, ref: str = "package.module:function") -> T:
+    """Return ``table[name]`` or raise a :class:`UserError` listing the choices (and the
+    ``ref`` form that names user code)."""
     try:
         return table[name]
     except KeyError:
         known = ", ".join(sorted(table))
-        raise UserError(
-            f"unknown {kind} {name!r}; built-in: {known} (or package.module:function)"
-        ) from None
+        raise UserError(f"unknown {kind} {name!r}; built-in: {known} (or {ref})") from None

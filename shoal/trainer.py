@@ -22,7 +22,7 @@ from shoal.data import Dataset, GlobalBatchSampler, Task, build_dataset
 from shoal.dist import DistEnv
 from shoal.errors import UserError
 from shoal.faults import Injector
-from shoal.memory import named
+from shoal.memory import ActivationMeter, named
 from shoal.metrics import (
     SUMMARY_FILE,
     MetricsFile,
@@ -39,7 +39,7 @@ from shoal.metrics import (
 from shoal.models import build_model
 from shoal.models.sparse import count_parameters, remote_tables
 from shoal.models.tasks import evaluate, per_sample_loss
-from shoal.strategies import Batch, Strategy, build_strategy
+from shoal.strategies import Batch, Strategy, resolve
 
 
 @dataclass
@@ -63,8 +63,9 @@ class Trainer:
         torch.manual_seed(job.train.seed)
         self.data: Dataset = build_dataset(job.data)
         self.x, self.y = (t.to(env.device) for t in self.data.train)
-        self.strategy: Strategy = build_strategy(job, env)
-        with remote_tables(self.strategy.remote_tables):
+        self.plugin = resolve(job)
+        self.strategy: Strategy = self.plugin.build(job, env)
+        with remote_tables(self.plugin.remote_tables):
             model = build_model(job.model, self.data).to(env.device)
         self.num_parameters = count_parameters(model)
         dp_rank, dp_size = self.strategy.data_rank
@@ -77,8 +78,9 @@ class Trainer:
             drop_last=job.data.drop_last,
         )
         self.total_steps = job.train.total_steps(self.sampler.steps_per_epoch)
-        self.strategy.example = (self.x[:64], self.y[:64])
-        self.strategy.setup(model, self.total_steps)
+        self.activations = ActivationMeter()
+        """What each forward saves for backward (measured at logging steps)."""
+        self.strategy.setup(model, self.total_steps, (self.x[:64], self.y[:64]), self.activations)
         self.gatherer = self.strategy.gatherer()
         self.step = 0
         self.wall_offset = 0.0
@@ -134,17 +136,18 @@ class Trainer:
         """Every rank contributes its RNG and sample counts; the writer saves."""
         rng = self.gatherer.gather(torch.get_rng_state(), "rng")
         counts = self.samples_per_epoch()
+        own = self.strategy.state_dict()  # on every rank: a strategy may gather its state
         state: dict[str, Any] = {}
         if rng is not None and counts is not None:
             state = {
                 "step": self.step,
-                "strategy": self.strategy.state_dict(),
+                "strategy": own,
                 "sampler": self.sampler.state_dict(),
                 "rng": [r.clone() for r in rng],  # own storage each: set_rng_state ignores offsets
                 "samples_per_epoch": counts,
                 "wall_time": self.wall_time(),
             }
-        if self.strategy.sharded_checkpoints:  # every rank writes its part of the model
+        if self.plugin.sharded_checkpoints:  # every rank writes its part of the model
             self.saver.save_sharded(self.step, state, self.strategy.save_shards, bool(state))
         elif state:
             self.saver.save(self.step, state)
@@ -164,7 +167,7 @@ class Trainer:
     def loss_fn(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         x, y = batch
         self.faults.in_step(self.step + 1)
-        with self.strategy.activations.measure():
+        with self.activations.measure():
             return per_sample_loss(self.data.task, model(x), y)
 
     def run(self) -> None:
@@ -197,7 +200,7 @@ class Trainer:
                 lr = self.strategy.lr
                 self.step = task.step  # until it is done
                 # activations: measured in the first step and each step that logs
-                self.strategy.activations.enabled = first or work.log_now(task.step + 1)
+                self.activations.enabled = first or work.log_now(task.step + 1)
                 first = False
                 loss_sum = self.strategy.train_step(batch, self.loss_fn, task.loss_scale, timer)
                 self.step = task.step + 1
@@ -277,7 +280,7 @@ class Trainer:
     def _memory(self) -> dict[str, int]:
         """This rank's memory figures (the activation peak: since the last call), also
         kept as the run's peak."""
-        now = {**self.strategy.memory(), "activations_peak": self.strategy.activations.take_peak()}
+        now = {**self.strategy.memory(), "activations_peak": self.activations.take_peak()}
         for k, v in now.items():
             self.peak_memory[k] = max(self.peak_memory.get(k, 0), v)
         return now

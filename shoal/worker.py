@@ -22,7 +22,7 @@ from shoal.errors import USER_ERROR_FILE, PeerLost, PeerRejected, UserError
 from shoal.faults import Injector
 from shoal.health import EXIT_PEER_LOST, Heartbeat
 from shoal.launch import LAUNCHER_ENV
-from shoal.strategies import strategy_class
+from shoal.strategies import resolve
 from shoal.trainer import Trainer
 
 
@@ -50,17 +50,17 @@ def main(argv: list[str] | None = None) -> int:
         marker = Path(job.output.out) / USER_ERROR_FILE
         if marker.exists() and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
             return 2  # a mistake was reported already; retrying cannot help
-        cls = strategy_class(job.strategy.name)
-        env = dist.init(job.train.device, process_group=cls.needs_process_group)
+        plugin = resolve(job)
+        env = dist.init(job.train.device, process_group=plugin.needs_process_group)
         role = os.environ.get("SHOAL_ROLE", "worker")
         if role != "worker":
-            cls.run_role(role, job, env)
+            plugin.run_role(role, job, env)
             return 0
         Injector(env.rank, run_dir=job.output.out).at_start()  # (a fault "at step 0")
-        if cls.needs_process_group and env.world_size > 1:
+        if plugin.needs_process_group and env.world_size > 1:
             heartbeat = Heartbeat(env.rank, env.world_size, job.strategy.heartbeat_timeout)
         trainer = Trainer(job, env)
-        if cls.needs_process_group:  # (parameter servers restore themselves)
+        if plugin.needs_process_group:  # (parameter servers restore themselves)
             _restore(trainer, env)
         trainer.run()
         if heartbeat is not None:

@@ -19,6 +19,7 @@ from shoal.models.sparse import (
     init_rows,
     remote_tables,
 )
+from shoal.strategies import resolve
 from shoal.strategies.ps import gate, wire
 from shoal.strategies.ps.client import Peer, PeerError
 from shoal.strategies.ps.consistency import Steps
@@ -381,7 +382,9 @@ def test_coordinator_answers_a_parked_task_request_when_another_worker_finishes_
     job = JobConfig()
     job.output.out = str(tmp_path)
     job.output.progress = False
-    job.strategy.ps_mode = "bsp"
+    job.strategy.name = "ps"
+    resolve(job)  # [strategy.ps] at its defaults: bsp
+    assert job.strategy.options.mode == "bsp"
     coordinator = Coordinator(job, b"k" * 32, "tcp://127.0.0.1:0", 1, 3, 3)
     coordinator.start()
     ctx = zmq.Context.instance()

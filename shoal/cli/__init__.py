@@ -15,7 +15,9 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The ``shoal`` parser; ``argv`` shows ``train`` a strategy of the user's own, whose
+    options become flags too."""
     from shoal.cli import bench, report, train
 
     parser = Parser(
@@ -25,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
-    train.add_parser(sub)
+    train.add_parser(sub, argv or [])
     report.add_parser(sub)
     bench.add_parser(sub)
     return parser
@@ -33,8 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``shoal`` console command."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args_in = sys.argv[1:] if argv is None else argv
+    try:
+        parser = build_parser(args_in)
+    except UserError as e:
+        print(f"shoal: error: {e}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(args_in)
     try:
         return args.run(args)
     except UserError as e:

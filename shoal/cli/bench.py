@@ -99,15 +99,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _runs(spec: str) -> list[tuple[str, str]]:
     from shoal.compress import parse_codec
-    from shoal.strategies import check_strategy_name
+    from shoal.strategies import find_plugin
 
     out = []
     for item in filter(None, (s.strip() for s in spec.split(","))):
         strategy, _, codec = item.partition(":")
         codec = codec or "none"
-        check_strategy_name(strategy)
-        if strategy == "ps":
-            raise UserError("bench comm runs collective strategies (allreduce, local-sgd, diloco)")
+        plugin = find_plugin(strategy)
+        if not plugin.needs_process_group or not hasattr(plugin.Config(), "compress"):
+            raise UserError(
+                "bench comm runs collective data-parallel strategies (allreduce, local-sgd, "
+                f"diloco, easgd), not {strategy}"
+            )
         try:
             parse_codec(codec)
         except ValueError as e:

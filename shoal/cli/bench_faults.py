@@ -77,8 +77,13 @@ def run_faults(args: argparse.Namespace) -> int:
     job_args = args.job[1:] if args.job[:1] == ["--"] else args.job
     job_args = job_args or DEFAULT_JOB.split()
     job = _resolve(job_args, args.workers)
-    if job.strategy.name == "ps":
-        raise UserError("bench faults restarts collective strategies; --strategy ps is not one")
+    from shoal.strategies import resolve
+
+    if not resolve(job).needs_process_group:
+        raise UserError(
+            f"bench faults restarts collective strategies; --strategy {job.strategy.name} "
+            "is not one"
+        )
     if not job.train.checkpoint_every:
         raise UserError("the job needs --checkpoint-every N: a restart resumes from a checkpoint")
     out = Path(args.out or f"runs/bench-faults-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -131,7 +136,7 @@ def _resolve(job_args: list[str], workers: int) -> JobConfig:
 
     parser = Parser(prog="shoal bench faults --")
     parser.add_argument("--config")
-    add_job_flags(parser)
+    add_job_flags(parser, job_args)
     ns = parser.parse_args([*job_args, "--workers", str(workers)])
     return resolve_job(ns)
 

@@ -11,47 +11,89 @@ import argparse
 import dataclasses
 from typing import Any
 
-from shoal.config import JobConfig
+from shoal.config import JobConfig, flag_of, public_fields
+from shoal.registry import is_user_ref
+from shoal.strategies import BUILTIN, find_plugin
 
 
-def _flag(f: dataclasses.Field) -> str:
-    return f.metadata.get("flag", "--" + f.name.replace("_", "-"))
-
-
-def add_job_flags(parser: argparse.ArgumentParser) -> None:
-    """Add one argument group per config component to ``parser``."""
+def add_job_flags(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> None:
+    """Add one argument group per config component to ``parser``, then one per strategy
+    with options (a user's ``--strategy package.module:Plugin`` in ``argv`` included).
+    An option several strategies share (``--compress``, ``--mesh``) is one flag."""
     defaults = JobConfig()
     for section in dataclasses.fields(JobConfig):
         component = getattr(defaults, section.name)
         doc = (type(component).__doc__ or "").strip().splitlines()[0]
         group = parser.add_argument_group(f"{section.name} ({doc.rstrip('.').lower()})")
-        for f in dataclasses.fields(component):
-            default = getattr(component, f.name)
-            kwargs: dict[str, Any] = {
-                "dest": f"{section.name}.{f.name}",
-                "default": argparse.SUPPRESS,
-                "help": f"{f.metadata['help']} (default: {default!r})",
-            }
-            if f.name == "nnodes":  # torchrun's N or MIN:MAX
-                kwargs["type"], kwargs["metavar"] = _nodes, "N|MIN:MAX"
-            elif isinstance(default, bool):
-                kwargs["action"] = argparse.BooleanOptionalAction
-            else:
-                kwargs["type"] = type(default)
-                kwargs["metavar"] = f.name.upper() if "choices" not in f.metadata else None
-                if "choices" in f.metadata:
-                    kwargs["choices"] = f.metadata["choices"]
-            group.add_argument(_flag(f), **kwargs)
+        for f in public_fields(component):
+            _add(group, f, getattr(component, f.name), f"{section.name}.{f.name}")
+    plugins = list(BUILTIN.values())
+    user = user_strategy(argv or [])
+    if user is not None:
+        plugins.append(find_plugin(user))
+    owners: dict[str, list[str]] = {}
+    for p in plugins:
+        for f in dataclasses.fields(p.Config):
+            owners.setdefault(flag_of(f), []).append(p.name)
+    seen: set[str] = set()
+    for p in plugins:
+        fields = [f for f in dataclasses.fields(p.Config) if flag_of(f) not in seen]
+        if not fields:
+            continue
+        group = parser.add_argument_group(f"--strategy {p.name}")
+        options = p.Config()
+        for f in fields:
+            seen.add(flag_of(f))
+            users = owners[flag_of(f)]
+            also = f"; {', '.join(users)}" if len(users) > 1 else ""
+            _add(group, f, getattr(options, f.name), f"option.{f.name}", also)
+
+
+def _add(group: Any, f: dataclasses.Field, default: Any, dest: str, also: str = "") -> None:
+    kwargs: dict[str, Any] = {
+        "dest": dest,
+        "default": argparse.SUPPRESS,
+        "help": f"{f.metadata['help']} (default: {default!r}{also})",
+    }
+    if f.name == "nnodes":  # torchrun's N or MIN:MAX
+        kwargs["type"], kwargs["metavar"] = _nodes, "N|MIN:MAX"
+    elif isinstance(default, bool):
+        kwargs["action"] = argparse.BooleanOptionalAction
+    else:
+        kwargs["type"] = type(default)
+        kwargs["metavar"] = f.name.upper() if "choices" not in f.metadata else None
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+    group.add_argument(flag_of(f), **kwargs)
+
+
+def user_strategy(argv: list[str]) -> str | None:
+    """The ``package.module:Plugin`` that ``--strategy`` names in ``argv``, if any."""
+    for i, arg in enumerate(argv):
+        value = None
+        if arg == "--strategy" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith("--strategy="):
+            value = arg.partition("=")[2]
+        if value and is_user_ref(value):
+            return value
+    return None
 
 
 def apply_flags(ns: argparse.Namespace, job: JobConfig) -> JobConfig:
-    """Overwrite ``job`` with every flag the user actually gave."""
+    """Overwrite ``job`` with every flag the user actually gave (a strategy's options go
+    to ``job.strategy.given``, applied when the strategy is resolved)."""
     for dest, value in vars(ns).items():
         section, _, name = dest.partition(".")
         if dest == "cluster.nnodes":
             job.cluster.min_nodes, job.cluster.nnodes = value
+        elif section == "option":
+            job.strategy.given[name] = value
+            job.strategy.options = None
         elif name and hasattr(job, section):
             setattr(getattr(job, section), name, value)
+            if dest == "strategy.name":
+                job.strategy.options = None
     return job
 
 

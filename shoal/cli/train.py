@@ -22,7 +22,7 @@ from shoal.errors import USER_ERROR_FILE, UserError
 from shoal.launch import LaunchFailed, check_port, describe
 from shoal.metrics import SUMMARY_FILE
 from shoal.models import build_model, check_model_name, default_data
-from shoal.strategies import STRATEGIES, check_strategy_name, strategy_class
+from shoal.strategies import BUILTIN, Plugin, resolve
 from shoal.trainer import write_resolved_config
 
 EXAMPLES = """\
@@ -36,20 +36,23 @@ several machines (same command on each, node 0's address as the endpoint):
   shoal train --workers 2 --nnodes 2 --node-rank 0 --rdzv-endpoint 10.0.0.1:29500
   shoal train --workers 2 --nnodes 2 --node-rank 1 --rdzv-endpoint 10.0.0.1:29500
 
-strategies: {strategies}
+strategies (each one's options are grouped under it above; your own:
+--strategy package.module:Plugin, see docs/STRATEGIES.md):
+{strategies}
+
 --batch-size is the GLOBAL batch: the same samples make up step t whatever the
 number of workers, so synchronous strategies match a single-process run.
 """
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction, argv: list[str] | None = None) -> None:
     p = sub.add_parser(
         "train",
         help="train a model with a distributed strategy",
         description="Train a model across worker processes (and machines) with one strategy. "
         "Flags override the --config file; the resolved job is written to RUN_DIR/config.toml.",
         epilog=EXAMPLES.format(
-            strategies=", ".join(f"{k} ({v.description})" for k, v in STRATEGIES.items())
+            strategies="\n".join(f"  {k:10} {v.description}" for k, v in BUILTIN.items())
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -59,7 +62,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="check the job and print the resolved config and torchrun command; run nothing",
     )
-    add_job_flags(p)
+    add_job_flags(p, argv)
     p.set_defaults(run=run)
 
 
@@ -87,11 +90,10 @@ def resolve_job(args: argparse.Namespace) -> JobConfig:
         faults.parse(os.environ.get(faults.ENV, ""))
     except ValueError as e:
         raise UserError(str(e)) from None
-    check_strategy_name(job.strategy.name)
-    cls = strategy_class(job.strategy.name)
-    if cls.default_optimizer and not (given(args, "optim", "name") or args.config or resume):
-        job.optim.name = cls.default_optimizer
-    cls.check(job)
+    plugin = resolve(job)
+    if plugin.default_optimizer and not (given(args, "optim", "name") or args.config or resume):
+        job.optim.name = plugin.default_optimizer
+    plugin.check(job)
     check_model_name(job.model.name)
     if resolve_device(job.train.device) == "cuda":
         import torch
@@ -104,7 +106,7 @@ def resolve_job(args: argparse.Namespace) -> JobConfig:
             f"--batch-size {job.train.batch_size} is larger than the training set "
             f"({data.num_train} samples of {data.name})"
         )
-    _check_model_fits(job, data)
+    _check_model_fits(job, data, plugin)
     if resume:
         if not stored.data.name:  # (a hand-written config.toml)
             stored.data.name = default_data(stored.model.name)
@@ -115,34 +117,35 @@ def resolve_job(args: argparse.Namespace) -> JobConfig:
     return job
 
 
-def _check_model_fits(job: JobConfig, data: Dataset) -> None:
-    """Build the model on the meta device (no memory): a model that cannot take this data
-    says so here, in one line, not in every worker."""
+def _check_model_fits(job: JobConfig, data: Dataset, plugin: Plugin) -> None:
+    """Build the model on the meta device (no memory): a model that cannot take this data,
+    or that the strategy cannot split, says so here, in one line, not in every worker."""
     import torch
 
     from shoal.models.sparse import remote_tables
 
     try:
         with torch.device("meta"), remote_tables():
-            build_model(job.model, data)
+            model = build_model(job.model, data)
     except UserError:
         raise
     except Exception:  # anything else shows up, with its traceback, in the workers
-        pass
+        return
+    plugin.check_model(job, model)
 
 
 def check_layout(job: JobConfig, path: Path) -> None:
     """Whether ``--strategy`` can read the checkpoint at ``path``: sharded ones (DCP,
     written by fsdp, tensor or pipeline) resume under those or allreduce."""
-    cls = strategy_class(job.strategy.name)
+    plugin = resolve(job)
     sharded = (path / checkpoint.SHARDS_DIR).is_dir()
-    readers = ", ".join(n for n, c in STRATEGIES.items() if c.reads_shards)
-    if sharded and not cls.reads_shards:
+    readers = ", ".join(n for n, p in BUILTIN.items() if p.reads_shards)
+    if sharded and not plugin.reads_shards:
         raise UserError(
             f"--resume: {path.name} holds a sharded model; resume it with {readers}, "
             f"not {job.strategy.name}"
         )
-    if not sharded and cls.sharded_checkpoints:
+    if not sharded and plugin.sharded_checkpoints:
         raise UserError(
             f"--resume: {path.name} was written by a data-parallel strategy; {job.strategy.name} "
             "resumes only sharded checkpoints (those of fsdp, tensor or pipeline)"
@@ -182,7 +185,7 @@ def prepare_run_dir(job: JobConfig) -> tuple[Path, rundir.RunLock | None]:
 
 def _check_run_dir(job: JobConfig, out: Path) -> None:
     if job.output.resume:
-        root = strategy_class(job.strategy.name).checkpoint_root(out)
+        root = resolve(job).checkpoint_root(out)
         if not checkpoint.list_checkpoints(root):
             raise UserError(f"--resume {out}: no checkpoint to resume from in {root}/checkpoints")
         latest = checkpoint.load_latest(root)
@@ -220,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _train(job: JobConfig, config_path: Path) -> int:
     try:
-        strategy_class(job.strategy.name).launch(job, str(config_path))
+        resolve(job).launch(job, str(config_path))
     except LaunchFailed as e:
         if (Path(job.output.out) / USER_ERROR_FILE).exists():
             return 2  # a worker found a mistake in the job, and said so
@@ -235,11 +238,13 @@ def _train(job: JobConfig, config_path: Path) -> int:
         from shoal.report import write_report
 
         write_report([out], out)
-    print_summary(summary, out, report=job.output.report)
+    print_summary(summary, out, report=job.output.report, extra=resolve(job).summary_rows(summary))
     return 0
 
 
-def print_summary(summary: dict, out: Path, report: bool) -> None:
+def print_summary(
+    summary: dict, out: Path, report: bool, extra: list[tuple[str, str]] | None = None
+) -> None:
     """A readable table of the finished run."""
     from rich.console import Console
     from rich.table import Table
@@ -263,18 +268,7 @@ def print_summary(summary: dict, out: Path, report: bool) -> None:
         state = _human_bytes(memory["params"] + memory["grads"] + memory["optimizer"])
         peak = _human_bytes(memory["activations_peak"])
         rows.append(("memory per rank (most)", f"state {state}, activations {peak}"))
-    pipe = summary.get("pipeline")
-    if pipe:
-        bubble = f"{pipe['bubble']:.3f} (gpipe theory {pipe['gpipe_bubble_theory']:.3f})"
-        rows.append((f"pipeline bubble ({pipe['schedule']})", bubble))
-    ps = summary.get("ps")
-    if ps:
-        bound = f" (bound {ps['staleness_bound']})" if ps.get("staleness_bound") is not None else ""
-        rows.append(("ps mode / max staleness", f"{ps['mode']} / {ps['max_staleness']}{bound}"))
-        tasks = " / ".join(str(w.get("tasks", 0)) for w in summary["per_worker"])
-        rows.append(("tasks per worker", tasks))
-        if ps["failed_workers"]:
-            rows.append(("failed workers", ", ".join(map(str, ps["failed_workers"]))))
+    rows += extra or []  # the strategy's own (its plugin's summary_rows)
     rows += [
         ("wall time", f"{summary['wall_time_s']:.1f} s"),
         ("throughput", f"{summary['samples_per_s']:,.0f} samples/s"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from shoal.compress.codecs import (
+    COMPRESS_HELP,
     QSGD,
     Codec,
     HalfPrecision,
@@ -11,10 +12,12 @@ from shoal.compress.codecs import (
     PowerSGD,
     Sign,
     TopK,
+    check_codec,
     parse_codec,
 )
 
 __all__ = [
+    "COMPRESS_HELP",
     "QSGD",
     "Codec",
     "HalfPrecision",
@@ -23,5 +26,6 @@ __all__ = [
     "PowerSGD",
     "Sign",
     "TopK",
+    "check_codec",
     "parse_codec",
 ]

@@ -31,6 +31,8 @@ from typing import ClassVar
 
 import torch
 
+from shoal.errors import UserError
+
 _BITS = 2 ** torch.arange(8, dtype=torch.uint8)
 
 
@@ -293,6 +295,21 @@ def orthogonalize(p: torch.Tensor) -> torch.Tensor:
     """Orthonormal columns spanning ``p``'s (reduced QR; zero columns stay harmless)."""
     q, _ = torch.linalg.qr(p, mode="reduced")
     return q
+
+
+COMPRESS_HELP = (
+    "gradient compression: none, fp16, bf16, topk:RATIO, qsgd:LEVELS, sign, powersgd:RANK "
+    "(topk, sign and powersgd with error feedback)"
+)
+"""The help text of every strategy's ``--compress`` option."""
+
+
+def check_codec(spec: str) -> None:
+    """Raise a :class:`~shoal.errors.UserError` for a ``--compress`` string that is no codec."""
+    try:
+        parse_codec(spec)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def parse_codec(spec: str, seed: int = 0) -> Codec:

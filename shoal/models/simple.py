@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from torch import nn
 
@@ -16,6 +17,30 @@ def linear(data: Dataset, cfg: ModelConfig) -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(data.num_features, data.num_outputs))
 
 
+class Layers(nn.Sequential):
+    """Layers in order, and how tensor parallelism splits their linear layers."""
+
+    def tensor_plan(self, tp: int) -> dict[str, Any]:
+        """Linear layers in pairs, column-wise then row-wise (one all-reduce per pair);
+        an odd last one column-wise with its outputs gathered."""
+        from torch.distributed.tensor import Replicate
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+        linears = [(n, m) for n, m in self.named_children() if isinstance(m, nn.Linear)]
+        plan: dict[str, Any] = {}
+        for i, (name, layer) in enumerate(linears):
+            if i % 2:
+                plan[name] = RowwiseParallel()
+                continue
+            if i < len(linears) - 1 and layer.out_features % tp:
+                raise UserError(f"--hidden {layer.out_features} must be a multiple of tp={tp}")
+            if i == len(linears) - 1:
+                plan[name] = ColwiseParallel(output_layouts=Replicate())
+            else:
+                plan[name] = ColwiseParallel()
+        return plan
+
+
 def mlp(data: Dataset, cfg: ModelConfig) -> nn.Module:
     """``cfg.layers`` hidden ReLU layers of width ``cfg.hidden``."""
     layers: list[nn.Module] = [nn.Flatten()]
@@ -24,7 +49,7 @@ def mlp(data: Dataset, cfg: ModelConfig) -> nn.Module:
         layers += [nn.Linear(width, cfg.hidden), nn.ReLU()]
         width = cfg.hidden
     layers.append(nn.Linear(width, data.num_outputs))
-    return nn.Sequential(*layers)
+    return Layers(*layers)
 
 
 def cnn(data: Dataset, cfg: ModelConfig) -> nn.Module:

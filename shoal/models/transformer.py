@@ -14,6 +14,7 @@ some of the heads.
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -94,6 +95,36 @@ class Head(nn.Module):
         return self.out(self.ln(x))
 
 
+class Transformer(nn.Sequential):
+    """The units in order, and how tensor parallelism splits them."""
+
+    def tensor_plan(self, tp: int) -> dict[str, Any]:
+        """Megatron-style: attention by heads, the MLP by its hidden units; the token
+        embedding by vocabulary rows, the output projection by vocabulary columns."""
+        from torch.distributed.tensor import Replicate
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+        first = next(m for n, m in self.named_children() if n.startswith("block"))
+        dim = first.attn.wq.out_features
+        heads = dim // first.attn.head_dim
+        if heads % tp:
+            raise UserError(f"--heads {heads} must be a multiple of tp={tp}")
+        if dim % tp:
+            raise UserError(f"--hidden {dim} must be a multiple of tp={tp}")
+        plan: dict[str, Any] = {
+            "embed.tok": RowwiseParallel(input_layouts=Replicate()),
+            "head.out": ColwiseParallel(output_layouts=Replicate()),
+        }
+        for name, _ in self.named_children():
+            if name.startswith("block"):
+                for w in ("wq", "wk", "wv"):
+                    plan[f"{name}.attn.{w}"] = ColwiseParallel()
+                plan[f"{name}.attn.wo"] = RowwiseParallel()
+                plan[f"{name}.mlp.fc1"] = ColwiseParallel()
+                plan[f"{name}.mlp.fc2"] = RowwiseParallel()
+        return plan
+
+
 def transformer(data: Dataset, cfg: ModelConfig) -> nn.Module:
     """``cfg.layers`` blocks of width ``cfg.hidden`` with ``cfg.heads`` heads."""
     if data.task != "language-model":
@@ -105,7 +136,7 @@ def transformer(data: Dataset, cfg: ModelConfig) -> nn.Module:
     for i in range(cfg.layers):
         units[f"block{i}"] = Block(cfg.hidden, cfg.heads)
     units["head"] = Head(cfg.hidden, vocab)
-    model = nn.Sequential(units)
+    model = Transformer(units)
     for name, p in model.named_parameters():  # GPT-2's initialisation
         if p.dim() == 2:
             nn.init.normal_(p, std=0.02)

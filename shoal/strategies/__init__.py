@@ -1,49 +1,124 @@
-"""Strategy registry: adding a strategy is one module plus one line here."""
+"""The strategies: one plugin module each, and the table of built-in ones.
+
+A job names its strategy in ``--strategy``: a key of :data:`BUILTIN`, or
+``package.module:Plugin`` for a strategy of the user's own (a subclass or an
+instance of :class:`Plugin`). :func:`resolve` finds the plugin and fills
+``job.strategy.options`` with its section, read from ``[strategy.NAME]`` and
+the flags.
+"""
 
 from __future__ import annotations
 
-from shoal.config import JobConfig
-from shoal.dist import DistEnv
-from shoal.registry import lookup
-from shoal.strategies.allreduce import AllReduce
-from shoal.strategies.base import Batch, LossFn, Strategy
-from shoal.strategies.fsdp import FSDP
-from shoal.strategies.periodic import DiLoCo, LocalSGD
-from shoal.strategies.pipeline import Pipeline
-from shoal.strategies.ps.strategy import ParameterServer
-from shoal.strategies.tensor import TensorParallel
+import dataclasses
+from typing import Any
 
-STRATEGIES: dict[str, type[Strategy]] = {
-    AllReduce.name: AllReduce,
-    ParameterServer.name: ParameterServer,
-    LocalSGD.name: LocalSGD,
-    DiLoCo.name: DiLoCo,
-    FSDP.name: FSDP,
-    TensorParallel.name: TensorParallel,
-    Pipeline.name: Pipeline,
+from shoal.config import JobConfig, check_component, flag_of, overlay, public_fields
+from shoal.dist import DistEnv
+from shoal.errors import UserError
+from shoal.registry import import_ref, is_user_ref, lookup
+from shoal.strategies import allreduce, easgd, fsdp, periodic, pipeline, tensor
+from shoal.strategies.base import Batch, LossFn, Strategy
+from shoal.strategies.plugin import NoOptions, Plugin
+from shoal.strategies.ps import plugin as ps
+
+BUILTIN: dict[str, Plugin] = {
+    p.name: p
+    for p in (
+        allreduce.Plugin(),
+        ps.Plugin(),
+        periodic.LocalSGDPlugin(),
+        periodic.DiLoCoPlugin(),
+        easgd.Plugin(),
+        fsdp.Plugin(),
+        tensor.Plugin(),
+        pipeline.Plugin(),
+    )
 }
+"""The built-in strategies by name, in the order ``--help`` lists them."""
 
 __all__ = [
-    "STRATEGIES",
+    "BUILTIN",
     "Batch",
     "LossFn",
+    "NoOptions",
+    "Plugin",
     "Strategy",
     "build_strategy",
-    "check_strategy_name",
-    "strategy_class",
+    "find_plugin",
+    "resolve",
 ]
 
 
-def check_strategy_name(name: str) -> None:
-    """Raise a :class:`~shoal.errors.UserError` for an unknown strategy."""
-    lookup(name, STRATEGIES, "strategy")
+def find_plugin(name: str) -> Plugin:
+    """The plugin ``--strategy name`` means; a :class:`UserError` if there is none."""
+    if not is_user_ref(name):
+        return lookup(name, BUILTIN, "strategy", "package.module:Plugin")
+    module, _, attr = name.partition(":")
+    found: Any = import_ref(name, "strategy")
+    if isinstance(found, type) and issubclass(found, Plugin):
+        found = found()
+    if not isinstance(found, Plugin):
+        raise UserError(
+            f"strategy {name!r}: {attr} in {module} is no shoal.strategies.Plugin "
+            "(see docs/STRATEGIES.md)"
+        )
+    for what in ("name", "runtime"):
+        if not hasattr(found, what):
+            raise UserError(f"strategy {name!r}: the plugin does not say its {what}")
+    return found
 
 
-def strategy_class(name: str) -> type[Strategy]:
-    """The strategy registered under ``name``."""
-    return lookup(name, STRATEGIES, "strategy")
+def resolve(job: JobConfig) -> Plugin:
+    """The job's plugin, with ``job.strategy.options`` set to its section: defaults, then
+    ``[strategy.NAME]`` (or, in files older than sections, loose keys of ``[strategy]``),
+    then the flags; ranges and choices checked."""
+    s = job.strategy
+    found = find_plugin(s.name)
+    if isinstance(s.options, found.Config) and s.section == found.name:
+        return found
+    opts = found.Config()
+    own = {flag_of(f): f.name for f in public_fields(opts)}
+    for key, value in s.tables.items():
+        if isinstance(value, dict):
+            if key == found.name:
+                overlay(opts, value, f"[strategy.{key}]")
+            elif key not in BUILTIN:
+                known = ", ".join(sorted({*BUILTIN, found.name}))
+                raise UserError(f"unknown section [strategy.{key}]; strategies: {known}")
+            continue
+        flag = "--" + key.replace("_", "-")
+        if flag in own:  # a file written before sections
+            overlay(opts, {own[flag]: value}, "[strategy]")
+        elif flag not in _builtin_flags():
+            raise UserError(f"unknown key {key!r} in [strategy]")
+    for field_name, value in s.given.items():
+        if not hasattr(opts, field_name):
+            flag = "--" + field_name.replace("_", "-")
+            for f in _all_option_fields():
+                if f.name == field_name:
+                    flag = flag_of(f)
+            users = [p.name for p in BUILTIN.values() if _has_field(p, field_name)]
+            raise UserError(
+                f"{flag} is an option of --strategy {', '.join(users)}, not {found.name}"
+            )
+        setattr(opts, field_name, value)
+    check_component(opts)
+    s.options, s.section, s.tables, s.given = opts, found.name, {}, {}
+    return found
 
 
 def build_strategy(job: JobConfig, env: DistEnv) -> Strategy:
-    """Instantiate the strategy named in ``job.strategy.name``."""
-    return strategy_class(job.strategy.name)(job, env)
+    """The runtime object of the job's strategy in one worker."""
+    return resolve(job).build(job, env)
+
+
+def _has_field(p: Plugin, name: str) -> bool:
+    return any(f.name == name for f in dataclasses.fields(p.Config))
+
+
+def _all_option_fields() -> list[dataclasses.Field]:
+    return [f for p in BUILTIN.values() for f in dataclasses.fields(p.Config)]
+
+
+def _builtin_flags() -> set[str]:
+    return {flag_of(f) for f in _all_option_fields()}

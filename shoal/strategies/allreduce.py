@@ -12,17 +12,19 @@ before the collective and decodes it after.
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from shoal.compress import Codec, parse_codec
+from shoal.compress import COMPRESS_HELP, Codec, check_codec, parse_codec
+from shoal.config import JobConfig, option
 from shoal.dist import DistEnv
+from shoal.memory import ActivationMeter
 from shoal.metrics import CommCounter, PhaseTimer
 from shoal.optim import build_optimizer, build_scheduler
+from shoal.strategies import plugin
 from shoal.strategies.base import Batch, LossFn, Strategy
 from shoal.strategies.collectives import average, ring_allreduce_bytes
 
@@ -119,20 +121,28 @@ def wrap_ddp(
     return ddp, state
 
 
+@dataclass
+class AllReduceConfig:
+    """[strategy.allreduce]"""
+
+    bucket_mb: float = option(
+        25.0, "gradient bucket size in MB for all-reduce overlap", above=0, high=1e5
+    )
+    compress: str = option("none", COMPRESS_HELP)
+
+
 class AllReduce(Strategy):
     """Synchronous data parallel over ring all-reduce (DDP), gloo or NCCL."""
 
-    name = "allreduce"
-    reads_shards = True
-    description = "synchronous data parallel: DDP, bucketed all-reduce overlapped with backward"
+    options: AllReduceConfig
 
-    def setup(self, model: nn.Module, total_steps: int) -> None:
+    def setup(
+        self, model: nn.Module, total_steps: int, example: Batch, activations: ActivationMeter
+    ) -> None:
         self.model = model
-        self.codec = parse_codec(
-            self.job.strategy.compress, seed=self.job.train.seed + self.env.rank
-        )
+        self.codec = parse_codec(self.options.compress, seed=self.job.train.seed + self.env.rank)
         self.ddp, self.hook_state = wrap_ddp(
-            model, self.env, self.job.strategy.bucket_mb, self.comm, self.codec
+            model, self.env, self.options.bucket_mb, self.comm, self.codec
         )
         self.optimizer = build_optimizer(self.ddp.parameters(), self.job.optim)
         self.scheduler = build_scheduler(self.optimizer, self.job.optim, total_steps)
@@ -141,35 +151,22 @@ class AllReduce(Strategy):
         self, batch: Batch, loss_fn: LossFn, loss_scale: float, timer: PhaseTimer
     ) -> torch.Tensor:
         self.hook_state.timer = timer
-        self.optimizer.zero_grad(set_to_none=True)
-        with timer.phase("forward_backward"):
-            loss_sum = loss_fn(self.ddp, batch).sum()
-            (loss_sum * loss_scale).backward()
-        with timer.phase("optimizer"):
-            self.optimizer.step()
-            self.scheduler.step()
-        return loss_sum.detach()
-
-    def eval_model(self) -> nn.Module:
-        return self.model
-
-    @property
-    def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
+        return self.optimizer_step(self.ddp, batch, loss_fn, loss_scale, timer)
 
     def close(self) -> None:
         self.hook_state.timer = None
         self.ddp = None  # releases DDP's reducer, its buckets and pending futures
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-        }  # error-feedback residuals differ per rank and restart at zero on resume
+    # state: the default (error-feedback residuals differ per rank, restart at zero)
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "model" in state:  # else a sharded strategy wrote it: see load_shards
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+
+class Plugin(plugin.Plugin):
+    name = "allreduce"
+    description = "synchronous data parallel: DDP, bucketed all-reduce overlapped with backward"
+    Config = AllReduceConfig
+    runtime = AllReduce
+    reads_shards = True
+
+    def check(self, job: JobConfig) -> None:
+        super().check(job)
+        check_codec(self.options(job).compress)

@@ -28,59 +28,29 @@ LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 
 
 class Strategy(ABC):
-    """One way of spreading training over processes.
+    """The runtime side of one way of spreading training over processes: what trains
+    inside each worker (its declaration is a :class:`~shoal.strategies.plugin.Plugin`).
 
     Lifecycle: ``__init__`` -> :meth:`setup` -> (:meth:`load_state_dict`) ->
     :meth:`work` -> :meth:`train_step` per task it hands out -> :meth:`close`. Implementations count
     the bytes they put on and take off the wire in :attr:`comm`.
     """
 
-    name: ClassVar[str]
-    description: ClassVar[str]
-    needs_process_group: ClassVar[bool] = True
-    """Whether workers join a torch.distributed process group (collective strategies)."""
-    default_optimizer: ClassVar[str | None] = None
-    """The ``--optimizer`` this strategy uses when none is given."""
-    remote_tables: ClassVar[bool] = False
-    """Whether embedding tables live elsewhere (built unallocated: see ``remote_tables``)."""
+    model: nn.Module
+    """This rank's model (replica, shard or stages), set by :meth:`setup`."""
+    optimizer: torch.optim.Optimizer
+    """The optimizer of :attr:`model`'s parameters, built by :meth:`setup`."""
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    """The learning-rate schedule of :attr:`optimizer`."""
     prefetches: ClassVar[bool] = False
     """Whether :meth:`prefetch` wants to see the next batch while this one computes."""
-
-    @classmethod  # noqa: B027 - an optional hook: most strategies accept every job
-    def check(cls, job: JobConfig) -> None:
-        """Refuse, with a :class:`~shoal.errors.UserError`, a job this strategy cannot run.
-
-        Called before anything is written, so a mistake leaves no trace.
-        """
-
-    @classmethod
-    def checkpoint_root(cls, run_dir: Path) -> Path:
-        """Where ``--resume`` finds this strategy's checkpoints (in ``ROOT/checkpoints``)."""
-        return run_dir
-
-    @classmethod
-    def launch(cls, job: JobConfig, config_path: str) -> None:
-        """Start this node's processes and wait for them (default: torchrun's agent)."""
-        from shoal.launch import launch
-
-        launch(job.cluster, config_path)
-
-    @classmethod
-    def run_role(cls, role: str, job: JobConfig, env: DistEnv) -> None:
-        """Entry point of a process that is not a training worker (a server, say)."""
-        raise ValueError(f"strategy {cls.name} has no role {role!r}")
-
-    sharded_checkpoints: ClassVar[bool] = False
-    """Whether each rank writes its own part of the state (DCP, :meth:`save_shards`)."""
-    reads_shards: ClassVar[bool] = False
-    """Whether it can resume from a checkpoint a sharded strategy wrote (:meth:`load_shards`)."""
 
     def __init__(self, job: JobConfig, env: DistEnv) -> None:
         self.job = job
         self.env = env
+        self.options: Any = job.strategy.options
+        """This strategy's section of the job (its plugin's ``Config``)."""
         self.comm = CommCounter()
-        self.activations = ActivationMeter()
-        """Measures the activations each forward saves for backward (see the trainer)."""
 
     @property
     def data_rank(self) -> tuple[int, int]:
@@ -107,8 +77,14 @@ class Strategy(ABC):
         checkpoint.read_shards(directory, self.model, self.optimizer)
 
     @abstractmethod
-    def setup(self, model: nn.Module, total_steps: int) -> None:
-        """Take ownership of ``model`` (already on ``env.device``) and build the optimizer."""
+    def setup(
+        self, model: nn.Module, total_steps: int, example: Batch, activations: ActivationMeter
+    ) -> None:
+        """Take ownership of ``model`` (already on ``env.device``) and build the optimizer.
+
+        ``example`` is a few training samples, for strategies that measure the model
+        before they split it; ``activations`` is the trainer's meter of what forward
+        saves for backward, for strategies that run the model themselves."""
 
     @abstractmethod
     def train_step(
@@ -121,22 +97,54 @@ class Strategy(ABC):
         sum over the part's samples, for logging.
         """
 
-    @abstractmethod
+    def optimizer_step(
+        self,
+        module: nn.Module,
+        batch: Batch,
+        loss_fn: LossFn,
+        loss_scale: float,
+        timer: PhaseTimer,
+        sync: Callable[[], None] | None = None,
+    ) -> torch.Tensor:
+        """The step most strategies share: zero the gradients, forward and the scaled
+        backward of ``module`` on ``batch``, ``sync`` (a gradient exchange, timed as
+        ``comm``), then the optimizer and scheduler step. Returns the loss sum."""
+        self.optimizer.zero_grad(set_to_none=True)
+        with timer.phase("forward_backward"):
+            loss_sum = loss_fn(module, batch).sum()
+            (loss_sum * loss_scale).backward()
+        if sync is not None:
+            with timer.phase("comm"):
+                sync()
+        with timer.phase("optimizer"):
+            self.optimizer.step()
+            self.scheduler.step()
+        return loss_sum.detach()
+
     def eval_model(self) -> nn.Module:
         """The full, unwrapped model as a plain module, for evaluation and export."""
+        return self.model
 
-    @abstractmethod
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue exactly: model, optimizer, schedule, extras."""
+        """Everything needed to continue exactly (by default model, optimizer, schedule)."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+        }
 
-    @abstractmethod
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
+        """Restore what :meth:`state_dict` returned (the model and optimizer may come
+        from a sharded checkpoint instead: see :meth:`load_shards`)."""
+        if "model" in state:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
 
     @property
-    @abstractmethod
     def lr(self) -> float:
         """The learning rate of the step about to run."""
+        return self.optimizer.param_groups[0]["lr"]
 
     def work(self, sampler: GlobalBatchSampler, step: int, total_steps: int) -> Work:
         """What this worker computes; by default its own slice of every global step."""
@@ -144,10 +152,6 @@ class Strategy(ABC):
 
     def prefetch(self, batch: Batch) -> None:  # noqa: B027 - optional hook
         """Start fetching what the next step's ``batch`` will need (see :attr:`prefetches`)."""
-
-    example: Batch | None = None
-    """A few training samples, set by the trainer before :meth:`setup`, for strategies
-    that measure the model before they split it."""
 
     def totals(self) -> list[float]:
         """Figures of this rank for the summary, gathered at the end (see :meth:`summarize`)."""

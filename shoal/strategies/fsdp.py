@@ -15,10 +15,10 @@ import warnings
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 
-from shoal.memory import nbytes
+from shoal.memory import ActivationMeter, nbytes
 from shoal.metrics import PhaseTimer
 from shoal.strategies.base import Batch, LossFn
-from shoal.strategies.mesh import ModelParallel
+from shoal.strategies.mesh import MeshPlugin, ModelParallel
 
 # shoal's models never write into a unit's output in place, the case this warns of
 warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
@@ -27,11 +27,9 @@ warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a v
 class FSDP(ModelParallel):
     """Parameters, gradients and optimizer state sharded over the data-parallel ranks."""
 
-    name = "fsdp"
-    description = "sharded data parallel (fully_shard): parameters, gradients, optimizer split"
-    own_dim = "dp"
-
-    def setup(self, model: nn.Module, total_steps: int) -> None:
+    def setup(
+        self, model: nn.Module, total_steps: int, example: Batch, activations: ActivationMeter
+    ) -> None:
         mesh = self.mesh
         self._keep_replica(model)
         self.full_bytes = sum(nbytes(p) for p in model.parameters())
@@ -53,3 +51,10 @@ class FSDP(ModelParallel):
 
     def _sync_grads(self) -> None:
         """fully_shard reduce-scatters the gradients during backward."""
+
+
+class Plugin(MeshPlugin):
+    name = "fsdp"
+    description = "sharded data parallel (fully_shard): parameters, gradients, optimizer split"
+    runtime = FSDP
+    own_dim = "dp"

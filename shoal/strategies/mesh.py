@@ -19,7 +19,8 @@ replica for the purpose (not counted in the memory figures).
 from __future__ import annotations
 
 import copy
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -30,12 +31,13 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from shoal.config import JobConfig
+from shoal.config import JobConfig, option
 from shoal.dist import DistEnv
 from shoal.errors import UserError
 from shoal.memory import local_tensor
 from shoal.metrics import PhaseTimer
 from shoal.optim import build_optimizer, build_scheduler
+from shoal.strategies import plugin
 from shoal.strategies.base import Batch, LossFn, Strategy
 from shoal.strategies.collectives import ring_allreduce_bytes
 
@@ -62,20 +64,32 @@ def parse_mesh(spec: str) -> dict[str, int]:
     return sizes
 
 
-def mesh_sizes(job: JobConfig, own: str, world: int) -> dict[str, int]:
+@dataclass
+class MeshConfig:
+    """[strategy.fsdp], [strategy.tensor]"""
+
+    mesh: str = option(
+        "",
+        "the workers as a mesh, e.g. dp=2,pp=2 (pipeline) or dp=2,tp=2 (tensor); empty: "
+        "every worker along the strategy's own dimension",
+    )
+
+
+def mesh_sizes(options: MeshConfig, own: str, world: int, strategy: str = "") -> dict[str, int]:
     """The mesh of a job whose strategy parallelizes along ``own`` (``"dp"`` for fsdp,
     ``"pp"``, ``"tp"``): ``--mesh`` as given, the strategy's dimension taking the
     workers ``dp`` leaves (all of them by default)."""
-    spec = job.strategy.mesh
+    spec = options.mesh
     given = parse_mesh(spec)
     foreign = sorted(set(given) - {"dp", own})
     if foreign:
         raise UserError(
-            f"--mesh {spec}: --strategy {job.strategy.name} has no {foreign[0]} dimension "
+            f"--mesh {spec}: --strategy {strategy} has no {foreign[0]} dimension "
             f"(it takes dp{'' if own == 'dp' else ' and ' + own})"
         )
-    if own == "pp" and job.strategy.stages:
-        given.setdefault("pp", job.strategy.stages)
+    stages = getattr(options, "stages", 0)
+    if own == "pp" and stages:
+        given.setdefault("pp", stages)
     if own == "dp":
         sizes = {"dp": given.get("dp", world)}
     else:
@@ -90,23 +104,34 @@ def mesh_sizes(job: JobConfig, own: str, world: int) -> dict[str, int]:
     return sizes
 
 
-class ModelParallel(Strategy):
-    """Base of the strategies whose model state is spread over ranks."""
+class MeshPlugin(plugin.Plugin):
+    """What the model-parallel plugins share: the mesh, sharded checkpoints."""
 
-    own_dim = "dp"
+    Config: ClassVar[type] = MeshConfig
+    own_dim: ClassVar[str] = "dp"
     """The mesh dimension this strategy parallelizes along."""
     sharded_checkpoints = True
     reads_shards = True
 
-    @classmethod
-    def check(cls, job: JobConfig) -> None:
-        mesh_sizes(job, cls.own_dim, job.world_size)
-        if job.strategy.compress != "none":
-            raise UserError(f"--compress is for data-parallel strategies, not {cls.name}")
+    def sizes(self, job: JobConfig) -> dict[str, int]:
+        """The job's mesh, checked."""
+        return mesh_sizes(self.options(job), self.own_dim, job.world_size, self.name)
 
-    def __init__(self, job: JobConfig, env: DistEnv) -> None:
+    def check(self, job: JobConfig) -> None:
+        super().check(job)
+        self.sizes(job)
+
+    def build(self, job: JobConfig, env: DistEnv) -> Strategy:
+        return self.runtime(job, env, self.own_dim)
+
+
+class ModelParallel(Strategy):
+    """Base of the strategies whose model state is spread over ranks."""
+
+    def __init__(self, job: JobConfig, env: DistEnv, own_dim: str) -> None:
         super().__init__(job, env)
-        self.sizes = mesh_sizes(job, self.own_dim, env.world_size)
+        self.own_dim = own_dim
+        self.sizes = mesh_sizes(self.options, own_dim, env.world_size, job.strategy.name)
         names = tuple(d for d in MESH_DIMS if d in self.sizes)
         self.mesh: DeviceMesh = init_device_mesh(
             env.device.type, tuple(self.sizes[d] for d in names), mesh_dim_names=names
@@ -126,7 +151,7 @@ class ModelParallel(Strategy):
             self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
         )
 
-    def eval_model(self) -> nn.Module:
+    def eval_model(self) -> nn.Module:  # collective
         state = self.full_state()
         if self.replica is None:
             return self.model  # not rank 0: nothing to evaluate here
@@ -139,10 +164,6 @@ class ModelParallel(Strategy):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.scheduler.load_state_dict(state["scheduler"])
 
-    @property
-    def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
-
     def _optimizer(self, params: Any, total_steps: int) -> None:
         self.optimizer = build_optimizer(params, self.job.optim)
         self.scheduler = build_scheduler(self.optimizer, self.job.optim, total_steps)
@@ -150,16 +171,7 @@ class ModelParallel(Strategy):
     def _step(self, batch: Batch, loss_fn: LossFn, loss_scale: float, timer: PhaseTimer) -> Any:
         """Forward and backward of this rank's batch, the data-parallel gradient sync
         (:meth:`_sync_grads`), the optimizer step; the loss sum for logging."""
-        self.optimizer.zero_grad(set_to_none=True)
-        with timer.phase("forward_backward"):
-            loss_sum = loss_fn(self.model, batch).sum()
-            (loss_sum * loss_scale).backward()
-        with timer.phase("comm"):
-            self._sync_grads()
-        with timer.phase("optimizer"):
-            self.optimizer.step()
-            self.scheduler.step()
-        return loss_sum.detach()
+        return self.optimizer_step(self.model, batch, loss_fn, loss_scale, timer, self._sync_grads)
 
     def _sync_grads(self) -> None:
         """Average gradients over ``dp`` where this strategy replicates along it."""

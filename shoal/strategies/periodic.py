@@ -18,45 +18,53 @@ all-reduce: 1/H of what ``allreduce`` moves in the same steps.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from shoal.compress import parse_codec
-from shoal.config import JobConfig
+from shoal.compress import COMPRESS_HELP, check_codec, parse_codec
+from shoal.config import JobConfig, option
 from shoal.errors import UserError
+from shoal.memory import ActivationMeter
 from shoal.metrics import PhaseTimer
 from shoal.optim import build_optimizer, build_scheduler
+from shoal.strategies import plugin
 from shoal.strategies.base import Batch, LossFn, Strategy
 from shoal.strategies.collectives import average
+
+
+@dataclass
+class LocalSGDConfig:
+    """[strategy.local-sgd]"""
+
+    sync_every: int = option(8, "local steps between synchronizations (H)", low=1, high=1 << 30)
+    compress: str = option("none", COMPRESS_HELP)
+
+
+@dataclass
+class DiLoCoConfig(LocalSGDConfig):
+    """[strategy.diloco]"""
+
+    outer_lr: float = option(0.7, "learning rate of the outer Nesterov SGD", above=0, high=1e4)
+    outer_momentum: float = option(0.9, "momentum of the outer Nesterov SGD", low=0, below=1)
 
 
 class LocalSGD(Strategy):
     """Local steps, parameters averaged every H steps."""
 
-    name = "local-sgd"
-    description = "local SGD: workers step alone, parameters averaged every --sync-every steps"
+    options: LocalSGDConfig
 
-    @classmethod
-    def check(cls, job: JobConfig) -> None:
-        """Checkpoints fall on synchronizations, where the replicas are one model."""
-        every, h = job.train.checkpoint_every, job.strategy.sync_every
-        if every % h:
-            raise UserError(
-                f"--checkpoint-every {every} must be a multiple of --sync-every {h} with "
-                f"--strategy {cls.name}: between synchronizations the replicas differ"
-            )
-
-    def setup(self, model: nn.Module, total_steps: int) -> None:
+    def setup(
+        self, model: nn.Module, total_steps: int, example: Batch, activations: ActivationMeter
+    ) -> None:
         self.model = model
         self.total_steps = total_steps
-        self.sync_every = self.job.strategy.sync_every
+        self.sync_every = self.options.sync_every
         self.optimizer = build_optimizer(model.parameters(), self.job.optim)
         self.scheduler = build_scheduler(self.optimizer, self.job.optim, total_steps)
-        self.codec = parse_codec(
-            self.job.strategy.compress, seed=self.job.train.seed + self.env.rank
-        )
+        self.codec = parse_codec(self.options.compress, seed=self.job.train.seed + self.env.rank)
         # the replicas start equal: every worker builds the model from the same seed
         self.params = dict(model.named_parameters())
         self.anchor = {n: p.detach().clone() for n, p in self.params.items()}
@@ -65,19 +73,13 @@ class LocalSGD(Strategy):
     def train_step(
         self, batch: Batch, loss_fn: LossFn, loss_scale: float, timer: PhaseTimer
     ) -> torch.Tensor:
-        self.optimizer.zero_grad(set_to_none=True)
-        with timer.phase("forward_backward"):
-            loss_sum = loss_fn(self.model, batch).sum()
-            # W/B: the mean over this replica's slice of the step (B/W samples)
-            (loss_sum * loss_scale).backward()
-        with timer.phase("optimizer"):
-            self.optimizer.step()
-            self.scheduler.step()
+        # loss_scale W/B: the mean over this replica's slice of the step (B/W samples)
+        loss_sum = self.optimizer_step(self.model, batch, loss_fn, loss_scale, timer)
         self.steps += 1
         if self.steps % self.sync_every == 0 or self.steps == self.total_steps:
             with timer.phase("comm"):
                 self.synchronize()
-        return loss_sum.detach()
+        return loss_sum
 
     @torch.no_grad()
     def synchronize(self) -> None:
@@ -92,49 +94,35 @@ class LocalSGD(Strategy):
         for (n, p), m in zip(self.params.items(), means):
             p.copy_(self.anchor[n] + m.reshape(p.shape))
 
-    def eval_model(self) -> nn.Module:
-        return self.model
-
-    @property
-    def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
-
     def state_dict(self) -> dict[str, Any]:
-        """The model (one model: checkpoints fall on synchronizations, see :meth:`check`)
-        and rank 0's inner optimizer state, which every replica resumes with."""
+        """The model (one model: checkpoints fall on synchronizations, see the plugin's
+        check) and rank 0's inner optimizer state, which every replica resumes with."""
         return {
-            "model": self.model.state_dict(),
+            **super().state_dict(),
             "anchor": {n: t.clone() for n, t in self.anchor.items()},
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
             "steps": self.steps,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
+        super().load_state_dict(state)
         for n, t in state["anchor"].items():
             self.anchor[n].copy_(t)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
         self.steps = int(state["steps"])
 
 
 class DiLoCo(LocalSGD):
     """Inner optimizer for H steps; outer Nesterov momentum on the averaged pseudo-gradient."""
 
-    name = "diloco"
-    description = (
-        "DiLoCo: inner --optimizer (adamw) for --sync-every steps, "
-        "outer Nesterov SGD on the averaged change"
-    )
-    default_optimizer: ClassVar[str | None] = "adamw"
+    options: DiLoCoConfig
 
-    def setup(self, model: nn.Module, total_steps: int) -> None:
-        super().setup(model, total_steps)
+    def setup(
+        self, model: nn.Module, total_steps: int, example: Batch, activations: ActivationMeter
+    ) -> None:
+        super().setup(model, total_steps, example, activations)
         self.outer_params = [
             nn.Parameter(t.clone(), requires_grad=False) for t in self.anchor.values()
         ]
-        s = self.job.strategy
+        s = self.options
         self.outer = torch.optim.SGD(
             self.outer_params,
             lr=s.outer_lr,
@@ -163,3 +151,33 @@ class DiLoCo(LocalSGD):
             for p, t in zip(self.outer_params, state["outer_params"]):
                 p.copy_(t)
         self.outer.load_state_dict(state["outer"])
+
+
+class LocalSGDPlugin(plugin.Plugin):
+    name = "local-sgd"
+    description = "local SGD: workers step alone, parameters averaged every --sync-every steps"
+    Config = LocalSGDConfig
+    runtime = LocalSGD
+
+    def check(self, job: JobConfig) -> None:
+        """Checkpoints fall on synchronizations, where the replicas are one model."""
+        super().check(job)
+        opts = self.options(job)
+        check_codec(opts.compress)
+        every, h = job.train.checkpoint_every, opts.sync_every
+        if every % h:
+            raise UserError(
+                f"--checkpoint-every {every} must be a multiple of --sync-every {h} with "
+                f"--strategy {self.name}: between synchronizations the replicas differ"
+            )
+
+
+class DiLoCoPlugin(LocalSGDPlugin):
+    name = "diloco"
+    description = (
+        "DiLoCo: inner --optimizer (adamw) for --sync-every steps, "
+        "outer Nesterov SGD on the averaged change"
+    )
+    Config = DiLoCoConfig
+    runtime = DiLoCo
+    default_optimizer = "adamw"

@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -40,11 +41,12 @@ from torch.distributed.pipelining import (
     ScheduleInterleaved1F1B,
 )
 
-from shoal.config import JobConfig
+from shoal.config import JobConfig, option
 from shoal.errors import UserError
+from shoal.memory import ActivationMeter
 from shoal.metrics import PhaseTimer
 from shoal.strategies.base import Batch, LossFn
-from shoal.strategies.mesh import ModelParallel, mesh_sizes
+from shoal.strategies.mesh import MeshConfig, MeshPlugin, ModelParallel
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved": ScheduleInterleaved1F1B}
 
@@ -74,49 +76,73 @@ def partition(costs: list[float], parts: int) -> list[int]:
     return starts[::-1]
 
 
-def stage_count(job: JobConfig, world: int) -> int:
-    pp = mesh_sizes(job, "pp", world)["pp"]
-    return pp * (2 if job.strategy.schedule == "interleaved" else 1)
+@dataclass
+class PipelineConfig(MeshConfig):
+    """[strategy.pipeline]"""
+
+    stages: int = option(
+        0, "stages, one per rank along pp (0: --mesh, else all workers)", low=0, high=1 << 16
+    )
+    microbatches: int = option(
+        4, "microbatches each rank's slice of a step is cut into", low=1, high=1 << 16
+    )
+    schedule: str = option(
+        "1f1b",
+        "gpipe (all forwards, then all backwards), 1f1b (fewer activations held), "
+        "interleaved (1f1b over two stages per rank: a smaller bubble)",
+        choices=("gpipe", "1f1b", "interleaved"),
+    )
+    balance: str = option(
+        "params",
+        "cut the model into stages of equal parameter count, or of equal measured time",
+        choices=("params", "time"),
+    )
+    split_at: str = option(
+        "",
+        "units that begin stages 1.. (comma-separated child names of the model, "
+        "e.g. block2,head), instead of --balance",
+    )
+
+
+def stage_count(options: PipelineConfig, pp: int) -> int:
+    return pp * (2 if options.schedule == "interleaved" else 1)
+
+
+def split_points(options: PipelineConfig) -> list[str]:
+    """The units ``--split-at`` names."""
+    return [s.strip() for s in options.split_at.split(",") if s.strip()]
+
+
+def check_units(model: nn.Module, stages: int, split: list[str]) -> None:
+    """A :class:`UserError` unless ``model`` can be cut into ``stages`` (at ``split``)."""
+    if not isinstance(model, nn.Sequential):
+        raise UserError(
+            "--strategy pipeline needs an nn.Sequential model (its children run in order, "
+            f"and are cut into stages); this model is a {type(model).__name__}"
+        )
+    names = [n for n, _ in model.named_children()]
+    if len(names) < stages:
+        raise UserError(f"the model has {len(names)} units, too few for {stages} stages")
+    unknown = [s for s in split if s not in names]
+    if unknown:
+        raise UserError(f"--split-at {unknown[0]}: no such unit (units: {', '.join(names)})")
+    if split and len(split) != stages - 1:
+        raise UserError(f"--split-at names {len(split)} units; {stages} stages need {stages - 1}")
 
 
 class Pipeline(ModelParallel):
     """Stages of the model on ``pp`` ranks, microbatches streamed through them."""
 
-    name = "pipeline"
-    description = "pipeline parallel: layers in stages, microbatches (gpipe, 1f1b, interleaved)"
-    own_dim = "pp"
+    options: PipelineConfig
 
-    @classmethod
-    def check(cls, job: JobConfig) -> None:
-        super().check(job)
-        sizes = mesh_sizes(job, "pp", job.world_size)
-        m, pp = job.strategy.microbatches, sizes["pp"]
-        if m < 1:
-            raise UserError(f"--microbatches must be at least 1, got {m}")
-        if job.strategy.schedule == "interleaved" and m % pp:
-            raise UserError(f"--schedule interleaved needs --microbatches a multiple of pp={pp}")
-        if job.strategy.schedule == "1f1b" and m < pp:
-            raise UserError(f"--schedule 1f1b needs --microbatches at least pp={pp}, got {m}")
-        if job.model.name == "ctr":
-            raise UserError("--strategy pipeline needs an nn.Sequential model; ctr is one layer")
-        per_rank = math.ceil(job.train.batch_size / sizes["dp"])
-        if per_rank < m:
-            raise UserError(
-                f"--batch-size {job.train.batch_size} gives each pipeline {per_rank} samples "
-                f"a step, fewer than --microbatches {m}"
-            )
-
-    def setup(self, model: nn.Module, total_steps: int) -> None:
-        if not isinstance(model, nn.Sequential):
-            raise UserError(
-                f"--strategy pipeline needs an nn.Sequential model (its children run in order), "
-                f"and {self.job.model.name} is a {type(model).__name__}"
-            )
+    def setup(
+        self, model: nn.Module, total_steps: int, example: Batch, activations: ActivationMeter
+    ) -> None:
+        stages = stage_count(self.options, self.sizes["pp"])
+        check_units(model, stages, split_points(self.options))
+        self.example, self.activations = example, activations
         self._keep_replica(model)
         units = list(model.named_children())
-        stages = stage_count(self.job, self.env.world_size)
-        if len(units) < stages:
-            raise UserError(f"the model has {len(units)} units, too few for {stages} stages")
         starts = self._starts(model, units, stages)
         bounds = [*starts, len(units)]
         pp, rank = self.sizes["pp"], self.mesh["pp"].get_local_rank()
@@ -136,8 +162,8 @@ class Pipeline(ModelParallel):
         )
         self.is_first = 0 in mine
         self.is_last = stages - 1 in mine
-        schedule = SCHEDULES[self.job.strategy.schedule]
-        m = self.job.strategy.microbatches
+        schedule = SCHEDULES[self.options.schedule]
+        m = self.options.microbatches
         stage_arg: Any = self.stages if schedule is ScheduleInterleaved1F1B else self.stages[0]
         self.schedule = schedule(stage_arg, m, loss_fn=self._loss, scale_grads=False)
         self._optimizer(self.model.parameters(), total_steps)
@@ -146,18 +172,10 @@ class Pipeline(ModelParallel):
 
     def _starts(self, model: nn.Module, units: list[tuple[str, nn.Module]], stages: int):
         names = [n for n, _ in units]
-        split = [s.strip() for s in self.job.strategy.split_at.split(",") if s.strip()]
+        split = split_points(self.options)
         if split:
-            unknown = [s for s in split if s not in names]
-            if unknown:
-                listed = ", ".join(names)
-                raise UserError(f"--split-at {unknown[0]}: no such unit (units: {listed})")
-            if len(split) != stages - 1:
-                raise UserError(
-                    f"--split-at names {len(split)} units; {stages} stages need {stages - 1}"
-                )
             return [0, *sorted(names.index(s) for s in split)]
-        if self.job.strategy.balance == "time":
+        if self.options.balance == "time":
             costs = self._measured_costs(model)
         else:
             costs = [float(sum(p.numel() for p in m.parameters())) + 1.0 for _, m in units]
@@ -166,9 +184,8 @@ class Pipeline(ModelParallel):
     def _measured_costs(self, model: nn.Module) -> list[float]:
         """Seconds of forward and backward per unit on a microbatch of training data (the
         median of 3), averaged over every rank so that all cut the model alike."""
-        assert self.example is not None
         m = max(1, math.ceil(self.job.train.batch_size / self.sizes["dp"]))
-        x = self.example[0][: max(1, m // self.job.strategy.microbatches)]
+        x = self.example[0][: max(1, m // self.options.microbatches)]
         costs = []
         for _, unit in model.named_children():
             runs = []
@@ -221,7 +238,7 @@ class Pipeline(ModelParallel):
 
     def train_step(self, batch: Batch, loss_fn: LossFn, loss_scale: float, timer: PhaseTimer):
         x, y = batch
-        m = self.job.strategy.microbatches
+        m = self.options.microbatches
         size = math.ceil(math.ceil(self.job.train.batch_size / self.sizes["dp"]) / m) * m
         n = len(x)
         rows = torch.full((size,), -1, dtype=torch.long, device=x.device)
@@ -256,17 +273,49 @@ class Pipeline(ModelParallel):
         return [idle, float(self.mesh["pp"].get_local_rank())]
 
     def summarize(self, rows: torch.Tensor) -> dict[str, Any]:
-        p, m = self.sizes["pp"], self.job.strategy.microbatches
+        p, m = self.sizes["pp"], self.options.microbatches
         idle = [float(v) for v in rows[:, 0]]
         return {
             "pipeline": {
                 "stages": len(self.stage_units),
                 "ranks": p,
                 "microbatches": m,
-                "schedule": self.job.strategy.schedule,
+                "schedule": self.options.schedule,
                 "units": self.stage_units,
                 "bubble": sum(idle) / len(idle),
                 "idle_per_rank": idle,
                 "gpipe_bubble_theory": (p - 1) / (m + p - 1),
             }
         }
+
+
+class Plugin(MeshPlugin):
+    name = "pipeline"
+    description = "pipeline parallel: layers in stages, microbatches (gpipe, 1f1b, interleaved)"
+    Config = PipelineConfig
+    runtime = Pipeline
+    own_dim = "pp"
+
+    def check(self, job: JobConfig) -> None:
+        super().check(job)
+        opts, sizes = self.options(job), self.sizes(job)
+        m, pp = opts.microbatches, sizes["pp"]
+        if opts.schedule == "interleaved" and m % pp:
+            raise UserError(f"--schedule interleaved needs --microbatches a multiple of pp={pp}")
+        if opts.schedule == "1f1b" and m < pp:
+            raise UserError(f"--schedule 1f1b needs --microbatches at least pp={pp}, got {m}")
+        per_rank = math.ceil(job.train.batch_size / sizes["dp"])
+        if per_rank < m:
+            raise UserError(
+                f"--batch-size {job.train.batch_size} gives each pipeline {per_rank} samples "
+                f"a step, fewer than --microbatches {m}"
+            )
+
+    def check_model(self, job: JobConfig, model: Any) -> None:
+        opts = self.options(job)
+        check_units(model, stage_count(opts, self.sizes(job)["pp"]), split_points(opts))
+
+    def summary_rows(self, summary: dict[str, Any]) -> list[tuple[str, str]]:
+        pipe = summary["pipeline"]
+        bubble = f"{pipe['bubble']:.3f} (gpipe theory {pipe['gpipe_bubble_theory']:.3f})"
+        return [(f"pipeline bubble ({pipe['schedule']})", bubble)]

@@ -10,6 +10,10 @@ attention heads are split with their projections. The token embedding is
 split by vocabulary rows and the output projection by vocabulary columns.
 With ``--mesh dp=D,tp=T`` each of the D replicas is split T ways and the
 gradients are averaged over ``dp``.
+
+The plan is the model's: a model declares ``tensor_plan(tp)``, returning the
+module names and their styles (the built-in ``mlp`` and ``transformer`` do),
+and refuses a ``tp`` it cannot be split by.
 """
 
 from __future__ import annotations
@@ -28,70 +32,33 @@ from torch.distributed.tensor.parallel import (
 
 from shoal.config import JobConfig
 from shoal.errors import UserError
-from shoal.memory import local_tensor
+from shoal.memory import ActivationMeter, local_tensor
 from shoal.metrics import PhaseTimer
 from shoal.strategies.base import Batch, LossFn
-from shoal.strategies.mesh import ModelParallel, mesh_sizes
+from shoal.strategies.mesh import MeshPlugin, ModelParallel
 
 
-def transformer_plan(model: nn.Module) -> dict[str, ParallelStyle]:
-    """Megatron-style: attention by heads, the MLP by its hidden units."""
-    plan: dict[str, ParallelStyle] = {
-        "embed.tok": RowwiseParallel(input_layouts=Replicate()),
-        "head.out": ColwiseParallel(output_layouts=Replicate()),
-    }
-    for name, _ in model.named_children():
-        if name.startswith("block"):
-            for w in ("wq", "wk", "wv"):
-                plan[f"{name}.attn.{w}"] = ColwiseParallel()
-            plan[f"{name}.attn.wo"] = RowwiseParallel()
-            plan[f"{name}.mlp.fc1"] = ColwiseParallel()
-            plan[f"{name}.mlp.fc2"] = RowwiseParallel()
-    return plan
-
-
-def mlp_plan(model: nn.Module) -> dict[str, ParallelStyle]:
-    """Linear layers in pairs, column-wise then row-wise; an odd last one column-wise
-    with its outputs gathered."""
-    linears = [n for n, m in model.named_children() if isinstance(m, nn.Linear)]
-    plan: dict[str, ParallelStyle] = {}
-    for i, name in enumerate(linears):
-        if i % 2:
-            plan[name] = RowwiseParallel()
-        elif i == len(linears) - 1:
-            plan[name] = ColwiseParallel(output_layouts=Replicate())
-        else:
-            plan[name] = ColwiseParallel()
-    return plan
-
-
-PLANS = {"transformer": transformer_plan, "mlp": mlp_plan}
+def plan_of(model: nn.Module, tp: int) -> dict[str, ParallelStyle]:
+    """The model's own tensor-parallel plan (``model.tensor_plan(tp)``), checked."""
+    declare = getattr(model, "tensor_plan", None)
+    if not callable(declare):
+        raise UserError(
+            f"--strategy tensor needs a model that declares how to split it "
+            f"(a tensor_plan(tp) method: see docs/STRATEGIES.md); a {type(model).__name__} "
+            "does not (the built-in mlp and transformer do)"
+        )
+    return declare(tp)
 
 
 class TensorParallel(ModelParallel):
     """Layers split over ``tp`` ranks (replicated over ``dp``, gradients averaged)."""
 
-    name = "tensor"
-    description = "tensor parallel: linear layers split column- and row-wise (DTensor)"
-    own_dim = "tp"
-
-    @classmethod
-    def check(cls, job: JobConfig) -> None:
-        super().check(job)
-        if job.model.name not in PLANS:
-            plans = " and ".join(PLANS)
-            name = job.model.name
-            raise UserError(f"--strategy tensor has plans for {plans}, not --model {name}")
-        tp = mesh_sizes(job, "tp", job.world_size)["tp"]
-        if job.model.name == "transformer" and job.model.heads % tp:
-            raise UserError(f"--heads {job.model.heads} must be a multiple of tp={tp}")
-        if job.model.hidden % tp:
-            raise UserError(f"--hidden {job.model.hidden} must be a multiple of tp={tp}")
-
-    def setup(self, model: nn.Module, total_steps: int) -> None:
+    def setup(
+        self, model: nn.Module, total_steps: int, example: Batch, activations: ActivationMeter
+    ) -> None:
         mesh = self.mesh
         self._keep_replica(model)
-        plan = PLANS[self.job.model.name](model)
+        plan = plan_of(model, self.sizes["tp"])
         parallelize_module(model, mesh["tp"], plan)
         self._count_traffic(model, plan)
         self.model = model
@@ -126,3 +93,13 @@ class TensorParallel(ModelParallel):
 
     def train_step(self, batch: Batch, loss_fn: LossFn, loss_scale: float, timer: PhaseTimer):
         return self._step(batch, loss_fn, loss_scale, timer)
+
+
+class Plugin(MeshPlugin):
+    name = "tensor"
+    description = "tensor parallel: linear layers split column- and row-wise (DTensor)"
+    runtime = TensorParallel
+    own_dim = "tp"
+
+    def check_model(self, job: JobConfig, model: Any) -> None:
+        plan_of(model, self.sizes(job)["tp"])

@@ -282,7 +282,7 @@ class Coordinator(ShardRecovery, Membership, threading.Thread):
             return
         self.num_workers = sum(w for w, _ in self.nodes.values())
         self.num_servers = sum(k for _, k in self.nodes.values())
-        strategy, parts, resumed = self.job.strategy, max(1, self.num_workers), None
+        opts, parts, resumed = self.job.strategy.options, max(1, self.num_workers), None
         if self.job.output.resume:
             try:
                 resumed = self._resume_point()
@@ -293,12 +293,12 @@ class Coordinator(ShardRecovery, Membership, threading.Thread):
                 self.node_waiting = []
                 return
             parts = int(resumed[1]["parts"])  # the same samples make the same steps
-        self.queue = TaskQueue(self.total_steps, parts, strategy.ps_mode, strategy.staleness)
+        self.queue = TaskQueue(self.total_steps, parts, opts.mode, opts.staleness)
         if resumed is not None:
             self._resume(*resumed)
         elif self.job.train.checkpoint_every:  # the first checkpoint: the initial parameters
             self.queue.hold_at = 0
-        title = f"ps/{self.job.strategy.ps_mode} x{self.num_workers}"
+        title = f"ps/{self.job.strategy.options.mode} x{self.num_workers}"
         self.progress = Progress(self.total_steps, 0, self.job.output.progress, title)
         bases, worker_base, server_base = {}, 0, 0
         for rank in sorted(self.nodes):
@@ -582,9 +582,9 @@ class Coordinator(ShardRecovery, Membership, threading.Thread):
             per_worker=per_worker,
             resumed_from_step=self.resumed_from,
             ps={
-                "mode": self.job.strategy.ps_mode,
-                "staleness_bound": self.job.strategy.staleness
-                if self.job.strategy.ps_mode == "ssp"
+                "mode": self.job.strategy.options.mode,
+                "staleness_bound": self.job.strategy.options.staleness
+                if self.job.strategy.options.mode == "ssp"
                 else None,
                 "num_servers": self.num_servers,
                 "staleness_histogram": {str(k): v for k, v in sorted(staleness.items())},

@@ -40,7 +40,7 @@ def check_job(job: JobConfig) -> None:
                 f"--resume {job.output.out}: the run had {latest[1]['num_servers']} server "
                 f"shards and this job has {job.cluster.servers}: resume with the same --servers"
             )
-    if job.strategy.compress.startswith("powersgd"):
+    if job.strategy.options.compress.startswith("powersgd"):
         raise UserError(
             "--compress powersgd needs whole matrices, and the parameter server splits tensors "
             "across shards: use fp16, bf16, topk, qsgd or sign with --strategy ps"
@@ -327,8 +327,8 @@ def run_server(job: JobConfig) -> None:
         shard,
         secret,
         job.optim,
-        job.strategy.ps_mode,
-        job.strategy.staleness,
+        job.strategy.options.mode,
+        job.strategy.options.staleness,
         # a restarted shard takes its predecessor's address: workers reconnect to it
         bind=os.environ.get(wire.BIND_ENV) or f"tcp://{host}:0",
         max_message_bytes=wire.max_message_bytes(job),

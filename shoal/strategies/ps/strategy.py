@@ -14,17 +14,17 @@ from __future__ import annotations
 
 import contextlib
 import os
-from pathlib import Path
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import zmq
 from torch import nn
 
-from shoal.compress import parse_codec
-from shoal.config import JobConfig
+from shoal.compress import COMPRESS_HELP, parse_codec
+from shoal.config import option
 from shoal.data import GlobalBatchSampler, Task
-from shoal.dist import DistEnv
+from shoal.memory import ActivationMeter
 from shoal.metrics import CommCounter, PhaseTimer
 from shoal.models.sparse import SparseEmbedding
 from shoal.strategies.base import Batch, LossFn, Strategy
@@ -35,6 +35,32 @@ from shoal.strategies.ps.placement import dense_plan, row_shard
 
 ALIVE_CHECK_S = 30.0
 """A worker waiting for a task checks this often that the coordinator still answers."""
+
+
+@dataclass
+class PSConfig:
+    """[strategy.ps]"""
+
+    mode: str = option(
+        "bsp",
+        "consistency: bsp (lock step), asp (async), ssp (bounded staleness)",
+        flag="--ps-mode",
+        choices=("bsp", "asp", "ssp"),
+    )
+    staleness: int = option(
+        3,
+        "ssp: how many steps a task may run ahead of the oldest unfinished step",
+        low=0,
+        high=1 << 20,
+    )
+    max_message_mb: float = option(
+        1024.0,
+        "largest message a server or the coordinator accepts, in MB",
+        flag="--ps-max-message-mb",
+        above=0,
+        high=1 << 20,
+    )
+    compress: str = option("none", COMPRESS_HELP)
 
 
 class Restored(PeerError):
@@ -142,40 +168,11 @@ class RemoteGatherer:
 class ParameterServer(Strategy):
     """Data parallel through sharded parameter servers (bsp, asp or ssp)."""
 
-    name = "ps"
-    description = (
-        "parameter server: sharded servers over ZeroMQ, bsp/asp/ssp, server-side optimizer"
-    )
-    needs_process_group: ClassVar[bool] = False
-    remote_tables: ClassVar[bool] = True
+    options: PSConfig
 
-    @classmethod
-    def check(cls, job: JobConfig) -> None:
-        from shoal.strategies.ps.launch import check_job
-
-        check_job(job)
-
-    @classmethod
-    def checkpoint_root(cls, run_dir: Path) -> Path:
-        from shoal.strategies.ps.server import coordinator_dir
-
-        return coordinator_dir(run_dir)
-
-    @classmethod
-    def launch(cls, job: JobConfig, config_path: str) -> None:
-        from shoal.strategies.ps.launch import launch_ps
-
-        launch_ps(job, config_path)
-
-    @classmethod
-    def run_role(cls, role: str, job: JobConfig, env: DistEnv) -> None:
-        from shoal.strategies.ps.launch import run_server
-
-        if role != "server":
-            raise ValueError(f"ps has no role {role!r}")
-        run_server(job)
-
-    def setup(self, model: nn.Module, total_steps: int) -> None:
+    def setup(
+        self, model: nn.Module, total_steps: int, example: Batch, activations: ActivationMeter
+    ) -> None:
         self.model = model
         self.total_steps = total_steps
         self.worker = self.env.rank
@@ -205,13 +202,13 @@ class ParameterServer(Strategy):
         self.prefetched: dict[tuple[str, int], tuple[torch.Tensor, list[int]]] = {}
         self.prefetches = any(m.input_ids is not None for m in self.tables.values())
         # under bsp the next step's tasks exist only once this one is done: no task ahead
-        lookahead = self.prefetches and self.job.strategy.ps_mode != "bsp"
+        lookahead = self.prefetches and self.options.mode != "bsp"
         self.tasks = TaskWork(self.coordinator, self.worker, lookahead=lookahead)
         self.params = dict(model.named_parameters())
         plan = dense_plan([(n, p.numel()) for n, p in self.params.items()], num_shards)
         self.by_shard = [[s for s in plan if s.shard == k] for k in range(num_shards)]
         self.schedule = ServerOptimizer(self.job.optim, total_steps)
-        self.codec = parse_codec(self.job.strategy.compress, seed=self.job.train.seed + self.worker)
+        self.codec = parse_codec(self.options.compress, seed=self.job.train.seed + self.worker)
         self.read_through = -1
         tables = [
             {"name": n, "dim": m.dim, "init_std": m.init_std, "seed": m.seed}
@@ -415,9 +412,6 @@ class ParameterServer(Strategy):
 
     def gatherer(self) -> RemoteGatherer:
         return RemoteGatherer(self.coordinator, self.tasks, self.worker)
-
-    def eval_model(self) -> nn.Module:
-        return self.model
 
     @property
     def lr(self) -> float:

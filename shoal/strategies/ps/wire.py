@@ -217,7 +217,7 @@ BIND_ENV = "SHOAL_PS_BIND"
 
 def max_message_bytes(job: JobConfig) -> int:
     """The largest message a peer accepts, from ``--ps-max-message-mb``."""
-    return int(job.strategy.ps_max_message_mb * 1024 * 1024)
+    return int(job.strategy.options.max_message_mb * 1024 * 1024)
 
 
 def load_secret() -> bytes:

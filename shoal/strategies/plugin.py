@@ -1,0 +1,98 @@
+"""A strategy's declaration: what it is called, its options, its checks, how it runs.
+
+A strategy is one module with two objects: a :class:`Plugin` (this class: the
+name, the ``[strategy.NAME]`` section as a dataclass, every check of a job,
+how its processes start, its rows in the summary) and the runtime
+:class:`~shoal.strategies.base.Strategy` that trains inside each worker. The
+command line, the TOML file, ``shoal train`` and the worker only talk to
+these two; none of them asks which strategy it is.
+
+Users bring their own the way they bring a model: ``--strategy
+package.module:Plugin`` names a subclass (or an instance) of :class:`Plugin`.
+See ``docs/STRATEGIES.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, ClassVar
+
+from shoal.config import JobConfig, check_component
+from shoal.dist import DistEnv
+from shoal.errors import UserError
+from shoal.strategies.base import Strategy
+
+
+@dataclasses.dataclass
+class NoOptions:
+    """The section of a strategy without options of its own."""
+
+
+class Plugin:
+    """One strategy, declared: subclass it and set the class attributes.
+
+    Every method has a default that suits a data-parallel strategy trained by
+    torchrun's agent; override what differs.
+    """
+
+    name: ClassVar[str]
+    """What ``--strategy`` and the ``[strategy.NAME]`` section call it."""
+    description: ClassVar[str] = ""
+    """One line for ``shoal train --help``."""
+    Config: ClassVar[type] = NoOptions
+    """The dataclass of its options: each field one flag (``config._f`` gives help,
+    ranges and choices) and one key of ``[strategy.NAME]``."""
+    runtime: ClassVar[type[Strategy]]
+    """The object that trains inside each worker."""
+    needs_process_group: ClassVar[bool] = True
+    """Whether workers join a torch.distributed process group."""
+    default_optimizer: ClassVar[str | None] = None
+    """The ``--optimizer`` it uses when none is given."""
+    remote_tables: ClassVar[bool] = False
+    """Whether embedding tables live elsewhere (built unallocated: ``remote_tables``)."""
+    sharded_checkpoints: ClassVar[bool] = False
+    """Whether each rank writes its own part of the state (DCP)."""
+    reads_shards: ClassVar[bool] = False
+    """Whether it resumes from checkpoints a sharded strategy wrote."""
+
+    def options(self, job: JobConfig) -> Any:
+        """This strategy's section of ``job`` (resolved by :func:`shoal.strategies.resolve`)."""
+        opts = job.strategy.options
+        if not isinstance(opts, self.Config):
+            raise TypeError(f"job.strategy.options is not resolved for {self.name}")
+        return opts
+
+    def check(self, job: JobConfig) -> None:
+        """Refuse, with a :class:`~shoal.errors.UserError`, a job this strategy cannot
+        run. Called before anything is written, so a mistake leaves no trace. The
+        default: the section's ranges and choices, and at least one worker."""
+        check_component(self.options(job))
+        if job.cluster.workers < 1:
+            raise UserError(f"--workers must be a positive integer, got {job.cluster.workers}")
+
+    def check_model(self, job: JobConfig, model: Any) -> None:
+        """Refuse a model this strategy cannot split or run; ``model`` is built on the
+        meta device (no memory), before anything is written."""
+
+    def checkpoint_root(self, run_dir: Path) -> Path:
+        """Where ``--resume`` finds its checkpoints (in ``ROOT/checkpoints``)."""
+        return run_dir
+
+    def launch(self, job: JobConfig, config_path: str) -> None:
+        """Start this machine's processes and wait for them (default: torchrun's agent)."""
+        from shoal.launch import launch
+
+        launch(job.cluster, config_path)
+
+    def run_role(self, role: str, job: JobConfig, env: DistEnv) -> None:
+        """Entry point of a process that is not a training worker (a server, say)."""
+        raise ValueError(f"strategy {self.name} has no role {role!r}")
+
+    def build(self, job: JobConfig, env: DistEnv) -> Strategy:
+        """The runtime object of one worker."""
+        return self.runtime(job, env)
+
+    def summary_rows(self, summary: dict[str, Any]) -> list[tuple[str, str]]:
+        """Its own rows in the table ``shoal train`` prints (from ``summary.json``)."""
+        return []
