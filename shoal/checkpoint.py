@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from shoal.errors import UserError
+from shoal.layout import CHECKPOINTS_DIR
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
@@ -168,7 +169,7 @@ def _write_failure(error: BaseException) -> bool:
 
 
 def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
-    return Path(run_dir) / "checkpoints"
+    return Path(run_dir) / CHECKPOINTS_DIR
 
 
 def step_path(run_dir: str | os.PathLike, step: int) -> Path:

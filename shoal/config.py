@@ -18,7 +18,6 @@ import dataclasses
 import math
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -253,6 +252,10 @@ class OutputConfig:
     resume: str = option("", "continue the run in this directory from its newest checkpoint")
     progress: bool = option(True, "show a live progress display")
     report: bool = option(True, "write plots and report.html into the run directory at the end")
+    tensorboard: bool = option(
+        False,
+        "also write TensorBoard event files into RUN_DIR/tensorboard (tensorboard --logdir runs/)",
+    )
 
 
 @dataclass
@@ -441,20 +444,3 @@ def load_toml(path: str | os.PathLike, base: JobConfig | None = None) -> JobConf
 
 def dumps_toml(job: JobConfig) -> str:
     return tomli_w.dumps(job.to_dict())
-
-
-def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    raw = data.encode() if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(raw)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -12,6 +12,7 @@ import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -49,6 +50,15 @@ class CollectiveGatherer:
         parts = [torch.empty_like(row) for _ in range(self.env.world_size)]
         dist.all_gather(parts, row)
         return torch.stack(parts).cpu() if self.is_writer else None
+
+    def gather_object(self, obj: dict, tag: str = "") -> list[dict] | None:
+        """Every rank's ``obj`` on rank 0 (pickled by torch: ranks trust each other);
+        ``None`` elsewhere. Collective."""
+        if not dist.is_initialized() or self.env.world_size == 1:
+            return [obj]
+        parts: list[Any] = [None] * self.env.world_size if self.is_writer else []
+        dist.gather_object(obj, parts if self.is_writer else None, dst=0)
+        return parts if self.is_writer else None
 
 
 def resolve_device(kind: str) -> str:

@@ -18,9 +18,3 @@ class PeerRejected(Exception):
 
 class PeerLost(RuntimeError):
     """A peer stopped answering, or refused a request: said in one line by a worker."""
-
-
-USER_ERROR_FILE = ".shoal-user-error"
-"""Left in the run directory by a worker that stopped on a :class:`UserError`: the
-processes torchrun's agent restarts after it exit at once, and the launcher ends
-with the worker's line alone (a mistake is not retried)."""

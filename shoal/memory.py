@@ -118,8 +118,3 @@ class ActivationMeter:
 
 MEMORY_FIELDS = ("params", "grads", "optimizer", "activations_peak")
 """The per-rank memory figures, in bytes, in this order in gathered rows."""
-
-
-def named(values: torch.Tensor) -> dict[str, int]:
-    """A row of :data:`MEMORY_FIELDS` values as a dict."""
-    return {k: int(v) for k, v in zip(MEMORY_FIELDS, values.tolist())}

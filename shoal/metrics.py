@@ -15,18 +15,11 @@ from typing import IO, Any, Protocol
 
 import torch
 
-from shoal.memory import MEMORY_FIELDS
-
 PHASES = ("wait", "data", "forward_backward", "comm", "optimizer")
 """Per-phase times recorded each step. ``wait`` is time spent waiting for work
 (a parameter-server task from the coordinator's queue; next to nothing
 elsewhere). ``comm`` is the time collectives were in flight; with overlap it
 runs *inside* ``forward_backward``, so the phases do not add up to the step time."""
-
-
-SUMMARY_FILE = "summary.json"
-MODEL_FILE = "model.safetensors"
-HOST_BYTES = 64
 
 
 class Gatherer(Protocol):
@@ -39,9 +32,14 @@ class Gatherer(Protocol):
     ) -> torch.Tensor | None:
         """Return the stacked rows on the writer, ``None`` on every other worker.
 
-        ``tag`` says what the row is (``window``, ``counts``, ``totals``, ``rng``);
-        ``meta`` describes a window (step, epoch, lr, steps, global_samples).
+        ``tag`` says what the row is (``window``, ``counts``, ``rng``); ``meta``
+        describes a window (step, epoch, lr, steps, global_samples).
         """
+        ...
+
+    def gather_object(self, obj: dict[str, Any], tag: str) -> list[dict[str, Any]] | None:
+        """Every worker's ``obj`` (plain JSON types) on the writer, ``None`` elsewhere;
+        ``tag`` says what it is (``totals``)."""
         ...
 
 
@@ -100,7 +98,7 @@ class MetricsFile:
     """
 
     def __init__(self, path: Path, resume_step: int | None = None) -> None:
-        from shoal.config import write_atomic
+        from shoal.layout import write_atomic
 
         self.path = path
         self.dropped = 0
@@ -228,148 +226,3 @@ class Progress:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.stop()
-
-
-# --- records shared by every writer (rank 0 of a collective, or a coordinator) ---------
-
-
-WINDOW_FIELDS = 4 + len(PHASES)
-"""Columns of a window row before the optional memory figures: loss sum, samples,
-bytes sent and received, then one time per phase."""
-
-
-def totals_row(
-    sent: float, received: float, memory: dict[str, int], own: list[float], host: str
-) -> torch.Tensor:
-    """One worker's totals at the end of a run, as gathered to the writer."""
-    values = [sent, received, *(memory.get(k, 0) for k in MEMORY_FIELDS), *own]
-    return torch.cat([torch.tensor(values, dtype=torch.float64), host_code(host)])
-
-
-def read_totals(rows: torch.Tensor, own: int = 0) -> dict[str, Any]:
-    """The columns of gathered :func:`totals_row` rows (one per worker)."""
-    end = 2 + len(MEMORY_FIELDS)
-    return {
-        "sent": rows[:, 0],
-        "received": rows[:, 1],
-        "memory": rows[:, 2:end],
-        "own": rows[:, end : end + own],
-        "hosts": [host_name(r) for r in rows[:, end + own :]],
-    }
-
-
-def window_row(
-    loss_sum: float,
-    count: int,
-    sent: int,
-    received: int,
-    phases: dict[str, float],
-    memory: dict[str, int] | None = None,
-) -> torch.Tensor:
-    """One worker's statistics for a log window, as gathered to the writer (``memory``:
-    :data:`~shoal.memory.MEMORY_FIELDS` in bytes, where the worker measures it)."""
-    values = [loss_sum, count, sent, received] + [phases[p] for p in PHASES]
-    if memory is not None:
-        values += [memory[k] for k in MEMORY_FIELDS]
-    return torch.tensor(values, dtype=torch.float64)
-
-
-def window_record(
-    rows: torch.Tensor,
-    *,
-    step: int,
-    epoch: float,
-    lr: float,
-    steps: int,
-    global_samples: int,
-    elapsed: float,
-    wall_time: float,
-) -> dict[str, Any]:
-    """A ``metrics.jsonl`` record from every worker's :func:`window_row`."""
-    rows = rows.double().cpu()
-    record: dict[str, Any] = {
-        "step": step,
-        "epoch": epoch,
-        "loss": float(rows[:, 0].sum() / rows[:, 1].sum().clamp(min=1)),
-        "lr": lr,
-        "samples_per_s": global_samples / elapsed if elapsed > 0 else 0.0,
-        "step_time_s": elapsed / max(1, steps),
-        "bytes_sent": int(rows[:, 2].sum()),
-        "bytes_received": int(rows[:, 3].sum()),
-        "wall_time": wall_time,
-    }
-    for i, p in enumerate(PHASES):
-        record[f"t_{p}"] = float(rows[:, 4 + i].mean()) / max(1, steps)
-    if rows.shape[1] > 4 + len(PHASES):  # the most any rank holds
-        most = rows[:, 4 + len(PHASES) :].max(0).values
-        record["memory"] = {k: int(v) for k, v in zip(MEMORY_FIELDS, most.tolist())}
-    return record
-
-
-def merge_counts(prior: dict[int, int], per_epoch: list[float]) -> dict[int, int]:
-    """Samples per epoch: counts from before a resume plus those since."""
-    counts = dict(prior)
-    for epoch, n in enumerate(per_epoch):
-        if n:
-            counts[epoch] = counts.get(epoch, 0) + int(n)
-    return counts
-
-
-def host_code(host: str) -> torch.Tensor:
-    """A host name as a fixed-size float tensor, so it can ride in a gathered row."""
-    raw = host.encode()[:HOST_BYTES].ljust(HOST_BYTES, b"\0")
-    return torch.tensor(list(raw), dtype=torch.float64)
-
-
-def host_name(code: torch.Tensor) -> str:
-    return bytes(int(v) for v in code.tolist()).rstrip(b"\0").decode(errors="replace")
-
-
-def save_model(
-    model: torch.nn.Module, out: Path, extra: dict[str, torch.Tensor] | None = None
-) -> None:
-    """The final model (plus ``extra`` tensors) as ``model.safetensors``, written atomically."""
-    from safetensors.torch import save_file
-
-    state = {**model.state_dict(), **(extra or {})}
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    tmp = out / f".{MODEL_FILE}.tmp"
-    save_file(tensors, str(tmp))
-    tmp.replace(out / MODEL_FILE)
-
-
-def build_summary(
-    job: Any,
-    *,
-    dataset: str,
-    world_size: int,
-    steps: int,
-    num_parameters: int,
-    final_loss: float,
-    eval_metrics: dict[str, float],
-    wall_time: float,
-    counts: dict[int, int],
-    train_samples: int,
-    per_worker: list[dict[str, Any]],
-    **extra: Any,
-) -> dict[str, Any]:
-    """The contents of ``summary.json``."""
-    return {
-        "strategy": job.strategy.name,
-        "model": job.model.name,
-        "data": dataset,
-        "world_size": world_size,
-        "steps": steps,
-        "global_batch_size": job.train.batch_size,
-        "num_parameters": num_parameters,
-        "final_loss": final_loss,
-        **eval_metrics,
-        "wall_time_s": wall_time,
-        "samples_per_s": sum(counts.values()) / wall_time if wall_time > 0 else 0.0,
-        "bytes_sent_total": sum(w["bytes_sent"] for w in per_worker),
-        "bytes_received_total": sum(w["bytes_received"] for w in per_worker),
-        "samples_per_epoch": {str(k): v for k, v in sorted(counts.items())},
-        "train_samples": train_samples,
-        "per_worker": per_worker,
-        **extra,
-    }

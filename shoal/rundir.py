@@ -27,8 +27,7 @@ from typing import IO, Any
 
 from shoal.config import JobConfig
 from shoal.errors import UserError
-
-LOCK_FILE = ".lock"
+from shoal.layout import LOCK_FILE
 
 FIXED: dict[str, tuple[str, ...]] = {
     "model": ("name", "hidden", "layers", "heads"),

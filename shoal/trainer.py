@@ -7,7 +7,6 @@ what the strategy says its state is.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -17,29 +16,19 @@ from typing import Any
 import torch
 
 from shoal import checkpoint
-from shoal.config import JobConfig, dumps_toml, write_atomic
+from shoal.config import JobConfig
 from shoal.data import Dataset, GlobalBatchSampler, Task, build_dataset
 from shoal.dist import DistEnv
 from shoal.errors import UserError
 from shoal.faults import Injector
-from shoal.memory import ActivationMeter, named
-from shoal.metrics import (
-    SUMMARY_FILE,
-    MetricsFile,
-    PhaseTimer,
-    Progress,
-    build_summary,
-    merge_counts,
-    read_totals,
-    save_model,
-    totals_row,
-    window_record,
-    window_row,
-)
+from shoal.memory import ActivationMeter
+from shoal.metrics import PHASES, PhaseTimer
 from shoal.models import build_model
 from shoal.models.sparse import count_parameters, remote_tables
-from shoal.models.tasks import evaluate, per_sample_loss
+from shoal.models.tasks import per_sample_loss
 from shoal.strategies import Batch, Strategy, resolve
+from shoal.telemetry import Totals, Window, merge_counts
+from shoal.writer import RunWriter
 
 
 @dataclass
@@ -85,8 +74,8 @@ class Trainer:
         self.step = 0
         self.wall_offset = 0.0
         self.prior_samples: dict[int, int] = {}
-        self.last_loss = float("nan")
-        self.eval_metrics: dict[str, float] = {}
+        self.time_totals = dict.fromkeys(PHASES, 0.0)  # this rank's seconds per phase
+        self.writer: RunWriter | None = None  # on the rank that writes the run, while it runs
         self.saver = checkpoint.AsyncSaver(
             self.out, job.train.keep_checkpoints, background=job.train.checkpoint_async
         )
@@ -173,14 +162,10 @@ class Trainer:
     def run(self) -> None:
         """Train to ``total_steps``, logging, evaluating and checkpointing on the way."""
         t = self.job.train
-        writer = self.gatherer.is_writer
-        metrics = MetricsFile(self.out / "metrics.jsonl", self.step) if writer else None
-        progress = Progress(
-            self.total_steps,
-            self.step,
-            enabled=writer and self.job.output.progress,
-            title=f"{self.job.strategy.name} x{self.env.world_size}",
-        )
+        self.writer = None
+        if self.gatherer.is_writer:
+            self.writer = RunWriter(self.job, self.total_steps, self.step)
+            self.writer.start(f"{self.job.strategy.name} x{self.env.world_size}", self.step)
         self._start = time.perf_counter()
         timer = PhaseTimer(self.env.device)
         window = _Window(torch.zeros((), device=self.env.device, dtype=torch.float64))
@@ -210,25 +195,22 @@ class Trainer:
                 window.steps += 1
                 last = self.step == self.total_steps
                 if work.log_now(self.step):
-                    record = self._log(window, timer, lr, task)
+                    self._log(window, timer, lr, task)
                     window = _Window(torch.zeros_like(window.loss_sum))
-                    if metrics is not None and record is not None:
-                        metrics.write(record)
-                        progress.update(self.step, record["loss"], record["samples_per_s"])
-                else:
-                    progress.update(self.step, None, None)
+                elif self.writer is not None:
+                    self.writer.tick(self.step)
                 if t.eval_every and self.step % t.eval_every == 0 and not last:
-                    self._evaluate(metrics)
+                    self._evaluate()
                 if t.checkpoint_every and self.step % t.checkpoint_every == 0 and not last:
                     self.save_checkpoint()
                 self.faults.after_step(self.step)
-        finally:
-            progress.close()
+        except BaseException:
+            if self.writer is not None:
+                self.writer.close()
+            raise
         self.save_checkpoint()
-        self._evaluate(metrics)
+        self._evaluate()
         self.saver.wait()
-        if metrics is not None:
-            metrics.close()
         self._finish()
 
     def _batch(self, idx: Any) -> Batch:
@@ -238,20 +220,20 @@ class Trainer:
     def wall_time(self) -> float:
         return self.wall_offset + time.perf_counter() - self._start
 
-    def _log(
-        self, window: _Window, timer: PhaseTimer, lr: float, task: Task
-    ) -> dict[str, Any] | None:
-        """Every rank contributes its window; the writer builds the record."""
+    def _log(self, window: _Window, timer: PhaseTimer, lr: float, task: Task) -> None:
+        """Every rank contributes its window; the writer records it."""
         phases = timer.take()
+        for k, v in phases.items():
+            self.time_totals[k] = self.time_totals.get(k, 0.0) + v
         comm = self.strategy.comm
         reports = self.strategy.reports
-        local = window_row(
-            window.loss_sum.item() if reports else 0.0,
-            window.count if reports else 0,
-            comm.sent,
-            comm.received,
-            phases,
-            self._memory(),
+        mine = Window(
+            loss_sum=window.loss_sum.item() if reports else 0.0,
+            samples=window.count if reports else 0,
+            bytes_sent=comm.sent,
+            bytes_received=comm.received,
+            phases=phases,
+            memory={k: float(v) for k, v in self._memory().items()},
         )
         epoch = self.step / self.sampler.steps_per_epoch
         meta = {
@@ -262,12 +244,11 @@ class Trainer:
             "steps": window.steps,
             "global_samples": window.global_samples,
         }
-        rows = self.gatherer.gather(local, "window", meta)
-        if rows is None:
-            return None
-        self.last_loss = rows[:, 0].sum().item() / max(1.0, rows[:, 1].sum().item())
-        return window_record(
-            rows,
+        rows = self.gatherer.gather(mine.to_tensor(), "window", meta)
+        if rows is None or self.writer is None:
+            return
+        self.writer.window(
+            {r: Window.from_tensor(row) for r, row in enumerate(rows)},
             step=self.step,
             epoch=epoch,
             lr=lr,
@@ -285,53 +266,40 @@ class Trainer:
             self.peak_memory[k] = max(self.peak_memory.get(k, 0), v)
         return now
 
-    def _evaluate(self, metrics: MetricsFile | None) -> None:
+    def _evaluate(self) -> None:
         model = self.strategy.eval_model()  # collective where the model is sharded
-        if not self.gatherer.is_writer:
-            return
-        self.eval_metrics = evaluate(model, self.data, self.env.device)
-        if metrics is not None:
-            metrics.write(
-                {"step": self.step, "wall_time": self.wall_time(), "eval": self.eval_metrics}
-            )
+        if self.writer is not None:
+            self.writer.evaluation(model, self.data, self.env.device, self.step, self.wall_time())
 
     def _finish(self) -> None:
-        """Every rank contributes its totals; the writer saves the model and summary."""
+        """Every rank contributes its totals; the writer exports the model and summary."""
         comm = self.strategy.comm
         model = self.strategy.eval_model()  # collective where the model is sharded
         self._memory()
-        own = self.strategy.totals()
-        row = totals_row(comm.sent, comm.received, self.peak_memory, own, self.env.host)
-        rows = self.gatherer.gather(row, "totals")
+        mine = Totals(
+            rank=self.env.rank,
+            host=self.env.host,
+            bytes_sent=comm.sent,
+            bytes_received=comm.received,
+            memory=dict(self.peak_memory),
+            time=dict(self.time_totals),
+            own=self.strategy.totals(),
+        )
+        gathered = self.gatherer.gather_object(mine.to_dict(), "totals")
         counts = self.samples_per_epoch()
-        if rows is None or counts is None:
+        if gathered is None or counts is None or self.writer is None:
             return
-        save_model(model, self.out)
-        totals = read_totals(rows, len(own))
-        mem = totals["memory"]
-        summary = build_summary(
-            self.job,
-            dataset=self.data.name,
+        totals = [Totals.from_dict(d) for d in gathered]
+        self.writer.finish(
+            model,
+            dataset=self.data,
             world_size=self.env.world_size,
             steps=self.step,
             num_parameters=self.num_parameters,
-            final_loss=self.last_loss,
-            eval_metrics=self.eval_metrics,
             wall_time=self.wall_time(),
             counts=counts,
-            train_samples=self.data.num_train,
-            per_worker=[
-                {
-                    "rank": r,
-                    "host": host,
-                    "bytes_sent": int(totals["sent"][r]),
-                    "bytes_received": int(totals["received"][r]),
-                    "memory": named(mem[r]),
-                }
-                for r, host in enumerate(totals["hosts"])
-            ],
-            memory=named(mem.max(0).values),  # the most any rank held
-            **self.strategy.summarize(totals["own"]),
+            totals=totals,
+            **self.strategy.summarize(totals),
             checkpoints={
                 "saved": self.saver.saves - self.saver.failed,
                 "failed": self.saver.failed,
@@ -341,9 +309,3 @@ class Trainer:
             restarts=self.restarts,
             resumed_from_step=self.resumed_from,
         )
-        write_atomic(self.out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
-
-
-def write_resolved_config(job: JobConfig, run_dir: Path) -> None:
-    """The fully resolved job, as ``config.toml`` in the run directory."""
-    write_atomic(run_dir / "config.toml", dumps_toml(job))

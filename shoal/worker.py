@@ -18,10 +18,11 @@ import torch.distributed
 
 from shoal import dist
 from shoal.config import load_toml
-from shoal.errors import USER_ERROR_FILE, PeerLost, PeerRejected, UserError
+from shoal.errors import PeerLost, PeerRejected, UserError
 from shoal.faults import Injector
 from shoal.health import EXIT_PEER_LOST, Heartbeat
 from shoal.launch import LAUNCHER_ENV
+from shoal.layout import USER_ERROR_FILE
 from shoal.strategies import resolve
 from shoal.trainer import Trainer
 

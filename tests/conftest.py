@@ -96,7 +96,7 @@ def session_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def linear_reference(session_tmp: Path) -> Path:
     """The unfailed reference: allreduce on 2 workers, checkpoints at steps 100 and 200."""
     out = session_tmp / "linear-reference"
-    train(out, *LINEAR_JOB, "--workers", "2", "--checkpoint-every", "100")
+    train(out, *LINEAR_JOB, "--workers", "2", "--checkpoint-every", "100", "--tensorboard")
     return out
 
 
@@ -112,5 +112,5 @@ def local_sgd_reference(session_tmp: Path) -> Path:
 def ps_bsp_linear(session_tmp: Path) -> Path:
     """The linear job on the parameter server (bsp, 2 workers, 2 shards), unfailed."""
     out = session_tmp / "ps-bsp-linear"
-    train(out, *LINEAR_JOB, "--strategy", "ps", "--workers", "2", "--servers", "2")
+    train(out, *LINEAR_JOB, "--strategy", "ps", "--workers", "2", "--servers", "2", "--tensorboard")
     return out

@@ -13,6 +13,8 @@ import pytest
 
 from tests.conftest import LINEAR_JOB, max_abs_diff, params, train
 
+pytestmark = pytest.mark.slow  # trains through the launcher: not in the quick tier
+
 LINEAR = [*LINEAR_JOB, "--strategy", "allreduce", "--lr-schedule", "cosine", "--log-every", "20"]
 
 

@@ -11,6 +11,8 @@ import torch
 
 from tests.conftest import REPO, max_abs_diff, shoal_env
 
+pytestmark = pytest.mark.slow  # trains through the launcher: not in the quick tier
+
 
 def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
     script = REPO / "examples" / "torchrun_digits.py"

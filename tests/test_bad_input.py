@@ -72,6 +72,7 @@ def test_bad_flags(tmp_path, monkeypatch, capsys, args, needle):
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.slow
 def test_missing_invalid_and_wrong_config(tmp_path):
     out = tmp_path / "run"
     assert_one_line_error(
@@ -98,6 +99,7 @@ def test_missing_invalid_and_wrong_config(tmp_path):
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.slow
 def test_resume_without_checkpoint(tmp_path):
     assert_one_line_error(
         run_shoal("train", "--resume", str(tmp_path / "nothing")), "not a shoal run directory"
@@ -110,6 +112,7 @@ def test_resume_without_checkpoint(tmp_path):
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.slow
 def test_busy_port(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -122,6 +125,7 @@ def test_busy_port(tmp_path):
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.slow
 def test_existing_run_directory_is_not_overwritten(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
@@ -131,6 +135,7 @@ def test_existing_run_directory_is_not_overwritten(tmp_path):
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.slow
 def test_bad_fault_spec_and_report_of_nothing(tmp_path):
     proc = run_shoal("train", "--out", str(tmp_path / "r"), env={"SHOAL_FAULT": "explode:rank=0"})
     assert_one_line_error(proc, "unknown fault 'explode'")
@@ -138,6 +143,7 @@ def test_bad_fault_spec_and_report_of_nothing(tmp_path):
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.slow
 def test_help_teaches():
     proc = run_shoal("train", "--help")
     assert proc.returncode == 0

@@ -8,6 +8,8 @@ from shoal.cli.bench_chaos import Fault, _table
 from tests.conftest import run_shoal
 from tests.test_bad_input import assert_one_line_error
 
+pytestmark = pytest.mark.slow  # trains through the launcher: not in the quick tier
+
 
 def test_the_table_counts_only_faults_of_finished_jobs_that_recovered():
     faults = [

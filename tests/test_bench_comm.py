@@ -10,6 +10,8 @@ import pytest
 from shoal import netns
 from tests.conftest import run_shoal
 
+pytestmark = pytest.mark.slow  # trains through the launcher: not in the quick tier
+
 
 def _our_namespaces() -> list[str]:
     listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=20)

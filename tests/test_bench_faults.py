@@ -8,6 +8,8 @@ from shoal.cli.bench_faults import _events
 from tests.conftest import run_shoal
 from tests.test_bad_input import assert_one_line_error
 
+pytestmark = pytest.mark.slow  # trains through the launcher: not in the quick tier
+
 
 def test_each_kill_gets_the_first_naming_and_resume_after_it():
     kills = [10.0, 30.0, 50.0]

@@ -11,6 +11,8 @@ from shoal.data import build_dataset
 from shoal.models import build_model
 from tests.conftest import read_summary, train
 
+pytestmark = pytest.mark.slow  # trains through the launcher: not in the quick tier
+
 CODECS = ["fp16", "bf16", "topk:0.01", "qsgd:8", "sign", "powersgd:2"]
 STEPS = 900
 

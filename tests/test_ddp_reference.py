@@ -17,6 +17,8 @@ from shoal.config import DataConfig
 from shoal.data.datasets import synthetic_linear
 from tests.conftest import free_port, max_abs_diff, params, train
 
+pytestmark = pytest.mark.slow  # trains through the launcher: not in the quick tier
+
 STEPS, BATCH, LR, SEED, WORLD = 120, 64, 0.05, 11, 2
 
 

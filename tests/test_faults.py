@@ -33,6 +33,8 @@ from tests.conftest import (
     train,
 )
 
+pytestmark = pytest.mark.slow  # trains through the launcher: not in the quick tier
+
 W2 = ["--workers", "2"]
 MID_EPOCH = 150
 """A step in the middle of epoch 2 of LINEAR_JOB (52 steps an epoch)."""

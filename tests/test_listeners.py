@@ -10,6 +10,8 @@ import pytest
 
 from tests.conftest import LINEAR_JOB, start_train
 
+pytestmark = pytest.mark.slow  # trains through the launcher: not in the quick tier
+
 
 def _tree(pid: int) -> set[int]:
     """``pid`` and every process below it."""

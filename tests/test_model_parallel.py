@@ -21,6 +21,8 @@ import pytest
 from shoal.strategies.pipeline import partition
 from tests.conftest import max_abs_diff, params, read_summary, train
 
+pytestmark = pytest.mark.slow  # trains through the launcher: not in the quick tier
+
 LM_JOB = ["--model", "transformer", "--hidden", "32", "--layers", "2", "--heads", "4"]
 LM_JOB += ["--context", "16", "--batch-size", "16", "--steps", "6", "--log-every", "2"]
 LM_JOB += ["--optimizer", "adam", "--lr", "0.003", "--seed", "3"]

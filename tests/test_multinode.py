@@ -11,6 +11,8 @@ import pytest
 from tests import netns
 from tests.conftest import free_port, max_abs_diff, params, shoal_env, train
 
+pytestmark = pytest.mark.slow  # trains through the launcher: not in the quick tier
+
 JOB = [
     "--model",
     "linear",

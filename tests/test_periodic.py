@@ -6,6 +6,8 @@ import pytest
 
 from tests.conftest import LINEAR_JOB, NOISE_FLOOR, max_abs_diff, params, read_summary, train
 
+pytestmark = pytest.mark.slow  # trains through the launcher: not in the quick tier
+
 LINEAR = LINEAR_JOB
 DIGITS = ["--model", "mlp", "--steps", "304", "--batch-size", "64", "--optimizer", "adam"]
 DIGITS += ["--lr", "0.003"]

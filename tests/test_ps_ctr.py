@@ -7,6 +7,8 @@ import torch
 
 from tests.conftest import params, read_summary, train
 
+pytestmark = pytest.mark.slow  # trains through the launcher: not in the quick tier
+
 CTR = ["--model", "ctr", "--optimizer", "adagrad", "--lr", "0.1", "--batch-size", "512"]
 
 

@@ -24,6 +24,8 @@ from tests.conftest import (
     train,
 )
 
+pytestmark = pytest.mark.slow  # trains through the launcher: not in the quick tier
+
 LINEAR = LINEAR_JOB
 DIGITS = [
     "--model",

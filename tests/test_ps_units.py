@@ -29,6 +29,7 @@ from shoal.strategies.ps.placement import dense_plan, row_shard, shard_bytes
 from shoal.strategies.ps.server import Server
 from shoal.strategies.ps.storage import SparseTable, sum_rows
 from shoal.strategies.ps.tasks import TaskQueue
+from shoal.telemetry import Window
 
 
 def test_dense_plan_balances_bytes_and_covers_every_element():
@@ -398,7 +399,7 @@ def test_coordinator_answers_a_parked_task_request_when_another_worker_finishes_
         def ask(peer, worker, done=(), wait=True):
             header = {"op": "task", "worker": worker, "take": 1, "wait": wait}
             header["done"] = [{"task": list(t), "lr": 0.1} for t in done]
-            return peer.send(header, [torch.ones(9, dtype=torch.float64) for _ in done])
+            return peer.send(header, [Window(samples=1).to_tensor() for _ in done])
 
         assert a.recv(ask(a, 0))[0]["tasks"] == [[0, 0]]
         assert b.recv(ask(b, 1))[0]["tasks"] == [[0, 1]]

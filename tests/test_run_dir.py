@@ -16,6 +16,8 @@ from shoal.cli import main
 from shoal.metrics import read_metrics
 from tests.conftest import LINEAR_JOB, read_summary, run_shoal, start_train, train
 
+pytestmark = pytest.mark.slow  # trains through the launcher: not in the quick tier
+
 
 def _tree(run: Path) -> dict[str, tuple[int, int]]:
     """Every file of a run directory with its size and modification time."""

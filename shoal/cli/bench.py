@@ -25,8 +25,8 @@ from typing import Any
 
 from shoal import netns
 from shoal.cli import bench_chaos, bench_faults
-from shoal.config import write_atomic
 from shoal.errors import UserError
+from shoal.layout import METRICS_FILE, SUMMARY_FILE, write_atomic
 from shoal.metrics import read_metrics
 
 COMM_HELP = """Build 2 to 4 hosts from Linux network namespaces on one bridge, each with its
@@ -224,7 +224,7 @@ def _run_one(
                 proc.wait()
             log.close()
     codes = [p.poll() for p, _ in procs]
-    if any(codes) or not (run_dir / "summary.json").exists():
+    if any(codes) or not (run_dir / SUMMARY_FILE).exists():
         return {"error": f"exit codes {codes}; logs beside {run_dir}"}
     return _measure(run_dir, args.target)
 
@@ -239,8 +239,8 @@ def host_cores(rank: int, num_hosts: int) -> str:
 
 
 def _measure(run_dir: Path, target: float) -> dict[str, Any]:
-    summary = json.loads((run_dir / "summary.json").read_text())
-    steps = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+    summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+    steps = [r for r in read_metrics(run_dir / METRICS_FILE) if "loss" in r]
     reached = next(
         (
             r
@@ -310,6 +310,6 @@ def _table(results: list[dict[str, Any]], args: argparse.Namespace, job: list[st
 def _report(out: Path, run_dirs: list[Path]) -> None:
     from shoal.report.html import write_report
 
-    done = [d for d in run_dirs if (d / "summary.json").exists()]
+    done = [d for d in run_dirs if (d / SUMMARY_FILE).exists()]
     if done:
         write_report(done, out)

@@ -33,8 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from shoal.cli.bench_run import BenchRun
-from shoal.config import load_toml, write_atomic
+from shoal.config import load_toml
 from shoal.errors import UserError
+from shoal.layout import CONFIG_FILE, METRICS_FILE, MODEL_FILE, SUMMARY_FILE, write_atomic
 
 JOB = ["--model", "linear", "--batch-size", "64", "--lr", "0.05"]
 JOB += ["--seed", "2", "--checkpoint-every", "20", "--heartbeat-timeout", "2"]
@@ -202,7 +203,7 @@ class _Chaos:
 
 def _training(run: BenchRun) -> bool:
     """Between the run's first metrics record and the last fifth of the job."""
-    records, config = run.out / "metrics.jsonl", run.out / "config.toml"
+    records, config = run.out / METRICS_FILE, run.out / CONFIG_FILE
     if run.proc.poll() is not None or not records.exists():
         return False
     try:
@@ -281,7 +282,7 @@ def _hostile(run_dir: Path) -> str:
 def _account(run: BenchRun, reference: BenchRun, faults: list[Fault]) -> dict[str, Any]:
     """Samples lost and counted twice per epoch, against the undisturbed reference; and
     how far the model is from the reference's."""
-    if run.code != 0 or not (run.out / "summary.json").exists():
+    if run.code != 0 or not (run.out / SUMMARY_FILE).exists():
         return {"finished": False, "exit": run.code, "log": str(run.log)}
     got, ref = run.summary()["samples_per_epoch"], reference.summary()["samples_per_epoch"]
     lost = sum(max(0, ref[e] - got.get(e, 0)) for e in ref)
@@ -334,7 +335,7 @@ def _link_down(
 def _param_diff(a: Path, b: Path) -> float:
     from safetensors.torch import load_file
 
-    x, y = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    x, y = load_file(str(a / MODEL_FILE)), load_file(str(b / MODEL_FILE))
     return max(float((x[k].double() - y[k].double()).abs().max()) for k in x)
 
 

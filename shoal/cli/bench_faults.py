@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from shoal.cli.bench_run import BenchRun
-from shoal.config import JobConfig, write_atomic
+from shoal.config import JobConfig
 from shoal.errors import UserError
+from shoal.layout import SUMMARY_FILE, write_atomic
 
 HELP = """Run a job undisturbed, then again while a random worker is SIGKILLed every
 MTBF seconds on average (exponential intervals, --seed), and report goodput
@@ -102,7 +103,7 @@ def run_faults(args: argparse.Namespace) -> int:
     kills.stop()
     for run in (unfailed, failed):
         run.check()
-    steps = json.loads((failed.out / "summary.json").read_text())["steps"]
+    steps = json.loads((failed.out / SUMMARY_FILE).read_text())["steps"]
     result: dict[str, Any] = {
         "job": " ".join(job_args),
         "workers": args.workers,

@@ -15,6 +15,7 @@ from typing import Any
 
 from shoal.errors import UserError
 from shoal.launch import LAUNCHER_ENV
+from shoal.layout import METRICS_FILE, SUMMARY_FILE
 
 
 class BenchRun:
@@ -65,11 +66,11 @@ class BenchRun:
 
     def check(self) -> None:
         """Raise :class:`UserError` unless the run finished and wrote its summary."""
-        if self.code != 0 or not (self.out / "summary.json").exists():
+        if self.code != 0 or not (self.out / SUMMARY_FILE).exists():
             raise UserError(f"the {self.name} run failed (exit {self.code}); see {self.log}")
 
     def summary(self) -> dict[str, Any]:
-        return json.loads((self.out / "summary.json").read_text())
+        return json.loads((self.out / SUMMARY_FILE).read_text())
 
     def pids(self, role: str = "worker") -> list[int]:
         """Live, running (not stopped) processes of ``role`` (``worker``, ``server``)
@@ -93,7 +94,7 @@ class BenchRun:
     def progress(self) -> tuple[int, int]:
         """The metrics file's (size, mtime): it changes with every record written."""
         try:
-            st = (self.out / "metrics.jsonl").stat()
+            st = (self.out / METRICS_FILE).stat()
         except OSError:
             return (0, 0)
         return (st.st_size, st.st_mtime_ns)

@@ -18,12 +18,18 @@ from shoal.cli.flags import add_job_flags, apply_flags, given
 from shoal.config import JobConfig, load_toml
 from shoal.data import Dataset, build_dataset
 from shoal.dist import resolve_device
-from shoal.errors import USER_ERROR_FILE, UserError
+from shoal.errors import UserError
 from shoal.launch import LaunchFailed, check_port, describe
-from shoal.metrics import SUMMARY_FILE
+from shoal.layout import (
+    CONFIG_FILE,
+    LOCK_FILE,
+    REPORT_FILE,
+    SUMMARY_FILE,
+    USER_ERROR_FILE,
+    write_config,
+)
 from shoal.models import build_model, check_model_name, default_data
 from shoal.strategies import BUILTIN, Plugin, resolve
-from shoal.trainer import write_resolved_config
 
 EXAMPLES = """\
 examples:
@@ -71,9 +77,9 @@ def resolve_job(args: argparse.Namespace) -> JobConfig:
     resume = getattr(args, "output.resume", "")
     job = stored = JobConfig()
     if resume:
-        if not (Path(resume) / "config.toml").is_file():
+        if not (Path(resume) / CONFIG_FILE).is_file():
             raise UserError(f"--resume {resume}: not a shoal run directory (no config.toml)")
-        job = load_toml(Path(resume) / "config.toml")
+        job = load_toml(Path(resume) / CONFIG_FILE)
         stored = copy.deepcopy(job)
     if args.config:
         job = load_toml(args.config, job)
@@ -160,27 +166,26 @@ def prepare_run_dir(job: JobConfig) -> tuple[Path, rundir.RunLock | None]:
         check_port(job.cluster)
         # Other machines only read the job; rank 0 (on node 0) owns the run directory.
         tmp = Path(tempfile.mkdtemp(prefix="shoal-node-"))
-        write_resolved_config(job, tmp)
-        return tmp / "config.toml", None
-    existed, had_lock = out.exists(), (out / rundir.LOCK_FILE).exists()
+        return write_config(job, tmp), None
+    existed, had_lock = out.exists(), (out / LOCK_FILE).exists()
     made = [p for p in [out.absolute(), *out.absolute().parents] if not p.exists()]
     lock = None
     try:
         lock = rundir.lock(out)
         _check_run_dir(job, out)
-        write_resolved_config(job, out)
+        write_config(job, out)
     except BaseException:
         if lock is not None:
             lock.release()
         if not existed:  # what this call made, and nothing another job may have put there
-            (out / rundir.LOCK_FILE).unlink(missing_ok=True)
+            (out / LOCK_FILE).unlink(missing_ok=True)
             for path in made:
                 with contextlib.suppress(OSError):
                     path.rmdir()  # (only if empty)
         elif not had_lock:
-            (out / rundir.LOCK_FILE).unlink(missing_ok=True)
+            (out / LOCK_FILE).unlink(missing_ok=True)
         raise
-    return out / "config.toml", lock
+    return out / CONFIG_FILE, lock
 
 
 def _check_run_dir(job: JobConfig, out: Path) -> None:
@@ -209,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
         from shoal.config import dumps_toml
 
         print(dumps_toml(job))
-        print(describe(job.cluster, str(Path(job.output.out) / "config.toml")))
+        print(describe(job.cluster, str(Path(job.output.out) / CONFIG_FILE)))
         return 0
     config_path, lock = prepare_run_dir(job)  # held until the job ends
     try:
@@ -276,7 +281,7 @@ def print_summary(
         ("run directory", str(out)),
     ]
     if report:
-        rows.append(("report", str(out / "report.html")))
+        rows.append(("report", str(out / REPORT_FILE)))
     for k, v in rows:
         table.add_row(k, v)
     Console().print(table)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.metrics import log_loss, roc_auc_score
 from torch import nn
 
 from shoal.config import DataConfig
@@ -36,6 +35,8 @@ def hash_rows(field: np.ndarray, value: np.ndarray, rows: int) -> np.ndarray:
 
 def ctr(cfg: DataConfig) -> Dataset:
     """The dataset: int64 row ids [N, fields], float labels; see the module docstring."""
+    from sklearn.metrics import log_loss, roc_auc_score  # (slow to import)
+
     rng = np.random.default_rng(cfg.data_seed)
     n, rows = cfg.num_samples, cfg.table_rows
     values = np.minimum(rng.zipf(ZIPF, size=(n, NUM_FIELDS)), VOCAB) - 1

@@ -6,7 +6,7 @@ import html
 import os
 from pathlib import Path
 
-from shoal.config import write_atomic
+from shoal.layout import REPORT_FILE, write_atomic
 from shoal.report.plots import write_plots
 from shoal.report.runs import Run, load_run
 
@@ -68,6 +68,6 @@ def write_report(paths: list[Path], out: Path) -> Path:
 {"".join(f'<img src="{name}" alt="{name}">' for name in images)}
 </body></html>
 """
-    target = out / "report.html"
+    target = out / REPORT_FILE
     write_atomic(target, page)
     return target

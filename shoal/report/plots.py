@@ -36,9 +36,68 @@ def write_plots(runs: list[Run], out: Path) -> list[str]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        tmp = out / f".{name}.tmp.png"
-        fig.savefig(tmp)
-        plt.close(fig)
-        tmp.replace(out / name)
-        written.append(name)
+        written.append(_save(fig, out, name))
+    for extra in (_time_per_worker(runs, out), _eval_vs_step(runs, out)):
+        if extra:
+            written.append(extra)
     return written
+
+
+def _save(fig: plt.Figure, out: Path, name: str) -> str:
+    tmp = out / f".{name}.tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(out / name)
+    return name
+
+
+TIME_PHASES = ("wait", "data", "forward_backward", "comm", "optimizer")
+
+
+def _time_per_worker(runs: list[Run], out: Path) -> str | None:
+    """Where the time goes: each worker's seconds per phase, stacked."""
+    bars = [
+        (f"{run.path.name} w{w.get('rank', i)}", w["time"])
+        for run in runs
+        for i, w in enumerate(run.summary.get("per_worker", []))
+        if w.get("time")
+    ]
+    if not bars:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 1.2 + 0.35 * len(bars)), dpi=110)
+    left = [0.0] * len(bars)
+    for phase in TIME_PHASES:
+        widths = [t.get(phase, 0.0) for _, t in bars]
+        ax.barh(range(len(bars)), widths, left=left, label=phase.replace("_", "/"))
+        left = [a + b for a, b in zip(left, widths)]
+    ax.set_yticks(range(len(bars)), [name for name, _ in bars], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds (comm overlaps forward/backward where collectives run in backward)")
+    ax.set_title("where the time goes, per worker")
+    ax.legend(fontsize=7, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.25 - 0.5 / len(bars)))
+    fig.tight_layout()
+    return _save(fig, out, "time_per_worker.png")
+
+
+EVAL_KEYS = ("test_accuracy", "auc", "test_perplexity", "test_loss")
+
+
+def _eval_vs_step(runs: list[Run], out: Path) -> str | None:
+    """The evaluation metric over steps (runs with more than one evaluation)."""
+    key = next(
+        (k for k in EVAL_KEYS for run in runs if any(k in e["eval"] for e in run.evals)), None
+    )
+    if key is None or not any(len(run.evals) > 1 for run in runs):
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    for run in runs:
+        points = [(e["step"], e["eval"][key]) for e in run.evals if key in e["eval"]]
+        if points:
+            ax.plot(*zip(*points), marker="o", markersize=3, label=run.label, linewidth=1.5)
+    ax.set_title(f"{key.replace('_', ' ')} vs step")
+    ax.set_xlabel("step")
+    ax.set_ylabel(key.replace("_", " "))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, out, "eval_vs_step.png")

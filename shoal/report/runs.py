@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from shoal.errors import UserError
+from shoal.layout import METRICS_FILE, SUMMARY_FILE
 from shoal.metrics import read_metrics
 
 
@@ -24,14 +25,14 @@ class Run:
 
 def load_run(path: Path) -> Run:
     """Load ``path``; a directory without ``metrics.jsonl`` is a :class:`UserError`."""
-    metrics = path / "metrics.jsonl"
+    metrics = path / METRICS_FILE
     if not metrics.is_file():
         raise UserError(f"{path} is not a shoal run directory (no metrics.jsonl)")
     try:
         records = read_metrics(metrics)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read {metrics}: {e}") from None
-    summary_path = path / "summary.json"
+    summary_path = path / SUMMARY_FILE
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     steps = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval" in r]

@@ -21,6 +21,7 @@ from shoal.data import GlobalBatchSampler, StepWork, Work
 from shoal.dist import CollectiveGatherer, DistEnv
 from shoal.memory import ActivationMeter, state_bytes
 from shoal.metrics import CommCounter, Gatherer, PhaseTimer
+from shoal.telemetry import Totals
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
@@ -153,12 +154,13 @@ class Strategy(ABC):
     def prefetch(self, batch: Batch) -> None:  # noqa: B027 - optional hook
         """Start fetching what the next step's ``batch`` will need (see :attr:`prefetches`)."""
 
-    def totals(self) -> list[float]:
+    def totals(self) -> dict[str, float]:
         """Figures of this rank for the summary, gathered at the end (see :meth:`summarize`)."""
-        return []
+        return {}
 
-    def summarize(self, rows: torch.Tensor) -> dict[str, Any]:
-        """Entries for ``summary.json`` from every rank's :meth:`totals` (one row each)."""
+    def summarize(self, totals: list[Totals]) -> dict[str, Any]:
+        """Entries for ``summary.json`` from every rank's totals (:meth:`totals` is their
+        ``own``)."""
         return {}
 
     def gatherer(self) -> Gatherer:

@@ -35,6 +35,7 @@ from shoal.optim import build_optimizer, build_scheduler
 from shoal.strategies import plugin
 from shoal.strategies.base import Batch, LossFn, Strategy
 from shoal.strategies.collectives import average
+from shoal.telemetry import Totals
 
 
 @dataclass
@@ -125,11 +126,11 @@ class EASGD(Strategy):
         self.scheduler.load_state_dict(state["scheduler"])
         self.steps = int(state["steps"])
 
-    def totals(self) -> list[float]:
-        return [self.gap]
+    def totals(self) -> dict[str, float]:
+        return {"gap": self.gap}
 
-    def summarize(self, rows: torch.Tensor) -> dict[str, Any]:
-        return {"easgd": {"replica_gap_at_end": [float(v) for v in rows[:, 0]]}}
+    def summarize(self, totals: list[Totals]) -> dict[str, Any]:
+        return {"easgd": {"replica_gap_at_end": [t.own["gap"] for t in totals]}}
 
 
 class Plugin(plugin.Plugin):

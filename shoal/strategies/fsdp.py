@@ -13,7 +13,6 @@ from __future__ import annotations
 import warnings
 
 from torch import nn
-from torch.distributed.fsdp import fully_shard
 
 from shoal.memory import ActivationMeter, nbytes
 from shoal.metrics import PhaseTimer
@@ -30,6 +29,8 @@ class FSDP(ModelParallel):
     def setup(
         self, model: nn.Module, total_steps: int, example: Batch, activations: ActivationMeter
     ) -> None:
+        from torch.distributed.fsdp import fully_shard  # (slow to import: when used)
+
         mesh = self.mesh
         self._keep_replica(model)
         self.full_bytes = sum(nbytes(p) for p in model.parameters())

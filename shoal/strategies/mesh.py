@@ -20,16 +20,11 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-)
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from shoal.config import JobConfig, option
 from shoal.dist import DistEnv
@@ -40,6 +35,9 @@ from shoal.optim import build_optimizer, build_scheduler
 from shoal.strategies import plugin
 from shoal.strategies.base import Batch, LossFn, Strategy
 from shoal.strategies.collectives import ring_allreduce_bytes
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 MESH_DIMS = ("dp", "pp", "tp")
 """Mesh dimensions, outermost first: data parallel, pipeline, tensor parallel."""
@@ -133,6 +131,8 @@ class ModelParallel(Strategy):
         self.own_dim = own_dim
         self.sizes = mesh_sizes(self.options, own_dim, env.world_size, job.strategy.name)
         names = tuple(d for d in MESH_DIMS if d in self.sizes)
+        from torch.distributed.device_mesh import init_device_mesh  # (slow to import)
+
         self.mesh: DeviceMesh = init_device_mesh(
             env.device.type, tuple(self.sizes[d] for d in names), mesh_dim_names=names
         )
@@ -147,6 +147,11 @@ class ModelParallel(Strategy):
 
     def full_state(self) -> dict[str, torch.Tensor]:
         """Every parameter whole, on rank 0 (empty elsewhere). Collective."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
+
         return get_model_state_dict(
             self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
         )

@@ -34,12 +34,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.pipelining import (
-    PipelineStage,
-    Schedule1F1B,
-    ScheduleGPipe,
-    ScheduleInterleaved1F1B,
-)
 
 from shoal.config import JobConfig, option
 from shoal.errors import UserError
@@ -47,8 +41,7 @@ from shoal.memory import ActivationMeter
 from shoal.metrics import PhaseTimer
 from shoal.strategies.base import Batch, LossFn
 from shoal.strategies.mesh import MeshConfig, MeshPlugin, ModelParallel
-
-SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved": ScheduleInterleaved1F1B}
+from shoal.telemetry import Totals
 
 
 def partition(costs: list[float], parts: int) -> list[int]:
@@ -138,6 +131,13 @@ class Pipeline(ModelParallel):
     def setup(
         self, model: nn.Module, total_steps: int, example: Batch, activations: ActivationMeter
     ) -> None:
+        from torch.distributed.pipelining import (  # (slow to import: when used)
+            PipelineStage,
+            Schedule1F1B,
+            ScheduleGPipe,
+            ScheduleInterleaved1F1B,
+        )
+
         stages = stage_count(self.options, self.sizes["pp"])
         check_units(model, stages, split_points(self.options))
         self.example, self.activations = example, activations
@@ -162,7 +162,12 @@ class Pipeline(ModelParallel):
         )
         self.is_first = 0 in mine
         self.is_last = stages - 1 in mine
-        schedule = SCHEDULES[self.options.schedule]
+        schedules = {
+            "gpipe": ScheduleGPipe,
+            "1f1b": Schedule1F1B,
+            "interleaved": ScheduleInterleaved1F1B,
+        }
+        schedule = schedules[self.options.schedule]
         m = self.options.microbatches
         stage_arg: Any = self.stages if schedule is ScheduleInterleaved1F1B else self.stages[0]
         self.schedule = schedule(stage_arg, m, loss_fn=self._loss, scale_grads=False)
@@ -204,7 +209,7 @@ class Pipeline(ModelParallel):
         dist.all_reduce(mean)
         return (mean / self.env.world_size).tolist()
 
-    def _time_chunks(self, stage: PipelineStage) -> None:
+    def _time_chunks(self, stage: Any) -> None:
         """Count the seconds this stage computes (its forward and backward chunks)."""
         for name in ("forward_one_chunk", "backward_one_chunk"):
             inner = getattr(stage, name)
@@ -265,16 +270,16 @@ class Pipeline(ModelParallel):
             self.scheduler.step()
         return (loss_sum / loss_scale).to(x.device)
 
-    def totals(self) -> list[float]:
+    def totals(self) -> dict[str, float]:
         """The idle fraction of this rank's steps (the first, which also sets the pipeline
         up, left out) and its place in the pipeline."""
         steps = self.idle[1:] or self.idle
         idle = sum(steps) / len(steps) if steps else 0.0
-        return [idle, float(self.mesh["pp"].get_local_rank())]
+        return {"idle": idle, "pp_rank": float(self.mesh["pp"].get_local_rank())}
 
-    def summarize(self, rows: torch.Tensor) -> dict[str, Any]:
+    def summarize(self, totals: list[Totals]) -> dict[str, Any]:
         p, m = self.sizes["pp"], self.options.microbatches
-        idle = [float(v) for v in rows[:, 0]]
+        idle = [t.own["idle"] for t in totals]
         return {
             "pipeline": {
                 "stages": len(self.stage_units),

@@ -18,17 +18,10 @@ and refuses a ``tp`` it cannot be split by.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from torch.distributed.tensor import Replicate
-from torch.distributed.tensor.parallel import (
-    ColwiseParallel,
-    ParallelStyle,
-    RowwiseParallel,
-    parallelize_module,
-)
 
 from shoal.config import JobConfig
 from shoal.errors import UserError
@@ -36,6 +29,9 @@ from shoal.memory import ActivationMeter, local_tensor
 from shoal.metrics import PhaseTimer
 from shoal.strategies.base import Batch, LossFn
 from shoal.strategies.mesh import MeshPlugin, ModelParallel
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor.parallel import ParallelStyle
 
 
 def plan_of(model: nn.Module, tp: int) -> dict[str, ParallelStyle]:
@@ -56,6 +52,8 @@ class TensorParallel(ModelParallel):
     def setup(
         self, model: nn.Module, total_steps: int, example: Batch, activations: ActivationMeter
     ) -> None:
+        from torch.distributed.tensor.parallel import parallelize_module  # (slow to import)
+
         mesh = self.mesh
         self._keep_replica(model)
         plan = plan_of(model, self.sizes["tp"])
@@ -69,6 +67,9 @@ class TensorParallel(ModelParallel):
         row-wise layer all-reduces its output in forward, and (but for the embedding,
         whose input is token ids) the input gradient of its column-wise partner in
         backward; a column-wise layer with gathered outputs all-gathers them."""
+        from torch.distributed.tensor import Replicate
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
         tp = self.sizes["tp"]
 
         def hook(times: float):

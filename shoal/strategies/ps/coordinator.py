@@ -24,21 +24,11 @@ from typing import Any
 import torch
 import zmq
 
-from shoal.config import JobConfig, write_atomic
+from shoal.config import JobConfig
 from shoal.data import build_dataset
 from shoal.errors import UserError
-from shoal.memory import named
-from shoal.metrics import (
-    SUMMARY_FILE,
-    WINDOW_FIELDS,
-    CommCounter,
-    MetricsFile,
-    Progress,
-    build_summary,
-    read_totals,
-    save_model,
-    window_record,
-)
+from shoal.layout import ENDPOINTS_FILE, write_atomic
+from shoal.metrics import CommCounter
 from shoal.models import build_model
 from shoal.models.sparse import (
     SparseEmbedding,
@@ -47,18 +37,18 @@ from shoal.models.sparse import (
     export_table,
     remote_tables,
 )
-from shoal.models.tasks import evaluate
 from shoal.strategies.ps import gate, wire
 from shoal.strategies.ps.client import Client, Peer
 from shoal.strategies.ps.membership import Membership
 from shoal.strategies.ps.placement import dense_plan
 from shoal.strategies.ps.recovery import ShardRecovery
 from shoal.strategies.ps.tasks import TaskQueue
+from shoal.strategies.ps.telemetry import StepTelemetry
+from shoal.telemetry import Totals, Window
+from shoal.writer import RunWriter
 
 MAX_MESSAGE_BYTES = 1 << 22
 """The coordinator only ever receives small telemetry rows and control messages."""
-ENDPOINTS_FILE = "ps_endpoints.json"
-"""Written into the run directory once every shard is up: where the job listens."""
 
 
 class Coordinator(ShardRecovery, Membership, threading.Thread):
@@ -95,15 +85,10 @@ class Coordinator(ShardRecovery, Membership, threading.Thread):
         self.targets: dict[int, str] = {}  # each shard's name at its door (see Server.target)
         self.shards_up = False
         self.waiting: list[tuple[bytes, Any]] = []
-        self.step_rows: dict[int, torch.Tensor] = {}  # unfinished steps: summed task rows
-        self.step_lr: dict[int, float] = {}
-        self.window: torch.Tensor | None = None  # finished steps since the last record
-        self.logged_through = 0  # steps covered by metrics records so far
-        self.worker_bytes: dict[int, tuple[float, float]] = {}  # latest (sent, received)
         self.counts: Counter = Counter()  # samples per epoch, each task counted once
         self.tasks_done: Counter = Counter()  # per worker
         self.samples_done: Counter = Counter()  # per worker
-        self.totals: dict[int, torch.Tensor] = {}
+        self.totals: dict[int, Totals] = {}  # what each worker sent when it finished
         self.left: set[int] = set()
         self.last_seen: dict[int, float] = {}
         self.dead: dict[int, int] = {}  # workers out of the job now: exit code
@@ -111,11 +96,11 @@ class Coordinator(ShardRecovery, Membership, threading.Thread):
         self.failures: dict[int, list[int]] = {}  # every failure of each worker: exit codes
         self.stopped = threading.Event()
         self.out = Path(job.output.out)
-        self.metrics = MetricsFile(self.out / "metrics.jsonl")
-        self.progress: Progress | None = None
+        self.writer = RunWriter(job, total_steps, resume_step=None)
         self.start_time = time.perf_counter()
-        self.last_record = self.start_time
-        self.last_loss = float("nan")
+        self.telemetry = StepTelemetry(
+            self.writer, self.wall_time, job.train.log_every, total_steps, steps_per_epoch
+        )
         self.rejected: Counter = Counter()
         # server checkpoints and restores (see TaskQueue.hold_at)
         self.generation = 0  # bumped by every restore: work handed out before is void
@@ -233,8 +218,12 @@ class Coordinator(ShardRecovery, Membership, threading.Thread):
         if op == "task":
             return self._task(peer, header, tensors)
         if op == "gather":
-            if header["tag"] == "totals":
-                self.totals[int(header["worker"])] = tensors[0].clone()
+            return {"op": "ok"}  # (workers before totals were named: nothing to keep)
+        if op == "totals":
+            try:
+                self.totals[int(header["worker"])] = Totals.from_dict(header["totals"])
+            except (KeyError, TypeError, ValueError) as e:
+                raise wire.WireError("malformed", f"totals: {e}") from None
             return {"op": "ok"}
         if op == "leave":
             self.left.add(int(header["worker"]))
@@ -263,7 +252,9 @@ class Coordinator(ShardRecovery, Membership, threading.Thread):
             return {"op": "layout", "refused": f"node {rank} cannot join: {refused}"}
         self.nodes[rank] = (workers, 0)
         base, self.num_workers = self.num_workers, self.num_workers + workers
-        self.joined.append({"node": rank, "workers": workers, "step": self.logged_through})
+        self.joined.append(
+            {"node": rank, "workers": workers, "step": self.telemetry.logged_through}
+        )
         print(
             f"shoal: node {rank} joined the running job: workers {base}..{self.num_workers - 1}",
             file=sys.stderr,
@@ -299,7 +290,7 @@ class Coordinator(ShardRecovery, Membership, threading.Thread):
         elif self.job.train.checkpoint_every:  # the first checkpoint: the initial parameters
             self.queue.hold_at = 0
         title = f"ps/{self.job.strategy.options.mode} x{self.num_workers}"
-        self.progress = Progress(self.total_steps, 0, self.job.output.progress, title)
+        self.writer.start(title, 0)
         bases, worker_base, server_base = {}, 0, 0
         for rank in sorted(self.nodes):
             bases[rank] = (worker_base, server_base)
@@ -371,7 +362,7 @@ class Coordinator(ShardRecovery, Membership, threading.Thread):
             raise wire.WireError("malformed", "task: reports and rows differ in number")
         for meta, row in zip(done, tensors):
             self._finished(worker, meta, row)
-        self._flush_steps()
+        self.telemetry.flush(self.queue.finished_through, self.queue.parts)
         self._maybe_checkpoint()
         if header.get("wait"):
             self.task_waiting.append((peer, header.get("id"), worker, take))
@@ -416,54 +407,16 @@ class Coordinator(ShardRecovery, Membership, threading.Thread):
     def _finished(self, worker: int, meta: dict[str, Any], row: torch.Tensor) -> None:
         assert self.queue is not None
         step, part = (int(v) for v in meta["task"])
-        self.worker_bytes[worker] = (float(row[2]), float(row[3]))
+        window = Window.from_tensor(row)
+        self.telemetry.seen(worker, window)
         if int(meta.get("generation", 0)) != self.generation:
             return  # handed out before a restore: done again since, counted then
         if not self.queue.finish(worker, (step, part)):
             return  # done before by someone else: counted once
-        self.counts[step // self.steps_per_epoch] += int(row[1])
+        self.counts[step // self.steps_per_epoch] += int(window.samples)
         self.tasks_done[worker] += 1
-        self.samples_done[worker] += int(row[1])
-        row = row[:WINDOW_FIELDS].clone()  # (memory: in each worker's totals)
-        row[2:4] = 0  # byte counters are cumulative per worker: kept apart
-        self.step_rows[step] = row if step not in self.step_rows else self.step_rows[step] + row
-        self.step_lr[step] = float(meta.get("lr", 0.0))
-
-    def _flush_steps(self) -> None:
-        """Write a metrics record for each log window whose steps have all finished."""
-        assert self.queue is not None
-        log_every = self.job.train.log_every
-        while self.logged_through <= self.queue.finished_through:
-            step = self.logged_through
-            row = self.step_rows.pop(step)
-            self.window = row if self.window is None else self.window + row
-            lr = self.step_lr.pop(step)
-            self.logged_through += 1
-            end = self.logged_through
-            if end % log_every and end != self.total_steps:
-                continue
-            steps = (end - 1) % log_every + 1
-            rows = self.window.unsqueeze(0).clone()
-            rows[0, 4:] /= self.queue.parts  # phase times: per task, as for one worker a step
-            rows[0, 2] = sum(s for s, _ in self.worker_bytes.values())
-            rows[0, 3] = sum(r for _, r in self.worker_bytes.values())
-            self.window = None
-            now = time.perf_counter()
-            record = window_record(
-                rows,
-                step=end,
-                epoch=end / self.steps_per_epoch,
-                lr=lr,
-                steps=steps,
-                global_samples=int(rows[0, 1]),
-                elapsed=now - self.last_record,
-                wall_time=now - self.start_time,
-            )
-            self.last_record = now
-            self.last_loss = record["loss"]
-            self.metrics.write(record)
-            if self.progress is not None:
-                self.progress.update(end, record["loss"], record["samples_per_s"])
+        self.samples_done[worker] += int(window.samples)
+        self.telemetry.task_done(worker, step, float(meta.get("lr", 0.0)), window)
 
     def job_done(self) -> bool:
         """Every task of every step has finished."""
@@ -480,8 +433,6 @@ class Coordinator(ShardRecovery, Membership, threading.Thread):
         """Stop the thread, pull and evaluate the final model, write the summary."""
         self.stopped.set()
         self.join(timeout=10)
-        if self.progress is not None:
-            self.progress.close()
         data = build_dataset(self.job.data)
         torch.manual_seed(self.job.train.seed)
         with remote_tables():  # never the whole table: the touched rows, from the shards
@@ -530,62 +481,53 @@ class Coordinator(ShardRecovery, Membership, threading.Thread):
             client.call_all([({"op": "shutdown"}, [])] * self.num_servers)
         finally:
             client.close()
-        eval_metrics = evaluate(model, data, torch.device("cpu"))
-        self.metrics.write(
-            {"step": self.total_steps, "wall_time": self.wall_time(), "eval": eval_metrics}
-        )
-        self.metrics.close()
-        save_model(model, self.out, exported)
-        summary = self._summary(data, model, eval_metrics, stats)
-        write_atomic(self.out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
-        return summary
+        self.writer.evaluation(model, data, torch.device("cpu"), self.total_steps, self.wall_time())
+        return self._summary(data, model, exported, stats)
 
     def wall_time(self) -> float:
         return time.perf_counter() - self.start_time
 
     def _summary(
-        self, data: Any, model: torch.nn.Module, eval_metrics: dict[str, float], stats: list[dict]
+        self,
+        data: Any,
+        model: torch.nn.Module,
+        exported: dict[str, torch.Tensor],
+        stats: list[dict],
     ) -> dict[str, Any]:
-        counts = dict(sorted(self.counts.items()))
-        per_worker = []
+        per_worker: dict[int, dict[str, Any]] = {}
         for w in range(max(self.num_workers, max(self.tasks_done, default=-1) + 1)):
             entry: dict[str, Any] = {
-                "rank": w,
-                "bytes_sent": 0,
-                "bytes_received": 0,
                 "tasks": self.tasks_done[w],
                 "samples": self.samples_done[w],
                 "samples_per_s": self.samples_done[w] / max(self.wall_time(), 1e-9),
             }
-            if w in self.totals:  # what the worker sent when it finished
-                t = read_totals(self.totals[w].unsqueeze(0))
-                entry.update(host=t["hosts"][0], memory=named(t["memory"][0]))
-                entry.update(bytes_sent=int(t["sent"][0]), bytes_received=int(t["received"][0]))
+            if w not in self.totals:  # (it never finished: what the coordinator saw)
+                sent, received = self.telemetry.bytes.get(w, (0.0, 0.0))
+                entry.update(bytes_sent=int(sent), bytes_received=int(received))
+                entry["time"] = self.telemetry.time.get(w, {})
             if w in self.failures:
                 entry["failed_exit_code"] = self.failures[w][-1]
                 entry["failures"] = len(self.failures[w])
-            per_worker.append(entry)
+            per_worker[w] = entry
         staleness: Counter = Counter()
         for s in stats:
             staleness.update({int(k): v for k, v in s["staleness"].items()})
-        return build_summary(
-            self.job,
-            dataset=data.name,
+        opts = self.job.strategy.options
+        return self.writer.finish(
+            model,
+            dataset=data,
             world_size=self.num_workers,
             steps=self.total_steps,
             num_parameters=count_parameters(model),
-            final_loss=self.last_loss,
-            eval_metrics=eval_metrics,
             wall_time=self.wall_time(),
-            counts=counts,
-            train_samples=data.num_train,
+            counts=dict(sorted(self.counts.items())),
+            totals=[self.totals[w] for w in sorted(self.totals)],
+            extra_tensors=exported,
             per_worker=per_worker,
             resumed_from_step=self.resumed_from,
             ps={
-                "mode": self.job.strategy.options.mode,
-                "staleness_bound": self.job.strategy.options.staleness
-                if self.job.strategy.options.mode == "ssp"
-                else None,
+                "mode": opts.mode,
+                "staleness_bound": opts.staleness if opts.mode == "ssp" else None,
                 "num_servers": self.num_servers,
                 "staleness_histogram": {str(k): v for k, v in sorted(staleness.items())},
                 "max_staleness": max(staleness, default=0),

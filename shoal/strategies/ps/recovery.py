@@ -17,13 +17,12 @@ first run, so the same samples make the same steps.
 from __future__ import annotations
 
 import sys
-import time
 from collections import Counter
 from typing import Any
 
 from shoal import checkpoint
 from shoal.errors import UserError
-from shoal.metrics import CommCounter, MetricsFile
+from shoal.metrics import CommCounter
 from shoal.strategies.ps import wire
 from shoal.strategies.ps.client import Peer, PeerError
 from shoal.strategies.ps.server import coordinator_dir, shard_dir
@@ -34,7 +33,7 @@ class ShardRecovery:
 
     It works on the coordinator's state: ``queue``, ``servers``, ``num_servers``,
     ``snapshots``, ``restoring``, ``generation``, the counters it rolls back and
-    ``metrics`` (see :class:`~shoal.strategies.ps.coordinator.Coordinator`).
+    ``telemetry`` (see :class:`~shoal.strategies.ps.coordinator.Coordinator`).
     """
 
     def _shard(self, k: int) -> Peer:
@@ -56,8 +55,7 @@ class ShardRecovery:
             "counts": dict(self.counts),
             "tasks_done": dict(self.tasks_done),
             "samples_done": dict(self.samples_done),
-            "window": None if self.window is None else self.window.clone(),
-            "last_loss": self.last_loss,
+            **self.telemetry.snapshot(),
             "parts": self.queue.parts,
             "num_servers": self.num_servers,
             "wall_time": self.wall_time(),
@@ -145,7 +143,6 @@ class ShardRecovery:
         self.restoring = set(range(self.num_servers))
         self.queue.paused = True
         self.start_time -= float(saved["wall_time"])
-        self.last_record = time.perf_counter()
         self.resumed_from = step
         print(f"shoal: resuming from the server checkpoints of step {step}", file=sys.stderr)
 
@@ -183,9 +180,4 @@ class ShardRecovery:
         self.counts = Counter(saved["counts"])
         self.tasks_done = Counter(saved["tasks_done"])
         self.samples_done = Counter(saved["samples_done"])
-        self.window = None if saved["window"] is None else saved["window"].clone()
-        self.last_loss = saved["last_loss"]
-        self.step_rows, self.step_lr = {}, {}
-        self.logged_through = step
-        self.metrics.close()
-        self.metrics = MetricsFile(self.out / "metrics.jsonl", resume_step=step)
+        self.telemetry.rollback(saved, step)

@@ -24,6 +24,7 @@ from shoal import checkpoint
 from shoal.compress import Codec, Payload, PowerSGD, parse_codec
 from shoal.config import OptimConfig
 from shoal.faults import Injector
+from shoal.layout import PS_SHARDS_DIR
 from shoal.strategies.ps import gate, wire
 from shoal.strategies.ps.consistency import Steps
 from shoal.strategies.ps.optim import ServerOptimizer
@@ -68,13 +69,13 @@ class ServerStats:
 
 def shard_dir(run_dir: str | os.PathLike, shard: int) -> Path:
     """Where shard ``shard`` keeps its checkpoints (in its own ``checkpoints/``)."""
-    return Path(run_dir) / "ps-shards" / f"shard-{shard}"
+    return Path(run_dir) / PS_SHARDS_DIR / f"shard-{shard}"
 
 
 def coordinator_dir(run_dir: str | os.PathLike) -> Path:
     """Where the coordinator keeps its bookkeeping of each server checkpoint (the queue's
     position, the sample counts): what ``--resume`` starts from."""
-    return Path(run_dir) / "ps-shards" / "coordinator"
+    return Path(run_dir) / PS_SHARDS_DIR / "coordinator"
 
 
 class Server:

@@ -157,11 +157,11 @@ class RemoteGatherer:
     def gather(self, row: torch.Tensor, tag: str, meta: dict[str, Any] | None = None) -> None:
         if tag == "window":  # a task handed out before a restore is void: the tag says so
             self.work.report(row, {**(meta or {}), "generation": self.work.current_generation})
-        elif tag == "totals":
-            self.coordinator.call(
-                {"op": "gather", "tag": tag, "worker": self.worker, "meta": meta or {}},
-                [row.double()],
-            )
+        return None
+
+    def gather_object(self, obj: dict[str, Any], tag: str) -> None:
+        if tag == "totals":
+            self.coordinator.call({"op": "totals", "worker": self.worker, "totals": obj})
         return None
 
 
