@@ -177,6 +177,14 @@ class Gatekeeper(threading.Thread):
         return [version, rid, b"200", b"OK", user_id.encode(), b""]
 
 
+def monitor_address() -> str:
+    """An inproc address for one socket monitor, never used twice in the process.
+    (pyzmq's default names it after the socket's descriptor: a socket that was never
+    closed, only collected, leaves its monitor bound there, and the next socket that gets
+    the same descriptor would watch nothing: its handshakes would seem to hang.)"""
+    return f"inproc://shoal-monitor-{secrets.token_hex(8)}"
+
+
 class Listener:
     """A ROUTER socket that only authenticated peers reach, with its connection cap."""
 
@@ -197,7 +205,8 @@ class Listener:
             | zmq.EVENT_DISCONNECTED
             | zmq.EVENT_CLOSED
             | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-            | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+            | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+            addr=monitor_address(),
         )
         host, _, port = bind.rpartition(":")
         self.address = f"{host}:{sock.bind_to_random_port(host)}" if port == "0" else bind
@@ -288,7 +297,8 @@ def connect(
         | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
         | zmq.EVENT_DISCONNECTED
         | zmq.EVENT_CLOSED
-        | zmq.EVENT_CONNECT_RETRIED
+        | zmq.EVENT_CONNECT_RETRIED,
+        addr=monitor_address(),
     )
     sock.connect(address)
     return sock, monitor, token.split(".")[1]
