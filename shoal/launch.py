@@ -90,7 +90,7 @@ def torchrun_args(cluster: ClusterConfig, config_path: str) -> list[str]:
             "--local-addr",  # the workers' process group meets on loopback too
             "127.0.0.1",
         ]
-    args += ["--max-restarts", str(cluster.max_restarts), "--monitor-interval", "0.5"]
+    args += ["--max-restarts", str(cluster.max_restarts), "--monitor-interval", "0.1"]
     return [*args, "-m", WORKER_MODULE, config_path]
 
 

@@ -262,8 +262,8 @@ def test_server_checkpoint_and_restore_refuse_the_voided_work(tmp_path):
         torch.testing.assert_close(values(gen=1), torch.full((4,), -0.1))  # step 1 undone
         push(1, gen=1)  # done again, applied once
         torch.testing.assert_close(values(gen=1), torch.full((4,), -0.2))
-        del peer  # (left to the collector, not closed: the next test's peers must still
-        # reach their server, see gate.monitor_address)
+        # the peer is left to the collector, not closed: the next test's peers must still
+        # reach their server (see gate.monitor_address)
     finally:
         srv.running = False
         thread.join(timeout=5)

@@ -39,7 +39,7 @@ def test_a_live_run_directory_is_refused_to_a_second_job(tmp_path):
     """While a job runs, ``--resume`` on its directory (and a new run into it) ends with
     one line naming the holder and touches nothing."""
     out = tmp_path / "live"
-    args = [*LINEAR_JOB, "--workers", "2", "--checkpoint-every", "20"]
+    args = [*LINEAR_JOB, "--steps", "120", "--workers", "2", "--checkpoint-every", "20"]
     args += ["--keep-checkpoints", "0"]  # the job deletes none itself
     job = start_train(out, *args, env={"SHOAL_FAULT": "slow:rank=0:ms=100"})
     try:
@@ -58,7 +58,7 @@ def test_a_live_run_directory_is_refused_to_a_second_job(tmp_path):
         assert job.wait(timeout=120) == 0, job.stderr.read()
     finally:
         job.kill()
-    assert read_summary(out)["steps"] == 200
+    assert read_summary(out)["steps"] == 120
 
 
 @pytest.mark.timeout(120)
