@@ -223,6 +223,13 @@ class ClusterConfig:
         "HOST:PORT of node 0 where the machines meet (torchrun --rdzv-endpoint); "
         "empty picks a free local port",
     )
+    rdzv_last_call: float = option(
+        10.0,
+        "elastic jobs (--nnodes MIN:MAX): once MIN machines have met, seconds to wait for "
+        "more before the job (re)starts",
+        above=0,
+        high=3600,
+    )
     startup_timeout: float = option(
         60.0,
         "seconds a parameter-server worker or shard may take from the job's start to its "

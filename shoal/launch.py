@@ -63,9 +63,10 @@ def torchrun_args(cluster: ClusterConfig, config_path: str) -> list[str]:
             f"shoal-{cluster.rdzv_endpoint}",
             # node 0 hosts the rendezvous store (torch guesses from the host name, which
             # need not be the endpoint's); after a failure the survivors go on once MIN
-            # have met and nobody else came for 10 s
+            # have met and nobody else came for --rdzv-last-call seconds
             "--rdzv-conf",
-            f"is_host={str(cluster.node_rank == 0).lower()},last_call_timeout=10",
+            f"is_host={str(cluster.node_rank == 0).lower()},"
+            f"last_call_timeout={cluster.rdzv_last_call:g}",
             # the address the other machines reach this one at (torch would take the FQDN)
             "--local-addr",
             local_address(*parse_endpoint(cluster.rdzv_endpoint)),

@@ -350,12 +350,12 @@ def test_elastic_nodes_a_host_joins_then_dies_and_the_survivor_finishes(tmp_path
     """--nnodes 1:2: host 0 starts alone; host 1 arrives and torchrun's rendezvous re-forms
     the job on both; then host 1 dies whole, host 0 names it, re-forms alone, and each
     time the workers resume from the newest checkpoint and finish the epochs exactly."""
-    steps = 3000
+    steps = 2000
     job = [*LINEAR_JOB[:2], "--steps", str(steps), *LINEAR_JOB[4:], "--log-every", "100"]
-    job += ["--checkpoint-every", "250"]
+    job += ["--checkpoint-every", "250", "--rdzv-last-call", "2"]
     with netns.hosts(subnet="10.231.5") as (a, b):
         endpoint = f"{a.addr}:{free_port()}"
-        slow = {"SHOAL_FAULT": "slow:rank=*:ms=8"}  # 24 s of steps: time to grow and shrink
+        slow = {"SHOAL_FAULT": "slow:rank=*:ms=8"}  # 16 s of steps: time to grow and shrink
         jobs = [_on_host(a, tmp_path / "run", job, "1:2", 0, endpoint, slow)]
         try:
             _wait_for_records(tmp_path / "run" / "metrics.jsonl")
@@ -386,7 +386,7 @@ def test_elastic_nodes_a_host_joins_then_dies_and_the_survivor_finishes(tmp_path
         epoch, k = divmod(step, per_epoch)
         expected[str(epoch)] = expected.get(str(epoch), 0) + min(batch, n - k * batch)
     assert s["samples_per_epoch"] == expected
-    # it trained on: 15x the reference's steps, whatever the failures cost
+    # it trained on: 10x the reference's steps, whatever the failures cost
     assert s["test_loss"] <= 1.05 * read_summary(linear_reference)["test_loss"]
 
 

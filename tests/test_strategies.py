@@ -155,3 +155,47 @@ def test_the_layer_contract_holds_and_catches_an_upward_import(tmp_path):
     code, out = _lint_imports(contract, tmp_path, tmp_path)
     assert code != 0 and "1 broken" in out, out
     assert "shoalcopy.config -> shoalcopy.trainer" in out, out
+
+
+class _Declared(torch.nn.Sequential):
+    """A user's model that says where a pipeline cuts it."""
+
+    def pipeline_split_points(self, stages: int) -> list[str]:
+        return ["second"] if stages == 2 else ["nope"]
+
+
+@pytest.mark.timeout(30)
+def test_models_declare_how_strategies_split_them():
+    """A pipeline asks the model for its split points; tensor parallelism for its plan:
+    checked on the model before anything starts, with no strategy naming a model."""
+    from collections import OrderedDict
+
+    from shoal.errors import UserError
+    from shoal.strategies import resolve
+
+    units = OrderedDict(first=torch.nn.Linear(4, 4), second=torch.nn.Linear(4, 4))
+    model = _Declared(units)
+    job = JobConfig()
+    job.strategy.name, job.cluster.workers = "pipeline", 2
+    pipeline = resolve(job)
+    pipeline.check_model(job, model)  # two stages: cut where the model says
+    from shoal.strategies.pipeline import split_points, stage_count
+
+    assert split_points(job.strategy.options, model, 2) == ["second"]
+    job.strategy.options.schedule = "interleaved"  # four stages: the model names no unit
+    with pytest.raises(UserError, match="too few for 4 stages"):
+        pipeline.check_model(job, model)
+    job.strategy.options.schedule, job.strategy.options.split_at = "1f1b", "first"
+    assert stage_count(job.strategy.options, 2) == 2
+    assert split_points(job.strategy.options, model, 2) == ["first"]  # --split-at wins
+    tensor_job = JobConfig()
+    tensor_job.strategy.name, tensor_job.cluster.workers = "tensor", 2
+    tensor = resolve(tensor_job)
+    with pytest.raises(UserError, match="declares how to split it"):
+        tensor.check_model(tensor_job, model)
+    tensor_job.model.hidden, tensor_job.data.name = 6, "digits"
+    mlp = build_model(tensor_job.model, build_dataset(tensor_job.data))
+    tensor.check_model(tensor_job, mlp)  # the built-in mlp declares its plan
+    tensor_job.cluster.workers = 4
+    with pytest.raises(UserError, match="--hidden 6 must be a multiple of tp=4"):
+        tensor.check_model(tensor_job, mlp)

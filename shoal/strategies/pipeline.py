@@ -101,9 +101,15 @@ def stage_count(options: PipelineConfig, pp: int) -> int:
     return pp * (2 if options.schedule == "interleaved" else 1)
 
 
-def split_points(options: PipelineConfig) -> list[str]:
-    """The units ``--split-at`` names."""
-    return [s.strip() for s in options.split_at.split(",") if s.strip()]
+def split_points(options: PipelineConfig, model: nn.Module, stages: int) -> list[str]:
+    """The units that begin stages 1..: those ``--split-at`` names, else those the model
+    declares (``model.pipeline_split_points(stages)``), else none (balanced by
+    ``--balance``)."""
+    given = [s.strip() for s in options.split_at.split(",") if s.strip()]
+    declare = getattr(model, "pipeline_split_points", None)
+    if given or not callable(declare):
+        return given
+    return list(declare(stages))
 
 
 def check_units(model: nn.Module, stages: int, split: list[str]) -> None:
@@ -139,7 +145,7 @@ class Pipeline(ModelParallel):
         )
 
         stages = stage_count(self.options, self.sizes["pp"])
-        check_units(model, stages, split_points(self.options))
+        check_units(model, stages, split_points(self.options, model, stages))
         self.example, self.activations = example, activations
         self._keep_replica(model)
         units = list(model.named_children())
@@ -177,7 +183,7 @@ class Pipeline(ModelParallel):
 
     def _starts(self, model: nn.Module, units: list[tuple[str, nn.Module]], stages: int):
         names = [n for n, _ in units]
-        split = split_points(self.options)
+        split = split_points(self.options, model, stages)
         if split:
             return [0, *sorted(names.index(s) for s in split)]
         if self.options.balance == "time":
@@ -318,7 +324,8 @@ class Plugin(MeshPlugin):
 
     def check_model(self, job: JobConfig, model: Any) -> None:
         opts = self.options(job)
-        check_units(model, stage_count(opts, self.sizes(job)["pp"]), split_points(opts))
+        stages = stage_count(opts, self.sizes(job)["pp"])
+        check_units(model, stages, split_points(opts, model, stages))
 
     def summary_rows(self, summary: dict[str, Any]) -> list[tuple[str, str]]:
         pipe = summary["pipeline"]

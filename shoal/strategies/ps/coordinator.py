@@ -25,23 +25,13 @@ import torch
 import zmq
 
 from shoal.config import JobConfig
-from shoal.data import build_dataset
 from shoal.errors import UserError
 from shoal.layout import ENDPOINTS_FILE, write_atomic
-from shoal.metrics import CommCounter
-from shoal.models import build_model
-from shoal.models.sparse import (
-    SparseEmbedding,
-    StoredRows,
-    count_parameters,
-    export_table,
-    remote_tables,
-)
+from shoal.models.sparse import count_parameters
 from shoal.strategies.ps import gate, wire
-from shoal.strategies.ps.client import Client, Peer
+from shoal.strategies.ps.finish import pull_final_model
 from shoal.strategies.ps.membership import Membership
-from shoal.strategies.ps.placement import dense_plan
-from shoal.strategies.ps.recovery import ShardRecovery
+from shoal.strategies.ps.recovery import ShardRecovery, ShardTable
 from shoal.strategies.ps.tasks import TaskQueue
 from shoal.strategies.ps.telemetry import StepTelemetry
 from shoal.telemetry import Totals, Window
@@ -51,7 +41,7 @@ MAX_MESSAGE_BYTES = 1 << 22
 """The coordinator only ever receives small telemetry rows and control messages."""
 
 
-class Coordinator(ShardRecovery, Membership, threading.Thread):
+class Coordinator(threading.Thread):
     """Bookkeeping for one parameter-server job; see the module docstring."""
 
     def __init__(
@@ -71,7 +61,7 @@ class Coordinator(ShardRecovery, Membership, threading.Thread):
         self.max_nodes = max(max_nodes, num_nodes)  # more may join later, with workers
         self.nodes: dict[int, tuple[int, int]] = {}  # node rank -> (workers, servers)
         self.node_waiting: list[tuple[bytes, Any, int]] = []
-        self.num_servers = self.num_workers = 0
+        self.num_workers = 0
         self.total_steps = total_steps
         self.steps_per_epoch = steps_per_epoch
         self.queue: TaskQueue | None = None  # once every node has registered
@@ -81,19 +71,13 @@ class Coordinator(ShardRecovery, Membership, threading.Thread):
             self.ctx, bind, secret, "coordinator", gate.max_connections(job)
         )
         self.sock, self.address = self.listener.sock, self.listener.address
-        self.servers: dict[int, str] = {}
-        self.targets: dict[int, str] = {}  # each shard's name at its door (see Server.target)
+        self.shards = ShardTable()
         self.shards_up = False
         self.waiting: list[tuple[bytes, Any]] = []
         self.counts: Counter = Counter()  # samples per epoch, each task counted once
         self.tasks_done: Counter = Counter()  # per worker
         self.samples_done: Counter = Counter()  # per worker
         self.totals: dict[int, Totals] = {}  # what each worker sent when it finished
-        self.left: set[int] = set()
-        self.last_seen: dict[int, float] = {}
-        self.dead: dict[int, int] = {}  # workers out of the job now: exit code
-        self.dropped: set[int] = set()  # dropped for silence, not yet reported dead
-        self.failures: dict[int, list[int]] = {}  # every failure of each worker: exit codes
         self.stopped = threading.Event()
         self.out = Path(job.output.out)
         self.writer = RunWriter(job, total_steps, resume_step=None)
@@ -102,30 +86,18 @@ class Coordinator(ShardRecovery, Membership, threading.Thread):
             self.writer, self.wall_time, job.train.log_every, total_steps, steps_per_epoch
         )
         self.rejected: Counter = Counter()
-        # server checkpoints and restores (see TaskQueue.hold_at)
-        self.generation = 0  # bumped by every restore: work handed out before is void
-        self.snapshots: dict[int, dict[str, Any]] = {}  # step -> bookkeeping at that step
-        self.restoring: set[int] = set()  # shards whose replacement has not registered yet
-        self.restore_step = 0
-        self.restores: list[dict[str, int]] = []
-        self.resumed_from: int | None = None  # --resume: the checkpoint's step
         self.joined: list[dict[str, int]] = []  # machines that joined the running job
-        self.shard_peers: dict[int, Peer] = {}
-        self.checked_at = time.monotonic()  # of the last heartbeat check
-        self.disk_full = False  # a checkpoint write failed for want of space (said once)
-        self.shard_seen: dict[int, float] = {}  # shard -> its last heartbeat
-        self.node_seen: dict[int, float] = {}  # node rank -> its launcher's last status call
-        self.shard_node: dict[int, int] = {}  # shard -> the node that runs it
-        self.expected: dict[tuple[str, int], float] = {}  # not heard from yet: since when
-        self.dropped_shards: set[int] = set()  # silent: their node is to kill them
-        self.fatal = ""  # why the job cannot go on, once it cannot
+        self.recovery = ShardRecovery(
+            job, self.out, total_steps, self.shards, self, self.ctx, secret
+        )  # server checkpoints and restores
+        self.members = Membership(job, self.shards, self._restoring, self._lost)
 
     # --- thread -----------------------------------------------------------------------
 
     def run(self) -> None:
         while not self.stopped.is_set():
             try:
-                self._check_heartbeats()
+                self.members.check()
             except Exception as e:  # telling the shards failed: say so, keep coordinating
                 print(f"shoal: warning: coordinator: {type(e).__name__}: {e}", file=sys.stderr)
             self.listener.watch_connections()
@@ -157,61 +129,55 @@ class Coordinator(ShardRecovery, Membership, threading.Thread):
         op = header["op"]
         if op == "node":
             return self._node(peer, header)
+        members, recovery = self.members, self.recovery
         if op == "heartbeat":
             if "shard" in header:
-                self.shard_seen[int(header["shard"])] = time.monotonic()
+                members.shard_seen[int(header["shard"])] = time.monotonic()
             else:
-                self.last_seen[int(header["worker"])] = time.monotonic()
+                members.worker_seen(int(header["worker"]))
             return {"op": "ok"}
         if op == "status":
             if "node" in header:
-                self.node_seen[int(header["node"])] = time.monotonic()
+                members.node_seen[int(header["node"])] = time.monotonic()
             return {
                 "op": "status",
-                "dropped": sorted(self.dropped),
-                "dropped_shards": sorted(self.dropped_shards),
-                "generation": self.generation,
+                "dropped": sorted(members.dropped),
+                "dropped_shards": sorted(members.dropped_shards),
+                "generation": recovery.generation,
                 "done": self.job_done(),
-                "fatal": self.fatal,
+                "fatal": members.fatal,
             }
         if op == "fatal":  # a machine cannot go on (its shard's restarts ran out, say)
-            self.fatal = self.fatal or str(header.get("error", "a machine failed"))[:300]
+            members.fatal = members.fatal or str(header.get("error", "a machine failed"))[:300]
             return {"op": "ok"}
         if op == "server_died":
-            return self._server_died(int(header["shard"]), int(header["code"]))
+            shard = int(header["shard"])
+            members.dropped_shards.discard(shard)  # killed for its silence: being replaced
+            return recovery.server_died(self.queue, shard, int(header["code"]))
         if op == "worker_died":
-            worker, code = int(header["worker"]), int(header["code"])
-            self.dropped.discard(worker)
-            if worker in self.dead:  # dropped for silence before: now its exit is known
-                self.failures[worker][-1] = code
-            self._worker_gone(worker, code)
+            members.worker_died(int(header["worker"]), int(header["code"]))
             return {"op": "ok"}
         if op == "register_server":
             shard = int(header["shard"])
-            self.servers[shard] = str(header["address"])
-            self.targets[shard] = str(header["target"])
-            self.shard_seen[shard] = time.monotonic()
-            self.dropped_shards.discard(shard)
-            replaces = shard in self.restoring
-            self.restoring.discard(shard)  # the replacement restores itself, then serves
+            self.shards.addresses[shard] = str(header["address"])
+            self.shards.targets[shard] = str(header["target"])
+            members.shard_registered(shard)
+            replaces = recovery.registered(shard)  # a replacement restores itself, then serves
             self._answer_waiting()
             if not replaces:
                 return {"op": "ok"}
-            if not self.restoring and self.queue is not None:
+            if not recovery.restoring and self.queue is not None:
                 self.queue.paused = False
                 self._answer_tasks()
             return {
                 "op": "ok",
-                "restore": self.restore_step,
-                "generation": self.generation,
+                "restore": recovery.restore_step,
+                "generation": recovery.generation,
                 "total_steps": self.total_steps,
             }
         if op == "servers":
-            if "worker" in header:  # watched for heartbeats from now on
-                worker = int(header["worker"])
-                self.last_seen[worker] = time.monotonic()
-                if self.dead.pop(worker, None) is not None:  # restarted: it rejoins
-                    print(f"shoal: worker {worker} rejoined", file=sys.stderr)
+            if "worker" in header:  # watched for heartbeats from now on (a restart rejoins)
+                members.worker_seen(int(header["worker"]), starting=True)
             self.waiting.append((peer, header.get("id")))
             self._answer_waiting()
             return None
@@ -226,7 +192,7 @@ class Coordinator(ShardRecovery, Membership, threading.Thread):
                 raise wire.WireError("malformed", f"totals: {e}") from None
             return {"op": "ok"}
         if op == "leave":
-            self.left.add(int(header["worker"]))
+            self.members.left.add(int(header["worker"]))
             return {"op": "ok"}
         raise wire.WireError("malformed", f"unknown op {op[:32]!r}")
 
@@ -262,9 +228,9 @@ class Coordinator(ShardRecovery, Membership, threading.Thread):
         return {
             "op": "layout",
             "worker_base": base,
-            "server_base": self.num_servers,
+            "server_base": self.shards.count,
             "num_workers": self.num_workers,
-            "num_servers": self.num_servers,
+            "num_servers": self.shards.count,
         }
 
     def _answer_nodes(self) -> None:
@@ -272,11 +238,11 @@ class Coordinator(ShardRecovery, Membership, threading.Thread):
         if len(self.nodes) < self.num_nodes:
             return
         self.num_workers = sum(w for w, _ in self.nodes.values())
-        self.num_servers = sum(k for _, k in self.nodes.values())
+        self.shards.count = sum(k for _, k in self.nodes.values())
         opts, parts, resumed = self.job.strategy.options, max(1, self.num_workers), None
         if self.job.output.resume:
             try:
-                resumed = self._resume_point()
+                resumed = self.recovery.resume_point()
             except UserError as e:
                 refused = f"--resume {self.out}: {e}"
                 for peer, rid, _ in self.node_waiting:
@@ -286,7 +252,8 @@ class Coordinator(ShardRecovery, Membership, threading.Thread):
             parts = int(resumed[1]["parts"])  # the same samples make the same steps
         self.queue = TaskQueue(self.total_steps, parts, opts.mode, opts.staleness)
         if resumed is not None:
-            self._resume(*resumed)
+            self.recovery.resume(self.queue, *resumed)
+            self.start_time -= float(resumed[1]["wall_time"])
         elif self.job.train.checkpoint_every:  # the first checkpoint: the initial parameters
             self.queue.hold_at = 0
         title = f"ps/{self.job.strategy.options.mode} x{self.num_workers}"
@@ -295,15 +262,11 @@ class Coordinator(ShardRecovery, Membership, threading.Thread):
         for rank in sorted(self.nodes):
             bases[rank] = (worker_base, server_base)
             for k in range(server_base, server_base + self.nodes[rank][1]):
-                self.shard_node[k] = rank
+                self.shards.node[k] = rank
             worker_base += self.nodes[rank][0]
             server_base += self.nodes[rank][1]
-        now = time.monotonic()  # from now on every worker and shard has to be heard from
-        for w in range(self.num_workers):
-            self.expected.setdefault(("worker", w), now)
-        for k in range(self.num_servers):
-            self.expected.setdefault(("shard", k), now)
-        layout = {"num_workers": self.num_workers, "num_servers": self.num_servers}
+        self.members.expect(self.num_workers, self.shards.count)
+        layout = {"num_workers": self.num_workers, "num_servers": self.shards.count}
         for peer, rid, rank in self.node_waiting:
             w, k = bases[rank]
             self._send(
@@ -313,16 +276,14 @@ class Coordinator(ShardRecovery, Membership, threading.Thread):
 
     def all_workers_done(self) -> bool:
         """Every worker of the job has finished or died (called from the launcher)."""
-        if self.num_workers == 0:
-            return False
-        return len(self.left | set(self.dead)) >= self.num_workers
+        return self.members.all_workers_done(self.num_workers)
 
     def _answer_waiting(self) -> None:
         """Tell waiting workers every shard's address and name at its door, once every
         shard is there (a replaced one: once its replacement registered, with its name)."""
-        if not self.num_servers or len(self.servers) < self.num_servers or self.restoring:
+        if not self.shards.all_up() or self.recovery.restoring:
             return
-        addresses = [self.servers[k] for k in range(self.num_servers)]
+        addresses = [self.shards.addresses[k] for k in range(self.shards.count)]
         if not self.shards_up:  # the first time every shard is registered
             self.shards_up = True
             endpoints = {"coordinator": self.address, "servers": addresses}
@@ -331,7 +292,7 @@ class Coordinator(ShardRecovery, Membership, threading.Thread):
             except OSError as e:  # a full disk: only tools read it; serving goes on
                 print(f"shoal: warning: {ENDPOINTS_FILE}: {e.strerror}", file=sys.stderr)
         assert self.queue is not None
-        targets = [self.targets[k] for k in range(self.num_servers)]
+        targets = [self.shards.targets[k] for k in range(self.shards.count)]
         reply = {
             "op": "servers",
             "servers": addresses,
@@ -341,8 +302,6 @@ class Coordinator(ShardRecovery, Membership, threading.Thread):
         for peer, rid in self.waiting:
             self._send(peer, {**reply, "id": rid})
         self.waiting = []
-
-    # --- membership and telemetry -----------------------------------------------------
 
     # --- the task queue -----------------------------------------------------------------
 
@@ -363,7 +322,7 @@ class Coordinator(ShardRecovery, Membership, threading.Thread):
         for meta, row in zip(done, tensors):
             self._finished(worker, meta, row)
         self.telemetry.flush(self.queue.finished_through, self.queue.parts)
-        self._maybe_checkpoint()
+        self.recovery.maybe_checkpoint(self.queue)
         if header.get("wait"):
             self.task_waiting.append((peer, header.get("id"), worker, take))
         self._answer_tasks()  # finished steps may let parked requests go, oldest first
@@ -372,16 +331,17 @@ class Coordinator(ShardRecovery, Membership, threading.Thread):
     def _hand_out(self, worker: int, take: int) -> dict[str, Any]:
         assert self.queue is not None
         tasks = []
-        if worker not in self.dead:  # a dropped worker gets nothing more
+        dead = worker in self.members.dead
+        if not dead:  # a dropped worker gets nothing more
             while len(tasks) < take and (task := self.queue.take(worker)) is not None:
                 tasks.append(list(task))
-        finished = self.queue.done or worker in self.dead
+        finished = self.queue.done or dead
         return {
             "op": "tasks",
             "tasks": tasks,
             "parts": self.queue.parts,
             "finished": finished,
-            "generation": self.generation,
+            "generation": self.recovery.generation,
         }
 
     def _answer_tasks(self) -> None:
@@ -409,7 +369,7 @@ class Coordinator(ShardRecovery, Membership, threading.Thread):
         step, part = (int(v) for v in meta["task"])
         window = Window.from_tensor(row)
         self.telemetry.seen(worker, window)
-        if int(meta.get("generation", 0)) != self.generation:
+        if int(meta.get("generation", 0)) != self.recovery.generation:
             return  # handed out before a restore: done again since, counted then
         if not self.queue.finish(worker, (step, part)):
             return  # done before by someone else: counted once
@@ -424,63 +384,49 @@ class Coordinator(ShardRecovery, Membership, threading.Thread):
 
     # --- the end ----------------------------------------------------------------------
 
-    def _client(self) -> Client:
-        addresses = [self.servers[k] for k in range(self.num_servers)]
-        targets = [self.targets[k] for k in range(self.num_servers)]
-        return Client(addresses, targets, self.secret, "coordinator", CommCounter(), timeout_s=60)
+    def _restoring(self, shard: int) -> bool:
+        return shard in self.recovery.restoring
+
+    def _lost(self, worker: int, exit_code: int) -> None:
+        """A worker left the job badly: its tasks go back to the queue."""
+        if self.queue is None:
+            return
+        lost = self.queue.lose(worker)
+        if lost:
+            steps = ", ".join(f"{t}/{p}" for t, p in lost)
+            print(
+                f"shoal: worker {worker}'s tasks (step/part) {steps} handed out again",
+                file=sys.stderr,
+            )
+        self._answer_tasks()
+
+    # --- the bookkeeping a restore rolls back (see ShardRecovery) -----------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "counts": dict(self.counts),
+            "tasks_done": dict(self.tasks_done),
+            "samples_done": dict(self.samples_done),
+            **self.telemetry.snapshot(),
+            "wall_time": self.wall_time(),
+        }
+
+    def rollback(self, saved: dict[str, Any], step: int) -> None:
+        self.counts = Counter(saved["counts"])
+        self.tasks_done = Counter(saved["tasks_done"])
+        self.samples_done = Counter(saved["samples_done"])
+        self.telemetry.rollback(saved, step)
+
+    # --- the end ----------------------------------------------------------------------
 
     def finish(self) -> dict[str, Any]:
         """Stop the thread, pull and evaluate the final model, write the summary."""
         self.stopped.set()
         self.join(timeout=10)
-        data = build_dataset(self.job.data)
-        torch.manual_seed(self.job.train.seed)
-        with remote_tables():  # never the whole table: the touched rows, from the shards
-            model = build_model(self.job.model, data)
-        tables = {n: m for n, m in model.named_modules() if isinstance(m, SparseEmbedding)}
-        params = dict(model.named_parameters())
-        exported: dict[str, torch.Tensor] = {}
-        plan = dense_plan([(n, p.numel()) for n, p in params.items()], self.num_servers)
-        by_shard = [[s for s in plan if s.shard == k] for k in range(self.num_servers)]
-        for peer in self.shard_peers.values():
-            peer.close()
-        client = self._client()
-        try:
-            replies = client.call_all(
-                [
-                    (
-                        {
-                            "op": "pull",
-                            "step": 0,
-                            "dense": True,
-                            "tables": [],
-                            "gen": self.generation,
-                        },
-                        [],
-                    )
-                ]
-                * self.num_servers
-            )
-            stats = [
-                h["stats"] for h, _ in client.call_all([({"op": "stats"}, [])] * self.num_servers)
-            ]
-            with torch.no_grad():
-                for slices, (_, values) in zip(by_shard, replies):
-                    for s, v in zip(slices, values):
-                        params[s.name].view(-1)[s.start : s.stop].copy_(v)
-                for name, module in tables.items():
-                    dumps = client.call_all(
-                        [({"op": "dump", "table": name}, [])] * self.num_servers
-                    )
-                    stored = StoredRows(
-                        torch.cat([ids for _, (ids, _) in dumps]),
-                        torch.cat([rows for _, (_, rows) in dumps]),
-                    )
-                    module.attach(stored)
-                    exported.update(export_table(name, module, stored))
-            client.call_all([({"op": "shutdown"}, [])] * self.num_servers)
-        finally:
-            client.close()
+        self.recovery.close()
+        model, data, exported, stats = pull_final_model(
+            self.job, self.shards, self.secret, self.recovery.generation
+        )
         self.writer.evaluation(model, data, torch.device("cpu"), self.total_steps, self.wall_time())
         return self._summary(data, model, exported, stats)
 
@@ -505,9 +451,10 @@ class Coordinator(ShardRecovery, Membership, threading.Thread):
                 sent, received = self.telemetry.bytes.get(w, (0.0, 0.0))
                 entry.update(bytes_sent=int(sent), bytes_received=int(received))
                 entry["time"] = self.telemetry.time.get(w, {})
-            if w in self.failures:
-                entry["failed_exit_code"] = self.failures[w][-1]
-                entry["failures"] = len(self.failures[w])
+            failures = self.members.failures.get(w)
+            if failures:
+                entry["failed_exit_code"] = failures[-1]
+                entry["failures"] = len(failures)
             per_worker[w] = entry
         staleness: Counter = Counter()
         for s in stats:
@@ -524,15 +471,15 @@ class Coordinator(ShardRecovery, Membership, threading.Thread):
             totals=[self.totals[w] for w in sorted(self.totals)],
             extra_tensors=exported,
             per_worker=per_worker,
-            resumed_from_step=self.resumed_from,
+            resumed_from_step=self.recovery.resumed_from,
             ps={
                 "mode": opts.mode,
                 "staleness_bound": opts.staleness if opts.mode == "ssp" else None,
-                "num_servers": self.num_servers,
+                "num_servers": self.shards.count,
                 "staleness_histogram": {str(k): v for k, v in sorted(staleness.items())},
                 "max_staleness": max(staleness, default=0),
-                "failed_workers": sorted(self.failures),
-                "server_restores": self.restores,
+                "failed_workers": sorted(self.members.failures),
+                "server_restores": self.recovery.restores,
                 "joined": self.joined,
                 "servers": stats,
                 "coordinator_rejected": dict(self.rejected),

@@ -233,7 +233,7 @@ def _run(
             tending.check()
             _servers_exited(group, node, group.poll())
             time.sleep(0.1)
-        if len(coordinator.dead) >= coordinator.num_workers:
+        if len(coordinator.members.dead) >= coordinator.num_workers:
             raise LaunchFailed("every worker failed")
         if not coordinator.job_done():
             raise LaunchFailed("the workers stopped before every step was done")

@@ -13,18 +13,71 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
+
+from shoal.config import JobConfig
+from shoal.strategies.ps.recovery import ShardTable
 
 HEARTBEAT_LOST = -1000
 """The exit code recorded for a worker dropped for missing heartbeats."""
 
 
 class Membership:
-    """The coordinator's heartbeat checks (mixed into it): it works on ``last_seen``,
-    ``shard_seen``, ``node_seen``, ``expected``, ``dropped``, ``dropped_shards``,
-    ``dead``, ``left``, ``fatal`` and the queue (see
-    :class:`~shoal.strategies.ps.coordinator.Coordinator`)."""
+    """Who is alive: heartbeats of workers, shards and machines' launchers, and the
+    verdicts the launchers ask for. ``on_lost(worker, exit_code)`` is called once for
+    every worker that leaves the job badly (dead, dropped for silence or a late start)."""
 
-    def _check_heartbeats(self) -> None:
+    def __init__(
+        self,
+        job: JobConfig,
+        shards: ShardTable,
+        restoring: Callable[[int], bool],
+        on_lost: Callable[[int, int], None],
+    ) -> None:
+        self.job, self.shards, self.restoring, self.on_lost = job, shards, restoring, on_lost
+        self.last_seen: dict[int, float] = {}  # worker -> its last heartbeat
+        self.shard_seen: dict[int, float] = {}  # shard -> its last heartbeat
+        self.node_seen: dict[int, float] = {}  # node rank -> its launcher's last status call
+        self.expected: dict[tuple[str, int], float] = {}  # not heard from yet: since when
+        self.dropped: set[int] = set()  # dropped for silence, not yet reported dead
+        self.dropped_shards: set[int] = set()  # silent: their node is to kill them
+        self.dead: dict[int, int] = {}  # workers out of the job now: exit code
+        self.left: set[int] = set()  # workers that finished and said goodbye
+        self.failures: dict[int, list[int]] = {}  # every failure of each worker: exit codes
+        self.checked_at = time.monotonic()  # of the last heartbeat check
+        self.fatal = ""  # why the job cannot go on, once it cannot
+
+    def expect(self, workers: int, shards: int) -> None:
+        """From now on every worker and shard has to be heard from."""
+        now = time.monotonic()
+        for w in range(workers):
+            self.expected.setdefault(("worker", w), now)
+        for k in range(shards):
+            self.expected.setdefault(("shard", k), now)
+
+    def worker_seen(self, worker: int, starting: bool = False) -> None:
+        """A heartbeat, or (``starting``) a worker asking for the shards: a restarted
+        worker rejoins."""
+        self.last_seen[worker] = time.monotonic()
+        if starting and self.dead.pop(worker, None) is not None:
+            print(f"shoal: worker {worker} rejoined", file=sys.stderr)
+
+    def shard_registered(self, shard: int) -> None:
+        self.shard_seen[shard] = time.monotonic()
+        self.dropped_shards.discard(shard)
+
+    def worker_died(self, worker: int, code: int) -> None:
+        """Its launcher saw it exit badly."""
+        self.dropped.discard(worker)
+        if worker in self.dead:  # dropped for silence before: now its exit is known
+            self.failures[worker][-1] = code
+        self.worker_gone(worker, code)
+
+    def all_workers_done(self, num_workers: int) -> bool:
+        """Every worker has finished or died."""
+        return num_workers > 0 and len(self.left | set(self.dead)) >= num_workers
+
+    def check(self) -> None:
         """Drop a worker or shard that stopped beating (hung, cut off, or its whole machine
         is gone); one never heard from gets ``--startup-timeout`` to begin.
 
@@ -43,9 +96,9 @@ class Membership:
             silent = f"worker {worker} sent no heartbeat for {now - seen:.1f} s"
             print(f"shoal: warning: {silent}; dropped", file=sys.stderr)
             self.dropped.add(worker)
-            self._worker_gone(worker, HEARTBEAT_LOST)
+            self.worker_gone(worker, HEARTBEAT_LOST)
         for shard, seen in list(self.shard_seen.items()):
-            if shard in self.restoring or shard in self.dropped_shards or now - seen <= timeout:
+            if self.restoring(shard) or shard in self.dropped_shards or now - seen <= timeout:
                 continue
             self._shard_silent(shard, now - seen)
         self._check_starts(now)
@@ -67,7 +120,7 @@ class Membership:
             if role == "worker":
                 print(f"shoal: warning: worker {rank} {late}; dropped", file=sys.stderr)
                 self.dropped.add(rank)
-                self._worker_gone(rank, HEARTBEAT_LOST)
+                self.worker_gone(rank, HEARTBEAT_LOST)
             else:
                 self.fatal = self.fatal or f"server shard {rank} {late}"
                 print(f"shoal: error: {self.fatal}", file=sys.stderr, flush=True)
@@ -75,8 +128,8 @@ class Membership:
     def _shard_silent(self, shard: int, silent_s: float) -> None:
         """A silent shard is killed by its machine's launcher and restored like a dead one;
         if that launcher is silent too, the machine is gone and the job cannot go on."""
-        host = self.servers.get(shard, "?").removeprefix("tcp://").rsplit(":", 1)[0]
-        node = self.shard_node.get(shard, 0)
+        host = self.shards.addresses.get(shard, "?").removeprefix("tcp://").rsplit(":", 1)[0]
+        node = self.shards.node.get(shard, 0)
         what = (
             f"server shard {shard} on {host} (node {node}) sent no heartbeat for {silent_s:.1f} s"
         )
@@ -92,17 +145,9 @@ class Membership:
         )
         self.dropped_shards.add(shard)
 
-    def _worker_gone(self, worker: int, exit_code: int) -> None:
+    def worker_gone(self, worker: int, exit_code: int) -> None:
         if worker in self.dead:
             return
         self.dead[worker] = exit_code
         self.failures.setdefault(worker, []).append(exit_code)
-        if self.queue is not None:
-            lost = self.queue.lose(worker)
-            if lost:
-                steps = ", ".join(f"{t}/{p}" for t, p in lost)
-                print(
-                    f"shoal: worker {worker}'s tasks (step/part) {steps} handed out again",
-                    file=sys.stderr,
-                )
-            self._answer_tasks()
+        self.on_lost(worker, exit_code)

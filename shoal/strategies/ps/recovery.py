@@ -17,66 +17,115 @@ first run, so the same samples make the same steps.
 from __future__ import annotations
 
 import sys
-from collections import Counter
-from typing import Any
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import zmq
 
 from shoal import checkpoint
+from shoal.config import JobConfig
 from shoal.errors import UserError
 from shoal.metrics import CommCounter
 from shoal.strategies.ps import wire
 from shoal.strategies.ps.client import Peer, PeerError
 from shoal.strategies.ps.server import coordinator_dir, shard_dir
+from shoal.strategies.ps.tasks import TaskQueue
+
+
+@dataclass
+class ShardTable:
+    """Where the job's server shards are, as they registered."""
+
+    count: int = 0
+    """How many the job has (known once every machine registered)."""
+    addresses: dict[int, str] = field(default_factory=dict)
+    targets: dict[int, str] = field(default_factory=dict)
+    """Each shard's name at its door (see ``Server.target``): new for a replacement."""
+    node: dict[int, int] = field(default_factory=dict)
+    """The machine (node rank) that runs each shard."""
+
+    def all_up(self) -> bool:
+        return bool(self.count) and len(self.addresses) >= self.count
+
+
+class Bookkeeping(Protocol):
+    """What the coordinator counts, which a restore rolls back with the shards."""
+
+    def snapshot(self) -> dict[str, Any]:
+        """The counts at this moment, in plain types (they are saved)."""
+        ...
+
+    def rollback(self, saved: dict[str, Any], step: int) -> None:
+        """Back to a :meth:`snapshot` taken at ``step``."""
+        ...
 
 
 class ShardRecovery:
-    """The coordinator's part in server checkpoints and restores (mixed into it).
+    """Server checkpoints and restores: the coordinator's part, as an object of its own.
 
-    It works on the coordinator's state: ``queue``, ``servers``, ``num_servers``,
-    ``snapshots``, ``restoring``, ``generation``, the counters it rolls back and
-    ``telemetry`` (see :class:`~shoal.strategies.ps.coordinator.Coordinator`).
+    It owns the snapshots of the coordinator's bookkeeping per checkpointed step, the
+    *generation* (bumped by every restore: work handed out before is void), the shards
+    being replaced, and its connections to the shards. It is told the shards
+    (:class:`ShardTable`), the task queue, and what to roll back (:class:`Bookkeeping`).
     """
 
-    def _shard(self, k: int) -> Peer:
-        if k not in self.shard_peers:
-            self.shard_peers[k] = Peer(
+    def __init__(
+        self,
+        job: JobConfig,
+        out: Path,
+        total_steps: int,
+        shards: ShardTable,
+        books: Bookkeeping,
+        ctx: zmq.Context,
+        secret: bytes,
+    ) -> None:
+        self.job, self.out, self.total_steps = job, out, total_steps
+        self.shards, self.books, self.ctx, self.secret = shards, books, ctx, secret
+        self.generation = 0
+        self.snapshots: dict[int, dict[str, Any]] = {}  # step -> bookkeeping at that step
+        self.restoring: set[int] = set()  # shards whose replacement has not registered yet
+        self.restore_step = 0
+        self.restores: list[dict[str, int]] = []
+        self.resumed_from: int | None = None  # --resume: the checkpoint's step
+        self.peers: dict[int, Peer] = {}
+        self.disk_full = False  # a checkpoint write failed for want of space (said once)
+
+    def shard(self, k: int) -> Peer:
+        """The connection to shard ``k`` (made once, again after a replacement)."""
+        if k not in self.peers:
+            self.peers[k] = Peer(
                 self.ctx,
-                self.servers[k],
+                self.shards.addresses[k],
                 self.secret,
                 "coordinator",
                 CommCounter(),
                 timeout_s=120,
-                target=self.targets[k],
+                target=self.shards.targets[k],
             )
-        return self.shard_peers[k]
+        return self.peers[k]
 
-    def _bookkeeping(self) -> dict[str, Any]:
-        """What the coordinator knows at a checkpoint (plain types: it is saved too)."""
-        return {
-            "counts": dict(self.counts),
-            "tasks_done": dict(self.tasks_done),
-            "samples_done": dict(self.samples_done),
-            **self.telemetry.snapshot(),
-            "parts": self.queue.parts,
-            "num_servers": self.num_servers,
-            "wall_time": self.wall_time(),
-        }
+    def close(self) -> None:
+        for peer in self.peers.values():
+            peer.close()
+        self.peers = {}
 
-    def _maybe_checkpoint(self) -> None:
+    def maybe_checkpoint(self, q: TaskQueue) -> None:
         """Every shard snapshots itself once every step before ``hold_at`` has finished
         (and none after was handed out); the shards write in the background."""
-        q = self.queue
-        if q is None or q.hold_at is None or q.paused or q.finished_through != q.hold_at - 1:
+        if q.hold_at is None or q.paused or q.finished_through != q.hold_at - 1:
             return
         step = q.hold_at
         try:
-            for k in range(self.num_servers):
-                self._shard(k).call({"op": "checkpoint", "step": step}, timeout_s=20)
+            for k in range(self.shards.count):
+                self.shard(k).call({"op": "checkpoint", "step": step}, timeout_s=20)
         except PeerError as e:  # a shard is down: its restore will roll back to an older one
             print(f"shoal: warning: server checkpoint of step {step}: {e}", file=sys.stderr)
-            q.hold_at = self._next_hold(step)
+            q.hold_at = self.next_hold(step)
             return
         keep = max(1, self.job.train.keep_checkpoints)
-        self.snapshots[step] = saved = self._bookkeeping()  # restores read it from memory
+        saved = {**self.books.snapshot(), "parts": q.parts, "num_servers": self.shards.count}
+        self.snapshots[step] = saved  # restores read it from memory
         try:
             checkpoint.save(coordinator_dir(self.out), step, {"step": step, **saved}, keep)
         except OSError as e:  # a full disk: --resume cannot use this step; serving goes on
@@ -89,20 +138,20 @@ class ShardRecovery:
             self.disk_full = True
         for old in sorted(self.snapshots)[:-keep]:
             del self.snapshots[old]
-        q.hold_at = self._next_hold(step)
+        q.hold_at = self.next_hold(step)
 
-    def _next_hold(self, step: int) -> int | None:
+    def next_hold(self, step: int) -> int | None:
         """The checkpoint after ``step``: every ``--checkpoint-every`` steps, and the last
         step (a shard lost between the end and the final pull comes back whole)."""
         if step >= self.total_steps:
             return None
         return min(step + self.job.train.checkpoint_every, self.total_steps)
 
-    def _restorable(self, steps: list[int]) -> int:
+    def restorable(self, steps: list[int]) -> int:
         """The newest of ``steps`` whose checkpoint every shard has, whole and verified."""
         for step in sorted(steps, reverse=True):
             try:
-                for k in range(self.num_servers):
+                for k in range(self.shards.count):
                     checkpoint.load(checkpoint.step_path(shard_dir(self.out, k), step))
             except checkpoint.CheckpointError as e:
                 print(f"shoal: warning: skipping server checkpoint: {e}", file=sys.stderr)
@@ -110,7 +159,7 @@ class ShardRecovery:
             return step
         raise wire.WireError("malformed", "no server checkpoint to restore from")
 
-    def _resume_point(self) -> tuple[int, dict[str, Any]]:
+    def resume_point(self) -> tuple[int, dict[str, Any]]:
         """``--resume``: the newest checkpoint the coordinator and every shard have."""
         root = coordinator_dir(self.out)
         saved: dict[int, dict[str, Any]] = {}
@@ -122,62 +171,63 @@ class ShardRecovery:
         if not saved:
             raise UserError(f"no checkpoint to resume from in {root}")
         servers = {int(s["num_servers"]) for s in saved.values()}
-        if servers != {self.num_servers}:
+        if servers != {self.shards.count}:
             raise UserError(
                 f"the run had {servers.pop()} server shards and this job has "
-                f"{self.num_servers}: resume with the same --servers"
+                f"{self.shards.count}: resume with the same --servers"
             )
         try:
-            step = self._restorable(list(saved))
+            step = self.restorable(list(saved))
         except wire.WireError:
             raise UserError("no server checkpoint that every shard has whole") from None
         return step, saved[step]
 
-    def _resume(self, step: int, saved: dict[str, Any]) -> None:
+    def resume(self, q: TaskQueue, step: int, saved: dict[str, Any]) -> None:
         """Start from a checkpoint: every shard restores itself when it registers, and
         no task is handed out until all have."""
-        assert self.queue is not None
         self.snapshots = {step: saved}
-        self._rollback(step)
+        self.rollback(q, step)
         self.restore_step = step
-        self.restoring = set(range(self.num_servers))
-        self.queue.paused = True
-        self.start_time -= float(saved["wall_time"])
+        self.restoring = set(range(self.shards.count))
+        q.paused = True
         self.resumed_from = step
         print(f"shoal: resuming from the server checkpoints of step {step}", file=sys.stderr)
 
-    def _server_died(self, shard: int, code: int) -> dict[str, Any]:
+    def server_died(self, q: TaskQueue | None, shard: int, code: int) -> dict[str, Any]:
         """Roll every shard and the queue back to the newest checkpoint; the shard's
         replacement restores itself when it registers. Until then no task is handed out."""
-        if self.queue is None or not self.snapshots:
+        if q is None or not self.snapshots:
             raise wire.WireError(
                 "malformed", "no server checkpoint to restore from (--checkpoint-every)"
             )
-        for k in range(self.num_servers):  # writes in flight on live shards: let them land
+        for k in range(self.shards.count):  # writes in flight on live shards: let them land
             if k != shard and k not in self.restoring:
-                self._shard(k).call({"op": "flush"})
-        step = self._restorable(list(self.snapshots))
-        self.dropped_shards.discard(shard)  # killed for its silence: it is being replaced
+                self.shard(k).call({"op": "flush"})
+        step = self.restorable(list(self.snapshots))
         self.generation += 1
         self.restore_step = step
         self.restoring.add(shard)
-        self.queue.paused = True
-        self.shard_peers.pop(shard, None)
-        for k in range(self.num_servers):
+        q.paused = True
+        old = self.peers.pop(shard, None)
+        if old is not None:
+            old.close()
+        for k in range(self.shards.count):
             if k not in self.restoring:
-                self._shard(k).call({"op": "restore", "step": step, "generation": self.generation})
-        self._rollback(step)
+                self.shard(k).call({"op": "restore", "step": step, "generation": self.generation})
+        self.rollback(q, step)
         self.restores.append({"shard": shard, "exit_code": code, "step": step})
-        return {"op": "ok", "address": self.servers[shard], "step": step}
+        return {"op": "ok", "address": self.shards.addresses[shard], "step": step}
 
-    def _rollback(self, step: int) -> None:
-        assert self.queue is not None
-        self.queue.rollback(step)
-        self.queue.hold_at = self._next_hold(step)
+    def registered(self, shard: int) -> bool:
+        """A shard registered: whether it replaces a dead one (and restores itself)."""
+        replaces = shard in self.restoring
+        self.restoring.discard(shard)
+        return replaces
+
+    def rollback(self, q: TaskQueue, step: int) -> None:
+        q.rollback(step)
+        q.hold_at = self.next_hold(step)
         saved = self.snapshots[step]
         for later in [s for s in self.snapshots if s > step]:
             del self.snapshots[later]
-        self.counts = Counter(saved["counts"])
-        self.tasks_done = Counter(saved["tasks_done"])
-        self.samples_done = Counter(saved["samples_done"])
-        self.telemetry.rollback(saved, step)
+        self.books.rollback(saved, step)
