@@ -11,6 +11,7 @@ all shards are sent first and awaited after, so shards work in parallel.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import itertools
 import secrets
@@ -185,6 +186,15 @@ class Peer:
             self.sock.disable_monitor()
             self.sock.close(0)
         self.monitor.close(0)
+
+    def __del__(self) -> None:
+        # A peer nobody closed (dropped on an error path, held by a traceback until the
+        # cyclic collector came): close it in order, the monitor first. Left to pyzmq, the
+        # two sockets are closed in any order, and the context's I/O thread stopped
+        # completing other sockets' handshakes (seen in tests: PeerTimeout on a new peer).
+        if hasattr(self, "monitor"):
+            with contextlib.suppress(Exception):
+                self.close()
 
 
 class Client:
