@@ -40,7 +40,7 @@ def add_job_flags(parser: argparse.ArgumentParser, argv: list[str] | None = None
         fields = [f for f in dataclasses.fields(p.Config) if flag_of(f) not in seen]
         if not fields:
             continue
-        group = parser.add_argument_group(f"--strategy {p.name}")
+        group = parser.add_argument_group(f"--strategy {p.name} options ([strategy.{p.name}])")
         options = p.Config()
         for f in fields:
             seen.add(flag_of(f))
