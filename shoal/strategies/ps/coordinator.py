@@ -183,8 +183,6 @@ class Coordinator(threading.Thread):
             return None
         if op == "task":
             return self._task(peer, header, tensors)
-        if op == "gather":
-            return {"op": "ok"}  # (workers before totals were named: nothing to keep)
         if op == "totals":
             try:
                 self.totals[int(header["worker"])] = Totals.from_dict(header["totals"])
