@@ -108,6 +108,26 @@ def local_sgd_reference(session_tmp: Path) -> Path:
     return out
 
 
+PS_ASYNC_JOB = [*LINEAR_JOB, "--strategy", "ps", "--workers", "3", "--servers", "2"]
+"""The linear job on the parameter server with 3 workers (add --ps-mode asp or ssp)."""
+
+
+@pytest.fixture(scope="session")
+def ps_async_linear(session_tmp: Path):
+    """``get(mode)``: PS_ASYNC_JOB under asp or ssp, unfailed, trained once per session
+    (the async modes' targets and the kill tests' like-for-like references)."""
+    runs: dict[str, Path] = {}
+
+    def get(mode: str) -> Path:
+        if mode not in runs:
+            out = session_tmp / f"ps-{mode}-linear-w3"
+            train(out, *PS_ASYNC_JOB, "--ps-mode", mode)
+            runs[mode] = out
+        return runs[mode]
+
+    return get
+
+
 @pytest.fixture(scope="session")
 def ps_bsp_linear(session_tmp: Path) -> Path:
     """The linear job on the parameter server (bsp, 2 workers, 2 shards), unfailed."""

@@ -25,6 +25,7 @@ from tests import netns
 from tests.conftest import (
     LINEAR_JOB,
     NOISE_FLOOR,
+    PS_ASYNC_JOB,
     free_port,
     max_abs_diff,
     params,
@@ -87,10 +88,12 @@ def test_local_sgd_restarts_itself_after_a_sigkill(tmp_path, local_sgd_reference
 
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("mode", ["bsp", "ssp", "asp"])
-def test_parameter_server_survives_a_sigkilled_worker(mode, tmp_path, linear_reference):
+def test_parameter_server_survives_a_sigkilled_worker(
+    mode, tmp_path, linear_reference, ps_async_linear
+):
     """The others carry on, the dead worker's task included; it restarts and rejoins.
     Every sample once."""
-    job = [*LINEAR_JOB, "--strategy", "ps", "--workers", "3", "--servers", "2", "--ps-mode", mode]
+    job = [*PS_ASYNC_JOB, "--ps-mode", mode]
     out = tmp_path / mode
     proc = train(out, *job, env={"SHOAL_FAULT": f"crash:rank=1:step={MID_EPOCH}"})
     assert "worker 1 failed (exit code -9); restarting it" in proc.stderr
@@ -98,8 +101,7 @@ def test_parameter_server_survives_a_sigkilled_worker(mode, tmp_path, linear_ref
     if mode == "bsp":  # it sums the same parts of the same steps: the allreduce model
         s = _like_unfailed(out, linear_reference)
     else:  # staleness costs some loss, with or without a kill: compare like with like
-        train(tmp_path / "unfailed", *job)
-        s = _like_unfailed(out, tmp_path / "unfailed", exact=False)
+        s = _like_unfailed(out, ps_async_linear(mode), exact=False)
     assert s["ps"]["failed_workers"] == [1]
     assert s["per_worker"][1]["failed_exit_code"] == -signal.SIGKILL
     assert sum(w["tasks"] for w in s["per_worker"]) == 3 * 200

@@ -63,11 +63,10 @@ def test_bsp_matches_allreduce(allreduce_linear, ps_bsp_linear):
 
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("mode", ["asp", "ssp"])
-def test_async_modes_reach_the_bsp_targets(mode, session_tmp):
-    """The targets: linear test MSE within 2x the noise floor; digits 90% test accuracy."""
-    lin = session_tmp / f"ps-{mode}-linear"
-    train(lin, *LINEAR, *PS, "--ps-mode", mode, "--staleness", "2")
-    assert read_summary(lin)["test_loss"] < 2 * NOISE_FLOOR
+def test_async_modes_reach_the_bsp_targets(mode, session_tmp, ps_async_linear):
+    """The targets: linear test MSE within 2x the noise floor (3 workers, the run the kill
+    tests compare with); digits 90% test accuracy (2 workers, staleness 2)."""
+    assert read_summary(ps_async_linear(mode))["test_loss"] < 2 * NOISE_FLOOR
     dig = session_tmp / f"ps-{mode}-digits"
     train(dig, *DIGITS, *PS, "--ps-mode", mode, "--staleness", "2")
     assert read_summary(dig)["test_accuracy"] >= 0.90
