@@ -86,8 +86,9 @@ class DataConfig:
 
     name: str = option(
         "",
-        "built-in dataset (synthetic-linear, digits, ctr, text) or package.module:function; "
-        "empty picks the model's default",
+        "built-in dataset (synthetic-linear, digits, ctr, text), parquet:PATH (a Parquet "
+        "file or a directory of them, or a directory 'shoal data prepare' wrote) or "
+        "package.module:function; empty picks the model's default",
         flag="--data",
     )
     num_samples: int = option(4096, "samples to generate (synthetic data)", low=1, high=1 << 31)
@@ -104,6 +105,51 @@ class DataConfig:
         1234, "seed of the data generator and of the train/test split", low=0, high=SEED_MAX
     )
     drop_last: bool = option(False, "drop the last, smaller global batch of each epoch")
+    features: str = option(
+        "",
+        "feature columns of a parquet: dataset, comma-separated, * wildcards allowed "
+        "(default: the list its writer stored)",
+    )
+    label: str = option(
+        "", "label column of a parquet: dataset (default: the one its writer stored)"
+    )
+    transform: str = option(
+        "",
+        "package.module:function turning each batch read from disk (a pyarrow.Table of its "
+        "rows) into (features, labels): decode, tokenize, normalize",
+        flag="--data-transform",
+    )
+    task: str = option(
+        "auto",
+        "what the label is (auto: as the dataset says, else from its type: float regression, "
+        "integer classification, bool binary, list language-model)",
+        choices=("auto", "regression", "classification", "binary", "language-model"),
+    )
+    shuffle: str = option(
+        "auto",
+        "sample order, the same for any number of workers: full (a keyed permutation of "
+        "all rows), block (blocks in random order, rows shuffled within a window of "
+        "blocks: few reads on slow storage), auto (block for Parquet files, else full)",
+        choices=("auto", "full", "block"),
+    )
+    shuffle_block: int = option(
+        0,
+        "rows per block of --shuffle block; 0: the files' row groups (else 1024)",
+        low=0,
+        high=BIG,
+    )
+    shuffle_window: int = option(16, "blocks shuffled together (--shuffle block)", low=1, high=BIG)
+    cache_mb: int = option(
+        256,
+        "decoded Parquet row groups a worker keeps, in MiB",
+        low=1,
+        high=1 << 20,
+        flag="--data-cache-mb",
+    )
+    prefetch: int = option(2, "batches a worker reads ahead in the background", low=0, high=64)
+    audit_samples: bool = option(
+        False, "write the sample ids of every step (audit/ in the run directory)"
+    )
 
 
 @dataclass
@@ -431,6 +477,8 @@ def _coerce(value: Any, f: dataclasses.Field, what: str) -> Any:
             return float(value)
     elif isinstance(value, kind):
         return value
+    elif kind is str and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return ",".join(value)  # a column list
     raise UserError(f"{what} must be a {kind.__name__}, got {value!r}")
 
 

@@ -38,6 +38,8 @@ TENSORBOARD_DIR = "tensorboard"
 CHECKPOINTS_DIR = "checkpoints"
 PS_SHARDS_DIR = "ps-shards"
 ENDPOINTS_FILE = "ps_endpoints.json"
+AUDIT_DIR = "audit"
+DATASET_FILE = "dataset.json"
 LOCK_FILE = ".lock"
 USER_ERROR_FILE = ".shoal-user-error"
 """Left by a worker that stopped on a :class:`~shoal.errors.UserError`: the processes

@@ -116,5 +116,21 @@ class ActivationMeter:
         return peak
 
 
-MEMORY_FIELDS = ("params", "grads", "optimizer", "activations_peak")
-"""The per-rank memory figures, in bytes, in this order in gathered rows."""
+MEMORY_FIELDS = ("params", "grads", "optimizer", "activations_peak", "private")
+"""The per-rank memory figures, in bytes, in this order in gathered rows. ``private``
+is the whole process's (:func:`private_bytes`)."""
+
+
+def private_bytes() -> int:
+    """This process's private memory: resident pages no file backs (``RssAnon`` plus
+    ``RssShmem`` of ``/proc/self/status``), so a memory-mapped dataset's pages, which
+    the kernel can drop and re-read, do not count. 0 where ``/proc`` is missing."""
+    total = 0
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(("RssAnon:", "RssShmem:")):
+                    total += int(line.split()[1]) * 1024
+    except OSError:
+        return 0
+    return total

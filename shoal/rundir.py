@@ -29,6 +29,9 @@ from shoal.config import JobConfig
 from shoal.errors import UserError
 from shoal.layout import LOCK_FILE
 
+ORDER = ("shuffle", "shuffle_block", "shuffle_window")
+"""The data settings that fix the sample order, whatever the dataset."""
+
 FIXED: dict[str, tuple[str, ...]] = {
     "model": ("name", "hidden", "layers", "heads"),
     "data": (
@@ -41,6 +44,13 @@ FIXED: dict[str, tuple[str, ...]] = {
         "test_fraction",
         "data_seed",
         "drop_last",
+        "features",
+        "label",
+        "transform",
+        "task",
+        "shuffle",
+        "shuffle_block",
+        "shuffle_window",
     ),
     "train": ("seed", "batch_size"),
     "optim": ("name",),
@@ -64,13 +74,14 @@ USES: dict[str, dict[str, tuple[str, ...]]] = {
         "transformer": ("name", "hidden", "layers", "heads"),
     },
     "data": {
-        "digits": ("name", "test_fraction", "data_seed", "drop_last"),
+        "digits": ("name", "test_fraction", "data_seed", "drop_last", *ORDER),
         "synthetic-linear": (
             "name", "test_fraction", "data_seed", "drop_last", "num_samples", "num_features",
-            "noise",
+            "noise", *ORDER,
         ),
-        "ctr": ("name", "test_fraction", "data_seed", "drop_last", "num_samples", "table_rows"),
-        "text": ("name", "test_fraction", "data_seed", "drop_last", "context"),
+        "ctr": ("name", "test_fraction", "data_seed", "drop_last", "num_samples", "table_rows",
+                *ORDER),
+        "text": ("name", "test_fraction", "data_seed", "drop_last", "context", *ORDER),
     },
 }  # fmt: skip
 """Of :data:`FIXED`, what each built-in model and dataset reads (a setting it ignores

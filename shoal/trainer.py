@@ -13,15 +13,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from shoal import checkpoint
 from shoal.config import JobConfig
-from shoal.data import Dataset, GlobalBatchSampler, Task, build_dataset
+from shoal.data import Dataset, GlobalBatchSampler, Task, build_dataset, build_order
+from shoal.data.loader import Audit, Loader
+from shoal.data.order import MASK64, digest
 from shoal.dist import DistEnv
 from shoal.errors import UserError
 from shoal.faults import Injector
-from shoal.memory import ActivationMeter
+from shoal.memory import ActivationMeter, private_bytes
 from shoal.metrics import PHASES, PhaseTimer
 from shoal.models import build_model
 from shoal.models.sparse import count_parameters, remote_tables
@@ -37,6 +40,7 @@ class _Window:
 
     loss_sum: torch.Tensor
     count: int = 0
+    digest: int = 0
     global_samples: int = 0
     steps: int = 0
     start: float = field(default_factory=time.perf_counter)
@@ -51,7 +55,7 @@ class Trainer:
         self.out = Path(job.output.out)
         torch.manual_seed(job.train.seed)
         self.data: Dataset = build_dataset(job.data)
-        self.x, self.y = (t.to(env.device) for t in self.data.train)
+        self.loader = Loader(self.data.rows, env.device, job.data.prefetch)
         self.plugin = resolve(job)
         self.strategy: Strategy = self.plugin.build(job, env)
         with remote_tables(self.plugin.remote_tables):
@@ -65,15 +69,18 @@ class Trainer:
             dp_size,
             seed=job.train.seed,
             drop_last=job.data.drop_last,
+            order=build_order(self.data, job.data, job.train.seed),
         )
         self.total_steps = job.train.total_steps(self.sampler.steps_per_epoch)
         self.activations = ActivationMeter()
         """What each forward saves for backward (measured at logging steps)."""
-        self.strategy.setup(model, self.total_steps, (self.x[:64], self.y[:64]), self.activations)
+        example = self.loader.get(np.arange(min(64, self.data.num_train)))
+        self.strategy.setup(model, self.total_steps, example, self.activations)
         self.gatherer = self.strategy.gatherer()
         self.step = 0
         self.wall_offset = 0.0
         self.prior_samples: dict[int, int] = {}
+        self.prior_digests: dict[int, int] = {}
         self.time_totals = dict.fromkeys(PHASES, 0.0)  # this rank's seconds per phase
         self.writer: RunWriter | None = None  # on the rank that writes the run, while it runs
         self.saver = checkpoint.AsyncSaver(
@@ -102,6 +109,7 @@ class Trainer:
         self.resumed_from = self.step
         self.wall_offset = float(state["wall_time"])
         self.prior_samples = {int(k): int(v) for k, v in state["samples_per_epoch"].items()}
+        self.prior_digests = {int(k): int(v) for k, v in state.get("digests", {}).items()}
         rng = state["rng"]
         if self.env.rank < len(rng):
             torch.set_rng_state(rng[self.env.rank])
@@ -124,7 +132,7 @@ class Trainer:
     def save_checkpoint(self) -> None:
         """Every rank contributes its RNG and sample counts; the writer saves."""
         rng = self.gatherer.gather(torch.get_rng_state(), "rng")
-        counts = self.samples_per_epoch()
+        counts, digests = self.samples_per_epoch(), self.digests_per_epoch()
         own = self.strategy.state_dict()  # on every rank: a strategy may gather its state
         state: dict[str, Any] = {}
         if rng is not None and counts is not None:
@@ -134,6 +142,7 @@ class Trainer:
                 "sampler": self.sampler.state_dict(),
                 "rng": [r.clone() for r in rng],  # own storage each: set_rng_state ignores offsets
                 "samples_per_epoch": counts,
+                "digests": digests,
                 "wall_time": self.wall_time(),
             }
         if self.plugin.sharded_checkpoints:  # every rank writes its part of the model
@@ -150,6 +159,19 @@ class Trainer:
         if rows is None:
             return None
         return merge_counts(self.prior_samples, rows.sum(0).tolist())
+
+    def digests_per_epoch(self) -> dict[int, int] | None:
+        """The digest of the samples consumed per epoch by all workers (on the writer)."""
+        local = torch.zeros(self.sampler.epoch + 1, dtype=torch.int64)
+        for epoch, d in self.sampler.digests.items():
+            local[epoch] = int(np.uint64(d).view(np.int64)) if self.strategy.reports else 0
+        rows = self.gatherer.gather(local, "digests")
+        if rows is None:
+            return None
+        total = dict(self.prior_digests)
+        for epoch, d in enumerate(rows.numpy().view(np.uint64).sum(0, dtype=np.uint64).tolist()):
+            total[epoch] = (total.get(epoch, 0) + int(d)) & MASK64
+        return total
 
     # --- loop ---------------------------------------------------------------------
 
@@ -170,6 +192,7 @@ class Trainer:
         timer = PhaseTimer(self.env.device)
         window = _Window(torch.zeros((), device=self.env.device, dtype=torch.float64))
         work = self.strategy.work(self.sampler, self.step, self.total_steps)
+        audit = Audit(self.out, self.step, self.env.rank) if self.job.data.audit_samples else None
         first = True
         try:
             while True:
@@ -178,10 +201,12 @@ class Trainer:
                 if task is None:
                     break
                 with timer.phase("data"):
-                    batch = self._batch(task.indices)
-                    ahead = work.peek() if self.strategy.prefetches else None
-                    if ahead is not None:
-                        self.strategy.prefetch(self._batch(ahead.indices))
+                    batch = self.loader.get(task.indices)
+                    ahead = work.peek()
+                    if ahead is not None and self.strategy.prefetches:
+                        self.strategy.prefetch(self.loader.get(ahead.indices))
+                    elif ahead is not None:
+                        self.loader.ahead(ahead.indices)
                 lr = self.strategy.lr
                 self.step = task.step  # until it is done
                 # activations: measured in the first step and each step that logs
@@ -191,6 +216,9 @@ class Trainer:
                 self.step = task.step + 1
                 window.loss_sum += loss_sum
                 window.count += len(task.indices)
+                window.digest = (window.digest + digest(task.indices)) & MASK64
+                if audit is not None:
+                    audit.write(task.step, task.part, task.parts, task.indices)
                 window.global_samples += task.global_batch
                 window.steps += 1
                 last = self.step == self.total_steps
@@ -208,14 +236,14 @@ class Trainer:
             if self.writer is not None:
                 self.writer.close()
             raise
+        finally:
+            self.loader.close()
+            if audit is not None:
+                audit.close()
         self.save_checkpoint()
         self._evaluate()
         self.saver.wait()
         self._finish()
-
-    def _batch(self, idx: Any) -> Batch:
-        index = torch.from_numpy(idx).to(self.env.device)
-        return self.x[index], self.y[index]
 
     def wall_time(self) -> float:
         return self.wall_offset + time.perf_counter() - self._start
@@ -243,6 +271,7 @@ class Trainer:
             "lr": lr,
             "steps": window.steps,
             "global_samples": window.global_samples,
+            "digest": f"{window.digest:016x}" if reports else "0",
         }
         rows = self.gatherer.gather(mine.to_tensor(), "window", meta)
         if rows is None or self.writer is None:
@@ -261,7 +290,11 @@ class Trainer:
     def _memory(self) -> dict[str, int]:
         """This rank's memory figures (the activation peak: since the last call), also
         kept as the run's peak."""
-        now = {**self.strategy.memory(), "activations_peak": self.activations.take_peak()}
+        now = {
+            **self.strategy.memory(),
+            "activations_peak": self.activations.take_peak(),
+            "private": private_bytes(),
+        }
         for k, v in now.items():
             self.peak_memory[k] = max(self.peak_memory.get(k, 0), v)
         return now
@@ -286,8 +319,8 @@ class Trainer:
             own=self.strategy.totals(),
         )
         gathered = self.gatherer.gather_object(mine.to_dict(), "totals")
-        counts = self.samples_per_epoch()
-        if gathered is None or counts is None or self.writer is None:
+        counts, digests = self.samples_per_epoch(), self.digests_per_epoch()
+        if gathered is None or counts is None or digests is None or self.writer is None:
             return
         totals = [Totals.from_dict(d) for d in gathered]
         self.writer.finish(
@@ -298,6 +331,7 @@ class Trainer:
             num_parameters=self.num_parameters,
             wall_time=self.wall_time(),
             counts=counts,
+            epochs=self.sampler.digest_report(counts, digests),
             totals=totals,
             **self.strategy.summarize(totals),
             checkpoints={

@@ -15,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from shoal.config import DataConfig
 from shoal.data.datasets import synthetic_linear
+from shoal.data.order import Order
 from tests.conftest import free_port, max_abs_diff, params, train
 
 pytestmark = pytest.mark.slow  # trains through the launcher: not in the quick tier
@@ -38,8 +39,9 @@ def reference_worker(rank: int, port: int, out: str) -> None:
     per_epoch = len(x) // BATCH  # drop_last
     for step in range(STEPS):
         epoch, s = divmod(step, per_epoch)
-        perm = np.random.default_rng([SEED, epoch]).permutation(len(x))
-        idx = perm[s * BATCH : (s + 1) * BATCH][rank * BATCH // WORLD : (rank + 1) * BATCH // WORLD]
+        # shoal's order: a keyed permutation; each step's rows sorted, then cut in halves
+        rows = np.sort(Order(len(x), SEED).rows(epoch, np.arange(s * BATCH, (s + 1) * BATCH)))
+        idx = rows[rank * BATCH // WORLD : (rank + 1) * BATCH // WORLD]
         loss = F.mse_loss(model(x[idx]).squeeze(-1), y[idx])
         opt.zero_grad()
         loss.backward()

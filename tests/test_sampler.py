@@ -1,4 +1,4 @@
-"""The global-batch sampler: worker-count independence and exact resume."""
+"""The global-batch sampler and the epoch order: worker-count independence, exact\nresume, sample digests."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from shoal.data import GlobalBatchSampler, split_sizes
+from shoal.data.order import FeistelPermutation, Order, digest, range_digest
 
 
 def global_steps(num_samples, batch, world, steps, drop_last=False):
@@ -45,10 +46,67 @@ def test_drop_last():
 
 
 def test_epochs_use_different_orders():
-    s = GlobalBatchSampler(50, 50)
-    a, _ = s.next_batch()
-    b, _ = s.next_batch()
-    assert sorted(a) == sorted(b) and not np.array_equal(a, b)
+    s = GlobalBatchSampler(50, 10)
+    a, b = s.permutation(0), s.permutation(1)
+    assert sorted(a) == sorted(b) == list(range(50)) and not np.array_equal(a, b)
+    assert not np.array_equal(a, np.arange(50))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 64, 65, 1000, 4099])
+def test_feistel_permutation_is_a_bijection(n):
+    for key in (0, 1, 2**63 + 5):
+        rows = FeistelPermutation(n, key)(np.arange(n))
+        assert sorted(rows.tolist()) == list(range(n))
+
+
+def test_full_shuffle_looks_random():
+    """Far from the identity and from a shift, and pairs of neighbours scattered."""
+    n = 100_000
+    perm = Order(n, seed=3).permutation(0)
+    assert abs(np.corrcoef(np.arange(n), perm)[0, 1]) < 0.02
+    gaps = np.abs(np.diff(perm))
+    assert np.median(gaps) > n / 5  # neighbours land far apart, like a uniform permutation
+    assert (perm[:1000] < n // 2).mean() == pytest.approx(0.5, abs=0.06)
+
+
+@pytest.mark.parametrize("window", [1, 3, 16])
+def test_block_shuffle_keeps_locality_and_covers_every_row(window):
+    sizes = [100] * 10 + [37, 5, 250]
+    n = sum(sizes)
+    order = Order(n, seed=1, mode="block", blocks=sizes, window=window)
+    perm = order.permutation(4)
+    assert sorted(perm.tolist()) == list(range(n))
+    starts = np.cumsum([0, *sizes])
+    block_of = np.searchsorted(starts, perm, side="right") - 1
+    # the first window's positions come from at most `window` blocks
+    first = int(sum(sorted(sizes)[-window:]))
+    assert len(set(block_of[: min(first, 100)].tolist())) <= window
+    assert not np.array_equal(perm, Order(n, 1, "block", sizes, window).permutation(5))
+
+
+def test_digest_is_order_independent_and_sees_a_swap():
+    ids = np.arange(10_000)
+    assert digest(ids) == digest(ids[::-1]) == range_digest(0, 10_000, chunk=999)
+    swapped = ids.copy()
+    swapped[5] = 7  # one sample twice, one missing: same count, different digest
+    assert digest(swapped) != digest(ids)
+
+
+def test_sampler_digests_add_up_to_the_dataset_over_ranks():
+    samplers = [GlobalBatchSampler(103, 10, r, 3, seed=2) for r in range(3)]
+    for _ in range(11):
+        for s in samplers:
+            s.next_batch()
+    total = sum(s.digests[0] for s in samplers) % 2**64
+    assert total == range_digest(0, 103)
+    assert sum(s.samples_seen[0] for s in samplers) == 103
+
+
+def test_state_dict_rejects_another_order():
+    s = GlobalBatchSampler(100, 10)
+    block = Order(100, 0, "block", [50, 50])
+    with pytest.raises(ValueError, match="order changed"):
+        GlobalBatchSampler(100, 10, order=block).load_state_dict(s.state_dict())
 
 
 def test_split_sizes():

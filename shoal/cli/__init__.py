@@ -18,7 +18,7 @@ class Parser(argparse.ArgumentParser):
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The ``shoal`` parser; ``argv`` shows ``train`` a strategy of the user's own, whose
     options become flags too."""
-    from shoal.cli import bench, report, train
+    from shoal.cli import bench, data, report, train
 
     parser = Parser(
         prog="shoal",
@@ -30,6 +30,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     train.add_parser(sub, argv or [])
     report.add_parser(sub)
     bench.add_parser(sub)
+    data.add_parser(sub)
     return parser
 
 

@@ -17,15 +17,18 @@ from shoal import checkpoint, faults, rundir
 from shoal.cli.flags import add_job_flags, apply_flags, given
 from shoal.config import JobConfig, load_toml
 from shoal.data import Dataset, build_dataset
+from shoal.data.disk import check_unchanged, fingerprints
 from shoal.dist import resolve_device
 from shoal.errors import UserError
 from shoal.launch import LaunchFailed, check_port, describe
 from shoal.layout import (
     CONFIG_FILE,
+    DATASET_FILE,
     LOCK_FILE,
     REPORT_FILE,
     SUMMARY_FILE,
     USER_ERROR_FILE,
+    write_atomic,
     write_config,
 )
 from shoal.models import build_model, check_model_name, default_data
@@ -106,7 +109,7 @@ def resolve_job(args: argparse.Namespace) -> JobConfig:
 
         if not torch.cuda.is_available():
             raise UserError("--device cuda, but no CUDA device is visible")
-    data = build_dataset(job.data)
+    data = build_dataset(job.data, check=True)
     if job.train.batch_size > data.num_train:
         raise UserError(
             f"--batch-size {job.train.batch_size} is larger than the training set "
@@ -173,6 +176,7 @@ def prepare_run_dir(job: JobConfig) -> tuple[Path, rundir.RunLock | None]:
     try:
         lock = rundir.lock(out)
         _check_run_dir(job, out)
+        _check_data_files(job, out)
         write_config(job, out)
     except BaseException:
         if lock is not None:
@@ -186,6 +190,18 @@ def prepare_run_dir(job: JobConfig) -> tuple[Path, rundir.RunLock | None]:
             (out / LOCK_FILE).unlink(missing_ok=True)
         raise
     return out / CONFIG_FILE, lock
+
+
+def _check_data_files(job: JobConfig, out: Path) -> None:
+    """Files on disk: a resumed run's must be those it started with (``dataset.json``
+    keeps each one's fingerprint)."""
+    now = fingerprints(job.data)
+    if now is None:
+        return
+    saved = out / DATASET_FILE
+    if job.output.resume and saved.is_file():
+        check_unchanged(json.loads(saved.read_text())["files"], now, job.data.name)
+    write_atomic(saved, json.dumps({"data": job.data.name, "files": now}, indent=1) + "\n")
 
 
 def _check_run_dir(job: JobConfig, out: Path) -> None:

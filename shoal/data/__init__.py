@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from shoal.config import DataConfig
-from shoal.data.ctr import ctr
-from shoal.data.datasets import BUILTIN, Dataset
+from shoal.data.ctr import auc_reference, ctr
+from shoal.data.datasets import BUILTIN, Dataset, linear_reference
+from shoal.data.disk import DiskRows, disk_path, open_disk
+from shoal.data.order import Order
 from shoal.data.sampler import GlobalBatchSampler, StepWork, Task, Work, split_sizes
 from shoal.data.text import text
 from shoal.errors import UserError
@@ -21,24 +23,30 @@ __all__ = [
     "Task",
     "Work",
     "build_dataset",
+    "build_order",
     "split_sizes",
 ]
 
 
 def check_dataset_name(name: str) -> None:
     """Fail early, in the launcher, on a dataset name that cannot resolve."""
+    if disk_path(name) is not None:
+        return
     if is_user_ref(name):
         import_ref(name, "dataset")
     else:
         lookup(name, DATASETS, "dataset")
 
 
-def build_dataset(cfg: DataConfig) -> Dataset:
-    """Build the dataset named by ``cfg.name`` (a built-in or user code).
+def build_dataset(cfg: DataConfig, check: bool = False) -> Dataset:
+    """Build the dataset named by ``cfg.name`` (a built-in, files on disk, or user code).
 
     User code is called with the :class:`~shoal.config.DataConfig` and must
-    return a :class:`Dataset`.
+    return a :class:`Dataset`. Files on disk are opened, not read; ``check`` scans
+    their labels too (the launcher does).
     """
+    if disk_path(cfg.name) is not None:
+        return disk_dataset(cfg, check)
     if is_user_ref(cfg.name):
         dataset = import_ref(cfg.name, "dataset")(cfg)
         if not isinstance(dataset, Dataset):
@@ -47,3 +55,42 @@ def build_dataset(cfg: DataConfig) -> Dataset:
             )
         return dataset
     return lookup(cfg.name, DATASETS, "dataset")(cfg)
+
+
+def disk_dataset(cfg: DataConfig, check: bool = False) -> Dataset:
+    """A ``parquet:PATH`` dataset (see :mod:`shoal.data.disk`)."""
+    opened = open_disk(cfg, check)
+    reference = None
+    if opened.test is not None and opened.test_reference is not None and opened.task == "binary":
+        reference = auc_reference(opened.test[0], opened.test[1].numpy(), opened.test_reference)
+    elif opened.meta.get("generator") == "linear":
+        reference = linear_reference(opened.meta)
+    return Dataset(
+        name=cfg.name,
+        task=opened.task,
+        train=opened.rows,
+        test=opened.test,
+        num_outputs=opened.num_outputs,
+        input_shape=opened.input_shape,
+        reference=reference,
+        info={"table_rows": cfg.table_rows, "files": opened.fingerprint,
+              **{k: v for k, v in opened.meta.items() if k in ("generator", "vocab", "context")}},
+    )  # fmt: skip
+
+
+def build_order(data: Dataset, cfg: DataConfig, seed: int) -> Order:
+    """The epoch order ``cfg.shuffle`` asks for (see :mod:`shoal.data.order`)."""
+    rows = data.train
+    on_disk = isinstance(rows, DiskRows)
+    mode = cfg.shuffle
+    if mode == "auto":
+        mode = "block" if on_disk and not rows.files.prepared else "full"
+    if mode == "full":
+        return Order(data.num_train, seed)
+    n = data.num_train
+    if cfg.shuffle_block or not on_disk:
+        size = cfg.shuffle_block or 1024
+        blocks = [size] * (n // size) + ([n % size] if n % size else [])
+    else:
+        blocks = rows.blocks
+    return Order(n, seed, "block", blocks, cfg.shuffle_window)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -19,9 +19,39 @@ from shoal.config import DataConfig
 Split = tuple[torch.Tensor, torch.Tensor]
 
 
+class Rows(Protocol):
+    """The training samples, by row number: tensors in memory or files on disk."""
+
+    def __len__(self) -> int: ...
+
+    def take(self, rows: np.ndarray) -> Split:
+        """(features, labels) of ``rows``, in that order."""
+        ...
+
+
+class TensorRows:
+    """Rows of tensors in memory."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def take(self, rows: np.ndarray) -> Split:
+        index = torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(self.x.device)
+        return self.x[index], self.y[index]
+
+    def to(self, device: torch.device) -> TensorRows:
+        return TensorRows(self.x.to(device), self.y.to(device))
+
+
 @dataclass
 class Dataset:
-    """Tensors of one workload plus what the trainer needs to know about them.
+    """The samples of one workload plus what the trainer needs to know about them.
+
+    ``train`` is a pair of tensors, or :class:`Rows` read on demand (a dataset on
+    disk); ``test`` is a pair of tensors.
 
     ``task`` picks the loss and the evaluation metrics: ``"regression"`` (squared
     error), ``"classification"`` (cross-entropy, accuracy) or ``"binary"``
@@ -32,7 +62,7 @@ class Dataset:
 
     name: str
     task: str
-    train: Split
+    train: Split | Rows
     test: Split | None
     num_outputs: int
     input_shape: tuple[int, ...]
@@ -40,8 +70,15 @@ class Dataset:
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def rows(self) -> Rows:
+        """The training samples as :class:`Rows`."""
+        if isinstance(self.train, tuple):
+            return TensorRows(*self.train)
+        return self.train
+
+    @property
     def num_train(self) -> int:
-        return len(self.train[0])
+        return len(self.rows)
 
     @property
     def num_features(self) -> int:
@@ -135,3 +172,40 @@ BUILTIN: dict[str, Callable[[DataConfig], Dataset]] = {
     "digits": digits,
 }
 """Datasets defined here; ``shoal.data.DATASETS`` adds the click-through one."""
+
+
+# --- on disk: `shoal data make linear` ----------------------------------------------------
+
+
+def linear_truth(seed: int, features: int) -> tuple[np.ndarray, float]:
+    """The true weights and bias of ``shoal data make linear``."""
+    rng = np.random.default_rng([seed, 77])
+    return rng.standard_normal(features), float(rng.standard_normal())
+
+
+def linear_columns(seed: int, chunk: int, count: int, split: int, features: int,
+                   noise: float) -> dict[str, np.ndarray]:  # fmt: skip
+    """Chunk ``chunk`` (``count`` rows) of ``y = x.w + b + noise`` with x standard normal:
+    one fixed-size list column ``x`` and a ``label``."""
+    w, b = linear_truth(seed, features)
+    rng = np.random.default_rng([seed, split, chunk])
+    x = rng.standard_normal((count, features), dtype=np.float32)
+    y = x @ w.astype(np.float32) + np.float32(b) + noise * rng.standard_normal(count, np.float32)
+    return {"x": x, "label": y.astype(np.float32)}
+
+
+def linear_reference(meta: dict[str, Any]) -> Callable[[nn.Module], dict[str, float]] | None:
+    """The distance of a trained ``nn.Linear`` to the true weights a generator stored."""
+    if "true_weights" not in meta:
+        return None
+    true = np.asarray([*meta["true_weights"], meta["true_bias"]], dtype=np.float64)
+
+    def reference(model: nn.Module) -> dict[str, float]:
+        linear = _only_linear(model)
+        if linear is None or linear.in_features + 1 != len(true):
+            return {}
+        got = np.concatenate([linear.weight.detach().double().cpu().numpy().ravel(),
+                              linear.bias.detach().double().cpu().numpy().ravel()])  # fmt: skip
+        return {"true_weights_rel_error": float(np.linalg.norm(got - true) / np.linalg.norm(true))}
+
+    return reference

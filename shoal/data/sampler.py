@@ -1,12 +1,18 @@
-"""Global-batch sampler: shards of one seeded permutation per epoch.
+"""Global-batch sampler: shards of one seeded epoch order.
 
 Global step ``s`` of epoch ``e`` covers positions ``[s*B, (s+1)*B)`` of the
-permutation ``perm(seed, e)``. Each of the ``W`` workers takes one contiguous
-slice of that global batch, the first ``n % W`` slices one sample longer. The
-set of samples in a global step therefore never depends on ``W``: that is what
-makes N synchronous workers equal to one, and what lets a run resume, or be
-re-sharded onto a different number of workers, mid-epoch without losing or
-repeating a sample.
+epoch's order (:class:`~shoal.data.order.Order`: a function of the seed, the
+epoch and the dataset, never of the workers). The rows of a step are sorted,
+and each of the ``W`` workers takes one contiguous slice of them, the first
+``n % W`` slices one sample longer: the set of samples in a global step never
+depends on ``W``, which makes N synchronous workers equal to one and lets a
+run resume, or be re-sharded onto a different number of workers, mid-epoch
+without losing or repeating a sample; and sorted slices make each worker read
+a narrow range of rows, its own share, not rows from all over the step.
+
+Every sample is identified by its row number; the sampler keeps, per epoch,
+how many samples this rank consumed and their digest
+(:func:`~shoal.data.order.digest`).
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
+
+from shoal.data.order import MASK64, Order, digest, range_digest
 
 
 def split_sizes(n: int, parts: int) -> list[int]:
@@ -71,14 +79,16 @@ class GlobalBatchSampler:
         num_samples: size of the training set.
         batch_size: the GLOBAL batch size (all workers together).
         rank, world_size: this worker's slot.
-        seed: seeds the per-epoch permutation.
+        seed: seeds the per-epoch order.
         drop_last: drop the final, smaller global batch of an epoch.
+        order: the epoch order (default: a full shuffle of ``num_samples`` rows).
 
     Iterating yields lists of indices until the end of the current epoch, so it
     can be passed as ``batch_sampler=`` to a ``torch.utils.data.DataLoader``.
     Call :meth:`next_batch` to step explicitly. The position is
     ``(epoch, step_in_epoch)``; :meth:`state_dict` captures it, together with
-    how many samples of each epoch this rank has consumed.
+    how many samples of each epoch this rank has consumed (``samples_seen``) and
+    their digest (``digests``).
     """
 
     def __init__(
@@ -89,6 +99,7 @@ class GlobalBatchSampler:
         world_size: int = 1,
         seed: int = 0,
         drop_last: bool = False,
+        order: Order | None = None,
     ) -> None:
         if batch_size < world_size:
             raise ValueError("the global batch must hold at least one sample per worker")
@@ -105,7 +116,10 @@ class GlobalBatchSampler:
         self.epoch = 0
         self.step_in_epoch = 0
         self.samples_seen: dict[int, int] = {}
-        self._perms: dict[int, np.ndarray] = {}
+        self.digests: dict[int, int] = {}
+        self.order = order or Order(num_samples, seed)
+        if self.order.n != num_samples:
+            raise ValueError("the order is of a different number of samples")
 
     @property
     def steps_per_epoch(self) -> int:
@@ -114,21 +128,14 @@ class GlobalBatchSampler:
         return math.ceil(self.num_samples / self.batch_size)
 
     def permutation(self, epoch: int) -> np.ndarray:
-        """The sample order of ``epoch`` (identical on every rank).
-
-        The last two are kept: tasks from a queue may straddle an epoch boundary.
-        """
-        if epoch not in self._perms:
-            if len(self._perms) >= 2:
-                del self._perms[min(self._perms)]
-            rng = np.random.default_rng([self.seed, epoch])
-            self._perms[epoch] = rng.permutation(self.num_samples)
-        return self._perms[epoch]
+        """The whole sample order of ``epoch`` (for small datasets and references)."""
+        return self.order.permutation(epoch)
 
     def global_indices(self, epoch: int, step: int) -> np.ndarray:
-        """All samples of global step ``step`` of ``epoch``."""
+        """All samples of global step ``step`` of ``epoch``, sorted."""
         start = step * self.batch_size
-        return self.permutation(epoch)[start : start + self.batch_size]
+        stop = min(start + self.batch_size, self.num_samples)
+        return np.sort(self.order.rows(epoch, np.arange(start, stop, dtype=np.int64)))
 
     def local_slice(self, n: int) -> slice:
         return part_slice(n, self.rank, self.world_size)
@@ -148,6 +155,7 @@ class GlobalBatchSampler:
         g = self.global_indices(self.epoch, self.step_in_epoch)
         local = g[self.local_slice(len(g))]
         self.samples_seen[self.epoch] = self.samples_seen.get(self.epoch, 0) + len(local)
+        self.digests[self.epoch] = (self.digests.get(self.epoch, 0) + digest(local)) & MASK64
         self.step_in_epoch += 1
         if self.step_in_epoch >= self.steps_per_epoch:
             self.epoch += 1
@@ -171,6 +179,30 @@ class GlobalBatchSampler:
     def __len__(self) -> int:
         return self.steps_per_epoch - self.step_in_epoch
 
+    def expected_digest(self, epoch: int, count: int) -> int:
+        """The digest of the first ``count`` samples of ``epoch``'s order: what an
+        epoch that consumed ``count`` samples, each once, must show."""
+        if count == self.num_samples:
+            return range_digest(0, count)
+        total, chunk = 0, 1 << 20
+        for start in range(0, count, chunk):
+            positions = np.arange(start, min(count, start + chunk), dtype=np.int64)
+            total = (total + digest(self.order.rows(epoch, positions))) & MASK64
+        return total
+
+    def digest_report(
+        self, counts: dict[int, int], digests: dict[int, int]
+    ) -> list[dict[str, Any]]:
+        """Per epoch: samples, their digest, the digest they must have, and whether the
+        two agree (every sample of the epoch's first ``samples`` positions, once)."""
+        out = []
+        for epoch in sorted(counts):
+            n = int(counts[epoch])
+            got, want = digests.get(epoch, 0), self.expected_digest(epoch, n)
+            out.append({"epoch": epoch, "samples": n, "digest": f"{got:016x}",
+                        "expected": f"{want:016x}", "exact": got == want})  # fmt: skip
+        return out
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "epoch": self.epoch,
@@ -178,6 +210,7 @@ class GlobalBatchSampler:
             "seed": self.seed,
             "num_samples": self.num_samples,
             "batch_size": self.batch_size,
+            "order": self.order.describe(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -185,6 +218,11 @@ class GlobalBatchSampler:
         for key in ("seed", "num_samples", "batch_size"):
             if state[key] != getattr(self, key):
                 raise ValueError(f"sampler {key} changed from {state[key]} to {getattr(self, key)}")
+        if state.get("order") != self.order.describe():
+            raise ValueError(
+                f"the sample order changed from {state.get('order', 'an older shoal one')} "
+                f"to {self.order.describe()}"
+            )
         self.epoch = int(state["epoch"])
         self.step_in_epoch = int(state["step_in_epoch"])
 

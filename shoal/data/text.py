@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -78,3 +79,30 @@ def text(cfg: DataConfig) -> Dataset:
             "characters": len(ids),
         },
     )
+
+
+# --- on disk: `shoal data make text` ------------------------------------------------------
+
+
+def text_columns(
+    context: int, start: int, count: int, split: int
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Windows ``[start, start+count)`` of the shipped text, tokenized by character: row
+    ``i`` is ``context`` tokens from offset ``(i * context) mod`` the split's length, and
+    their successors. The last 10% of the text is the test split."""
+    ids, vocab = _encoded()
+    cut = len(ids) - len(ids) // 10
+    part = ids[:cut] if split == 0 else ids[cut:]
+    span = len(part) - context - 1
+    starts = (np.arange(start, start + count, dtype=np.int64) * context) % span
+    grid = starts[:, None] + np.arange(context + 1)
+    windows = part[grid].astype(np.int16)
+    meta = {"num_outputs": len(vocab), "vocab": "".join(chr(c) for c in vocab),
+            "distinct_rows": span // context}  # fmt: skip
+    return {"tokens": windows[:, :-1], "next": windows[:, 1:]}, meta
+
+
+def _encoded() -> tuple[np.ndarray, np.ndarray]:
+    codes = np.frombuffer(read_corpus().encode("utf-32-le"), dtype=np.uint32)
+    vocab = np.unique(codes)
+    return np.searchsorted(vocab, codes).astype(np.int32), vocab

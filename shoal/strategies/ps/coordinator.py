@@ -25,6 +25,8 @@ import torch
 import zmq
 
 from shoal.config import JobConfig
+from shoal.data.order import MASK64
+from shoal.data.sampler import GlobalBatchSampler
 from shoal.errors import UserError
 from shoal.layout import ENDPOINTS_FILE, write_atomic
 from shoal.models.sparse import count_parameters
@@ -41,6 +43,14 @@ MAX_MESSAGE_BYTES = 1 << 22
 """The coordinator only ever receives small telemetry rows and control messages."""
 
 
+def _hex(value: Any) -> int:
+    """A worker's digest (hex); 0 for anything else, which then shows as inexact."""
+    try:
+        return int(str(value), 16) & MASK64
+    except ValueError:
+        return 0
+
+
 class Coordinator(threading.Thread):
     """Bookkeeping for one parameter-server job; see the module docstring."""
 
@@ -53,8 +63,10 @@ class Coordinator(threading.Thread):
         total_steps: int,
         steps_per_epoch: int,
         max_nodes: int = 0,
+        sampler: GlobalBatchSampler | None = None,
     ) -> None:
         super().__init__(name="shoal-ps-coordinator", daemon=True)
+        self.sampler = sampler  # the job's order: what each epoch's digest must be
         self.job = job
         self.secret = secret
         self.num_nodes = num_nodes  # the job starts once this many machines registered
@@ -75,6 +87,7 @@ class Coordinator(threading.Thread):
         self.shards_up = False
         self.waiting: list[tuple[bytes, Any]] = []
         self.counts: Counter = Counter()  # samples per epoch, each task counted once
+        self.digests: dict[int, int] = {}  # digest of those samples' ids, per epoch
         self.tasks_done: Counter = Counter()  # per worker
         self.samples_done: Counter = Counter()  # per worker
         self.totals: dict[int, Totals] = {}  # what each worker sent when it finished
@@ -371,7 +384,9 @@ class Coordinator(threading.Thread):
             return  # handed out before a restore: done again since, counted then
         if not self.queue.finish(worker, (step, part)):
             return  # done before by someone else: counted once
-        self.counts[step // self.steps_per_epoch] += int(window.samples)
+        epoch = step // self.steps_per_epoch
+        self.counts[epoch] += int(window.samples)
+        self.digests[epoch] = (self.digests.get(epoch, 0) + _hex(meta.get("digest"))) & MASK64
         self.tasks_done[worker] += 1
         self.samples_done[worker] += int(window.samples)
         self.telemetry.task_done(worker, step, float(meta.get("lr", 0.0)), window)
@@ -403,6 +418,7 @@ class Coordinator(threading.Thread):
     def snapshot(self) -> dict[str, Any]:
         return {
             "counts": dict(self.counts),
+            "digests": dict(self.digests),
             "tasks_done": dict(self.tasks_done),
             "samples_done": dict(self.samples_done),
             **self.telemetry.snapshot(),
@@ -411,6 +427,7 @@ class Coordinator(threading.Thread):
 
     def rollback(self, saved: dict[str, Any], step: int) -> None:
         self.counts = Counter(saved["counts"])
+        self.digests = {int(k): int(v) for k, v in saved.get("digests", {}).items()}
         self.tasks_done = Counter(saved["tasks_done"])
         self.samples_done = Counter(saved["samples_done"])
         self.telemetry.rollback(saved, step)
@@ -466,6 +483,7 @@ class Coordinator(threading.Thread):
             num_parameters=count_parameters(model),
             wall_time=self.wall_time(),
             counts=dict(sorted(self.counts.items())),
+            epochs=self.sampler.digest_report(self.counts, self.digests) if self.sampler else None,
             totals=[self.totals[w] for w in sorted(self.totals)],
             extra_tensors=exported,
             per_worker=per_worker,

@@ -12,7 +12,7 @@ from torch.distributed.elastic.multiprocessing.api import SignalException
 
 from shoal import checkpoint
 from shoal.config import JobConfig, parse_endpoint
-from shoal.data import build_dataset
+from shoal.data import build_dataset, build_order
 from shoal.data.sampler import GlobalBatchSampler
 from shoal.dist import resolve_device
 from shoal.errors import UserError
@@ -24,11 +24,13 @@ from shoal.strategies.ps.coordinator import Coordinator
 from shoal.strategies.ps.server import Server, coordinator_dir
 
 
-def _steps(job: JobConfig) -> tuple[int, int]:
-    """(global steps of the job, steps per epoch), by the trainer's own rule."""
+def job_sampler(job: JobConfig) -> GlobalBatchSampler:
+    """The job's sampler as the trainer builds it (for steps, epochs and digests)."""
     data = build_dataset(job.data)
-    sampler = GlobalBatchSampler(data.num_train, job.train.batch_size, drop_last=job.data.drop_last)
-    return job.train.total_steps(sampler.steps_per_epoch), sampler.steps_per_epoch
+    order = build_order(data, job.data, job.train.seed)
+    return GlobalBatchSampler(
+        data.num_train, job.train.batch_size, drop_last=job.data.drop_last, order=order
+    )
 
 
 def check_job(job: JobConfig) -> None:
@@ -85,9 +87,12 @@ def launch_ps(job: JobConfig, config_path: str) -> None:
     if cluster.node_rank == 0:
         bind = address or "tcp://127.0.0.1:0"
         starts_with = cluster.min_nodes if cluster.elastic else cluster.nnodes
+        sampler = job_sampler(job)
+        total_steps = job.train.total_steps(sampler.steps_per_epoch)
         coordinator = Coordinator(
-            job, secret, bind, starts_with, *_steps(job), max_nodes=cluster.nnodes
-        )
+            job, secret, bind, starts_with, total_steps, sampler.steps_per_epoch,
+            max_nodes=cluster.nnodes, sampler=sampler,
+        )  # fmt: skip
         coordinator.start()
         address = coordinator.address
     ctx = zmq.Context.instance()

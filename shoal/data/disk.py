@@ -1,0 +1,608 @@
+"""Datasets on disk: Parquet files, or a directory ``shoal data prepare`` wrote,
+read a few rows at a time, never whole.
+
+``--data parquet:PATH`` names a file or a directory of them as Spark, pandas,
+Polars or DuckDB write it (``part-*.parquet`` files, possibly in partition
+subdirectories; ``_SUCCESS``, ``_metadata`` and hidden files are skipped). With
+``train/`` and ``test/`` subdirectories, the second is the held-out split. The
+files are listed in path order and their rows numbered across them: row
+numbers are the samples' identities.
+
+Opening reads only the files' footers (row counts, row groups, schemas,
+statistics). A worker then reads the rows of its own share of each step: the
+row groups holding them are decoded (only the columns used) and kept in a
+bounded cache; files ``shoal data prepare`` wrote are Arrow IPC files mapped
+into memory, whose pages are the kernel's to drop and re-read, so a worker's
+private memory stays what it trains on.
+
+What a column holds is checked when the dataset opens, so a mistake costs one
+line before any worker starts: a missing column (with the closest names), a
+type that is not a number, nulls, NaN labels, a truncated or corrupt file.
+Files written by ``shoal data make`` carry their defaults (features, label,
+task, transform) in the schema's ``shoal`` metadata.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import hashlib
+import json
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from shoal.config import DataConfig
+from shoal.errors import UserError
+from shoal.registry import import_ref
+
+PREFIX = "parquet:"
+META_KEY = b"shoal"
+INDEX = "shoal-index.json"
+"""The index ``shoal data prepare`` writes beside its Arrow files."""
+SKIP = ("_", ".")
+"""File and directory names starting with these are not data (``_SUCCESS``, ``.crc``)."""
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def disk_path(name: str) -> str | None:
+    """The path of a ``parquet:PATH`` dataset name, else ``None``."""
+    return name[len(PREFIX) :] if name.startswith(PREFIX) else None
+
+
+def _pa() -> Any:
+    import pyarrow
+    import pyarrow.ipc
+    import pyarrow.parquet
+
+    return pyarrow
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One file of a dataset."""
+
+    path: Path
+    name: str
+    """Its path relative to the dataset's root."""
+    rows: int
+    blocks: tuple[int, ...]
+    """Rows of each row group (Parquet) or record batch (Arrow)."""
+    size: int
+    fingerprint: str
+    """Hash of its name, size and footer: a file changed or replaced since differs."""
+
+
+def list_files(root: Path) -> list[Path]:
+    """The data files under ``root`` in path order (or ``[root]`` for a file)."""
+    if not root.exists():
+        raise UserError(f"{root}: no such file or directory")
+    if root.is_file():
+        return [root]
+    if (root / INDEX).is_file():
+        return [root / f["name"] for f in _read_index(root)["files"]]
+    files = [
+        p
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+        and not any(part.startswith(SKIP) for part in p.relative_to(root).parts)
+        and p.suffix in (".parquet", ".parq", ".pq")
+    ]
+    if not files:
+        raise UserError(f"{root}: no Parquet files (*.parquet) in it")
+    return files
+
+
+def _read_index(root: Path) -> dict[str, Any]:
+    try:
+        index = json.loads((root / INDEX).read_text())
+        assert isinstance(index["files"], list)
+        return index
+    except (OSError, ValueError, KeyError, AssertionError, TypeError) as e:
+        raise UserError(f"{root / INDEX}: not a readable shoal index ({e})") from None
+
+
+def _footer_hash(path: Path, size: int, name: str) -> str:
+    h = hashlib.sha256(f"{name}\0{size}\0".encode())
+    with path.open("rb") as f:
+        f.seek(max(0, size - 8))
+        tail = f.read(8)
+        if len(tail) != 8 or tail[4:] != b"PAR1":
+            raise UserError(f"{path}: not a Parquet file, or truncated (no footer)")
+        length = int.from_bytes(tail[:4], "little")
+        if length + 12 > size:
+            raise UserError(f"{path}: truncated Parquet file (footer larger than the file)")
+        f.seek(size - 8 - length)
+        h.update(f.read(length))
+    return h.hexdigest()
+
+
+class Files:
+    """The files of one split (train or test), with their schema and row index."""
+
+    def __init__(self, root: Path) -> None:
+        pa = _pa()
+        self.root = root
+        self.prepared = (root / INDEX).is_file()
+        self.shards: list[Shard] = []
+        self.schemas: list[Any] = []
+        index = _read_index(root) if self.prepared else None
+        base = root if root.is_dir() else root.parent
+        for i, path in enumerate(list_files(root)):
+            name = str(path.relative_to(base))
+            try:
+                size = path.stat().st_size
+            except OSError as e:
+                raise UserError(f"{path}: {e.strerror} (listed in {root / INDEX})") from None
+            if index is not None:
+                entry = index["files"][i]
+                if size != entry["size"]:
+                    raise UserError(f"{path}: {size} bytes, the index says {entry['size']}")
+                reader = self._open_arrow(path)
+                blocks = tuple(
+                    reader.get_batch(b).num_rows for b in range(reader.num_record_batches)
+                )
+                schema, fingerprint = reader.schema, str(entry["sha256"])
+            else:
+                fingerprint = _footer_hash(path, size, name)
+                try:
+                    meta = pa.parquet.ParquetFile(path).metadata
+                except (pa.ArrowException, OSError) as e:
+                    raise UserError(f"{path}: not a readable Parquet file ({e})") from None
+                blocks = tuple(meta.row_group(g).num_rows for g in range(meta.num_row_groups))
+                schema = meta.schema.to_arrow_schema()
+                self._metadata = getattr(self, "_metadata", {})
+                self._metadata[len(self.shards)] = meta
+            self.shards.append(Shard(path, name, sum(blocks), blocks, size, fingerprint))
+            self.schemas.append(schema)
+        self.blocks = [b for s in self.shards for b in s.blocks if b > 0]
+        # where each block lives: (shard, block within it), and its first row
+        self._where = [
+            (i, j) for i, s in enumerate(self.shards) for j, b in enumerate(s.blocks) if b > 0
+        ]
+        self.ends = np.cumsum(self.blocks, dtype=np.int64) if self.blocks else np.zeros(0, np.int64)
+        self.rows = int(self.ends[-1]) if len(self.ends) else 0
+        if self.rows == 0:
+            raise UserError(f"{root}: the files hold no rows")
+
+    @staticmethod
+    def _open_arrow(path: Path) -> Any:
+        pa = _pa()
+        try:
+            return pa.ipc.open_file(pa.memory_map(str(path)))
+        except (pa.ArrowException, OSError) as e:
+            raise UserError(f"{path}: not a readable Arrow file ({e})") from None
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """The ``shoal`` schema metadata of the first file (empty for others' files)."""
+        meta = self.schemas[0].metadata or {}
+        raw = meta.get(META_KEY)
+        if not raw:
+            return {}
+        try:
+            value = json.loads(raw)
+            return value if isinstance(value, dict) else {}
+        except ValueError:
+            return {}
+
+    def fingerprint(self) -> dict[str, str]:
+        """Each file's fingerprint, by name."""
+        return {s.name: s.fingerprint for s in self.shards}
+
+    def field(self, column: str) -> Any:
+        """The column's type, the same in every file, or one line naming the file that differs."""
+        first = None
+        for shard, schema in zip(self.shards, self.schemas):
+            if column not in schema.names:
+                near = difflib.get_close_matches(column, schema.names, n=3)
+                hint = f" (did you mean {', '.join(near)}?)" if near else ""
+                shown = ", ".join(schema.names[:12]) + (" ..." if len(schema.names) > 12 else "")
+                raise UserError(f"{shard.path}: no column {column!r}{hint}; its columns: {shown}")
+            kind = schema.field(column).type
+            if first is None:
+                first = kind
+            elif kind != first:
+                raise UserError(
+                    f"{shard.path}: column {column!r} is {kind}, but {first} in "
+                    f"{self.shards[0].path}"
+                )
+        return first
+
+    def columns(self, patterns: list[str]) -> list[str]:
+        """Column names matching ``patterns`` (``*`` wildcards), in the files' order."""
+        names = list(self.schemas[0].names)
+        out: list[str] = []
+        for pattern in patterns:
+            if any(c in pattern for c in "*?["):
+                hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+                if not hits:
+                    raise UserError(f"{self.shards[0].path}: no column matches {pattern!r}")
+                out += [h for h in hits if h not in out]
+            else:
+                self.field(pattern)
+                if pattern not in out:
+                    out.append(pattern)
+        return out
+
+    def null_counts(self, column: str) -> list[tuple[Shard, int]]:
+        """Nulls of ``column`` per file, from the Parquet statistics where they exist."""
+        out = []
+        metas = getattr(self, "_metadata", {})
+        for i, shard in enumerate(self.shards):
+            meta = metas.get(i)
+            if meta is None:
+                continue
+            col = meta.schema.names.index(column) if column in meta.schema.names else None
+            if col is None:
+                continue
+            nulls = 0
+            for g in range(meta.num_row_groups):
+                stats = meta.row_group(g).column(col).statistics
+                if stats is not None and stats.has_null_count:
+                    nulls += stats.null_count
+            out.append((shard, nulls))
+        return out
+
+    def read_block(self, block: int, columns: list[str]) -> Any:
+        """Block ``block`` (a row group or record batch) as a pyarrow Table of ``columns``."""
+        pa = _pa()
+        shard_i, j = self._where[block]
+        shard = self.shards[shard_i]
+        try:
+            if self.prepared:
+                batch = self._open_arrow(shard.path).get_batch(j)
+                return pa.Table.from_batches([batch]).select(columns)
+            return pa.parquet.ParquetFile(shard.path).read_row_group(j, columns=columns)
+        except (pa.ArrowException, OSError) as e:
+            raise UserError(f"{shard.path}: cannot read row group {j} ({e})") from None
+
+    def read_all(self, columns: list[str]) -> Any:
+        pa = _pa()
+        return pa.concat_tables([self.read_block(b, columns) for b in range(len(self.blocks))])
+
+
+class BlockCache:
+    """Decoded blocks, least recently used dropped first, at most ``limit`` bytes."""
+
+    def __init__(self, files: Files, columns: list[str], limit: int) -> None:
+        self.files, self.columns, self.limit = files, columns, limit
+        self.held: OrderedDict[int, Any] = OrderedDict()
+        self.bytes = 0
+        self.reads = 0
+        self.read_bytes = 0
+
+    def get(self, block: int) -> Any:
+        table = self.held.get(block)
+        if table is not None:
+            self.held.move_to_end(block)
+            return table
+        table = self.files.read_block(block, self.columns)
+        self.reads += 1
+        size = 0 if self.files.prepared else table.nbytes  # mapped pages are the kernel's
+        self.read_bytes += table.nbytes
+        self.held[block] = table
+        self.bytes += size
+        while self.bytes > self.limit and len(self.held) > 1:
+            _, old = self.held.popitem(last=False)
+            self.bytes -= 0 if self.files.prepared else old.nbytes
+        return table
+
+
+Transform = Callable[[Any], tuple[Any, Any]]
+
+
+def _matrix(column: Any, name: str, where: Path) -> np.ndarray:
+    """A column as a 2-D numpy array: one value per row, or a list of equal length."""
+    pa = _pa()
+    col = column.combine_chunks() if hasattr(column, "combine_chunks") else column
+    if col.null_count:
+        raise UserError(f"{where}: column {name!r} has null values; fill them or decode "
+                        "them with --data-transform")  # fmt: skip
+    kind = col.type
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+        offsets = None if pa.types.is_fixed_size_list(kind) else np.diff(col.offsets.to_numpy())
+        if offsets is not None and len(offsets) and (offsets != offsets[0]).any():
+            raise UserError(f"{where}: column {name!r} holds lists of different lengths")
+        values = col.flatten().to_numpy(zero_copy_only=False)
+        return values.reshape(len(col), -1)
+    return col.to_numpy(zero_copy_only=False).reshape(len(col), 1)
+
+
+def _numeric(kind: Any) -> str | None:
+    """'int', 'float' or 'bool' for a number column (or a list of them), else None."""
+    pa = _pa()
+    while (
+        pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
+    ):
+        kind = kind.value_type
+    if pa.types.is_boolean(kind):
+        return "bool"
+    if pa.types.is_integer(kind):
+        return "int"
+    if pa.types.is_floating(kind):
+        return "float"
+    return None
+
+
+def _is_list(kind: Any) -> bool:
+    pa = _pa()
+    return bool(
+        pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
+    )
+
+
+class Columns:
+    """Turns a table of rows into (features, labels) tensors: named columns, or a transform."""
+
+    def __init__(self, features: list[str], label: str, task: str, transform: Transform | None,
+                 root: Path) -> None:  # fmt: skip
+        self.features, self.label, self.task = features, label, task
+        self.transform, self.root = transform, root
+        self.float_features = True
+
+    @property
+    def read(self) -> list[str]:
+        return [*self.features, *([self.label] if self.label not in self.features else [])]
+
+    def __call__(self, table: Any) -> Batch:
+        if self.transform is not None:
+            try:
+                x, y = self.transform(table)
+            except UserError:
+                raise
+            except Exception as e:
+                raise UserError(f"--data-transform failed on rows of {self.root}: "
+                                f"{type(e).__name__}: {e}") from None  # fmt: skip
+            x, y = (
+                torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x),
+                torch.as_tensor(np.asarray(y) if not torch.is_tensor(y) else y),
+            )
+        else:
+            parts = [_matrix(table.column(c), c, self.root) for c in self.features]
+            xs = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+            x = torch.from_numpy(
+                np.ascontiguousarray(xs, dtype=np.float32 if self.float_features else np.int64)
+            )
+            ys = _matrix(table.column(self.label), self.label, self.root)
+            y = torch.from_numpy(
+                np.ascontiguousarray(ys if self.task == "language-model" else ys[:, 0])
+            )
+        return x, _label_tensor(y, self.task, self.root)
+
+
+def _label_tensor(y: torch.Tensor, task: str, where: Path) -> torch.Tensor:
+    if task in ("regression", "binary"):
+        y = y.float()
+        if torch.isnan(y).any():
+            raise UserError(f"{where}: NaN labels in the rows read")
+        return y
+    if y.is_floating_point():
+        if torch.isnan(y).any():
+            raise UserError(f"{where}: NaN labels in the rows read")
+        if (y != y.round()).any():
+            raise UserError(f"{where}: {task} labels must be whole numbers, got fractions")
+    return y.long()
+
+
+class DiskRows:
+    """The training rows of a dataset on disk: ``take(rows)`` reads them.
+
+    ``rows`` should be sorted (the sampler's steps are): each block is then
+    looked up once per call.
+    """
+
+    def __init__(self, files: Files, columns: Columns, cache_bytes: int) -> None:
+        self.files, self.columns = files, columns
+        self.cache = BlockCache(files, columns.read, cache_bytes)
+
+    def __len__(self) -> int:
+        return self.files.rows
+
+    @property
+    def blocks(self) -> list[int]:
+        return self.files.blocks
+
+    def table(self, rows: np.ndarray) -> Any:
+        """The rows as a pyarrow Table, in the order given."""
+        pa = _pa()
+        rows = np.asarray(rows, dtype=np.int64)
+        order = np.argsort(rows, kind="stable")
+        srt = rows[order]
+        if len(srt) and (srt[0] < 0 or srt[-1] >= self.files.rows):
+            raise IndexError(f"row {int(srt[-1])} out of range ({self.files.rows} rows)")
+        ends = self.files.ends
+        block = np.searchsorted(ends, srt, side="right")
+        pieces = []
+        cuts = np.flatnonzero(np.diff(block)) + 1
+        for chunk, b in zip(np.split(srt, cuts), block[np.r_[0, cuts]] if len(srt) else []):
+            start = int(ends[b - 1]) if b > 0 else 0
+            pieces.append(self.cache.get(int(b)).take(pa.array(chunk - start)))
+        table = pa.concat_tables(pieces) if pieces else self.cache.get(0).slice(0, 0)
+        if not np.array_equal(order, np.arange(len(order))):
+            table = table.take(pa.array(np.argsort(order, kind="stable")))
+        return table
+
+    def take(self, rows: np.ndarray) -> Batch:
+        return self.columns(self.table(rows))
+
+
+def _resolve_columns(files: Files, cfg: DataConfig, meta: dict[str, Any]) -> tuple[list[str], str]:
+    features = [c.strip() for c in cfg.features.split(",") if c.strip()] or list(
+        meta.get("features", [])
+    )
+    label = cfg.label.strip() or str(meta.get("label", ""))
+    where = files.shards[0].path
+    if not label:
+        raise UserError(f"{where}: name the label column with --label (columns: "
+                        f"{', '.join(files.schemas[0].names[:12])})")  # fmt: skip
+    if not features:
+        raise UserError(f"{where}: name the feature columns with --features (columns: "
+                        f"{', '.join(files.schemas[0].names[:12])})")  # fmt: skip
+    return files.columns(features), label
+
+
+def _infer_task(
+    cfg: DataConfig, meta: dict[str, Any], label_kind: str | None, is_list: bool
+) -> str:
+    if cfg.task != "auto":
+        return cfg.task
+    if meta.get("task"):
+        return str(meta["task"])
+    if is_list:
+        return "language-model"
+    return {"float": "regression", "int": "classification", "bool": "binary"}.get(
+        label_kind or "", "regression"
+    )
+
+
+def check_labels(files: Files, label: str, task: str) -> int:
+    """Scan the label column of every file (nulls, NaN, range); the largest label + 1 for
+    classification (1 otherwise). One line naming the file on a bad label."""
+    biggest = -1
+    for b, (shard_i, _) in enumerate(files._where):
+        shard = files.shards[shard_i]
+        col = files.read_block(b, [label]).column(label)
+        if col.null_count:
+            raise UserError(f"{shard.path}: column {label!r} has {col.null_count} null labels")
+        values = (
+            np.concatenate([_matrix(c, label, shard.path).ravel() for c in col.chunks])
+            if col.num_chunks
+            else np.zeros(0)
+        )
+        if values.dtype.kind == "f" and np.isnan(values).any():
+            first = int(np.flatnonzero(np.isnan(values))[0])
+            raise UserError(f"{shard.path}: column {label!r} has NaN labels (row {first} of "
+                            f"row group {files._where[b][1]})")  # fmt: skip
+        if task in ("classification", "language-model") and len(values):
+            if values.min() < 0:
+                raise UserError(f"{shard.path}: column {label!r} has negative class labels")
+            biggest = max(biggest, int(values.max()))
+    return biggest + 1 if task in ("classification", "language-model") else 1
+
+
+@dataclass
+class Opened:
+    """What :func:`open_disk` found: the training rows, the test split, the facts."""
+
+    rows: DiskRows
+    test: Batch | None
+    test_reference: np.ndarray | None
+    """The reference column of the test rows (the true model's probabilities), if any."""
+    task: str
+    num_outputs: int
+    input_shape: tuple[int, ...]
+    meta: dict[str, Any]
+    fingerprint: dict[str, str]
+
+
+def split_roots(path: str) -> tuple[Path, Path | None]:
+    """The training and held-out roots of a ``parquet:PATH`` dataset."""
+    root = Path(path).expanduser()
+    if root.is_dir() and (root / "train").is_dir() and not (root / INDEX).is_file():
+        return root / "train", (root / "test" if (root / "test").is_dir() else None)
+    return root, None
+
+
+def fingerprints(cfg: DataConfig) -> dict[str, str] | None:
+    """Each training file's fingerprint (``None`` for data not on disk)."""
+    path = disk_path(cfg.name)
+    return None if path is None else Files(split_roots(path)[0]).fingerprint()
+
+
+def check_unchanged(before: dict[str, str], now: dict[str, str], root: str) -> None:
+    """One line naming a training file removed, added or changed since ``before``."""
+    for name in sorted(before):
+        if name not in now:
+            raise UserError(f"{root}: {name} was removed since the run started; its samples "
+                            "are part of every epoch: put it back or start a new run")  # fmt: skip
+        if now[name] != before[name]:
+            raise UserError(f"{root}: {name} changed since the run started (its digest "
+                            "differs): the samples behind the saved position are not the "
+                            "same; restore it or start a new run")  # fmt: skip
+    for name in sorted(set(now) - set(before)):
+        raise UserError(f"{root}: {name} is new since the run started; the epoch order "
+                        "covers the rows the run began with: move it or start anew")  # fmt: skip
+
+
+def _ctr_transform(cfg: DataConfig) -> Transform:
+    from shoal.data.ctr import ctr_transform
+
+    return ctr_transform(cfg.table_rows)
+
+
+BUILTIN_TRANSFORMS: dict[str, Callable[[DataConfig], Transform]] = {"ctr": _ctr_transform}
+"""Transforms a generator may name in its metadata."""
+
+
+def open_disk(cfg: DataConfig, check: bool = False) -> Opened:
+    """Open ``cfg.name`` (``parquet:PATH``); ``check`` also scans every label (the launcher
+    does, once, so workers need not)."""
+    path = disk_path(cfg.name)
+    if not path:
+        raise UserError("--data parquet:PATH needs a path")
+    train_root, test_root = split_roots(path)
+    files = Files(train_root)
+    meta = files.metadata
+    features, label = _resolve_columns(files, cfg, meta)
+    transform: Transform | None = None
+    if cfg.transform:
+        transform = import_ref(cfg.transform, "--data-transform")
+    elif meta.get("transform") in BUILTIN_TRANSFORMS:
+        transform = BUILTIN_TRANSFORMS[str(meta["transform"])](cfg)
+    label_kind = _numeric(files.field(label))
+    is_list = _is_list(files.field(label))
+    if transform is None:
+        if label_kind is None:
+            raise UserError(f"{files.shards[0].path}: label column {label!r} is "
+                            f"{files.field(label)}; labels must be numbers (or decode them "
+                            "with --data-transform)")  # fmt: skip
+        kinds = []
+        for c in features:
+            kind = _numeric(files.field(c))
+            if kind is None:
+                raise UserError(f"{files.shards[0].path}: feature column {c!r} is "
+                                f"{files.field(c)}; shoal trains on numbers: decode it with "
+                                "--data-transform package.module:function")  # fmt: skip
+            kinds.append(kind)
+        for c in [*features, label]:
+            for shard, nulls in files.null_counts(c):
+                if nulls:
+                    what = "labels" if c == label else "values"
+                    raise UserError(f"{shard.path}: column {c!r} has {nulls} null {what}")
+    task = _infer_task(cfg, meta, label_kind, is_list)
+    columns = Columns(features, label, task, transform, train_root)
+    if transform is None:
+        columns.float_features = any(k == "float" for k in kinds)
+    rows = DiskRows(files, columns, cfg.cache_mb << 20)
+    first = rows.take(np.arange(min(64, len(rows))))
+    if meta.get("num_outputs"):
+        num_outputs = int(meta["num_outputs"])
+    elif task in ("classification", "language-model"):
+        num_outputs = (
+            check_labels(files, label, task) if transform is None else int(first[1].max()) + 1
+        )
+        check = False
+    else:
+        num_outputs = 1
+    if check and transform is None:
+        check_labels(files, label, task)
+    test = reference = None
+    if test_root is not None:
+        tfiles = Files(test_root)
+        for c in columns.read:
+            tfiles.field(c)
+        ref = str(meta.get("reference_column", ""))
+        extra = [ref] if ref and ref in tfiles.schemas[0].names else []
+        table = tfiles.read_all([*columns.read, *extra])
+        test = columns(table)
+        if extra:
+            reference = table.column(ref).to_numpy()
+    shape = tuple(first[0].shape[1:])
+    return Opened(rows, test, reference, task, num_outputs, shape, meta, files.fingerprint())
