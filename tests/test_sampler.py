@@ -1,4 +1,5 @@
-"""The global-batch sampler and the epoch order: worker-count independence, exact\nresume, sample digests."""
+"""The global-batch sampler and the epoch order: worker-count independence, exact
+resume, sample digests."""
 
 from __future__ import annotations
 

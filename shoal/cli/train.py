@@ -288,7 +288,14 @@ def print_summary(
     if memory:
         state = _human_bytes(memory["params"] + memory["grads"] + memory["optimizer"])
         peak = _human_bytes(memory["activations_peak"])
-        rows.append(("memory per rank (most)", f"state {state}, activations {peak}"))
+        private = memory.get("private", 0)
+        more = f", process {_human_bytes(private)}" if private else ""
+        rows.append(("memory per rank (most)", f"state {state}, activations {peak}{more}"))
+    epochs = summary.get("epochs") or []
+    if epochs:
+        wrong = [str(e["epoch"]) for e in epochs if not e["exact"]]
+        rows.append(("sample digests", f"DIFFER in epoch {', '.join(wrong)}" if wrong else
+                     f"exact in {len(epochs)} epoch{'s' if len(epochs) > 1 else ''}"))  # fmt: skip
     rows += extra or []  # the strategy's own (its plugin's summary_rows)
     rows += [
         ("wall time", f"{summary['wall_time_s']:.1f} s"),

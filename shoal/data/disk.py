@@ -51,6 +51,11 @@ SKIP = ("_", ".")
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
+def _why(e: BaseException) -> str:
+    """An exception's message on one line (pyarrow's may span several)."""
+    return " ".join(str(e).split())[:300]
+
+
 def disk_path(name: str) -> str | None:
     """The path of a ``parquet:PATH`` dataset name, else ``None``."""
     return name[len(PREFIX) :] if name.startswith(PREFIX) else None
@@ -105,7 +110,7 @@ def _read_index(root: Path) -> dict[str, Any]:
         assert isinstance(index["files"], list)
         return index
     except (OSError, ValueError, KeyError, AssertionError, TypeError) as e:
-        raise UserError(f"{root / INDEX}: not a readable shoal index ({e})") from None
+        raise UserError(f"{root / INDEX}: not a readable shoal index ({_why(e)})") from None
 
 
 def _footer_hash(path: Path, size: int, name: str) -> str:
@@ -154,7 +159,7 @@ class Files:
                 try:
                     meta = pa.parquet.ParquetFile(path).metadata
                 except (pa.ArrowException, OSError) as e:
-                    raise UserError(f"{path}: not a readable Parquet file ({e})") from None
+                    raise UserError(f"{path}: not a readable Parquet file ({_why(e)})") from None
                 blocks = tuple(meta.row_group(g).num_rows for g in range(meta.num_row_groups))
                 schema = meta.schema.to_arrow_schema()
                 self._metadata = getattr(self, "_metadata", {})
@@ -177,7 +182,7 @@ class Files:
         try:
             return pa.ipc.open_file(pa.memory_map(str(path)))
         except (pa.ArrowException, OSError) as e:
-            raise UserError(f"{path}: not a readable Arrow file ({e})") from None
+            raise UserError(f"{path}: not a readable Arrow file ({_why(e)})") from None
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -261,7 +266,7 @@ class Files:
                 return pa.Table.from_batches([batch]).select(columns)
             return pa.parquet.ParquetFile(shard.path).read_row_group(j, columns=columns)
         except (pa.ArrowException, OSError) as e:
-            raise UserError(f"{shard.path}: cannot read row group {j} ({e})") from None
+            raise UserError(f"{shard.path}: cannot read row group {j} ({_why(e)})") from None
 
     def read_all(self, columns: list[str]) -> Any:
         pa = _pa()
@@ -360,21 +365,24 @@ class Columns:
             except Exception as e:
                 raise UserError(f"--data-transform failed on rows of {self.root}: "
                                 f"{type(e).__name__}: {e}") from None  # fmt: skip
-            x, y = (
-                torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x),
-                torch.as_tensor(np.asarray(y) if not torch.is_tensor(y) else y),
-            )
+            x, y = _tensor(x), _tensor(y)
         else:
             parts = [_matrix(table.column(c), c, self.root) for c in self.features]
             xs = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
-            x = torch.from_numpy(
-                np.ascontiguousarray(xs, dtype=np.float32 if self.float_features else np.int64)
-            )
+            x = _tensor(xs, np.float32 if self.float_features else np.int64)
             ys = _matrix(table.column(self.label), self.label, self.root)
-            y = torch.from_numpy(
-                np.ascontiguousarray(ys if self.task == "language-model" else ys[:, 0])
-            )
+            y = _tensor(ys if self.task == "language-model" else ys[:, 0])
         return x, _label_tensor(y, self.task, self.root)
+
+
+def _tensor(a: Any, dtype: Any = None) -> torch.Tensor:
+    """A tensor owning writable memory (arrow's buffers are read-only)."""
+    if torch.is_tensor(a):
+        return a
+    arr = np.asarray(a, dtype=dtype)
+    if not arr.flags.writeable or not arr.flags.c_contiguous:
+        arr = np.array(arr, order="C")
+    return torch.from_numpy(arr)
 
 
 def _label_tensor(y: torch.Tensor, task: str, where: Path) -> torch.Tensor:
@@ -581,18 +589,17 @@ def open_disk(cfg: DataConfig, check: bool = False) -> Opened:
     if transform is None:
         columns.float_features = any(k == "float" for k in kinds)
     rows = DiskRows(files, columns, cfg.cache_mb << 20)
+    classes = check_labels(files, label, task) if check and transform is None else None
     first = rows.take(np.arange(min(64, len(rows))))
     if meta.get("num_outputs"):
         num_outputs = int(meta["num_outputs"])
     elif task in ("classification", "language-model"):
-        num_outputs = (
-            check_labels(files, label, task) if transform is None else int(first[1].max()) + 1
-        )
-        check = False
+        if transform is not None:
+            num_outputs = int(first[1].max()) + 1
+        else:
+            num_outputs = classes if classes is not None else check_labels(files, label, task)
     else:
         num_outputs = 1
-    if check and transform is None:
-        check_labels(files, label, task)
     test = reference = None
     if test_root is not None:
         tfiles = Files(test_root)
