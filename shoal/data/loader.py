@@ -71,7 +71,7 @@ class Audit:
     def __init__(self, run_dir: Path, start: int, rank: int) -> None:
         path = run_dir / AUDIT_DIR / f"from-{start:09d}-rank-{rank:05d}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = path.open("a")
+        self.file = path.open("a", buffering=1)  # by line: a kill loses no finished step
 
     def write(self, step: int, part: int, parts: int, ids: np.ndarray) -> None:
         record = {"step": step, "part": part, "parts": parts, "ids": ids.tolist()}

@@ -27,7 +27,10 @@ from shoal.data.text import text_columns
 from shoal.errors import UserError
 
 CHUNK = 1 << 16
-"""Rows generated at once, and rows per row group."""
+"""Rows generated at once, at most."""
+ROW_GROUP_BYTES = 8 << 20
+"""Decoded bytes per row group, about: a worker decodes whole row groups, so smaller
+ones let a block shuffle's window fit in its cache."""
 
 Columns = dict[str, np.ndarray]
 
@@ -110,11 +113,12 @@ def write_split(
     try:
         for columns in chunks:
             table = _table(columns, meta)
+            group = max(1024, min(CHUNK, ROW_GROUP_BYTES * table.num_rows // max(1, table.nbytes)))
             if writer is None:
                 path = out / f"part-{file_index:05d}.parquet"
                 tmp = path.with_name("." + path.name + ".tmp")
                 writer = pq.ParquetWriter(tmp, table.schema, compression=compression)
-            writer.write_table(table, row_group_size=CHUNK)
+            writer.write_table(table, row_group_size=group)
             in_file += table.num_rows
             if progress is not None:
                 progress(table.num_rows)
