@@ -5,8 +5,8 @@ a 4-worker epoch is killed after a checkpoint and resumed on 3 workers.
     python -m bench.loaders --rows 2000000 --features 64 --reps 3
 
 Each throughput measurement is a fresh process reading worker 0's share of 4
-(global batch 1024, so 256 rows a step) for ``--steps`` steps, features and
-labels as tensors, alternating the loaders rep by rep:
+(global batch 1024, so 256 rows a step) for ``--steps`` steps or 60 s, features
+and labels as tensors, alternating the loaders rep by rep:
 
 * shoal: GlobalBatchSampler (block shuffle over the row groups) + DiskRows.
 * torchdata: StatefulDataLoader(batch_size=256) with DistributedSampler over a
@@ -14,6 +14,10 @@ labels as tensors, alternating the loaders rep by rep:
   reader (row-group cache included): only the order and the sharding differ.
 * HF datasets: load_dataset("parquet", streaming=True), split_dataset_by_node,
   shuffle(buffer_size=10000), batched by 256 with torch formatting.
+* shoal/arrow, torchdata/arrow: the first two on the same rows prepared as
+  memory-mapped Arrow (``shoal data prepare``), where any row is cheap to reach:
+  shoal takes a full shuffle there, and DistributedSampler's random rows stop
+  costing a row group each.
 
 The resume check trains nothing: it follows sample ids only. Four workers
 consume 40% of an epoch, a checkpoint (each loader's state_dict) is taken at
@@ -133,14 +137,30 @@ def hf_loader(root: Path, rank: int, world: int, state: dict | None = None):
     return batches(), ds.state_dict
 
 
-LOADERS = {"shoal": shoal_loader, "torchdata": torchdata_loader, "hf-datasets": hf_loader}
+def _arrow(loader):
+    """The same loader on the files prepared as memory-mapped Arrow (``ROOT-arrow``)."""
+
+    def on_arrow(root: Path, rank: int, world: int, state: dict | None = None):
+        return loader(root.with_name(root.name + "-arrow"), rank, world, state)
+
+    return on_arrow
+
+
+LOADERS = {
+    "shoal": shoal_loader,
+    "torchdata": torchdata_loader,
+    "hf-datasets": hf_loader,
+    "shoal/arrow": _arrow(shoal_loader),
+    "torchdata/arrow": _arrow(torchdata_loader),
+}
 
 
 # --- measurements -----------------------------------------------------------------------
 
 
-def throughput(name: str, root: Path, steps: int) -> dict:
-    """In this (fresh) process: worker 0 of 4 reads ``steps`` batches."""
+def throughput(name: str, root: Path, steps: int, limit_s: float = 60.0) -> dict:
+    """In this (fresh) process: worker 0 of 4 reads ``steps`` batches (or for
+    ``limit_s`` seconds, if that comes first)."""
     from shoal.memory import private_bytes
 
     it, _ = LOADERS[name](root, 0, W)
@@ -148,6 +168,8 @@ def throughput(name: str, root: Path, steps: int) -> dict:
     start, n = time.perf_counter(), 0
     for _, (ids, _x, _y) in zip(range(steps), it):
         n += len(ids)
+        if time.perf_counter() - start > limit_s:
+            break
     elapsed = time.perf_counter() - start
     return {"samples_per_s": n / elapsed, "private_mb": private_bytes() / 2**20}
 
@@ -205,8 +227,13 @@ def main() -> None:
     root = Path(args.data) if args.data else tmp / "data"
     if not args.data:
         write_data(root, args.rows, args.features)
+    arrow = root.with_name(root.name + "-arrow")
+    if not arrow.exists():
+        subprocess.run([sys.executable, "-m", "shoal", "data", "prepare", str(root), "--out",
+                        str(arrow)], check=True, capture_output=True)  # fmt: skip
     size = sum(f.stat().st_size for f in root.glob("*.parquet"))
-    print(f"data: {args.rows:,} rows x {args.features} features, {size / 2**30:.2f} GiB in {root}")
+    print(f"data: {args.rows:,} rows x {args.features} features, {size / 2**30:.2f} GiB in {root}",
+          flush=True)  # fmt: skip
     results: dict[str, list[dict]] = {n: [] for n in LOADERS}
     for rep in range(args.reps):
         names = list(LOADERS) if rep % 2 == 0 else list(reversed(LOADERS))
@@ -217,6 +244,8 @@ def main() -> None:
             results[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
     small = tmp / "small"
     write_data(small, args.resume_rows, 8)
+    subprocess.run([sys.executable, "-m", "shoal", "data", "prepare", str(small), "--out",
+                    str(tmp / "small-arrow")], check=True, capture_output=True)  # fmt: skip
     print(f"{'loader':12} {'samples/s (worker 0 of 4)':>26} {'private MiB':>12} "
           f"{'dup after 4->3':>15} {'missed':>8}")  # fmt: skip
     for name in LOADERS:

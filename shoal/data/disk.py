@@ -28,6 +28,7 @@ import difflib
 import fnmatch
 import hashlib
 import json
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -274,30 +275,38 @@ class Files:
 
 
 class BlockCache:
-    """Decoded blocks, least recently used dropped first, at most ``limit`` bytes."""
+    """Decoded blocks, least recently used dropped first, at most ``limit`` bytes.
 
-    def __init__(self, files: Files, columns: list[str], limit: int) -> None:
-        self.files, self.columns, self.limit = files, columns, limit
-        self.held: OrderedDict[int, Any] = OrderedDict()
+    ``decode`` turns a block's table into what the reader gathers rows from; blocks of
+    a prepared (memory-mapped) dataset cost nothing here: their pages are the kernel's.
+    A lock makes it safe for the loader's background thread and the training thread."""
+
+    def __init__(
+        self, files: Files, columns: list[str], limit: int, decode: Callable[[Any], Any]
+    ) -> None:
+        self.files, self.columns, self.limit, self.decode = files, columns, limit, decode
+        self.held: OrderedDict[int, tuple[Any, int]] = OrderedDict()
         self.bytes = 0
         self.reads = 0
-        self.read_bytes = 0
+        self.lock = threading.Lock()
 
     def get(self, block: int) -> Any:
-        table = self.held.get(block)
-        if table is not None:
-            self.held.move_to_end(block)
-            return table
+        with self.lock:
+            hit = self.held.get(block)
+            if hit is not None:
+                self.held.move_to_end(block)
+                return hit[0]
         table = self.files.read_block(block, self.columns)
-        self.reads += 1
-        size = 0 if self.files.prepared else table.nbytes  # mapped pages are the kernel's
-        self.read_bytes += table.nbytes
-        self.held[block] = table
-        self.bytes += size
-        while self.bytes > self.limit and len(self.held) > 1:
-            _, old = self.held.popitem(last=False)
-            self.bytes -= 0 if self.files.prepared else old.nbytes
-        return table
+        decoded = self.decode(table)
+        size = 0 if self.files.prepared else table.nbytes
+        with self.lock:
+            self.reads += 1
+            self.held[block] = (decoded, size)
+            self.bytes += size
+            while self.bytes > self.limit and len(self.held) > 1:
+                _, (_, old) = self.held.popitem(last=False)
+                self.bytes -= old
+        return decoded
 
 
 Transform = Callable[[Any], tuple[Any, Any]]
@@ -356,6 +365,33 @@ class Columns:
     def read(self) -> list[str]:
         return [*self.features, *([self.label] if self.label not in self.features else [])]
 
+    def decode(self, table: Any) -> Any:
+        """A block as the reader keeps it: the table (for a transform), or numpy views of
+        each feature column and of the label (copies only where arrow must convert),
+        the label checked once here."""
+        if self.transform is not None:
+            return table
+        xs = [_matrix(table.column(c), c, self.root) for c in self.features]
+        ys = _matrix(table.column(self.label), self.label, self.root)
+        y = ys if self.task == "language-model" else ys[:, 0]
+        _label_tensor(torch.from_numpy(np.array(y)), self.task, self.root)  # NaN, fractions
+        return xs, y
+
+    def gather(self, pieces: list[tuple[Any, np.ndarray]]) -> Batch:
+        """(features, labels) of the rows ``local`` of each decoded block, in order."""
+        if self.transform is not None:
+            pa = _pa()
+            return self(pa.concat_tables([t.take(pa.array(i)) for t, i in pieces]))
+        dtype = np.float32 if self.float_features else np.int64
+        x = np.concatenate(
+            [
+                np.concatenate([c[i] for c in xs], axis=1, dtype=dtype, casting="unsafe")
+                for (xs, _), i in pieces
+            ]
+        )
+        y = np.concatenate([ys[i] for (_, ys), i in pieces])
+        return torch.from_numpy(x), _label_tensor(torch.from_numpy(y), self.task, self.root)
+
     def __call__(self, table: Any) -> Batch:
         if self.transform is not None:
             try:
@@ -408,7 +444,7 @@ class DiskRows:
 
     def __init__(self, files: Files, columns: Columns, cache_bytes: int) -> None:
         self.files, self.columns = files, columns
-        self.cache = BlockCache(files, columns.read, cache_bytes)
+        self.cache = BlockCache(files, columns.read, cache_bytes, columns.decode)
 
     def __len__(self) -> int:
         return self.files.rows
@@ -417,28 +453,29 @@ class DiskRows:
     def blocks(self) -> list[int]:
         return self.files.blocks
 
-    def table(self, rows: np.ndarray) -> Any:
-        """The rows as a pyarrow Table, in the order given."""
-        pa = _pa()
+    def take(self, rows: np.ndarray) -> Batch:
+        """(features, labels) of ``rows``, in the order given."""
         rows = np.asarray(rows, dtype=np.int64)
-        order = np.argsort(rows, kind="stable")
-        srt = rows[order]
+        ordered = len(rows) < 2 or bool((rows[1:] >= rows[:-1]).all())
+        order = None if ordered else np.argsort(rows, kind="stable")
+        srt = rows if order is None else rows[order]
         if len(srt) and (srt[0] < 0 or srt[-1] >= self.files.rows):
             raise IndexError(f"row {int(srt[-1])} out of range ({self.files.rows} rows)")
+        if not len(srt):
+            srt = np.zeros(0, np.int64)
         ends = self.files.ends
         block = np.searchsorted(ends, srt, side="right")
-        pieces = []
         cuts = np.flatnonzero(np.diff(block)) + 1
-        for chunk, b in zip(np.split(srt, cuts), block[np.r_[0, cuts]] if len(srt) else []):
+        firsts = block[np.r_[0, cuts]] if len(srt) else np.zeros(1, np.int64)
+        pieces = []
+        for chunk, b in zip(np.split(srt, cuts) if len(srt) else [srt], firsts):
             start = int(ends[b - 1]) if b > 0 else 0
-            pieces.append(self.cache.get(int(b)).take(pa.array(chunk - start)))
-        table = pa.concat_tables(pieces) if pieces else self.cache.get(0).slice(0, 0)
-        if not np.array_equal(order, np.arange(len(order))):
-            table = table.take(pa.array(np.argsort(order, kind="stable")))
-        return table
-
-    def take(self, rows: np.ndarray) -> Batch:
-        return self.columns(self.table(rows))
+            pieces.append((self.cache.get(int(b)), chunk - start))
+        x, y = self.columns.gather(pieces)
+        if order is not None:
+            back = torch.from_numpy(np.argsort(order, kind="stable"))
+            x, y = x[back], y[back]
+        return x, y
 
 
 def _resolve_columns(files: Files, cfg: DataConfig, meta: dict[str, Any]) -> tuple[list[str], str]:

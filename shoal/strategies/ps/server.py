@@ -51,6 +51,8 @@ class ServerStats:
     duplicates: int = 0
     apply_s: float = 0.0
     max_queue: int = 0
+    rows_pulled: int = 0
+    rows_pushed: int = 0
     peer_bytes: dict[str, list[int]] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -63,6 +65,8 @@ class ServerStats:
             "duplicates": self.duplicates,
             "apply_s": self.apply_s,
             "max_queue": self.max_queue,
+            "rows_pulled": self.rows_pulled,
+            "rows_pushed": self.rows_pushed,
             "peer_bytes": self.peer_bytes,
         }
 
@@ -354,6 +358,7 @@ class Server:
             raise wire.WireError("malformed", "pull: tables and id tensors differ in number")
         for name, ids in zip(names, tensors):
             out.append(self.tables[name].read(ids.to(torch.int64)))
+            self.stats.rows_pulled += len(ids)
         self.send(
             peer,
             {"op": "values", "id": header.get("id"), "applied_through": self.steps.applied_through},
@@ -390,6 +395,7 @@ class Server:
             if table is None or ids.dim() != 1 or grads.shape != (len(ids), table.dim):
                 raise wire.WireError("malformed", f"push: bad rows for table {str(n)[:32]!r}")
             rows.setdefault(n, ([], []))
+            self.stats.rows_pushed += len(ids)
             rows[n][0].append(ids)
             rows[n][1].append(grads)
         if not self.steps.is_new(step, part):  # a task handed out twice: it counts once
