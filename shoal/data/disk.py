@@ -315,7 +315,10 @@ Transform = Callable[[Any], tuple[Any, Any]]
 def _matrix(column: Any, name: str, where: Path) -> np.ndarray:
     """A column as a 2-D numpy array: one value per row, or a list of equal length."""
     pa = _pa()
-    col = column.combine_chunks() if hasattr(column, "combine_chunks") else column
+    if hasattr(column, "num_chunks"):  # one chunk is used as is: no copy of mapped pages
+        col = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+    else:
+        col = column
     if col.null_count:
         raise UserError(f"{where}: column {name!r} has null values; fill them or decode "
                         "them with --data-transform")  # fmt: skip
