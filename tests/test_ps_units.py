@@ -414,3 +414,30 @@ def test_coordinator_answers_a_parked_task_request_when_another_worker_finishes_
             peer.close()
         coordinator.stopped.set()
         coordinator.join(timeout=5)
+
+
+def test_a_push_after_its_pull_reuses_the_lookup_and_changes_nothing():
+    """The last lookup is reused for the same ids (a push after its pull); the rows and
+    optimizer state equal a table that searched every time."""
+    opt = ServerOptimizer(OptimConfig(name="adagrad", lr=0.1), 100)
+    fast, slow = SparseTable(4, 0.01, 0, opt), SparseTable(4, 0.01, 0, opt)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(6):
+        ids = torch.unique(torch.randint(0, 60, (25,), generator=gen))  # ascending, unique
+        grads = torch.randn(len(ids), 4, generator=gen)
+        assert torch.equal(fast.read(ids), slow.read(ids))
+        assert fast._last is not None
+        fast.apply(*sum_rows([ids], [grads]), step)
+        slow._last = None  # forces the search
+        slow.apply(*sum_rows([ids.flip(0)], [grads.flip(0)]), step)  # the summing path
+    everything = torch.arange(60)
+    assert torch.equal(fast.read(everything), slow.read(everything))
+    assert torch.equal(fast.state["sum"][: len(fast)], slow.state["sum"][: len(slow)])
+
+
+def test_sum_rows_adds_duplicates_and_passes_ascending_rows_through():
+    ids, grads = torch.tensor([3, 1, 3]), torch.ones(3, 2)
+    unique, summed = sum_rows([ids], [grads])
+    assert unique.tolist() == [1, 3] and summed.tolist() == [[1, 1], [2, 2]]
+    ascending = torch.tensor([1, 4, 9])
+    assert sum_rows([ascending], [grads])[0] is ascending

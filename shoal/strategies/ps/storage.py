@@ -27,6 +27,9 @@ class SparseTable:
         self.key_slots = np.empty(0, dtype=np.int64)  # slot of keys[i] in the slab
         self.rows = torch.empty(0, dim)
         self.state = optimizer.new_state(0, dim)
+        self._last: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        """(keys array, ids, their slots) of the last lookup: a push of the rows a pull
+        just read (the usual order) finds them without searching again."""
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -38,6 +41,14 @@ class SparseTable:
     def slots(self, ids: torch.Tensor) -> torch.Tensor:
         """Slots of ``ids``, creating missing rows."""
         want = ids.to(torch.int64).numpy()
+        last = self._last
+        if last is not None and last[0] is self.keys and np.array_equal(last[1], want):
+            return torch.from_numpy(last[2])
+        out = self._find(want)
+        self._last = (self.keys, want.copy(), out)
+        return torch.from_numpy(out)
+
+    def _find(self, want: np.ndarray) -> np.ndarray:
         pos = np.searchsorted(self.keys, want)
         found = pos < len(self.keys)
         found[found] = self.keys[pos[found]] == want[found]
@@ -52,7 +63,7 @@ class SparseTable:
             self.keys = np.insert(self.keys, at, new)
             self.key_slots = np.insert(self.key_slots, at, new_slots)
             self._grow(torch.from_numpy(new))
-        return torch.from_numpy(out)
+        return out
 
     def _grow(self, new_ids: torch.Tensor) -> None:
         needed = len(self.keys)
@@ -80,7 +91,8 @@ class SparseTable:
 
 
 def _resize(t: torch.Tensor, rows: int) -> torch.Tensor:
-    out = torch.zeros(rows, *t.shape[1:], dtype=t.dtype)
+    """``t`` with room for ``rows`` rows; the new ones are set when they are created."""
+    out = torch.empty(rows, *t.shape[1:], dtype=t.dtype)
     out[: len(t)] = t
     return out
 
@@ -89,6 +101,8 @@ def sum_rows(
     ids: list[torch.Tensor], grads: list[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Concatenate row gradients and add up duplicates: (unique ids, summed grads)."""
+    if len(ids) == 1 and (len(ids[0]) < 2 or bool((ids[0][1:] > ids[0][:-1]).all())):
+        return ids[0], grads[0]  # one part's rows, ascending (as workers send them): unique
     all_ids = torch.cat(ids)
     unique, inverse = torch.unique(all_ids, return_inverse=True)
     summed = torch.zeros(len(unique), grads[0].shape[1]).index_add_(0, inverse, torch.cat(grads))
