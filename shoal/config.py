@@ -99,7 +99,11 @@ class DataConfig:
     table_rows: int = option(1_000_000, "rows of the hashed embedding table (ctr)", low=1, high=BIG)
     context: int = option(64, "tokens per training sequence (text)", low=1, high=1 << 20)
     test_fraction: float = option(
-        0.2, "fraction of the data held out for evaluation", low=0, below=1
+        0.2,
+        "fraction of generated data held out for evaluation (parquet: the test/ "
+        "directory beside train/)",
+        low=0,
+        below=1,
     )
     data_seed: int = option(
         1234, "seed of the data generator and of the train/test split", low=0, high=SEED_MAX
@@ -107,12 +111,10 @@ class DataConfig:
     drop_last: bool = option(False, "drop the last, smaller global batch of each epoch")
     features: str = option(
         "",
-        "feature columns of a parquet: dataset, comma-separated, * wildcards allowed "
-        "(default: the list its writer stored)",
+        "feature columns of a parquet: dataset, comma-separated, * wildcards allowed; "
+        "empty: the list its writer stored",
     )
-    label: str = option(
-        "", "label column of a parquet: dataset (default: the one its writer stored)"
-    )
+    label: str = option("", "label column of a parquet: dataset; empty: the one its writer stored")
     transform: str = option(
         "",
         "package.module:function turning each batch read from disk (a pyarrow.Table of its "

@@ -3,11 +3,14 @@ and resizes lose or repeat no sample (audited id by id), memory stays bounded.""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from shoal.data.loader import read_audit
-from shoal.data.make import make
 from shoal.data.order import range_digest
 from tests.conftest import max_abs_diff, params, read_summary, train
 from tests.test_data_disk import spark_style
@@ -91,17 +94,34 @@ def test_parameter_server_rereads_a_killed_workers_part(tmp_path, parquet_job, o
     assert max_abs_diff(params(out), params(one_worker)) < 1e-5  # bsp: synchronous
 
 
+def write_big(root: Path, gigabytes: float, features: int = 256) -> int:
+    """At least ``gigabytes`` of uncompressed Parquet (64k-row blocks of one random
+    block, shifted), in files of 16 row groups of 8k rows; its size in bytes."""
+    block = np.random.default_rng(0).standard_normal((1 << 16, features), dtype=np.float32)
+    w = np.random.default_rng(1).standard_normal(features).astype(np.float32)
+    rows_per_file, written, i = 1 << 17, 0, 0
+    root.mkdir(parents=True)
+    while written < gigabytes * 1e9:
+        x = block + np.float32(i)
+        table = pa.table({"x": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), features),
+                          "y": x @ w})  # fmt: skip
+        path = root / f"part-{i:05d}.parquet"
+        pq.write_table(pa.concat_tables([table, table]).slice(0, rows_per_file), path,
+                       row_group_size=1 << 13, compression="none")  # fmt: skip
+        written += path.stat().st_size
+        i += 1
+    return written
+
+
 @pytest.mark.timeout(300)
 def test_private_memory_stays_a_fraction_of_a_dataset_of_2_gb(tmp_path):
     root = tmp_path / "big"
-    make("linear", 2_000_000, root, test_rows=1_000, options={"features": 256},
-         compression="none")  # fmt: skip
-    size = sum(p.stat().st_size for p in root.rglob("*.parquet"))
+    size = write_big(root, 2.0)
     assert size > 2e9
     out = tmp_path / "run"
-    train(out, "--model", "linear", "--data", f"parquet:{root}", "--workers", "2",
-          "--batch-size", "2048", "--steps", "300", "--data-cache-mb", "64", "--shuffle-window",
-          "8", "--eval-every", "0")  # fmt: skip
+    train(out, "--model", "linear", "--data", f"parquet:{root}", "--features", "x", "--label",
+          "y", "--workers", "2", "--batch-size", "2048", "--steps", "300", "--data-cache-mb",
+          "64", "--shuffle-window", "8", "--eval-every", "0")  # fmt: skip
     s = read_summary(out)
     assert s["epochs"][0]["samples"] == 300 * 2048 and s["epochs"][0]["exact"]
     for worker in s["per_worker"]:  # 300 MB of it is torch's own, before any data

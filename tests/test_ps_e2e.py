@@ -145,7 +145,7 @@ def test_unauthenticated_peers_cannot_grow_memory_or_disturb_training(ps_bsp_lin
     undisturbed run."""
     out = tmp_path / "attacked"
     job = start_train(
-        out, *LINEAR, *PS, "--ps-mode", "bsp", env={"SHOAL_FAULT": "slow:rank=*:ms=200"}
+        out, *LINEAR, *PS, "--ps-mode", "bsp", env={"SHOAL_FAULT": "slow:rank=*:ms=130"}
     )
     try:
         endpoints = out / "ps_endpoints.json"
