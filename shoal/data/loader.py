@@ -32,6 +32,9 @@ class Loader:
         self.prefetch = 0 if self.in_memory else prefetch
         self.pool = ThreadPoolExecutor(1, "shoal-data") if self.prefetch else None
         self.pending: OrderedDict[bytes, Future[Split]] = OrderedDict()
+        self.done: OrderedDict[bytes, Split] = OrderedDict()
+        """The last batches read: a strategy that prefetches by the next task's rows reads
+        that batch one step early, and the step then takes it from here."""
 
     def _read(self, idx: np.ndarray) -> Split:
         x, y = self.rows.take(idx)
@@ -43,8 +46,15 @@ class Loader:
         """The rows ``idx`` on the device (read now unless read ahead)."""
         if self.in_memory:
             return self.rows.take(idx)
-        future = self.pending.get(idx.tobytes())
-        x, y = future.result() if future is not None else self._read(idx)
+        key = idx.tobytes()
+        batch = self.done.get(key)
+        if batch is None:
+            future = self.pending.pop(key, None)
+            batch = future.result() if future is not None else self._read(idx)
+            self.done[key] = batch
+            while len(self.done) > 2:
+                self.done.popitem(last=False)
+        x, y = batch
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def ahead(self, idx: np.ndarray) -> None:
@@ -52,7 +62,7 @@ class Loader:
         if self.pool is None:
             return
         key = idx.tobytes()
-        if key in self.pending:
+        if key in self.pending or key in self.done:
             return
         self.pending[key] = self.pool.submit(self._read, idx)
         while len(self.pending) > self.prefetch + 1:  # the current one, and those ahead

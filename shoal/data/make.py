@@ -113,7 +113,8 @@ def write_split(
     try:
         for columns in chunks:
             table = _table(columns, meta)
-            group = max(1024, min(CHUNK, ROW_GROUP_BYTES * table.num_rows // max(1, table.nbytes)))
+            pieces = -(-table.nbytes // ROW_GROUP_BYTES)  # row groups of about equal size
+            group = max(1024, -(-table.num_rows // max(1, pieces)))
             if writer is None:
                 path = out / f"part-{file_index:05d}.parquet"
                 tmp = path.with_name("." + path.name + ".tmp")
