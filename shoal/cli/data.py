@@ -145,7 +145,7 @@ def _human(n: float) -> str:
 
 def describe(root: Path) -> dict[str, Any]:
     """What ``shoal data info`` shows, for one split directory or file."""
-    from shoal.data.disk import Files
+    from shoal.data.files import Files
 
     files = Files(root)
     schema = files.schemas[0]
@@ -166,7 +166,7 @@ def describe(root: Path) -> dict[str, Any]:
 
 
 def _splits(root: Path) -> list[tuple[str, Path]]:
-    from shoal.data.disk import INDEX
+    from shoal.data.files import INDEX
 
     if root.is_dir() and (root / "train").is_dir() and not (root / INDEX).is_file():
         return [(s, root / s) for s in ("train", "test") if (root / s).is_dir()]
@@ -231,7 +231,7 @@ def _sha256(path: Path) -> str:
 
 
 def _verify(root: Path) -> str:
-    from shoal.data.disk import INDEX, _read_index
+    from shoal.data.files import INDEX, _read_index
 
     if not (root / INDEX).is_file():
         return "none (not a prepared directory; Parquet files carry per-page CRCs at most)"
@@ -242,7 +242,7 @@ def _verify(root: Path) -> str:
 
 
 def run_prepare(args: argparse.Namespace) -> int:
-    from shoal.data.disk import Files
+    from shoal.data.files import Files
 
     src, out = Path(args.src), Path(args.out)
     if out.exists() and any(out.iterdir()):
@@ -266,7 +266,7 @@ def run_prepare(args: argparse.Namespace) -> int:
 def _prepare_split(files: Any, out: Path, progress: _Bar) -> None:
     import pyarrow as pa
 
-    from shoal.data.disk import INDEX
+    from shoal.data.files import INDEX
 
     out.mkdir(parents=True, exist_ok=True)
     entries = []

@@ -17,7 +17,7 @@ from shoal import checkpoint, faults, rundir
 from shoal.cli.flags import add_job_flags, apply_flags, given
 from shoal.config import JobConfig, load_toml
 from shoal.data import Dataset, build_dataset
-from shoal.data.disk import check_unchanged, fingerprints
+from shoal.data.files import check_unchanged, fingerprints
 from shoal.dist import resolve_device
 from shoal.errors import UserError
 from shoal.launch import LaunchFailed, check_port, describe

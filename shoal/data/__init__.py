@@ -5,7 +5,8 @@ from __future__ import annotations
 from shoal.config import DataConfig
 from shoal.data.ctr import auc_reference, ctr
 from shoal.data.datasets import BUILTIN, Dataset, linear_reference
-from shoal.data.disk import DiskRows, disk_path, open_disk
+from shoal.data.disk import DiskRows, open_disk
+from shoal.data.files import disk_path
 from shoal.data.order import Order
 from shoal.data.sampler import GlobalBatchSampler, StepWork, Task, Work, split_sizes
 from shoal.data.text import text

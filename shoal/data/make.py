@@ -22,7 +22,7 @@ import numpy as np
 
 from shoal.data.ctr import CTR_META, ctr_columns
 from shoal.data.datasets import linear_columns, linear_truth
-from shoal.data.disk import META_KEY
+from shoal.data.files import META_KEY
 from shoal.data.text import text_columns
 from shoal.errors import UserError
 
