@@ -201,3 +201,33 @@ def test_bad_data_is_one_line_before_training(tmp_path, capsys, kind):
 def test_missing_path_is_one_line(tmp_path, capsys):
     assert main(["data", "info", str(tmp_path / "nope")]) == 2
     assert "no such file or directory" in capsys.readouterr().err
+
+
+def test_resume_names_a_file_removed_changed_or_added_since_the_run_started(tmp_path):
+    from shoal.cli.train import _check_data_files
+    from shoal.config import JobConfig
+    from shoal.errors import UserError
+
+    root = tmp_path / "d"
+    spark_style(root)
+    job = JobConfig()
+    job.data.name = f"parquet:{root}"
+    out = tmp_path / "run"
+    out.mkdir()
+    _check_data_files(job, out)  # the run starts: dataset.json keeps the fingerprints
+    job.output.resume = True
+    _check_data_files(job, out)  # nothing changed
+    part = sorted(root.glob("part-*.parquet"))[1]
+    table = pq.read_table(part)
+    part.unlink()
+    with pytest.raises(UserError, match=f"{part.name} was removed since the run started"):
+        _check_data_files(job, out)
+    changed = table.set_column(0, "f0", pa.array(np.zeros(table.num_rows, np.float32)))
+    pq.write_table(changed, part, row_group_size=300)  # same name, rows and row groups
+    with pytest.raises(UserError, match=f"{part.name} changed since the run started"):
+        _check_data_files(job, out)
+    pq.write_table(table, part, row_group_size=300)  # put back as it was
+    _check_data_files(job, out)
+    pq.write_table(table, root / "part-00009.parquet")
+    with pytest.raises(UserError, match=r"part-00009\.parquet is new since the run started"):
+        _check_data_files(job, out)
