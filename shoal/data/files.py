@@ -117,6 +117,7 @@ class Files:
         self.prepared = (root / INDEX).is_file()
         self.shards: list[Shard] = []
         self.schemas: list[Any] = []
+        self.footers: dict[int, Any] = {}  # Parquet metadata by shard (statistics)
         index = _read_index(root) if self.prepared else None
         base = root if root.is_dir() else root.parent
         for i, path in enumerate(list_files(root)):
@@ -142,8 +143,7 @@ class Files:
                     raise UserError(f"{path}: not a readable Parquet file ({_why(e)})") from None
                 blocks = tuple(meta.row_group(g).num_rows for g in range(meta.num_row_groups))
                 schema = meta.schema.to_arrow_schema()
-                self._metadata = getattr(self, "_metadata", {})
-                self._metadata[len(self.shards)] = meta
+                self.footers[len(self.shards)] = meta
             self.shards.append(Shard(path, name, sum(blocks), blocks, size, fingerprint))
             self.schemas.append(schema)
         self.blocks = [b for s in self.shards for b in s.blocks if b > 0]
@@ -219,7 +219,7 @@ class Files:
     def null_counts(self, column: str) -> list[tuple[Shard, int]]:
         """Nulls of ``column`` per file, from the Parquet statistics where they exist."""
         out = []
-        metas = getattr(self, "_metadata", {})
+        metas = self.footers
         for i, shard in enumerate(self.shards):
             meta = metas.get(i)
             if meta is None:
