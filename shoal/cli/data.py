@@ -112,14 +112,12 @@ class _Bar:
 
 
 def run_make(args: argparse.Namespace) -> int:
-    from shoal.data.make import make
+    from shoal.data.make import default_test_rows, make
 
     if args.rows < 1:
         raise UserError("--rows must be at least 1")
     out = Path(args.out)
-    test_rows = (
-        args.test_rows if args.test_rows is not None else max(1_000, min(args.rows // 10, 100_000))
-    )
+    test_rows = args.test_rows if args.test_rows is not None else default_test_rows(args.rows)
     bar = _Bar(args.rows + test_rows, f"shoal data make {args.name}")
     opts = {"features": args.features, "noise": args.noise, "context": args.context}
     try:

@@ -31,10 +31,7 @@ ZIPF = 2.0
 def hash_rows(field: np.ndarray, value: np.ndarray, rows: int) -> np.ndarray:
     """Row of feature ``(field, value)`` in a table of ``rows`` rows (splitmix64)."""
     x = (field.astype(np.uint64) << np.uint64(32)) ^ value.astype(np.uint64)
-    x = (x + np.uint64(0x9E3779B97F4A7C15)) & np.uint64(0xFFFFFFFFFFFFFFFF)
-    x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & np.uint64(0xFFFFFFFFFFFFFFFF)
-    x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & np.uint64(0xFFFFFFFFFFFFFFFF)
-    return ((x ^ (x >> np.uint64(31))) % np.uint64(rows)).astype(np.int64)
+    return (splitmix64(x) % np.uint64(rows)).astype(np.int64)
 
 
 def ctr(cfg: DataConfig) -> Dataset:

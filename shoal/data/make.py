@@ -139,6 +139,11 @@ def write_split(
     return meta
 
 
+def default_test_rows(rows: int) -> int:
+    """Held-out rows when none are asked for: a tenth, between 1,000 and 100,000."""
+    return max(1_000, min(rows // 10, 100_000))
+
+
 def make(
     name: str, rows: int, out: Path, *, seed: int = 1234, test_rows: int | None = None,
     file_rows: int = 1 << 20, compression: str = "snappy", options: dict[str, Any] | None = None,
@@ -150,7 +155,7 @@ def make(
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out}: not empty; shoal data make writes a new directory")
     if test_rows is None:
-        test_rows = max(1_000, min(rows // 10, 100_000))
+        test_rows = default_test_rows(rows)
     opts = {"features": 32, "noise": 0.1, "context": 64, **(options or {})}
     try:
         meta = write_split(
