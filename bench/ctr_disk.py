@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pyarrow.parquet as pq
 
 
 def shoal(*args: str) -> None:
@@ -90,9 +93,12 @@ def main() -> None:
     p.add_argument("--compare-shuffles", action="store_true")
     args = p.parse_args()
     root = dataset(args)
-    size = sum(f.stat().st_size for f in root.rglob("*.parquet"))
-    print(f"data: {args.rows:,} rows, {size / 2**30:.2f} GiB of Parquet in {root}")
+    files = sorted(root.rglob("*.parquet"))
+    size = sum(f.stat().st_size for f in files)
+    rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files if "train" in f.parts)
+    print(f"data: {rows:,} training rows, {size / 2**30:.2f} GiB of Parquet in {root}")
     out = Path(args.out)
+    shutil.rmtree(out, ignore_errors=True)  # this bench's own output
     s = train(args, str(root), out / "block")
     describe("block shuffle, Parquet", s, out / "block")
     if args.compare_shuffles:

@@ -203,9 +203,7 @@ class Trainer:
                 with timer.phase("data"):
                     batch = self.loader.get(task.indices)
                     ahead = work.peek()
-                    if ahead is not None and self.strategy.prefetches:
-                        self.strategy.prefetch(self.loader.get(ahead.indices))
-                    elif ahead is not None:
+                    if ahead is not None:  # read in the background while this step trains
                         self.loader.ahead(ahead.indices)
                 lr = self.strategy.lr
                 self.step = task.step  # until it is done
@@ -213,6 +211,13 @@ class Trainer:
                 self.activations.enabled = first or work.log_now(task.step + 1)
                 first = False
                 loss_sum = self.strategy.train_step(batch, self.loss_fn, task.loss_scale, timer)
+                if ahead is not None and self.strategy.prefetches:
+                    # the next task's rows are asked for now (after this step's push, so
+                    # they hold it) and arrive while the next task is fetched
+                    with timer.phase("data"):
+                        upcoming = self.loader.get(ahead.indices)
+                    with timer.phase("comm"):
+                        self.strategy.prefetch(upcoming)
                 self.step = task.step + 1
                 window.loss_sum += loss_sum
                 window.count += len(task.indices)

@@ -44,7 +44,7 @@ class Strategy(ABC):
     scheduler: torch.optim.lr_scheduler.LRScheduler
     """The learning-rate schedule of :attr:`optimizer`."""
     prefetches: ClassVar[bool] = False
-    """Whether :meth:`prefetch` wants to see the next batch while this one computes."""
+    """Whether :meth:`prefetch` wants to see the next batch once this step is done."""
 
     def __init__(self, job: JobConfig, env: DistEnv) -> None:
         self.job = job

@@ -335,7 +335,11 @@ class ParameterServer(Strategy):
         ]
 
     def prefetch(self, batch: Batch) -> None:
-        """Ask now for the rows the next task will touch; they arrive while this one computes.
+        """Ask now for the rows the next task will touch.
+
+        The trainer calls this after a step's push, so the rows hold this
+        worker's own update, and they arrive while the next task is fetched and
+        its dense parameters pulled.
 
         The queue hands out a task only once its step may read, so the shards
         answer at once, and the rows are never staler than the mode allows.
