@@ -135,3 +135,22 @@ def test_fsdp_reads_parquet_to_the_same_parameters(tmp_path, parquet_job, one_wo
     train(out, *parquet_job, "--strategy", "fsdp", "--workers", "2")
     assert max_abs_diff(params(out), params(one_worker)) < 1e-5
     _exact_epochs(read_summary(out))
+
+
+@pytest.mark.timeout(240)
+def test_tensor_and_pipeline_ranks_share_a_slice_and_end_at_the_same_parameters(
+    tmp_path, parquet_job
+):
+    """An MLP (its one regression output too few to split: whole on every rank)."""
+    job = [*parquet_job, "--model", "mlp", "--hidden", "32", "--steps", "30"]
+    train(tmp_path / "one", *job, "--workers", "1")
+    ref = read_audit(tmp_path / "one")
+    assert sorted(ref) == list(range(30))
+    for strategy in (["tensor"], ["pipeline", "--split-at", "3"]):
+        out = tmp_path / strategy[0]
+        train(out, *job, "--strategy", *strategy, "--workers", "2")
+        assert max_abs_diff(params(out), params(tmp_path / "one")) < 1e-5, strategy
+        got = read_audit(out)
+        assert sorted(got) == sorted(ref) and all(np.array_equal(got[s], ref[s]) for s in ref)
+        epoch = read_summary(out)["epochs"][0]
+        assert epoch["samples"] == 30 * 64 and epoch["exact"], epoch

@@ -22,7 +22,8 @@ class Layers(nn.Sequential):
 
     def tensor_plan(self, tp: int) -> dict[str, Any]:
         """Linear layers in pairs, column-wise then row-wise (one all-reduce per pair);
-        an odd last one column-wise with its outputs gathered."""
+        an odd last one column-wise with its outputs gathered, or whole on every rank
+        when its outputs do not split ``tp`` ways."""
         from torch.distributed.tensor import Replicate
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
@@ -35,7 +36,9 @@ class Layers(nn.Sequential):
             if i < len(linears) - 1 and layer.out_features % tp:
                 raise UserError(f"--hidden {layer.out_features} must be a multiple of tp={tp}")
             if i == len(linears) - 1:
-                plan[name] = ColwiseParallel(output_layouts=Replicate())
+                if layer.out_features % tp == 0:
+                    plan[name] = ColwiseParallel(output_layouts=Replicate())
+                # else too few outputs to split (a regression's one): whole on every rank
             else:
                 plan[name] = ColwiseParallel()
         return plan
