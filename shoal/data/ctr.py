@@ -70,10 +70,15 @@ def ctr(cfg: DataConfig) -> Dataset:
 
 CAT_FIELDS = 26
 DENSE_FIELDS = 13
-DISK_VOCAB = (3, 10, 30, 100, 300, 1_000, 3_000, 10_000, 30_000, 100_000, 300_000, 30_000,
+DISK_VOCAB = (3, 10, 30, 100, 300, 1_000, 3_000, 10_000, 30_000, 100_000, 100_000, 30_000,
               10_000) * 2  # fmt: skip
-"""Values of each categorical field, from a handful to 300k: about 1M (field, value)
-pairs in all, so a table of a million rows or more can learn nearly every one."""
+"""Values of each categorical field, from a handful to 100k: about 570k (field, value)
+pairs in all, most of them rare, hashed into a table of a million rows or more."""
+HEAD = 5
+"""Value ``floor(vocab * u**HEAD)`` for uniform ``u``: a heavy head and a long tail.
+Measured in one process (Adagrad, one epoch, a table of 2M rows): with fields of up
+to 300k values and ``u**3``, 20M rows left a model 0.016 AUC short of the true one
+(0.024 in a 1M-row table); this layout is 0.014 short at 20M rows and 0.009 at 40M."""
 BUCKETS = 64
 """Dense features become categorical: the bucket of 4*log1p(x), at most this many."""
 MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -105,7 +110,7 @@ def ctr_columns(seed: int, start: int, count: int, split: int) -> dict[str, np.n
     for f in range(CAT_FIELDS):
         u = _unit(_hash(seed, split, f, rows))
         vocab = DISK_VOCAB[f]
-        value = np.floor(vocab * u**3).astype(np.int64)  # heavy head, long tail
+        value = np.floor(vocab * u**HEAD).astype(np.int64)
         raw = (_hash(seed, 1_000 + f, value) >> np.uint64(1)).astype(np.int64)
         out[f"C{f + 1}"] = raw
         logit += (_unit(_hash(seed, 2_000, raw)) - 0.5) * 1.6
