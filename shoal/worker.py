@@ -17,7 +17,7 @@ from pathlib import Path
 import torch.distributed
 
 from shoal import dist
-from shoal.config import load_toml
+from shoal.config import JobConfig, load_toml
 from shoal.errors import PeerLost, PeerRejected, UserError
 from shoal.faults import Injector
 from shoal.health import EXIT_PEER_LOST, Heartbeat
@@ -45,9 +45,20 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         print("usage: python -m shoal.worker CONFIG.toml", file=sys.stderr)
         return 2
-    trainer = heartbeat = job = None
     try:
         job = load_toml(args[0])
+    except UserError as e:
+        print(f"shoal: error: {e}", file=sys.stderr)
+        return 2
+    return run(job)
+
+
+def run(job: JobConfig) -> int:
+    """Run this process's part of ``job`` (its role from ``SHOAL_ROLE``, a training
+    worker by default) and return the exit code; joins the process group that the
+    environment describes, or uses the one already there."""
+    trainer = heartbeat = None
+    try:
         marker = Path(job.output.out) / USER_ERROR_FILE
         if marker.exists() and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
             return 2  # a mistake was reported already; retrying cannot help
@@ -68,9 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             heartbeat.stop()
     except UserError as e:
         print(f"shoal: error: {e}", file=sys.stderr)
-        if job is not None:
-            with contextlib.suppress(OSError):
-                (Path(job.output.out) / USER_ERROR_FILE).write_text(f"{e}\n")
+        with contextlib.suppress(OSError):
+            (Path(job.output.out) / USER_ERROR_FILE).write_text(f"{e}\n")
         return 2
     except (PeerRejected, PeerLost) as e:
         rank = os.environ.get("SHOAL_ROLE_RANK") or os.environ.get("RANK", "")

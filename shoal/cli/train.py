@@ -18,9 +18,9 @@ from shoal.cli.flags import add_job_flags, apply_flags, given
 from shoal.config import JobConfig, load_toml
 from shoal.data import Dataset, build_dataset
 from shoal.data.files import check_unchanged, fingerprints
-from shoal.dist import resolve_device
+from shoal.dist import DistEnv, init, resolve_device
 from shoal.errors import UserError
-from shoal.launch import LaunchFailed, check_port, describe
+from shoal.launch import LAUNCHER_ENV, LaunchFailed, check_port, describe
 from shoal.layout import (
     CONFIG_FILE,
     DATASET_FILE,
@@ -161,9 +161,10 @@ def check_layout(job: JobConfig, path: Path) -> None:
         )
 
 
-def prepare_run_dir(job: JobConfig) -> tuple[Path, rundir.RunLock | None]:
+def prepare_run_dir(job: JobConfig, own_port: bool = True) -> tuple[Path, rundir.RunLock | None]:
     """Take and check the run directory (node 0 holds its lock for the whole job); return
-    where the workers read the resolved job. A refusal leaves the directory as it was."""
+    where the workers read the resolved job. A refusal leaves the directory as it was.
+    ``own_port``: shoal's launcher is to open the rendezvous port, so it must be free."""
     out = Path(job.output.out)
     if job.cluster.node_rank != 0:
         check_port(job.cluster)
@@ -176,6 +177,8 @@ def prepare_run_dir(job: JobConfig) -> tuple[Path, rundir.RunLock | None]:
     try:
         lock = rundir.lock(out)
         _check_run_dir(job, out)
+        if own_port:
+            check_port(job.cluster)
         _check_data_files(job, out)
         write_config(job, out)
     except BaseException:
@@ -221,10 +224,15 @@ def _check_run_dir(job: JobConfig, out: Path) -> None:
         (out / USER_ERROR_FILE).unlink(missing_ok=True)  # a mistake reported by the run before
     elif not rundir.is_empty(out):
         raise UserError(f"run directory {out} already exists; choose another --out or --resume it")
-    check_port(job.cluster)
 
 
 def run(args: argparse.Namespace) -> int:
+    launcher = guest_of()
+    if launcher is not None:
+        code = _run_as_guest(args, launcher)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)  # (as shoal.worker: gloo's threads may abort a normal exit)
     job = resolve_job(args)
     if args.dry_run:
         from shoal.config import dumps_toml
@@ -242,6 +250,111 @@ def run(args: argparse.Namespace) -> int:
             shutil.rmtree(config_path.parent, ignore_errors=True)
 
 
+def guest_of() -> str | None:
+    """The launcher that started this process as one worker of a job, if another one
+    did: the environment names this process's ``RANK`` in a ``WORLD_SIZE`` (torchrun,
+    a Kubeflow PyTorchJob, TorchDistributor) and shoal's own launcher did not set it."""
+    if LAUNCHER_ENV in os.environ or not {"RANK", "WORLD_SIZE"} <= os.environ.keys():
+        return None
+    return "torchrun" if "TORCHELASTIC_RUN_ID" in os.environ else "the launcher"
+
+
+def _device_of(args: argparse.Namespace) -> str:
+    """The job's ``--device`` before the job is checked (to join the process group)."""
+    try:
+        job = JobConfig()
+        resume = getattr(args, "output.resume", "")
+        if resume:
+            job = load_toml(Path(resume) / CONFIG_FILE)
+        if args.config:
+            job = load_toml(args.config, job)
+        return apply_flags(args, job).train.device
+    except (UserError, OSError):  # rank 0 says what is wrong once the group is up
+        return "cpu"
+
+
+def _fit_to_launcher(job: JobConfig, args: argparse.Namespace, env: DistEnv, who: str) -> None:
+    """The launcher decides the processes and machines; flags that would too are refused."""
+    for name in ("workers", "nnodes", "node_rank", "rdzv_endpoint", "servers"):
+        if given(args, "cluster", name):
+            flag = "--" + name.replace("_", "-")
+            raise UserError(
+                f"{flag}: under {who} the launcher starts the processes ({env.world_size} "
+                f"in all, {env.local_world_size} on this machine); drop {flag}"
+            )
+    if not resolve(job).needs_process_group:
+        raise UserError(
+            f"--strategy {job.strategy.name} starts its own processes: run it with "
+            f"shoal train, not under {who}"
+        )
+    job.cluster.workers = env.local_world_size
+    job.cluster.nnodes = max(1, env.world_size // env.local_world_size)
+
+
+def _run_as_guest(args: argparse.Namespace, who: str) -> int:
+    """``torchrun ... -m shoal train ...``: this process is one worker of a job another
+    launcher started. Rank 0 checks the job and takes the run directory while the
+    others wait; each then trains with the job rank 0 resolved, and rank 0 writes the
+    summary and report as ``shoal train`` does. One line for a mistake, from rank 0."""
+    import tomllib
+    import torch.distributed as tdist
+
+    from shoal import worker
+    from shoal.config import dumps_toml, from_dict
+
+    env = init(_device_of(args))
+    message: list[str | None] = [None]
+    lock = job = None
+    try:
+        if env.rank == 0:
+            try:
+                out = getattr(args, "output.out", "") or getattr(args, "output.resume", "")
+                restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+                if restarted and out and (Path(out) / CONFIG_FILE).is_file():
+                    # the launcher restarted the workers after a failure: the run goes
+                    # on from its newest checkpoint (--out names it, so all agree)
+                    lock = rundir.lock(Path(out))
+                    message = [(Path(out) / CONFIG_FILE).read_text()]
+                else:
+                    job = resolve_job(args)
+                    _fit_to_launcher(job, args, env, who)
+                    if args.dry_run:
+                        print(dumps_toml(job))
+                        message = [""]
+                    else:
+                        _, lock = prepare_run_dir(job, own_port=False)
+                        message = [dumps_toml(job)]
+            except UserError as e:
+                print(f"shoal: error: {e}", file=sys.stderr)
+        tdist.broadcast_object_list(message, src=0)
+        if message[0] is None:
+            return 2  # rank 0 said why
+        if not message[0]:
+            return 0  # --dry-run
+        job = from_dict(tomllib.loads(message[0]))
+        code = worker.run(job)
+        if env.rank == 0 and code == 0:
+            _finish(job)
+        return code
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _finish(job: JobConfig) -> None:
+    """Rank 0 of a finished job: the report and the summary table."""
+    out = Path(job.output.out)
+    summary_path = out / SUMMARY_FILE
+    if not summary_path.exists():
+        return
+    summary = json.loads(summary_path.read_text())
+    if job.output.report:
+        from shoal.report import write_report
+
+        write_report([out], out)
+    print_summary(summary, out, report=job.output.report, extra=resolve(job).summary_rows(summary))
+
+
 def _train(job: JobConfig, config_path: Path) -> int:
     try:
         resolve(job).launch(job, str(config_path))
@@ -250,16 +363,8 @@ def _train(job: JobConfig, config_path: Path) -> int:
             return 2  # a worker found a mistake in the job, and said so
         print(f"shoal: error: training failed: {e}", file=sys.stderr)
         return 1
-    out = Path(job.output.out)
-    summary_path = out / SUMMARY_FILE
-    if job.cluster.node_rank != 0 or not summary_path.exists():
-        return 0
-    summary = json.loads(summary_path.read_text())
-    if job.output.report:
-        from shoal.report import write_report
-
-        write_report([out], out)
-    print_summary(summary, out, report=job.output.report, extra=resolve(job).summary_rows(summary))
+    if job.cluster.node_rank == 0:
+        _finish(job)
     return 0
 
 
