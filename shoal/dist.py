@@ -106,21 +106,28 @@ def init(device: str = "cpu", timeout_s: float = 300.0, process_group: bool = Tr
             world_size=world_size,
             timeout=timedelta(seconds=timeout_s),
             device_id=dev if kind == "cuda" else None,
-            store=_loopback_store(rank, world_size, timeout_s),
+            store=_group_store(rank, world_size, timeout_s),
         )
     return DistEnv(
         rank, world_size, local_rank, local_world_size, dev, backend, socket.gethostname()
     )
 
 
-def _loopback_store(rank: int, world_size: int, timeout_s: float) -> dist.Store | None:
+def _group_store(rank: int, world_size: int, timeout_s: float) -> dist.Store | None:
     """The group's store, listening on 127.0.0.1 only when the job is on one machine
-    (``MASTER_ADDR`` is loopback); ``None`` lets torch make it (every interface)."""
+    (``MASTER_ADDR`` is loopback); ``None`` lets torch make it (every interface).
+
+    Under plain torchrun the agent hosts the store, and keeps it across restarts:
+    each attempt's keys get their own prefix, or the workers of a restart would
+    read the dead ones' gloo addresses and fail to connect."""
     addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        timeout = timedelta(seconds=timeout_s)
+        agent = dist.TCPStore(addr, port, world_size, is_master=False, timeout=timeout)
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        return dist.PrefixStore(f"shoal/attempt-{attempt}", agent)
     if addr != "localhost" and not addr.startswith("127."):
         return None
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":  # plain torchrun: the
-        return None  # agent hosts the store already, on that port
     fd = loopback_listener(port).detach() if rank == 0 else None  # the store owns it
     return dist.TCPStore(
         "127.0.0.1",
