@@ -286,6 +286,23 @@ def _quiet_torchrun() -> None:
         "torch.distributed.run",
     ):
         logging.getLogger(name).setLevel(logging.ERROR)
+    _cheap_rendezvous_names()
+
+
+def _cheap_rendezvous_names() -> None:
+    """torch's dynamic rendezvous names each of its events after the calling method
+    with ``inspect.stack()``, which reads the source of every frame on the stack:
+    0.6 s of a one-step job's 4.9 s. The same name, from the frame itself."""
+    from torch.distributed.elastic.rendezvous import dynamic_rendezvous
+
+    def get_method_name(depth: int = 2) -> str:
+        try:
+            return sys._getframe(depth).f_code.co_name
+        except ValueError:  # (a stack shallower than depth)
+            return "no_method_name"
+
+    if hasattr(dynamic_rendezvous, "get_method_name"):
+        dynamic_rendezvous.get_method_name = get_method_name
 
 
 # --- independent roles (parameter server) -----------------------------------------------
