@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from shoal.layout import REPORT_FILE
-from tests.conftest import LINEAR_JOB, max_abs_diff, params, read_summary, shoal_env
+from tests.conftest import LINEAR_JOB, free_port, max_abs_diff, params, read_summary, shoal_env
 
 pytestmark = pytest.mark.slow
 
@@ -60,3 +61,24 @@ def test_under_torchrun_a_mistake_is_said_once_by_rank_0(tmp_path):
         "(2 in all, 2 on this machine); drop --workers"
     ], proc.stderr
     assert not out.exists()
+
+
+@pytest.mark.timeout(240)
+def test_srun_tasks_that_are_processes_train_as_workers(tmp_path, linear_reference):
+    """``srun --ntasks 2 shoal train`` on one node: Slurm's variables, no torch ones."""
+    out, port = tmp_path / "run", str(free_port())
+    cmd = [sys.executable, "-m", "shoal", "train", "--no-progress", "--no-report", "--out",
+           str(out), *LINEAR_JOB, "--checkpoint-every", "100"]  # fmt: skip
+    slurm = {"SLURM_JOB_ID": "7", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "2",
+             "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "127.0.0.1",
+             "SLURM_NTASKS_PER_NODE": "2", "MASTER_PORT": port}  # fmt: skip
+    tasks = [
+        subprocess.Popen(cmd, env=shoal_env({**slurm, "SLURM_PROCID": r, "SLURM_LOCALID": r}),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for r in ("0", "1")
+    ]  # fmt: skip
+    outputs = [t.communicate(timeout=200) for t in tasks]
+    assert [t.returncode for t in tasks] == [0, 0], outputs
+    assert max_abs_diff(params(out), params(linear_reference)) < 1e-6
+    assert read_summary(Path(out))["world_size"] == 2
+    assert "run directory" in outputs[0][0] and "run directory" not in outputs[1][0]

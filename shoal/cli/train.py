@@ -19,6 +19,7 @@ from shoal.config import JobConfig, load_toml
 from shoal.data import Dataset, build_dataset
 from shoal.data.files import check_unchanged, fingerprints
 from shoal.dist import DistEnv, init, resolve_device
+from shoal.environment import cluster_from_env, slurm_worker_env
 from shoal.errors import UserError
 from shoal.launch import LAUNCHER_ENV, LaunchFailed, check_port, describe
 from shoal.layout import (
@@ -87,6 +88,7 @@ def resolve_job(args: argparse.Namespace) -> JobConfig:
     if args.config:
         job = load_toml(args.config, job)
     apply_flags(args, job)
+    _cluster_from_scheduler(args, job)
     if given(args, "train", "epochs") and not given(args, "train", "steps"):
         job.train.steps = 0
     if resume:
@@ -124,6 +126,25 @@ def resolve_job(args: argparse.Namespace) -> JobConfig:
         job.output.out = f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{job.strategy.name}"
     rundir.check_out(Path(job.output.out))
     return job
+
+
+def _cluster_from_scheduler(args: argparse.Namespace, job: JobConfig) -> None:
+    """Machines, rank and meeting point from Slurm's or Kubeflow's variables, unless a
+    flag places the machine (see :mod:`shoal.environment`); workers unless ``--workers``."""
+    if getattr(args, "guest", None):
+        return  # the launcher placed the processes already
+    scheduler, found = cluster_from_env(os.environ)
+    placement = ("nnodes", "min_nodes", "node_rank", "rdzv_endpoint")
+    if any(given(args, "cluster", k) for k in placement):  # the user placed it: all of it
+        found = {k: v for k, v in found.items() if k not in placement}
+    taken = {k: v for k, v in found.items() if not given(args, "cluster", k)}
+    for name, value in taken.items():
+        setattr(job.cluster, name, value)
+    if taken and not getattr(args, "dry_run", False):
+        c = job.cluster
+        where = f", meeting at {c.rdzv_endpoint}" if c.rdzv_endpoint else ""
+        print(f"shoal: {scheduler}: machine {c.node_rank} of {c.nnodes}, {c.workers} "
+              f"worker{'s' if c.workers != 1 else ''}{where}", file=sys.stderr)  # fmt: skip
 
 
 def _check_model_fits(job: JobConfig, data: Dataset, plugin: Plugin) -> None:
@@ -227,7 +248,7 @@ def _check_run_dir(job: JobConfig, out: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    launcher = guest_of()
+    launcher = args.guest = guest_of()
     if launcher is not None:
         code = _run_as_guest(args, launcher)
         sys.stdout.flush()
@@ -254,9 +275,17 @@ def guest_of() -> str | None:
     """The launcher that started this process as one worker of a job, if another one
     did: the environment names this process's ``RANK`` in a ``WORLD_SIZE`` (torchrun,
     a Kubeflow PyTorchJob, TorchDistributor) and shoal's own launcher did not set it."""
-    if LAUNCHER_ENV in os.environ or not {"RANK", "WORLD_SIZE"} <= os.environ.keys():
+    if LAUNCHER_ENV in os.environ:
         return None
-    return "torchrun" if "TORCHELASTIC_RUN_ID" in os.environ else "the launcher"
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        return "torchrun"
+    srun = slurm_worker_env(os.environ)
+    if srun:  # srun with a task per process: each task is a worker
+        os.environ.update(srun)
+        return "srun"
+    if "PET_NNODES" in os.environ:  # Kubeflow: this pod's command is the machine's launcher
+        return None
+    return "the launcher" if {"RANK", "WORLD_SIZE"} <= os.environ.keys() else None
 
 
 def _device_of(args: argparse.Namespace) -> str:
