@@ -285,6 +285,14 @@ class ClusterConfig:
         above=0,
         high=86400,
     )
+    grace_period: float = option(
+        30.0,
+        "after a SIGTERM or SIGUSR1 (a scheduler's preemption), seconds the job has to stop "
+        "at a common step and checkpoint it; the time it took is in preempted.jsonl and "
+        "summary.json",
+        above=0,
+        high=86400,
+    )
     max_restarts: int = option(
         3,
         "restarts after a failure: collective strategies restart every worker from the "

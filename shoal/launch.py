@@ -19,8 +19,10 @@ import signal
 import socket
 import sys
 import threading
+import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from shoal.config import ClusterConfig, parse_endpoint
@@ -162,9 +164,14 @@ def launch(cluster: ClusterConfig, config_path: str) -> None:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo's pairs, as the stores
         os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
     config, cmd, cmd_args = config_from_args(parse_args(args))
+    start = time.time()
+    usr1 = signal.signal(signal.SIGUSR1, _on_usr1)
     try:
         elastic_launch(config, cmd)(*cmd_args)
     except ChildFailedError as e:
+        preempted = _preempted_since(config_path, start)
+        if preempted is not None:
+            raise JobPreempted(preempted) from None
         # name the root cause, not the peers the agent stopped (SIGTERM) or that stopped
         # because a peer failed (EXIT_PEER_LOST); a signal before an exit code
         from shoal.health import EXIT_PEER_LOST
@@ -178,11 +185,61 @@ def launch(cluster: ClusterConfig, config_path: str) -> None:
         how = describe_exit(failure.exitcode)
         raise LaunchFailed(f"worker rank {rank} (pid {failure.pid}) {how}") from None
     except SignalException:  # Ctrl-C or SIGTERM: the agent has already stopped the workers
+        preempted = _preempted_since(config_path, start)
+        if preempted is not None:
+            raise JobPreempted(preempted) from None
         if failed.mistake:
             raise LaunchFailed("a worker stopped on a mistake in the job") from None
         raise KeyboardInterrupt from None
     except Exception as e:  # rendezvous and agent failures: one line, not a traceback
         raise LaunchFailed(f"launch failed: {type(e).__name__}: {e}".splitlines()[0]) from None
+    finally:
+        signal.signal(signal.SIGUSR1, usr1)
+
+
+def _on_usr1(signum: int, frame: Any) -> None:
+    """Slurm's ``--signal``: SIGUSR1 would end this process (its default action). The
+    workers get it (so they name it), then the agent gets a SIGTERM, on which it stops
+    the workers instead of restarting them; they stop at a common step and checkpoint."""
+    for pid in _children(os.getpid()):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGUSR1)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _children(parent: int) -> list[int]:
+    """The processes whose parent is ``parent`` (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
+            found.append(int(entry.name))
+    return found
+
+
+class JobPreempted(Exception):
+    """The workers stopped on a scheduler's signal after checkpointing a common step."""
+
+    def __init__(self, record: dict[str, Any]) -> None:
+        super().__init__(f"preempted after step {record.get('step')}")
+        self.record = record
+
+
+def _preempted_since(config_path: str, start: float) -> dict[str, Any] | None:
+    """The preemption the workers noted in the run directory since ``start``, if any."""
+    from shoal.preempt import PREEMPTED_FILE, history
+
+    run_dir = Path(config_path).parent
+    path = run_dir / PREEMPTED_FILE
+    if not path.is_file() or path.stat().st_mtime < start:
+        return None
+    records = history(run_dir)
+    return records[-1] if records else None
 
 
 LOCAL_RENDEZVOUS = "shoal-local"

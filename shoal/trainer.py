@@ -8,6 +8,7 @@ what the strategy says its state is.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,8 +16,9 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from shoal import checkpoint
+from shoal import checkpoint, preempt
 from shoal.config import JobConfig
 from shoal.data import Dataset, GlobalBatchSampler, Task, build_dataset, build_order
 from shoal.data.loader import Audit, Loader
@@ -29,6 +31,7 @@ from shoal.metrics import PHASES, PhaseTimer
 from shoal.models import build_model
 from shoal.models.sparse import count_parameters, remote_tables
 from shoal.models.tasks import per_sample_loss
+from shoal.preempt import Preempted, Preemption
 from shoal.strategies import Batch, Strategy, resolve
 from shoal.telemetry import Totals, Window, merge_counts
 from shoal.writer import RunWriter
@@ -194,6 +197,8 @@ class Trainer:
         work = self.strategy.work(self.sampler, self.step, self.total_steps)
         audit = Audit(self.out, self.step, self.env.rank) if self.job.data.audit_samples else None
         first = True
+        # (the parameter server's workers have no group to agree in: ps is not preemptible)
+        preemption = Preemption() if dist.is_initialized() else None
         try:
             while True:
                 with timer.phase("wait"):
@@ -237,18 +242,38 @@ class Trainer:
                 if t.checkpoint_every and self.step % t.checkpoint_every == 0 and not last:
                     self.save_checkpoint()
                 self.faults.after_step(self.step)
-        except BaseException:
+                if preemption is not None and (told := preemption.agreed()) is not None:
+                    self._preempted(*told)
+        except BaseException as e:
             if self.writer is not None:
                 self.writer.close()
+            if preemption is not None and not isinstance(e, Preempted):
+                preemption.failed()  # a failure, not a preemption: signals act at once again
             raise
         finally:
             self.loader.close()
             if audit is not None:
                 audit.close()
+            if preemption is not None:
+                preemption.restore()
         self.save_checkpoint()
         self._evaluate()
         self.saver.wait()
         self._finish()
+
+    def _preempted(self, signame: str, received: float) -> None:
+        """Every rank was told (or a peer was): checkpoint this step and stop."""
+        self.save_checkpoint()
+        self.saver.wait()
+        entry: dict[str, Any] = {}
+        if self.env.is_main:
+            entry = preempt.record(
+                self.out, self.step, signame, received, self.job.cluster.grace_period
+            )
+            print(f"shoal: {signame}: stopped after step {self.step}, checkpoint written "
+                  f"{entry['checkpoint_s']:.1f} s after the signal", file=sys.stderr,
+                  flush=True)  # fmt: skip
+        raise Preempted(self.step, entry)
 
     def wall_time(self) -> float:
         return self.wall_offset + time.perf_counter() - self._start
@@ -347,4 +372,5 @@ class Trainer:
             },
             restarts=self.restarts,
             resumed_from_step=self.resumed_from,
+            preemptions=preempt.history(self.out),
         )

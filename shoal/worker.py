@@ -23,6 +23,7 @@ from shoal.faults import Injector
 from shoal.health import EXIT_PEER_LOST, Heartbeat
 from shoal.launch import LAUNCHER_ENV
 from shoal.layout import USER_ERROR_FILE
+from shoal.preempt import EXIT_PREEMPTED, Preempted
 from shoal.strategies import resolve
 from shoal.trainer import Trainer
 
@@ -58,6 +59,7 @@ def run(job: JobConfig) -> int:
     worker by default) and return the exit code; joins the process group that the
     environment describes, or uses the one already there."""
     trainer = heartbeat = None
+    preempted = False
     try:
         marker = Path(job.output.out) / USER_ERROR_FILE
         if marker.exists() and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
@@ -75,6 +77,10 @@ def run(job: JobConfig) -> int:
         if plugin.needs_process_group:  # (parameter servers restore themselves)
             _restore(trainer, env)
         trainer.run()
+        if heartbeat is not None:
+            heartbeat.stop()
+    except Preempted:
+        preempted = True  # every rank saved the same step: leave together, below
         if heartbeat is not None:
             heartbeat.stop()
     except UserError as e:
@@ -112,7 +118,7 @@ def run(job: JobConfig) -> int:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     dist.shutdown()
-    return 0
+    return EXIT_PREEMPTED if preempted else 0
 
 
 def _restore(trainer: Trainer, env: dist.DistEnv) -> None:

@@ -455,3 +455,48 @@ def test_a_node_whose_coordinator_is_gone_says_so_within_the_timeout(tmp_path):
     lines = [s for _, s in node1.lines]
     assert not any("Traceback" in s for s in lines), lines
     assert lines[-1].startswith("shoal: error: training failed: the connection to coordinator at")
+
+
+def _descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it (from /proc)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                stat = (entry / "stat").read_text()
+                parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = [pid], [pid]
+    while frontier:
+        frontier = [p for p, parent in parents.items() if parent in frontier]
+        found += frontier
+    return found
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])
+def test_preempted_by_a_signal_to_every_process_then_resumed_exactly(
+    sig, tmp_path, linear_reference
+):
+    """The scheduler signals every process (Kubernetes, Spark, Ray: SIGTERM; Slurm's
+    --signal: SIGUSR1): all stop after one common step, checkpoint it, exit 143."""
+    out = tmp_path / "run"
+    cmd = [*_shoal(out), "--no-report", *LINEAR_JOB, *W2, "--log-every", "10"]
+    job = _Watched(cmd, env={"SHOAL_FAULT": "slow:rank=*:ms=20"})
+    try:
+        _wait_for_records(out / "metrics.jsonl", count=5)
+        for pid in _descendants(job.proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, getattr(signal, sig))
+        assert job.proc.wait(timeout=60) == 143, "\n".join(s for _, s in job.lines)
+    finally:
+        job.stop()
+    said = "\n".join(s for _, s in job.lines)
+    assert f"shoal: preempted ({sig}): every worker stopped after step" in said, said
+    (record,) = [json.loads(line) for line in (out / "preempted.jsonl").read_text().splitlines()]
+    assert record["signal"] == sig and record["within_grace"], record
+    assert 0 < record["step"] < 200 and not (out / "summary.json").exists()
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step-{record['step']:08d}"]
+    train(out, "--resume", str(out))
+    s = _like_unfailed(out, linear_reference)  # same samples, same parameters
+    assert s["resumed_from_step"] == record["step"] and s["preemptions"] == [record]
+    assert all(e["exact"] for e in s["epochs"]), s["epochs"]

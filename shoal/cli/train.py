@@ -21,7 +21,7 @@ from shoal.data.files import check_unchanged, fingerprints
 from shoal.dist import DistEnv, init, resolve_device
 from shoal.environment import cluster_from_env, slurm_worker_env
 from shoal.errors import UserError
-from shoal.launch import LAUNCHER_ENV, LaunchFailed, check_port, describe
+from shoal.launch import LAUNCHER_ENV, JobPreempted, LaunchFailed, check_port, describe
 from shoal.layout import (
     CONFIG_FILE,
     DATASET_FILE,
@@ -33,6 +33,7 @@ from shoal.layout import (
     write_config,
 )
 from shoal.models import build_model, check_model_name, default_data
+from shoal.preempt import EXIT_PREEMPTED
 from shoal.strategies import BUILTIN, Plugin, resolve
 
 EXAMPLES = """\
@@ -387,6 +388,12 @@ def _finish(job: JobConfig) -> None:
 def _train(job: JobConfig, config_path: Path) -> int:
     try:
         resolve(job).launch(job, str(config_path))
+    except JobPreempted as e:
+        r = e.record
+        print(f"shoal: preempted ({r['signal']}): every worker stopped after step {r['step']} "
+              f"and checkpointed it {r['checkpoint_s']:.1f} s after the signal; continue with "
+              f"shoal train --resume {job.output.out}", file=sys.stderr)  # fmt: skip
+        return EXIT_PREEMPTED
     except LaunchFailed as e:
         if (Path(job.output.out) / USER_ERROR_FILE).exists():
             return 2  # a worker found a mistake in the job, and said so

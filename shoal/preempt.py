@@ -1,0 +1,101 @@
+"""Preemption: a scheduler's SIGTERM (Kubernetes, Spark, Ray) or SIGUSR1 (Slurm's
+``--signal``) stops every rank after the same step, with a checkpoint of it.
+
+A signal only sets a flag. After each step the ranks agree on it with one small
+all-reduce (MAX of the flag, MIN of the time it came), so a rank that was told
+and one that was not stop at the same step boundary; they write that step's
+checkpoint, rank 0 adds a line to ``RUN_DIR/preempted.jsonl`` (the step, the
+signal, the seconds from the signal to the checkpoint written, and whether that
+was within ``--grace-period``), and each exits with :data:`EXIT_PREEMPTED`.
+``shoal train --resume RUN_DIR`` continues from that checkpoint, and the summary
+of the run that finishes lists every preemption.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+EXIT_PREEMPTED = 143
+"""Exit status of a preempted job (128 + SIGTERM, what a process ended by the
+scheduler's SIGTERM reports): a checkpoint of the last step was written."""
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+PREEMPTED_FILE = "preempted.jsonl"
+
+
+class Preempted(Exception):
+    """Every rank stopped after ``step`` and saved it: the job is to exit."""
+
+    def __init__(self, step: int, record: dict[str, Any]) -> None:
+        super().__init__(f"preempted after step {step}")
+        self.step, self.record = step, record
+
+
+class Preemption:
+    """The signal handlers and the per-step agreement (a collective: every rank calls
+    :meth:`agreed` after every step)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.received = float("inf")
+        self.previous = {s: signal.signal(s, self._on) for s in SIGNALS}
+
+    def _on(self, signum: int, frame: Any) -> None:
+        if self.signum is None:
+            self.received = time.time()
+        if self.signum != signal.SIGUSR1:  # shoal's launcher turns Slurm's SIGUSR1 into
+            self.signum = signum  # a SIGTERM to the workers: name the scheduler's
+
+    def agreed(self) -> tuple[str, float] | None:
+        """``(signal name, earliest time any rank got it)`` once any rank was told."""
+        told = self.signum is not None
+        flags = torch.tensor(
+            [float(told), -self.received if told else -float("inf"),
+             float(self.signum == signal.SIGUSR1)], dtype=torch.float64,
+        )  # fmt: skip
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if flags[0] == 0:
+            return None
+        return ("SIGUSR1" if flags[2] else "SIGTERM"), -float(flags[1])
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def failed(self) -> None:
+        """Training failed (a peer died, say): put the handlers back, and obey at once a
+        SIGTERM already here (the launcher stopping this worker to restart the job)."""
+        self.restore()
+        if self.signum == signal.SIGTERM:
+            signal.raise_signal(signal.SIGTERM)
+
+
+def record(run_dir: Path, step: int, signame: str, received: float, grace_s: float) -> dict:
+    """Rank 0: note a preemption in ``RUN_DIR/preempted.jsonl``; return the record."""
+    took = time.time() - received
+    entry = {"step": step, "signal": signame, "checkpoint_s": round(took, 3),
+             "within_grace": took <= grace_s, "at": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
+    with (run_dir / PREEMPTED_FILE).open("a") as f:
+        f.write(json.dumps(entry) + "\n")
+    return entry
+
+
+def history(run_dir: Path) -> list[dict[str, Any]]:
+    """Every preemption of the run so far."""
+    path = run_dir / PREEMPTED_FILE
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
