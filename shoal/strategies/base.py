@@ -151,6 +151,12 @@ class Strategy(ABC):
         """What this worker computes; by default its own slice of every global step."""
         return StepWork(sampler, step, total_steps, self.job.train.log_every)
 
+    def consistent_after(self, step: int) -> bool:
+        """Whether a checkpoint after global ``step`` holds one consistent model, so a
+        preemption may stop there (strategies whose replicas meet every H steps: only
+        then)."""
+        return True
+
     def prefetch(self, batch: Batch) -> None:  # noqa: B027 - optional hook
         """Start fetching what the next step's ``batch`` will need (see :attr:`prefetches`)."""
 

@@ -67,6 +67,9 @@ class EASGD(Strategy):
         self.steps = 0
         self.gap = 0.0  # the replicas' mean distance to the center before the last pull
 
+    def consistent_after(self, step: int) -> bool:
+        return step % self.options.sync_every == 0
+
     def train_step(
         self, batch: Batch, loss_fn: LossFn, loss_scale: float, timer: PhaseTimer
     ) -> torch.Tensor:

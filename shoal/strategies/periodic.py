@@ -81,6 +81,9 @@ class LocalSGD(Strategy):
                 self.synchronize()
         return loss_sum
 
+    def consistent_after(self, step: int) -> bool:
+        return step % self.sync_every == 0
+
     @torch.no_grad()
     def synchronize(self) -> None:
         """Average the replicas' changes since the last synchronization, through the codec."""
