@@ -1,9 +1,10 @@
 """Preemption: a scheduler's SIGTERM (Kubernetes, Spark, Ray) or SIGUSR1 (Slurm's
 ``--signal``) stops every rank after the same step, with a checkpoint of it.
 
-A signal only sets a flag. After each step the ranks agree on it with one small
-all-reduce (MAX of the flag, MIN of the time it came), so a rank that was told
-and one that was not stop at the same step boundary; they write that step's
+A signal only sets a flag. The ranks agree on it with one small all-reduce
+(MAX of the flag, MIN of the time it came), started after one step and read
+after the next, so it runs while that step computes; a rank that was told and
+one that was not stop at the same step boundary. They write that step's
 checkpoint, rank 0 adds a line to ``RUN_DIR/preempted.jsonl`` (the step, the
 signal, the seconds from the signal to the checkpoint written, and whether that
 was within ``--grace-period``), and each exits with :data:`EXIT_PREEMPTED`.
@@ -44,6 +45,8 @@ class Preemption:
     def __init__(self) -> None:
         self.signum: int | None = None
         self.received = float("inf")
+        self.work: Any = None  # the agreement under way, and its tensor
+        self.flags = torch.zeros(3, dtype=torch.float64)
         self.previous = {s: signal.signal(s, self._on) for s in SIGNALS}
 
     def _on(self, signum: int, frame: Any) -> None:
@@ -52,18 +55,29 @@ class Preemption:
         if self.signum != signal.SIGUSR1:  # shoal's launcher turns Slurm's SIGUSR1 into
             self.signum = signum  # a SIGTERM to the workers: name the scheduler's
 
-    def agreed(self) -> tuple[str, float] | None:
-        """``(signal name, earliest time any rank got it)`` once any rank was told."""
-        told = self.signum is not None
-        flags = torch.tensor(
-            [float(told), -self.received if told else -float("inf"),
-             float(self.signum == signal.SIGUSR1)], dtype=torch.float64,
-        )  # fmt: skip
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        if flags[0] == 0:
-            return None
-        return ("SIGUSR1" if flags[2] else "SIGTERM"), -float(flags[1])
+    def poll(self, may_stop: bool) -> tuple[str, float] | None:
+        """Call after every step on every rank; ``may_stop``: a checkpoint here holds one
+        model. Returns ``(signal name, earliest time any rank got it)`` when the ranks
+        agree to stop here. The agreement is an all-reduce (flag MAX, earliest time,
+        SIGUSR1 seen) started at one such step and read at the next, so it runs while
+        the step between computes and never holds up training."""
+        told = None
+        if may_stop and self.work is not None:
+            self.work.wait()
+            flags, self.work = self.flags, None
+            if flags[0] > 0:
+                told = ("SIGUSR1" if flags[2] else "SIGTERM"), -float(flags[1])
+        if may_stop and told is None:
+            mine = self.signum is not None
+            self.flags = torch.tensor(
+                [float(mine), -self.received if mine else -float("inf"),
+                 float(self.signum == signal.SIGUSR1)], dtype=torch.float64,
+            )  # fmt: skip
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                self.work = dist.all_reduce(self.flags, op=dist.ReduceOp.MAX, async_op=True)
+            else:
+                self.work = _Done()
+        return told
 
     def restore(self) -> None:
         for s, handler in self.previous.items():
@@ -75,6 +89,13 @@ class Preemption:
         self.restore()
         if self.signum == signal.SIGTERM:
             signal.raise_signal(signal.SIGTERM)
+
+
+class _Done:
+    """A finished agreement (one process: nothing to wait for)."""
+
+    def wait(self) -> bool:
+        return True
 
 
 def record(run_dir: Path, step: int, signame: str, received: float, grace_s: float) -> dict:

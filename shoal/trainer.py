@@ -242,12 +242,10 @@ class Trainer:
                 if t.checkpoint_every and self.step % t.checkpoint_every == 0 and not last:
                     self.save_checkpoint()
                 self.faults.after_step(self.step)
-                if (
-                    preemption is not None
-                    and self.strategy.consistent_after(self.step)
-                    and (told := preemption.agreed()) is not None
-                ):
-                    self._preempted(*told)
+                if preemption is not None:
+                    told = preemption.poll(self.strategy.consistent_after(self.step))
+                    if told is not None:
+                        self._preempted(*told)
         except BaseException as e:
             if self.writer is not None:
                 self.writer.close()
