@@ -246,6 +246,19 @@ class TrainConfig:
 class ClusterConfig:
     """Processes and machines, as torchrun understands them."""
 
+    engine: str = option(
+        "shoal",
+        "who starts and restarts the processes: shoal (its own launcher, torchrun's "
+        "machinery), ray (Ray Train's TorchTrainer on a Ray cluster: --workers in all), "
+        "spark (PySpark's TorchDistributor: --workers processes)",
+        choices=("shoal", "ray", "spark"),
+    )
+    address: str = option(
+        "",
+        "--engine ray: the cluster to join (ray.init's address, e.g. auto or "
+        "ray://HOST:10001; empty: a Ray instance on this machine); --engine spark: the "
+        "master URL (empty: local[WORKERS])",
+    )
     workers: int = option(
         2, "worker processes on this machine (torchrun --nproc-per-node)", low=0, high=1 << 16
     )
@@ -509,3 +522,8 @@ def load_toml(path: str | os.PathLike, base: JobConfig | None = None) -> JobConf
 
 def dumps_toml(job: JobConfig) -> str:
     return tomli_w.dumps(job.to_dict())
+
+
+def loads_toml(text: str) -> JobConfig:
+    """The job in ``text``, as :func:`dumps_toml` wrote it."""
+    return from_dict(tomllib.loads(text))

@@ -149,6 +149,16 @@ def loopback_listener(port: int = 0) -> socket.socket:
     return sock
 
 
+ATTEMPT_ENV = "SHOAL_ATTEMPT"
+"""Set by an engine that restarts the workers itself (Ray): which attempt this is."""
+
+
+def attempt() -> int:
+    """How many times the job's workers were restarted after a failure before this
+    attempt: Ray's count (:data:`ATTEMPT_ENV`) or torchrun's agent's."""
+    return int(os.environ.get(ATTEMPT_ENV) or os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
+
+
 def shutdown() -> None:
     """Leave the process group if this process joined one."""
     if dist.is_initialized():

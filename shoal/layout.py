@@ -15,6 +15,8 @@ written (atomically: a reader never sees half a file).
       ps_endpoints.json   where a parameter-server job listens (ENDPOINTS_FILE)
       .lock               held by the job that owns the directory (LOCK_FILE)
       .shoal-user-error   a worker's one-line refusal of the job (USER_ERROR_FILE)
+      .attempts           how many times Ray started the workers (ATTEMPTS_FILE)
+      ray/                Ray Train's own records of an --engine ray run
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ ENDPOINTS_FILE = "ps_endpoints.json"
 AUDIT_DIR = "audit"
 DATASET_FILE = "dataset.json"
 LOCK_FILE = ".lock"
+ATTEMPTS_FILE = ".attempts"
 USER_ERROR_FILE = ".shoal-user-error"
 """Left by a worker that stopped on a :class:`~shoal.errors.UserError`: the processes
 torchrun's agent restarts after it exit at once, and the launcher ends with the

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,10 @@ class Preemption:
         self.received = float("inf")
         self.work: Any = None  # the agreement under way, and its tensor
         self.flags = torch.zeros(3, dtype=torch.float64)
-        self.previous = {s: signal.signal(s, self._on) for s in SIGNALS}
+        # (an engine that runs the training in a thread of its own, as Ray Train does,
+        # keeps the signals: it restarts the workers, and they resume from a checkpoint)
+        main = threading.current_thread() is threading.main_thread()
+        self.previous = {s: signal.signal(s, self._on) for s in SIGNALS} if main else {}
 
     def _on(self, signum: int, frame: Any) -> None:
         if self.signum is None:
@@ -87,7 +91,7 @@ class Preemption:
         """Training failed (a peer died, say): put the handlers back, and obey at once a
         SIGTERM already here (the launcher stopping this worker to restart the job)."""
         self.restore()
-        if self.signum == signal.SIGTERM:
+        if self.signum == signal.SIGTERM and self.previous:
             signal.raise_signal(signal.SIGTERM)
 
 

@@ -7,7 +7,6 @@ what the strategy says its state is.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from shoal.config import JobConfig
 from shoal.data import Dataset, GlobalBatchSampler, Task, build_dataset, build_order
 from shoal.data.loader import Audit, Loader
 from shoal.data.order import MASK64, digest
-from shoal.dist import DistEnv
+from shoal.dist import DistEnv, attempt
 from shoal.errors import UserError
 from shoal.faults import Injector
 from shoal.memory import ActivationMeter, private_bytes
@@ -92,7 +91,7 @@ class Trainer:
         self.faults = Injector(env.rank, run_dir=self.out)
         self.resumed_from: int | None = None
         self.peak_memory: dict[str, int] = {}  # the most this rank held, per figure
-        self.restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        self.restarts = attempt()
 
     # --- state --------------------------------------------------------------------
 

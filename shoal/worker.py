@@ -62,7 +62,7 @@ def run(job: JobConfig) -> int:
     preempted = False
     try:
         marker = Path(job.output.out) / USER_ERROR_FILE
-        if marker.exists() and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        if marker.exists() and dist.attempt() > 0:
             return 2  # a mistake was reported already; retrying cannot help
         plugin = resolve(job)
         env = dist.init(job.train.device, process_group=plugin.needs_process_group)
@@ -125,7 +125,7 @@ def _restore(trainer: Trainer, env: dist.DistEnv) -> None:
     """Continue from the newest good checkpoint, if the run has one: after ``--resume``,
     and after torchrun's agent restarted the workers following a failure."""
     path = trainer.restore()
-    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    attempt = dist.attempt()
     # torchrun counts restarts after failures only; a checkpoint in a run that was not
     # --resume'd, found by a first attempt, means the agent re-formed the job because a
     # machine joined

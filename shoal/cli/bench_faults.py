@@ -133,7 +133,7 @@ def _resolve(job_args: list[str], workers: int) -> JobConfig:
     """The job as ``shoal train`` would resolve it (bad flags: one line)."""
     from shoal.cli import Parser
     from shoal.cli.flags import add_job_flags
-    from shoal.cli.train import resolve_job
+    from shoal.cli.job import resolve_job
 
     parser = Parser(prog="shoal bench faults --")
     parser.add_argument("--config")

@@ -3,38 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import copy
-import json
 import os
 import shutil
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-from shoal import checkpoint, faults, rundir
-from shoal.cli.flags import add_job_flags, apply_flags, given
-from shoal.config import JobConfig, load_toml
-from shoal.data import Dataset, build_dataset
-from shoal.data.files import check_unchanged, fingerprints
-from shoal.dist import DistEnv, init, resolve_device
-from shoal.environment import cluster_from_env, slurm_worker_env
-from shoal.errors import UserError
-from shoal.launch import LAUNCHER_ENV, JobPreempted, LaunchFailed, check_port, describe
-from shoal.layout import (
-    CONFIG_FILE,
-    DATASET_FILE,
-    LOCK_FILE,
-    REPORT_FILE,
-    SUMMARY_FILE,
-    USER_ERROR_FILE,
-    write_atomic,
-    write_config,
-)
-from shoal.models import build_model, check_model_name, default_data
+from shoal.cli.flags import add_job_flags
+from shoal.cli.guest import guest_of, run_as_guest
+from shoal.cli.job import finish, prepare_run_dir, resolve_job
+from shoal.config import JobConfig
+from shoal.launch import JobPreempted, LaunchFailed, describe
+from shoal.layout import CONFIG_FILE, USER_ERROR_FILE
 from shoal.preempt import EXIT_PREEMPTED
-from shoal.strategies import BUILTIN, Plugin, resolve
+from shoal.strategies import BUILTIN, resolve
 
 EXAMPLES = """\
 examples:
@@ -77,181 +58,10 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str] | None = None) -
     p.set_defaults(run=run)
 
 
-def resolve_job(args: argparse.Namespace) -> JobConfig:
-    """Defaults <- run dir (on --resume) <- --config <- flags, then checked."""
-    resume = getattr(args, "output.resume", "")
-    job = stored = JobConfig()
-    if resume:
-        if not (Path(resume) / CONFIG_FILE).is_file():
-            raise UserError(f"--resume {resume}: not a shoal run directory (no config.toml)")
-        job = load_toml(Path(resume) / CONFIG_FILE)
-        stored = copy.deepcopy(job)
-    if args.config:
-        job = load_toml(args.config, job)
-    apply_flags(args, job)
-    _cluster_from_scheduler(args, job)
-    if given(args, "train", "epochs") and not given(args, "train", "steps"):
-        job.train.steps = 0
-    if resume:
-        job.output.out = resume
-    if not job.data.name:
-        check_model_name(job.model.name)
-        job.data.name = default_data(job.model.name)
-    job.validate()
-    try:
-        faults.parse(os.environ.get(faults.ENV, ""))
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    plugin = resolve(job)
-    if plugin.default_optimizer and not (given(args, "optim", "name") or args.config or resume):
-        job.optim.name = plugin.default_optimizer
-    plugin.check(job)
-    check_model_name(job.model.name)
-    if resolve_device(job.train.device) == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda, but no CUDA device is visible")
-    data = build_dataset(job.data, check=True)
-    if job.train.batch_size > data.num_train:
-        raise UserError(
-            f"--batch-size {job.train.batch_size} is larger than the training set "
-            f"({data.num_train} samples of {data.name})"
-        )
-    _check_model_fits(job, data, plugin)
-    if resume:
-        if not stored.data.name:  # (a hand-written config.toml)
-            stored.data.name = default_data(stored.model.name)
-        rundir.check_resume(stored, job)
-    if not job.output.out:
-        job.output.out = f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{job.strategy.name}"
-    rundir.check_out(Path(job.output.out))
-    return job
-
-
-def _cluster_from_scheduler(args: argparse.Namespace, job: JobConfig) -> None:
-    """Machines, rank and meeting point from Slurm's or Kubeflow's variables, unless a
-    flag places the machine (see :mod:`shoal.environment`); workers unless ``--workers``."""
-    if getattr(args, "guest", None):
-        return  # the launcher placed the processes already
-    scheduler, found = cluster_from_env(os.environ)
-    placement = ("nnodes", "min_nodes", "node_rank", "rdzv_endpoint")
-    if any(given(args, "cluster", k) for k in placement):  # the user placed it: all of it
-        found = {k: v for k, v in found.items() if k not in placement}
-    taken = {k: v for k, v in found.items() if not given(args, "cluster", k)}
-    for name, value in taken.items():
-        setattr(job.cluster, name, value)
-    if taken and not getattr(args, "dry_run", False):
-        c = job.cluster
-        where = f", meeting at {c.rdzv_endpoint}" if c.rdzv_endpoint else ""
-        print(f"shoal: {scheduler}: machine {c.node_rank} of {c.nnodes}, {c.workers} "
-              f"worker{'s' if c.workers != 1 else ''}{where}", file=sys.stderr)  # fmt: skip
-
-
-def _check_model_fits(job: JobConfig, data: Dataset, plugin: Plugin) -> None:
-    """Build the model on the meta device (no memory): a model that cannot take this data,
-    or that the strategy cannot split, says so here, in one line, not in every worker."""
-    import torch
-
-    from shoal.models.sparse import remote_tables
-
-    try:
-        with torch.device("meta"), remote_tables():
-            model = build_model(job.model, data)
-    except UserError:
-        raise
-    except Exception:  # anything else shows up, with its traceback, in the workers
-        return
-    plugin.check_model(job, model)
-
-
-def check_layout(job: JobConfig, path: Path) -> None:
-    """Whether ``--strategy`` can read the checkpoint at ``path``: sharded ones (DCP,
-    written by fsdp, tensor or pipeline) resume under those or allreduce."""
-    plugin = resolve(job)
-    sharded = (path / checkpoint.SHARDS_DIR).is_dir()
-    readers = ", ".join(n for n, p in BUILTIN.items() if p.reads_shards)
-    if sharded and not plugin.reads_shards:
-        raise UserError(
-            f"--resume: {path.name} holds a sharded model; resume it with {readers}, "
-            f"not {job.strategy.name}"
-        )
-    if not sharded and plugin.sharded_checkpoints:
-        raise UserError(
-            f"--resume: {path.name} was written by a data-parallel strategy; {job.strategy.name} "
-            "resumes only sharded checkpoints (those of fsdp, tensor or pipeline)"
-        )
-
-
-def prepare_run_dir(job: JobConfig, own_port: bool = True) -> tuple[Path, rundir.RunLock | None]:
-    """Take and check the run directory (node 0 holds its lock for the whole job); return
-    where the workers read the resolved job. A refusal leaves the directory as it was.
-    ``own_port``: shoal's launcher is to open the rendezvous port, so it must be free."""
-    out = Path(job.output.out)
-    if job.cluster.node_rank != 0:
-        check_port(job.cluster)
-        # Other machines only read the job; rank 0 (on node 0) owns the run directory.
-        tmp = Path(tempfile.mkdtemp(prefix="shoal-node-"))
-        return write_config(job, tmp), None
-    existed, had_lock = out.exists(), (out / LOCK_FILE).exists()
-    made = [p for p in [out.absolute(), *out.absolute().parents] if not p.exists()]
-    lock = None
-    try:
-        lock = rundir.lock(out)
-        _check_run_dir(job, out)
-        if own_port:
-            check_port(job.cluster)
-        _check_data_files(job, out)
-        write_config(job, out)
-    except BaseException:
-        if lock is not None:
-            lock.release()
-        if not existed:  # what this call made, and nothing another job may have put there
-            (out / LOCK_FILE).unlink(missing_ok=True)
-            for path in made:
-                with contextlib.suppress(OSError):
-                    path.rmdir()  # (only if empty)
-        elif not had_lock:
-            (out / LOCK_FILE).unlink(missing_ok=True)
-        raise
-    return out / CONFIG_FILE, lock
-
-
-def _check_data_files(job: JobConfig, out: Path) -> None:
-    """Files on disk: a resumed run's must be those it started with (``dataset.json``
-    keeps each one's fingerprint)."""
-    now = fingerprints(job.data)
-    if now is None:
-        return
-    saved = out / DATASET_FILE
-    if job.output.resume and saved.is_file():
-        check_unchanged(json.loads(saved.read_text())["files"], now, job.data.name)
-    write_atomic(saved, json.dumps({"data": job.data.name, "files": now}, indent=1) + "\n")
-
-
-def _check_run_dir(job: JobConfig, out: Path) -> None:
-    if job.output.resume:
-        root = resolve(job).checkpoint_root(out)
-        if not checkpoint.list_checkpoints(root):
-            raise UserError(f"--resume {out}: no checkpoint to resume from in {root}/checkpoints")
-        latest = checkpoint.load_latest(root)
-        if latest is None:
-            raise UserError(f"--resume {out}: every checkpoint is corrupt")
-        check_layout(job, latest[0])
-        if 0 < job.train.steps <= latest[1]["step"]:
-            raise UserError(
-                f"--resume {out}: the run is already at step {latest[1]['step']}; "
-                f"give --steps above it to continue"
-            )
-        (out / USER_ERROR_FILE).unlink(missing_ok=True)  # a mistake reported by the run before
-    elif not rundir.is_empty(out):
-        raise UserError(f"run directory {out} already exists; choose another --out or --resume it")
-
-
 def run(args: argparse.Namespace) -> int:
     launcher = args.guest = guest_of()
     if launcher is not None:
-        code = _run_as_guest(args, launcher)
+        code = run_as_guest(args, launcher)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)  # (as shoal.worker: gloo's threads may abort a normal exit)
@@ -260,8 +70,16 @@ def run(args: argparse.Namespace) -> int:
         from shoal.config import dumps_toml
 
         print(dumps_toml(job))
-        print(describe(job.cluster, str(Path(job.output.out) / CONFIG_FILE)))
+        if job.cluster.engine == "shoal":
+            print(describe(job.cluster, str(Path(job.output.out) / CONFIG_FILE)))
         return 0
+    if job.cluster.engine != "shoal":
+        from shoal.cli import engines
+
+        engines.check_for_engine(job, args, job.cluster.engine)
+        if job.cluster.engine == "ray":
+            return engines.run_on_ray(job)
+        return engines.run_on_spark(job)
     config_path, lock = prepare_run_dir(job)  # held until the job ends
     try:
         return _train(job, config_path)
@@ -270,119 +88,6 @@ def run(args: argparse.Namespace) -> int:
             lock.release()
         if job.cluster.node_rank != 0:
             shutil.rmtree(config_path.parent, ignore_errors=True)
-
-
-def guest_of() -> str | None:
-    """The launcher that started this process as one worker of a job, if another one
-    did: the environment names this process's ``RANK`` in a ``WORLD_SIZE`` (torchrun,
-    a Kubeflow PyTorchJob, TorchDistributor) and shoal's own launcher did not set it."""
-    if LAUNCHER_ENV in os.environ:
-        return None
-    if "TORCHELASTIC_RUN_ID" in os.environ:
-        return "torchrun"
-    srun = slurm_worker_env(os.environ)
-    if srun:  # srun with a task per process: each task is a worker
-        os.environ.update(srun)
-        return "srun"
-    if "PET_NNODES" in os.environ:  # Kubeflow: this pod's command is the machine's launcher
-        return None
-    return "the launcher" if {"RANK", "WORLD_SIZE"} <= os.environ.keys() else None
-
-
-def _device_of(args: argparse.Namespace) -> str:
-    """The job's ``--device`` before the job is checked (to join the process group)."""
-    try:
-        job = JobConfig()
-        resume = getattr(args, "output.resume", "")
-        if resume:
-            job = load_toml(Path(resume) / CONFIG_FILE)
-        if args.config:
-            job = load_toml(args.config, job)
-        return apply_flags(args, job).train.device
-    except (UserError, OSError):  # rank 0 says what is wrong once the group is up
-        return "cpu"
-
-
-def _fit_to_launcher(job: JobConfig, args: argparse.Namespace, env: DistEnv, who: str) -> None:
-    """The launcher decides the processes and machines; flags that would too are refused."""
-    for name in ("workers", "nnodes", "node_rank", "rdzv_endpoint", "servers"):
-        if given(args, "cluster", name):
-            flag = "--" + name.replace("_", "-")
-            raise UserError(
-                f"{flag}: under {who} the launcher starts the processes ({env.world_size} "
-                f"in all, {env.local_world_size} on this machine); drop {flag}"
-            )
-    if not resolve(job).needs_process_group:
-        raise UserError(
-            f"--strategy {job.strategy.name} starts its own processes: run it with "
-            f"shoal train, not under {who}"
-        )
-    job.cluster.workers = env.local_world_size
-    job.cluster.nnodes = max(1, env.world_size // env.local_world_size)
-
-
-def _run_as_guest(args: argparse.Namespace, who: str) -> int:
-    """``torchrun ... -m shoal train ...``: this process is one worker of a job another
-    launcher started. Rank 0 checks the job and takes the run directory while the
-    others wait; each then trains with the job rank 0 resolved, and rank 0 writes the
-    summary and report as ``shoal train`` does. One line for a mistake, from rank 0."""
-    import tomllib
-    import torch.distributed as tdist
-
-    from shoal import worker
-    from shoal.config import dumps_toml, from_dict
-
-    env = init(_device_of(args))
-    message: list[str | None] = [None]
-    lock = job = None
-    try:
-        if env.rank == 0:
-            try:
-                out = getattr(args, "output.out", "") or getattr(args, "output.resume", "")
-                restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-                if restarted and out and (Path(out) / CONFIG_FILE).is_file():
-                    # the launcher restarted the workers after a failure: the run goes
-                    # on from its newest checkpoint (--out names it, so all agree)
-                    lock = rundir.lock(Path(out))
-                    message = [(Path(out) / CONFIG_FILE).read_text()]
-                else:
-                    job = resolve_job(args)
-                    _fit_to_launcher(job, args, env, who)
-                    if args.dry_run:
-                        print(dumps_toml(job))
-                        message = [""]
-                    else:
-                        _, lock = prepare_run_dir(job, own_port=False)
-                        message = [dumps_toml(job)]
-            except UserError as e:
-                print(f"shoal: error: {e}", file=sys.stderr)
-        tdist.broadcast_object_list(message, src=0)
-        if message[0] is None:
-            return 2  # rank 0 said why
-        if not message[0]:
-            return 0  # --dry-run
-        job = from_dict(tomllib.loads(message[0]))
-        code = worker.run(job)
-        if env.rank == 0 and code == 0:
-            _finish(job)
-        return code
-    finally:
-        if lock is not None:
-            lock.release()
-
-
-def _finish(job: JobConfig) -> None:
-    """Rank 0 of a finished job: the report and the summary table."""
-    out = Path(job.output.out)
-    summary_path = out / SUMMARY_FILE
-    if not summary_path.exists():
-        return
-    summary = json.loads(summary_path.read_text())
-    if job.output.report:
-        from shoal.report import write_report
-
-        write_report([out], out)
-    print_summary(summary, out, report=job.output.report, extra=resolve(job).summary_rows(summary))
 
 
 def _train(job: JobConfig, config_path: Path) -> int:
@@ -400,60 +105,5 @@ def _train(job: JobConfig, config_path: Path) -> int:
         print(f"shoal: error: training failed: {e}", file=sys.stderr)
         return 1
     if job.cluster.node_rank == 0:
-        _finish(job)
+        finish(job)
     return 0
-
-
-def print_summary(
-    summary: dict, out: Path, report: bool, extra: list[tuple[str, str]] | None = None
-) -> None:
-    """A readable table of the finished run."""
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(
-        title=f"shoal: {summary['strategy']} on {summary['world_size']} workers", show_header=False
-    )
-    table.add_column(style="bold")
-    table.add_column(justify="right")
-    rows = [
-        ("model / data", f"{summary['model']} / {summary['data']}"),
-        ("steps", f"{summary['steps']:,}"),
-        ("final train loss", f"{summary['final_loss']:.5g}"),
-    ]
-    keys = ("test_loss", "test_accuracy", "test_perplexity", "unigram_perplexity")
-    for key in (*keys, "lstsq_rel_error", "auc", "true_model_auc"):
-        if key in summary:
-            rows.append((key.replace("_", " "), f"{summary[key]:.5g}"))
-    memory = summary.get("memory")
-    if memory:
-        state = _human_bytes(memory["params"] + memory["grads"] + memory["optimizer"])
-        peak = _human_bytes(memory["activations_peak"])
-        private = memory.get("private", 0)
-        more = f", process {_human_bytes(private)}" if private else ""
-        rows.append(("memory per rank (most)", f"state {state}, activations {peak}{more}"))
-    epochs = summary.get("epochs") or []
-    if epochs:
-        wrong = [str(e["epoch"]) for e in epochs if not e["exact"]]
-        rows.append(("sample digests", f"DIFFER in epoch {', '.join(wrong)}" if wrong else
-                     f"exact in {len(epochs)} epoch{'s' if len(epochs) > 1 else ''}"))  # fmt: skip
-    rows += extra or []  # the strategy's own (its plugin's summary_rows)
-    rows += [
-        ("wall time", f"{summary['wall_time_s']:.1f} s"),
-        ("throughput", f"{summary['samples_per_s']:,.0f} samples/s"),
-        ("bytes sent (all workers)", _human_bytes(summary["bytes_sent_total"])),
-        ("run directory", str(out)),
-    ]
-    if report:
-        rows.append(("report", str(out / REPORT_FILE)))
-    for k, v in rows:
-        table.add_row(k, v)
-    Console().print(table)
-
-
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000:
-            return f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"

@@ -1,0 +1,152 @@
+"""shoal as a guest: the processes are another launcher's (torchrun, ``srun``, a
+Kubeflow pod, PySpark's TorchDistributor) or an engine's (Ray Train), and shoal
+trains in them.
+
+Whoever started them, the ranks do the same thing (:func:`run_ranks`): rank 0
+decides the job (checks it and takes the run directory, or finds the run it is to
+continue) while the others wait; every rank receives the job rank 0 decided, so
+they never disagree; each trains its part; rank 0 writes the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch.distributed as tdist
+
+from shoal import rundir, worker
+from shoal.cli.flags import apply_flags, given
+from shoal.cli.job import finish, prepare_run_dir, resolve_job
+from shoal.config import JobConfig, dumps_toml, load_toml, loads_toml
+from shoal.dist import ATTEMPT_ENV, DistEnv, init
+from shoal.environment import slurm_worker_env
+from shoal.errors import UserError
+from shoal.launch import LAUNCHER_ENV
+from shoal.layout import CONFIG_FILE, SUMMARY_FILE
+from shoal.strategies import resolve
+
+Decision = tuple[str | None, int]
+"""What rank 0 decided: the job as TOML (``None`` once it said what is wrong, ``""``
+for a dry run), and how many times the workers were restarted before."""
+
+
+def guest_of() -> str | None:
+    """The launcher that started this process as one worker of a job, if another one
+    did: the environment names this process's ``RANK`` in a ``WORLD_SIZE`` (torchrun,
+    a Kubeflow PyTorchJob, TorchDistributor) and shoal's own launcher did not set it."""
+    if LAUNCHER_ENV in os.environ:
+        return None
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        return "torchrun"
+    srun = slurm_worker_env(os.environ)
+    if srun:  # srun with a task per process: each task is a worker
+        os.environ.update(srun)
+        return "srun"
+    if "PET_NNODES" in os.environ:  # Kubeflow: this pod's command is the machine's launcher
+        return None
+    return "the launcher" if {"RANK", "WORLD_SIZE"} <= os.environ.keys() else None
+
+
+def run_ranks(env: DistEnv, decide: Callable[[], Decision]) -> tuple[int, JobConfig | None]:
+    """Every rank of a guest job: rank 0 calls ``decide``, the others receive what it
+    decided; each then trains its part. Returns the exit code and the job (``None``
+    when there was none to run). A mistake is one line, from rank 0."""
+    message: list = [None, 0]
+    try:
+        if env.rank == 0:
+            try:
+                message = list(decide())
+            except UserError as e:
+                print(f"shoal: error: {e}", file=sys.stderr)
+    finally:  # (anything else rank 0 raises still lets the others go)
+        if env.world_size > 1:
+            tdist.broadcast_object_list(message, src=0)
+    text, attempt = message
+    if text is None:
+        return 2, None  # rank 0 said why
+    if not text:
+        return 0, None  # --dry-run
+    os.environ[ATTEMPT_ENV] = str(attempt)
+    job = loads_toml(text)
+    code = worker.run(job)
+    if env.rank == 0 and code == 0 and job.output.report:
+        from shoal.report import write_report
+
+        out = Path(job.output.out)
+        if (out / SUMMARY_FILE).is_file():
+            write_report([out], out)
+    return code, job
+
+
+def fit_to_launcher(job: JobConfig, env: DistEnv) -> None:
+    """The processes the launcher started are the job's workers."""
+    job.cluster.workers = env.local_world_size
+    job.cluster.nnodes = max(1, env.world_size // env.local_world_size)
+    job.cluster.node_rank, job.cluster.rdzv_endpoint = 0, ""
+
+
+def run_as_guest(args: argparse.Namespace, who: str) -> int:
+    """``torchrun ... -m shoal train ...``: this process is one worker of a job another
+    launcher started. A restart of torchrun's agent continues the run in ``--out``."""
+    env = init(_device_of(args))
+    lock: list[rundir.RunLock | None] = [None]
+
+    def decide() -> Decision:
+        out = getattr(args, "output.out", "") or getattr(args, "output.resume", "")
+        restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        if restarts and out and (Path(out) / CONFIG_FILE).is_file():
+            # the launcher restarted the workers after a failure: the run goes on from
+            # its newest checkpoint (--out names it, so all agree)
+            lock[0] = rundir.lock(Path(out))
+            return (Path(out) / CONFIG_FILE).read_text(), restarts
+        job = resolve_job(args)
+        _refuse_placement(args, env, who)
+        if not resolve(job).needs_process_group:
+            raise UserError(
+                f"--strategy {job.strategy.name} starts its own processes: run it with "
+                f"shoal train, not under {who}"
+            )
+        fit_to_launcher(job, env)
+        if args.dry_run:
+            print(dumps_toml(job))
+            return "", 0
+        _, lock[0] = prepare_run_dir(job, own_port=False)
+        return dumps_toml(job), restarts
+
+    try:
+        code, job = run_ranks(env, decide)
+    finally:
+        if lock[0] is not None:
+            lock[0].release()
+    if env.rank == 0 and code == 0 and job is not None:
+        finish(job, report=False)  # (rank 0 wrote it already)
+    return code
+
+
+def _device_of(args: argparse.Namespace) -> str:
+    """The job's ``--device`` before the job is checked (to join the process group)."""
+    try:
+        job = JobConfig()
+        resume = getattr(args, "output.resume", "")
+        if resume:
+            job = load_toml(Path(resume) / CONFIG_FILE)
+        if args.config:
+            job = load_toml(args.config, job)
+        return apply_flags(args, job).train.device
+    except (UserError, OSError):  # rank 0 says what is wrong once the group is up
+        return "cpu"
+
+
+def _refuse_placement(args: argparse.Namespace, env: DistEnv, who: str) -> None:
+    """The launcher decides the processes and machines; flags that would too are refused."""
+    for name in ("workers", "nnodes", "node_rank", "rdzv_endpoint", "servers"):
+        if given(args, "cluster", name):
+            flag = "--" + name.replace("_", "-")
+            raise UserError(
+                f"{flag}: under {who} the launcher starts the processes ({env.world_size} "
+                f"in all, {env.local_world_size} on this machine); drop {flag}"
+            )

@@ -1,0 +1,107 @@
+"""shoal on Spark, through PySpark's TorchDistributor.
+
+::
+
+    import shoal.spark
+
+    df = spark.read.table("events").select("f1", "f2", "f3", "clicked")
+    summary = shoal.spark.train(
+        ["--model", "mlp", "--features", "f*", "--label", "clicked", "--steps", "2000",
+         "--out", "/shared/runs/clicks"],
+        data=df, num_processes=4, local_mode=False)
+
+A DataFrame is written once as Parquet (``data_dir``) and every process reads its
+own part of each global batch from there with shoal's Parquet reader, so the
+sample order, exact accounting and resume are those of ``shoal train --data
+parquet:DIR``; a path is read where it is. ``shoal train --engine spark`` runs a
+job through TorchDistributor from the command line.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from shoal.cli.engines import JobLike, distribute, release, resolve, take_run_dir
+from shoal.config import JobConfig
+from shoal.errors import UserError
+
+__all__ = ["train"]
+
+
+def train(
+    job: JobLike,
+    data: Any = None,
+    num_processes: int = 2,
+    local_mode: bool = True,
+    data_dir: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Train ``job`` (a JobConfig, a job file, or the flags of ``shoal train``) with
+    ``num_processes`` processes started by ``TorchDistributor`` (``local_mode``: on the
+    driver's machine; else one per Spark task on the executors). Returns the run's
+    summary (what ``RUN_DIR/summary.json`` holds).
+
+    ``data``: a Spark DataFrame (written as Parquet to ``data_dir``, by default
+    ``RUN_DIR-data`` beside the run directory; its numeric or array columns are the
+    features and label, chosen by ``--features`` and ``--label``), or the path of
+    Parquet files already written (read where they are), or ``None`` (the job's own
+    ``--data``). A SparkSession must be active (the DataFrame's, or
+    ``SparkSession.builder.getOrCreate()``)."""
+    flags = _as_flags(job)
+    if data is not None:
+        path = data if isinstance(data, (str, os.PathLike)) else _write(data, flags, data_dir)
+        flags += ["--data", f"parquet:{os.fspath(path)}"]
+    resolved = resolve([*flags, "--workers", str(num_processes)], "spark")
+    take_run_dir(resolved)
+    try:
+        summary = distribute(resolved, num_processes, local_mode)
+    finally:
+        release(resolved)
+    if summary is None:
+        raise RuntimeError(f"shoal: the Spark job wrote no summary in {resolved.output.out}")
+    return summary
+
+
+def _as_flags(job: JobLike) -> list[str]:
+    if isinstance(job, JobConfig):
+        from shoal.config import dumps_toml
+
+        path = Path(_tmp_dir(), "job.toml")
+        path.write_text(dumps_toml(job))
+        return ["--config", str(path)]
+    if isinstance(job, (str, os.PathLike)):
+        return ["--config", os.fspath(job)]
+    return list(job)
+
+
+def _write(df: Any, flags: list[str], data_dir: str | os.PathLike | None) -> Path:
+    """Write the DataFrame as Parquet (refusing a directory that exists: the rows of a
+    run may not change under it)."""
+    if data_dir is None:
+        out = _flag(flags, "--out") or _flag(flags, "--resume")
+        if not out:
+            raise UserError("shoal.spark.train: give --out (or data_dir) to write the DataFrame")
+        data_dir = f"{os.path.abspath(out)}-data"
+    path = Path(data_dir).absolute()
+    if path.exists():
+        if _flag(flags, "--resume"):
+            return path  # (the run's rows, written when it started; fingerprints checked)
+        raise UserError(f"data_dir {path} exists; remove it or choose another")
+    df.write.parquet(str(path))
+    return path
+
+
+def _flag(flags: list[str], name: str) -> str:
+    for i, f in enumerate(flags):
+        if f == name and i + 1 < len(flags):
+            return flags[i + 1]
+        if f.startswith(name + "="):
+            return f.split("=", 1)[1]
+    return ""
+
+
+def _tmp_dir() -> str:
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="shoal-spark-")

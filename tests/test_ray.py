@@ -1,0 +1,95 @@
+"""shoal in Ray Train: a TorchTrainer (Ray started on this machine) trains a shoal job
+to the parameters ``shoal train`` reaches, and Ray's restart of a killed worker
+resumes from shoal's checkpoint with every sample counted once."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+from tests.conftest import LINEAR_JOB, max_abs_diff, params, read_summary
+
+ray = pytest.importorskip("ray", reason="Ray is an extra: pip install 'shoal[ray]'")
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+class WithFault:
+    """A train loop run with ``SHOAL_FAULT`` set in each Ray worker (pickled by value:
+    Ray's workers do not import this test module)."""
+
+    def __init__(self, loop, fault: str) -> None:
+        self.loop, self.fault = loop, fault
+
+    def __call__(self, config=None) -> None:
+        os.environ["SHOAL_FAULT"] = self.fault
+        self.loop(config)
+
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def fit(loop, failures: int = 0):
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        loop,
+        scaling_config=ray.train.ScalingConfig(num_workers=2),
+        run_config=ray.train.RunConfig(
+            failure_config=ray.train.FailureConfig(max_failures=failures),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+        ),
+    )
+    return trainer.fit()
+
+
+@pytest.mark.timeout(240)
+def test_a_torch_trainer_reaches_the_parameters_of_shoal_train(
+    tmp_path, local_ray, linear_reference
+):
+    import shoal.ray
+
+    out = tmp_path / "run"
+    job = [*LINEAR_JOB, "--out", str(out), "--no-progress", "--no-report"]
+    result = fit(shoal.ray.train_loop([*job, "--checkpoint-every", "100"]))
+    assert result.error is None
+    assert max_abs_diff(params(out), params(linear_reference)) < 1e-6
+    s = read_summary(out)
+    assert s["world_size"] == 2 and all(e["exact"] for e in s["epochs"])
+
+
+@pytest.mark.timeout(240)
+def test_ray_restarts_a_killed_worker_and_the_run_resumes_exactly(
+    tmp_path, local_ray, linear_reference
+):
+    import shoal.ray
+
+    out = tmp_path / "run"
+    job = [*LINEAR_JOB, "--out", str(out), "--no-progress", "--no-report"]
+    loop = shoal.ray.train_loop([*job, "--checkpoint-every", "100"])
+    fit(WithFault(loop, "crash:rank=1:step=150"), failures=1)  # SIGKILL after step 150
+    assert (out / "faults").is_dir()  # (the kill happened)
+    s, ref = read_summary(out), read_summary(linear_reference)
+    assert s["restarts"] == 1
+    assert s["samples_per_epoch"] == ref["samples_per_epoch"] and s["steps"] == 200
+    assert all(e["exact"] for e in s["epochs"]), s["epochs"]
+    assert max_abs_diff(params(out), params(linear_reference)) < 1e-6
+
+
+@pytest.mark.timeout(120)
+def test_a_mistake_in_the_job_is_one_line_before_ray_starts(tmp_path):
+    import shoal.ray
+    from shoal.errors import UserError
+
+    with pytest.raises(UserError, match="--batch-size must be >= 1"):
+        shoal.ray.train_loop(["--batch-size", "0", "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()

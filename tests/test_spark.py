@@ -1,0 +1,76 @@
+"""shoal on Spark: a DataFrame built in a local SparkSession, trained by two processes
+that PySpark's TorchDistributor starts, ends where ``shoal train`` ends on the same
+rows (written by pyarrow, read with the same sample order)."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import max_abs_diff, params, read_summary, run_shoal, train
+
+pytest.importorskip("pyspark", reason="PySpark is an extra: pip install 'shoal[spark]'")
+if not shutil.which("java"):
+    pytest.skip("Spark needs Java (scripts/setup.sh installs it)", allow_module_level=True)
+pytestmark = pytest.mark.slow
+
+JOB = ["--model", "linear", "--features", "f*", "--label", "y", "--shuffle", "full",
+       "--batch-size", "64", "--steps", "100", "--lr", "0.05", "--seed", "5", "--audit-samples",
+       "--no-progress", "--no-report"]  # fmt: skip
+
+
+def rows(n: int = 2000) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((n, 4))
+    return x, x @ np.array([1.0, -2.0, 0.5, 3.0]) + 0.1 * rng.standard_normal(n)
+
+
+@pytest.fixture(scope="module")
+def spark():
+    from pyspark.sql import SparkSession
+
+    session = SparkSession.builder.master("local[2]").appName("shoal-test").getOrCreate()
+    session.sparkContext.setLogLevel("ERROR")
+    yield session
+    session.stop()
+
+
+@pytest.mark.timeout(300)
+def test_a_dataframe_trained_through_torch_distributor_matches_shoal_train(tmp_path, spark):
+    import shoal.spark
+
+    x, y = rows()
+    df = spark.createDataFrame(
+        [(*map(float, r), float(t)) for r, t in zip(x, y)], ["f0", "f1", "f2", "f3", "y"]
+    )
+    out = tmp_path / "spark-run"
+    summary = shoal.spark.train([*JOB, "--out", str(out)], data=df, num_processes=2)
+    written = sorted(p.name for p in (tmp_path / "spark-run-data").glob("part-*.parquet"))
+    assert len(written) == 2  # one file per partition of local[2]
+
+    ref_data = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({**{f"f{j}": x[:, j] for j in range(4)}, "y": y}), ref_data)
+    ref = tmp_path / "ref"
+    train(ref, *JOB, "--data", f"parquet:{ref_data}", "--workers", "1")
+
+    assert summary["world_size"] == 2 and summary["steps"] == 100
+    assert max_abs_diff(params(out), params(ref)) < 1e-6
+    assert all(e["exact"] for e in read_summary(out)["epochs"])
+
+
+@pytest.mark.timeout(300)
+def test_shoal_train_engine_spark_runs_the_job_through_torch_distributor(tmp_path):
+    x, y = rows()
+    data = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({**{f"f{j}": x[:, j] for j in range(4)}, "y": y}), data)
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    train(ref, *JOB, "--data", f"parquet:{data}", "--workers", "2")
+    proc = run_shoal("train", *JOB, "--data", f"parquet:{data}", "--workers", "2",
+                     "--engine", "spark", "--out", str(out))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "run directory" in proc.stdout  # the summary table, in the driver
+    assert max_abs_diff(params(out), params(ref)) < 1e-6
