@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # Create .venv with shoal and its test tools. Safe to run again: it only
-# reinstalls when pyproject.toml changed.
+# reinstalls when pyproject.toml (or the extras asked for) changed.
+#
+#   bash scripts/setup.sh              shoal and its test tools
+#   bash scripts/setup.sh ray spark    and the engines' extras (what the tests use);
+#                                      spark also installs Java where it is missing
 #
 # torch: if the Python that makes the venv already has torch (a GPU build, say),
 # the venv sees it and keeps it. Otherwise the pinned CPU build is installed
@@ -23,11 +27,22 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   echo "setup: installing $TORCH_PIN (CPU build)"
   pip_q "$TORCH_PIN"
 fi
+extras="test"
+for extra in "$@"; do extras="$extras,$extra"; done
+if [[ ",$extras," == *",spark,"* ]] && ! command -v java >/dev/null 2>&1 && [ -z "${JAVA_HOME:-}" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing Java for Spark (openjdk-17-jre-headless)"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+      openjdk-17-jre-headless >/dev/null) || echo "setup: could not install Java; Spark's tests will skip"
+  else
+    echo "setup: Spark needs Java 17+ (not found); install it, or Spark's tests will skip"
+  fi
+fi
 stamp="$VENV/.shoal-installed"
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+want="$(sha256sum pyproject.toml | cut -d' ' -f1) $extras"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  echo "setup: installing shoal and its dependencies"
-  pip_q -e ".[test]"
+  echo "setup: installing shoal and its dependencies ($extras)"
+  pip_q -e ".[$extras]"
   "$PY" -c "import shoal, torch, zmq"
   echo "$want" > "$stamp"
 fi

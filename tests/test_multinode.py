@@ -1,4 +1,5 @@
-"""Two machines made of network namespaces, joined by torchrun's multi-node flags."""
+"""Two machines made of network namespaces, joined by torchrun's multi-node flags, or
+by what Slurm's ``srun`` and Kubeflow's training operator put in the environment."""
 
 from __future__ import annotations
 
@@ -29,13 +30,28 @@ JOB = [
 ]
 
 
-def _run_on_hosts(commands: list[tuple[netns.Host, list[str]]], env: dict[str, str]) -> None:
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """The job on one machine with 2 workers."""
+    out = tmp_path_factory.mktemp("single") / "run"
+    train(out, *JOB, "--workers", "2")
+    return out
+
+
+def _run_on_hosts(
+    commands: list[tuple[netns.Host, list[str]]],
+    env: dict[str, str],
+    host_env: list[dict[str, str]] | None = None,
+) -> list[str]:
+    """Run ``shoal ARGS`` on each host at once; their stderr."""
     procs = []
-    for host, args in commands:
+    for i, (host, args) in enumerate(commands):
+        own = [f"{k}={v}" for k, v in (host_env[i] if host_env else {}).items()]
         cmd = [
             *host.prefix(),
             "env",
             f"GLOO_SOCKET_IFNAME={host.ifname}",
+            *own,
             sys.executable,
             "-m",
             "shoal",
@@ -53,13 +69,12 @@ def _run_on_hosts(commands: list[tuple[netns.Host, list[str]]], env: dict[str, s
             p.kill()
     for p, (out, err) in zip(procs, results):
         assert p.returncode == 0, f"{out}\n{err}"
+    return [err for _, err in results]
 
 
 @pytest.mark.netns
 @pytest.mark.timeout(300)
-def test_two_namespace_hosts_match_single_node(tmp_path):
-    single = tmp_path / "single"
-    train(single, *JOB, "--workers", "2")
+def test_two_namespace_hosts_match_single_node(tmp_path, single):
     with netns.hosts() as (a, b):
         multi = ["--workers", "1", "--nnodes", "2", "--rdzv-endpoint", f"{a.addr}:{free_port()}"]
         _run_on_hosts(
@@ -83,6 +98,38 @@ def test_two_namespace_hosts_match_single_node(tmp_path):
     node0 = tmp_path / "node0"
     assert max_abs_diff(params(node0), params(single)) < 1e-5
     assert not (tmp_path / "node1").exists()  # only node 0 owns the run directory
+    assert (node0 / "summary.json").read_text().count('"rank"') == 2
+
+
+def _scheduler_env(scheduler: str, rank: int, first: str, port: int) -> dict[str, str]:
+    """What ``srun`` (one task per node) or Kubeflow's operator sets on machine ``rank``."""
+    if scheduler == "slurm":
+        return {"SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_PROCID": str(rank),
+                "SLURM_NODEID": str(rank), "SLURM_NTASKS": "2", "SLURM_JOB_NUM_NODES": "2",
+                "SLURM_JOB_NODELIST": f"{first},10.0.0.9", "MASTER_PORT": str(port)}  # fmt: skip
+    return {"PET_NNODES": "2", "PET_NODE_RANK": str(rank), "PET_NPROC_PER_NODE": "1",
+            "PET_MASTER_ADDR": first, "PET_MASTER_PORT": str(port)}  # fmt: skip
+
+
+@pytest.mark.netns
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("scheduler", ["slurm", "kubeflow"])
+def test_a_schedulers_variables_alone_make_two_hosts_meet(tmp_path, single, scheduler):
+    """The same command on both machines, no --nnodes/--node-rank/--rdzv-endpoint."""
+    subnet = "10.231.11" if scheduler == "slurm" else "10.231.12"
+    with netns.hosts(subnet=subnet) as (a, b):
+        port = free_port()
+        workers = ["--workers", "1"] if scheduler == "slurm" else []  # (Kubeflow's says 1)
+        errs = _run_on_hosts(
+            [(h, ["train", *JOB, *workers, "--out", str(tmp_path / f"node{r}")])
+             for r, h in enumerate((a, b))],
+            env={},
+            host_env=[_scheduler_env(scheduler, r, a.addr, port) for r in range(2)],
+        )  # fmt: skip
+    name = {"slurm": "Slurm", "kubeflow": "Kubeflow"}[scheduler]
+    assert f"shoal: {name}: machine 1 of 2, 1 worker, meeting at {a.addr}:{port}" in errs[1]
+    node0 = tmp_path / "node0"
+    assert max_abs_diff(params(node0), params(single)) < 1e-5
     assert (node0 / "summary.json").read_text().count('"rank"') == 2
 
 
