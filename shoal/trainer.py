@@ -197,7 +197,8 @@ class Trainer:
         audit = Audit(self.out, self.step, self.env.rank) if self.job.data.audit_samples else None
         first = True
         # (the parameter server's workers have no group to agree in: ps is not preemptible)
-        preemption = Preemption() if dist.is_initialized() else None
+        grouped = dist.is_initialized() and self.plugin.needs_process_group
+        preemption = Preemption() if grouped else None
         try:
             while True:
                 with timer.phase("wait"):

@@ -58,13 +58,23 @@ def run(job: JobConfig) -> int:
     """Run this process's part of ``job`` (its role from ``SHOAL_ROLE``, a training
     worker by default) and return the exit code; joins the process group that the
     environment describes, or uses the one already there."""
+    marker = Path(job.output.out) / USER_ERROR_FILE
+    if marker.exists() and dist.attempt() > 0:
+        return 2  # a mistake was reported already; retrying cannot help
+    plugin = resolve(job)
+    if torch.distributed.is_initialized() and not plugin.needs_process_group:
+        # another launcher's group (torchrun, Ray, TorchDistributor): the strategy gives
+        # each rank a role; the training ones come back here, without the group
+        group = dist.init(job.train.device)
+        return plugin.run_in_group(job, group, lambda: _run(job))
+    return _run(job)
+
+
+def _run(job: JobConfig) -> int:
     trainer = heartbeat = None
     preempted = False
+    plugin = resolve(job)
     try:
-        marker = Path(job.output.out) / USER_ERROR_FILE
-        if marker.exists() and dist.attempt() > 0:
-            return 2  # a mistake was reported already; retrying cannot help
-        plugin = resolve(job)
         env = dist.init(job.train.device, process_group=plugin.needs_process_group)
         role = os.environ.get("SHOAL_ROLE", "worker")
         if role != "worker":

@@ -82,3 +82,17 @@ def test_srun_tasks_that_are_processes_train_as_workers(tmp_path, linear_referen
     assert max_abs_diff(params(out), params(linear_reference)) < 1e-6
     assert read_summary(Path(out))["world_size"] == 2
     assert "run directory" in outputs[0][0] and "run directory" not in outputs[1][0]
+
+
+@pytest.mark.timeout(240)
+def test_ps_under_torchrun_takes_roles_from_ranks_and_bsp_equals_allreduce(
+    tmp_path, linear_reference
+):
+    """3 processes, --servers 1: rank 0 is the shard (and the coordinator), 1 and 2 train."""
+    out = tmp_path / "run"
+    proc = torchrun(3, "--out", str(out), *LINEAR_JOB, "--strategy", "ps", "--ps-mode", "bsp",
+                    "--no-report")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    s = read_summary(out)
+    assert s["world_size"] == 2 and all(e["exact"] for e in s["epochs"])
+    assert max_abs_diff(params(out), params(linear_reference)) < 1e-6

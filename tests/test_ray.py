@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(num_cpus=3, include_dashboard=False, logging_level="WARNING")
     yield
     ray.shutdown()
 
@@ -37,13 +37,13 @@ class WithFault:
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
-def fit(loop, failures: int = 0):
+def fit(loop, failures: int = 0, workers: int = 2):
     import ray.train
     from ray.train.torch import TorchTrainer
 
     trainer = TorchTrainer(
         loop,
-        scaling_config=ray.train.ScalingConfig(num_workers=2),
+        scaling_config=ray.train.ScalingConfig(num_workers=workers),
         run_config=ray.train.RunConfig(
             failure_config=ray.train.FailureConfig(max_failures=failures),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
@@ -82,6 +82,22 @@ def test_ray_restarts_a_killed_worker_and_the_run_resumes_exactly(
     assert s["restarts"] == 1
     assert s["samples_per_epoch"] == ref["samples_per_epoch"] and s["steps"] == 200
     assert all(e["exact"] for e in s["epochs"]), s["epochs"]
+    assert max_abs_diff(params(out), params(linear_reference)) < 1e-6
+
+
+@pytest.mark.timeout(240)
+def test_ps_on_ray_takes_roles_from_ranks_and_bsp_equals_allreduce(
+    tmp_path, local_ray, linear_reference
+):
+    """3 Ray workers, --servers 1: rank 0 serves (and coordinates), ranks 1 and 2 train."""
+    import shoal.ray
+
+    out = tmp_path / "run"
+    job = [*LINEAR_JOB, "--strategy", "ps", "--ps-mode", "bsp", "--servers", "1"]
+    loop = shoal.ray.train_loop([*job, "--out", str(out), "--no-progress", "--no-report"])
+    assert fit(loop, workers=3).error is None
+    s = read_summary(out)
+    assert s["world_size"] == 2 and all(e["exact"] for e in s["epochs"])
     assert max_abs_diff(params(out), params(linear_reference)) < 1e-6
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from shoal import rundir
 from shoal.cli.flags import given
-from shoal.cli.guest import fit_to_launcher, run_ranks
+from shoal.cli.guest import continued, fit_to_launcher, run_ranks
 from shoal.cli.job import finish, prepare_run_dir, resolve_job
 from shoal.config import JobConfig, dumps_toml, loads_toml
 from shoal.dist import init
@@ -121,7 +121,8 @@ def engine_rank(text: str, restarts: bool) -> tuple[int, dict[str, Any] | None]:
     def decide() -> tuple[str, int]:
         fitted = loads_toml(text)
         fit_to_launcher(fitted, env)
-        return dumps_toml(fitted), _next_attempt(Path(job.output.out)) if restarts else 0
+        attempt = _next_attempt(Path(job.output.out)) if restarts else 0
+        return (continued(fitted) if attempt else dumps_toml(fitted)), attempt
 
     code, _ = run_ranks(env, decide)
     summary = None

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch.distributed as tdist
 
-from shoal import rundir, worker
+from shoal import checkpoint, rundir, worker
 from shoal.cli.flags import apply_flags, given
 from shoal.cli.job import finish, prepare_run_dir, resolve_job
 from shoal.config import JobConfig, dumps_toml, load_toml, loads_toml
@@ -83,10 +83,31 @@ def run_ranks(env: DistEnv, decide: Callable[[], Decision]) -> tuple[int, JobCon
 
 
 def fit_to_launcher(job: JobConfig, env: DistEnv) -> None:
-    """The processes the launcher started are the job's workers."""
-    job.cluster.workers = env.local_world_size
-    job.cluster.nnodes = max(1, env.world_size // env.local_world_size)
-    job.cluster.node_rank, job.cluster.rdzv_endpoint = 0, ""
+    """The processes the launcher started are the job's: its workers, or (``--strategy
+    ps``) its first ``--servers`` ranks the server shards and the others the workers."""
+    c = job.cluster
+    c.nnodes = max(1, env.world_size // env.local_world_size)
+    c.node_rank, c.rdzv_endpoint = 0, ""
+    if resolve(job).needs_process_group:
+        c.workers = env.local_world_size
+        return
+    if env.world_size <= c.servers:
+        raise UserError(
+            f"--strategy {job.strategy.name} under a launcher: the first --servers {c.servers} "
+            f"ranks serve and the others train, so it needs more than {c.servers} processes "
+            f"(it has {env.world_size})"
+        )
+    c.nnodes, c.workers = 1, env.world_size - c.servers
+
+
+def continued(job: JobConfig) -> str:
+    """The job of a run the launcher restarted after a failure: it resumes from the run's
+    newest checkpoint where there is one (the parameter server's coordinator reads it
+    only when told to), from the start otherwise."""
+    root = resolve(job).checkpoint_root(Path(job.output.out))
+    if checkpoint.list_checkpoints(root):
+        job.output.resume = job.output.out
+    return dumps_toml(job)
 
 
 def run_as_guest(args: argparse.Namespace, who: str) -> int:
@@ -102,14 +123,9 @@ def run_as_guest(args: argparse.Namespace, who: str) -> int:
             # the launcher restarted the workers after a failure: the run goes on from
             # its newest checkpoint (--out names it, so all agree)
             lock[0] = rundir.lock(Path(out))
-            return (Path(out) / CONFIG_FILE).read_text(), restarts
+            return continued(loads_toml((Path(out) / CONFIG_FILE).read_text())), restarts
         job = resolve_job(args)
-        _refuse_placement(args, env, who)
-        if not resolve(job).needs_process_group:
-            raise UserError(
-                f"--strategy {job.strategy.name} starts its own processes: run it with "
-                f"shoal train, not under {who}"
-            )
+        _refuse_placement(args, env, who, resolve(job).needs_process_group)
         fit_to_launcher(job, env)
         if args.dry_run:
             print(dumps_toml(job))
@@ -141,10 +157,11 @@ def _device_of(args: argparse.Namespace) -> str:
         return "cpu"
 
 
-def _refuse_placement(args: argparse.Namespace, env: DistEnv, who: str) -> None:
-    """The launcher decides the processes and machines; flags that would too are refused."""
+def _refuse_placement(args: argparse.Namespace, env: DistEnv, who: str, grouped: bool) -> None:
+    """The launcher decides the processes and machines; flags that would too are refused
+    (``--servers`` picks the ranks that serve, where a strategy has servers)."""
     for name in ("workers", "nnodes", "node_rank", "rdzv_endpoint", "servers"):
-        if given(args, "cluster", name):
+        if given(args, "cluster", name) and (name != "servers" or grouped):
             flag = "--" + name.replace("_", "-")
             raise UserError(
                 f"{flag}: under {who} the launcher starts the processes ({env.world_size} "

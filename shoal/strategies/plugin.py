@@ -15,6 +15,7 @@ See ``docs/STRATEGIES.md``.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -88,6 +89,13 @@ class Plugin:
     def run_role(self, role: str, job: JobConfig, env: DistEnv) -> None:
         """Entry point of a process that is not a training worker (a server, say)."""
         raise ValueError(f"strategy {self.name} has no role {role!r}")
+
+    def run_in_group(self, job: JobConfig, group: DistEnv, train: Callable[[], int]) -> int:
+        """A strategy that starts its own processes (``needs_process_group`` false), run
+        in a process group another launcher made (torchrun, Ray, TorchDistributor): give
+        this rank its role; ``train`` runs a training worker (it reads ``RANK`` and
+        ``WORLD_SIZE`` among the workers from the environment). Returns the exit code."""
+        raise UserError(f"--strategy {self.name} cannot run under another launcher")
 
     def build(self, job: JobConfig, env: DistEnv) -> Strategy:
         """The runtime object of one worker."""

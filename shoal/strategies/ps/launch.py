@@ -5,7 +5,10 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import zmq
 from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -14,7 +17,7 @@ from shoal import checkpoint
 from shoal.config import JobConfig, parse_endpoint
 from shoal.data import build_dataset, build_order
 from shoal.data.sampler import GlobalBatchSampler
-from shoal.dist import resolve_device
+from shoal.dist import DistEnv, resolve_device
 from shoal.errors import UserError
 from shoal.launch import LaunchFailed, Role, RoleGroup, describe_exit, local_address
 from shoal.metrics import CommCounter
@@ -321,6 +324,76 @@ def _watch(
         time.sleep(0.1)
     if num_workers and clean == num_workers:  # every worker here heard the job finish
         tending.status["done"] = True
+
+
+def run_in_group(job: JobConfig, group: DistEnv, train: Callable[[], int]) -> int:
+    """``--strategy ps`` in a process group another launcher made (torchrun, Ray,
+    TorchDistributor): the first ``--servers`` ranks are the server shards, the
+    others the workers, and rank 0 also runs the coordinator. Rank 0 hands every
+    rank the coordinator's address and the job's secret through the group (the
+    launcher's processes trust each other); from then on they talk over shoal's
+    wire, and meet in the group once more at the end."""
+    import torch.distributed as tdist
+
+    servers, size = job.cluster.servers, group.world_size
+    host = _group_host()
+    coordinator = node = None
+    info: list[Any] = [None]
+    if group.rank == 0:
+        secret = bytes.fromhex(os.environ.get(wire.SECRET_ENV, "") or wire.new_secret())
+        sampler = job_sampler(job)
+        total_steps = job.train.total_steps(sampler.steps_per_epoch)
+        coordinator = Coordinator(
+            job, secret, f"tcp://{host}:0", 1, total_steps, sampler.steps_per_epoch,
+            sampler=sampler,
+        )  # fmt: skip
+        coordinator.start()
+        node = Peer(zmq.Context.instance(), coordinator.address, secret, "node0", CommCounter(),
+                    timeout_s=600, link_timeout_s=job.strategy.heartbeat_timeout)  # fmt: skip
+        node.call({"op": "node", "node_rank": 0, "workers": size - servers, "servers": servers})
+        info = [{"address": coordinator.address, "secret": secret.hex()}]
+    tdist.broadcast_object_list(info, src=0)
+    os.environ.update({wire.SECRET_ENV: info[0]["secret"], wire.COORDINATOR_ENV: info[0]["address"],
+                       wire.HOST_ENV: host})  # fmt: skip
+    if group.rank >= servers:  # a worker, numbered among the workers
+        worker = group.rank - servers
+        os.environ.update({"RANK": str(worker), "WORLD_SIZE": str(size - servers),
+                           "LOCAL_RANK": str(max(0, group.local_rank - servers))})  # fmt: skip
+        return train()  # (it meets the others in the group at its end)
+    os.environ["SHOAL_ROLE_RANK"] = str(group.rank)
+    if coordinator is None:
+        run_server(job)
+    else:  # shard 0 serves in a thread while this one sees the job to its end
+        serving = threading.Thread(target=run_server, args=(job,), name="shoal-ps-shard-0")
+        serving.start()
+        try:
+            _finish_in_group(coordinator)
+        finally:
+            if node is not None:
+                node.close()
+        serving.join()
+    tdist.barrier()
+    tdist.destroy_process_group()
+    return 0
+
+
+def _finish_in_group(coordinator: Coordinator) -> None:
+    """Rank 0: wait for every worker to finish, then write the final model and summary."""
+    while not coordinator.all_workers_done():
+        if not coordinator.is_alive():
+            raise LaunchFailed("the coordinator stopped unexpectedly")
+        time.sleep(0.1)
+    if not coordinator.job_done():
+        raise LaunchFailed("the workers stopped before every step was done")
+    coordinator.finish()
+
+
+def _group_host() -> str:
+    """This process's address on the route to the group's rank 0 (loopback on one machine)."""
+    addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    if addr in ("localhost", "") or addr.startswith("127."):
+        return "127.0.0.1"
+    return local_address(addr, int(os.environ.get("MASTER_PORT", "29500")))
 
 
 def run_server(job: JobConfig) -> None:

@@ -8,6 +8,7 @@ of its own.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,11 @@ class Plugin(plugin.Plugin):
         if role != "server":
             raise ValueError(f"ps has no role {role!r}")
         run_server(job)
+
+    def run_in_group(self, job: JobConfig, group: DistEnv, train: Callable[[], int]) -> int:
+        from shoal.strategies.ps.launch import run_in_group
+
+        return run_in_group(job, group, train)
 
     def summary_rows(self, summary: dict[str, Any]) -> list[tuple[str, str]]:
         ps = summary["ps"]
