@@ -326,6 +326,12 @@ class OutputConfig:
 
     out: str = option("", "run directory (default runs/<time>-<strategy>)")
     resume: str = option("", "continue the run in this directory from its newest checkpoint")
+    auto_resume: bool = option(
+        False,
+        "continue the run in --out from its newest checkpoint if it has one, else start it "
+        "there: the same command for the first start and for a requeued Slurm job or a "
+        "restarted pod",
+    )
     progress: bool = option(True, "show a live progress display")
     report: bool = option(True, "write plots and report.html into the run directory at the end")
     tensorboard: bool = option(

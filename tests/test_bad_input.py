@@ -54,6 +54,11 @@ def assert_one_line_error(proc, needle: str) -> None:
             ["--strategy", "ps", "--servers", "1", "--compress", "powersgd:2"],
             "powersgd needs whole matrices",
         ),
+        (["--engine", "yarn"], "invalid choice: 'yarn'"),
+        (
+            ["--engine", "ray", "--nnodes", "2", "--rdzv-endpoint", "127.0.0.1:1"],
+            "--nnodes: under --engine ray the engine places the workers",
+        ),
     ],
 )
 @pytest.mark.timeout(60)

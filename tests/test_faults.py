@@ -480,7 +480,9 @@ def test_preempted_by_a_signal_to_every_process_then_resumed_exactly(
     """The scheduler signals every process (Kubernetes, Spark, Ray: SIGTERM; Slurm's
     --signal: SIGUSR1): all stop after one common step, checkpoint it, exit 143."""
     out = tmp_path / "run"
-    cmd = [*_shoal(out), "--no-report", *LINEAR_JOB, *W2, "--log-every", "10"]
+    requeued = sig == "SIGUSR1"  # Slurm's requeue runs the same command: --auto-resume
+    again = ["--auto-resume"] if requeued else []
+    cmd = [*_shoal(out), "--no-report", *LINEAR_JOB, *W2, "--log-every", "10", *again]
     job = _Watched(cmd, env={"SHOAL_FAULT": "slow:rank=*:ms=20"})
     try:
         _wait_for_records(out / "metrics.jsonl", count=5)
@@ -496,7 +498,9 @@ def test_preempted_by_a_signal_to_every_process_then_resumed_exactly(
     assert record["signal"] == sig and record["within_grace"], record
     assert 0 < record["step"] < 200 and not (out / "summary.json").exists()
     assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step-{record['step']:08d}"]
-    train(out, "--resume", str(out))
+    proc = train(out, *LINEAR_JOB, *W2, *again) if requeued else train(out, "--resume", str(out))
+    if requeued:
+        assert f"continuing {out} from step {record['step']}" in proc.stderr, proc.stderr
     s = _like_unfailed(out, linear_reference)  # same samples, same parameters
     assert s["resumed_from_step"] == record["step"] and s["preemptions"] == [record]
     assert all(e["exact"] for e in s["epochs"]), s["epochs"]

@@ -39,7 +39,7 @@ from shoal.strategies import BUILTIN, Plugin, resolve
 
 def resolve_job(args: argparse.Namespace) -> JobConfig:
     """Defaults <- run dir (on --resume) <- --config <- flags, then checked."""
-    resume = getattr(args, "output.resume", "")
+    resume = getattr(args, "output.resume", "") or _auto_resume(args)
     job = stored = JobConfig()
     if resume:
         if not (Path(resume) / CONFIG_FILE).is_file():
@@ -53,7 +53,7 @@ def resolve_job(args: argparse.Namespace) -> JobConfig:
     if given(args, "train", "epochs") and not given(args, "train", "steps"):
         job.train.steps = 0
     if resume:
-        job.output.out = resume
+        job.output.out = job.output.resume = resume
     if not job.data.name:
         check_model_name(job.model.name)
         job.data.name = default_data(job.model.name)
@@ -87,6 +87,26 @@ def resolve_job(args: argparse.Namespace) -> JobConfig:
         job.output.out = f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{job.strategy.name}"
     rundir.check_out(Path(job.output.out))
     return job
+
+
+def _auto_resume(args: argparse.Namespace) -> str:
+    """``--auto-resume --out RUN``: the run to continue, if ``RUN`` holds one with a
+    checkpoint (said in one line); empty to start it."""
+    if not getattr(args, "output.auto_resume", False):
+        return ""
+    out = getattr(args, "output.out", "")
+    if not out:
+        raise UserError("--auto-resume needs --out (the run to start, or to continue)")
+    if not (Path(out) / CONFIG_FILE).is_file():
+        return ""
+    stored = load_toml(Path(out) / CONFIG_FILE)
+    latest = checkpoint.load_latest(resolve(stored).checkpoint_root(Path(out)))
+    if latest is None:
+        return ""  # stopped before its first checkpoint: it starts again, in place
+    if not getattr(args, "dry_run", False):
+        print(f"shoal: --auto-resume: continuing {out} from step {latest[1]['step']}",
+              file=sys.stderr)  # fmt: skip
+    return out
 
 
 def _cluster_from_scheduler(args: argparse.Namespace, job: JobConfig) -> None:
@@ -205,6 +225,10 @@ def _check_run_dir(job: JobConfig, out: Path) -> None:
             )
         (out / USER_ERROR_FILE).unlink(missing_ok=True)  # a mistake reported by the run before
     elif not rundir.is_empty(out):
+        if job.output.auto_resume and (out / CONFIG_FILE).is_file():
+            # the same job, stopped before its first checkpoint: it starts again in place
+            rundir.check_resume(load_toml(out / CONFIG_FILE), job)
+            return
         raise UserError(f"run directory {out} already exists; choose another --out or --resume it")
 
 

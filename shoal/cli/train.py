@@ -24,6 +24,12 @@ examples:
   shoal train --config job.toml --workers 4 --out runs/exp1
   shoal train --resume runs/exp1 --steps 600          # continue, to step 600
 
+under a scheduler or engine (see docs/ENGINES.md):
+  torchrun --nproc-per-node 2 -m shoal train --model mlp   # each process one worker
+  srun shoal train --model mlp --out runs/x --auto-resume  # Slurm: machines from SLURM_*
+  shoal train --engine ray --workers 4 --model mlp         # Ray Train (shoal[ray])
+  shoal train --engine spark --workers 2 --data parquet:DIR --features 'f*' --label y
+
 several machines (same command on each, node 0's address as the endpoint):
   shoal train --workers 2 --nnodes 2 --node-rank 0 --rdzv-endpoint 10.0.0.1:29500
   shoal train --workers 2 --nnodes 2 --node-rank 1 --rdzv-endpoint 10.0.0.1:29500
