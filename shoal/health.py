@@ -57,7 +57,8 @@ class Heartbeat:
         self.on_failure = on_failure or _exit
         self._stop = threading.Event()
         self.whos: dict[int, dict] = {}
-        who = {"host": self.host, "pid": self.pid, "machine": self.machine}
+        who = {"host": self.host, "pid": self.pid, "machine": self.machine,
+               "started": _started(self.pid)}  # fmt: skip
         self.store.set(f"who/{rank}", json.dumps(who))
         self.store.set(f"beat/{rank}", "0")
         self.contact = time.monotonic()  # the last time the store answered
@@ -239,14 +240,22 @@ def _machine() -> str:
 def _local_state(who: dict) -> str | None:
     """``dead``, ``stopped`` or ``running`` for a shoal worker pid on this host."""
     pid = int(who.get("pid", 0))
-    proc = Path(f"/proc/{pid}")
     try:
-        if b"shoal.worker" not in (proc / "cmdline").read_bytes():
-            return "dead"  # the pid was reused
-        state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return "dead"
-    return {"T": "stopped", "t": "stopped", "Z": "dead", "X": "dead"}.get(state, "running")
+    if who.get("started") and fields[19] != who["started"]:
+        return "dead"  # the pid was reused
+    return {"T": "stopped", "t": "stopped", "Z": "dead", "X": "dead"}.get(fields[0], "running")
+
+
+def _started(pid: int) -> str:
+    """When process ``pid`` started (clock ticks since boot; with the pid, it names one
+    process for good), or empty."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
 
 
 def _exit(line: str) -> None:

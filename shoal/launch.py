@@ -163,11 +163,15 @@ def launch(cluster: ClusterConfig, config_path: str) -> None:
         args[args.index("--rdzv-backend") + 1] = LOCAL_RENDEZVOUS
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo's pairs, as the stores
         os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
-    config, cmd, cmd_args = config_from_args(parse_args(args))
+    config, entry, entry_args = config_from_args(parse_args(args))
+    if fork_workers():
+        config.start_method = "fork"
+        entry, entry_args = _forked_worker, [config_path]
+        _preload()
     start = time.time()
     usr1 = signal.signal(signal.SIGUSR1, _on_usr1)
     try:
-        elastic_launch(config, cmd)(*cmd_args)
+        elastic_launch(config, entry)(*entry_args)
     except ChildFailedError as e:
         preempted = _preempted_since(config_path, start)
         if preempted is not None:
@@ -195,6 +199,51 @@ def launch(cluster: ClusterConfig, config_path: str) -> None:
         raise LaunchFailed(f"launch failed: {type(e).__name__}: {e}".splitlines()[0]) from None
     finally:
         signal.signal(signal.SIGUSR1, usr1)
+
+
+SPAWN_ENV = "SHOAL_SPAWN_WORKERS"
+"""Set to 1 to start each worker as a new Python (``python -m shoal.worker``) rather than
+a fork of the launcher."""
+
+
+def fork_workers() -> bool:
+    """Whether this node's workers are forks of the launcher (Linux; not where
+    ``SHOAL_SPAWN_WORKERS=1``): a fork has torch and shoal imported already, where a new
+    Python spends about 2 s of CPU per worker importing them, most of a small job's
+    start-up on a small machine. The fork is taken before any process group, CUDA
+    context or thread pool of the job exists."""
+    return sys.platform == "linux" and os.environ.get(SPAWN_ENV, "") != "1"
+
+
+def _preload() -> None:
+    """What every worker imports, imported once here, before the forks."""
+    import importlib
+
+    import torch
+
+    importlib.import_module(WORKER_MODULE)  # (by name: the worker is a layer above)
+    import torch._dynamo
+
+    torch.set_num_threads(1)  # (no OpenMP team here: a fork would inherit a broken one)
+
+
+def _forked_worker(config_path: str) -> None:
+    """A worker forked from the launcher: ``python -u -m shoal.worker CONFIG``, minus the
+    start-up. The launcher's signal handlers are not the worker's; a non-zero exit code
+    leaves as one (torch's agent collects the return value of a clean one)."""
+    import importlib
+
+    for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(s, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(line_buffering=True, write_through=True)  # (as python -u)
+    code = importlib.import_module(WORKER_MODULE).main([config_path])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if code:
+        sys.exit(code)
 
 
 def _on_usr1(signum: int, frame: Any) -> None:

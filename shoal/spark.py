@@ -19,6 +19,7 @@ job through TorchDistributor from the command line.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from typing import Any
 from shoal.cli.engines import JobLike, distribute, release, resolve, take_run_dir
 from shoal.config import JobConfig
 from shoal.errors import UserError
+from shoal.layout import SUMMARY_FILE
 
 __all__ = ["train"]
 
@@ -55,12 +57,13 @@ def train(
     resolved = resolve([*flags, "--workers", str(num_processes)], "spark")
     take_run_dir(resolved)
     try:
-        summary = distribute(resolved, num_processes, local_mode)
+        distribute(resolved, num_processes, local_mode)
     finally:
         release(resolved)
-    if summary is None:
+    path = Path(resolved.output.out) / SUMMARY_FILE
+    if not path.is_file():
         raise RuntimeError(f"shoal: the Spark job wrote no summary in {resolved.output.out}")
-    return summary
+    return json.loads(path.read_text())
 
 
 def _as_flags(job: JobLike) -> list[str]:

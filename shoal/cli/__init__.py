@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from shoal.errors import PeerRejected, UserError
@@ -37,6 +38,12 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``shoal`` console command."""
     args_in = sys.argv[1:] if argv is None else argv
+    # Before torch loads, as the workers are forks of this process (shoal.launch): a dead
+    # peer makes c10d print a C++ stack per failed store call (shoal names the culprit
+    # itself); and no OpenMP thread team may exist at the fork (libgomp's would hang the
+    # child), so this process computes on one thread. Workers set their own count.
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    os.environ["OMP_NUM_THREADS"] = "1"
     try:
         parser = build_parser(args_in)
     except UserError as e:
@@ -55,8 +62,6 @@ def main(argv: list[str] | None = None) -> int:
         print("shoal: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # (output piped to head, say): not an error of ours
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
 

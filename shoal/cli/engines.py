@@ -113,7 +113,8 @@ def outcome(job: JobConfig, error: BaseException | None, engine: str) -> int:
 
 def engine_rank(text: str, restarts: bool) -> tuple[int, dict[str, Any] | None]:
     """One worker process of an engine's job (``text``: the job as TOML). Returns the
-    exit code and, on rank 0, the summary. ``restarts``: the engine may run this
+    exit code and the summary (every rank: TorchDistributor keeps whichever rank's
+    return value it reads last). ``restarts``: the engine may run this
     again after a failure (rank 0 counts the attempts in the run directory)."""
     job = loads_toml(text)
     env = init(job.train.device)
@@ -126,8 +127,8 @@ def engine_rank(text: str, restarts: bool) -> tuple[int, dict[str, Any] | None]:
 
     code, _ = run_ranks(env, decide)
     summary = None
-    path = Path(job.output.out) / SUMMARY_FILE
-    if env.rank == 0 and code == 0 and path.is_file():
+    path = Path(job.output.out) / SUMMARY_FILE  # (written before the ranks' last meeting)
+    if code == 0 and path.is_file():
         summary = json.loads(path.read_text())
     return code, summary
 

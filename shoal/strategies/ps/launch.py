@@ -364,7 +364,7 @@ def run_in_group(job: JobConfig, group: DistEnv, train: Callable[[], int]) -> in
     if coordinator is None:
         run_server(job)
     else:  # shard 0 serves in a thread while this one sees the job to its end
-        serving = threading.Thread(target=run_server, args=(job,), name="shoal-ps-shard-0")
+        serving = threading.Thread(target=run_server, args=(job, False), name="shoal-ps-shard-0")
         serving.start()
         try:
             _finish_in_group(coordinator)
@@ -396,8 +396,9 @@ def _group_host() -> str:
     return local_address(addr, int(os.environ.get("MASTER_PORT", "29500")))
 
 
-def run_server(job: JobConfig) -> None:
-    """Entry of a server process: bind, register with the coordinator, serve."""
+def run_server(job: JobConfig, last: bool = True) -> None:
+    """Entry of a server process: bind, register with the coordinator, serve. ``last``:
+    nothing else in this process talks over ZeroMQ, so its context ends here."""
     secret = wire.load_secret()
     shard = int(os.environ["SHOAL_ROLE_RANK"])
     host = os.environ.get(wire.HOST_ENV, "127.0.0.1")
@@ -441,4 +442,5 @@ def run_server(job: JobConfig) -> None:
         server.restore(int(reply["restore"]), int(reply["generation"]), reply["total_steps"])
     server.serve()
     heartbeat.stop()
-    zmq.Context.instance().term()  # waits (linger) until the last replies have left
+    if last:
+        zmq.Context.instance().term()  # waits (linger) until the last replies have left
