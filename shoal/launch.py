@@ -209,8 +209,8 @@ a fork of the launcher."""
 def fork_workers() -> bool:
     """Whether this node's workers are forks of the launcher (Linux; not where
     ``SHOAL_SPAWN_WORKERS=1``): a fork has torch and shoal imported already, where a new
-    Python spends about 2 s of CPU per worker importing them, most of a small job's
-    start-up on a small machine. The fork is taken before any process group, CUDA
+    Python spends about 1.2 s of CPU per worker importing them, a large part of a small
+    job's start-up on a small machine. The fork is taken before any process group, CUDA
     context or thread pool of the job exists."""
     return sys.platform == "linux" and os.environ.get(SPAWN_ENV, "") != "1"
 
@@ -221,9 +221,9 @@ def _preload() -> None:
 
     import torch
 
+    # (torch._dynamo, which DDP imports, is left to the workers: importing it here, 1.4 s
+    # before the forks, was slower than 2 workers importing it side by side)
     importlib.import_module(WORKER_MODULE)  # (by name: the worker is a layer above)
-    import torch._dynamo
-
     torch.set_num_threads(1)  # (no OpenMP team here: a fork would inherit a broken one)
 
 

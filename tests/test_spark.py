@@ -1,6 +1,7 @@
 """shoal on Spark: a DataFrame built in a local SparkSession, trained by two processes
 that PySpark's TorchDistributor starts, ends where ``shoal train`` ends on the same
-rows (written by pyarrow, read with the same sample order)."""
+rows (written by pyarrow, read with the same sample order); so does ``shoal train
+--engine spark``."""
 
 from __future__ import annotations
 
@@ -30,6 +31,17 @@ def rows(n: int = 2000) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The rows written by pyarrow, and ``shoal train`` on them (1 worker)."""
+    root = tmp_path_factory.mktemp("spark-ref")
+    x, y = rows()
+    data = root / "rows.parquet"
+    pq.write_table(pa.table({**{f"f{j}": x[:, j] for j in range(4)}, "y": y}), data)
+    train(root / "run", *JOB, "--data", f"parquet:{data}", "--workers", "1")
+    return data, root / "run"
+
+
+@pytest.fixture(scope="module")
 def spark():
     from pyspark.sql import SparkSession
 
@@ -40,7 +52,9 @@ def spark():
 
 
 @pytest.mark.timeout(300)
-def test_a_dataframe_trained_through_torch_distributor_matches_shoal_train(tmp_path, spark):
+def test_a_dataframe_trained_through_torch_distributor_matches_shoal_train(
+    tmp_path, spark, reference
+):
     import shoal.spark
 
     x, y = rows()
@@ -51,26 +65,18 @@ def test_a_dataframe_trained_through_torch_distributor_matches_shoal_train(tmp_p
     summary = shoal.spark.train([*JOB, "--out", str(out)], data=df, num_processes=2)
     written = sorted(p.name for p in (tmp_path / "spark-run-data").glob("part-*.parquet"))
     assert len(written) == 2  # one file per partition of local[2]
-
-    ref_data = tmp_path / "rows.parquet"
-    pq.write_table(pa.table({**{f"f{j}": x[:, j] for j in range(4)}, "y": y}), ref_data)
-    ref = tmp_path / "ref"
-    train(ref, *JOB, "--data", f"parquet:{ref_data}", "--workers", "1")
-
     assert summary["world_size"] == 2 and summary["steps"] == 100
-    assert max_abs_diff(params(out), params(ref)) < 1e-6
+    assert max_abs_diff(params(out), params(reference[1])) < 1e-6
     assert all(e["exact"] for e in read_summary(out)["epochs"])
 
 
 @pytest.mark.timeout(300)
-def test_shoal_train_engine_spark_runs_the_job_through_torch_distributor(tmp_path):
-    x, y = rows()
-    data = tmp_path / "rows.parquet"
-    pq.write_table(pa.table({**{f"f{j}": x[:, j] for j in range(4)}, "y": y}), data)
-    ref, out = tmp_path / "ref", tmp_path / "run"
-    train(ref, *JOB, "--data", f"parquet:{data}", "--workers", "2")
+def test_shoal_train_engine_spark_runs_the_job_through_torch_distributor(tmp_path, reference):
+    data, ref = reference
+    out = tmp_path / "run"
     proc = run_shoal("train", *JOB, "--data", f"parquet:{data}", "--workers", "2",
                      "--engine", "spark", "--out", str(out))  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "run directory" in proc.stdout  # the summary table, in the driver
+    assert read_summary(out)["world_size"] == 2
     assert max_abs_diff(params(out), params(ref)) < 1e-6

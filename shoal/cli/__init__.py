@@ -41,9 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     # Before torch loads, as the workers are forks of this process (shoal.launch): a dead
     # peer makes c10d print a C++ stack per failed store call (shoal names the culprit
     # itself); and no OpenMP thread team may exist at the fork (libgomp's would hang the
-    # child), so this process computes on one thread. Workers set their own count.
+    # child), so a command that launches workers computes on one thread. Workers set
+    # their own count.
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
-    os.environ["OMP_NUM_THREADS"] = "1"
+    if args_in[:1] not in (["data"], ["report"]):
+        os.environ["OMP_NUM_THREADS"] = "1"
     try:
         parser = build_parser(args_in)
     except UserError as e:

@@ -168,6 +168,8 @@ def run_on_ray(job: JobConfig) -> int:
     ray, train, torch_trainer = _import_ray()
     text = take_run_dir(job)
     c = job.cluster
+    if not c.address:  # a Ray started here: its workers at the priority of a shoal worker
+        os.environ.setdefault("RAY_worker_niceness", "0")  # (Ray's default: nice 15)
     try:
         ray.init(
             address=c.address or None,
