@@ -50,11 +50,11 @@ def train(
     Parquet files already written (read where they are), or ``None`` (the job's own
     ``--data``). A SparkSession must be active (the DataFrame's, or
     ``SparkSession.builder.getOrCreate()``)."""
-    flags = _as_flags(job)
+    extra = ["--workers", str(num_processes)]
     if data is not None:
-        path = data if isinstance(data, (str, os.PathLike)) else _write(data, flags, data_dir)
-        flags += ["--data", f"parquet:{os.fspath(path)}"]
-    resolved = resolve([*flags, "--workers", str(num_processes)], "spark")
+        path = data if isinstance(data, (str, os.PathLike)) else _write(data, job, data_dir)
+        extra += ["--data", f"parquet:{os.fspath(path)}"]
+    resolved = resolve(job, "spark", extra)
     take_run_dir(resolved)
     try:
         distribute(resolved, num_processes, local_mode)
@@ -66,21 +66,10 @@ def train(
     return json.loads(path.read_text())
 
 
-def _as_flags(job: JobLike) -> list[str]:
-    if isinstance(job, JobConfig):
-        from shoal.config import dumps_toml
-
-        path = Path(_tmp_dir(), "job.toml")
-        path.write_text(dumps_toml(job))
-        return ["--config", str(path)]
-    if isinstance(job, (str, os.PathLike)):
-        return ["--config", os.fspath(job)]
-    return list(job)
-
-
-def _write(df: Any, flags: list[str], data_dir: str | os.PathLike | None) -> Path:
+def _write(df: Any, job: JobLike, data_dir: str | os.PathLike | None) -> Path:
     """Write the DataFrame as Parquet (refusing a directory that exists: the rows of a
     run may not change under it)."""
+    flags = _flags_of(job)
     if data_dir is None:
         out = _flag(flags, "--out") or _flag(flags, "--resume")
         if not out:
@@ -95,6 +84,17 @@ def _write(df: Any, flags: list[str], data_dir: str | os.PathLike | None) -> Pat
     return path
 
 
+def _flags_of(job: JobLike) -> list[str]:
+    """Where the job's run directory is, as flags (a JobConfig's, or the flags given)."""
+    if isinstance(job, JobConfig):
+        return ["--out", job.output.out, "--resume", job.output.resume]
+    if isinstance(job, (str, os.PathLike)):
+        from shoal.config import load_toml
+
+        return _flags_of(load_toml(job))
+    return list(job)
+
+
 def _flag(flags: list[str], name: str) -> str:
     for i, f in enumerate(flags):
         if f == name and i + 1 < len(flags):
@@ -102,9 +102,3 @@ def _flag(flags: list[str], name: str) -> str:
         if f.startswith(name + "="):
             return f.split("=", 1)[1]
     return ""
-
-
-def _tmp_dir() -> str:
-    import tempfile
-
-    return tempfile.mkdtemp(prefix="shoal-spark-")

@@ -44,18 +44,20 @@ _HELD: dict[str, rundir.RunLock] = {}
 # --- the driver ---------------------------------------------------------------------
 
 
-def resolve(job: JobLike, engine: str) -> JobConfig:
-    """The job, resolved and checked as ``shoal train`` would, for ``engine``."""
+def resolve(job: JobLike, engine: str, extra: Sequence[str] = ()) -> JobConfig:
+    """The job, resolved and checked as ``shoal train`` would, for ``engine``; ``extra``:
+    flags given after the job's own."""
     from shoal.cli import build_parser
 
     if isinstance(job, JobConfig):
         with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
             f.write(dumps_toml(job))
         try:
-            return resolve(["--config", f.name], engine)
+            return resolve(["--config", f.name], engine, extra)
         finally:
             os.unlink(f.name)
     flags = ["--config", os.fspath(job)] if isinstance(job, (str, os.PathLike)) else list(job)
+    flags += extra
     args = build_parser(["train", *flags]).parse_args(["train", *flags])
     args.guest = engine  # (the engine places the processes, not Slurm's variables)
     return check_for_engine(resolve_job(args), args, engine)
