@@ -223,8 +223,8 @@ def _import_ray() -> tuple[Any, Any, Any]:
 
 
 def spark_rank(text: str) -> dict[str, Any] | None:
-    """The function TorchDistributor runs in each process it starts (with torchrun):
-    rank 0 returns the summary, which TorchDistributor hands back to the driver."""
+    """The function TorchDistributor runs in each process it starts (with torchrun);
+    what it returns (the summary) TorchDistributor hands back to the driver."""
     code, summary = engine_rank(text, restarts=False)
     if code != 0:
         raise RuntimeError(f"shoal worker {os.environ.get('RANK', '?')} exited with {code}")
