@@ -234,6 +234,22 @@ class TrainConfig:
     checkpoint_async: bool = option(
         True, "write checkpoints in the background (training waits only for a copy of the state)"
     )
+    balance: str = option(
+        "equal",
+        "how each global batch is cut between the data-parallel ranks: equal, auto (slices "
+        "follow each rank's measured compute speed, re-planned every --balance-every steps) "
+        "or static:W1,W2,... (fixed weights, one per rank); the samples of a step never change",
+    )
+    balance_every: int = option(
+        10, "--balance auto: steps between re-plans of the slices", low=1, high=BIG
+    )
+    max_rank_batch: int = option(
+        0,
+        "the most samples one rank computes at once (memory); a larger slice is cut into "
+        "micro-batches whose gradients accumulate (0: no limit)",
+        low=0,
+        high=1 << 31,
+    )
 
     def total_steps(self, steps_per_epoch: int) -> int:
         """Global steps of the job: ``--steps``, or ``--epochs`` worth of them."""

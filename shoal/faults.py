@@ -10,6 +10,12 @@ itself with SIGSTOP instead: alive, silent, holding its sockets.
 whose compute is slow, so its gradients are as stale as a slow device makes them.
 ``slow:rank=*:ms=40:prob=0.25`` makes every rank sleep 40 ms in a random
 quarter of its steps (seeded per rank): stragglers that come and go.
+``slow:rank=3:factor=3`` makes rank 3 three times slower in proportion to its
+work: in each forward it sleeps twice what its samples took to compute in the
+previous step (so a smaller slice makes it sleep less, as on a slow machine).
+``cpu:rank=3:cpus=0.3`` puts rank 3 under a real CPU quota of 0.3 CPUs for the
+whole run (cgroups, root: see :mod:`shoal.cgroup`); a rank's own entry wins
+over ``rank=*``.
 ``crash:role=server:rank=0:step=120`` kills parameter-server shard 0 once it
 has applied step 120 (``hang:role=server:...`` stops it). ``hang:rank=2:step=0``
 stops worker 2 as it starts, before it registers with anyone. Several faults
@@ -30,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ENV = "SHOAL_FAULT"
-KINDS = ("crash", "hang", "slow")
+KINDS = ("crash", "hang", "slow", "cpu")
 
 
 ROLES = ("worker", "server")
@@ -44,6 +50,8 @@ class Fault:
     ms: int = 0
     prob: float = 1.0
     role: str = "worker"
+    factor: float = 0.0  # slow: times slower than its measured compute (instead of ms)
+    cpus: float = 0.0  # cpu: the quota, in CPUs
 
 
 def parse(spec: str) -> list[Fault]:
@@ -55,27 +63,30 @@ def parse(spec: str) -> list[Fault]:
             raise ValueError(f"{ENV}: unknown fault {kind!r} (known: {', '.join(KINDS)})")
         values = dict(f.split("=", 1) for f in fields if "=" in f)
         role = values.get("role", "worker")
-        if role not in ROLES or (role == "server" and kind == "slow"):
+        if role not in ROLES or (role == "server" and kind in ("slow", "cpu")):
             raise ValueError(f"{ENV}: {part!r}: role must be worker, or server for a crash or hang")
         try:
             rank = -1 if values["rank"] == "*" else int(values["rank"])
             if kind in ("crash", "hang"):
                 faults.append(Fault(kind, rank, int(values["step"]), role=role))
-            else:
-                step, ms, prob = (
-                    int(values.get("step", 0)),
-                    int(values["ms"]),
-                    float(values.get("prob", 1)),
-                )
-                if not 0 < prob <= 1:
+            elif kind == "cpu":
+                cpus = float(values["cpus"])
+                if not 0.01 <= cpus <= 1024:
                     raise ValueError
-                faults.append(Fault(kind, rank, step, ms, prob))
+                faults.append(Fault(kind, rank, 0, cpus=cpus))
+            else:
+                step, prob = int(values.get("step", 0)), float(values.get("prob", 1))
+                ms, factor = int(values.get("ms", 0)), float(values.get("factor", 0))
+                if not 0 < prob <= 1 or ("ms" in values) == ("factor" in values):
+                    raise ValueError
+                if ms < 0 or not (factor == 0 or 1 <= factor <= 1000):
+                    raise ValueError
+                faults.append(Fault(kind, rank, step, ms, prob, factor=factor))
         except (KeyError, ValueError):
-            form = (
-                f"{kind}:rank=R:step=S"
-                if kind != "slow"
-                else "slow:rank=R|*:ms=M[:step=S][:prob=P]"
-            )
+            form = {
+                "slow": "slow:rank=R|*:ms=M|factor=F[:step=S][:prob=P]",
+                "cpu": "cpu:rank=R|*:cpus=C (0.01 to 1024)",
+            }.get(kind, f"{kind}:rank=R:step=S")
             raise ValueError(f"{ENV}: {part!r} must look like {form}") from None
     return faults
 
@@ -96,6 +107,9 @@ class Injector:
         self.random = random.Random(rank)
         self.markers = Path(run_dir) / "faults" if run_dir is not None else None
         self.fired: set[Fault] = {f for f in self.faults if self._marker(f).exists()}
+        self.per_sample = 0.0  # seconds this rank's compute takes per sample (factor)
+        self.slept = 0.0  # seconds slept in the current step
+        self.group: Path | None = None  # the cgroup of a cpu fault, once in it
 
     def _marker(self, fault: Fault) -> Path:
         if self.markers is None:
@@ -104,18 +118,43 @@ class Injector:
         return self.markers / f"{fault.kind}-{who}-step{fault.step}"
 
     def at_start(self) -> None:
-        """Called as the process starts: faults of step 0 fire here."""
+        """Called as the process starts: faults of step 0 fire here, a CPU quota
+        begins."""
+        quotas = sorted((f for f in self.faults if f.kind == "cpu"), key=lambda f: f.rank)
+        if quotas:  # this rank's own entry (rank >= 0) sorts last and wins over rank=*
+            from shoal.cgroup import limit_cpu
+
+            self.group = limit_cpu(quotas[-1].cpus)
         self.after_step(0)
+
+    def close(self) -> None:
+        """Leave the CPU quota's group, if this process is in one."""
+        if self.group is not None:
+            from shoal.cgroup import release
+
+            release(self.group)
+            self.group = None
 
     def resumed_at(self, step: int) -> None:
         """A run resumed after ``step``: crashes and hangs due by then have happened."""
         self.fired |= {f for f in self.faults if f.kind != "slow" and f.step <= step}
 
-    def in_step(self, step: int) -> None:
-        """Called in the forward pass of global step ``step`` (counted from 1)."""
+    def in_step(self, step: int, samples: int = 0) -> None:
+        """Called in the forward pass of global step ``step`` (counted from 1) on
+        ``samples`` samples."""
         for fault in self.faults:
             if fault.kind == "slow" and step >= fault.step and self.random.random() < fault.prob:
-                time.sleep(fault.ms / 1000)
+                pause = fault.ms / 1000
+                if fault.factor:
+                    pause = (fault.factor - 1) * self.per_sample * samples
+                time.sleep(pause)
+                self.slept += pause
+
+    def computed(self, samples: int, seconds: float) -> None:
+        """The step just done computed ``samples`` in ``seconds`` (sleeps included)."""
+        if samples > 0:
+            self.per_sample = max(0.0, seconds - self.slept) / samples
+        self.slept = 0.0
 
     def after_step(self, step: int) -> None:
         """Called after each task, with its global step + 1 (a queue may skip steps)."""

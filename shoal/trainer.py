@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from shoal import checkpoint, preempt
+from shoal import balance, checkpoint, preempt
 from shoal.config import JobConfig
 from shoal.data import Dataset, GlobalBatchSampler, Task, build_dataset, build_order
 from shoal.data.loader import Audit, Loader
@@ -73,6 +73,12 @@ class Trainer:
             drop_last=job.data.drop_last,
             order=build_order(self.data, job.data, job.train.seed),
         )
+        self.balancer = balance.Balancer(
+            balance.parse(job.train.balance), dp_size, dp_rank, job.train.balance_every
+        )
+        self.balancing = self.balancer.spec.mode != "equal"
+        if self.balancing:
+            self.sampler.cut = self.balancer.sizes
         self.total_steps = job.train.total_steps(self.sampler.steps_per_epoch)
         self.activations = ActivationMeter()
         """What each forward saves for backward (measured at logging steps)."""
@@ -106,6 +112,8 @@ class Trainer:
         if (path / checkpoint.SHARDS_DIR).is_dir():  # written by a sharded strategy
             self.strategy.load_shards(path / checkpoint.SHARDS_DIR)
         self.sampler.load_state_dict(state["sampler"])
+        if "balance" in state:
+            self.balancer.load_state_dict(state["balance"])
         self.step = int(state["step"])
         self.faults.resumed_at(self.step)
         self.resumed_from = self.step
@@ -142,6 +150,7 @@ class Trainer:
                 "step": self.step,
                 "strategy": own,
                 "sampler": self.sampler.state_dict(),
+                "balance": self.balancer.state_dict(),
                 "rng": [r.clone() for r in rng],  # own storage each: set_rng_state ignores offsets
                 "samples_per_epoch": counts,
                 "digests": digests,
@@ -179,7 +188,7 @@ class Trainer:
 
     def loss_fn(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         x, y = batch
-        self.faults.in_step(self.step + 1)
+        self.faults.in_step(self.step + 1, len(y))
         with self.activations.measure():
             return per_sample_loss(self.data.task, model(x), y)
 
@@ -195,6 +204,7 @@ class Trainer:
         window = _Window(torch.zeros((), device=self.env.device, dtype=torch.float64))
         work = self.strategy.work(self.sampler, self.step, self.total_steps)
         audit = Audit(self.out, self.step, self.env.rank) if self.job.data.audit_samples else None
+        self.balancer.start(self.step)
         first = True
         # (the parameter server's workers have no group to agree in: ps is not preemptible)
         grouped = dist.is_initialized() and self.plugin.needs_process_group
@@ -213,9 +223,15 @@ class Trainer:
                 lr = self.strategy.lr
                 self.step = task.step  # until it is done
                 # activations: measured in the first step and each step that logs
-                self.activations.enabled = first or work.log_now(task.step + 1)
+                self.activations.enabled = warmup = first or work.log_now(task.step + 1)
                 first = False
+                if t.max_rank_batch:
+                    sizes = self.balancer.sizes(task.global_batch)
+                    self.strategy.micro_batches = balance.micro_batches(sizes, t.max_rank_batch)
                 loss_sum = self.strategy.train_step(batch, self.loss_fn, task.loss_scale, timer)
+                self.faults.computed(len(task.indices), self.strategy.compute_time)
+                if not warmup:  # (a first step sets things up; a logging one measures more)
+                    self.balancer.observe(len(task.indices), self.strategy.compute_time)
                 if ahead is not None and self.strategy.prefetches:
                     # the next task's rows are asked for now (after this step's push, so
                     # they hold it) and arrive while the next task is fetched
@@ -237,6 +253,8 @@ class Trainer:
                     window = _Window(torch.zeros_like(window.loss_sum))
                 elif self.writer is not None:
                     self.writer.tick(self.step)
+                if self.balancer.due(self.step) and not last:
+                    self.balancer.replan(self.step, self.env.device)
                 if t.eval_every and self.step % t.eval_every == 0 and not last:
                     self._evaluate()
                 if t.checkpoint_every and self.step % t.checkpoint_every == 0 and not last:
@@ -306,6 +324,7 @@ class Trainer:
             "digest": f"{window.digest:016x}" if reports else "0",
         }
         rows = self.gatherer.gather(mine.to_tensor(), "window", meta)
+        shares = self.balancer.log() if self.balancing else None
         if rows is None or self.writer is None:
             return
         self.writer.window(
@@ -317,6 +336,7 @@ class Trainer:
             global_samples=window.global_samples,
             elapsed=time.perf_counter() - window.start,
             wall_time=self.wall_time(),
+            rank_shares=shares,
         )
 
     def _memory(self) -> dict[str, int]:
@@ -374,5 +394,6 @@ class Trainer:
             },
             restarts=self.restarts,
             resumed_from_step=self.resumed_from,
+            **({"balance": self.balancer.summary()} if self.balancing else {}),
             preemptions=preempt.history(self.out),
         )

@@ -71,7 +71,7 @@ def run(job: JobConfig) -> int:
 
 
 def _run(job: JobConfig) -> int:
-    trainer = heartbeat = None
+    trainer = heartbeat = faults = None
     preempted = False
     plugin = resolve(job)
     try:
@@ -80,7 +80,8 @@ def _run(job: JobConfig) -> int:
         if role != "worker":
             plugin.run_role(role, job, env)
             return 0
-        Injector(env.rank, run_dir=job.output.out).at_start()  # (a fault "at step 0")
+        faults = Injector(env.rank, run_dir=job.output.out)
+        faults.at_start()  # (a fault "at step 0", a CPU quota)
         if plugin.needs_process_group and env.world_size > 1:
             heartbeat = Heartbeat(env.rank, env.world_size, job.strategy.heartbeat_timeout)
         trainer = Trainer(job, env)
@@ -123,6 +124,8 @@ def _run(job: JobConfig) -> int:
         if trainer is not None:
             trainer.strategy.close()
             del trainer
+        if faults is not None:
+            faults.close()
     # Leave together, then tear down: a rank that exits while a peer's gloo
     # threads still expect it can abort that peer.
     if torch.distributed.is_initialized():

@@ -76,8 +76,10 @@ class RunWriter:
         elapsed: float,
         wall_time: float,
         shares: int = 0,
+        rank_shares: list[float] | None = None,
     ) -> dict[str, Any]:
-        """A log window's record from each worker's window (by worker rank)."""
+        """A log window's record from each worker's window (by worker rank); with
+        ``rank_shares``, the load balancer's plan (each rank's share of a step)."""
         record = window_record(
             list(windows.values()),
             step=step,
@@ -89,6 +91,8 @@ class RunWriter:
             wall_time=wall_time,
             shares=shares,
         )
+        if rank_shares is not None:
+            record["shares"] = rank_shares
         self.last_loss = record["loss"]
         self.metrics.write(record)
         self.progress.update(step, record["loss"], record["samples_per_s"])

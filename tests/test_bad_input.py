@@ -55,6 +55,15 @@ def assert_one_line_error(proc, needle: str) -> None:
             "powersgd needs whole matrices",
         ),
         (["--engine", "yarn"], "invalid choice: 'yarn'"),
+        (["--balance", "fancy"], "--balance fancy: use equal, auto or static:W1,W2,..."),
+        (["--balance", "static:1,x"], "static weights must be positive numbers"),
+        (["--workers", "3", "--balance", "static:1,2"], "gives 2 weights for 3 data-parallel"),
+        (["--strategy", "ps", "--balance", "auto"], "--strategy ps runs --balance equal, not auto"),
+        (["--strategy", "fsdp", "--balance", "auto"], "runs --balance equal or static, not auto"),
+        (
+            ["--strategy", "pipeline", "--workers", "2", "--max-rank-batch", "8"],
+            "does not cut slices by --max-rank-batch",
+        ),
         (
             ["--engine", "ray", "--nnodes", "2", "--rdzv-endpoint", "127.0.0.1:1"],
             "--nnodes: under --engine ray the engine places the workers",

@@ -98,7 +98,7 @@ def test_a_dp_by_pp_mesh_with_the_interleaved_schedule_matches_one_process(tmp_p
     """Two pipelines of two ranks, each rank holding two of the four stages."""
     out = tmp_path / "dp2pp2"
     mesh = ["--mesh", "dp=2,pp=2", "--schedule", "interleaved", "--workers", "4"]
-    mesh += ["--balance", "time"]  # four units, four stages: measured, but one unit each
+    mesh += ["--stage-balance", "time"]  # four units, four stages: measured, but one unit each
     train(out, *LM_JOB, "--strategy", "pipeline", *mesh)
     assert max_abs_diff(params(out), params(single)) < TOLERANCE
     s = read_summary(out)

@@ -280,6 +280,11 @@ def print_summary(
         wrong = [str(e["epoch"]) for e in epochs if not e["exact"]]
         rows.append(("sample digests", f"DIFFER in epoch {', '.join(wrong)}" if wrong else
                      f"exact in {len(epochs)} epoch{'s' if len(epochs) > 1 else ''}"))  # fmt: skip
+    plan = summary.get("balance")
+    if plan:
+        shares = " ".join(f"{s:.2f}" for s in plan["shares"])
+        changes = f", {plan['replans']} re-plan{'s' if plan['replans'] != 1 else ''}"
+        rows.append((f"balance ({plan['mode']})", f"shares {shares}{changes}"))
     rows += extra or []  # the strategy's own (its plugin's summary_rows)
     rows += [
         ("wall time", f"{summary['wall_time_s']:.1f} s"),

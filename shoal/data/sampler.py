@@ -4,7 +4,8 @@ Global step ``s`` of epoch ``e`` covers positions ``[s*B, (s+1)*B)`` of the
 epoch's order (:class:`~shoal.data.order.Order`: a function of the seed, the
 epoch and the dataset, never of the workers). The rows of a step are sorted,
 and each of the ``W`` workers takes one contiguous slice of them, the first
-``n % W`` slices one sample longer: the set of samples in a global step never
+``n % W`` slices one sample longer (or as a load balancer's plan says: see
+:mod:`shoal.balance`): the set of samples in a global step never
 depends on ``W``, which makes N synchronous workers equal to one and lets a
 run resume, or be re-sharded onto a different number of workers, mid-epoch
 without losing or repeating a sample; and sorted slices make each worker read
@@ -18,7 +19,7 @@ how many samples this rank consumed and their digest
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -118,6 +119,9 @@ class GlobalBatchSampler:
         self.samples_seen: dict[int, int] = {}
         self.digests: dict[int, int] = {}
         self.order = order or Order(num_samples, seed)
+        self.cut: Callable[[int], list[int]] | None = None
+        """Sizes of the ranks' slices of a global batch of ``n`` samples (a load
+        balancer's plan, the same on every rank); ``None``: equal slices."""
         if self.order.n != num_samples:
             raise ValueError("the order is of a different number of samples")
 
@@ -138,7 +142,12 @@ class GlobalBatchSampler:
         return np.sort(self.order.rows(epoch, np.arange(start, stop, dtype=np.int64)))
 
     def local_slice(self, n: int) -> slice:
-        return part_slice(n, self.rank, self.world_size)
+        """This rank's part of a global batch of ``n`` sorted samples."""
+        if self.cut is None:
+            return part_slice(n, self.rank, self.world_size)
+        sizes = self.cut(n)
+        start = sum(sizes[: self.rank])
+        return slice(start, start + sizes[self.rank])
 
     def task(self, step: int, part: int, parts: int) -> Task:
         """Part ``part`` of global step ``step`` (counted from the start of training)."""

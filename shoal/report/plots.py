@@ -37,7 +37,7 @@ def write_plots(runs: list[Run], out: Path) -> list[str]:
         ax.legend(fontsize=8)
         fig.tight_layout()
         written.append(_save(fig, out, name))
-    for extra in (_time_per_worker(runs, out), _eval_vs_step(runs, out)):
+    for extra in (_time_per_worker(runs, out), _eval_vs_step(runs, out), _shares(runs, out)):
         if extra:
             written.append(extra)
     return written
@@ -101,3 +101,30 @@ def _eval_vs_step(runs: list[Run], out: Path) -> str | None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, out, "eval_vs_step.png")
+
+
+def _shares(runs: list[Run], out: Path) -> str | None:
+    """The load balancer's plan over steps: each rank's share of a global batch, stacked
+    (one panel per balanced run)."""
+    balanced = [run for run in runs if any("shares" in r for r in run.steps)]
+    if not balanced:
+        return None
+    fig, axes = plt.subplots(
+        len(balanced), 1, figsize=(6.4, 0.6 + 2.6 * len(balanced)), dpi=110, squeeze=False
+    )
+    for ax, run in zip(axes[:, 0], balanced):
+        points = [(r["step"], r["shares"]) for r in run.steps if "shares" in r]
+        steps = [s for s, _ in points]
+        ranks = list(zip(*(v for _, v in points)))
+        ax.stackplot(steps, ranks, labels=[f"rank {i}" for i in range(len(ranks))],
+                     step="pre", alpha=0.85)  # fmt: skip
+        ax.set_ylim(0, 1)
+        if len(steps) > 1:
+            ax.set_xlim(min(steps), max(steps))
+        mode = run.summary.get("balance", {}).get("mode", "")
+        ax.set_title(f"share of each global batch per rank: {run.path.name} {mode}".strip())
+        ax.set_xlabel("step")
+        ax.set_ylabel("share")
+        ax.legend(fontsize=7, ncol=min(8, len(ranks)), loc="lower left")
+    fig.tight_layout()
+    return _save(fig, out, "balance_shares.png")

@@ -10,6 +10,7 @@ before the collective and decodes it after.
 
 # No "from __future__ import annotations": DDP inspects the hook's real annotations.
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -39,11 +40,17 @@ class HookState:
     group: dist.ProcessGroup | None = None
     codec: Codec | None = None
     names: dict[int, str] = field(default_factory=dict)  # id(parameter) -> its name
+    ready: float = 0.0
+    """When the newest bucket was ready, less the time hooks blocked before it: the end
+    of this rank's own compute in the step, whatever its peers do."""
+    blocked: float = 0.0
+    """Seconds hooks spent in collectives that block (compressed codecs), this step."""
 
 
 def allreduce_hook(state: HookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """Average one gradient bucket over all ranks, counting bytes and time."""
     start = time.perf_counter()
+    state.ready = start - state.blocked
     buffer = bucket.buffer()
     buffer.div_(state.world_size)
     wire = ring_allreduce_bytes(buffer.numel() * buffer.element_size(), state.world_size)
@@ -68,11 +75,13 @@ def compressed_hook(
     if state.codec.summable:
         return _summable_hook(state, bucket)
     start = time.perf_counter()
+    state.ready = start - state.blocked
     grads = bucket.gradients()
     keys = [state.names[id(p)] for p in bucket.parameters()]
     means = average(list(zip(keys, grads)), state.codec, state.world_size, state.comm, state.group)
     for g, m in zip(grads, means):
         g.copy_(m.reshape(g.shape))
+    state.blocked += time.perf_counter() - start
     if state.timer is not None:
         state.timer.add("comm", time.perf_counter() - start)
     fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
@@ -84,6 +93,7 @@ def _summable_hook(state: HookState, bucket: dist.GradBucket) -> torch.futures.F
     """fp16/bf16: the whole bucket in half precision, all-reduced while backward goes on."""
     assert state.codec is not None
     start = time.perf_counter()
+    state.ready = start - state.blocked
     buffer = bucket.buffer()
     payload = state.codec.encode(f"bucket{bucket.index()}", buffer.div_(state.world_size))
     half = payload.tensors[0]
@@ -150,8 +160,16 @@ class AllReduce(Strategy):
     def train_step(
         self, batch: Batch, loss_fn: LossFn, loss_scale: float, timer: PhaseTimer
     ) -> torch.Tensor:
-        self.hook_state.timer = timer
-        return self.optimizer_step(self.ddp, batch, loss_fn, loss_scale, timer)
+        state = self.hook_state
+        state.timer, state.ready, state.blocked = timer, 0.0, 0.0
+        start = time.perf_counter()
+        loss_sum = self.optimizer_step(self.ddp, batch, loss_fn, loss_scale, timer)
+        if state.ready:  # backward's own compute ended with its last bucket
+            self.compute_time = state.ready - start
+        return loss_sum
+
+    def accumulating(self, module: nn.Module) -> contextlib.AbstractContextManager:
+        return self.ddp.no_sync()
 
     def close(self) -> None:
         self.hook_state.timer = None
@@ -166,6 +184,8 @@ class Plugin(plugin.Plugin):
     Config = AllReduceConfig
     runtime = AllReduce
     reads_shards = True
+    balance_modes = ("equal", "static", "auto")
+    micro_batching = True
 
     def check(self, job: JobConfig) -> None:
         super().check(job)

@@ -7,6 +7,7 @@ asks which strategy it is talking to.
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
@@ -45,6 +46,12 @@ class Strategy(ABC):
     """The learning-rate schedule of :attr:`optimizer`."""
     prefetches: ClassVar[bool] = False
     """Whether :meth:`prefetch` wants to see the next batch once this step is done."""
+    micro_batches: int = 1
+    """Micro-batches the next step's slice is cut into, its gradients accumulating (set
+    by the trainer from ``--max-rank-batch``: the same on every rank)."""
+    compute_time: float = 0.0
+    """Seconds this rank computed in its last step, forward and backward, not waiting
+    for its peers: what ``--balance auto`` balances."""
 
     def __init__(self, job: JobConfig, env: DistEnv) -> None:
         self.job = job
@@ -111,16 +118,42 @@ class Strategy(ABC):
         backward of ``module`` on ``batch``, ``sync`` (a gradient exchange, timed as
         ``comm``), then the optimizer and scheduler step. Returns the loss sum."""
         self.optimizer.zero_grad(set_to_none=True)
+        before = timer.totals["forward_backward"]
         with timer.phase("forward_backward"):
-            loss_sum = loss_fn(module, batch).sum()
-            (loss_sum * loss_scale).backward()
+            loss_sum = self.forward_backward(module, batch, loss_fn, loss_scale)
+        self.compute_time = timer.totals["forward_backward"] - before
         if sync is not None:
             with timer.phase("comm"):
                 sync()
         with timer.phase("optimizer"):
             self.optimizer.step()
             self.scheduler.step()
-        return loss_sum.detach()
+        return loss_sum
+
+    def forward_backward(
+        self, module: nn.Module, batch: Batch, loss_fn: LossFn, loss_scale: float
+    ) -> torch.Tensor:
+        """Forward and the scaled backward of ``batch``, as :attr:`micro_batches` whose
+        gradients accumulate (the gradient exchange deferred to the last one by
+        :meth:`accumulating`). Returns the loss sum, detached."""
+        parts = self.micro_batches
+        if parts <= 1:
+            loss_sum = loss_fn(module, batch).sum()
+            (loss_sum * loss_scale).backward()
+            return loss_sum.detach()
+        total = torch.zeros((), dtype=torch.float64, device=batch[1].device)
+        pieces = zip(*(t.tensor_split(parts) for t in batch))
+        for i, piece in enumerate(pieces):
+            with self.accumulating(module) if i < parts - 1 else contextlib.nullcontext():
+                loss_sum = loss_fn(module, piece).sum()  # type: ignore[arg-type]
+                (loss_sum * loss_scale).backward()
+            total += loss_sum.detach()
+        return total
+
+    def accumulating(self, module: nn.Module) -> contextlib.AbstractContextManager:
+        """A context in which backward accumulates gradients without exchanging them
+        (DDP's ``no_sync``); by default nothing: the exchange comes after backward."""
+        return contextlib.nullcontext()
 
     def eval_model(self) -> nn.Module:
         """The full, unwrapped model as a plain module, for evaluation and export."""

@@ -10,7 +10,9 @@ optimizer state. The optimizer steps on the local shards.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 
 from torch import nn
 
@@ -53,9 +55,22 @@ class FSDP(ModelParallel):
     def _sync_grads(self) -> None:
         """fully_shard reduce-scatters the gradients during backward."""
 
+    @contextlib.contextmanager
+    def accumulating(self, module: nn.Module) -> Iterator[None]:
+        """Micro-batches before the last keep their gradients unsharded, unreduced."""
+        module.set_requires_gradient_sync(False)  # type: ignore[operator]
+        try:
+            yield
+        finally:
+            module.set_requires_gradient_sync(True)  # type: ignore[operator]
+
 
 class Plugin(MeshPlugin):
     name = "fsdp"
     description = "sharded data parallel (fully_shard): parameters, gradients, optimizer split"
     runtime = FSDP
     own_dim = "dp"
+    # auto: its collectives run inside forward and backward, so a rank's time there
+    # includes waiting for its peers and says nothing of its own speed
+    balance_modes = ("equal", "static")
+    micro_batching = True

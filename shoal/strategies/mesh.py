@@ -116,8 +116,11 @@ class MeshPlugin(plugin.Plugin):
         return mesh_sizes(self.options(job), self.own_dim, job.world_size, self.name)
 
     def check(self, job: JobConfig) -> None:
-        super().check(job)
         self.sizes(job)
+        super().check(job)
+
+    def data_ranks(self, job: JobConfig) -> int:
+        return self.sizes(job)["dp"]
 
     def build(self, job: JobConfig, env: DistEnv) -> Strategy:
         return self.runtime(job, env, self.own_dim)

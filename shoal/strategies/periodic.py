@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from shoal.compress import COMPRESS_HELP, check_codec, parse_codec
@@ -69,11 +70,18 @@ class LocalSGD(Strategy):
         self.params = dict(model.named_parameters())
         self.anchor = {n: p.detach().clone() for n, p in self.params.items()}
         self.steps = 0
+        # uneven slices (--balance): each replica steps on its slice's mean, and the
+        # average weighs each replica's change by the samples it trained on
+        self.weighted = self.job.train.balance != "equal"
+        self.samples = 0  # this replica's, since the last synchronization
 
     def train_step(
         self, batch: Batch, loss_fn: LossFn, loss_scale: float, timer: PhaseTimer
     ) -> torch.Tensor:
         # loss_scale W/B: the mean over this replica's slice of the step (B/W samples)
+        if self.weighted:
+            loss_scale = 1.0 / len(batch[1])
+            self.samples += len(batch[1])
         loss_sum = self.optimizer_step(self.model, batch, loss_fn, loss_scale, timer)
         self.steps += 1
         if self.steps % self.sync_every == 0 or self.steps == self.total_steps:
@@ -88,6 +96,12 @@ class LocalSGD(Strategy):
     def synchronize(self) -> None:
         """Average the replicas' changes since the last synchronization, through the codec."""
         deltas = [(n, p.detach() - self.anchor[n]) for n, p in self.params.items()]
+        if self.weighted:
+            total = torch.tensor([float(self.samples)], device=self.env.device)
+            dist.all_reduce(total)
+            weight = self.env.world_size * self.samples / float(total)
+            deltas = [(n, d * weight) for n, d in deltas]
+            self.samples = 0
         means = average(deltas, self.codec, self.env.world_size, self.comm)
         self._apply_average(means)
         for n, p in self.params.items():
@@ -161,6 +175,8 @@ class LocalSGDPlugin(plugin.Plugin):
     description = "local SGD: workers step alone, parameters averaged every --sync-every steps"
     Config = LocalSGDConfig
     runtime = LocalSGD
+    balance_modes = ("equal", "static", "auto")
+    micro_batching = True
 
     def check(self, job: JobConfig) -> None:
         """Checkpoints fall on synchronizations, where the replicas are one model."""

@@ -4,7 +4,7 @@ Built on ``torch.distributed.pipelining``. The model must be an
 ``nn.Sequential`` (the built-in ones are; the transformer's units are
 ``embed``, ``block0`` .. and ``head``): its children are cut into ``pp`` stages
 (``pp x 2`` with ``--schedule interleaved``, two per rank), balanced by
-parameter count or by measured time (``--balance``), or where the user says
+parameter count or by measured time (``--stage-balance``), or where the user says
 (``--split-at``). A stage is an ``nn.Sequential`` of its units under their own
 names, so every parameter keeps the name it has in the whole model and
 checkpoints move between layouts.
@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from shoal import balance
 from shoal.config import JobConfig, option
 from shoal.errors import UserError
 from shoal.memory import ActivationMeter
@@ -85,7 +86,7 @@ class PipelineConfig(MeshConfig):
         "interleaved (1f1b over two stages per rank: a smaller bubble)",
         choices=("gpipe", "1f1b", "interleaved"),
     )
-    balance: str = option(
+    stage_balance: str = option(
         "params",
         "cut the model into stages of equal parameter count, or of equal measured time",
         choices=("params", "time"),
@@ -93,7 +94,7 @@ class PipelineConfig(MeshConfig):
     split_at: str = option(
         "",
         "units that begin stages 1.. (comma-separated child names of the model, "
-        "e.g. block2,head), instead of --balance",
+        "e.g. block2,head), instead of --stage-balance",
     )
 
 
@@ -104,7 +105,7 @@ def stage_count(options: PipelineConfig, pp: int) -> int:
 def split_points(options: PipelineConfig, model: nn.Module, stages: int) -> list[str]:
     """The units that begin stages 1..: those ``--split-at`` names, else those the model
     declares (``model.pipeline_split_points(stages)``), else none (balanced by
-    ``--balance``)."""
+    ``--stage-balance``)."""
     given = [s.strip() for s in options.split_at.split(",") if s.strip()]
     declare = getattr(model, "pipeline_split_points", None)
     if given or not callable(declare):
@@ -186,7 +187,7 @@ class Pipeline(ModelParallel):
         split = split_points(self.options, model, stages)
         if split:
             return [0, *sorted(names.index(s) for s in split)]
-        if self.options.balance == "time":
+        if self.options.stage_balance == "time":
             costs = self._measured_costs(model)
         else:
             costs = [float(sum(p.numel() for p in m.parameters())) + 1.0 for _, m in units]
@@ -250,7 +251,7 @@ class Pipeline(ModelParallel):
     def train_step(self, batch: Batch, loss_fn: LossFn, loss_scale: float, timer: PhaseTimer):
         x, y = batch
         m = self.options.microbatches
-        size = math.ceil(math.ceil(self.job.train.batch_size / self.sizes["dp"]) / m) * m
+        size = math.ceil(self.largest_slice() / m) * m
         n = len(x)
         rows = torch.full((size,), -1, dtype=torch.long, device=x.device)
         rows[:n] = torch.arange(n, device=x.device)
@@ -275,6 +276,13 @@ class Pipeline(ModelParallel):
             self.optimizer.step()
             self.scheduler.step()
         return (loss_sum / loss_scale).to(x.device)
+
+    def largest_slice(self) -> int:
+        """The most samples a pipeline gets in a step (under ``--balance static``, the
+        heaviest weight's slice): every step is padded to it, the shape the stages know."""
+        spec = balance.parse(self.job.train.balance)
+        weights = spec.weights or (1.0,) * self.sizes["dp"]
+        return max(balance.cut(self.job.train.batch_size, weights))
 
     def totals(self) -> dict[str, float]:
         """The idle fraction of this rank's steps (the first, which also sets the pipeline
@@ -306,6 +314,8 @@ class Plugin(MeshPlugin):
     Config = PipelineConfig
     runtime = Pipeline
     own_dim = "pp"
+    # not auto: the stages are built for the microbatch shape of the largest slice
+    balance_modes = ("equal", "static")
 
     def check(self, job: JobConfig) -> None:
         super().check(job)

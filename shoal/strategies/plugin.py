@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
+from shoal import balance
 from shoal.config import JobConfig, check_component
 from shoal.dist import DistEnv
 from shoal.errors import UserError
@@ -56,6 +57,12 @@ class Plugin:
     """Whether each rank writes its own part of the state (DCP)."""
     reads_shards: ClassVar[bool] = False
     """Whether it resumes from checkpoints a sharded strategy wrote."""
+    balance_modes: ClassVar[tuple[str, ...]] = ("equal",)
+    """The ``--balance`` modes it runs (see :mod:`shoal.balance`): ``static`` where its
+    data-parallel slices may differ in size, ``auto`` where its :attr:`Strategy.compute_time
+    <shoal.strategies.base.Strategy.compute_time>` is a rank's own compute."""
+    micro_batching: ClassVar[bool] = False
+    """Whether it cuts a slice into micro-batches under ``--max-rank-batch``."""
 
     def options(self, job: JobConfig) -> Any:
         """This strategy's section of ``job`` (resolved by :func:`shoal.strategies.resolve`)."""
@@ -71,6 +78,21 @@ class Plugin:
         check_component(self.options(job))
         if job.cluster.workers < 1:
             raise UserError(f"--workers must be a positive integer, got {job.cluster.workers}")
+        self.check_balance(job)
+
+    def data_ranks(self, job: JobConfig) -> int:
+        """How many slices each global batch is cut into (data-parallel ranks)."""
+        return job.world_size
+
+    def check_balance(self, job: JobConfig) -> None:
+        """``--balance`` and ``--max-rank-batch`` against what this strategy runs."""
+        spec = balance.parse(job.train.balance)
+        if spec.mode not in self.balance_modes:
+            runs = " or ".join(self.balance_modes)
+            raise UserError(f"--strategy {self.name} runs --balance {runs}, not {spec.mode}")
+        balance.check(spec, self.data_ranks(job))
+        if job.train.max_rank_batch and not self.micro_batching:
+            raise UserError(f"--strategy {self.name} does not cut slices by --max-rank-batch")
 
     def check_model(self, job: JobConfig, model: Any) -> None:
         """Refuse a model this strategy cannot split or run; ``model`` is built on the

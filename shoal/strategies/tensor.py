@@ -101,6 +101,9 @@ class Plugin(MeshPlugin):
     description = "tensor parallel: linear layers split column- and row-wise (DTensor)"
     runtime = TensorParallel
     own_dim = "tp"
+    # a replica's forward and backward hold only its own tp collectives: its speed
+    balance_modes = ("equal", "static", "auto")
+    micro_batching = True
 
     def check_model(self, job: JobConfig, model: Any) -> None:
         plan_of(model, self.sizes(job)["tp"])

@@ -41,6 +41,7 @@ class Plugin(plugin.Plugin):
         if c.nnodes == 1 and (c.workers == 0 or c.servers == 0):
             raise UserError("--strategy ps on one machine needs --workers >= 1 and --servers >= 1")
         check_codec(self.options(job).compress)
+        self.check_balance(job)  # (its queue balances: faster workers take more parts)
         check_job(job)
 
     def checkpoint_root(self, run_dir: Path) -> Path:

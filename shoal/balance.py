@@ -1,0 +1,219 @@
+"""Load balancing for synchronous data parallel: where each global batch is cut.
+
+The samples of a global step never change (see :mod:`shoal.data.sampler`); what
+``--balance`` moves is the cut between the data-parallel ranks. Every rank's
+loss is already scaled by ``ranks / global_batch``, so the averaged gradient is
+the mean over the step's samples however they are cut: a balanced run ends at
+the parameters of an equal one (up to float reduction order).
+
+- ``equal``: slices differ by at most one sample (the default).
+- ``static:W1,W2,...``: slices in proportion to fixed weights, one per rank.
+- ``auto``: each rank measures its own compute seconds per sample in every
+  step (forward and backward, not waiting for its peers); every
+  ``--balance-every`` steps the ranks exchange the median of their window and
+  every rank computes the same new plan: shares in proportion to each rank's
+  smoothed samples per second. Against noise: a median, not a mean, of each
+  window; the plan changes only when it would shorten the predicted step by more
+  than :data:`THRESHOLD`; and it then moves :data:`DAMPING` of the way to the
+  target, so shares settle instead of chasing each window's noise.
+
+A slice larger than ``--max-rank-batch`` is computed as micro-batches whose
+gradients accumulate; every rank uses the same number of micro-batches in a
+step (the most any rank needs), so collectives inside forward and backward
+(FSDP, tensor parallel) stay matched.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from shoal.errors import UserError
+
+MODES = ("equal", "auto", "static")
+THRESHOLD = 0.10
+"""A new plan must shorten the predicted step by more than this fraction."""
+DAMPING = 0.5
+"""The fraction of the way from the current shares to the target a change moves."""
+SMOOTHING = 0.5
+"""Weight of the newest window in each rank's smoothed rate (an exponential average)."""
+
+
+@dataclass(frozen=True)
+class BalanceSpec:
+    """A parsed ``--balance``: its mode and, for ``static``, the weights."""
+
+    mode: str
+    weights: tuple[float, ...] = ()
+
+    def __str__(self) -> str:
+        if self.mode == "static":
+            return "static:" + ",".join(f"{w:g}" for w in self.weights)
+        return self.mode
+
+
+def parse(spec: str) -> BalanceSpec:
+    """``equal``, ``auto`` or ``static:W1,W2,...``; a :class:`UserError` for anything else."""
+    mode, _, rest = spec.strip().partition(":")
+    if mode in ("equal", "auto") and not rest:
+        return BalanceSpec(mode)
+    if mode == "static" and rest:
+        try:
+            weights = tuple(float(w) for w in rest.split(","))
+        except ValueError:
+            weights = ()
+        if weights and all(math.isfinite(w) and w > 0 for w in weights):
+            return BalanceSpec(mode, weights)
+        raise UserError(
+            f"--balance {spec}: static weights must be positive numbers, e.g. static:3,3,1"
+        )
+    raise UserError(f"--balance {spec}: use equal, auto or static:W1,W2,... (one weight per rank)")
+
+
+def check(spec: BalanceSpec, ranks: int) -> None:
+    """A :class:`UserError` unless ``spec`` fits ``ranks`` data-parallel ranks."""
+    if spec.mode == "static" and len(spec.weights) != ranks:
+        raise UserError(
+            f"--balance {spec} gives {len(spec.weights)} weights for {ranks} data-parallel "
+            "ranks: one weight per rank"
+        )
+
+
+def cut(n: int, shares: Sequence[float]) -> list[int]:
+    """Sizes of ``len(shares)`` slices of ``n`` items in proportion to ``shares`` (largest
+    remainder), each at least one item when there are enough; equal shares give the
+    equal cut (the first ``n % parts`` slices one longer)."""
+    parts, total = len(shares), float(sum(shares))
+    least = 1 if n >= parts else 0
+    spare = n - least * parts
+    exact = [spare * s / total for s in shares]
+    sizes = [least + math.floor(e) for e in exact]
+    left = n - sum(sizes)
+    order = sorted(range(parts), key=lambda r: (-(exact[r] - math.floor(exact[r])), r))
+    for r in order[:left]:
+        sizes[r] += 1
+    return sizes
+
+
+def micro_batches(sizes: Sequence[int], cap: int) -> int:
+    """Micro-batches every rank cuts its slice into so that none exceeds ``cap`` samples
+    (``cap`` 0: no limit)."""
+    if cap <= 0:
+        return 1
+    return max(1, max(math.ceil(s / cap) for s in sizes))
+
+
+class Balancer:
+    """The plan of one job's data-parallel ranks: each rank's share of a global batch.
+
+    Every rank holds the same plan; under ``auto`` they change it together in
+    :meth:`replan`, a collective over the default process group.
+    """
+
+    def __init__(self, spec: BalanceSpec, ranks: int, rank: int, every: int) -> None:
+        check(spec, ranks)
+        self.spec, self.ranks, self.rank, self.every = spec, ranks, rank, every
+        weights = spec.weights if spec.mode == "static" else (1.0,) * ranks
+        self.shares = [w / sum(weights) for w in weights]
+        self.history: list[tuple[int, list[float]]] = []
+        """(step, shares) each time the plan was set: from the start, and each change."""
+        self.replans = 0
+        self.rates: list[float] | None = None  # smoothed samples per compute second, per rank
+        self.per_sample: list[float] = []  # this rank's seconds per sample, each step
+        self.logged: list[list[float]] = []  # the shares at each metrics record
+
+    @property
+    def auto(self) -> bool:
+        return self.spec.mode == "auto" and self.ranks > 1
+
+    def start(self, step: int) -> None:
+        """The plan in force from ``step`` on (where the run starts or resumes)."""
+        if not self.history or self.history[-1][1] != self.shares:
+            self.history.append((step, list(self.shares)))
+
+    def observe(self, samples: int, seconds: float) -> None:
+        """This rank computed ``samples`` in ``seconds`` (one step)."""
+        if samples > 0 and seconds > 0:
+            self.per_sample.append(seconds / samples)
+
+    def due(self, step: int) -> bool:
+        """Whether the ranks re-plan after global ``step`` (the same answer on every rank)."""
+        return self.auto and step % self.every == 0
+
+    def replan(self, step: int, device: torch.device) -> bool:
+        """Exchange this window's measurements and set the next plan. Collective.
+        Returns whether the plan changed."""
+        on = device if dist.get_backend() == "nccl" else torch.device("cpu")
+        median = statistics.median(self.per_sample) if self.per_sample else 0.0
+        self.per_sample = []
+        mine = torch.tensor([float(self.rank), median], dtype=torch.float64, device=on)
+        rows = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(rows, mine)
+        per_sample = [0.0] * self.ranks
+        for rank, s in (r.tolist() for r in rows):
+            # ranks that share a slice (tensor shards): the slowest counts
+            per_sample[int(rank)] = max(per_sample[int(rank)], s)
+        if min(per_sample) <= 0:
+            return False  # a window without measurements (just started): keep the plan
+        rates = [1 / s for s in per_sample]
+        if self.rates is not None:
+            rates = [SMOOTHING * new + (1 - SMOOTHING) * old for new, old in zip(rates, self.rates)]
+        self.rates = rates
+        return self._consider(step, [r / sum(rates) for r in rates])
+
+    def _consider(self, step: int, target: list[float]) -> bool:
+        """Adopt ``target`` if it shortens the predicted step by more than THRESHOLD."""
+        assert self.rates is not None
+        now = max(s / r for s, r in zip(self.shares, self.rates))
+        then = max(s / r for s, r in zip(target, self.rates))
+        if now <= then * (1 + THRESHOLD):
+            return False
+        self.shares = [s + DAMPING * (t - s) for s, t in zip(self.shares, target)]
+        self.replans += 1
+        self.history.append((step, list(self.shares)))
+        return True
+
+    def log(self) -> list[float]:
+        """The shares now, kept for the spread over time; for a metrics record."""
+        self.logged.append(list(self.shares))
+        return [round(s, 6) for s in self.shares]
+
+    def sizes(self, n: int) -> list[int]:
+        """The slice of each rank in a global batch of ``n`` samples."""
+        return cut(n, self.shares)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"spec": str(self.spec), "shares": list(self.shares), "rates": self.rates,
+                "replans": self.replans, "history": [[s, v] for s, v in self.history],
+                "logged": self.logged}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the saved plan where the spec and the number of ranks are the same."""
+        if state.get("spec") != str(self.spec) or len(state.get("shares", [])) != self.ranks:
+            return
+        self.shares = [float(s) for s in state["shares"]]
+        self.rates = state["rates"]
+        self.replans = int(state["replans"])
+        self.history = [(int(s), [float(x) for x in v]) for s, v in state["history"]]
+        self.logged = [[float(x) for x in v] for v in state.get("logged", [])]
+
+    def summary(self) -> dict[str, Any]:
+        """The plan for ``summary.json``: mode, final shares, changes, its history, and
+        the standard deviation of each rank's share over the metrics records."""
+        std = [0.0] * self.ranks
+        if self.logged:
+            t = torch.tensor(self.logged, dtype=torch.float64)
+            std = t.std(0, unbiased=False).tolist()
+        return {
+            "mode": str(self.spec),
+            "shares": list(self.shares),
+            "replans": self.replans,
+            "history": [{"step": s, "shares": v} for s, v in self.history],
+            "share_std": std,
+        }
