@@ -222,7 +222,13 @@ class TrainConfig:
     )
     batch_size: int = option(64, "GLOBAL batch size, split over all workers", low=1, high=1 << 31)
     seed: int = option(0, "seed for model initialisation and the data order", low=0, high=SEED_MAX)
-    device: str = option("cpu", "where to compute", choices=("cpu", "cuda", "auto"))
+    device: str = option(
+        "cpu",
+        "where to compute: cpu, cuda (NCCL), auto (cuda where a GPU is visible), mixed "
+        "(each rank its GPU where it has one, else the CPU; gloo between them, for machines "
+        "with and without GPUs in one job, balanced by --balance auto)",
+        choices=("cpu", "cuda", "auto", "mixed"),
+    )
     log_every: int = option(10, "steps between metric records", low=1, high=BIG)
     eval_every: int = option(
         0, "steps between evaluations on the test split (0: at the end only)", low=0, high=BIG

@@ -62,8 +62,8 @@ class CollectiveGatherer:
 
 
 def resolve_device(kind: str) -> str:
-    """``auto`` becomes ``cuda`` when a GPU is visible, else ``cpu``."""
-    if kind == "auto":
+    """``auto`` and ``mixed`` become ``cuda`` when a GPU is visible, else ``cpu``."""
+    if kind in ("auto", "mixed"):
         return "cuda" if torch.cuda.is_available() else "cpu"
     return kind
 
@@ -81,7 +81,9 @@ def init(device: str = "cpu", timeout_s: float = 300.0, process_group: bool = Tr
     """Join the process group that torchrun's environment describes.
 
     Sets the torch thread count so that oversubscribed CPU workers do not crawl,
-    picks ``cuda:LOCAL_RANK`` with NCCL for ``device="cuda"`` and gloo otherwise.
+    picks ``cuda:LOCAL_RANK`` with NCCL for ``device="cuda"`` and gloo otherwise
+    (``mixed``: ``cuda:LOCAL_RANK`` where there is a GPU, over gloo, which also
+    carries CUDA tensors, so that ranks with and without GPUs share one group).
     Safe to call twice. ``process_group=False`` only reads the environment
     (strategies that talk over their own sockets).
     """
@@ -93,7 +95,8 @@ def init(device: str = "cpu", timeout_s: float = 300.0, process_group: bool = Tr
     kind = resolve_device(device)
     if kind == "cuda":
         torch.cuda.set_device(local_rank)
-        dev, backend = torch.device("cuda", local_rank), "nccl"
+        dev = torch.device("cuda", local_rank)
+        backend = "gloo" if device == "mixed" else "nccl"
     else:
         dev, backend = torch.device("cpu"), "gloo"
     if process_group and not dist.is_initialized():
@@ -105,7 +108,7 @@ def init(device: str = "cpu", timeout_s: float = 300.0, process_group: bool = Tr
             rank=rank,
             world_size=world_size,
             timeout=timedelta(seconds=timeout_s),
-            device_id=dev if kind == "cuda" else None,
+            device_id=dev if backend == "nccl" else None,
             store=_group_store(rank, world_size, timeout_s),
         )
     return DistEnv(

@@ -223,14 +223,15 @@ class Trainer:
                 lr = self.strategy.lr
                 self.step = task.step  # until it is done
                 # activations: measured in the first step and each step that logs
-                self.activations.enabled = warmup = first or work.log_now(task.step + 1)
+                measured = not first  # (a first step sets things up)
+                self.activations.enabled = first or work.log_now(task.step + 1)
                 first = False
                 if t.max_rank_batch:
                     sizes = self.balancer.sizes(task.global_batch)
                     self.strategy.micro_batches = balance.micro_batches(sizes, t.max_rank_batch)
                 loss_sum = self.strategy.train_step(batch, self.loss_fn, task.loss_scale, timer)
                 self.faults.computed(len(task.indices), self.strategy.compute_time)
-                if not warmup:  # (a first step sets things up; a logging one measures more)
+                if measured:
                     self.balancer.observe(len(task.indices), self.strategy.compute_time)
                 if ahead is not None and self.strategy.prefetches:
                     # the next task's rows are asked for now (after this step's push, so

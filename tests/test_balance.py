@@ -106,7 +106,9 @@ def test_auto_balance_with_a_slow_worker_keeps_parameters_and_samples(tmp_path):
     one, equal, auto = tmp_path / "one", tmp_path / "equal", tmp_path / "auto"
     train(one, *job, "--workers", "1")
     train(equal, *job, "--workers", "3")
-    train(auto, *job, "--workers", "3", "--balance", "auto", "--balance-every", "5", env=SLOW)
+    # (--device mixed: each rank's GPU where it has one, over gloo; here all on the CPU)
+    train(auto, *job, "--workers", "3", "--balance", "auto", "--balance-every", "5",
+          "--device", "mixed", env=SLOW)  # fmt: skip
     assert max_abs_diff(params(auto), params(one)) < 1e-5
     assert max_abs_diff(params(equal), params(one)) < 1e-5
     want, got = read_audit(equal), read_audit(auto)

@@ -1,0 +1,120 @@
+"""Load balancing on uneven workers: time to a target loss, ``--balance auto`` vs ``equal``.
+
+    python bench/balance.py --reps 2
+
+Job: digits MLP (2 hidden layers of 512), 4 workers, global batch 256, Adam
+(lr 0.003), one metrics record per step. Scenarios, each run alternating:
+
+- ``quota``: every worker under a real CPU quota (cgroups, root), 0.45 CPUs
+  each and 0.15 for worker 3: one machine 3x slower, 1.5 CPUs in all (the
+  machine has 2). Runs: allreduce ``equal``, allreduce ``auto``, the parameter
+  server's ``ssp`` (s=3) under the same quotas, and a hand-written DDP loop
+  with a static uneven sampler (weights 3,3,3,1: it knows the speeds).
+- ``slow``: worker 3 three times slower by the fault ``slow:rank=3:factor=3``
+  (it sleeps twice its own compute); the same four runs (DDP sleeps twice its
+  estimated compute).
+- ``transient``: any worker sleeps 20 base steps in a random 10% of its
+  steps; ``equal`` vs ``auto``, and the spread of the shares over time.
+
+Time to target = seconds from the first metrics record (start-up excluded)
+until the training loss averaged over the last 5 steps is at most ``--target``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from bench.ps_ssp_vs_bsp import time_to  # noqa: E402
+
+WORKERS = 4
+JOB = ["--model", "mlp", "--hidden", "512", "--layers", "2", "--workers", str(WORKERS),
+       "--batch-size", "256", "--optimizer", "adam", "--lr", "0.003", "--log-every", "1",
+       "--no-progress", "--no-report"]  # fmt: skip
+QUOTA = "cpu:rank=*:cpus=0.45;cpu:rank=3:cpus=0.15"
+
+
+def shoal(out: Path, steps: int, fault: str, *extra: str) -> list[dict]:
+    cmd = [sys.executable, "-m", "shoal", "train", *JOB, "--steps", str(steps), "--out", str(out)]
+    env = {**os.environ, "SHOAL_FAULT": fault}
+    subprocess.run([*cmd, *extra], check=True, cwd=REPO, capture_output=True, env=env)
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def ddp(out: Path, steps: int, *extra: str) -> list[dict]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={WORKERS}", str(REPO / "bench" / "plain_ddp_uneven.py"),
+           "--steps", str(steps), "--weights", "3,3,3,1", "--out", str(out), *extra]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, env=env)
+    return json.loads(out.read_text())
+
+
+RUNS = {
+    "equal": lambda out, steps, fault: shoal(out, steps, fault),
+    "auto": lambda out, steps, fault: shoal(out, steps, fault, "--balance", "auto"),
+    "ssp": lambda out, steps, fault: shoal(out, steps, fault, "--strategy", "ps", "--servers",
+                                          "1", "--ps-mode", "ssp", "--staleness", "3"),
+}  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--steps", type=int, default=250)
+    p.add_argument("--target", type=float, default=0.15)
+    p.add_argument("--only", default="quota,slow,transient")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        base = shoal(tmp / "base", 60, "")
+        b_ms = max(1, round(1000 * statistics.median(r["step_time_s"] for r in base[10:]
+                                                     if "step_time_s" in r)))  # fmt: skip
+        print(f"base step time b = {b_ms} ms (equal, no fault)", flush=True)
+        scenarios = {
+            "quota": (QUOTA, ["--cpus", "0.45,0.45,0.45,0.15"]),
+            "slow": ("slow:rank=3:factor=3", ["--slow-rank", "3", "--factor", "3"]),
+            "transient": (f"slow:rank=*:ms={20 * b_ms}:prob=0.1", None),
+        }
+        for name in args.only.split(","):
+            fault, ddp_args = scenarios[name]
+            times: dict[str, list[float]] = {}
+            stds: list[float] = []
+            for i in range(args.reps):
+                for kind, run in RUNS.items():
+                    if kind == "ssp" and ddp_args is None:
+                        continue
+                    out = tmp / f"{name}-{kind}-{i}"
+                    times.setdefault(kind, []).append(time_to(run(out, args.steps, fault),
+                                                              args.target))  # fmt: skip
+                    if kind == "auto":
+                        plan = json.loads((out / "summary.json").read_text())["balance"]
+                        stds.append(max(plan["share_std"]))
+                        shares = " ".join(f"{s:.2f}" for s in plan["shares"])
+                        print(f"  {name} auto rep {i + 1}: shares {shares}", flush=True)
+                if ddp_args is not None:
+                    records = ddp(tmp / f"{name}-ddp-{i}.json", args.steps, *ddp_args)
+                    times.setdefault("ddp-static", []).append(time_to(records, args.target))
+                line = ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items())
+                print(f"{name} rep {i + 1}: {line}", flush=True)
+            equal = statistics.median(times["equal"])
+            for kind, ts in times.items():
+                ratios = [t / e for t, e in zip(ts, times["equal"])]
+                print(f"{name}: {kind} / equal time to loss {args.target}: median "
+                      f"{statistics.median(ratios):.3f} (min {min(ratios):.3f}, max "
+                      f"{max(ratios):.3f}); {statistics.median(ts):.2f} s vs {equal:.2f} s",
+                      flush=True)  # fmt: skip
+            print(f"{name}: auto's largest per-rank std of shares over time: median "
+                  f"{statistics.median(stds):.3f}", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
