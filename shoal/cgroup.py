@@ -20,7 +20,9 @@ from pathlib import Path
 
 from shoal.errors import UserError
 
-PERIOD_US = 100_000
+PERIOD_US = 10_000
+"""Short periods throttle often and briefly, as a slower CPU would, not for tens of
+milliseconds at a time."""
 PARENT = "shoal"
 _ORIGIN: dict[Path, Path] = {}  # each group made here -> where its process came from
 
@@ -73,7 +75,7 @@ def limit_cpu(cpus: float) -> Path:
     root, kind = _hierarchy()
     origin = root / _own_group(kind).lstrip("/")
     parent = root / PARENT
-    quota = max(1000, round(cpus * PERIOD_US))
+    quota = max(1000, round(cpus * PERIOD_US))  # (the kernel's least: 1 ms)
     try:
         parent.mkdir(exist_ok=True)
         if kind == "cgroup2":  # the controller must be enabled on the way down

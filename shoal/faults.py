@@ -71,7 +71,7 @@ def parse(spec: str) -> list[Fault]:
                 faults.append(Fault(kind, rank, int(values["step"]), role=role))
             elif kind == "cpu":
                 cpus = float(values["cpus"])
-                if not 0.01 <= cpus <= 1024:
+                if not 0.1 <= cpus <= 1024:
                     raise ValueError
                 faults.append(Fault(kind, rank, 0, cpus=cpus))
             else:
@@ -85,7 +85,7 @@ def parse(spec: str) -> list[Fault]:
         except (KeyError, ValueError):
             form = {
                 "slow": "slow:rank=R|*:ms=M|factor=F[:step=S][:prob=P]",
-                "cpu": "cpu:rank=R|*:cpus=C (0.01 to 1024)",
+                "cpu": "cpu:rank=R|*:cpus=C (0.1 to 1024)",
             }.get(kind, f"{kind}:rank=R:step=S")
             raise ValueError(f"{ENV}: {part!r} must look like {form}") from None
     return faults
