@@ -2,7 +2,7 @@
 
     python bench/balance.py --reps 2
 
-Job: digits MLP (2 hidden layers of 512), 4 workers, global batch 256, Adam
+Job: digits MLP (2 hidden layers of 512), 4 workers, global batch 1024, Adam
 (lr 0.003), one metrics record per step. Scenarios, each run alternating:
 
 - ``quota``: every worker under a real CPU quota (cgroups, root), 0.45 CPUs
@@ -37,7 +37,7 @@ from bench.ps_ssp_vs_bsp import time_to  # noqa: E402
 
 WORKERS = 4
 JOB = ["--model", "mlp", "--hidden", "512", "--layers", "2", "--workers", str(WORKERS),
-       "--batch-size", "256", "--optimizer", "adam", "--lr", "0.003", "--log-every", "1",
+       "--batch-size", "1024", "--optimizer", "adam", "--lr", "0.003", "--log-every", "1",
        "--no-progress", "--no-report"]  # fmt: skip
 QUOTA = "cpu:rank=*:cpus=0.45;cpu:rank=3:cpus=0.15"
 
@@ -52,7 +52,8 @@ def shoal(out: Path, steps: int, fault: str, *extra: str) -> list[dict]:
 def ddp(out: Path, steps: int, *extra: str) -> list[dict]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={WORKERS}", str(REPO / "bench" / "plain_ddp_uneven.py"),
-           "--steps", str(steps), "--weights", "3,3,3,1", "--out", str(out), *extra]  # fmt: skip
+           "--steps", str(steps), "--weights", "3,3,3,1", "--batch-size", "1024", "--out", str(out),
+           *extra]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, env=env)
     return json.loads(out.read_text())
@@ -69,8 +70,8 @@ RUNS = {
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=2)
-    p.add_argument("--steps", type=int, default=250)
-    p.add_argument("--target", type=float, default=0.15)
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--target", type=float, default=0.1)
     p.add_argument("--only", default="quota,slow,transient")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as d:

@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--lr", type=float, default=0.003)
     p.add_argument("--weights", default="")

@@ -14,8 +14,9 @@ the parameters of an equal one (up to float reduction order).
   every rank computes the same new plan: shares in proportion to each rank's
   smoothed samples per second. Against noise: a median, not a mean, of each
   window; the plan changes only when it would shorten the predicted step by more
-  than :data:`THRESHOLD`; and it then moves :data:`DAMPING` of the way to the
-  target, so shares settle instead of chasing each window's noise.
+  than :data:`THRESHOLD`; and every change after the first moves
+  :data:`DAMPING` of the way to the target, so shares settle instead of chasing
+  each window's noise.
 
 A slice larger than ``--max-rank-batch`` is computed as micro-batches whose
 gradients accumulate; every rank uses the same number of micro-batches in a
@@ -174,7 +175,8 @@ class Balancer:
         then = max(s / r for s, r in zip(target, self.rates))
         if now <= then * (1 + THRESHOLD):
             return False
-        self.shares = [s + DAMPING * (t - s) for s, t in zip(self.shares, target)]
+        move = DAMPING if self.replans else 1.0  # the first plan goes all the way
+        self.shares = [s + move * (t - s) for s, t in zip(self.shares, target)]
         self.replans += 1
         self.history.append((step, list(self.shares)))
         return True

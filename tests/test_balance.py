@@ -63,14 +63,17 @@ def test_auto_follows_rates_with_hysteresis():
     b = balance.Balancer(balance.parse("auto"), 4, 0, 10)
     b.rates = [3.0, 3.0, 3.0, 1.0]  # one rank three times slower
     assert b._consider(10, [r / 10 for r in b.rates])
-    assert b.shares == pytest.approx([0.275, 0.275, 0.275, 0.175])  # half way
+    assert b.shares == pytest.approx([0.3, 0.3, 0.3, 0.1])  # the first: all the way
+    b.rates = [3.0, 3.0, 3.0, 2.5]
+    assert b._consider(20, [r / 11.5 for r in b.rates])
+    assert b.shares == pytest.approx([0.2804, 0.2804, 0.2804, 0.1587], abs=1e-3)  # then half
     b.rates = [3.0, 3.0, 3.0, 1.8]  # 5% better at most: not worth a change
-    assert not b._consider(20, [r / sum(b.rates) for r in b.rates])
-    assert b.replans == 1 and [s for s, _ in b.history] == [10]
+    assert not b._consider(30, [r / sum(b.rates) for r in b.rates])
+    assert b.replans == 2 and [s for s, _ in b.history] == [10, 20]
     state = b.state_dict()
     again = balance.Balancer(balance.parse("auto"), 4, 0, 10)
     again.load_state_dict(state)
-    assert again.shares == b.shares and again.replans == 1
+    assert again.shares == b.shares and again.replans == 2
     other = balance.Balancer(balance.parse("auto"), 3, 0, 10)  # resized: starts equal
     other.load_state_dict(state)
     assert other.shares == pytest.approx([1 / 3] * 3)
