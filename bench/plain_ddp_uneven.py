@@ -1,12 +1,14 @@
 """Baseline for bench/balance.py: a hand-written DDP loop with a static uneven sampler.
 
-    torchrun --standalone --nproc-per-node 4 bench/plain_ddp_uneven.py \\
+    PYTHONPATH=. torchrun --standalone --nproc-per-node 4 bench/plain_ddp_uneven.py \\
         --weights 3,3,3,1 --out records.json
 
 What a DDP user writes when they know one machine is slower: each rank takes a
 fixed share of every global batch (``--weights``), its loss summed and scaled by
 ``world / global_batch`` so the averaged gradient is the global mean. The same
-digits MLP, global batch and Adam as the shoal runs it is compared with. Slower
+data (shoal's synthetic-linear generator: 32768 rows of 64 features), MLP
+(two hidden layers of 256), global batch (4096) and Adam as the shoal runs it is
+compared with. Slower
 machines are emulated as shoal's bench does: ``--cpus`` puts each rank under a
 CPU quota (cgroups), ``--slow-rank R --factor F`` makes rank R sleep (F-1) times
 its own compute (three times its forward) in each step. Rank 0 writes one
@@ -23,17 +25,18 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from sklearn.datasets import load_digits
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+
+from shoal.config import DataConfig
+from shoal.data import build_dataset
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=1024)
-    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--lr", type=float, default=0.003)
     p.add_argument("--weights", default="")
     p.add_argument("--cpus", default="", help="CPU quota per rank, comma-separated")
@@ -52,12 +55,11 @@ def main() -> None:
     weights = [float(w) for w in args.weights.split(",")] if args.weights else [1.0] * world
     cuts = np.concatenate([[0], np.cumsum(weights)]) / sum(weights)
 
-    digits = load_digits()
-    x = torch.tensor(digits.data / 16.0, dtype=torch.float32)
-    y = torch.tensor(digits.target)
+    data = build_dataset(DataConfig(name="synthetic-linear", num_samples=32768, num_features=64))
+    x, y = data.rows.take(np.arange(data.num_train))
     torch.manual_seed(0)
     h = args.hidden
-    net = nn.Sequential(nn.Linear(64, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 10))
+    net = nn.Sequential(nn.Linear(64, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 1))
     model = DistributedDataParallel(net)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
 
@@ -71,7 +73,7 @@ def main() -> None:
         idx = torch.from_numpy(batch[lo:hi])
         opt.zero_grad(set_to_none=True)
         began = time.perf_counter()
-        loss_sum = F.cross_entropy(model(x[idx]), y[idx], reduction="sum")
+        loss_sum = (model(x[idx]).reshape(-1) - y[idx]).pow(2).sum()
         if rank == args.slow_rank:  # backward takes about twice the forward
             time.sleep((args.factor - 1) * 3 * (time.perf_counter() - began))
         (loss_sum * world / b).backward()

@@ -42,6 +42,9 @@ THRESHOLD = 0.10
 """A new plan must shorten the predicted step by more than this fraction."""
 DAMPING = 0.5
 """The fraction of the way from the current shares to the target a change moves."""
+FIRST = 4
+"""The first re-plan comes after this step (three measured steps), not after a whole
+``--balance-every`` window of equal slices."""
 SMOOTHING = 0.5
 """Weight of the newest window in each rank's smoothed rate (an exponential average)."""
 
@@ -145,7 +148,7 @@ class Balancer:
 
     def due(self, step: int) -> bool:
         """Whether the ranks re-plan after global ``step`` (the same answer on every rank)."""
-        return self.auto and step % self.every == 0
+        return self.auto and (step % self.every == 0 or step == min(FIRST, self.every))
 
     def replan(self, step: int, device: torch.device) -> bool:
         """Exchange this window's measurements and set the next plan. Collective.
