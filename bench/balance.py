@@ -44,6 +44,7 @@ JOB = ["--model", "mlp", "--hidden", "256", "--layers", "2", "--data", "syntheti
        "--batch-size", "4096", "--optimizer", "adam", "--lr", "0.003", "--log-every", "1",
        "--no-progress", "--no-report"]  # fmt: skip
 QUOTA = "cpu:rank=*:cpus=0.45;cpu:rank=3:cpus=0.15"
+AUTO = os.environ.get("BENCH_AUTO", "").split()  # more flags for the auto runs
 
 
 def shoal(out: Path, steps: int, fault: str, *extra: str) -> list[dict]:
@@ -67,7 +68,7 @@ def ddp(out: Path, steps: int, *extra: str) -> list[dict]:
 
 RUNS = {
     "equal": lambda out, steps, fault: shoal(out, steps, fault),
-    "auto": lambda out, steps, fault: shoal(out, steps, fault, "--balance", "auto"),
+    "auto": lambda out, steps, fault: shoal(out, steps, fault, "--balance", "auto", *AUTO),
     "ssp": lambda out, steps, fault: shoal(out, steps, fault, "--strategy", "ps", "--servers",
                                           "1", "--ps-mode", "ssp", "--staleness", "3"),
 }  # fmt: skip
@@ -79,6 +80,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--target", type=float, default=0.5)
     p.add_argument("--only", default="quota,slow,transient")
+    p.add_argument("--runs", default="equal,auto,ssp,ddp", help="which runs, of these")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
@@ -97,6 +99,8 @@ def main() -> None:
             stds: list[float] = []
             for i in range(args.reps):
                 for kind, run in RUNS.items():
+                    if kind not in args.runs.split(","):
+                        continue
                     if kind == "ssp" and ddp_args is None:
                         continue
                     out = tmp / f"{name}-{kind}-{i}"
@@ -107,7 +111,7 @@ def main() -> None:
                         stds.append(max(plan["share_std"]))
                         shares = " ".join(f"{s:.2f}" for s in plan["shares"])
                         print(f"  {name} auto rep {i + 1}: shares {shares}", flush=True)
-                if ddp_args is not None:
+                if ddp_args is not None and "ddp" in args.runs.split(","):
                     records = ddp(tmp / f"{name}-ddp-{i}.json", args.steps, *ddp_args)
                     times.setdefault("ddp-static", []).append(time_to(records, args.target))
                 line = ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items())

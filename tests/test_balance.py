@@ -119,7 +119,8 @@ def test_auto_balance_with_a_slow_worker_keeps_parameters_and_samples(tmp_path):
     assert all(np.array_equal(got[s], want[s]) for s in want)
     plan = read_summary(auto)["balance"]
     assert plan["mode"] == "auto" and plan["replans"] >= 1
-    assert plan["shares"][2] < 0.25 < min(plan["shares"][:2]), plan  # the slow rank gave up work
+    # the slow rank gave up work (how the fast two split theirs is noise on 2 cores)
+    assert plan["shares"][2] < 0.2 < min(plan["shares"][:2]), plan
     assert len(plan["share_std"]) == 3 and plan["share_std"][2] > 0
     assert all(e["exact"] for e in read_summary(auto)["epochs"])
     records = [json.loads(line) for line in (auto / "metrics.jsonl").read_text().splitlines()]
