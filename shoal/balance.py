@@ -9,9 +9,9 @@ the parameters of an equal one (up to float reduction order).
 - ``equal``: slices differ by at most one sample (the default).
 - ``static:W1,W2,...``: slices in proportion to fixed weights, one per rank.
 - ``auto``: each rank measures its own compute seconds per sample in every
-  step (forward and backward, not waiting for its peers); every
-  ``--balance-every`` steps the ranks exchange the median of their window and
-  every rank computes the same new plan: shares in proportion to each rank's
+  step (forward and backward, not waiting for its peers); after step
+  :data:`FIRST`, then every ``--balance-every`` steps, the ranks exchange the
+  median of their window and every rank computes the same new plan: shares in proportion to each rank's
   smoothed samples per second. Against noise: a median, not a mean, of each
   window; the plan changes only when it would shorten the predicted step by more
   than :data:`THRESHOLD`; and every change after the first moves
@@ -37,7 +37,6 @@ import torch.distributed as dist
 
 from shoal.errors import UserError
 
-MODES = ("equal", "auto", "static")
 THRESHOLD = 0.10
 """A new plan must shorten the predicted step by more than this fraction."""
 DAMPING = 0.5

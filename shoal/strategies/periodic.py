@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from shoal import balance
 from shoal.compress import COMPRESS_HELP, check_codec, parse_codec
 from shoal.config import JobConfig, option
 from shoal.errors import UserError
@@ -72,7 +73,7 @@ class LocalSGD(Strategy):
         self.steps = 0
         # uneven slices (--balance): each replica steps on its slice's mean, and the
         # average weighs each replica's change by the samples it trained on
-        self.weighted = self.job.train.balance != "equal"
+        self.weighted = balance.parse(self.job.train.balance).mode != "equal"
         self.samples = 0  # this replica's, since the last synchronization
 
     def train_step(
