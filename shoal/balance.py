@@ -11,12 +11,12 @@ the parameters of an equal one (up to float reduction order).
 - ``auto``: each rank measures its own compute seconds per sample in every
   step (forward and backward, not waiting for its peers); after step
   :data:`FIRST`, then every ``--balance-every`` steps, the ranks exchange the
-  median of their window and every rank computes the same new plan: shares in proportion to each rank's
-  smoothed samples per second. Against noise: a median, not a mean, of each
-  window; the plan changes only when it would shorten the predicted step by more
-  than :data:`THRESHOLD`; and every change after the first moves
-  :data:`DAMPING` of the way to the target, so shares settle instead of chasing
-  each window's noise.
+  median of their window and every rank computes the same new plan: shares in
+  proportion to each rank's smoothed samples per second. Against noise: a
+  median, not a mean, of each window; the plan changes only when it would
+  shorten the predicted step by more than :data:`THRESHOLD`; and every change
+  after the first moves :data:`DAMPING` of the way to the target, so shares
+  settle instead of chasing each window's noise.
 
 A slice larger than ``--max-rank-batch`` is computed as micro-batches whose
 gradients accumulate; every rank uses the same number of micro-batches in a
