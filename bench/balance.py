@@ -2,30 +2,35 @@
 
     python bench/balance.py --reps 2
 
-Job: an MLP (2 hidden layers of 256) regressing synthetic-linear data (32768
+Job: an MLP (2 hidden layers of 512) regressing synthetic-linear data (32768
 rows of 64 features), 4 workers, global batch 4096, Adam (lr 0.003), one
-metrics record per step. A large batch per rank keeps the step's fixed costs
-(the optimizer over every parameter, the all-reduce, Python) small beside the
-compute that a cut can move: on the slow machine they are slow too. Scenarios, each run alternating:
+metrics record per step. The model and the batch per rank are large enough for
+compute, which a cut can move, to outweigh the step's fixed costs (the
+optimizer over every parameter, the all-reduce, Python): on the slow machine
+those are slow too. Every worker runs under a real CPU quota (cgroups, root),
+as if each had a machine of its own. Scenarios, each run alternating:
 
-- ``quota``: every worker under a real CPU quota (cgroups, root), 0.45 CPUs
-  each and 0.15 for worker 3: one machine 3x slower, 1.5 CPUs in all (the
-  machine has 2). Runs: allreduce ``equal``, allreduce ``auto``, the parameter
-  server's ``ssp`` (s=3) under the same quotas, and a hand-written DDP loop
-  with a static uneven sampler (weights 3,3,3,1: it knows the speeds).
-- ``slow``: worker 3 three times slower by the fault ``slow:rank=3:factor=3``
-  (it sleeps twice its own compute); the same four runs (DDP sleeps twice its
-  estimated compute).
-- ``transient``: any worker sleeps 20 base steps in a random 10% of its
-  steps; ``equal`` vs ``auto``, and the spread of the shares over time.
+- ``quota``: 0.45 CPUs for each worker and 0.15 for worker 3: one machine 3x
+  slower, 1.5 CPUs in all (the box has 2).
+- ``slow``: 0.45 CPUs each, and worker 3 three times slower by the fault
+  ``slow:rank=3:factor=3`` (it sleeps twice its own compute; the hand-written
+  DDP sleeps twice its estimated compute).
+- ``transient``: 0.45 CPUs each; any worker sleeps 20 base steps in a random
+  10% of its steps: ``equal`` vs ``auto``, and the spread of the shares over time.
+
+Runs: allreduce with ``--balance equal``, ``auto`` and ``static:3,3,3,1`` (the
+speeds known in advance), the parameter server's ``ssp`` (s=3), and a
+hand-written DDP loop with a static uneven sampler (weights 3,3,3,1).
 
 Time to target = seconds from the first metrics record (start-up excluded)
 until the training loss averaged over the last 5 steps is at most ``--target``.
+Steady step = the median step time from step 11 on.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -39,11 +44,12 @@ sys.path.insert(0, str(REPO))
 from bench.ps_ssp_vs_bsp import time_to  # noqa: E402
 
 WORKERS = 4
-JOB = ["--model", "mlp", "--hidden", "256", "--layers", "2", "--data", "synthetic-linear",
+JOB = ["--model", "mlp", "--hidden", "512", "--layers", "2", "--data", "synthetic-linear",
        "--num-samples", "32768", "--num-features", "64", "--workers", str(WORKERS),
        "--batch-size", "4096", "--optimizer", "adam", "--lr", "0.003", "--log-every", "1",
        "--no-progress", "--no-report"]  # fmt: skip
-QUOTA = "cpu:rank=*:cpus=0.45;cpu:rank=3:cpus=0.15"
+EVEN = "cpu:rank=*:cpus=0.45"  # four machines alike
+QUOTA = f"{EVEN};cpu:rank=3:cpus=0.15"
 AUTO = os.environ.get("BENCH_AUTO", "").split()  # more flags for the auto runs
 
 
@@ -57,7 +63,7 @@ def shoal(out: Path, steps: int, fault: str, *extra: str) -> list[dict]:
 def ddp(out: Path, steps: int, *extra: str) -> list[dict]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={WORKERS}", str(REPO / "bench" / "plain_ddp_uneven.py"),
-           "--steps", str(steps), "--weights", "3,3,3,1", "--out", str(out),
+           "--steps", str(steps), "--weights", "3,3,3,1", "--hidden", "512", "--out", str(out),
            *extra]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
@@ -66,9 +72,16 @@ def ddp(out: Path, steps: int, *extra: str) -> list[dict]:
     return json.loads(out.read_text())
 
 
+def steady_step(records: list[dict]) -> float:
+    """The median seconds per step from step 11 on (one record per step)."""
+    wall = [r["wall_time"] for r in records if "loss" in r]
+    return statistics.median(b - a for a, b in itertools.pairwise(wall[10:]))
+
+
 RUNS = {
     "equal": lambda out, steps, fault: shoal(out, steps, fault),
     "auto": lambda out, steps, fault: shoal(out, steps, fault, "--balance", "auto", *AUTO),
+    "static": lambda out, steps, fault: shoal(out, steps, fault, "--balance", "static:3,3,3,1"),
     "ssp": lambda out, steps, fault: shoal(out, steps, fault, "--strategy", "ps", "--servers",
                                           "1", "--ps-mode", "ssp", "--staleness", "3"),
 }  # fmt: skip
@@ -80,32 +93,34 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--target", type=float, default=0.5)
     p.add_argument("--only", default="quota,slow,transient")
-    p.add_argument("--runs", default="equal,auto,ssp,ddp", help="which runs, of these")
+    p.add_argument("--runs", default="equal,auto,static,ssp,ddp", help="which runs, of these")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        base = shoal(tmp / "base", 60, "")
+        base = shoal(tmp / "base", 40, EVEN)
         b_ms = max(1, round(1000 * statistics.median(r["step_time_s"] for r in base[10:]
                                                      if "step_time_s" in r)))  # fmt: skip
-        print(f"base step time b = {b_ms} ms (equal, no fault)", flush=True)
+        print(f"base step time b = {b_ms} ms (equal, 0.45 CPUs each, no fault)", flush=True)
         scenarios = {
             "quota": (QUOTA, ["--cpus", "0.45,0.45,0.45,0.15"]),
-            "slow": ("slow:rank=3:factor=3", ["--slow-rank", "3", "--factor", "3"]),
-            "transient": (f"slow:rank=*:ms={20 * b_ms}:prob=0.1", None),
-        }
+            "slow": (f"{EVEN};slow:rank=3:factor=3",
+                     ["--cpus", "0.45,0.45,0.45,0.45", "--slow-rank", "3", "--factor", "3"]),
+            "transient": (f"{EVEN};slow:rank=*:ms={20 * b_ms}:prob=0.1", None),
+        }  # fmt: skip
         for name in args.only.split(","):
             fault, ddp_args = scenarios[name]
             times: dict[str, list[float]] = {}
+            steady: dict[str, list[float]] = {}
             stds: list[float] = []
             for i in range(args.reps):
                 for kind, run in RUNS.items():
-                    if kind not in args.runs.split(","):
-                        continue
-                    if kind == "ssp" and ddp_args is None:
+                    if kind not in args.runs.split(",") or (kind != "auto" and kind != "equal"
+                                                            and ddp_args is None):  # fmt: skip
                         continue
                     out = tmp / f"{name}-{kind}-{i}"
-                    times.setdefault(kind, []).append(time_to(run(out, args.steps, fault),
-                                                              args.target))  # fmt: skip
+                    records = run(out, args.steps, fault)
+                    times.setdefault(kind, []).append(time_to(records, args.target))
+                    steady.setdefault(kind, []).append(steady_step(records))
                     if kind == "auto":
                         plan = json.loads((out / "summary.json").read_text())["balance"]
                         stds.append(max(plan["share_std"]))
@@ -114,15 +129,17 @@ def main() -> None:
                 if ddp_args is not None and "ddp" in args.runs.split(","):
                     records = ddp(tmp / f"{name}-ddp-{i}.json", args.steps, *ddp_args)
                     times.setdefault("ddp-static", []).append(time_to(records, args.target))
+                    steady.setdefault("ddp-static", []).append(steady_step(records))
                 line = ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items())
-                print(f"{name} rep {i + 1}: {line}", flush=True)
-            equal = statistics.median(times["equal"])
+                print(f"{name} rep {i + 1}: time to target: {line}", flush=True)
             for kind, ts in times.items():
                 ratios = [t / e for t, e in zip(ts, times["equal"])]
-                print(f"{name}: {kind} / equal time to loss {args.target}: median "
+                steps = [t / e for t, e in zip(steady[kind], steady["equal"])]
+                print(f"{name}: {kind} / equal: time to loss {args.target} median "
                       f"{statistics.median(ratios):.3f} (min {min(ratios):.3f}, max "
-                      f"{max(ratios):.3f}); {statistics.median(ts):.2f} s vs {equal:.2f} s",
-                      flush=True)  # fmt: skip
+                      f"{max(ratios):.3f}), {statistics.median(ts):.2f} s; steady step median "
+                      f"{statistics.median(steps):.3f}, "
+                      f"{1000 * statistics.median(steady[kind]):.0f} ms", flush=True)  # fmt: skip
             print(f"{name}: auto's largest per-rank std of shares over time: median "
                   f"{statistics.median(stds):.3f}", flush=True)  # fmt: skip
 

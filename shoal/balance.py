@@ -8,8 +8,11 @@ the parameters of an equal one (up to float reduction order).
 
 - ``equal``: slices differ by at most one sample (the default).
 - ``static:W1,W2,...``: slices in proportion to fixed weights, one per rank.
-- ``auto``: each rank measures its own compute seconds per sample in every
-  step (forward and backward, not waiting for its peers); after step
+- ``auto``: each rank measures its busy seconds per sample in every step: the
+  step's wall time less the time it waited in the gradient exchange (and in the
+  metrics gather) for slower peers. Busy time holds all the rank's work, its
+  data, optimizer and bookkeeping too, which is slow on a slow machine as well,
+  and throttling wherever it falls. After step
   :data:`FIRST`, then every ``--balance-every`` steps, the ranks exchange the
   median of their window and every rank computes the same new plan: shares in
   proportion to each rank's smoothed samples per second. Against noise: a
@@ -112,6 +115,42 @@ def micro_batches(sizes: Sequence[int], cap: int) -> int:
     return max(1, max(math.ceil(s / cap) for s in sizes))
 
 
+def _summarize(window: list[tuple[int, float, float]]) -> tuple[float, float, float]:
+    """A window's medians: samples per step, busy seconds per sample, and the step's
+    fixed cost as samples' worth of compute (0 where compute was not measured)."""
+    if not window:
+        return 0.0, 0.0, 0.0
+    fixed = [n * (busy - compute) / compute for n, busy, compute in window if 0 < compute < busy]
+    return (statistics.median(n for n, _, _ in window),
+            statistics.median(busy / n for n, busy, _ in window),
+            statistics.median(fixed) if fixed else 0.0)  # fmt: skip
+
+
+def plan(rates: Sequence[float], fixed: float, total: float) -> list[float]:
+    """Shares of ``total`` samples that make every rank equally busy, where a rank of
+    speed ``rate`` (samples per second) is busy ``(fixed + n) / rate`` seconds with
+    ``n`` samples. Every rank keeps at least one sample."""
+    active, least = set(range(len(rates))), min(1.0, total / len(rates))
+    sizes = [least] * len(rates)
+    while active:
+        left = total - least * (len(rates) - len(active))
+        busy = (left + fixed * len(active)) / sum(rates[r] for r in active)
+        for r in active:
+            sizes[r] = busy * rates[r] - fixed
+        short = {r for r in active if sizes[r] < least}
+        if not short:
+            break
+        for r in short:
+            sizes[r] = least
+        active -= short
+    return [n / total for n in sizes]
+
+
+def predicted(shares: Sequence[float], rates: Sequence[float], fixed: float, total: float) -> float:
+    """The busy time of the slowest rank under ``shares`` (the model of :func:`plan`)."""
+    return max((fixed + s * total) / r for s, r in zip(shares, rates))
+
+
 class Balancer:
     """The plan of one job's data-parallel ranks: each rank's share of a global batch.
 
@@ -127,8 +166,10 @@ class Balancer:
         self.history: list[tuple[int, list[float]]] = []
         """(step, shares) each time the plan was set: from the start, and each change."""
         self.replans = 0
-        self.rates: list[float] | None = None  # smoothed samples per compute second, per rank
-        self.per_sample: list[float] = []  # this rank's seconds per sample, each step
+        self.rates: list[float] | None = None  # smoothed speeds (samples/s), per rank
+        self.previous: list[list[float]] | None = None
+        self.fixed = 0.0  # the smoothed fixed cost of a step, as samples' worth of compute
+        self.window: list[tuple[int, float, float]] = []  # (samples, busy, compute) per step
         self.logged: list[list[float]] = []  # the shares at each metrics record
 
     @property
@@ -140,10 +181,11 @@ class Balancer:
         if not self.history or self.history[-1][1] != self.shares:
             self.history.append((step, list(self.shares)))
 
-    def observe(self, samples: int, seconds: float) -> None:
-        """This rank computed ``samples`` in ``seconds`` (one step)."""
-        if samples > 0 and seconds > 0:
-            self.per_sample.append(seconds / samples)
+    def observe(self, samples: int, busy: float, compute: float) -> None:
+        """This rank's step of ``samples`` kept it busy ``busy`` seconds, ``compute`` of
+        them in forward and backward."""
+        if samples > 0 and busy > 0:
+            self.window.append((samples, busy, compute))
 
     def due(self, step: int) -> bool:
         """Whether the ranks re-plan after global ``step`` (the same answer on every rank)."""
@@ -153,28 +195,49 @@ class Balancer:
         """Exchange this window's measurements and set the next plan. Collective.
         Returns whether the plan changed."""
         on = device if dist.get_backend() == "nccl" else torch.device("cpu")
-        median = statistics.median(self.per_sample) if self.per_sample else 0.0
-        self.per_sample = []
-        mine = torch.tensor([float(self.rank), median], dtype=torch.float64, device=on)
+        mine = torch.tensor([float(self.rank), *_summarize(self.window)], dtype=torch.float64,
+                            device=on)  # fmt: skip
+        self.window = []
         rows = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
         dist.all_gather(rows, mine)
-        per_sample = [0.0] * self.ranks
-        for rank, s in (r.tolist() for r in rows):
+        best: dict[int, list[float]] = {}
+        for rank, *row in (r.tolist() for r in rows):
             # ranks that share a slice (tensor shards): the slowest counts
-            per_sample[int(rank)] = max(per_sample[int(rank)], s)
-        if min(per_sample) <= 0:
+            if int(rank) not in best or row[1] > best[int(rank)][1]:
+                best[int(rank)] = row
+        measured = [best[r] for r in range(self.ranks)]
+        if min(n for n, _, _ in measured) <= 0:
             return False  # a window without measurements (just started): keep the plan
-        rates = [1 / s for s in per_sample]
+        fixed = statistics.median(f for _, _, f in measured)
+        # where a rank's slice changed much since the last window, how its busy time
+        # changed measures the fixed cost better (it holds the rank's share of the
+        # exchange's CPU, which a CPU quota makes it pay for later)
+        secant = []
+        for (n2, p2, _), (n1, p1, _) in zip(measured, self.previous or []):
+            b1, b2 = n1 * p1, n2 * p2
+            if abs(n2 - n1) > 0.2 * n1 and (b2 - b1) * (n2 - n1) > 0:
+                secant.append((n2 * b1 - n1 * b2) / (b2 - b1))
+        if secant:
+            fixed = max(0.0, statistics.median(secant))
+        self.previous = measured
+        total = sum(n for n, _, _ in measured)
+        # a fixed cost beyond a mean slice's compute cannot be told from noise, and it
+        # multiplies the noise of the speeds in the plan: count it as that at most
+        fixed = min(fixed, total / self.ranks)
+        # a rank's speed: what its busy time would be with no fixed cost (fixed cost
+        # and compute both run at the rank's speed: a slow machine is slow at both)
+        rates = [(fixed + n) / (per_sample * n) for n, per_sample, _ in measured]
         if self.rates is not None:
             rates = [SMOOTHING * new + (1 - SMOOTHING) * old for new, old in zip(rates, self.rates)]
-        self.rates = rates
-        return self._consider(step, [r / sum(rates) for r in rates])
+            fixed = SMOOTHING * fixed + (1 - SMOOTHING) * self.fixed
+        self.rates, self.fixed = rates, fixed
+        return self._consider(step, plan(rates, fixed, total), total)
 
-    def _consider(self, step: int, target: list[float]) -> bool:
+    def _consider(self, step: int, target: list[float], total: float) -> bool:
         """Adopt ``target`` if it shortens the predicted step by more than THRESHOLD."""
         assert self.rates is not None
-        now = max(s / r for s, r in zip(self.shares, self.rates))
-        then = max(s / r for s, r in zip(target, self.rates))
+        now = predicted(self.shares, self.rates, self.fixed, total)
+        then = predicted(target, self.rates, self.fixed, total)
         if now <= then * (1 + THRESHOLD):
             return False
         move = DAMPING if self.replans else 1.0  # the first plan goes all the way
@@ -194,8 +257,8 @@ class Balancer:
 
     def state_dict(self) -> dict[str, Any]:
         return {"spec": str(self.spec), "shares": list(self.shares), "rates": self.rates,
-                "replans": self.replans, "history": [[s, v] for s, v in self.history],
-                "logged": self.logged}  # fmt: skip
+                "fixed": self.fixed, "replans": self.replans,
+                "history": [[s, v] for s, v in self.history], "logged": self.logged}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue the saved plan where the spec and the number of ranks are the same."""
@@ -203,6 +266,7 @@ class Balancer:
             return
         self.shares = [float(s) for s in state["shares"]]
         self.rates = state["rates"]
+        self.fixed = float(state.get("fixed", 0.0))
         self.replans = int(state["replans"])
         self.history = [(int(s), [float(x) for x in v]) for s, v in state["history"]]
         self.logged = [[float(x) for x in v] for v in state.get("logged", [])]

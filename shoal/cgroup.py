@@ -15,14 +15,14 @@ worker cannot clean up after itself).
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from pathlib import Path
 
 from shoal.errors import UserError
 
-PERIOD_US = 10_000
-"""Short periods throttle often and briefly, as a slower CPU would, not for tens of
-milliseconds at a time."""
+MIN_QUOTA_US = 1_000
+"""The kernel's least quota per period."""
 PARENT = "shoal"
 _ORIGIN: dict[Path, Path] = {}  # each group made here -> where its process came from
 
@@ -75,7 +75,11 @@ def limit_cpu(cpus: float) -> Path:
     root, kind = _hierarchy()
     origin = root / _own_group(kind).lstrip("/")
     parent = root / PARENT
-    quota = max(1000, round(cpus * PERIOD_US))  # (the kernel's least: 1 ms)
+    # the shortest period that allows the least quota: throttling comes often and
+    # briefly, as on a slower CPU, not as pauses of many milliseconds that one step's
+    # compute may or may not hit
+    period = max(MIN_QUOTA_US, math.ceil(MIN_QUOTA_US / cpus))
+    quota = round(cpus * period)
     try:
         parent.mkdir(exist_ok=True)
         if kind == "cgroup2":  # the controller must be enabled on the way down
@@ -85,9 +89,9 @@ def limit_cpu(cpus: float) -> Path:
         group = parent / f"w{os.getpid()}"
         group.mkdir(exist_ok=True)
         if kind == "cgroup2":
-            (group / "cpu.max").write_text(f"{quota} {PERIOD_US}")
+            (group / "cpu.max").write_text(f"{quota} {period}")
         else:
-            (group / "cpu.cfs_period_us").write_text(str(PERIOD_US))
+            (group / "cpu.cfs_period_us").write_text(str(period))
             (group / "cpu.cfs_quota_us").write_text(str(quota))
         (group / "cgroup.procs").write_text(str(os.getpid()))
         _ORIGIN[group] = origin

@@ -206,6 +206,10 @@ class Trainer:
         audit = Audit(self.out, self.step, self.env.rank) if self.job.data.audit_samples else None
         self.balancer.start(self.step)
         first = True
+        # where this rank's busy time for --balance auto began: the end of the last step
+        # measured (a first step sets things up; a step with an evaluation, a checkpoint
+        # or a re-plan, collectives that wait for the slowest rank, is not measured)
+        busy_since: float | None = None
         # (the parameter server's workers have no group to agree in: ps is not preemptible)
         grouped = dist.is_initialized() and self.plugin.needs_process_group
         preemption = Preemption() if grouped else None
@@ -223,7 +227,6 @@ class Trainer:
                 lr = self.strategy.lr
                 self.step = task.step  # until it is done
                 # activations: measured in the first step and each step that logs
-                measured = not first  # (a first step sets things up)
                 self.activations.enabled = first or work.log_now(task.step + 1)
                 first = False
                 if t.max_rank_batch:
@@ -231,8 +234,11 @@ class Trainer:
                     self.strategy.micro_batches = balance.micro_batches(sizes, t.max_rank_batch)
                 loss_sum = self.strategy.train_step(batch, self.loss_fn, task.loss_scale, timer)
                 self.faults.computed(len(task.indices), self.strategy.compute_time)
-                if measured:
-                    self.balancer.observe(len(task.indices), self.strategy.compute_time)
+                done = time.perf_counter()
+                if busy_since is not None:  # the step less its waits on peers
+                    busy = done - busy_since - self.strategy.wait_time
+                    self.balancer.observe(len(task.indices), busy, self.strategy.compute_time)
+                busy_since = done
                 if ahead is not None and self.strategy.prefetches:
                     # the next task's rows are asked for now (after this step's push, so
                     # they hold it) and arrive while the next task is fetched
@@ -250,16 +256,19 @@ class Trainer:
                 window.steps += 1
                 last = self.step == self.total_steps
                 if work.log_now(self.step):
-                    self._log(window, timer, lr, task)
+                    busy_since += self._log(window, timer, lr, task)
                     window = _Window(torch.zeros_like(window.loss_sum))
                 elif self.writer is not None:
                     self.writer.tick(self.step)
                 if self.balancer.due(self.step) and not last:
                     self.balancer.replan(self.step, self.env.device)
+                    busy_since = None
                 if t.eval_every and self.step % t.eval_every == 0 and not last:
                     self._evaluate()
+                    busy_since = None
                 if t.checkpoint_every and self.step % t.checkpoint_every == 0 and not last:
                     self.save_checkpoint()
+                    busy_since = None
                 self.faults.after_step(self.step)
                 if preemption is not None:
                     told = preemption.poll(self.strategy.consistent_after(self.step))
@@ -299,8 +308,9 @@ class Trainer:
     def wall_time(self) -> float:
         return self.wall_offset + time.perf_counter() - self._start
 
-    def _log(self, window: _Window, timer: PhaseTimer, lr: float, task: Task) -> None:
-        """Every rank contributes its window; the writer records it."""
+    def _log(self, window: _Window, timer: PhaseTimer, lr: float, task: Task) -> float:
+        """Every rank contributes its window; the writer records it. Returns the seconds
+        spent in the gather (waiting for the slowest rank)."""
         phases = timer.take()
         for k, v in phases.items():
             self.time_totals[k] = self.time_totals.get(k, 0.0) + v
@@ -324,10 +334,12 @@ class Trainer:
             "global_samples": window.global_samples,
             "digest": f"{window.digest:016x}" if reports else "0",
         }
+        began = time.perf_counter()
         rows = self.gatherer.gather(mine.to_tensor(), "window", meta)
+        waited = time.perf_counter() - began
         shares = self.balancer.log() if self.balancing else None
         if rows is None or self.writer is None:
-            return
+            return waited
         self.writer.window(
             {r: Window.from_tensor(row) for r, row in enumerate(rows)},
             step=self.step,
@@ -339,6 +351,7 @@ class Trainer:
             wall_time=self.wall_time(),
             rank_shares=shares,
         )
+        return waited
 
     def _memory(self) -> dict[str, int]:
         """This rank's memory figures (the activation peak: since the last call), also

@@ -119,6 +119,7 @@ class GlobalBatchSampler:
         self.samples_seen: dict[int, int] = {}
         self.digests: dict[int, int] = {}
         self.order = order or Order(num_samples, seed)
+        self._recent: dict[tuple[int, int], np.ndarray] = {}  # (epoch, step) -> batch
         self.cut: Callable[[int], list[int]] | None = None
         """Sizes of the ranks' slices of a global batch of ``n`` samples (a load
         balancer's plan, the same on every rank); ``None``: equal slices."""
@@ -136,10 +137,20 @@ class GlobalBatchSampler:
         return self.order.permutation(epoch)
 
     def global_indices(self, epoch: int, step: int) -> np.ndarray:
-        """All samples of global step ``step`` of ``epoch``, sorted."""
-        start = step * self.batch_size
-        stop = min(start + self.batch_size, self.num_samples)
-        return np.sort(self.order.rows(epoch, np.arange(start, stop, dtype=np.int64)))
+        """All samples of global step ``step`` of ``epoch``, sorted (read-only).
+
+        A step's batch is asked for up to three times (peeked for the loader, taken,
+        peeked for its size), so the last two are kept: on a slow machine the
+        permutation of a large global batch is a visible part of every step."""
+        key = (epoch, step)
+        if key not in self._recent:
+            start = step * self.batch_size
+            stop = min(start + self.batch_size, self.num_samples)
+            g = np.sort(self.order.rows(epoch, np.arange(start, stop, dtype=np.int64)))
+            g.setflags(write=False)
+            last = list(self._recent.items())[-1:]
+            self._recent = {**dict(last), key: g}
+        return self._recent[key]
 
     def local_slice(self, n: int) -> slice:
         """This rank's part of a global batch of ``n`` sorted samples."""

@@ -164,8 +164,11 @@ class AllReduce(Strategy):
         state.timer, state.ready, state.blocked = timer, 0.0, 0.0
         start = time.perf_counter()
         loss_sum = self.optimizer_step(self.ddp, batch, loss_fn, loss_scale, timer)
-        if state.ready:  # backward's own compute ended with its last bucket
-            self.compute_time = state.ready - start
+        if state.ready:  # backward's own compute ended with its last bucket, and the
+            # rest of backward waited for the all-reduce (a slower peer, the exchange)
+            computed = state.ready - start
+            self.wait_time = max(0.0, self.compute_time - computed)
+            self.compute_time = computed
         return loss_sum
 
     def accumulating(self, module: nn.Module) -> contextlib.AbstractContextManager:

@@ -51,7 +51,11 @@ class Strategy(ABC):
     by the trainer from ``--max-rank-batch``: the same on every rank)."""
     compute_time: float = 0.0
     """Seconds this rank computed in its last step, forward and backward, not waiting
-    for its peers: what ``--balance auto`` balances."""
+    for its peers (what the ``slow`` fault scales)."""
+    wait_time: float = 0.0
+    """Seconds of the last step spent in the gradient exchange after this rank's own
+    compute: waiting for slower peers, and the exchange itself. ``--balance auto``
+    leaves it out of the rank's busy time."""
 
     def __init__(self, job: JobConfig, env: DistEnv) -> None:
         self.job = job
@@ -122,9 +126,12 @@ class Strategy(ABC):
         with timer.phase("forward_backward"):
             loss_sum = self.forward_backward(module, batch, loss_fn, loss_scale)
         self.compute_time = timer.totals["forward_backward"] - before
+        self.wait_time = 0.0
         if sync is not None:
+            before = timer.totals["comm"]
             with timer.phase("comm"):
                 sync()
+            self.wait_time = timer.totals["comm"] - before
         with timer.phase("optimizer"):
             self.optimizer.step()
             self.scheduler.step()

@@ -86,8 +86,10 @@ class LocalSGD(Strategy):
         loss_sum = self.optimizer_step(self.model, batch, loss_fn, loss_scale, timer)
         self.steps += 1
         if self.steps % self.sync_every == 0 or self.steps == self.total_steps:
+            before = timer.totals["comm"]
             with timer.phase("comm"):
                 self.synchronize()
+            self.wait_time += timer.totals["comm"] - before
         return loss_sum
 
     def consistent_after(self, step: int) -> bool:

@@ -59,8 +59,9 @@ class Plugin:
     """Whether it resumes from checkpoints a sharded strategy wrote."""
     balance_modes: ClassVar[tuple[str, ...]] = ("equal",)
     """The ``--balance`` modes it runs (see :mod:`shoal.balance`): ``static`` where its
-    data-parallel slices may differ in size, ``auto`` where its :attr:`Strategy.compute_time
-    <shoal.strategies.base.Strategy.compute_time>` is a rank's own compute."""
+    data-parallel slices may differ in size, ``auto`` where its :attr:`Strategy.wait_time
+    <shoal.strategies.base.Strategy.wait_time>` holds a step's waits on data-parallel peers,
+    so that the rest of the step is the rank's own work."""
     micro_batching: ClassVar[bool] = False
     """Whether it cuts a slice into micro-batches under ``--max-rank-batch``."""
 
