@@ -243,7 +243,7 @@ class TrainConfig:
     balance: str = option(
         "equal",
         "how each global batch is cut between the data-parallel ranks: equal, auto (slices "
-        "follow each rank's measured compute speed, re-planned every --balance-every steps) "
+        "follow each rank's measured speed, re-planned every --balance-every steps) "
         "or static:W1,W2,... (fixed weights, one per rank); the samples of a step never change",
     )
     balance_every: int = option(
@@ -256,6 +256,22 @@ class TrainConfig:
         low=0,
         high=1 << 31,
     )
+    dp_clip: float = option(
+        0.0,
+        "differential privacy: clip each sample's gradient (fedavg: each client's update) "
+        "to this L2 norm, add Gaussian noise once per step, draw batches by Poisson "
+        "sampling and account epsilon (0: no DP)",
+        low=0,
+        high=1e6,
+    )
+    dp_noise: float = option(
+        0.0, "DP noise multiplier sigma: noise std is sigma x --dp-clip", low=0, high=1e6
+    )
+    dp_epsilon: float = option(
+        0.0, "DP target epsilon at the last step: sets the noise (instead of --dp-noise)",
+        low=0, high=1e6,
+    )  # fmt: skip
+    dp_delta: float = option(1e-5, "DP delta of the reported epsilon", above=0, below=1)
 
     def total_steps(self, steps_per_epoch: int) -> int:
         """Global steps of the job: ``--steps``, or ``--epochs`` worth of them."""

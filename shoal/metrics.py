@@ -195,30 +195,34 @@ class Progress:
                 MofNCompleteColumn(),
                 TextColumn("loss {task.fields[loss]}"),
                 TextColumn("{task.fields[rate]} samples/s"),
+                TextColumn("{task.fields[note]}"),
                 TimeElapsedColumn(),
                 TextColumn("ETA"),
                 TimeRemainingColumn(),
                 console=console,
             )
             self._task = self._bar.add_task(
-                title, total=total_steps, completed=start_step, loss="-", rate="-"
+                title, total=total_steps, completed=start_step, loss="-", rate="-", note=""
             )
             self._bar.start()
         else:
             print(f"{title}: {total_steps - start_step} steps to run", file=sys.stderr, flush=True)
 
-    def update(self, step: int, loss: float | None, rate: float | None) -> None:
+    def update(self, step: int, loss: float | None, rate: float | None, note: str = "") -> None:
+        """Step ``step`` is done; with a record, its loss, samples per second and
+        ``note`` (the strategy's own figures, such as ``epsilon 1.2``)."""
         if not self.enabled:
             return
         if self._bar is not None:
             fields = {}
             if loss is not None:
-                fields = {"loss": f"{loss:.4g}", "rate": f"{rate:,.0f}"}
+                fields = {"loss": f"{loss:.4g}", "rate": f"{rate:,.0f}", "note": note}
             self._bar.update(self._task, completed=step, **fields)
         elif loss is not None and (time.monotonic() - self._last_line > 5 or step == self.total):
             self._last_line = time.monotonic()
             print(
-                f"step {step}/{self.total}  loss {loss:.4g}  {rate:,.0f} samples/s",
+                f"step {step}/{self.total}  loss {loss:.4g}  {rate:,.0f} samples/s"
+                + (f"  {note}" if note else ""),
                 file=sys.stderr,
                 flush=True,
             )

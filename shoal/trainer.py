@@ -83,6 +83,7 @@ class Trainer:
         self.activations = ActivationMeter()
         """What each forward saves for backward (measured at logging steps)."""
         example = self.loader.get(np.arange(min(64, self.data.num_train)))
+        self.strategy.data = self.data
         self.strategy.setup(model, self.total_steps, example, self.activations)
         self.gatherer = self.strategy.gatherer()
         self.step = 0
@@ -350,6 +351,7 @@ class Trainer:
             elapsed=time.perf_counter() - window.start,
             wall_time=self.wall_time(),
             rank_shares=shares,
+            extra=self.strategy.metrics(),
         )
         return waited
 

@@ -77,9 +77,12 @@ class RunWriter:
         wall_time: float,
         shares: int = 0,
         rank_shares: list[float] | None = None,
+        extra: dict[str, float] | None = None,
     ) -> dict[str, Any]:
         """A log window's record from each worker's window (by worker rank); with
-        ``rank_shares``, the load balancer's plan (each rank's share of a step)."""
+        ``rank_shares``, the load balancer's plan (each rank's share of a step); with
+        ``extra``, the strategy's own figures (epsilon spent, say), also shown in the
+        progress line."""
         record = window_record(
             list(windows.values()),
             step=step,
@@ -93,9 +96,11 @@ class RunWriter:
         )
         if rank_shares is not None:
             record["shares"] = rank_shares
+        record.update(extra or {})
         self.last_loss = record["loss"]
         self.metrics.write(record)
-        self.progress.update(step, record["loss"], record["samples_per_s"])
+        note = "  ".join(f"{k} {v:.3g}" for k, v in (extra or {}).items())
+        self.progress.update(step, record["loss"], record["samples_per_s"], note)
         if self.tb is not None:
             self._tensorboard(record, windows, steps)
         return record

@@ -285,6 +285,13 @@ def print_summary(
         shares = " ".join(f"{s:.2f}" for s in plan["shares"])
         changes = f", {plan['replans']} re-plan{'s' if plan['replans'] != 1 else ''}"
         rows.append((f"balance ({plan['mode']})", f"shares {shares}{changes}"))
+    dp = summary.get("privacy")
+    if dp:
+        eps = "inf (no noise)" if dp["epsilon"] is None else f"{dp['epsilon']:.3g}"
+        rows.append((f"privacy ({dp['level']}-level DP)",
+                     f"epsilon {eps} at delta {dp['delta']:g}: noise {dp['noise_multiplier']:.3g}"
+                     f" x clip {dp['clip']:g}, rate {dp['sample_rate']:.3g}, "
+                     f"{dp['steps']} steps"))  # fmt: skip
     rows += extra or []  # the strategy's own (its plugin's summary_rows)
     rows += [
         ("wall time", f"{summary['wall_time_s']:.1f} s"),

@@ -18,6 +18,7 @@ from shoal.errors import UserError
 from shoal.registry import import_ref, is_user_ref, lookup
 from shoal.strategies import allreduce, easgd, fsdp, periodic, pipeline, tensor
 from shoal.strategies.base import Batch, LossFn, Strategy
+from shoal.strategies.federated import plugin as federated
 from shoal.strategies.plugin import NoOptions, Plugin
 from shoal.strategies.ps import plugin as ps
 
@@ -32,6 +33,7 @@ BUILTIN: dict[str, Plugin] = {
         fsdp.Plugin(),
         tensor.Plugin(),
         pipeline.Plugin(),
+        federated.Plugin(),
     )
 }
 """The built-in strategies by name, in the order ``--help`` lists them."""

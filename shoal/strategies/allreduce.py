@@ -13,15 +13,18 @@ before the collective and decodes it after.
 import contextlib
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from shoal import privacy
 from shoal.compress import COMPRESS_HELP, Codec, check_codec, parse_codec
 from shoal.config import JobConfig, option
 from shoal.dist import DistEnv
+from shoal.errors import UserError
 from shoal.memory import ActivationMeter
 from shoal.metrics import CommCounter, PhaseTimer
 from shoal.optim import build_optimizer, build_scheduler
@@ -189,7 +192,33 @@ class Plugin(plugin.Plugin):
     reads_shards = True
     balance_modes = ("equal", "static", "auto")
     micro_batching = True
+    privacy = "sample"
 
     def check(self, job: JobConfig) -> None:
         super().check(job)
         check_codec(self.options(job).compress)
+        if privacy.budget(job.train).enabled:
+            t, given = job.train, []
+            if t.balance != "equal":
+                given.append("--balance")
+            if t.max_rank_batch:
+                given.append("--max-rank-batch")
+            if self.options(job).compress != "none":
+                given.append("--compress")
+            if given:
+                raise UserError(f"DP-SGD (--dp-clip) runs without {' and '.join(given)}")
+
+    def check_model(self, job: JobConfig, model: Any) -> None:
+        if privacy.budget(job.train).enabled:
+            from opacus.validators import ModuleValidator
+
+            errors = ModuleValidator.validate(model, strict=False)
+            if errors:
+                raise UserError(f"DP-SGD cannot train this model: {errors[0]}")
+
+    def build(self, job: JobConfig, env: DistEnv) -> Strategy:
+        if privacy.budget(job.train).enabled:
+            from shoal.strategies.dpsgd import DPSGD
+
+            return DPSGD(job, env)
+        return self.runtime(job, env)

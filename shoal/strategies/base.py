@@ -49,6 +49,9 @@ class Strategy(ABC):
     micro_batches: int = 1
     """Micro-batches the next step's slice is cut into, its gradients accumulating (set
     by the trainer from ``--max-rank-batch``: the same on every rank)."""
+    data: Any = None
+    """The training data (a :class:`~shoal.data.Dataset`), set by the trainer before
+    :meth:`setup`: for strategies that choose their own rows (federated clients)."""
     compute_time: float = 0.0
     """Seconds this rank computed in its last step, forward and backward, not waiting
     for its peers (what the ``slow`` fault scales)."""
@@ -207,6 +210,11 @@ class Strategy(ABC):
     def summarize(self, totals: list[Totals]) -> dict[str, Any]:
         """Entries for ``summary.json`` from every rank's totals (:meth:`totals` is their
         ``own``)."""
+        return {}
+
+    def metrics(self) -> dict[str, float]:
+        """Figures of the whole job for each metrics record and the progress line (the
+        same on every rank), such as the privacy budget spent so far."""
         return {}
 
     def gatherer(self) -> Gatherer:

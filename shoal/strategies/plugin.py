@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
-from shoal import balance
+from shoal import balance, privacy
 from shoal.config import JobConfig, check_component
 from shoal.dist import DistEnv
 from shoal.errors import UserError
@@ -64,6 +64,9 @@ class Plugin:
     so that the rest of the step is the rank's own work."""
     micro_batching: ClassVar[bool] = False
     """Whether it cuts a slice into micro-batches under ``--max-rank-batch``."""
+    privacy: ClassVar[str] = ""
+    """The differential privacy it runs under ``--dp-clip``: ``sample`` (DP-SGD),
+    ``client`` (each client's update), or none."""
 
     def options(self, job: JobConfig) -> Any:
         """This strategy's section of ``job`` (resolved by :func:`shoal.strategies.resolve`)."""
@@ -80,6 +83,15 @@ class Plugin:
         if job.cluster.workers < 1:
             raise UserError(f"--workers must be a positive integer, got {job.cluster.workers}")
         self.check_balance(job)
+        self.check_privacy(job)
+
+    def check_privacy(self, job: JobConfig) -> None:
+        """``--dp-*`` against what this strategy runs."""
+        if privacy.budget(job.train).enabled and not self.privacy:
+            raise UserError(
+                f"--strategy {self.name} does not run differential privacy: use allreduce "
+                "(DP-SGD, per sample) or fedavg (per client)"
+            )
 
     def data_ranks(self, job: JobConfig) -> int:
         """How many slices each global batch is cut into (data-parallel ranks)."""

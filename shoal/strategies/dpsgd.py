@@ -1,0 +1,144 @@
+"""DP-SGD for synchronous data parallel, through Opacus (Abadi et al. 2016).
+
+``--strategy allreduce --dp-clip C`` runs this instead of DDP:
+
+- The global batch of step ``t`` is drawn by Poisson sampling
+  (:func:`shoal.privacy.poisson_rows`, rate ``--batch-size / rows``) and cut
+  between the workers like any global batch: the same samples whatever the
+  number of workers.
+- Opacus's :class:`~opacus.GradSampleModule` gives every sample's gradient;
+  Opacus's optimizer clips each to norm ``C`` and sums them, and, with several
+  workers, its :class:`~opacus.optimizers.DistributedDPOptimizer` adds the noise
+  on rank 0 only, before the all-reduce of the sums: noise is added once per
+  global step, whatever the number of workers. The sum is divided by the
+  expected batch size, as Opacus does.
+- The noise comes from a generator seeded by the job's seed, so one worker and
+  four draw the same noise, and its state is checkpointed with the
+  accountant's history (:class:`shoal.privacy.Accountant`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from shoal import privacy
+from shoal.data import GlobalBatchSampler, Task
+from shoal.data.sampler import part_slice
+from shoal.memory import ActivationMeter
+from shoal.metrics import PhaseTimer
+from shoal.optim import build_optimizer, build_scheduler
+from shoal.strategies.base import Batch, LossFn, Strategy
+from shoal.strategies.collectives import ring_allreduce_bytes
+
+# Opacus's per-sample hooks fire on the first layer, whose input needs no gradient
+warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients")
+
+NOISE_SEED = 0xD9
+"""Mixed into the job's seed for the noise generator."""
+
+
+class PoissonWork:
+    """Every step from ``step`` to ``total``: this rank's slice of a Poisson-sampled
+    global batch."""
+
+    def __init__(self, seed: int, rows: int, rate: float, rank: int, world: int, step: int,
+                 total: int, log_every: int) -> None:  # fmt: skip
+        self.seed, self.rows, self.rate, self.rank, self.world = seed, rows, rate, rank, world
+        self.step, self.total, self.log_every = step, total, log_every
+
+    def _task(self, step: int) -> Task:
+        batch = privacy.poisson_rows(self.seed, step, self.rows, self.rate)
+        mine = batch[part_slice(len(batch), self.rank, self.world)]
+        return Task(step, self.rank, self.world, mine, max(1, len(batch)))
+
+    def next(self) -> Task | None:
+        if self.step >= self.total:
+            return None
+        self.step += 1
+        return self._task(self.step - 1)
+
+    def peek(self) -> Task | None:
+        return self._task(self.step) if self.step < self.total else None
+
+    def log_now(self, step: int) -> bool:
+        return step % self.log_every == 0 or step == self.total
+
+
+class DPSGD(Strategy):
+    """Synchronous data parallel with per-sample clipping and Gaussian noise."""
+
+    def setup(
+        self, model: nn.Module, total_steps: int, example: Batch, activations: ActivationMeter
+    ) -> None:
+        from opacus import GradSampleModule
+        from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
+
+        t = self.job.train
+        self.budget = privacy.budget(t)
+        self.rate = min(1.0, t.batch_size / self.data.num_train)
+        noise = privacy.noise_for(self.budget, self.rate, total_steps)
+        self.accountant = privacy.Accountant(noise, self.rate, self.budget.delta)
+        self.model = model
+        self.sampled = GradSampleModule(model, loss_reduction="sum")
+        self.generator = torch.Generator(self.env.device).manual_seed((t.seed << 8) ^ NOISE_SEED)
+        world = self.env.world_size
+        cls = DistributedDPOptimizer if world > 1 else DPOptimizer
+        self.optimizer = cls(
+            build_optimizer(model.parameters(), self.job.optim),
+            noise_multiplier=noise,
+            max_grad_norm=self.budget.clip,
+            expected_batch_size=t.batch_size / world,  # (summed over the workers)
+            loss_reduction="mean",
+            generator=self.generator,
+        )
+        self.scheduler = build_scheduler(self.optimizer, self.job.optim, total_steps)
+        self.grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+
+    def work(self, sampler: GlobalBatchSampler, step: int, total_steps: int) -> PoissonWork:
+        t = self.job.train
+        return PoissonWork(t.seed, self.data.num_train, self.rate, self.env.rank,
+                           self.env.world_size, step, total_steps, t.log_every)  # fmt: skip
+
+    def train_step(
+        self, batch: Batch, loss_fn: LossFn, loss_scale: float, timer: PhaseTimer
+    ) -> torch.Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        with timer.phase("forward_backward"):
+            loss_sum = loss_fn(self.sampled, batch).sum()
+            loss_sum.backward()
+        with timer.phase("optimizer"):
+            self.optimizer.step()  # clip, sum, noise (rank 0), all-reduce, scale, step
+            self.scheduler.step()
+        if self.env.world_size > 1:
+            wire = ring_allreduce_bytes(self.grad_bytes, self.env.world_size)
+            self.comm.add(sent=wire, received=wire)
+        self.accountant.step()
+        return loss_sum.detach()
+
+    def metrics(self) -> dict[str, float]:
+        return {"epsilon": self.accountant.epsilon()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.original_optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "accountant": self.accountant.state_dict(),
+            "noise_generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.original_optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.accountant.load_state_dict(state["accountant"])
+        if self.env.rank == 0 or not dist.is_initialized():
+            self.generator.set_state(state["noise_generator"])
+
+    def summarize(self, totals: list[Any]) -> dict[str, Any]:
+        return {"privacy": {"level": "sample", **self.accountant.summary(self.budget.clip)}}

@@ -1,0 +1,1 @@
+"""Federated learning: FedAvg and its family over clients that keep their data."""

@@ -1,0 +1,82 @@
+"""``--strategy fedavg``: its options, checks and summary rows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from shoal.config import JobConfig, option
+from shoal.data import partition
+from shoal.errors import UserError
+from shoal.strategies import plugin
+from shoal.strategies.federated.server import SERVER_OPTS
+from shoal.strategies.federated.strategy import FedAvg
+
+BIG = 1 << 30
+
+
+@dataclass
+class FedAvgConfig:
+    """[strategy.fedavg]"""
+
+    clients: int = option(10, "simulated clients, each holding its own rows", low=1, high=BIG)
+    clients_per_round: int = option(
+        0, "clients drawn for each round (0: all of them)", low=0, high=BIG
+    )
+    local_steps: int = option(
+        1, "local optimizer steps per client and round (see --local-epochs)", low=1, high=BIG
+    )
+    local_epochs: int = option(
+        0, "local passes over a client's rows per round; replaces --local-steps", low=0,
+        high=BIG,
+    )  # fmt: skip
+    partition: str = option(
+        "iid", "how rows are dealt to clients: iid, dirichlet:ALPHA (label skew), shards:K "
+        "(K labels per client)",
+    )  # fmt: skip
+    prox_mu: float = option(0.0, "FedProx proximal term mu (0: FedAvg)", low=0, high=1e6)
+    server_opt: str = option(
+        "avg", "server optimizer on the clients' mean change", choices=SERVER_OPTS
+    )
+    server_lr: float = option(1.0, "server learning rate", above=0, high=1e6)
+    server_beta1: float = option(0.9, "server adam/yogi/adagrad momentum", low=0, below=1)
+    server_beta2: float = option(0.99, "server adam/yogi second-moment decay", low=0, below=1)
+    server_tau: float = option(1e-3, "server adam/yogi/adagrad adaptivity (tau)", above=0)
+    round_deadline: float = option(
+        0.0, "seconds a round waits for its clients; later ones are left out (0: no limit)",
+        low=0, high=1e7,
+    )  # fmt: skip
+
+
+class Plugin(plugin.Plugin):
+    name = "fedavg"
+    description = (
+        "federated averaging: simulated --clients train locally, FedProx and server "
+        "optimizers (adam, yogi, adagrad)"
+    )
+    Config = FedAvgConfig
+    runtime = FedAvg
+
+    def check(self, job: JobConfig) -> None:
+        super().check(job)
+        opts = self.options(job)
+        partition.parse(opts.partition)
+        if job.train.steps <= 0:
+            raise UserError("--strategy fedavg counts rounds in --steps: give --steps N")
+        if opts.clients_per_round > opts.clients:
+            raise UserError(
+                f"--clients-per-round {opts.clients_per_round} is more than --clients "
+                f"{opts.clients}"
+            )
+
+    def summary_rows(self, summary: dict[str, Any]) -> list[tuple[str, str]]:
+        fed = summary.get("federated")
+        if not fed:
+            return []
+        late = f", {fed['dropped_late']} late" if fed["dropped_late"] else ""
+        return [
+            ("federation", f"{fed['clients']} clients ({fed['partition']}), "
+                           f"{fed['clients_per_round']} per round, server {fed['server_opt']}"
+                           + (f", prox mu {fed['prox_mu']:g}" if fed["prox_mu"] else "")),
+            ("rounds", f"{fed['rounds']}: {fed['client_updates']} client updates{late}"),
+        ]  # fmt: skip

@@ -1,0 +1,130 @@
+"""Federated learning: partitions, rounds, server optimizers, and FedAvg end to end."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from shoal.config import DataConfig
+from shoal.data import build_dataset
+from shoal.data import partition as partitions
+from shoal.errors import UserError
+from shoal.strategies.federated import rounds
+from shoal.strategies.federated.server import ServerOptimizer
+from tests.conftest import max_abs_diff, params, read_summary, train
+
+# --- partitions and rounds -------------------------------------------------------------
+
+
+def _labels(n: int = 1000, classes: int = 10, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, classes, n)
+
+
+def test_iid_partition_covers_every_row_once():
+    parts = partitions.partition(partitions.parse("iid"), 7, 1000, None, seed=3)
+    rows = np.concatenate(parts)
+    assert sorted(rows.tolist()) == list(range(1000))
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    again = partitions.partition(partitions.parse("iid"), 7, 1000, None, seed=3)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+    other = partitions.partition(partitions.parse("iid"), 7, 1000, None, seed=4)
+    assert not np.array_equal(parts[0], other[0])
+
+
+def test_dirichlet_partition_skews_labels_more_as_alpha_shrinks():
+    labels = _labels()
+
+    def classes_per_client(alpha: float) -> float:
+        spec = partitions.parse(f"dirichlet:{alpha}")
+        parts = partitions.partition(spec, 20, len(labels), labels, seed=1)
+        assert sorted(np.concatenate(parts).tolist()) == list(range(len(labels)))
+        assert min(map(len, parts)) >= partitions.MIN_ROWS
+        # classes that hold at least 5% of a client's rows
+        return float(np.mean([(np.bincount(labels[p], minlength=10) >= 0.05 * len(p)).sum()
+                              for p in parts]))  # fmt: skip
+
+    skewed, mild = classes_per_client(0.1), classes_per_client(100.0)
+    assert skewed < 4 < 9 <= mild
+
+
+def test_shards_partition_gives_each_client_k_labels_at_most():
+    labels = np.repeat(np.arange(10), 100)
+    parts = partitions.partition(partitions.parse("shards:2"), 50, 1000, labels, seed=0)
+    assert sorted(np.concatenate(parts).tolist()) == list(range(1000))
+    assert all(len(np.unique(labels[p])) <= 2 for p in parts)
+
+
+def test_partition_specs_refuse_what_they_cannot_make():
+    for bad in ("", "iid:2", "dirichlet", "dirichlet:0", "dirichlet:x", "shards:1.5", "pie"):
+        with pytest.raises(UserError):
+            partitions.parse(bad)
+    with pytest.raises(UserError, match="classification"):
+        partitions.partition(partitions.parse("shards:2"), 4, 100, None, seed=0)
+    with pytest.raises(UserError, match="more than"):
+        partitions.partition(partitions.parse("iid"), 101, 100, None, seed=0)
+
+
+def test_rounds_deal_the_same_clients_and_batches_to_any_number_of_processes():
+    parts = partitions.partition(partitions.parse("iid"), 10, 500, None, seed=0)
+    fed = rounds.Federation(parts, per_round=4, batch=16, local_steps=3, local_epochs=0, seed=5)
+    for r in range(3):
+        one = fed.round(r, 0, 1)
+        three = [fed.round(r, k, 3) for k in range(3)]
+        assert one.sampled == 4 == sum(len(t.clients) for t in three)
+        by_client = {c.client: c for t in three for c in t.clients}
+        assert sorted(by_client) == [c.client for c in one.clients]
+        for c in one.clients:
+            same = by_client[c.client].batches
+            assert [b.tolist() for b in c.batches] == [b.tolist() for b in same]
+            assert len(c.batches) == 3 and all(len(b) == 16 for b in c.batches)
+            assert set(np.concatenate(c.batches)) <= set(parts[c.client].tolist())
+    assert fed.round(0, 0, 1).clients != fed.round(1, 0, 1).clients  # drawn anew
+    epochs = rounds.local_batches(0, 0, 0, np.arange(50), 16, steps=1, epochs=2)
+    assert [len(b) for b in epochs] == [16, 16, 16, 2] * 2
+    assert sorted(np.concatenate(epochs[:4]).tolist()) == list(range(50))
+
+
+def test_server_optimizers_follow_reddi_et_al():
+    x0, d = torch.tensor([1.0, -2.0, 0.5]), torch.tensor([0.1, -0.3, 0.0])
+    x = x0.clone()
+    ServerOptimizer("avg", 1.0, 0.9, 0.99, 1e-3).step(x, d)
+    assert torch.allclose(x, x0 + d)
+    for name in ("adam", "yogi", "adagrad"):
+        opt, x, want = ServerOptimizer(name, 0.1, 0.9, 0.99, 1e-3), x0.clone(), x0.clone()
+        m, v = torch.zeros(3), torch.zeros(3)
+        for _ in range(3):
+            opt.step(x, d)
+            m = 0.9 * m + 0.1 * d
+            if name == "adam":
+                v = 0.99 * v + 0.01 * d * d
+            elif name == "yogi":
+                v = v - 0.01 * d * d * torch.sign(v - d * d)
+            else:
+                v = v + d * d
+            want += 0.1 * m / (v.sqrt() + 1e-3)
+        assert torch.allclose(x, want), name
+
+
+# --- end to end -----------------------------------------------------------------------
+
+FED = ["--model", "linear", "--data", "synthetic-linear", "--num-samples", "1000",
+       "--optimizer", "sgd", "--lr", "0.05", "--seed", "2", "--steps", "15"]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_fedavg_one_local_step_of_every_client_equals_allreduce(tmp_path):
+    """Every client, one local SGD step on all its rows, iid: each round is one step of
+    full-batch gradient descent, which allreduce takes on the same global batch."""
+    num_train = build_dataset(DataConfig(name="synthetic-linear", num_samples=1000)).num_train
+    ref, fed, fed1 = tmp_path / "allreduce", tmp_path / "fedavg", tmp_path / "fedavg1"
+    train(ref, *FED, "--workers", "2", "--batch-size", str(num_train))
+    common = [*FED, "--strategy", "fedavg", "--clients", "8", "--local-steps", "1",
+              "--batch-size", str(num_train), "--partition", "iid"]  # fmt: skip
+    train(fed, *common, "--workers", "3")
+    train(fed1, *common, "--workers", "1")
+    assert max_abs_diff(params(fed), params(ref)) < 1e-5
+    assert max_abs_diff(params(fed1), params(fed)) < 1e-6
+    summary = read_summary(fed)["federated"]
+    assert summary["rounds"] == 15 and summary["client_updates"] == 15 * 8
