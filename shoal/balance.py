@@ -40,13 +40,15 @@ import torch.distributed as dist
 
 from shoal.errors import UserError
 
-THRESHOLD = 0.10
+THRESHOLD = 0.20
 """A new plan must shorten the predicted step by more than this fraction."""
 DAMPING = 0.5
 """The fraction of the way from the current shares to the target a change moves."""
-FIRST = 4
-"""The first re-plan comes after this step (three measured steps), not after a whole
-``--balance-every`` window of equal slices."""
+FIRST = 6
+"""The first re-plan comes after this step (five measured steps: a median that one
+straggling step, or two, does not move), not after a whole ``--balance-every`` window."""
+STRIDE = 3.0
+"""One re-plan changes a rank's share by at most this factor, up or down."""
 SMOOTHING = 0.5
 """Weight of the newest window in each rank's smoothed rate (an exponential average)."""
 
@@ -213,9 +215,11 @@ class Balancer:
         # changed measures the fixed cost better (it holds the rank's share of the
         # exchange's CPU, which a CPU quota makes it pay for later)
         secant = []
+        mean = sum(n for n, _, _ in measured) / self.ranks
         for (n2, p2, _), (n1, p1, _) in zip(measured, self.previous or []):
             b1, b2 = n1 * p1, n2 * p2
-            if abs(n2 - n1) > 0.2 * n1 and (b2 - b1) * (n2 - n1) > 0:
+            sizable = min(n1, n2) >= mean / 4  # (a tiny slice's time is all fixed cost)
+            if sizable and abs(n2 - n1) > 0.2 * n1 and (b2 - b1) * (n2 - n1) > 0:
                 secant.append((n2 * b1 - n1 * b2) / (b2 - b1))
         if secant:
             fixed = max(0.0, statistics.median(secant))
@@ -241,7 +245,9 @@ class Balancer:
         if now <= then * (1 + THRESHOLD):
             return False
         move = DAMPING if self.replans else 1.0  # the first plan goes all the way
-        self.shares = [s + move * (t - s) for s, t in zip(self.shares, target)]
+        shares = [s + move * (t - s) for s, t in zip(self.shares, target)]
+        shares = [min(max(n, s / STRIDE), s * STRIDE) for n, s in zip(shares, self.shares)]
+        self.shares = [n / sum(shares) for n in shares]
         self.replans += 1
         self.history.append((step, list(self.shares)))
         return True

@@ -68,6 +68,37 @@ def assert_one_line_error(proc, needle: str) -> None:
             ["--engine", "ray", "--nnodes", "2", "--rdzv-endpoint", "127.0.0.1:1"],
             "--nnodes: under --engine ray the engine places the workers",
         ),
+        (["--strategy", "fedavg", "--steps", "5", "--partition", "dirichlet:0"], "ALPHA > 0"),
+        (["--strategy", "fedavg", "--steps", "5", "--partition", "pie"], "--partition pie: use"),
+        (["--strategy", "fedavg"], "counts rounds in --steps"),
+        (
+            [
+                "--strategy",
+                "fedavg",
+                "--steps",
+                "5",
+                "--model",
+                "linear",
+                "--partition",
+                "shards:1",
+            ],
+            "deals rows by label: it needs a classification dataset",
+        ),
+        (
+            ["--strategy", "fedavg", "--steps", "5", "--clients", "4", "--clients-per-round", "9"],
+            "--clients-per-round 9 is more than --clients 4",
+        ),
+        (
+            ["--strategy", "fedavg", "--steps", "5", "--workers", "2", "--listen", "127.0.0.1:1"],
+            "--listen runs the federation's server as one process",
+        ),
+        (["--dp-noise", "1.0"], "--dp-noise and --dp-epsilon need --dp-clip"),
+        (["--dp-clip", "1", "--dp-noise", "1", "--dp-epsilon", "3"], "not both"),
+        (["--strategy", "local-sgd", "--dp-clip", "1"], "does not run differential privacy"),
+        (
+            ["--dp-clip", "1", "--workers", "2", "--balance", "static:1,2"],
+            "DP-SGD (--dp-clip) runs without --balance",
+        ),
     ],
 )
 @pytest.mark.timeout(60)

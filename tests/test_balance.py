@@ -64,10 +64,10 @@ def test_auto_follows_rates_with_hysteresis():
     b.rates = [3.0, 3.0, 3.0, 1.0]  # one rank three times slower
     assert b._consider(10, [r / 10 for r in b.rates], 1000)
     assert b.shares == pytest.approx([0.3, 0.3, 0.3, 0.1])  # the first: all the way
-    b.rates = [3.0, 3.0, 3.0, 2.5]
-    assert b._consider(20, [r / 11.5 for r in b.rates], 1000)
-    assert b.shares == pytest.approx([0.2804, 0.2804, 0.2804, 0.1587], abs=1e-3)  # then half
-    b.rates = [3.0, 3.0, 3.0, 1.8]  # 5% better at most: not worth a change
+    b.rates = [3.0, 3.0, 3.0, 4.0]
+    assert b._consider(20, [r / 13 for r in b.rates], 1000)
+    assert b.shares == pytest.approx([0.2654, 0.2654, 0.2654, 0.2038], abs=1e-3)  # then half
+    b.rates = [3.0, 3.0, 3.0, 2.0]  # 12% better at most: not worth a change
     assert not b._consider(30, [r / sum(b.rates) for r in b.rates], 1000)
     assert b.replans == 2 and [s for s, _ in b.history] == [10, 20]
     state = b.state_dict()

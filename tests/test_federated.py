@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import secrets
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +16,17 @@ from shoal.data import partition as partitions
 from shoal.errors import UserError
 from shoal.strategies.federated import rounds
 from shoal.strategies.federated.server import ServerOptimizer
-from tests.conftest import max_abs_diff, params, read_summary, train
+from tests import netns
+from tests.conftest import (
+    free_port,
+    max_abs_diff,
+    params,
+    read_summary,
+    run_shoal,
+    shoal_env,
+    start_train,
+    train,
+)
 
 # --- partitions and rounds -------------------------------------------------------------
 
@@ -128,3 +142,103 @@ def test_fedavg_one_local_step_of_every_client_equals_allreduce(tmp_path):
     assert max_abs_diff(params(fed1), params(fed)) < 1e-6
     summary = read_summary(fed)["federated"]
     assert summary["rounds"] == 15 and summary["client_updates"] == 15 * 8
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_secure_aggregation_sums_what_plain_does_with_late_clients_dropped(tmp_path):
+    """Every client of process 2 (2 of 6) sleeps past the round's deadline: with
+    --secure-agg they drop out after sharing their keys, their masks are removed with
+    their peers' shares, and the rounds end where the plain sum of the same clients ends."""
+    job = [*FED, "--strategy", "fedavg", "--clients", "6", "--local-steps", "2",
+           "--batch-size", "32", "--workers", "3", "--round-deadline", "0.25",
+           "--steps", "4"]  # fmt: skip
+    late = {"SHOAL_FAULT": "slow:rank=2:ms=400"}
+    plain, secure = tmp_path / "plain", tmp_path / "secure"
+    train(plain, *job, env=late)
+    train(secure, *job, "--secure-agg", env=late)
+    assert max_abs_diff(params(secure), params(plain)) < 1e-5
+    for run in (plain, secure):
+        fed = read_summary(run)["federated"]
+        assert fed["client_updates"] == 4 * 4 and fed["dropped_late"] == 4 * 2, fed
+    assert read_summary(secure)["federated"]["secure_agg"] is True
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_client_level_dp_accounts_with_opacus_and_adds_noise_once(tmp_path):
+    from opacus.accountants import RDPAccountant
+
+    job = [*FED, "--strategy", "fedavg", "--clients", "20", "--clients-per-round", "5",
+           "--local-steps", "2", "--batch-size", "16", "--dp-clip", "0.5",
+           "--dp-noise", "0.8", "--steps", "12", "--log-every", "4"]  # fmt: skip
+    one, two = tmp_path / "one", tmp_path / "two"
+    train(one, *job, "--workers", "1")
+    train(two, *job, "--workers", "2")
+    assert max_abs_diff(params(two), params(one)) < 1e-5
+    acct = RDPAccountant()
+    for _ in range(12):
+        acct.step(noise_multiplier=0.8, sample_rate=5 / 20)
+    want = acct.get_epsilon(delta=1e-5)
+    dp = read_summary(two)["privacy"]
+    assert dp["level"] == "client" and dp["steps"] == 12
+    assert abs(dp["epsilon"] - want) / want < 1e-3
+
+
+@pytest.mark.netns
+@pytest.mark.timeout(300)
+def test_a_federation_across_two_hosts_trains_as_the_simulation(tmp_path):
+    """The server on host 0, two client processes on host 1, over the authenticated
+    wire: the model the simulation with the same seeds ends at."""
+    job = [*FED, "--strategy", "fedavg", "--clients", "6", "--clients-per-round", "4",
+           "--local-steps", "3", "--batch-size", "16", "--prox-mu", "0.01", "--steps", "5",
+           "--no-progress", "--no-report"]  # fmt: skip
+    sim, fed = tmp_path / "sim", tmp_path / "fed"
+    train(sim, *job, "--workers", "1")
+    env = shoal_env({"SHOAL_PS_SECRET": secrets.token_hex(32)})
+    with netns.hosts(subnet="10.231.11") as (a, b):
+        address = f"{a.addr}:7311"
+        server = subprocess.Popen(
+            [*a.prefix(), sys.executable, "-m", "shoal", "train", *job, "--workers", "1",
+             "--listen", address, "--out", str(fed)],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        clients = subprocess.Popen(
+            [*b.prefix(), sys.executable, "-m", "shoal", "federate", "--connect", address,
+             "--processes", "2", "--timeout", "60"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            _, server_err = server.communicate(timeout=200)
+            _, client_err = clients.communicate(timeout=60)
+        finally:
+            server.kill()
+            clients.kill()
+    assert server.returncode == 0, server_err
+    assert clients.returncode == 0, client_err
+    assert f"listening on tcp://{address}" in server_err
+    assert max_abs_diff(params(fed), params(sim)) < 1e-6
+    summary = read_summary(fed)["federated"]
+    assert summary["rounds"] == 5 and summary["client_updates"] == 20
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_client_without_the_secret_is_refused(tmp_path):
+    port = free_port()
+    job = [*FED, "--strategy", "fedavg", "--clients", "2", "--steps", "1", "--batch-size",
+           "16", "--workers", "1", "--listen", f"127.0.0.1:{port}",
+           "--round-deadline", "3"]  # fmt: skip
+    server = start_train(tmp_path / "fed", *job, env={"SHOAL_PS_SECRET": "ab" * 32})
+    try:
+        bad = run_shoal("federate", "--connect", f"127.0.0.1:{port}", "--timeout", "20",
+                        env={"SHOAL_PS_SECRET": "cd" * 32})  # fmt: skip
+        assert bad.returncode != 0
+        assert "refused this process's credentials" in bad.stderr
+        assert "Traceback" not in bad.stderr
+        none = run_shoal("federate", "--connect", f"127.0.0.1:{port}", env={"SHOAL_PS_SECRET": ""})
+        assert none.returncode == 2 and "SHOAL_PS_SECRET" in none.stderr
+    finally:
+        server.wait(timeout=60)
+    fed = read_summary(tmp_path / "fed")["federated"]
+    assert fed["client_updates"] == 0 and fed["dropped_late"] == 2  # nobody came in time

@@ -19,7 +19,7 @@ class Parser(argparse.ArgumentParser):
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The ``shoal`` parser; ``argv`` shows ``train`` a strategy of the user's own, whose
     options become flags too."""
-    from shoal.cli import bench, data, report, train
+    from shoal.cli import bench, data, federate, report, train
 
     parser = Parser(
         prog="shoal",
@@ -32,6 +32,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     report.add_parser(sub)
     bench.add_parser(sub)
     data.add_parser(sub)
+    federate.add_parser(sub)
     return parser
 
 

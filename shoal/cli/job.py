@@ -78,6 +78,7 @@ def resolve_job(args: argparse.Namespace) -> JobConfig:
             f"--batch-size {job.train.batch_size} is larger than the training set "
             f"({data.num_train} samples of {data.name})"
         )
+    plugin.check_data(job, data)
     _check_model_fits(job, data, plugin)
     if resume:
         if not stored.data.name:  # (a hand-written config.toml)

@@ -22,6 +22,17 @@ ROWS = (
     ("AUC", "auc", "{:.4f}"),
     ("true model's AUC", "true_model_auc", "{:.4f}"),
     ("log-loss", "logloss", "{:.4f}"),
+    ("federated rounds", "federated.rounds", "{:,}"),
+    ("clients", "federated.clients", "{:,}"),
+    ("clients per round", "federated.clients_per_round", "{:,}"),
+    ("partition", "federated.partition", "{}"),
+    ("server optimizer", "federated.server_opt", "{}"),
+    ("late clients left out", "federated.dropped_late", "{:,}"),
+    ("secure aggregation", "federated.secure_agg", "{}"),
+    ("differential privacy", "privacy.level", "{}-level"),
+    ("epsilon", "privacy.epsilon", "{:.3g}"),
+    ("delta", "privacy.delta", "{:g}"),
+    ("noise multiplier", "privacy.noise_multiplier", "{:.3g}"),
     ("wall time (s)", "wall_time_s", "{:.1f}"),
     ("samples/s", "samples_per_s", "{:,.0f}"),
     ("bytes sent, all workers", "bytes_sent_total", "{:,}"),
@@ -36,17 +47,26 @@ img { max-width: 48%; margin: 0 1% 1em 0; }
 """
 
 
+def _get(summary: dict, key: str) -> object:
+    """``summary[a][b]`` for the key ``a.b``; ``None`` where there is no such entry."""
+    value: object = summary
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
 def _table(runs: list[Run]) -> str:
     head = "".join(f"<th>{html.escape(r.path.name)}</th>" for r in runs)
     body = []
     for title, key, fmt in ROWS:
-        if not any(key in r.summary for r in runs):
+        values = [_get(r.summary, key) for r in runs]
+        if all(v is None for v in values):
             continue
         cells = "".join(
-            f"<td>{html.escape(fmt.format(r.summary[key]))}</td>"
-            if key in r.summary
-            else "<td>-</td>"
-            for r in runs
+            f"<td>{html.escape(fmt.format(v))}</td>" if v is not None else "<td>-</td>"
+            for v in values
         )
         body.append(f"<tr><td>{html.escape(title)}</td>{cells}</tr>")
     return f"<table><tr><th></th>{head}</tr>{''.join(body)}</table>"

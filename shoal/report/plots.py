@@ -37,7 +37,8 @@ def write_plots(runs: list[Run], out: Path) -> list[str]:
         ax.legend(fontsize=8)
         fig.tight_layout()
         written.append(_save(fig, out, name))
-    for extra in (_time_per_worker(runs, out), _eval_vs_step(runs, out), _shares(runs, out)):
+    for extra in (_time_per_worker(runs, out), _eval_vs_step(runs, out), _shares(runs, out),
+                  _privacy(runs, out)):  # fmt: skip
         if extra:
             written.append(extra)
     return written
@@ -101,6 +102,40 @@ def _eval_vs_step(runs: list[Run], out: Path) -> str | None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, out, "eval_vs_step.png")
+
+
+def _privacy(runs: list[Run], out: Path) -> str | None:
+    """Differentially private runs: epsilon spent over steps, and the evaluation metric
+    against the epsilon spent when it was measured."""
+    private = [run for run in runs if any("epsilon" in r for r in run.steps)]
+    if not private:
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.0), dpi=110)
+    key = next((k for k in EVAL_KEYS for run in private for e in run.evals if k in e["eval"]),
+               None)  # fmt: skip
+    for run in private:
+        spent = [(r["step"], r["epsilon"]) for r in run.steps if "epsilon" in r]
+        left.plot(*zip(*spent), label=run.label, linewidth=1.5)
+        if key is None:
+            continue
+        points = []
+        for e in run.evals:
+            before = [eps for step, eps in spent if step <= e["step"]]
+            if key in e["eval"]:
+                points.append((before[-1] if before else 0.0, e["eval"][key]))
+        if points:
+            right.plot(*zip(*points), marker="o", markersize=3, label=run.label)
+    left.set_title("privacy spent")
+    left.set_xlabel("step")
+    left.set_ylabel("epsilon")
+    right.set_title(f"{(key or 'evaluation').replace('_', ' ')} vs epsilon")
+    right.set_xlabel("epsilon")
+    right.set_ylabel((key or "").replace("_", " "))
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, out, "privacy.png")
 
 
 def _shares(runs: list[Run], out: Path) -> str | None:

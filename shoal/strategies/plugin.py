@@ -107,6 +107,10 @@ class Plugin:
         if job.train.max_rank_batch and not self.micro_batching:
             raise UserError(f"--strategy {self.name} does not cut slices by --max-rank-batch")
 
+    def check_data(self, job: JobConfig, data: Any) -> None:
+        """Refuse data this strategy cannot use; ``data`` is the job's built
+        :class:`~shoal.data.Dataset`, before anything is written."""
+
     def check_model(self, job: JobConfig, model: Any) -> None:
         """Refuse a model this strategy cannot split or run; ``model`` is built on the
         meta device (no memory), before anything is written."""

@@ -42,6 +42,14 @@ class FedAvgConfig:
     server_beta1: float = option(0.9, "server adam/yogi/adagrad momentum", low=0, below=1)
     server_beta2: float = option(0.99, "server adam/yogi second-moment decay", low=0, below=1)
     server_tau: float = option(1e-3, "server adam/yogi/adagrad adaptivity (tau)", above=0)
+    secure_agg: bool = option(
+        False, "secure aggregation: the server learns only the sum of a round's updates "
+        "(pairwise masks from X25519 key agreement, dropped clients recovered from shares)",
+    )  # fmt: skip
+    listen: str = option(
+        "", "HOST:PORT: serve clients on other machines (shoal federate --connect) instead "
+        "of simulating them; needs --workers 1 and SHOAL_PS_SECRET",
+    )  # fmt: skip
     round_deadline: float = option(
         0.0, "seconds a round waits for its clients; later ones are left out (0: no limit)",
         low=0, high=1e7,
@@ -56,6 +64,7 @@ class Plugin(plugin.Plugin):
     )
     Config = FedAvgConfig
     runtime = FedAvg
+    privacy = "client"
 
     def check(self, job: JobConfig) -> None:
         super().check(job)
@@ -63,10 +72,31 @@ class Plugin(plugin.Plugin):
         partition.parse(opts.partition)
         if job.train.steps <= 0:
             raise UserError("--strategy fedavg counts rounds in --steps: give --steps N")
+        if opts.listen:
+            if job.world_size != 1:
+                raise UserError(
+                    "--listen runs the federation's server as one process: --workers 1 "
+                    "(the clients run shoal federate elsewhere)"
+                )
+            if opts.secure_agg:
+                raise UserError("--secure-agg runs in the simulation only, not with --listen")
         if opts.clients_per_round > opts.clients:
             raise UserError(
                 f"--clients-per-round {opts.clients_per_round} is more than --clients "
                 f"{opts.clients}"
+            )
+
+    def check_data(self, job: JobConfig, data: Any) -> None:
+        opts = self.options(job)
+        spec = partition.parse(opts.partition)
+        if spec.kind != "iid" and data.task not in ("classification", "binary"):
+            raise UserError(
+                f"--partition {spec} deals rows by label: it needs a classification "
+                f"dataset, and {data.name} is {data.task}"
+            )
+        if opts.clients > data.num_train:
+            raise UserError(
+                f"--clients {opts.clients} is more than the {data.num_train} training rows"
             )
 
     def summary_rows(self, summary: dict[str, Any]) -> list[tuple[str, str]]:

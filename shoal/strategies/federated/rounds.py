@@ -83,16 +83,22 @@ class Federation:
     def clients(self) -> int:
         return len(self.partitions)
 
+    def chosen(self, round_: int) -> list[int]:
+        """The clients of round ``round_``, sorted."""
+        return sample_clients(self.seed, round_, self.clients, self.per_round, self.poisson)
+
+    def client_work(self, round_: int, client: int) -> ClientWork:
+        """What ``client`` trains on in ``round_``."""
+        rows = self.partitions[client]
+        batches = local_batches(self.seed, round_, client, rows, self.batch, self.local_steps,
+                                self.local_epochs)  # fmt: skip
+        return ClientWork(client, len(rows), batches)
+
     def round(self, round_: int, rank: int, world: int) -> RoundTask:
         """Round ``round_``'s clients that process ``rank`` of ``world`` trains: the
         round's sorted clients dealt out in turn."""
-        chosen = sample_clients(self.seed, round_, self.clients, self.per_round, self.poisson)
-        mine = []
-        for client in chosen[rank::world]:
-            rows = self.partitions[client]
-            batches = local_batches(self.seed, round_, client, rows, self.batch,
-                                    self.local_steps, self.local_epochs)  # fmt: skip
-            mine.append(ClientWork(client, len(rows), batches))
+        chosen = self.chosen(round_)
+        mine = [self.client_work(round_, client) for client in chosen[rank::world]]
         rows = [b for c in mine for b in c.batches]
         indices = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
         return RoundTask(round_, rank, world, indices, len(indices), clients=mine,

@@ -18,6 +18,7 @@ A round (one global step of the job, so ``--steps`` counts rounds):
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 
@@ -27,6 +28,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.utils import parameters_to_vector
 
+from shoal import privacy, secagg
 from shoal.data import GlobalBatchSampler
 from shoal.data import partition as partitions
 from shoal.memory import ActivationMeter
@@ -34,7 +36,7 @@ from shoal.metrics import PhaseTimer
 from shoal.optim import build_optimizer, build_scheduler
 from shoal.strategies.base import Batch, LossFn, Strategy
 from shoal.strategies.collectives import ring_allreduce_bytes
-from shoal.strategies.federated.rounds import Federation, RoundWork
+from shoal.strategies.federated.rounds import Federation, RoundTask, RoundWork
 from shoal.strategies.federated.server import ServerOptimizer
 
 
@@ -51,9 +53,22 @@ class FedAvg(Strategy):
         self.scheduler = build_scheduler(self.optimizer, self.job.optim, total_steps)
         self.server = ServerOptimizer(o.server_opt, o.server_lr, o.server_beta1, o.server_beta2,
                                       o.server_tau)  # fmt: skip
-        self.federation = build_federation(self.job, self.data)
+        self.budget = privacy.budget(self.job.train)
+        self.federation = build_federation(self.job, self.data, self.budget.enabled)
+        self.accountant: privacy.Accountant | None = None
+        if self.budget.enabled:  # client-level: each round samples clients at rate q
+            rate = self.federation.per_round / self.federation.clients
+            noise = privacy.noise_for(self.budget, rate, total_steps)
+            self.accountant = privacy.Accountant(noise, rate, self.budget.delta)
         self.work_: RoundWork | None = None
-        self.rounds = self.client_updates = self.dropped = 0
+        self.remote: Any = None
+        if self.options.listen:  # clients on other machines
+            from shoal.strategies.federated.remote import FederationServer
+
+            numel = sum(p.numel() for p in self.params)
+            self.remote = FederationServer(self.job, self.options.listen, numel)
+            self.comm = self.remote.comm
+        self.rounds = self.client_updates = self.dropped = self.aborted = 0
 
     def work(self, sampler: GlobalBatchSampler, step: int, total_steps: int) -> RoundWork:
         self.work_ = RoundWork(self.federation, self.env.rank, self.env.world_size, step,
@@ -68,59 +83,142 @@ class FedAvg(Strategy):
         deadline = self.options.round_deadline
         mu = self.options.prox_mu
         with torch.no_grad():
-            global_x = parameters_to_vector(self.params).detach().clone()
-        total = torch.zeros(global_x.numel() + 3, dtype=torch.float64, device=global_x.device)
-        weighted, counts = total[:-3], total[-3:]  # counts: weight, reported, late
+            global_x = parameters_to_vector(self.params).detach().double()
         loss_sum = torch.zeros((), dtype=torch.float64, device=global_x.device)
+        vectors: dict[int, torch.Tensor] = {}  # by client: its weighted change, weight, 1
         x, y = batch
-        offset, began, computed = 0, time.perf_counter(), 0.0
+        offset, began, computed, late = 0, time.perf_counter(), 0.0, 0
+        if self.remote is not None:
+            return self._finish_round(task, *self._serve(task, global_x), global_x, timer)
         for client in task.clients:
-            with torch.no_grad():
-                _load(self.params, global_x)
-            anchor = [p.detach().clone() for p in self.params] if mu else []
-            self.optimizer.state.clear()  # a fresh local optimizer per client
+            pieces = []
             for rows in client.batches:
-                piece = (x[offset : offset + len(rows)], y[offset : offset + len(rows)])
+                pieces.append((x[offset : offset + len(rows)], y[offset : offset + len(rows)]))
                 offset += len(rows)
-                self.optimizer.zero_grad(set_to_none=True)
-                start = timer.totals["forward_backward"]
-                with timer.phase("forward_backward"):
-                    losses = loss_fn(self.model, piece)
-                    losses.mean().backward()
-                computed += timer.totals["forward_backward"] - start
-                with timer.phase("optimizer"), torch.no_grad():
-                    for p, a in zip(self.params, anchor):  # FedProx: mu (w - w_global)
-                        if p.grad is not None:
-                            p.grad.add_(p - a, alpha=mu)
-                    self.optimizer.step()
-                loss_sum += losses.detach().sum()
+            change, losses, seconds = train_client(
+                self.model, self.params, self.optimizer, pieces, loss_fn, mu, global_x, timer
+            )
+            loss_sum += losses
+            computed += seconds
             if deadline and time.perf_counter() - began > deadline:
-                counts[2] += 1  # did not report in time: left out of the round
+                late += 1  # did not report in time: left out of the round
                 continue
-            with torch.no_grad():
-                change = parameters_to_vector(self.params).detach() - global_x
-            weighted.add_(change.double(), alpha=float(client.examples))
-            counts[0] += client.examples
-            counts[1] += 1
+            vectors[client.client] = self._contribution(change, client.examples)
         self.compute_time = computed
         start = time.perf_counter()
         with timer.phase("comm"):
-            if self.env.world_size > 1:
-                dist.all_reduce(total)
-                wire = ring_allreduce_bytes(total.numel() * total.element_size(),
-                                            self.env.world_size)  # fmt: skip
-                self.comm.add(sent=wire, received=wire)
+            total, late = self._aggregate(task, vectors, global_x.numel(), late)
         self.wait_time = time.perf_counter() - start
+        return self._finish_round(task, total, loss_sum, late, global_x, timer)
+
+    def _serve(self, task: RoundTask, global_x: torch.Tensor) -> tuple[torch.Tensor, Any, int]:
+        """A round of clients on other machines: their changes, summed in client order."""
+        changes, loss_sum, late = self.remote.serve_round(
+            task, global_x, self.lr, self.options.round_deadline
+        )
+        examples = {c.client: c.examples for c in task.clients}
+        total = torch.zeros(global_x.numel() + 2, dtype=torch.float64, device=global_x.device)
+        for cid in sorted(changes):
+            total += self._contribution(changes[cid].to(global_x.device), examples[cid])
+        return total, torch.tensor(loss_sum, dtype=torch.float64), late
+
+    def _finish_round(
+        self,
+        task: RoundTask,
+        total: torch.Tensor,
+        loss_sum: torch.Tensor,
+        late: int,
+        global_x: torch.Tensor,
+        timer: PhaseTimer,
+    ) -> torch.Tensor:
+        """The server step on the round's sum (weighted changes, weight, reports)."""
         with timer.phase("optimizer"), torch.no_grad():
-            if counts[0] > 0:
-                mean = (weighted / counts[0]).to(global_x.dtype)
-                self.server.step(global_x, mean)
+            weight, reported = float(total[-2]), round(float(total[-1]))
+            change = total[:-2]
+            if self.accountant is not None:  # client-level DP: noise, a fixed denominator
+                change += self._noise(task.step, change)
+                weight = float(self.federation.per_round)
+                self.accountant.step()
+            if weight > 0:
+                self.server.step(global_x, change / weight)
             _load(self.params, global_x)
             self.scheduler.step()
         self.rounds += 1
-        self.client_updates += int(counts[1])
-        self.dropped += int(counts[2])
+        self.client_updates += reported
+        self.dropped += late
         return loss_sum
+
+    def _contribution(self, change: torch.Tensor, examples: int) -> torch.Tensor:
+        """What one client sends: its change weighted by its rows (with client-level DP,
+        clipped to ``--dp-clip`` and unweighted), its weight, and 1 (it reported)."""
+        if self.accountant is not None:
+            change = change * min(1.0, self.budget.clip / (float(change.norm()) + 1e-12))
+            examples = 1
+        return torch.cat([change * examples, change.new_tensor([examples, 1.0])])
+
+    def _noise(self, round_: int, like: torch.Tensor) -> torch.Tensor:
+        """The round's Gaussian noise, std ``sigma * clip``: one draw, seeded by the round,
+        the same on every process (added once to the round's sum)."""
+        gen = torch.Generator().manual_seed((self.job.train.seed << 20) ^ round_)
+        noise = torch.randn(like.shape, generator=gen, dtype=torch.float64)
+        return noise.to(like.device) * (self.accountant.noise * self.budget.clip)
+
+    def _aggregate(
+        self, task: RoundTask, vectors: dict[int, torch.Tensor], length: int, late: int
+    ) -> tuple[torch.Tensor, int]:
+        """The round's sum over every process's reporting clients (length + 2: the
+        weighted changes, the weight, the clients that reported) and its late clients."""
+        if self.options.secure_agg:
+            return self._secure_sum(task, vectors, length), _sum_int(late, self.env)
+        total = torch.zeros(length + 3, dtype=torch.float64, device=self.env.device)
+        for v in vectors.values():
+            total[:-1] += v
+        total[-1] = late
+        if self.env.world_size > 1:
+            dist.all_reduce(total)
+            wire = ring_allreduce_bytes(total.numel() * 8, self.env.world_size)
+            self.comm.add(sent=wire, received=wire)
+        return total[:-1], int(total[-1])
+
+    def _secure_sum(
+        self, task: RoundTask, vectors: dict[int, torch.Tensor], length: int
+    ) -> torch.Tensor:
+        """The sum by secure aggregation (:mod:`shoal.secagg`): rank 0 plays the server,
+        and sees the clients' masked inputs and the shares it asks for, never an update.
+        Clients that were late drop out after sharing their keys: their masks are
+        removed with their peers' shares."""
+        mine = {c.client: secagg.Client(c.client) for c in task.clients}
+        keys = _merge(_all_gather({u: c.advertise() for u, c in mine.items()}, self.env))
+        peers = secagg.neighbours(list(keys), seed=(self.job.train.seed << 20) ^ task.step)
+        mail = _merge(_all_gather({u: c.share_keys(keys, peers[u]) for u, c in mine.items()},
+                                  self.env))  # fmt: skip
+        for v, c in mine.items():
+            c.receive({u: out[v] for u, out in mail.items() if v in out})
+        masked = {u: mine[u].masked_input(secagg.encode(vectors[u].cpu().numpy()))
+                  for u in vectors}  # fmt: skip
+        self.comm.add(sent=sum(m.nbytes for m in masked.values()))
+        inputs = _gather0(masked, self.env)
+        sent = _broadcast0(sorted(inputs) if inputs is not None else None, self.env)
+        answers = _gather0({v: c.unmask(sent) for v, c in mine.items() if v in sent}, self.env)
+        total = torch.zeros(length + 2, dtype=torch.float64)
+        if inputs is not None and answers is not None and inputs:
+            try:
+                summed = secagg.unmask_sum(inputs, keys, peers, set(keys), answers)
+                total = torch.from_numpy(secagg.decode(summed))
+            except secagg.SecAggError as e:  # too many dropped: the round is lost
+                self.aborted += 1
+                print(f"shoal: round {task.step + 1} could not be unmasked and leaves the "
+                      f"model as it was: {e}", file=sys.stderr, flush=True)  # fmt: skip
+        total = total.to(self.env.device)
+        if self.env.world_size > 1:
+            dist.broadcast(total, 0)
+        return total
+
+    def close(self) -> None:
+        if self.remote is not None:
+            self.remote.finish()  # the clients that ask now hear that the job is done
+            self.remote.close()
+            self.remote = None
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -129,16 +227,22 @@ class FedAvg(Strategy):
             "scheduler": self.scheduler.state_dict(),
             "server": self.server.state_dict(),
             "rounds": [self.rounds, self.client_updates, self.dropped],
+            **({"accountant": self.accountant.state_dict()} if self.accountant else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.server.load_state_dict(state["server"])
         self.rounds, self.client_updates, self.dropped = state["rounds"]
+        if self.accountant is not None and "accountant" in state:
+            self.accountant.load_state_dict(state["accountant"])
+
+    def metrics(self) -> dict[str, float]:
+        return {"epsilon": self.accountant.epsilon()} if self.accountant is not None else {}
 
     def totals(self) -> dict[str, float]:
         return {"rounds": self.rounds, "client_updates": self.client_updates,
-                "dropped": self.dropped}  # fmt: skip
+                "dropped": self.dropped, "aborted": self.aborted}  # fmt: skip
 
     def summarize(self, totals: list[Any]) -> dict[str, Any]:
         o, own = self.options, totals[0].own  # (every process saw the same counts)
@@ -152,8 +256,51 @@ class FedAvg(Strategy):
                 "rounds": int(own["rounds"]),
                 "client_updates": int(own["client_updates"]),
                 "dropped_late": int(own["dropped"]),
-            }
-        }
+                "secure_agg": o.secure_agg,
+                "rounds_unmasked_failed": int(own.get("aborted", 0)),
+            },
+            **({"privacy": {"level": "client", **self.accountant.summary(self.budget.clip)}}
+               if self.accountant is not None else {}),
+        }  # fmt: skip
+
+
+def train_client(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    batches: list[Batch],
+    loss_fn: LossFn,
+    mu: float,
+    global_x: torch.Tensor,
+    timer: PhaseTimer | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One client's local training from the global model ``global_x`` (flat, float64)
+    with a fresh ``optimizer`` state: a step per batch on the batch's mean loss, plus
+    FedProx's ``mu/2 |w - w_global|^2``. Returns its change (flat, float64), its loss
+    sum, and the seconds of forward and backward."""
+    timer = timer or PhaseTimer()
+    with torch.no_grad():
+        _load(params, global_x)
+    anchor = [p.detach().clone() for p in params] if mu else []
+    optimizer.state.clear()  # a fresh local optimizer per client
+    loss_sum = torch.zeros((), dtype=torch.float64, device=global_x.device)
+    computed = 0.0
+    for piece in batches:
+        optimizer.zero_grad(set_to_none=True)
+        start = timer.totals["forward_backward"]
+        with timer.phase("forward_backward"):
+            losses = loss_fn(model, piece)
+            losses.mean().backward()
+        computed += timer.totals["forward_backward"] - start
+        with timer.phase("optimizer"), torch.no_grad():
+            for p, a in zip(params, anchor):  # FedProx: mu (w - w_global)
+                if p.grad is not None:
+                    p.grad.add_(p - a, alpha=mu)
+            optimizer.step()
+        loss_sum += losses.detach().sum()
+    with torch.no_grad():
+        change = parameters_to_vector(params).detach().double() - global_x
+    return change, loss_sum, computed
 
 
 def _load(params: list[nn.Parameter], flat: torch.Tensor) -> None:
@@ -165,7 +312,44 @@ def _load(params: list[nn.Parameter], flat: torch.Tensor) -> None:
         offset += p.numel()
 
 
-def build_federation(job: Any, data: Any) -> Federation:
+def _all_gather(obj: Any, env: Any) -> list[Any]:
+    if env.world_size == 1:
+        return [obj]
+    out: list[Any] = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _merge(parts: list[dict]) -> dict:
+    return {k: v for part in parts for k, v in part.items()}
+
+
+def _gather0(obj: dict, env: Any) -> dict | None:
+    """Every process's ``obj`` merged on rank 0 (``None`` elsewhere)."""
+    if env.world_size == 1:
+        return dict(obj)
+    out: list[Any] | None = [None] * env.world_size if env.rank == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return _merge(out) if out is not None else None
+
+
+def _broadcast0(obj: Any, env: Any) -> Any:
+    if env.world_size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _sum_int(n: int, env: Any) -> int:
+    if env.world_size == 1:
+        return n
+    t = torch.tensor([float(n)], dtype=torch.float64, device=env.device)
+    dist.all_reduce(t)
+    return int(t.item())
+
+
+def build_federation(job: Any, data: Any, poisson: bool = False) -> Federation:
     """The clients of ``job`` over the training rows of ``data``."""
     o = job.strategy.options
     spec = partitions.parse(o.partition)
@@ -175,4 +359,4 @@ def build_federation(job: Any, data: Any) -> Federation:
     parts = partitions.partition(spec, o.clients, data.num_train, labels, job.train.seed)
     per_round = o.clients_per_round or o.clients
     return Federation(parts, min(per_round, o.clients), job.train.batch_size, o.local_steps,
-                      o.local_epochs, job.train.seed)  # fmt: skip
+                      o.local_epochs, job.train.seed, poisson)  # fmt: skip
