@@ -12,14 +12,15 @@ the parameters of an equal one (up to float reduction order).
   step's wall time less the time it waited in the gradient exchange (and in the
   metrics gather) for slower peers. Busy time holds all the rank's work, its
   data, optimizer and bookkeeping too, which is slow on a slow machine as well,
-  and throttling wherever it falls. After step
-  :data:`FIRST`, then every ``--balance-every`` steps, the ranks exchange the
-  median of their window and every rank computes the same new plan: shares in
-  proportion to each rank's smoothed samples per second. Against noise: a
-  median, not a mean, of each window; the plan changes only when it would
-  shorten the predicted step by more than :data:`THRESHOLD`; and every change
-  after the first moves :data:`DAMPING` of the way to the target, so shares
-  settle instead of chasing each window's noise.
+  and throttling wherever it falls. After step :data:`FIRST`, then every
+  ``--balance-every`` steps, the ranks exchange their window's figures and every
+  rank computes the same plan (:func:`plan`): the shares that make every rank
+  equally busy, a rank being busy ``(fixed + n) / speed`` with ``n`` samples.
+  Against noise: the lower quartile of each window's times; a plan is adopted
+  only when it would shorten the predicted step by more than :data:`THRESHOLD`;
+  every change after the first moves :data:`DAMPING` of the way to the target,
+  and no share by more than a factor of :data:`STRIDE`, so shares settle
+  instead of chasing each window's noise.
 
 A slice larger than ``--max-rank-batch`` is computed as micro-batches whose
 gradients accumulate; every rank uses the same number of micro-batches in a
@@ -35,6 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -118,13 +120,15 @@ def micro_batches(sizes: Sequence[int], cap: int) -> int:
 
 
 def _summarize(window: list[tuple[int, float, float]]) -> tuple[float, float, float]:
-    """A window's medians: samples per step, busy seconds per sample, and the step's
-    fixed cost as samples' worth of compute (0 where compute was not measured)."""
+    """A window's samples per step (median), busy seconds per sample (lower quartile:
+    a straggling step only ever adds time, so the quickest steps show a rank's speed,
+    and a rank that is slow in every step is slow in those too), and the step's fixed
+    cost as samples' worth of compute (median; 0 where compute was not measured)."""
     if not window:
         return 0.0, 0.0, 0.0
     fixed = [n * (busy - compute) / compute for n, busy, compute in window if 0 < compute < busy]
     return (statistics.median(n for n, _, _ in window),
-            statistics.median(busy / n for n, busy, _ in window),
+            float(np.percentile([busy / n for n, busy, _ in window], 25, method="lower")),
             statistics.median(fixed) if fixed else 0.0)  # fmt: skip
 
 
@@ -190,8 +194,11 @@ class Balancer:
             self.window.append((samples, busy, compute))
 
     def due(self, step: int) -> bool:
-        """Whether the ranks re-plan after global ``step`` (the same answer on every rank)."""
-        return self.auto and (step % self.every == 0 or step == min(FIRST, self.every))
+        """Whether the ranks re-plan after global ``step`` (the same answer on every rank):
+        after step :data:`FIRST`, then every ``--balance-every`` steps from there, so that
+        every window is whole (the step after a re-plan is not measured)."""
+        first = min(FIRST, self.every)
+        return self.auto and step >= first and (step - first) % self.every == 0
 
     def replan(self, step: int, device: torch.device) -> bool:
         """Exchange this window's measurements and set the next plan. Collective.

@@ -50,6 +50,7 @@ class RunWriter:
         self.metrics = MetricsFile(self.out / METRICS_FILE, resume_step)
         self.progress = Progress(total_steps, 0, False, "")
         self.last_loss = float("nan")
+        self.samples_logged = 0  # in this session's records (where epochs do not count)
         self.eval_metrics: dict[str, float] = {}
         self.tb: Any = None
         if job.output.tensorboard:
@@ -98,6 +99,7 @@ class RunWriter:
             record["shares"] = rank_shares
         record.update(extra or {})
         self.last_loss = record["loss"]
+        self.samples_logged += global_samples
         self.metrics.write(record)
         note = "  ".join(f"{k} {v:.3g}" for k, v in (extra or {}).items())
         self.progress.update(step, record["loss"], record["samples_per_s"], note)
@@ -181,7 +183,10 @@ class RunWriter:
             "final_loss": self.last_loss,
             **self.eval_metrics,
             "wall_time_s": wall_time,
-            "samples_per_s": sum(counts.values()) / wall_time if wall_time > 0 else 0.0,
+            # (Poisson batches and federated rounds are not epochs: what the records saw)
+            "samples_per_s": (sum(counts.values()) or self.samples_logged) / wall_time
+            if wall_time > 0
+            else 0.0,
             "bytes_sent_total": sum(w.get("bytes_sent", 0) for w in workers),
             "bytes_received_total": sum(w.get("bytes_received", 0) for w in workers),
             "samples_per_epoch": {str(k): v for k, v in sorted(counts.items())},

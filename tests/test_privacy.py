@@ -17,7 +17,7 @@ from shoal.data import build_dataset
 from shoal.errors import UserError
 from shoal.models import build_model
 from shoal.models.tasks import per_sample_loss
-from tests.conftest import max_abs_diff, params, read_summary, train
+from tests.conftest import max_abs_diff, params, read_summary, run_shoal, train
 
 
 def test_budget_refuses_what_means_nothing():
@@ -84,6 +84,12 @@ def test_dp_sgd_epsilon_is_opacus_s_for_any_workers_and_after_a_kill(tmp_path):
     eps = [r["epsilon"] for r in records if "epsilon" in r]
     assert len(eps) == 4 and eps == sorted(eps)
     assert eps[0] == pytest.approx(_opacus_epsilon(10, rate), rel=1e-3)
+    # the report compares them: epsilon in the table, and the privacy plot
+    report = run_shoal("report", str(one), str(four), "--out", str(tmp_path / "cmp"))
+    assert report.returncode == 0, report.stderr
+    page = (tmp_path / "cmp" / "report.html").read_text()
+    assert "<td>epsilon</td>" in page and "sample-level" in page
+    assert (tmp_path / "cmp" / "privacy.png").stat().st_size > 10_000
 
 
 @pytest.mark.slow
