@@ -46,9 +46,10 @@ THRESHOLD = 0.20
 """A new plan must shorten the predicted step by more than this fraction."""
 DAMPING = 0.5
 """The fraction of the way from the current shares to the target a change moves."""
-FIRST = 6
-"""The first re-plan comes after this step (five measured steps: a median that one
-straggling step, or two, does not move), not after a whole ``--balance-every`` window."""
+FIRST = 4
+"""The first re-plan comes after this step, not after a whole ``--balance-every``
+window: three measured steps, whose quickest counts (see :func:`_summarize`), so a
+transient straggler would have to hit one rank in all three to move it."""
 STRIDE = 3.0
 """One re-plan changes a rank's share by at most this factor, up or down."""
 SMOOTHING = 0.5

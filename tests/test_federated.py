@@ -150,17 +150,17 @@ def test_secure_aggregation_sums_what_plain_does_with_late_clients_dropped(tmp_p
     """Every client of process 2 (2 of 6) sleeps past the round's deadline: with
     --secure-agg they drop out after sharing their keys, their masks are removed with
     their peers' shares, and the rounds end where the plain sum of the same clients ends."""
-    job = [*FED, "--strategy", "fedavg", "--clients", "6", "--local-steps", "2",
-           "--batch-size", "32", "--workers", "3", "--round-deadline", "0.25",
-           "--steps", "4"]  # fmt: skip
-    late = {"SHOAL_FAULT": "slow:rank=2:ms=400"}
+    job = [*FED, "--strategy", "fedavg", "--clients", "6", "--local-steps", "1",
+           "--batch-size", "32", "--workers", "3", "--round-deadline", "0.2",
+           "--steps", "3"]  # fmt: skip
+    late = {"SHOAL_FAULT": "slow:rank=2:ms=300"}
     plain, secure = tmp_path / "plain", tmp_path / "secure"
     train(plain, *job, env=late)
     train(secure, *job, "--secure-agg", env=late)
     assert max_abs_diff(params(secure), params(plain)) < 1e-5
     for run in (plain, secure):
         fed = read_summary(run)["federated"]
-        assert fed["client_updates"] == 4 * 4 and fed["dropped_late"] == 4 * 2, fed
+        assert fed["client_updates"] == 3 * 4 and fed["dropped_late"] == 3 * 2, fed
     assert read_summary(secure)["federated"]["secure_agg"] is True
 
 

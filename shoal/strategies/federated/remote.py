@@ -189,7 +189,8 @@ def run_client(address: str, name: str, timeout_s: float = 300.0) -> int:
     from shoal.models.tasks import per_sample_loss
     from shoal.optim import build_optimizer
     from shoal.strategies import resolve
-    from shoal.strategies.federated.strategy import build_federation, train_client
+    from shoal.strategies.federated.local import train_client
+    from shoal.strategies.federated.rounds import build_federation
 
     try:
         secret = wire.load_secret()

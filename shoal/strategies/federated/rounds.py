@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from shoal.data import Task
+from shoal.data import Task, partition
 
 
 def sample_clients(
@@ -130,3 +131,16 @@ class RoundWork:
 
     def log_now(self, step: int) -> bool:
         return step % self.log_every == 0 or step == self.total
+
+
+def build_federation(job: Any, data: Any, poisson: bool = False) -> Federation:
+    """The clients of ``job`` over the training rows of ``data``."""
+    o = job.strategy.options
+    spec = partition.parse(o.partition)
+    labels = None
+    if spec.kind != "iid":
+        labels = np.asarray(data.rows.take(np.arange(data.num_train))[1].cpu())
+    parts = partition.partition(spec, o.clients, data.num_train, labels, job.train.seed)
+    per_round = o.clients_per_round or o.clients
+    return Federation(parts, min(per_round, o.clients), job.train.batch_size, o.local_steps,
+                      o.local_epochs, job.train.seed, poisson)  # fmt: skip

@@ -22,7 +22,6 @@ import sys
 import time
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -30,13 +29,13 @@ from torch.nn.utils import parameters_to_vector
 
 from shoal import privacy, secagg
 from shoal.data import GlobalBatchSampler
-from shoal.data import partition as partitions
 from shoal.memory import ActivationMeter
 from shoal.metrics import PhaseTimer
 from shoal.optim import build_optimizer, build_scheduler
 from shoal.strategies.base import Batch, LossFn, Strategy
 from shoal.strategies.collectives import ring_allreduce_bytes
-from shoal.strategies.federated.rounds import Federation, RoundTask, RoundWork
+from shoal.strategies.federated.local import load_flat, train_client
+from shoal.strategies.federated.rounds import RoundTask, RoundWork, build_federation
 from shoal.strategies.federated.server import ServerOptimizer
 
 
@@ -141,7 +140,7 @@ class FedAvg(Strategy):
                 self.accountant.step()
             if weight > 0:
                 self.server.step(global_x, change / weight)
-            _load(self.params, global_x)
+            load_flat(self.params, global_x)
             self.scheduler.step()
         self.rounds += 1
         self.client_updates += reported
@@ -264,54 +263,6 @@ class FedAvg(Strategy):
         }  # fmt: skip
 
 
-def train_client(
-    model: nn.Module,
-    params: list[nn.Parameter],
-    optimizer: torch.optim.Optimizer,
-    batches: list[Batch],
-    loss_fn: LossFn,
-    mu: float,
-    global_x: torch.Tensor,
-    timer: PhaseTimer | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """One client's local training from the global model ``global_x`` (flat, float64)
-    with a fresh ``optimizer`` state: a step per batch on the batch's mean loss, plus
-    FedProx's ``mu/2 |w - w_global|^2``. Returns its change (flat, float64), its loss
-    sum, and the seconds of forward and backward."""
-    timer = timer or PhaseTimer()
-    with torch.no_grad():
-        _load(params, global_x)
-    anchor = [p.detach().clone() for p in params] if mu else []
-    optimizer.state.clear()  # a fresh local optimizer per client
-    loss_sum = torch.zeros((), dtype=torch.float64, device=global_x.device)
-    computed = 0.0
-    for piece in batches:
-        optimizer.zero_grad(set_to_none=True)
-        start = timer.totals["forward_backward"]
-        with timer.phase("forward_backward"):
-            losses = loss_fn(model, piece)
-            losses.mean().backward()
-        computed += timer.totals["forward_backward"] - start
-        with timer.phase("optimizer"), torch.no_grad():
-            for p, a in zip(params, anchor):  # FedProx: mu (w - w_global)
-                if p.grad is not None:
-                    p.grad.add_(p - a, alpha=mu)
-            optimizer.step()
-        loss_sum += losses.detach().sum()
-    with torch.no_grad():
-        change = parameters_to_vector(params).detach().double() - global_x
-    return change, loss_sum, computed
-
-
-def _load(params: list[nn.Parameter], flat: torch.Tensor) -> None:
-    """Copy ``flat`` into ``params`` (torch's ``vector_to_parameters`` would make the
-    parameters views of ``flat``, which local steps would then change)."""
-    offset = 0
-    for p in params:
-        p.copy_(flat[offset : offset + p.numel()].view_as(p))
-        offset += p.numel()
-
-
 def _all_gather(obj: Any, env: Any) -> list[Any]:
     if env.world_size == 1:
         return [obj]
@@ -347,16 +298,3 @@ def _sum_int(n: int, env: Any) -> int:
     t = torch.tensor([float(n)], dtype=torch.float64, device=env.device)
     dist.all_reduce(t)
     return int(t.item())
-
-
-def build_federation(job: Any, data: Any, poisson: bool = False) -> Federation:
-    """The clients of ``job`` over the training rows of ``data``."""
-    o = job.strategy.options
-    spec = partitions.parse(o.partition)
-    labels = None
-    if spec.kind != "iid":
-        labels = np.asarray(data.rows.take(np.arange(data.num_train))[1].cpu())
-    parts = partitions.partition(spec, o.clients, data.num_train, labels, job.train.seed)
-    per_round = o.clients_per_round or o.clients
-    return Federation(parts, min(per_round, o.clients), job.train.batch_size, o.local_steps,
-                      o.local_epochs, job.train.seed, poisson)  # fmt: skip
