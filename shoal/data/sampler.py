@@ -137,7 +137,8 @@ class GlobalBatchSampler:
         return self.order.permutation(epoch)
 
     def global_indices(self, epoch: int, step: int) -> np.ndarray:
-        """All samples of global step ``step`` of ``epoch``, sorted (read-only).
+        """All samples of global step ``step`` of ``epoch``, sorted (shared with later
+        calls: not to be written to; torch refuses to wrap read-only arrays quietly).
 
         A step's batch is asked for up to three times (peeked for the loader, taken,
         peeked for its size), so the last two are kept: on a slow machine the
@@ -147,7 +148,6 @@ class GlobalBatchSampler:
             start = step * self.batch_size
             stop = min(start + self.batch_size, self.num_samples)
             g = np.sort(self.order.rows(epoch, np.arange(start, stop, dtype=np.int64)))
-            g.setflags(write=False)
             last = list(self._recent.items())[-1:]
             self._recent = {**dict(last), key: g}
         return self._recent[key]
