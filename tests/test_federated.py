@@ -242,3 +242,4 @@ def test_a_client_without_the_secret_is_refused(tmp_path):
         server.wait(timeout=60)
     fed = read_summary(tmp_path / "fed")["federated"]
     assert fed["client_updates"] == 0 and fed["dropped_late"] == 2  # nobody came in time
+    assert sum(fed["refused"].values()) >= 1, fed  # the wrong secret, counted at the door

@@ -174,6 +174,12 @@ class FederationServer:
             return {"op": "ok"}, []
         return {"op": "error", "error": f"unknown op {op!r}"}, []
 
+    def refused(self) -> dict[str, int]:
+        """What was turned away: at the door (by reason), malformed messages (by kind),
+        and stale updates (a round that was over, a client not handed out)."""
+        return {**self.listener.refused(), **self.faults,
+                **({"stale": self.stale} if self.stale else {})}  # fmt: skip
+
     def close(self) -> None:
         self.listener.close()
 
