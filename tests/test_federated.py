@@ -243,3 +243,43 @@ def test_a_client_without_the_secret_is_refused(tmp_path):
     fed = read_summary(tmp_path / "fed")["federated"]
     assert fed["client_updates"] == 0 and fed["dropped_late"] == 2  # nobody came in time
     assert sum(fed["refused"].values()) >= 1, fed  # the wrong secret, counted at the door
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_client_process_that_dies_mid_round_is_covered_without_a_deadline(tmp_path):
+    """A peer takes the first client of the first round and vanishes; with no
+    --round-deadline the round does not stall: a live process is handed that client
+    again, and the federation still ends at the simulation's model."""
+    import zmq
+
+    from shoal.metrics import CommCounter
+    from shoal.strategies.federated.remote import TARGET
+    from shoal.strategies.ps.client import Peer
+
+    port, secret = free_port(), secrets.token_hex(32)
+    job = [*FED, "--strategy", "fedavg", "--clients", "4", "--local-steps", "2",
+           "--batch-size", "16", "--steps", "3", "--workers", "1"]  # fmt: skip
+    sim, fed = tmp_path / "sim", tmp_path / "fed"
+    train(sim, *job)
+    server = start_train(fed, *job, "--listen", f"127.0.0.1:{port}",
+                         env={"SHOAL_PS_SECRET": secret})  # fmt: skip
+    try:
+        peer = Peer(zmq.Context.instance(), f"tcp://127.0.0.1:{port}", bytes.fromhex(secret),
+                    "vanishing", CommCounter(), timeout_s=60, max_bytes=1 << 24,
+                    target=TARGET)  # fmt: skip
+        header: dict = {}
+        while header.get("op") != "train":
+            header, _ = peer.call({"op": "work"})
+        peer.close()  # gone, holding client `header["client"]` of round 0
+        live = run_shoal("federate", "--connect", f"127.0.0.1:{port}", "--timeout", "60",
+                         env={"SHOAL_PS_SECRET": secret})  # fmt: skip
+        assert live.returncode == 0, live.stderr
+        _, err = server.communicate(timeout=120)
+    finally:
+        server.kill()
+    assert server.returncode == 0, err
+    assert max_abs_diff(params(fed), params(sim)) < 1e-6
+    summary = read_summary(fed)["federated"]
+    assert summary["re_handed"] == 1 and summary["client_updates"] == 12, summary
+    assert summary["dropped_late"] == 0

@@ -24,14 +24,25 @@ Requests (client -> server), each answered:
 - ``work`` -> ``train`` (round, client, lr; the global model) | ``wait`` | ``done``;
 - ``update`` (round, client, loss sum; its change) -> ``ok`` (a change for a round
   that is over, or a client not handed out, is dropped and counted as stale).
+
+A client process may die, or stall, with clients it was handed. Once every client
+of the round has been handed out, a process that asks for work is handed again
+the client out longest, if it has been out for more than :func:`patience`
+(three times the median time clients took so far, and at least
+:data:`PATIENCE_S`). A client's training is a function of the round, the client
+and the global model, so whichever copy reports first gives the same change; the
+other is stale. A round therefore completes without ``--round-deadline`` as long
+as one client process is left; ``re_handed`` in the summary counts these.
 """
 
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +63,14 @@ WAIT_S = 0.05
 """How long a client with nothing to do waits before asking again."""
 FINISH_S = 3.0
 """How long the server, once done, keeps telling clients that ask that it is done."""
+PATIENCE_S = 2.0
+"""The least time a client is out before it is handed to another process."""
+
+
+def patience(took: Sequence[float]) -> float:
+    """How long a handed-out client may be out before it is handed again: three times
+    the median time of the clients that reported so far, at least :data:`PATIENCE_S`."""
+    return max(PATIENCE_S, 3 * statistics.median(took)) if took else PATIENCE_S
 
 
 def max_bytes(numel: int) -> int:
@@ -66,6 +85,7 @@ class Round:
     number: int
     todo: deque[ClientWork]
     given: dict[int, ClientWork] = field(default_factory=dict)
+    handed: dict[int, float] = field(default_factory=dict)  # client -> when last handed out
     changes: dict[int, torch.Tensor] = field(default_factory=dict)
     loss_sum: float = 0.0
 
@@ -92,6 +112,8 @@ class FederationServer:
             raise UserError(f"--listen {address}: cannot listen there: {e}") from None
         self.comm = CommCounter()
         self.stale = 0
+        self.re_handed = 0
+        self.took: deque[float] = deque(maxlen=100)  # seconds from hand-out to update
         self.faults: dict[str, int] = {}
         self.round: Round | None = None
         self.finished = False
@@ -151,10 +173,20 @@ class FederationServer:
         if op == "work":
             if self.finished:
                 return {"op": "done"}, []
-            if r is None or not r.todo:
+            if r is None:
                 return {"op": "wait", "seconds": WAIT_S}, []
-            client = r.todo.popleft()
+            if r.todo:
+                client = r.todo.popleft()
+            else:  # all handed out: hand again the one out longest, if out too long
+                now = time.monotonic()
+                out = [c for c in r.handed if c not in r.changes]
+                oldest = min(out, key=r.handed.__getitem__, default=None)
+                if oldest is None or now - r.handed[oldest] < patience(self.took):
+                    return {"op": "wait", "seconds": WAIT_S}, []
+                client = r.given[oldest]
+                self.re_handed += 1
             r.given[client.client] = client
+            r.handed[client.client] = time.monotonic()
             return {"op": "train", "round": r.number, "client": client.client,
                     "lr": self.lr}, [self.global_x]  # fmt: skip
         if op == "update":
@@ -168,6 +200,7 @@ class FederationServer:
                 return {"op": "ok", "stale": True}, []
             assert r is not None
             r.changes[cid] = tensors[0].clone()
+            self.took.append(time.monotonic() - r.handed[cid])
             loss = header.get("loss_sum", 0.0)
             if isinstance(loss, (int, float)) and np.isfinite(loss):
                 r.loss_sum += float(loss)

@@ -257,7 +257,8 @@ class FedAvg(Strategy):
                 "dropped_late": int(own["dropped"]),
                 "secure_agg": o.secure_agg,
                 "rounds_unmasked_failed": int(own.get("aborted", 0)),
-                **({"refused": self.remote.refused()} if self.remote is not None else {}),
+                **({"refused": self.remote.refused(), "re_handed": self.remote.re_handed}
+                   if self.remote is not None else {}),
             },
             **({"privacy": {"level": "client", **self.accountant.summary(self.budget.clip)}}
                if self.accountant is not None else {}),
