@@ -283,3 +283,30 @@ def test_a_client_process_that_dies_mid_round_is_covered_without_a_deadline(tmp_
     summary = read_summary(fed)["federated"]
     assert summary["re_handed"] == 1 and summary["client_updates"] == 12, summary
     assert summary["dropped_late"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_secure_aggregation_with_client_processes_ends_as_the_simulation(tmp_path):
+    """--secure-agg with --listen: the server gets keys, masked inputs and shares, never
+    a change, and unmasks the same fixed-point sum as the simulation's protocol."""
+    port, secret = free_port(), secrets.token_hex(32)
+    job = [*FED, "--strategy", "fedavg", "--clients", "6", "--clients-per-round", "4",
+           "--local-steps", "2", "--batch-size", "16", "--steps", "3", "--workers", "1",
+           "--secure-agg"]  # fmt: skip
+    sim, fed = tmp_path / "sim", tmp_path / "fed"
+    train(sim, *job)
+    server = start_train(fed, *job, "--listen", f"127.0.0.1:{port}",
+                         env={"SHOAL_PS_SECRET": secret})  # fmt: skip
+    try:
+        live = run_shoal("federate", "--connect", f"127.0.0.1:{port}", "--processes", "2",
+                         "--timeout", "60", env={"SHOAL_PS_SECRET": secret})  # fmt: skip
+        assert live.returncode == 0, live.stderr
+        _, err = server.communicate(timeout=120)
+    finally:
+        server.kill()
+    assert server.returncode == 0, err
+    assert max_abs_diff(params(fed), params(sim)) < 1e-6
+    summary = read_summary(fed)["federated"]
+    assert summary["secure_agg"] and summary["client_updates"] == 12, summary
+    assert summary["rounds_unmasked_failed"] == 0 and "stale" not in summary["refused"]

@@ -57,3 +57,13 @@ def load_flat(params: list[nn.Parameter], flat: torch.Tensor) -> None:
     for p in params:
         p.copy_(flat[offset : offset + p.numel()].view_as(p))
         offset += p.numel()
+
+
+def contribution(change: torch.Tensor, examples: int, clip: float = 0.0) -> torch.Tensor:
+    """What one client sends to the sum: its change weighted by its rows (with
+    client-level DP, ``clip`` > 0: clipped to norm ``clip`` and unweighted), its weight,
+    and 1 (it reported)."""
+    if clip > 0:
+        change = change * min(1.0, clip / (float(change.norm()) + 1e-12))
+        examples = 1
+    return torch.cat([change * examples, change.new_tensor([examples, 1.0])])

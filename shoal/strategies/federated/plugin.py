@@ -72,14 +72,11 @@ class Plugin(plugin.Plugin):
         partition.parse(opts.partition)
         if job.train.steps <= 0:
             raise UserError("--strategy fedavg counts rounds in --steps: give --steps N")
-        if opts.listen:
-            if job.world_size != 1:
-                raise UserError(
-                    "--listen runs the federation's server as one process: --workers 1 "
-                    "(the clients run shoal federate elsewhere)"
-                )
-            if opts.secure_agg:
-                raise UserError("--secure-agg runs in the simulation only, not with --listen")
+        if opts.listen and job.world_size != 1:
+            raise UserError(
+                "--listen runs the federation's server as one process: --workers 1 "
+                "(the clients run shoal federate elsewhere)"
+            )
         if opts.clients_per_round > opts.clients:
             raise UserError(
                 f"--clients-per-round {opts.clients_per_round} is more than --clients "

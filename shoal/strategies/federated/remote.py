@@ -25,6 +25,24 @@ Requests (client -> server), each answered:
 - ``update`` (round, client, loss sum; its change) -> ``ok`` (a change for a round
   that is over, or a client not handed out, is dropped and counted as stale).
 
+With ``--secure-agg`` the server never sees a change (Bonawitz et al. 2017, as
+:mod:`shoal.secagg` runs it in the simulation). A client's ``update`` carries its
+two public keys instead, and the process keeps the client's secrets and its
+contribution (weighted, clipped where client-level DP is on). Once the round's
+clients reported, the server asks the process holding each client, through
+``work``, for the protocol's next steps, and routes what they send:
+
+- ``share`` (peers, every client's public keys) -> ``shares`` (the client's
+  secret shares, encrypted for each peer);
+- ``mask`` (the shares sent to it) -> ``masked`` (its contribution in fixed point,
+  masked: uniformly random alone);
+- ``unmask`` (who sent a masked input) -> ``answers`` (the shares the server may
+  have: of a self mask where the peer sent its input, of a mask key where not).
+
+The server unmasks only the sum. A client that misses a step (its process died,
+or ``--round-deadline`` passed; without a deadline a step waits
+:data:`STEP_S`) drops out, and its masks are taken out with its peers' shares.
+
 A client process may die, or stall, with clients it was handed. Once every client
 of the round has been handed out, a process that asks for work is handed again
 the client out longest, if it has been out for more than :func:`patience`
@@ -50,9 +68,11 @@ import numpy as np
 import torch
 import zmq
 
+from shoal import privacy, secagg
 from shoal.config import JobConfig, dumps_toml, loads_toml
 from shoal.errors import PeerLost, UserError
 from shoal.metrics import CommCounter
+from shoal.strategies.federated.local import contribution
 from shoal.strategies.federated.rounds import ClientWork, RoundTask
 from shoal.strategies.ps import gate, wire
 from shoal.strategies.ps.client import Peer
@@ -63,6 +83,8 @@ WAIT_S = 0.05
 """How long a client with nothing to do waits before asking again."""
 FINISH_S = 3.0
 """How long the server, once done, keeps telling clients that ask that it is done."""
+STEP_S = 30.0
+"""Without --round-deadline, how long a step of secure aggregation waits for a client."""
 PATIENCE_S = 2.0
 """The least time a client is out before it is handed to another process."""
 
@@ -79,6 +101,22 @@ def max_bytes(numel: int) -> int:
 
 
 @dataclass
+class Secure:
+    """A round's secure aggregation at the server: the public part of each client's."""
+
+    holder: dict[int, str] = field(default_factory=dict)  # client -> the process with it
+    keys: dict[int, secagg.Keys] = field(default_factory=dict)
+    peers: dict[int, list[int]] = field(default_factory=dict)
+    mail: dict[int, dict[int, bytes]] = field(default_factory=dict)  # from -> to -> blob
+    masked: dict[int, np.ndarray] = field(default_factory=dict)
+    answers: dict[int, dict[int, tuple[str, int]]] = field(default_factory=dict)
+    sent: list[int] = field(default_factory=list)  # the clients whose masked input came
+    step: str = "keys"  # the step under way: keys (while training), share, mask, unmask
+    pending: set[int] = field(default_factory=set)  # clients yet to take it
+    asked: set[int] = field(default_factory=set)  # clients whose process was asked to
+
+
+@dataclass
 class Round:
     """What the server knows of the round under way."""
 
@@ -88,6 +126,12 @@ class Round:
     handed: dict[int, float] = field(default_factory=dict)  # client -> when last handed out
     changes: dict[int, torch.Tensor] = field(default_factory=dict)
     loss_sum: float = 0.0
+    secure: Secure | None = None
+
+    @property
+    def reported(self) -> dict[int, Any]:
+        """The clients that reported: their changes, or with secure aggregation their keys."""
+        return self.secure.keys if self.secure is not None else self.changes
 
 
 class FederationServer:
@@ -125,14 +169,65 @@ class FederationServer:
     ) -> tuple[dict[int, torch.Tensor], float, int]:
         """Hand out the round's clients until every one reported, or the deadline passed.
         Returns each reporting client's change, their loss sum, and the late ones."""
-        self.round = Round(task.step, deque(task.clients))
+        done, _ = self._train(task, global_x, lr, deadline_s, None)
+        return done.changes, done.loss_sum, len(task.clients) - len(done.changes)
+
+    def serve_secure_round(
+        self, task: RoundTask, global_x: torch.Tensor, lr: float, deadline_s: float
+    ) -> tuple[np.ndarray | None, float, int]:
+        """A round under secure aggregation. Returns the sum of the reporting clients'
+        contributions (fixed point; ``None`` where none reported), their loss sum, and
+        the late ones. Raises :class:`~shoal.secagg.SecAggError` where too many dropped
+        out to unmask the sum."""
+        secure = Secure()
+        done, deadline = self._train(task, global_x, lr, deadline_s, secure)
+        late = len(task.clients) - len(secure.keys)
+        ids = sorted(secure.keys)
+        if not ids:
+            return None, done.loss_sum, late
+        self.round = done
+        try:
+            secure.peers = secagg.neighbours(ids, seed=(self.job.train.seed << 20) ^ done.number)
+            self._step(secure, "share", ids, deadline)
+            shared = set(secure.mail)
+            self._step(secure, "mask", sorted(shared), deadline)
+            secure.sent = sorted(secure.masked)
+            self._step(secure, "unmask", secure.sent, deadline)
+        finally:
+            self.round = None
+        late = len(task.clients) - len(secure.masked)
+        if not secure.masked:
+            return None, done.loss_sum, late
+        summed = secagg.unmask_sum(secure.masked, secure.keys, secure.peers, shared,
+                                   secure.answers)  # fmt: skip
+        return summed, done.loss_sum, late
+
+    def _train(
+        self,
+        task: RoundTask,
+        global_x: torch.Tensor,
+        lr: float,
+        deadline_s: float,
+        secure: Secure | None,
+    ) -> tuple[Round, float]:
+        """The round's training: until every client reported, or the deadline passed.
+        Returns the round and its deadline (``monotonic`` time)."""
+        self.round = Round(task.step, deque(task.clients), secure=secure)
         self.global_x, self.lr = global_x.detach().cpu().contiguous(), lr
         deadline = time.monotonic() + deadline_s if deadline_s else float("inf")
         want = len(task.clients)
-        while len(self.round.changes) < want and time.monotonic() < deadline:
+        while len(self.round.reported) < want and time.monotonic() < deadline:
             self._serve(min(1.0, max(0.0, deadline - time.monotonic())))
         done, self.round = self.round, None
-        return done.changes, done.loss_sum, want - len(done.changes)
+        return done, deadline
+
+    def _step(self, secure: Secure, step: str, clients: list[int], deadline: float) -> None:
+        """Run one step of secure aggregation: until each of ``clients`` took it, or the
+        deadline (or :data:`STEP_S`, where the round has none) passed."""
+        secure.step, secure.pending, secure.asked = step, set(clients), set()
+        end = min(deadline, time.monotonic() + STEP_S)
+        while secure.pending and time.monotonic() < end:
+            self._serve(min(1.0, max(0.0, end - time.monotonic())))
 
     def finish(self) -> None:
         """Tell the clients that ask in the next seconds that the job is done."""
@@ -175,11 +270,13 @@ class FederationServer:
                 return {"op": "done"}, []
             if r is None:
                 return {"op": "wait", "seconds": WAIT_S}, []
+            if r.secure is not None and r.secure.step != "keys":
+                return self._secure_task(user, r.number, r.secure), []
             if r.todo:
                 client = r.todo.popleft()
             else:  # all handed out: hand again the one out longest, if out too long
                 now = time.monotonic()
-                out = [c for c in r.handed if c not in r.changes]
+                out = [c for c in r.handed if c not in r.reported]
                 oldest = min(out, key=r.handed.__getitem__, default=None)
                 if oldest is None or now - r.handed[oldest] < patience(self.took):
                     return {"op": "wait", "seconds": WAIT_S}, []
@@ -189,6 +286,13 @@ class FederationServer:
             r.handed[client.client] = time.monotonic()
             return {"op": "train", "round": r.number, "client": client.client,
                     "lr": self.lr}, [self.global_x]  # fmt: skip
+        if op == "update" and r is not None and r.secure is not None:
+            return self._secure_update(user, header, r), []
+        if op in ("shares", "masked", "answers"):
+            took = r is not None and r.secure is not None and self._secure_reply(
+                user, op, header, tensors, r.number, r.secure)  # fmt: skip
+            self.stale += not took
+            return {"op": "ok", **({} if took else {"stale": True})}, []
         if op == "update":
             cid = header.get("client")
             shaped = (len(tensors) == 1 and tensors[0].dtype == torch.float64
@@ -207,6 +311,74 @@ class FederationServer:
             return {"op": "ok"}, []
         return {"op": "error", "error": f"unknown op {op!r}"}, []
 
+    def _secure_update(self, user: str, header: dict, r: Round) -> dict:
+        """A client's report under secure aggregation: its public keys, not its change."""
+        s, cid = r.secure, header.get("client")
+        assert s is not None
+        keys = header.get("keys")
+        fits = (header.get("round") == r.number and cid in r.given and cid not in s.keys
+                and s.step == "keys" and isinstance(keys, list) and len(keys) == 2
+                and all(_hex(k, 32) for k in keys))  # fmt: skip
+        if not fits:
+            self.stale += 1
+            return {"op": "ok", "stale": True}
+        s.keys[cid] = secagg.Keys(bytes.fromhex(keys[0]), bytes.fromhex(keys[1]))
+        s.holder[cid] = user
+        self.took.append(time.monotonic() - r.handed[cid])
+        loss = header.get("loss_sum", 0.0)
+        if isinstance(loss, (int, float)) and np.isfinite(loss):
+            r.loss_sum += float(loss)
+        return {"op": "ok"}
+
+    def _secure_task(self, user: str, number: int, s: Secure) -> dict:
+        """The next step of secure aggregation for a client this process holds, if any."""
+        cid = next((c for c in sorted(s.pending - s.asked) if s.holder.get(c) == user), None)
+        if cid is None:
+            return {"op": "wait", "seconds": WAIT_S}
+        s.asked.add(cid)
+        head = {"op": s.step, "round": number, "client": cid}
+        if s.step == "share":
+            keys = {str(u): [k.c.hex(), k.s.hex()] for u, k in s.keys.items()}
+            return {**head, "peers": s.peers[cid], "keys": keys}
+        if s.step == "mask":
+            return {**head, "inbox": {str(u): m[cid].hex() for u, m in s.mail.items() if cid in m}}
+        return {**head, "sent": s.sent}
+
+    def _secure_reply(
+        self, user: str, op: str, header: dict, tensors: list[torch.Tensor], number: int,
+        s: Secure,
+    ) -> bool:  # fmt: skip
+        """Take a client's step of secure aggregation; whether it fit (the step under way,
+        a client that process holds and was asked for, well formed)."""
+        cid = header.get("client")
+        want = {"share": "shares", "mask": "masked", "unmask": "answers"}.get(s.step)
+        if (op != want or header.get("round") != number or cid not in s.pending
+                or cid not in s.asked or s.holder.get(cid) != user):  # fmt: skip
+            return False
+        if op == "shares":
+            mail = header.get("mail")
+            peers = s.peers[cid]
+            if not isinstance(mail, dict) or not all(
+                _int(v) in peers and _hex(b, 512, exact=False) for v, b in mail.items()
+            ):
+                return False
+            s.mail[cid] = {int(v): bytes.fromhex(b) for v, b in mail.items()}
+        elif op == "masked":
+            if not (len(tensors) == 1 and tensors[0].dtype == torch.int64
+                    and tensors[0].numel() == self.numel + 2):  # fmt: skip
+                return False
+            s.masked[cid] = tensors[0].numpy().view(np.uint64).copy()
+        else:
+            answers = header.get("answers")
+            if not (isinstance(answers, dict) and all(
+                    _int(u) in s.keys and isinstance(a, list) and len(a) == 2
+                    and a[0] in ("b", "s") and _hex(a[1], 70, exact=False)
+                    for u, a in answers.items())):  # fmt: skip
+                return False
+            s.answers[cid] = {int(u): (a[0], int(a[1], 16)) for u, a in answers.items()}
+        s.pending.discard(cid)
+        return True
+
     def refused(self) -> dict[str, int]:
         """What was turned away: at the door (by reason), malformed messages (by kind),
         and stale updates (a round that was over, a client not handed out)."""
@@ -215,6 +387,27 @@ class FederationServer:
 
     def close(self) -> None:
         self.listener.close()
+
+
+def _hex(value: Any, size: int, exact: bool = True) -> bool:
+    """Whether ``value`` is a hex string of ``size`` bytes (at most, unless ``exact``)."""
+    if not isinstance(value, str) or not value or len(value) > 2 * size:
+        return False
+    if exact and len(value) != 2 * size:
+        return False
+    try:
+        int(value, 16)
+    except ValueError:
+        return False
+    return True
+
+
+def _int(value: Any) -> int | None:
+    """``value`` (a JSON key) as a client id, or ``None``."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
 
 
 # --- the client process ---------------------------------------------------------------------
@@ -252,9 +445,11 @@ def run_client(address: str, name: str, timeout_s: float = 300.0) -> int:
         numel = sum(p.numel() for p in params)
         peer.max_bytes = max_bytes(numel)
         optimizer = build_optimizer(params, job.optim)
-        dp = job.train.dp_clip > 0
-        federation = build_federation(job, data, dp)
+        budget = privacy.budget(job.train)
+        federation = build_federation(job, data, budget.enabled)
         mu = job.strategy.options.prox_mu
+        secure = SecureClients(job.strategy.options.secure_agg, budget.clip if budget.enabled
+                               else 0.0)  # fmt: skip
 
         def loss_fn(m: torch.nn.Module, batch: Any) -> torch.Tensor:
             return per_sample_loss(data.task, m(batch[0]), batch[1])
@@ -269,6 +464,10 @@ def run_client(address: str, name: str, timeout_s: float = 300.0) -> int:
             op = header.get("op")
             if op == "done":
                 return pushed
+            if op in ("share", "mask", "unmask"):
+                reply, out = secure.step(header)
+                peer.call(reply, out)
+                continue
             if op != "train":
                 time.sleep(min(1.0, float(header.get("seconds", WAIT_S))))
                 continue
@@ -280,11 +479,54 @@ def run_client(address: str, name: str, timeout_s: float = 300.0) -> int:
             global_x = tensors[0].to(torch.float64)
             change, loss_sum, _ = train_client(model, params, optimizer, batches, loss_fn, mu,
                                                global_x)  # fmt: skip
-            peer.call({"op": "update", "round": r, "client": cid,
-                       "loss_sum": float(loss_sum)}, [change.contiguous()])  # fmt: skip
+            update = {"op": "update", "round": r, "client": cid, "loss_sum": float(loss_sum)}
+            if secure.on:  # its keys; the change stays here, to be sent masked
+                peer.call({**update, "keys": secure.keep(r, cid, change, work.examples)})
+            else:
+                peer.call(update, [change.contiguous()])
             pushed += 1
     finally:
         peer.close()
+
+
+class SecureClients:
+    """A client process's side of secure aggregation: the secrets and contributions of
+    the clients it trained this round, and the protocol's steps for them."""
+
+    def __init__(self, on: bool, clip: float) -> None:
+        self.on, self.clip = on, clip
+        self.round = -1
+        self.held: dict[int, tuple[secagg.Client, np.ndarray]] = {}
+
+    def keep(self, round_: int, cid: int, change: torch.Tensor, examples: int) -> list[str]:
+        """Keep a trained client's contribution and new secrets; its public keys."""
+        if round_ != self.round:
+            self.round, self.held = round_, {}
+        client = secagg.Client(cid)
+        x = secagg.encode(contribution(change.cpu(), examples, self.clip).numpy())
+        self.held[cid] = (client, x)
+        keys = client.advertise()
+        return [keys.c.hex(), keys.s.hex()]
+
+    def step(self, header: dict) -> tuple[dict, list[torch.Tensor]]:
+        """The server's request for a step of one client's protocol; the reply."""
+        op, r, cid = header["op"], int(header["round"]), int(header["client"])
+        client, x = self.held[cid] if r == self.round else (None, None)
+        reply = {"op": {"share": "shares", "mask": "masked", "unmask": "answers"}[op],
+                 "round": r, "client": cid}  # fmt: skip
+        if client is None or x is None:
+            return reply, []  # not a client of ours (the server counts it stale)
+        if op == "share":
+            keys = {int(u): secagg.Keys(bytes.fromhex(c), bytes.fromhex(s))
+                    for u, (c, s) in header["keys"].items()}  # fmt: skip
+            mail = client.share_keys(keys, [int(p) for p in header["peers"]])
+            return {**reply, "mail": {str(v): m.hex() for v, m in mail.items()}}, []
+        if op == "mask":
+            client.receive({int(u): bytes.fromhex(m) for u, m in header["inbox"].items()})
+            return reply, [torch.from_numpy(client.masked_input(x).view(np.int64))]
+        answers = client.unmask(int(u) for u in header["sent"])
+        return {**reply, "answers": {str(u): [k, format(v, "x")]
+                                     for u, (k, v) in answers.items()}}, []  # fmt: skip
 
 
 def client_name() -> str:

@@ -34,7 +34,7 @@ from shoal.metrics import PhaseTimer
 from shoal.optim import build_optimizer, build_scheduler
 from shoal.strategies.base import Batch, LossFn, Strategy
 from shoal.strategies.collectives import ring_allreduce_bytes
-from shoal.strategies.federated.local import load_flat, train_client
+from shoal.strategies.federated.local import contribution, load_flat, train_client
 from shoal.strategies.federated.rounds import RoundTask, RoundWork, build_federation
 from shoal.strategies.federated.server import ServerOptimizer
 
@@ -111,7 +111,21 @@ class FedAvg(Strategy):
         return self._finish_round(task, total, loss_sum, late, global_x, timer)
 
     def _serve(self, task: RoundTask, global_x: torch.Tensor) -> tuple[torch.Tensor, Any, int]:
-        """A round of clients on other machines: their changes, summed in client order."""
+        """A round of clients on other machines: their changes, summed in client order
+        (with secure aggregation: only their sum, unmasked by the server)."""
+        if self.options.secure_agg:
+            total = torch.zeros(global_x.numel() + 2, dtype=torch.float64)
+            try:
+                summed, loss_sum, late = self.remote.serve_secure_round(
+                    task, global_x, self.lr, self.options.round_deadline
+                )
+                if summed is not None:
+                    total = torch.from_numpy(secagg.decode(summed))
+            except secagg.SecAggError as e:  # too many dropped: the round is lost
+                self._lost(task, e)
+                loss_sum, late = 0.0, len(task.clients)
+            loss = torch.tensor(loss_sum, dtype=torch.float64)
+            return total.to(global_x.device), loss, late
         changes, loss_sum, late = self.remote.serve_round(
             task, global_x, self.lr, self.options.round_deadline
         )
@@ -148,12 +162,8 @@ class FedAvg(Strategy):
         return loss_sum
 
     def _contribution(self, change: torch.Tensor, examples: int) -> torch.Tensor:
-        """What one client sends: its change weighted by its rows (with client-level DP,
-        clipped to ``--dp-clip`` and unweighted), its weight, and 1 (it reported)."""
-        if self.accountant is not None:
-            change = change * min(1.0, self.budget.clip / (float(change.norm()) + 1e-12))
-            examples = 1
-        return torch.cat([change * examples, change.new_tensor([examples, 1.0])])
+        """What one client sends (:func:`~.local.contribution`)."""
+        return contribution(change, examples, self.budget.clip if self.accountant else 0.0)
 
     def _noise(self, round_: int, like: torch.Tensor) -> torch.Tensor:
         """The round's Gaussian noise, std ``sigma * clip``: one draw, seeded by the round,
@@ -205,13 +215,17 @@ class FedAvg(Strategy):
                 summed = secagg.unmask_sum(inputs, keys, peers, set(keys), answers)
                 total = torch.from_numpy(secagg.decode(summed))
             except secagg.SecAggError as e:  # too many dropped: the round is lost
-                self.aborted += 1
-                print(f"shoal: round {task.step + 1} could not be unmasked and leaves the "
-                      f"model as it was: {e}", file=sys.stderr, flush=True)  # fmt: skip
+                self._lost(task, e)
         total = total.to(self.env.device)
         if self.env.world_size > 1:
             dist.broadcast(total, 0)
         return total
+
+    def _lost(self, task: RoundTask, error: Exception) -> None:
+        """A round whose sum could not be unmasked: counted, said, the model unchanged."""
+        self.aborted += 1
+        print(f"shoal: round {task.step + 1} could not be unmasked and leaves the model as "
+              f"it was: {error}", file=sys.stderr, flush=True)  # fmt: skip
 
     def close(self) -> None:
         if self.remote is not None:
