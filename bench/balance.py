@@ -125,7 +125,10 @@ def main() -> None:
                         plan = json.loads((out / "summary.json").read_text())["balance"]
                         stds.append(max(plan["share_std"]))
                         shares = " ".join(f"{s:.2f}" for s in plan["shares"])
-                        print(f"  {name} auto rep {i + 1}: shares {shares}", flush=True)
+                        probes = plan.get("probes", {})
+                        print(f"  {name} auto rep {i + 1}: shares {shares}, probes kept "
+                              f"{probes.get('kept', 0)} of {probes.get('tried', 0)}",
+                              flush=True)  # fmt: skip
                 if ddp_args is not None and "ddp" in args.runs.split(","):
                     records = ddp(tmp / f"{name}-ddp-{i}.json", args.steps, *ddp_args)
                     times.setdefault("ddp-static", []).append(time_to(records, args.target))

@@ -16,11 +16,23 @@ the parameters of an equal one (up to float reduction order).
   ``--balance-every`` steps, the ranks exchange their window's figures and every
   rank computes the same plan (:func:`plan`): the shares that make every rank
   equally busy, a rank being busy ``(fixed + n) / speed`` with ``n`` samples.
-  Against noise: the lower quartile of each window's times; a plan is adopted
+  Against noise: the lower quartile of each window's times; ranks whose speeds
+  are within :data:`THRESHOLD` of each other plan as one speed (:func:`pooled`),
+  so that alike machines split their work evenly; a plan is adopted
   only when it would shorten the predicted step by more than :data:`THRESHOLD`;
   every change after the first moves :data:`DAMPING` of the way to the target,
   and no share by more than a factor of :data:`STRIDE`, so shares settle
   instead of chasing each window's noise.
+
+  Where the model has settled on uneven shares, the balancer tries the cut it
+  cannot predict: for a window, the ranks below an equal share keep only
+  :data:`PROBE` of theirs. It keeps a probe (and tries further) only when the
+  window's median step, measured whole (the exchange and the metrics gather
+  included), is more than :data:`GAIN` quicker; otherwise it goes back and stops
+  probing until the model moves the plan. What the busy-time model misses is
+  mostly how a slow rank holds up the collectives: on a machine throttled by a
+  CPU quota (containers' CPU limits) a rank with no slack answers each round of
+  an all-reduce late, so the quickest cut leaves it idle for part of a step.
 
 A slice larger than ``--max-rank-batch`` is computed as micro-batches whose
 gradients accumulate; every rank uses the same number of micro-batches in a
@@ -54,6 +66,10 @@ STRIDE = 3.0
 """One re-plan changes a rank's share by at most this factor, up or down."""
 SMOOTHING = 0.5
 """Weight of the newest window in each rank's smoothed rate (an exponential average)."""
+PROBE = 0.5
+"""A probe scales the shares of the ranks below an equal share by this factor."""
+GAIN = 0.03
+"""A probe is kept when the window's median step is quicker by more than this fraction."""
 
 
 @dataclass(frozen=True)
@@ -120,17 +136,20 @@ def micro_batches(sizes: Sequence[int], cap: int) -> int:
     return max(1, max(math.ceil(s / cap) for s in sizes))
 
 
-def _summarize(window: list[tuple[int, float, float]]) -> tuple[float, float, float]:
+def _summarize(window: list[tuple[int, float, float, float]]) -> list[float]:
     """A window's samples per step (median), busy seconds per sample (lower quartile:
     a straggling step only ever adds time, so the quickest steps show a rank's speed,
-    and a rank that is slow in every step is slow in those too), and the step's fixed
-    cost as samples' worth of compute (median; 0 where compute was not measured)."""
+    and a rank that is slow in every step is slow in those too), the step's fixed
+    cost as samples' worth of compute (median; 0 where compute was not measured), and
+    the whole step's seconds (median)."""
     if not window:
-        return 0.0, 0.0, 0.0
-    fixed = [n * (busy - compute) / compute for n, busy, compute in window if 0 < compute < busy]
-    return (statistics.median(n for n, _, _ in window),
-            float(np.percentile([busy / n for n, busy, _ in window], 25, method="lower")),
-            statistics.median(fixed) if fixed else 0.0)  # fmt: skip
+        return [0.0] * 4
+    fixed = [n * (busy - compute) / compute for n, busy, compute, _ in window
+             if 0 < compute < busy]  # fmt: skip
+    return [statistics.median(n for n, *_ in window),
+            float(np.percentile([busy / n for n, busy, *_ in window], 25, method="lower")),
+            statistics.median(fixed) if fixed else 0.0,
+            statistics.median(wall for *_, wall in window)]  # fmt: skip
 
 
 def plan(rates: Sequence[float], fixed: float, total: float) -> list[float]:
@@ -153,9 +172,34 @@ def plan(rates: Sequence[float], fixed: float, total: float) -> list[float]:
     return [n / total for n in sizes]
 
 
+def pooled(rates: Sequence[float], tolerance: float = THRESHOLD) -> list[float]:
+    """``rates`` where ranks within ``tolerance`` of the fastest of their group count as
+    one speed, the group's mean: ranks alike measure a few percent apart, and a plan
+    that followed those differences would load the one that measured quickest most."""
+    out = list(rates)
+    order = sorted(range(len(rates)), key=lambda r: -rates[r])
+    while order:
+        group = [r for r in order if rates[r] * (1 + tolerance) >= rates[order[0]]]
+        mean = sum(rates[r] for r in group) / len(group)
+        for r in group:
+            out[r] = mean
+        order = order[len(group) :]
+    return out
+
+
 def predicted(shares: Sequence[float], rates: Sequence[float], fixed: float, total: float) -> float:
     """The busy time of the slowest rank under ``shares`` (the model of :func:`plan`)."""
     return max((fixed + s * total) / r for s, r in zip(shares, rates))
+
+
+def further(shares: Sequence[float]) -> list[float]:
+    """A probe's shares: the ranks below an equal share scaled by :data:`PROBE`, the
+    others taking up what they gave in proportion to their shares."""
+    mean = 1 / len(shares)
+    low = [s < mean for s in shares]
+    freed = sum((1 - PROBE) * s for s, lo in zip(shares, low) if lo)
+    high = sum(s for s, lo in zip(shares, low) if not lo)
+    return [s * PROBE if lo else s * (1 + freed / high) for s, lo in zip(shares, low)]
 
 
 class Balancer:
@@ -176,7 +220,12 @@ class Balancer:
         self.rates: list[float] | None = None  # smoothed speeds (samples/s), per rank
         self.previous: list[list[float]] | None = None
         self.fixed = 0.0  # the smoothed fixed cost of a step, as samples' worth of compute
-        self.window: list[tuple[int, float, float]] = []  # (samples, busy, compute) per step
+        self.window: list[tuple[int, float, float, float]] = []
+        """(samples, busy, compute, whole step) seconds, per measured step"""
+        self.trial: tuple[list[float], float] | None = None
+        """while a probe runs: the shares before it and their median step"""
+        self.probed = False  # the probes since the model last moved the plan are done
+        self.probes = [0, 0]  # probes tried, kept
         self.logged: list[list[float]] = []  # the shares at each metrics record
 
     @property
@@ -188,11 +237,11 @@ class Balancer:
         if not self.history or self.history[-1][1] != self.shares:
             self.history.append((step, list(self.shares)))
 
-    def observe(self, samples: int, busy: float, compute: float) -> None:
-        """This rank's step of ``samples`` kept it busy ``busy`` seconds, ``compute`` of
-        them in forward and backward."""
+    def observe(self, samples: int, busy: float, compute: float, wall: float) -> None:
+        """This rank's step of ``samples`` took ``wall`` seconds and kept it busy ``busy``
+        of them, ``compute`` in forward and backward."""
         if samples > 0 and busy > 0:
-            self.window.append((samples, busy, compute))
+            self.window.append((samples, busy, compute, wall))
 
     def due(self, step: int) -> bool:
         """Whether the ranks re-plan after global ``step`` (the same answer on every rank):
@@ -211,7 +260,9 @@ class Balancer:
         rows = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
         dist.all_gather(rows, mine)
         best: dict[int, list[float]] = {}
-        for rank, *row in (r.tolist() for r in rows):
+        step_time = 0.0
+        for rank, *row, wall in (r.tolist() for r in rows):
+            step_time = max(step_time, wall)
             # ranks that share a slice (tensor shards): the slowest counts
             if int(rank) not in best or row[1] > best[int(rank)][1]:
                 best[int(rank)] = row
@@ -243,21 +294,49 @@ class Balancer:
             rates = [SMOOTHING * new + (1 - SMOOTHING) * old for new, old in zip(rates, self.rates)]
             fixed = SMOOTHING * fixed + (1 - SMOOTHING) * self.fixed
         self.rates, self.fixed = rates, fixed
-        return self._consider(step, plan(rates, fixed, total), total)
+        if self._consider(step, plan(pooled(rates), fixed, total), total):
+            self.trial, self.probed = None, False
+            return True
+        return self._probe(step, step_time)
+
+    def _probe(self, step: int, step_time: float) -> bool:
+        """Judge a running probe by the window's median ``step_time``, or start one where
+        the plan has settled on uneven shares. Returns whether the plan changed."""
+        if self.trial is not None:
+            before, then = self.trial
+            if step_time < then * (1 - GAIN):  # quicker: keep it, and try further
+                self.probes[1] += 1
+                self.trial = (list(self.shares), step_time)
+                self.probes[0] += 1
+                self._set(step, further(self.shares))
+            else:
+                self.trial, self.probed = None, True
+                self._set(step, before)
+            return True
+        if self.probed or not self.replans or max(self.shares) < (1 + THRESHOLD) * min(self.shares):
+            return False
+        self.trial = (list(self.shares), step_time)
+        self.probes[0] += 1
+        self._set(step, further(self.shares))
+        return True
+
+    def _set(self, step: int, shares: list[float]) -> None:
+        self.shares = [s / sum(shares) for s in shares]
+        self.history.append((step, list(self.shares)))
 
     def _consider(self, step: int, target: list[float], total: float) -> bool:
         """Adopt ``target`` if it shortens the predicted step by more than THRESHOLD."""
         assert self.rates is not None
-        now = predicted(self.shares, self.rates, self.fixed, total)
-        then = predicted(target, self.rates, self.fixed, total)
+        rates = pooled(self.rates)
+        now = predicted(self.shares, rates, self.fixed, total)
+        then = predicted(target, rates, self.fixed, total)
         if now <= then * (1 + THRESHOLD):
             return False
         move = DAMPING if self.replans else 1.0  # the first plan goes all the way
         shares = [s + move * (t - s) for s, t in zip(self.shares, target)]
         shares = [min(max(n, s / STRIDE), s * STRIDE) for n, s in zip(shares, self.shares)]
-        self.shares = [n / sum(shares) for n in shares]
         self.replans += 1
-        self.history.append((step, list(self.shares)))
+        self._set(step, shares)
         return True
 
     def log(self) -> list[float]:
@@ -271,7 +350,8 @@ class Balancer:
 
     def state_dict(self) -> dict[str, Any]:
         return {"spec": str(self.spec), "shares": list(self.shares), "rates": self.rates,
-                "fixed": self.fixed, "replans": self.replans,
+                "fixed": self.fixed, "replans": self.replans, "trial": self.trial,
+                "probed": self.probed, "probes": self.probes,
                 "history": [[s, v] for s, v in self.history], "logged": self.logged}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -282,6 +362,10 @@ class Balancer:
         self.rates = state["rates"]
         self.fixed = float(state.get("fixed", 0.0))
         self.replans = int(state["replans"])
+        trial = state.get("trial")
+        self.trial = None if trial is None else ([float(s) for s in trial[0]], float(trial[1]))
+        self.probed = bool(state.get("probed", False))
+        self.probes = [int(n) for n in state.get("probes", [0, 0])]
         self.history = [(int(s), [float(x) for x in v]) for s, v in state["history"]]
         self.logged = [[float(x) for x in v] for v in state.get("logged", [])]
 
@@ -296,6 +380,7 @@ class Balancer:
             "mode": str(self.spec),
             "shares": list(self.shares),
             "replans": self.replans,
+            "probes": {"tried": self.probes[0], "kept": self.probes[1]},
             "history": [{"step": s, "shares": v} for s, v in self.history],
             "share_std": std,
         }

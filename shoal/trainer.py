@@ -210,7 +210,8 @@ class Trainer:
         # where this rank's busy time for --balance auto began: the end of the last step
         # measured (a first step sets things up; a step with an evaluation, a checkpoint
         # or a re-plan, collectives that wait for the slowest rank, is not measured)
-        busy_since: float | None = None
+        busy_since: float | None = None  # where this step's busy time began
+        stepped = 0.0  # when the last step ended
         # (the parameter server's workers have no group to agree in: ps is not preemptible)
         grouped = dist.is_initialized() and self.plugin.needs_process_group
         preemption = Preemption() if grouped else None
@@ -238,8 +239,10 @@ class Trainer:
                 done = time.perf_counter()
                 if busy_since is not None:  # the step less its waits on peers
                     busy = done - busy_since - self.strategy.wait_time
-                    self.balancer.observe(len(task.indices), busy, self.strategy.compute_time)
-                busy_since = done
+                    self.balancer.observe(
+                        len(task.indices), busy, self.strategy.compute_time, done - stepped
+                    )
+                busy_since = stepped = done
                 if ahead is not None and self.strategy.prefetches:
                     # the next task's rows are asked for now (after this step's push, so
                     # they hold it) and arrive while the next task is fetched

@@ -92,6 +92,35 @@ def test_plan_evens_busy_time_with_a_fixed_cost():
     assert shares[3] == pytest.approx(0.001) and sum(shares) == pytest.approx(1)
 
 
+def test_alike_ranks_plan_as_one_speed():
+    # three alike machines measured a few percent apart, one three times slower
+    assert balance.pooled([19.0, 18.2, 18.0, 6.2]) == pytest.approx([18.4, 18.4, 18.4, 6.2])
+    # within 20% of the fastest of a group, not chained: 10 and 7.5 are apart
+    assert balance.pooled([10.0, 8.7, 7.5]) == pytest.approx([9.35, 9.35, 7.5])
+    assert balance.pooled([3.0, 3.0, 3.0, 4.0]) == [3.0, 3.0, 3.0, 4.0]
+
+
+def test_a_probe_is_kept_only_where_the_whole_step_got_quicker():
+    assert balance.further([0.3, 0.3, 0.3, 0.1]) == pytest.approx([0.3167, 0.3167, 0.3167, 0.05],
+                                                                  abs=1e-4)  # fmt: skip
+    assert balance.further([0.25] * 4) == [0.25] * 4
+    b = balance.Balancer(balance.parse("auto"), 4, 0, 10)
+    assert not b._probe(4, 0.200)  # the plan is equal: nothing to probe
+    b.rates = [3.0, 3.0, 3.0, 1.0]
+    assert b._consider(4, [0.3, 0.3, 0.3, 0.1], 1000)
+    assert b._probe(14, 0.130)  # settled on uneven shares: a probe
+    assert b.shares[3] == pytest.approx(0.05) and b.probes == [1, 0]
+    assert b._probe(24, 0.120)  # 8% quicker: kept, and a probe further
+    assert b.shares[3] == pytest.approx(0.025) and b.probes == [2, 1]
+    assert b._probe(34, 0.119)  # not 3% quicker: back, and no more probes
+    assert b.shares[3] == pytest.approx(0.05) and b.probed
+    assert not b._probe(44, 0.100)
+    again = balance.Balancer(balance.parse("auto"), 4, 0, 10)
+    again.load_state_dict(b.state_dict())
+    assert again.probed and again.probes == [2, 1] and again.shares == b.shares
+    assert [s for s, _ in b.history] == [4, 14, 24, 34]
+
+
 def test_micro_batches_bound_every_slice():
     assert balance.micro_batches([40, 20, 4], 0) == 1
     assert balance.micro_batches([40, 20, 4], 16) == 3

@@ -285,6 +285,9 @@ def print_summary(
     if plan:
         shares = " ".join(f"{s:.2f}" for s in plan["shares"])
         changes = f", {plan['replans']} re-plan{'s' if plan['replans'] != 1 else ''}"
+        probes = plan.get("probes", {})
+        if probes.get("tried"):
+            changes += f", {probes['kept']} of {probes['tried']} probes kept"
         rows.append((f"balance ({plan['mode']})", f"shares {shares}{changes}"))
     dp = summary.get("privacy")
     if dp:
