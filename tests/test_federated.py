@@ -255,7 +255,7 @@ def test_a_client_process_that_dies_mid_round_is_covered_without_a_deadline(tmp_
 
     from shoal.metrics import CommCounter
     from shoal.strategies.federated.remote import TARGET
-    from shoal.strategies.ps.client import Peer
+    from shoal.strategies.ps.client import Peer, PeerError
 
     port, secret = free_port(), secrets.token_hex(32)
     job = [*FED, "--strategy", "fedavg", "--clients", "4", "--local-steps", "2",
@@ -268,6 +268,10 @@ def test_a_client_process_that_dies_mid_round_is_covered_without_a_deadline(tmp_
         peer = Peer(zmq.Context.instance(), f"tcp://127.0.0.1:{port}", bytes.fromhex(secret),
                     "vanishing", CommCounter(), timeout_s=60, max_bytes=1 << 24,
                     target=TARGET)  # fmt: skip
+        for bad in ({"op": "update", "round": 0, "client": [1]},
+                    {"op": "answers", "round": "0", "client": 1}):  # fmt: skip
+            with pytest.raises(PeerError, match="must be an integer"):
+                peer.call(bad)  # answered, counted; the server goes on
         header: dict = {}
         while header.get("op") != "train":
             header, _ = peer.call({"op": "work"})
@@ -282,6 +286,7 @@ def test_a_client_process_that_dies_mid_round_is_covered_without_a_deadline(tmp_
     assert max_abs_diff(params(fed), params(sim)) < 1e-6
     summary = read_summary(fed)["federated"]
     assert summary["re_handed"] == 1 and summary["client_updates"] == 12, summary
+    assert summary["refused"]["malformed"] == 2, summary
     assert summary["dropped_late"] == 0
 
 

@@ -261,6 +261,10 @@ class FederationServer:
         self, user: str, header: dict, tensors: list[torch.Tensor]
     ) -> tuple[dict, list[torch.Tensor]]:
         op, r = header.get("op"), self.round
+        for key in ("round", "client"):  # ids are integers (a list would not even hash)
+            if key in header and (type(header[key]) is not int):
+                self.faults["malformed"] = self.faults.get("malformed", 0) + 1
+                return {"op": "error", "error": f"{key} must be an integer"}, []
         if op == "hello":
             return self.listener.welcome(user, header), []
         if op == "join":
