@@ -27,9 +27,9 @@ the parameters of an equal one (up to float reduction order).
   Where the model has settled on uneven shares, the balancer tries the cut it
   cannot predict: for a window, the ranks below an equal share keep only
   :data:`PROBE` of theirs. It keeps a probe (and tries further) only when the
-  window's median step, measured whole (the exchange and the metrics gather
-  included), is more than :data:`GAIN` quicker; otherwise it goes back and stops
-  probing until the model moves the plan. What the busy-time model misses is
+  window's steps, timed whole (the exchange and the metrics gather included;
+  their lower quartile), are more than :data:`GAIN` quicker; otherwise it goes
+  back and stops probing until the model moves the plan. What the busy-time model misses is
   mostly how a slow rank holds up the collectives: on a machine throttled by a
   CPU quota (containers' CPU limits) a rank with no slack answers each round of
   an all-reduce late, so the quickest cut leaves it idle for part of a step.
@@ -69,7 +69,7 @@ SMOOTHING = 0.5
 PROBE = 0.5
 """A probe scales the shares of the ranks below an equal share by this factor."""
 GAIN = 0.03
-"""A probe is kept when the window's median step is quicker by more than this fraction."""
+"""A probe is kept when its window's steps (lower quartile) are quicker by more than this."""
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,8 @@ def _summarize(window: list[tuple[int, float, float, float]]) -> list[float]:
     a straggling step only ever adds time, so the quickest steps show a rank's speed,
     and a rank that is slow in every step is slow in those too), the step's fixed
     cost as samples' worth of compute (median; 0 where compute was not measured), and
-    the whole step's seconds (median)."""
+    the whole step's seconds (lower quartile: a transient straggler in most of a
+    window's steps would otherwise decide a probe)."""
     if not window:
         return [0.0] * 4
     fixed = [n * (busy - compute) / compute for n, busy, compute, _ in window
@@ -149,7 +150,7 @@ def _summarize(window: list[tuple[int, float, float, float]]) -> list[float]:
     return [statistics.median(n for n, *_ in window),
             float(np.percentile([busy / n for n, busy, *_ in window], 25, method="lower")),
             statistics.median(fixed) if fixed else 0.0,
-            statistics.median(wall for *_, wall in window)]  # fmt: skip
+            float(np.percentile([wall for *_, wall in window], 25, method="lower"))]  # fmt: skip
 
 
 def plan(rates: Sequence[float], fixed: float, total: float) -> list[float]:
@@ -223,7 +224,7 @@ class Balancer:
         self.window: list[tuple[int, float, float, float]] = []
         """(samples, busy, compute, whole step) seconds, per measured step"""
         self.trial: tuple[list[float], float] | None = None
-        """while a probe runs: the shares before it and their median step"""
+        """while a probe runs: the shares before it and the lower quartile of their steps"""
         self.probed = False  # the probes since the model last moved the plan are done
         self.probes = [0, 0]  # probes tried, kept
         self.logged: list[list[float]] = []  # the shares at each metrics record
