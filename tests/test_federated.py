@@ -5,6 +5,8 @@ from __future__ import annotations
 import secrets
 import subprocess
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -257,15 +259,8 @@ def test_a_client_process_that_dies_mid_round_is_covered_without_a_deadline(tmp_
     from shoal.strategies.federated.remote import TARGET
     from shoal.strategies.ps.client import Peer, PeerError
 
-    port, secret = free_port(), secrets.token_hex(32)
-    job = [*FED, "--strategy", "fedavg", "--clients", "4", "--local-steps", "2",
-           "--batch-size", "16", "--steps", "3", "--workers", "1"]  # fmt: skip
-    sim, fed = tmp_path / "sim", tmp_path / "fed"
-    train(sim, *job)
-    server = start_train(fed, *job, "--listen", f"127.0.0.1:{port}",
-                         env={"SHOAL_PS_SECRET": secret})  # fmt: skip
-    try:
-        peer = Peer(zmq.Context.instance(), f"tcp://127.0.0.1:{port}", bytes.fromhex(secret),
+    def vanish(address: str, secret: str) -> None:
+        peer = Peer(zmq.Context.instance(), f"tcp://{address}", bytes.fromhex(secret),
                     "vanishing", CommCounter(), timeout_s=60, max_bytes=1 << 24,
                     target=TARGET)  # fmt: skip
         for bad in ({"op": "update", "round": 0, "client": [1]},
@@ -276,15 +271,10 @@ def test_a_client_process_that_dies_mid_round_is_covered_without_a_deadline(tmp_
         while header.get("op") != "train":
             header, _ = peer.call({"op": "work"})
         peer.close()  # gone, holding client `header["client"]` of round 0
-        live = run_shoal("federate", "--connect", f"127.0.0.1:{port}", "--timeout", "60",
-                         env={"SHOAL_PS_SECRET": secret})  # fmt: skip
-        assert live.returncode == 0, live.stderr
-        _, err = server.communicate(timeout=120)
-    finally:
-        server.kill()
-    assert server.returncode == 0, err
-    assert max_abs_diff(params(fed), params(sim)) < 1e-6
-    summary = read_summary(fed)["federated"]
+
+    job = [*FED, "--strategy", "fedavg", "--clients", "4", "--local-steps", "2",
+           "--batch-size", "16", "--steps", "3", "--workers", "1"]  # fmt: skip
+    summary = _federation_as_simulation(tmp_path, job, processes=1, before=vanish)
     assert summary["re_handed"] == 1 and summary["client_updates"] == 12, summary
     assert summary["refused"]["malformed"] == 2, summary
     assert summary["dropped_late"] == 0
@@ -295,16 +285,29 @@ def test_a_client_process_that_dies_mid_round_is_covered_without_a_deadline(tmp_
 def test_secure_aggregation_with_client_processes_ends_as_the_simulation(tmp_path):
     """--secure-agg with --listen: the server gets keys, masked inputs and shares, never
     a change, and unmasks the same fixed-point sum as the simulation's protocol."""
-    port, secret = free_port(), secrets.token_hex(32)
     job = [*FED, "--strategy", "fedavg", "--clients", "6", "--clients-per-round", "4",
            "--local-steps", "2", "--batch-size", "16", "--steps", "3", "--workers", "1",
            "--secure-agg"]  # fmt: skip
+    summary = _federation_as_simulation(tmp_path, job, processes=2)
+    assert summary["secure_agg"] and summary["client_updates"] == 12, summary
+    assert summary["rounds_unmasked_failed"] == 0 and "stale" not in summary["refused"]
+
+
+def _federation_as_simulation(
+    tmp_path: Path, job: list[str], processes: int, before: Callable[[str, str], None] | None = None
+) -> dict:
+    """Run ``job`` as a simulation, then as a server on loopback with ``shoal federate
+    --processes N`` (after ``before(address, secret)``); assert both end at the same
+    model. Returns the federation's ``federated`` summary."""
+    port, secret = free_port(), secrets.token_hex(32)
+    address = f"127.0.0.1:{port}"
     sim, fed = tmp_path / "sim", tmp_path / "fed"
     train(sim, *job)
-    server = start_train(fed, *job, "--listen", f"127.0.0.1:{port}",
-                         env={"SHOAL_PS_SECRET": secret})  # fmt: skip
+    server = start_train(fed, *job, "--listen", address, env={"SHOAL_PS_SECRET": secret})
     try:
-        live = run_shoal("federate", "--connect", f"127.0.0.1:{port}", "--processes", "2",
+        if before is not None:
+            before(address, secret)
+        live = run_shoal("federate", "--connect", address, "--processes", str(processes),
                          "--timeout", "60", env={"SHOAL_PS_SECRET": secret})  # fmt: skip
         assert live.returncode == 0, live.stderr
         _, err = server.communicate(timeout=120)
@@ -312,6 +315,4 @@ def test_secure_aggregation_with_client_processes_ends_as_the_simulation(tmp_pat
         server.kill()
     assert server.returncode == 0, err
     assert max_abs_diff(params(fed), params(sim)) < 1e-6
-    summary = read_summary(fed)["federated"]
-    assert summary["secure_agg"] and summary["client_updates"] == 12, summary
-    assert summary["rounds_unmasked_failed"] == 0 and "stale" not in summary["refused"]
+    return read_summary(fed)["federated"]
