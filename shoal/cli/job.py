@@ -5,10 +5,12 @@ table of a finished run."""
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import copy
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -173,6 +175,7 @@ def prepare_run_dir(job: JobConfig, own_port: bool = True) -> tuple[Path, rundir
         check_port(job.cluster)
         # Other machines only read the job; rank 0 (on node 0) owns the run directory.
         tmp = Path(tempfile.mkdtemp(prefix="shoal-node-"))
+        atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # (this process outlives it)
         return write_config(job, tmp), None
     existed, had_lock = out.exists(), (out / LOCK_FILE).exists()
     made = [p for p in [out.absolute(), *out.absolute().parents] if not p.exists()]
