@@ -29,10 +29,11 @@ the parameters of an equal one (up to float reduction order).
   :data:`PROBE` of theirs. It keeps a probe (and tries further) only when the
   window's steps, timed whole (the exchange and the metrics gather included;
   their lower quartile), are more than :data:`GAIN` quicker; otherwise it goes
-  back and stops probing until the model moves the plan. What the busy-time model misses is
-  mostly how a slow rank holds up the collectives: on a machine throttled by a
-  CPU quota (containers' CPU limits) a rank with no slack answers each round of
-  an all-reduce late, so the quickest cut leaves it idle for part of a step.
+  back and stops probing until the model moves the plan. What the busy-time
+  model misses is mostly how a slow rank holds up the collectives: on a machine
+  throttled by a CPU quota (containers' CPU limits) a rank with no slack
+  answers each round of an all-reduce late, so the quickest cut leaves it idle
+  for part of a step.
 
 A slice larger than ``--max-rank-batch`` is computed as micro-batches whose
 gradients accumulate; every rank uses the same number of micro-batches in a
@@ -301,20 +302,19 @@ class Balancer:
         return self._probe(step, step_time)
 
     def _probe(self, step: int, step_time: float) -> bool:
-        """Judge a running probe by the window's median ``step_time``, or start one where
-        the plan has settled on uneven shares. Returns whether the plan changed."""
+        """Judge a running probe by its window's ``step_time`` (the slowest rank's lower
+        quartile of whole steps), or start one where the plan has settled on uneven
+        shares. Returns whether the plan changed."""
         if self.trial is not None:
             before, then = self.trial
-            if step_time < then * (1 - GAIN):  # quicker: keep it, and try further
-                self.probes[1] += 1
-                self.trial = (list(self.shares), step_time)
-                self.probes[0] += 1
-                self._set(step, further(self.shares))
-            else:
+            if step_time >= then * (1 - GAIN):  # not quicker: back, and no more probes
                 self.trial, self.probed = None, True
                 self._set(step, before)
-            return True
-        if self.probed or not self.replans or max(self.shares) < (1 + THRESHOLD) * min(self.shares):
+                return True
+            self.probes[1] += 1  # quicker: kept, and a probe further
+        elif (
+            self.probed or not self.replans or max(self.shares) < (1 + THRESHOLD) * min(self.shares)
+        ):
             return False
         self.trial = (list(self.shares), step_time)
         self.probes[0] += 1

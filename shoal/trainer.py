@@ -210,8 +210,8 @@ class Trainer:
         # where this rank's busy time for --balance auto began: the end of the last step
         # measured (a first step sets things up; a step with an evaluation, a checkpoint
         # or a re-plan, collectives that wait for the slowest rank, is not measured)
-        busy_since: float | None = None  # where this step's busy time began
-        stepped = 0.0  # when the last step ended
+        busy_since: float | None = None
+        stepped = 0.0  # when the last step ended (a measured step's whole time runs from it)
         # (the parameter server's workers have no group to agree in: ps is not preemptible)
         grouped = dist.is_initialized() and self.plugin.needs_process_group
         preemption = Preemption() if grouped else None

@@ -308,10 +308,7 @@ class FederationServer:
                 return {"op": "ok", "stale": True}, []
             assert r is not None
             r.changes[cid] = tensors[0].clone()
-            self.took.append(time.monotonic() - r.handed[cid])
-            loss = header.get("loss_sum", 0.0)
-            if isinstance(loss, (int, float)) and np.isfinite(loss):
-                r.loss_sum += float(loss)
+            self._reported(r, cid, header)
             return {"op": "ok"}, []
         return {"op": "error", "error": f"unknown op {op!r}"}, []
 
@@ -328,11 +325,15 @@ class FederationServer:
             return {"op": "ok", "stale": True}
         s.keys[cid] = secagg.Keys(bytes.fromhex(keys[0]), bytes.fromhex(keys[1]))
         s.holder[cid] = user
+        self._reported(r, cid, header)
+        return {"op": "ok"}
+
+    def _reported(self, r: Round, cid: int, header: dict) -> None:
+        """A client reported: how long it was out, and its loss sum (where a number)."""
         self.took.append(time.monotonic() - r.handed[cid])
         loss = header.get("loss_sum", 0.0)
         if isinstance(loss, (int, float)) and np.isfinite(loss):
             r.loss_sum += float(loss)
-        return {"op": "ok"}
 
     def _secure_task(self, user: str, number: int, s: Secure) -> dict:
         """The next step of secure aggregation for a client this process holds, if any."""
@@ -515,7 +516,7 @@ class SecureClients:
     def step(self, header: dict) -> tuple[dict, list[torch.Tensor]]:
         """The server's request for a step of one client's protocol; the reply."""
         op, r, cid = header["op"], int(header["round"]), int(header["client"])
-        client, x = self.held[cid] if r == self.round else (None, None)
+        client, x = self.held.get(cid, (None, None)) if r == self.round else (None, None)
         reply = {"op": {"share": "shares", "mask": "masked", "unmask": "answers"}[op],
                  "round": r, "client": cid}  # fmt: skip
         if client is None or x is None:
