@@ -19,7 +19,8 @@ the parameters of an equal one (up to float reduction order).
   Against noise: the lower quartile of each window's times; ranks whose speeds
   are within :data:`THRESHOLD` of each other plan as one speed (:func:`pooled`),
   so that alike machines split their work evenly; a plan is adopted
-  only when it would shorten the predicted step by more than :data:`THRESHOLD`;
+  only when it would shorten the predicted step by more than :data:`THRESHOLD`
+  (:data:`FIRST_THRESHOLD` on the first, shorter window);
   every change after the first moves :data:`DAMPING` of the way to the target,
   and no share by more than a factor of :data:`STRIDE`, so shares settle
   instead of chasing each window's noise.
@@ -63,6 +64,11 @@ FIRST = 4
 """The first re-plan comes after this step, not after a whole ``--balance-every``
 window: three measured steps, whose quickest counts (see :func:`_summarize`), so a
 transient straggler would have to hit one rank in all three to move it."""
+FIRST_THRESHOLD = 0.50
+"""The first re-plan, on three steps, must shorten the predicted step by more than
+this: machines alike measure up to a quarter apart in so few steps (under CPU
+quotas), a machine that is really slow is told apart at once, and a small
+difference waits for a whole window."""
 STRIDE = 3.0
 """One re-plan changes a rank's share by at most this factor, up or down."""
 SMOOTHING = 0.5
@@ -249,8 +255,12 @@ class Balancer:
         """Whether the ranks re-plan after global ``step`` (the same answer on every rank):
         after step :data:`FIRST`, then every ``--balance-every`` steps from there, so that
         every window is whole (the step after a re-plan is not measured)."""
-        first = min(FIRST, self.every)
-        return self.auto and step >= first and (step - first) % self.every == 0
+        return self.auto and step >= self.first and (step - self.first) % self.every == 0
+
+    @property
+    def first(self) -> int:
+        """The step after which the ranks first re-plan."""
+        return min(FIRST, self.every)
 
     def replan(self, step: int, device: torch.device) -> bool:
         """Exchange this window's measurements and set the next plan. Collective.
@@ -326,12 +336,13 @@ class Balancer:
         self.history.append((step, list(self.shares)))
 
     def _consider(self, step: int, target: list[float], total: float) -> bool:
-        """Adopt ``target`` if it shortens the predicted step by more than THRESHOLD."""
+        """Adopt ``target`` if it shortens the predicted step by more than THRESHOLD
+        (FIRST_THRESHOLD after the first window)."""
         assert self.rates is not None
         rates = pooled(self.rates)
         now = predicted(self.shares, rates, self.fixed, total)
         then = predicted(target, rates, self.fixed, total)
-        if now <= then * (1 + THRESHOLD):
+        if now <= then * (1 + (FIRST_THRESHOLD if step == self.first else THRESHOLD)):
             return False
         move = DAMPING if self.replans else 1.0  # the first plan goes all the way
         shares = [s + move * (t - s) for s, t in zip(self.shares, target)]

@@ -79,6 +79,19 @@ def test_auto_follows_rates_with_hysteresis():
     assert other.shares == pytest.approx([1 / 3] * 3)
 
 
+def test_the_first_short_window_moves_only_a_machine_far_slower():
+    b = balance.Balancer(balance.parse("auto"), 4, 0, 10)
+    assert b.first == 4 and b.due(4) and not b.due(10) and b.due(14)
+    b.rates = [1.0, 1.0, 1.0, 0.7]  # 30% slower in three steps: could be noise
+    target = balance.plan(b.rates, 0, 1000)
+    assert not b._consider(4, target, 1000) and b.shares == [0.25] * 4
+    assert b._consider(14, target, 1000)  # the same after a whole window: balanced
+    b = balance.Balancer(balance.parse("auto"), 4, 0, 10)
+    b.rates = [3.0, 3.0, 3.0, 1.0]  # three times slower: at once
+    assert b._consider(4, balance.plan(b.rates, 0, 1000), 1000)
+    assert b.shares == pytest.approx([0.3, 0.3, 0.3, 0.1])
+
+
 def test_plan_evens_busy_time_with_a_fixed_cost():
     assert balance.plan([3, 3, 3, 1], 0, 1000) == pytest.approx([0.3, 0.3, 0.3, 0.1])
     # a fixed cost of 100 samples' compute, slow too on the slow rank: it sheds more
