@@ -162,8 +162,9 @@ def main() -> None:
                           f"{statistics.median(ratios):.3f} (min {min(ratios):.3f}, max "
                           f"{max(ratios):.3f}), {statistics.median(ts):.2f} s",
                           flush=True)  # fmt: skip
-            print(f"{name}: auto's largest per-rank std of shares over time: median "
-                  f"{statistics.median(stds):.3f}", flush=True)  # fmt: skip
+            if stds:
+                print(f"{name}: auto's largest per-rank std of shares over time: median "
+                      f"{statistics.median(stds):.3f}", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
