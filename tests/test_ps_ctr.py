@@ -85,9 +85,12 @@ def test_prefetching_workers_share_the_queue_with_a_straggler(tmp_path):
         "3",
         "--ps-mode",
         "ssp",
-        env={"SHOAL_FAULT": "slow:rank=1:ms=30"},
+        env={"SHOAL_FAULT": "slow:rank=1:ms=60"},
     )
     s = read_summary(out)
     tasks = [w["tasks"] for w in s["per_worker"]]
-    assert sum(tasks) == 3 * 150 and tasks[1] < min(tasks[0], tasks[2]) / 2, tasks
+    assert sum(tasks) == 3 * 150, tasks
+    # Fewer than either fast worker and under half their mean: the two fast ones
+    # need not match each other when the machine is shared with another test.
+    assert tasks[1] < min(tasks[0], tasks[2]) and tasks[1] < (tasks[0] + tasks[2]) / 4, tasks
     assert s["ps"]["max_staleness"] <= 3
