@@ -8,4 +8,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh ray spark
 .venv/bin/ruff check shoal tests bench examples
 .venv/bin/ruff format --check shoal tests bench examples
-exec .venv/bin/python -m pytest -n 2 "$@"
+exec .venv/bin/python -m pytest -n 2 --dist loadgroup "$@"

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,25 +90,43 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def session_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("runs")
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """End-to-end (slow) tests first: run two at a time, the quick ones fill in at the end
+    instead of one long run finishing alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+def shared_run(factory: pytest.TempPathFactory, name: str, make: Callable[[Path], object]) -> Path:
+    """``make(path)`` once for the whole session, then ``path`` to every test that asks.
+
+    Under pytest-xdist each worker is its own session, and a worker running tests of
+    several modules tears a module's fixtures down and sets them up again; a reference
+    run made here lives in the folder the workers share, under a lock, so it is trained
+    once. Tests read it; one that changes a run copies it first."""
+    base = factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared"
+    root.mkdir(exist_ok=True)
+    out, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(out, ignore_errors=True)  # half made by a worker that failed
+            make(out)
+            done.touch()
+    return out
 
 
 @pytest.fixture(scope="session")
-def linear_reference(session_tmp: Path) -> Path:
+def linear_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The unfailed reference: allreduce on 2 workers, checkpoints at steps 100 and 200."""
-    out = session_tmp / "linear-reference"
-    train(out, *LINEAR_JOB, "--workers", "2", "--checkpoint-every", "100", "--tensorboard")
-    return out
+    job = [*LINEAR_JOB, "--workers", "2", "--checkpoint-every", "100", "--tensorboard"]
+    return shared_run(tmp_path_factory, "linear-reference", lambda out: train(out, *job))
 
 
 @pytest.fixture(scope="session")
-def local_sgd_reference(session_tmp: Path) -> Path:
+def local_sgd_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Local SGD (H=8) on 2 workers, unfailed, checkpoints every 96 steps."""
-    out = session_tmp / "local-sgd-reference"
-    train(out, *LINEAR_JOB, "--workers", "2", "--strategy", "local-sgd", "--checkpoint-every", "96")
-    return out
+    job = [*LINEAR_JOB, "--workers", "2", "--strategy", "local-sgd", "--checkpoint-every", "96"]
+    return shared_run(tmp_path_factory, "local-sgd-reference", lambda out: train(out, *job))
 
 
 PS_ASYNC_JOB = [*LINEAR_JOB, "--strategy", "ps", "--workers", "3", "--servers", "2"]
@@ -113,24 +134,19 @@ PS_ASYNC_JOB = [*LINEAR_JOB, "--strategy", "ps", "--workers", "3", "--servers", 
 
 
 @pytest.fixture(scope="session")
-def ps_async_linear(session_tmp: Path):
+def ps_async_linear(tmp_path_factory: pytest.TempPathFactory):
     """``get(mode)``: PS_ASYNC_JOB under asp or ssp, unfailed, trained once per session
     (the async modes' targets and the kill tests' like-for-like references)."""
-    runs: dict[str, Path] = {}
 
     def get(mode: str) -> Path:
-        if mode not in runs:
-            out = session_tmp / f"ps-{mode}-linear-w3"
-            train(out, *PS_ASYNC_JOB, "--ps-mode", mode)
-            runs[mode] = out
-        return runs[mode]
+        job = [*PS_ASYNC_JOB, "--ps-mode", mode]
+        return shared_run(tmp_path_factory, f"ps-{mode}-linear-w3", lambda out: train(out, *job))
 
     return get
 
 
 @pytest.fixture(scope="session")
-def ps_bsp_linear(session_tmp: Path) -> Path:
+def ps_bsp_linear(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The linear job on the parameter server (bsp, 2 workers, 2 shards), unfailed."""
-    out = session_tmp / "ps-bsp-linear"
-    train(out, *LINEAR_JOB, "--strategy", "ps", "--workers", "2", "--servers", "2", "--tensorboard")
-    return out
+    job = [*LINEAR_JOB, "--strategy", "ps", "--workers", "2", "--servers", "2", "--tensorboard"]
+    return shared_run(tmp_path_factory, "ps-bsp-linear", lambda out: train(out, *job))

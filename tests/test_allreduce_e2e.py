@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from tests.conftest import LINEAR_JOB, max_abs_diff, params, train
+from tests.conftest import LINEAR_JOB, max_abs_diff, params, shared_run, train
 
 pytestmark = pytest.mark.slow  # trains through the launcher: not in the quick tier
 
@@ -19,14 +19,16 @@ LINEAR = [*LINEAR_JOB, "--strategy", "allreduce", "--lr-schedule", "cosine", "--
 
 
 @pytest.fixture(scope="module")
-def linear_runs(session_tmp):
+def linear_runs(tmp_path_factory):
     """The same linear job (cosine schedule) on 1, 2 and 4 workers."""
-    runs = {}
-    for workers in (1, 2, 4):
-        out = session_tmp / f"linear-w{workers}"
-        train(out, *LINEAR, "--workers", str(workers))
-        runs[workers] = out
-    return runs
+    return {
+        workers: shared_run(
+            tmp_path_factory,
+            f"linear-cosine-w{workers}",
+            lambda out, w=workers: train(out, *LINEAR, "--workers", str(w)),
+        )
+        for workers in (1, 2, 4)
+    }
 
 
 @pytest.mark.timeout(300)
@@ -88,8 +90,8 @@ def test_every_sample_accounted_per_epoch(linear_runs):
 
 
 @pytest.mark.timeout(300)
-def test_digits_mlp_reaches_95_percent(session_tmp):
-    out = session_tmp / "digits-mlp"
+def test_digits_mlp_reaches_95_percent(tmp_path):
+    out = tmp_path / "digits-mlp"
     train(
         out,
         "--model",

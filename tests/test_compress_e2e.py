@@ -9,7 +9,7 @@ import pytest
 from shoal.config import DataConfig, ModelConfig
 from shoal.data import build_dataset
 from shoal.models import build_model
-from tests.conftest import read_summary, train
+from tests.conftest import read_summary, shared_run, train
 
 pytestmark = pytest.mark.slow  # trains through the launcher: not in the quick tier
 
@@ -67,10 +67,10 @@ ACCURACY_JOB = [
 
 
 @pytest.fixture(scope="module")
-def uncompressed(session_tmp):
-    out = session_tmp / "cnn-none"
-    train(out, *ACCURACY_JOB)
-    return read_summary(out)
+def uncompressed(tmp_path_factory):
+    return read_summary(
+        shared_run(tmp_path_factory, "cnn-none", lambda out: train(out, *ACCURACY_JOB))
+    )
 
 
 @pytest.mark.timeout(120)

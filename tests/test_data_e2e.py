@@ -12,7 +12,7 @@ import pytest
 
 from shoal.data.loader import read_audit
 from shoal.data.order import range_digest
-from tests.conftest import max_abs_diff, params, read_summary, train
+from tests.conftest import max_abs_diff, params, read_summary, shared_run, train
 from tests.test_data_disk import spark_style
 
 pytestmark = pytest.mark.slow
@@ -23,8 +23,7 @@ STEPS = 120
 
 @pytest.fixture(scope="module")
 def parquet_job(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data") / "spark"
-    spark_style(root)
+    root = shared_run(tmp_path_factory, "parquet-spark-style", spark_style)
     return ["--model", "linear", "--data", f"parquet:{root}", "--features", "f*", "--label",
             "y", "--batch-size", "64", "--steps", str(STEPS), "--lr", "0.05", "--seed", "3",
             "--audit-samples"]  # fmt: skip
@@ -32,9 +31,8 @@ def parquet_job(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def one_worker(tmp_path_factory, parquet_job):
-    out = tmp_path_factory.mktemp("runs") / "one"
-    train(out, *parquet_job, "--workers", "1")
-    return out
+    job = [*parquet_job, "--workers", "1"]
+    return shared_run(tmp_path_factory, "parquet-one-worker", lambda out: train(out, *job))
 
 
 def _exact_epochs(summary: dict) -> None:

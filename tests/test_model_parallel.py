@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from shoal.strategies.pipeline import partition
-from tests.conftest import max_abs_diff, params, read_summary, train
+from tests.conftest import max_abs_diff, params, read_summary, shared_run, train
 
 pytestmark = pytest.mark.slow  # trains through the launcher: not in the quick tier
 
@@ -32,9 +32,8 @@ TOLERANCE = 2e-5
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("lm") / "single"
-    train(out, *LM_JOB, "--strategy", "allreduce", "--workers", "1")
-    return out
+    job = [*LM_JOB, "--strategy", "allreduce", "--workers", "1"]
+    return shared_run(tmp_path_factory, "lm-single", lambda out: train(out, *job))
 
 
 def _losses(run: Path) -> list[float]:

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from tests import netns
-from tests.conftest import free_port, max_abs_diff, params, shoal_env, train
+from tests.conftest import free_port, max_abs_diff, params, shared_run, shoal_env, train
 
 pytestmark = pytest.mark.slow  # trains through the launcher: not in the quick tier
 
@@ -33,9 +33,9 @@ JOB = [
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     """The job on one machine with 2 workers."""
-    out = tmp_path_factory.mktemp("single") / "run"
-    train(out, *JOB, "--workers", "2")
-    return out
+    return shared_run(
+        tmp_path_factory, "multinode-single", lambda out: train(out, *JOB, "--workers", "2")
+    )
 
 
 def _run_on_hosts(

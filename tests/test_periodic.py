@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import LINEAR_JOB, NOISE_FLOOR, max_abs_diff, params, read_summary, train
+from tests.conftest import (
+    LINEAR_JOB,
+    NOISE_FLOOR,
+    max_abs_diff,
+    params,
+    read_summary,
+    shared_run,
+    train,
+)
 
 pytestmark = pytest.mark.slow  # trains through the launcher: not in the quick tier
 
@@ -15,10 +23,9 @@ W2 = ["--workers", "2"]
 
 
 @pytest.fixture(scope="module")
-def allreduce_runs(session_tmp, linear_reference):
-    lin, dig = linear_reference, session_tmp / "periodic-ref-digits"
-    train(dig, *DIGITS, *W2)
-    return read_summary(lin), read_summary(dig)
+def allreduce_runs(tmp_path_factory, linear_reference):
+    dig = shared_run(tmp_path_factory, "digits-w2", lambda out: train(out, *DIGITS, *W2))
+    return read_summary(linear_reference), read_summary(dig)
 
 
 @pytest.mark.timeout(120)

@@ -63,18 +63,18 @@ def test_bsp_matches_allreduce(allreduce_linear, ps_bsp_linear):
 
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("mode", ["asp", "ssp"])
-def test_async_modes_reach_the_bsp_targets(mode, session_tmp, ps_async_linear):
+def test_async_modes_reach_the_bsp_targets(mode, tmp_path, ps_async_linear):
     """The targets: linear test MSE within 2x the noise floor (3 workers, the run the kill
     tests compare with); digits 90% test accuracy (2 workers, staleness 2)."""
     assert read_summary(ps_async_linear(mode))["test_loss"] < 2 * NOISE_FLOOR
-    dig = session_tmp / f"ps-{mode}-digits"
+    dig = tmp_path / f"ps-{mode}-digits"
     train(dig, *DIGITS, *PS, "--ps-mode", mode, "--staleness", "2")
     assert read_summary(dig)["test_accuracy"] >= 0.90
 
 
 @pytest.mark.timeout(300)
-def test_bsp_reaches_the_same_targets(session_tmp):
-    dig = session_tmp / "ps-bsp-digits"
+def test_bsp_reaches_the_same_targets(tmp_path):
+    dig = tmp_path / "ps-bsp-digits"
     train(dig, *DIGITS, *PS, "--ps-mode", "bsp")
     assert read_summary(dig)["test_accuracy"] >= 0.90
 

@@ -12,7 +12,7 @@ import pytest
 from tests.conftest import LINEAR_JOB, max_abs_diff, params, read_summary
 
 ray = pytest.importorskip("ray", reason="Ray is an extra: pip install 'shoal[ray]'")
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]  # one worker: one Ray
 
 
 @pytest.fixture(scope="module")
