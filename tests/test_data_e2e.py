@@ -81,7 +81,10 @@ def test_killed_on_4_resumed_on_3_killed_resumed_on_2_consumes_every_sample_once
 def test_parameter_server_rereads_a_killed_workers_part(tmp_path, parquet_job, one_worker):
     out = tmp_path / "ps"
     job = [*parquet_job, "--strategy", "ps", "--ps-mode", "bsp", "--workers", "2"]
-    proc = train(out, *job, "--servers", "1", env={"SHOAL_FAULT": "crash:rank=1:step=50"})
+    # rank 0 slowed: the run outlasts rank 1's start on a busy machine (alone, it has done
+    # all 120 steps before rank 1 took a task)
+    fault = "crash:rank=1:step=50;slow:rank=0:ms=25"
+    proc = train(out, *job, "--servers", "1", env={"SHOAL_FAULT": fault})
     s = read_summary(out)
     assert s["ps"]["failed_workers"] == [1], proc.stderr
     ref, got = read_audit(one_worker), read_audit(out)
