@@ -220,9 +220,10 @@ def _preload() -> None:
     import importlib
 
     import torch
+    import torch._dynamo  # (DDP, FSDP and the pipeline schedules import it)
 
-    # (torch._dynamo, which DDP imports, is left to the workers: importing it here, 1.4 s
-    # before the forks, was slower than 2 workers importing it side by side)
+    # torch._dynamo costs each importer 1.4 s of CPU: imported once here, not in every
+    # worker, a job of 2 or 4 workers takes a fifth to a quarter less (docs/BENCHMARKS.md)
     importlib.import_module(WORKER_MODULE)  # (by name: the worker is a layer above)
     torch.set_num_threads(1)  # (no OpenMP team here: a fork would inherit a broken one)
 
