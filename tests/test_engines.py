@@ -40,7 +40,7 @@ def test_torchrun_starts_the_workers_and_rank_0_writes_the_run(tmp_path, linear_
 @pytest.mark.timeout(240)
 def test_torchrun_restarts_a_killed_worker_and_the_run_resumes_exactly(tmp_path, linear_reference):
     out = tmp_path / "run"
-    job = ["--out", str(out), *LINEAR_JOB, "--checkpoint-every", "100"]
+    job = ["--out", str(out), *LINEAR_JOB, "--checkpoint-every", "100", "--no-checkpoint-async"]
     proc = torchrun(2, *job, restarts=1, env={"SHOAL_FAULT": "crash:rank=1:step=150"})
     assert proc.returncode == 0, proc.stderr
     assert "shoal: restart 1: 2 workers resume from" in proc.stderr, proc.stderr

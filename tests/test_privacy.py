@@ -67,7 +67,7 @@ def test_dp_sgd_epsilon_is_opacus_s_for_any_workers_and_after_a_kill(tmp_path):
     one, four, killed = tmp_path / "one", tmp_path / "four", tmp_path / "killed"
     train(one, *DP, "--workers", "1")
     train(four, *DP, "--workers", "4")
-    train(killed, *DP, "--workers", "2", "--checkpoint-every", "20",
+    train(killed, *DP, "--workers", "2", "--checkpoint-every", "20", "--no-checkpoint-async",
           env={"SHOAL_FAULT": "crash:rank=1:step=30"})  # fmt: skip
     rate = 64 / build_dataset(DataConfig(name="digits")).num_train
     want = _opacus_epsilon(40, rate)
