@@ -247,10 +247,12 @@ def test_a_worker_under_a_cpu_quota_is_slower_and_auto_gives_it_less(tmp_path):
 
     out = tmp_path / "quota"
     job = ["--model", "mlp", "--hidden", "512", "--steps", "60", "--batch-size", "256"]
-    env = {"SHOAL_FAULT": "cpu:rank=*:cpus=0.8;cpu:rank=1:cpus=0.2"}
+    # an eighth of the quota: beside another test rank 0 gets less than its 0.8 CPUs (at
+    # 0.2 against 0.8 the plan once ended at 0.41 for rank 1), never less than 0.2
+    env = {"SHOAL_FAULT": "cpu:rank=*:cpus=0.8;cpu:rank=1:cpus=0.1"}
     train(out, *job, "--workers", "2", "--balance", "auto", "--balance-every", "5", env=env)
     summary = read_summary(out)
     shares = summary["balance"]["shares"]
-    assert shares[1] < 0.4 < shares[0], shares  # a quarter of the CPU: about 1/5 of the work
+    assert shares[1] < 0.4 < shares[0], shares  # alone, about 1/9 of the work
     root, _ = _hierarchy()
     assert not list((root / PARENT).glob("w*")), "the workers' cgroups were left behind"
