@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import max_abs_diff, params, read_summary, run_shoal, shared_run, train
+from tests.conftest import max_abs_diff, params, read_summary, run_shoal, train
 
 pytest.importorskip("pyspark", reason="PySpark is an extra: pip install 'shoal[spark]'")
 if not shutil.which("java"):
@@ -33,17 +33,12 @@ def rows(n: int = 2000) -> tuple[np.ndarray, np.ndarray]:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The rows written by pyarrow, and ``shoal train`` on them (1 worker)."""
-
-    def make(root):
-        root.mkdir()
-        x, y = rows()
-        pq.write_table(
-            pa.table({**{f"f{j}": x[:, j] for j in range(4)}, "y": y}), root / "rows.parquet"
-        )
-        train(root / "run", *JOB, "--data", f"parquet:{root / 'rows.parquet'}", "--workers", "1")
-
-    root = shared_run(tmp_path_factory, "spark-reference", make)
-    return root / "rows.parquet", root / "run"
+    root = tmp_path_factory.mktemp("spark-ref")
+    x, y = rows()
+    data = root / "rows.parquet"
+    pq.write_table(pa.table({**{f"f{j}": x[:, j] for j in range(4)}, "y": y}), data)
+    train(root / "run", *JOB, "--data", f"parquet:{data}", "--workers", "1")
+    return data, root / "run"
 
 
 @pytest.fixture(scope="module")
