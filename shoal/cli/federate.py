@@ -35,7 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _one(address: str, timeout_s: float) -> int:
-    from shoal.strategies.federated.remote import client_name, run_client
+    from shoal.strategies.federated.client import client_name, run_client
 
     return run_client(address, client_name(), timeout_s)
 
