@@ -220,22 +220,13 @@ def _runs(columns: dict[str, str]) -> list[str]:
     return out
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _verify(root: Path) -> str:
-    from shoal.data.files import INDEX, _read_index
+    from shoal.data.files import Files
 
-    if not (root / INDEX).is_file():
+    files = Files(root)  # (the index's entries checked: files inside it, sizes, rows)
+    if not files.prepared:
         return "none (not a prepared directory; Parquet files carry per-page CRCs at most)"
-    for f in _read_index(root)["files"]:
-        if _sha256(root / f["name"]) != f["sha256"]:
-            raise UserError(f"{root / f['name']}: its checksum differs from {root / INDEX}")
+    files.verify()
     return "all match"
 
 
@@ -264,7 +255,7 @@ def run_prepare(args: argparse.Namespace) -> int:
 def _prepare_split(files: Any, out: Path, progress: _Bar) -> None:
     import pyarrow as pa
 
-    from shoal.data.files import INDEX
+    from shoal.data.files import INDEX, INDEX_FORMAT, sha256_file
 
     out.mkdir(parents=True, exist_ok=True)
     entries = []
@@ -283,8 +274,8 @@ def _prepare_split(files: Any, out: Path, progress: _Bar) -> None:
                     progress(table.num_rows)
                 block += 1
         entries.append({"name": path.name, "rows": shard.rows, "size": path.stat().st_size,
-                        "sha256": _sha256(path), "source": shard.name,
+                        "sha256": sha256_file(path), "source": shard.name,
                         "source_fingerprint": shard.fingerprint})  # fmt: skip
     tmp = out / (INDEX + ".tmp")
-    tmp.write_text(json.dumps({"format": 1, "files": entries}, indent=1) + "\n")
+    tmp.write_text(json.dumps({"format": INDEX_FORMAT, "files": entries}, indent=1) + "\n")
     os.replace(tmp, out / INDEX)

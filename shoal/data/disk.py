@@ -17,7 +17,11 @@ private memory stays what it trains on.
 
 What a column holds is checked when the dataset opens, so a mistake costs one
 line before any worker starts: a missing column (with the closest names), a
-type that is not a number, nulls, NaN labels, a truncated or corrupt file.
+type that is not a number or a flat list of numbers, nulls, a truncated or
+corrupt file; with ``check`` (the launcher) every row of the label and list
+columns too: NaN or infinite labels, labels the task cannot take, a list width
+that differs between rows or files, and the model's outputs (a writer's
+``num_outputs`` included) against every label. See docs/DATA.md.
 Files written by ``shoal data make`` carry their defaults (features, label,
 task, transform) in the schema's ``shoal`` metadata.
 """
@@ -35,7 +39,7 @@ import numpy as np
 import torch
 
 from shoal.config import DataConfig
-from shoal.data.files import Files, _pa, disk_path, split_roots
+from shoal.data.files import MAX_OUTPUTS, Files, _pa, disk_path, split_roots
 from shoal.errors import UserError
 from shoal.registry import import_ref
 
@@ -90,22 +94,32 @@ def _matrix(column: Any, name: str, where: Path) -> np.ndarray:
     if col.null_count:
         raise UserError(f"{where}: column {name!r} has null values; fill them or decode "
                         "them with --data-transform")  # fmt: skip
-    kind = col.type
-    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
-        offsets = None if pa.types.is_fixed_size_list(kind) else np.diff(col.offsets.to_numpy())
-        if offsets is not None and len(offsets) and (offsets != offsets[0]).any():
-            raise UserError(f"{where}: column {name!r} holds lists of different lengths")
-        values = col.flatten().to_numpy(zero_copy_only=False)
-        return values.reshape(len(col), -1)
-    return col.to_numpy(zero_copy_only=False).reshape(len(col), 1)
+    if not _is_list(col.type):
+        return col.to_numpy(zero_copy_only=False).reshape(len(col), 1)
+    if _is_list(col.type.value_type):  # (refused when the dataset opens; never decoded)
+        raise UserError(f"{where}: column {name!r} holds lists of lists")
+    if pa.types.is_fixed_size_list(col.type):
+        width = col.type.list_size
+    else:
+        lengths = np.diff(col.offsets.to_numpy())
+        width = int(lengths[0]) if len(lengths) else 0
+        if len(lengths) and (lengths != width).any():
+            low, high = int(lengths.min()), int(lengths.max())
+            raise UserError(f"{where}: column {name!r} holds lists of different lengths "
+                            f"({low} to {high} values); a column has one width")  # fmt: skip
+    if width == 0 and len(col):
+        raise UserError(f"{where}: column {name!r} holds empty lists")
+    values = col.flatten()
+    if values.null_count:
+        raise UserError(f"{where}: column {name!r} has null values inside its lists")
+    return values.to_numpy(zero_copy_only=False).reshape(len(col), -1)
 
 
 def _numeric(kind: Any) -> str | None:
-    """'int', 'float' or 'bool' for a number column (or a list of them), else None."""
+    """'int', 'float' or 'bool' for a number column or a flat list of numbers, else None
+    (lists of lists too: a row's features are one vector)."""
     pa = _pa()
-    while (
-        pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
-    ):
+    if _is_list(kind):
         kind = kind.value_type
     if pa.types.is_boolean(kind):
         return "bool"
@@ -131,10 +145,22 @@ class Columns:
         self.features, self.label, self.task = features, label, task
         self.transform, self.root = transform, root
         self.float_features = True
+        self.widths: dict[str, int] = {}
+        """Values per row of each column, from the first rows decoded (or the launcher's
+        scan): rows of another width are one line, not a failed concatenation."""
 
     @property
     def read(self) -> list[str]:
         return [*self.features, *([self.label] if self.label not in self.features else [])]
+
+    def _matrix(self, table: Any, name: str, where: Path) -> np.ndarray:
+        m = _matrix(table.column(name), name, where)
+        want = self.widths.setdefault(name, m.shape[1])
+        if m.shape[1] != want:
+            raise UserError(f"{where}: column {name!r} holds {m.shape[1]} values per row, "
+                            f"{want} in the rows read before; a column has one width in "
+                            "every file")  # fmt: skip
+        return m
 
     def decode(self, table: Any) -> Any:
         """A block as the reader keeps it: the table (for a transform), or numpy views of
@@ -142,8 +168,8 @@ class Columns:
         the label checked once here."""
         if self.transform is not None:
             return table
-        xs = [_matrix(table.column(c), c, self.root) for c in self.features]
-        ys = _matrix(table.column(self.label), self.label, self.root)
+        xs = [self._matrix(table, c, self.root) for c in self.features]
+        ys = self._matrix(table, self.label, self.root)
         y = ys if self.task == "language-model" else ys[:, 0]
         _label_tensor(torch.from_numpy(np.array(y)), self.task, self.root)  # NaN, fractions
         return xs, y
@@ -163,23 +189,26 @@ class Columns:
         y = np.concatenate([ys[i] for (_, ys), i in pieces])
         return torch.from_numpy(x), _label_tensor(torch.from_numpy(y), self.task, self.root)
 
-    def __call__(self, table: Any) -> Batch:
+    def __call__(self, table: Any, where: Path | None = None) -> Batch:
+        """(features, labels) of a table's rows; ``where`` names them in an error (the
+        training files' root by default)."""
+        where = where or self.root
         if self.transform is not None:
             try:
                 x, y = self.transform(table)
             except UserError:
                 raise
             except Exception as e:
-                raise UserError(f"--data-transform failed on rows of {self.root}: "
+                raise UserError(f"--data-transform failed on rows of {where}: "
                                 f"{type(e).__name__}: {e}") from None  # fmt: skip
             x, y = _tensor(x), _tensor(y)
         else:
-            parts = [_matrix(table.column(c), c, self.root) for c in self.features]
+            parts = [self._matrix(table, c, where) for c in self.features]
             xs = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
             x = _tensor(xs, np.float32 if self.float_features else np.int64)
-            ys = _matrix(table.column(self.label), self.label, self.root)
+            ys = self._matrix(table, self.label, where)
             y = _tensor(ys if self.task == "language-model" else ys[:, 0])
-        return x, _label_tensor(y, self.task, self.root)
+        return x, _label_tensor(y, self.task, where)
 
 
 def _tensor(a: Any, dtype: Any = None) -> torch.Tensor:
@@ -278,29 +307,166 @@ def _infer_task(
     )
 
 
-def check_labels(files: Files, label: str, task: str) -> int:
-    """Scan the label column of every file (nulls, NaN, range); the largest label + 1 for
-    classification (1 otherwise). One line naming the file on a bad label."""
-    biggest = -1
-    for b, (shard_i, _) in enumerate(files._where):
-        shard = files.shards[shard_i]
-        col = files.read_block(b, [label]).column(label)
-        if col.null_count:
-            raise UserError(f"{shard.path}: column {label!r} has {col.null_count} null labels")
-        values = (
-            np.concatenate([_matrix(c, label, shard.path).ravel() for c in col.chunks])
-            if col.num_chunks
-            else np.zeros(0)
-        )
-        if values.dtype.kind == "f" and np.isnan(values).any():
-            first = int(np.flatnonzero(np.isnan(values))[0])
-            raise UserError(f"{shard.path}: column {label!r} has NaN labels (row {first} of "
-                            f"row group {files._where[b][1]})")  # fmt: skip
-        if task in ("classification", "language-model") and len(values):
-            if values.min() < 0:
-                raise UserError(f"{shard.path}: column {label!r} has negative class labels")
-            biggest = max(biggest, int(values.max()))
-    return biggest + 1 if task in ("classification", "language-model") else 1
+CLASSES = ("classification", "language-model")
+"""Tasks whose labels are class numbers (tokens): the model has one output per class."""
+
+
+def _check_columns(files: Files, features: list[str], label: str) -> list[str]:
+    """Each column a number or a flat list of numbers, of one type in every file, without
+    nulls where the footers count them; the kinds ('int', 'float', 'bool') of the features."""
+    where = files.shards[0].path
+    if _numeric(files.field(label)) is None:
+        raise UserError(f"{where}: label column {label!r} is {files.field(label)}; labels "
+                        "must be numbers (or decode them with --data-transform)")  # fmt: skip
+    kinds = []
+    for c in features:
+        kind = _numeric(files.field(c))
+        if kind is None:
+            raise UserError(f"{where}: feature column {c!r} is {files.field(c)}; shoal trains "
+                            "on numbers and flat lists of numbers: decode it with "
+                            "--data-transform package.module:function")  # fmt: skip
+        kinds.append(kind)
+    for c in [*features, label]:
+        for shard, nulls in files.null_counts(c):
+            if nulls:
+                what = "labels" if c == label else "values"
+                raise UserError(f"{shard.path}: column {c!r} has {nulls} null {what}")
+    return kinds
+
+
+def _check_task(files: Files, features: list[str], label: str, task: str) -> None:
+    """The label's shape fits the task: a sequence of token ids for a language model (whose
+    features are token ids too), one number per row otherwise."""
+    where = files.shards[0].path
+    kind = files.field(label)
+    if task == "language-model":
+        if not _is_list(kind):
+            raise UserError(f"{where}: a language model's label is a sequence of token ids "
+                            f"(a list column); {label!r} is {kind}")  # fmt: skip
+        for c in features:
+            if _numeric(files.field(c)) != "int":
+                raise UserError(f"{where}: a language model reads token ids; feature "
+                                f"column {c!r} is {files.field(c)}")  # fmt: skip
+    elif _is_list(kind):
+        raise UserError(f"{where}: label column {label!r} holds lists ({kind}); a {task} "
+                        "label is one number per row (sequences of tokens: --task "
+                        "language-model)")  # fmt: skip
+
+
+@dataclass
+class Scan:
+    """What :func:`scan_rows` found in every row."""
+
+    labels: int
+    """The largest class label + 1 (classification, language-model); 1 otherwise."""
+    tokens: int
+    """The largest token id among the features + 1 (language-model); 0 otherwise."""
+    widths: dict[str, int]
+    """Values per row of each column read (1 for a number)."""
+
+
+def scan_rows(files: Files, columns: Columns, task: str) -> Scan:
+    """Read every row of the label and the list columns once (the launcher does, so that
+    workers need not), and refuse in one line naming the file: null, NaN or infinite
+    labels, labels the task cannot take, lists whose width differs between rows or files,
+    a language model's token ids below 0.
+    A prepared file's feature columns are read too, for their null counts (Arrow records
+    them: no page is touched); a Parquet file's come from its footer.
+
+    The cost is decoding those columns once: the labels, every list column of variable
+    length, and a language model's tokens."""
+    pa = _pa()
+    label = columns.label
+    lists = [  # (a fixed-size list's width is its type's, the same in every file)
+        c
+        for c in columns.features
+        if _is_list(files.field(c)) and not pa.types.is_fixed_size_list(files.field(c))
+    ]
+    tokens = columns.features if task == "language-model" else []
+    values = list(dict.fromkeys([label, *lists, *tokens]))
+    counted = columns.features if files.prepared else []
+    read = list(dict.fromkeys([*values, *counted]))
+    widths: dict[str, tuple[int, str]] = {}
+    biggest = most = -1
+    for b, (shard_i, group) in enumerate(files._where):
+        where = files.shards[shard_i].path
+        table = files.read_block(b, read)
+        for c in counted:
+            if table.column(c).null_count:
+                raise UserError(f"{where}: column {c!r} has {table.column(c).null_count} "
+                                "null values")  # fmt: skip
+        if table.column(label).null_count:
+            nulls = table.column(label).null_count
+            raise UserError(f"{where}: column {label!r} has {nulls} null labels")
+        for c in values:
+            m = _matrix(table.column(c), c, where)
+            width, first = widths.setdefault(c, (m.shape[1], f"{where} (row group {group})"))
+            if m.shape[1] != width:
+                raise UserError(f"{where}: column {c!r} holds lists of {m.shape[1]} values in "
+                                f"row group {group}, but {width} in {first}; a column has one "
+                                "width in every file")  # fmt: skip
+            if c == label:
+                biggest = max(biggest, _check_labels(m, label, task, where, group))
+            elif c in tokens and m.size:
+                if m.min() < 0:
+                    raise UserError(f"{where}: column {c!r} has negative token ids")
+                most = max(most, int(m.max()))
+    return Scan(biggest + 1 if task in CLASSES else 1, most + 1,
+                {c: w for c, (w, _) in widths.items()})  # fmt: skip
+
+
+def _check_labels(m: np.ndarray, label: str, task: str, where: Path, group: int) -> int:
+    """One block's labels: finite, and what the task takes; the largest class label (-1
+    for tasks without classes)."""
+    values = m.ravel()
+    if not len(values):
+        return -1
+    if values.dtype.kind == "f" and not np.isfinite(values).all():
+        first = int(np.flatnonzero(~np.isfinite(values))[0])
+        what = "NaN" if np.isnan(values[first]) else "infinite"
+        raise UserError(f"{where}: column {label!r} has {what} labels (row "
+                        f"{first // m.shape[1]} of row group {group})")  # fmt: skip
+    if task in CLASSES:
+        if values.min() < 0:
+            raise UserError(f"{where}: column {label!r} has negative class labels")
+        if values.dtype.kind == "f" and (values != np.round(values)).any():
+            raise UserError(f"{where}: {task} labels must be whole numbers; column "
+                            f"{label!r} has fractions")  # fmt: skip
+        return int(values.max())
+    if task == "binary" and (values.min() < 0 or values.max() > 1):
+        raise UserError(f"{where}: column {label!r} has binary labels outside 0..1 "
+                        f"({values.min()} to {values.max()})")  # fmt: skip
+    return -1
+
+
+def _num_outputs(files: Files, meta: dict[str, Any], task: str, scan: Scan | None,
+                 first: Batch) -> int:  # fmt: skip
+    """The model's outputs: 1 for regression and binary; for classes, what the metadata
+    says (checked against every label and token the scan saw), else the largest + 1. A
+    count above MAX_OUTPUTS is refused: it is a wrong column or a corrupt file."""
+    where = files.shards[0].path
+    claimed = meta.get("num_outputs")  # (its form is checked: 1 to MAX_OUTPUTS)
+    if task not in CLASSES:
+        if claimed not in (None, 1):
+            raise UserError(f"{where}: its metadata says num_outputs = {claimed}, but a "
+                            f"{task} model has one output")  # fmt: skip
+        return 1
+    y = first[1]
+    if y.numel() and int(y.min()) < 0:
+        raise UserError(f"{where}: negative class labels in the first rows")
+    seen = int(y.max()) + 1 if y.numel() else 1
+    if scan is not None:
+        seen = max(seen, scan.labels, scan.tokens)
+    if claimed is None:
+        if seen > MAX_OUTPUTS:
+            raise UserError(f"{where}: class labels go up to {seen - 1:,}; shoal takes at "
+                            f"most {MAX_OUTPUTS:,} classes: is this the label column?")  # fmt: skip
+        return seen
+    if seen > claimed:
+        what = "token ids" if scan is not None and scan.tokens == seen else "labels"
+        raise UserError(f"{where}: {what} go up to {seen - 1:,}, but its metadata says "
+                        f"num_outputs = {claimed}")  # fmt: skip
+    return int(claimed)
 
 
 @dataclass
@@ -329,8 +495,8 @@ BUILTIN_TRANSFORMS: dict[str, Callable[[DataConfig], Transform]] = {"ctr": _ctr_
 
 
 def open_disk(cfg: DataConfig, check: bool = False) -> Opened:
-    """Open ``cfg.name`` (``parquet:PATH``); ``check`` also scans every label (the launcher
-    does, once, so workers need not)."""
+    """Open ``cfg.name`` (``parquet:PATH``); ``check`` also scans every label and list
+    column (the launcher does, once, so workers need not)."""
     path = disk_path(cfg.name)
     if not path:
         raise UserError("--data parquet:PATH needs a path")
@@ -344,51 +510,53 @@ def open_disk(cfg: DataConfig, check: bool = False) -> Opened:
     elif meta.get("transform") in BUILTIN_TRANSFORMS:
         transform = BUILTIN_TRANSFORMS[str(meta["transform"])](cfg)
     label_kind = _numeric(files.field(label))
-    is_list = _is_list(files.field(label))
-    if transform is None:
-        if label_kind is None:
-            raise UserError(f"{files.shards[0].path}: label column {label!r} is "
-                            f"{files.field(label)}; labels must be numbers (or decode them "
-                            "with --data-transform)")  # fmt: skip
-        kinds = []
-        for c in features:
-            kind = _numeric(files.field(c))
-            if kind is None:
-                raise UserError(f"{files.shards[0].path}: feature column {c!r} is "
-                                f"{files.field(c)}; shoal trains on numbers: decode it with "
-                                "--data-transform package.module:function")  # fmt: skip
-            kinds.append(kind)
-        for c in [*features, label]:
-            for shard, nulls in files.null_counts(c):
-                if nulls:
-                    what = "labels" if c == label else "values"
-                    raise UserError(f"{shard.path}: column {c!r} has {nulls} null {what}")
-    task = _infer_task(cfg, meta, label_kind, is_list)
+    task = _infer_task(cfg, meta, label_kind, _is_list(files.field(label)))
     columns = Columns(features, label, task, transform, train_root)
+    scan = None
     if transform is None:
+        kinds = _check_columns(files, features, label)
+        _check_task(files, features, label, task)
         columns.float_features = any(k == "float" for k in kinds)
+        if check or (task in CLASSES and "num_outputs" not in meta):
+            scan = scan_rows(files, columns, task)
+            columns.widths.update(scan.widths)
     rows = DiskRows(files, columns, cfg.cache_mb << 20)
-    classes = check_labels(files, label, task) if check and transform is None else None
     first = rows.take(np.arange(min(64, len(rows))))
-    if meta.get("num_outputs"):
-        num_outputs = int(meta["num_outputs"])
-    elif task in ("classification", "language-model"):
-        if transform is not None:
-            num_outputs = int(first[1].max()) + 1
-        else:
-            num_outputs = classes if classes is not None else check_labels(files, label, task)
-    else:
-        num_outputs = 1
+    if task == "language-model" and transform is None and first[0].shape != first[1].shape:
+        raise UserError(f"{files.shards[0].path}: a language model predicts a token for "
+                        f"each input token, but the features hold {first[0].shape[1]} per "
+                        f"row and the label {first[1].shape[1]}")  # fmt: skip
+    num_outputs = _num_outputs(files, meta, task, scan, first)
     test = reference = None
     if test_root is not None:
-        tfiles = Files(test_root)
-        for c in columns.read:
-            tfiles.field(c)
-        ref = str(meta.get("reference_column", ""))
-        extra = [ref] if ref and ref in tfiles.schemas[0].names else []
-        table = tfiles.read_all([*columns.read, *extra])
-        test = columns(table)
-        if extra:
-            reference = table.column(ref).to_numpy()
+        test, reference = _open_test(test_root, columns, meta, first, num_outputs)
     shape = tuple(first[0].shape[1:])
     return Opened(rows, test, reference, task, num_outputs, shape, meta, files.fingerprint())
+
+
+def _open_test(root: Path, columns: Columns, meta: dict[str, Any], first: Batch,
+               num_outputs: int) -> tuple[Batch, np.ndarray | None]:  # fmt: skip
+    """The held-out split, read whole, in the shapes of the training rows, its labels
+    (and a language model's tokens) within the model's outputs."""
+    tfiles = Files(root)
+    if columns.transform is None:
+        _check_columns(tfiles, columns.features, columns.label)
+    else:
+        for c in columns.read:
+            tfiles.field(c)
+    ref = str(meta.get("reference_column", ""))
+    extra = [ref] if ref and ref in tfiles.schemas[0].names else []
+    table = tfiles.read_all([*columns.read, *extra])
+    test = columns(table, root)
+    for got, want, what in zip(test, first, ("features", "labels")):
+        if got.shape[1:] != want.shape[1:]:
+            raise UserError(f"{root}: its {what} have shape {tuple(got.shape[1:])} per row, "
+                            f"{tuple(want.shape[1:])} in the training files")  # fmt: skip
+    if columns.task in CLASSES:
+        ids = [test[1], *([test[0]] if columns.task == "language-model" else [])]
+        for t in ids:
+            if t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_outputs):
+                raise UserError(f"{root}: its rows hold class or token ids from {int(t.min())} "
+                                f"to {int(t.max())}; the model has {num_outputs} outputs "
+                                "(from the training files)")  # fmt: skip
+    return test, (table.column(ref).to_numpy() if extra else None)

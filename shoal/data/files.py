@@ -4,8 +4,14 @@ fingerprints, read from the footers alone (see :mod:`shoal.data.disk` for readin
 A directory is listed as Spark, pandas, Polars or DuckDB write it: ``*.parquet``
 files in path order, in partition subdirectories too, names starting with ``_``
 or ``.`` skipped; a directory ``shoal data prepare`` wrote is listed by its index.
-A file's fingerprint hashes its name, size and footer, so a file changed or
-replaced since a run started is named when the run resumes.
+A file's fingerprint hashes its name, size and footer (Parquet's, or the Arrow
+file's), so a file changed or replaced since a run started is named when the run
+resumes.
+
+Nothing read here is taken on trust: an index entry must name a plain file inside
+its directory, with the size and rows it claims; the SHA-256 it records is what
+:meth:`Files.verify` (``shoal data info --verify``) recomputes; the ``shoal``
+metadata a writer left in a schema must have the shape :func:`shoal_meta` states.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import difflib
 import fnmatch
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +36,13 @@ INDEX = "shoal-index.json"
 """The index ``shoal data prepare`` writes beside its Arrow files."""
 SKIP = ("_", ".")
 """File and directory names starting with these are not data (``_SUCCESS``, ``.crc``)."""
+INDEX_FORMAT = 1
+"""The version of the index this code writes and reads."""
+TASKS = ("regression", "classification", "binary", "language-model")
+MAX_OUTPUTS = 1 << 22
+"""The most outputs (classes, vocabulary) a dataset may ask the model for: beyond this
+a head is gigabytes of parameters, and a label column or metadata claiming more is a
+mistake (a wrong column, a corrupt file), not a request."""
 
 
 def _why(e: BaseException) -> str:
@@ -71,7 +85,7 @@ def list_files(root: Path) -> list[Path]:
     if root.is_file():
         return [root]
     if (root / INDEX).is_file():
-        return [root / f["name"] for f in _read_index(root)["files"]]
+        return [_inside(root, f["name"]) for f in read_index(root)["files"]]
     files = [
         p
         for p in sorted(root.rglob("*"))
@@ -84,16 +98,66 @@ def list_files(root: Path) -> list[Path]:
     return files
 
 
-def _read_index(root: Path) -> dict[str, Any]:
+def read_index(root: Path) -> dict[str, Any]:
+    """The index of a prepared directory, every entry checked for its form: a plain
+    file name (once), a size, a row count and a SHA-256. One line on anything else."""
+    where = root / INDEX
     try:
-        index = json.loads((root / INDEX).read_text())
-        assert isinstance(index["files"], list)
-        return index
-    except (OSError, ValueError, KeyError, AssertionError, TypeError) as e:
-        raise UserError(f"{root / INDEX}: not a readable shoal index ({_why(e)})") from None
+        index = json.loads(where.read_text())
+    except (OSError, ValueError, RecursionError) as e:
+        raise UserError(f"{where}: not a readable shoal index ({_why(e)})") from None
+    if not isinstance(index, dict) or not isinstance(index.get("files"), list):
+        raise UserError(f"{where}: not a shoal index (no list of files)")
+    if index.get("format", INDEX_FORMAT) != INDEX_FORMAT:
+        raise UserError(f"{where}: index format {index.get('format')!r}; this shoal reads "
+                        f"format {INDEX_FORMAT}: prepare the data again")  # fmt: skip
+    seen: set[str] = set()
+    for i, entry in enumerate(index["files"]):
+        what = f"{where}: entry {i}"
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise UserError(f"{what} has no file name")
+        name = entry["name"]
+        if not _plain_name(name):
+            raise UserError(f"{what} names {name!r}; an index names files inside its own "
+                            "directory, by name alone (no '/', no '..')")  # fmt: skip
+        if name in seen:
+            raise UserError(f"{what} names {name} a second time: its rows would count twice")
+        seen.add(name)
+        for key in ("size", "rows"):
+            if not _count(entry.get(key)):
+                raise UserError(f"{what} ({name}): {key} {entry.get(key)!r} is not a count")
+        digest = entry.get("sha256")
+        if not (isinstance(digest, str) and len(digest) == 64 and _is_hex(digest)):
+            raise UserError(f"{what} ({name}): sha256 {digest!r} is not a SHA-256 digest")
+    return index
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_hex(text: str) -> bool:
+    return all(c in "0123456789abcdef" for c in text)
+
+
+def _plain_name(name: str) -> bool:
+    """A file name with no directory part (nothing that could point elsewhere), and no
+    control characters (it is shown in one-line errors)."""
+    return bool(name) and name not in (".", "..") and not any(c in "/\\" or c < " " for c in name)
+
+
+def _inside(root: Path, name: str) -> Path:
+    """``root / name``, refused if a symbolic link takes it out of ``root``."""
+    path = root / name
+    real, home = path.resolve(), root.resolve()
+    if real == home or not real.is_relative_to(home):
+        raise UserError(f"{path}: listed in {root / INDEX}, but it leads to {real}, outside "
+                        f"{root}; a prepared directory holds its own files")  # fmt: skip
+    return path
 
 
 def _footer_hash(path: Path, size: int, name: str) -> str:
+    """Hash of a Parquet file's name, size and footer."""
     h = hashlib.sha256(f"{name}\0{size}\0".encode())
     with path.open("rb") as f:
         f.seek(max(0, size - 8))
@@ -108,44 +172,107 @@ def _footer_hash(path: Path, size: int, name: str) -> str:
     return h.hexdigest()
 
 
+ARROW_MAGIC = b"ARROW1"
+
+
+def _arrow_footer_hash(path: Path, size: int, name: str) -> str:
+    """Hash of an Arrow IPC file's name, size and footer (its schema and where each record
+    batch lies): what a Parquet file's fingerprint covers, at the same cost."""
+    h = hashlib.sha256(f"{name}\0{size}\0".encode())
+    with path.open("rb") as f:
+        f.seek(max(0, size - 10))
+        tail = f.read(10)
+        if len(tail) != 10 or tail[4:] != ARROW_MAGIC:
+            raise UserError(f"{path}: not an Arrow file, or truncated (no footer)")
+        length = int.from_bytes(tail[:4], "little", signed=True)
+        if length <= 0 or length + 10 + 8 > size:
+            raise UserError(f"{path}: truncated Arrow file (footer of {length} bytes)")
+        f.seek(size - 10 - length)
+        h.update(f.read(length))
+    return h.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    """The SHA-256 of a file's bytes, read 4 MiB at a time."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _names(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+META_FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    **{
+        key: ("a string", lambda v: isinstance(v, str))
+        for key in ("generator", "label", "transform", "reference_column", "vocab", "split")
+    },
+    **{key: ("a count", _count) for key in ("seed", "context", "distinct_rows")},
+    **{key: ("a number", _number) for key in ("true_bias", "noise")},
+    "features": ("a list of column names", _names),
+    "true_weights": ("a list of numbers", lambda v: isinstance(v, list) and all(map(_number, v))),
+    "task": ("one of " + ", ".join(TASKS), lambda v: v in TASKS),
+    "num_outputs": (
+        f"a number of outputs from 1 to {MAX_OUTPUTS}",
+        lambda v: _count(v) and 1 <= v <= MAX_OUTPUTS,
+    ),
+}
+"""The ``shoal`` metadata fields a generator may write: what each must be, its check.
+Fields not named here are ignored."""
+
+
+def shoal_meta(schema: Any, where: Path) -> dict[str, Any]:
+    """The ``shoal`` metadata of a schema (``{}`` if none), its fields checked: what a
+    generator writes there steers training (columns, task, the model's outputs), so a
+    field of the wrong kind is one line here rather than a crash in every worker."""
+    raw = (schema.metadata or {}).get(META_KEY)
+    if not raw:
+        return {}
+    try:
+        meta = json.loads(raw)
+    except (ValueError, RecursionError):
+        meta = None
+    if not isinstance(meta, dict):
+        raise UserError(f"{where}: its '{META_KEY.decode()}' schema metadata is not a JSON "
+                        "object; rewrite the file, or remove that key")  # fmt: skip
+
+    def bad(key: str, want: str) -> UserError:
+        shown = json.dumps(meta[key])
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        return UserError(f"{where}: its metadata says {key} = {shown}, not {want}")
+
+    for key, (want, ok) in META_FIELDS.items():
+        if key in meta and not ok(meta[key]):
+            raise bad(key, want)
+    if "true_weights" in meta and "true_bias" not in meta:
+        raise UserError(f"{where}: its metadata has true_weights but no true_bias")
+    return meta
+
+
 class Files:
     """The files of one split (train or test), with their schema and row index."""
 
     def __init__(self, root: Path) -> None:
-        pa = _pa()
         self.root = root
         self.prepared = (root / INDEX).is_file()
         self.shards: list[Shard] = []
         self.schemas: list[Any] = []
         self.footers: dict[int, Any] = {}  # Parquet metadata by shard (statistics)
-        index = _read_index(root) if self.prepared else None
+        self.checksums: dict[int, str] = {}  # SHA-256 by shard, as the index records it
         base = root if root.is_dir() else root.parent
-        for i, path in enumerate(list_files(root)):
-            name = str(path.relative_to(base))
-            try:
-                size = path.stat().st_size
-            except OSError as e:
-                raise UserError(f"{path}: {e.strerror} (listed in {root / INDEX})") from None
-            if index is not None:
-                entry = index["files"][i]
-                if size != entry["size"]:
-                    raise UserError(f"{path}: {size} bytes, the index says {entry['size']}")
-                reader = self._open_arrow(path)
-                blocks = tuple(
-                    reader.get_batch(b).num_rows for b in range(reader.num_record_batches)
-                )
-                schema, fingerprint = reader.schema, str(entry["sha256"])
-            else:
-                fingerprint = _footer_hash(path, size, name)
-                try:
-                    meta = pa.parquet.ParquetFile(path).metadata
-                except (pa.ArrowException, OSError) as e:
-                    raise UserError(f"{path}: not a readable Parquet file ({_why(e)})") from None
-                blocks = tuple(meta.row_group(g).num_rows for g in range(meta.num_row_groups))
-                schema = meta.schema.to_arrow_schema()
-                self.footers[len(self.shards)] = meta
-            self.shards.append(Shard(path, name, sum(blocks), blocks, size, fingerprint))
-            self.schemas.append(schema)
+        if self.prepared:
+            for entry in read_index(root)["files"]:
+                self._add_arrow(_inside(root, entry["name"]), entry)
+        else:
+            for path in list_files(root):
+                self._add_parquet(path, str(path.relative_to(base)))
         self.blocks = [b for s in self.shards for b in s.blocks if b > 0]
         # where each block lives: (shard, block within it), and its first row
         self._where = [
@@ -155,6 +282,46 @@ class Files:
         self.rows = int(self.ends[-1]) if len(self.ends) else 0
         if self.rows == 0:
             raise UserError(f"{root}: the files hold no rows")
+        self.metadata = shoal_meta(self.schemas[0], self.shards[0].path)
+        """The ``shoal`` schema metadata of the first file (empty for others' files)."""
+        for shard, schema in zip(self.shards[1:], self.schemas[1:]):
+            shoal_meta(schema, shard.path)  # each file's, checked: any may come first later
+
+    def _add_parquet(self, path: Path, name: str) -> None:
+        pa = _pa()
+        size = path.stat().st_size
+        fingerprint = _footer_hash(path, size, name)
+        try:
+            meta = pa.parquet.ParquetFile(path).metadata
+        except (pa.ArrowException, OSError) as e:
+            raise UserError(f"{path}: not a readable Parquet file ({_why(e)})") from None
+        blocks = tuple(meta.row_group(g).num_rows for g in range(meta.num_row_groups))
+        self.footers[len(self.shards)] = meta
+        self.shards.append(Shard(path, name, sum(blocks), blocks, size, fingerprint))
+        self.schemas.append(meta.schema.to_arrow_schema())
+
+    def _add_arrow(self, path: Path, entry: dict[str, Any]) -> None:
+        """A file a prepared index lists, held to what the index says of it."""
+        listed = f"listed in {self.root / INDEX}"
+        try:
+            if not path.is_file():
+                raise UserError(f"{path}: not a file ({listed})")
+            size = path.stat().st_size
+        except OSError as e:
+            raise UserError(f"{path}: {e.strerror} ({listed})") from None
+        if size != entry["size"]:
+            raise UserError(f"{path}: {size} bytes, the index says {entry['size']}")
+        fingerprint = _arrow_footer_hash(path, size, path.name)
+        reader = self._open_arrow(path)
+        try:
+            blocks = tuple(reader.get_batch(b).num_rows for b in range(reader.num_record_batches))
+        except (_pa().ArrowException, OSError) as e:
+            raise UserError(f"{path}: not a readable Arrow file ({_why(e)})") from None
+        if sum(blocks) != entry["rows"]:
+            raise UserError(f"{path}: {sum(blocks)} rows, the index says {entry['rows']}")
+        self.checksums[len(self.shards)] = entry["sha256"]
+        self.shards.append(Shard(path, path.name, sum(blocks), blocks, size, fingerprint))
+        self.schemas.append(reader.schema)
 
     @staticmethod
     def _open_arrow(path: Path) -> Any:
@@ -164,18 +331,15 @@ class Files:
         except (pa.ArrowException, OSError) as e:
             raise UserError(f"{path}: not a readable Arrow file ({_why(e)})") from None
 
-    @property
-    def metadata(self) -> dict[str, Any]:
-        """The ``shoal`` schema metadata of the first file (empty for others' files)."""
-        meta = self.schemas[0].metadata or {}
-        raw = meta.get(META_KEY)
-        if not raw:
-            return {}
-        try:
-            value = json.loads(raw)
-            return value if isinstance(value, dict) else {}
-        except ValueError:
-            return {}
+    def verify(self) -> None:
+        """Read every byte of a prepared directory's files against the SHA-256 its index
+        records (``shoal data info --verify``); one line naming the first that differs.
+        Training does not do this at each start: it reads every byte of the dataset."""
+        for i, shard in enumerate(self.shards):
+            if i in self.checksums and sha256_file(shard.path) != self.checksums[i]:
+                raise UserError(f"{shard.path}: its SHA-256 differs from the one "
+                                f"{self.root / INDEX} records: the file changed or is "
+                                "corrupt; prepare it again")  # fmt: skip
 
     def fingerprint(self) -> dict[str, str]:
         """Each file's fingerprint, by name."""
