@@ -18,8 +18,11 @@ whole run (cgroups, root: see :mod:`shoal.cgroup`); a rank's own entry wins
 over ``rank=*``.
 ``crash:role=server:rank=0:step=120`` kills parameter-server shard 0 once it
 has applied step 120 (``hang:role=server:...`` stops it). ``hang:rank=2:step=0``
-stops worker 2 as it starts, before it registers with anyone. Several faults
-are separated by ``;``.
+stops worker 2 as it starts, before it registers with anyone.
+``term:rank=1:step=150`` sends rank 1 SIGTERM, then its launcher (which passes it
+on to every worker), as a scheduler that takes the machine back signals the job's
+processes. ``step=end`` (crash, hang, term) fires as training ends: after the last
+step, before the final checkpoint and summary. Several faults are separated by ``;``.
 
 A crash or hang fires once per job, not once per process: before firing, the
 injector leaves a marker in ``RUN_DIR/faults/``, so the workers a restart
@@ -36,7 +39,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ENV = "SHOAL_FAULT"
-KINDS = ("crash", "hang", "slow", "cpu")
+KINDS = ("crash", "hang", "term", "slow", "cpu")
+SIGNALS = {"crash": signal.SIGKILL, "hang": signal.SIGSTOP, "term": signal.SIGTERM}
+"""What a fault that fires once sends its own process."""
+END = 1 << 62
+"""The step of ``step=end``: after every step (see :meth:`Injector.at_end`)."""
 
 
 ROLES = ("worker", "server")
@@ -63,12 +70,13 @@ def parse(spec: str) -> list[Fault]:
             raise ValueError(f"{ENV}: unknown fault {kind!r} (known: {', '.join(KINDS)})")
         values = dict(f.split("=", 1) for f in fields if "=" in f)
         role = values.get("role", "worker")
-        if role not in ROLES or (role == "server" and kind in ("slow", "cpu")):
+        if role not in ROLES or (role == "server" and kind not in ("crash", "hang")):
             raise ValueError(f"{ENV}: {part!r}: role must be worker, or server for a crash or hang")
         try:
             rank = -1 if values["rank"] == "*" else int(values["rank"])
-            if kind in ("crash", "hang"):
-                faults.append(Fault(kind, rank, int(values["step"]), role=role))
+            if kind in SIGNALS:
+                step = END if values["step"] == "end" else int(values["step"])
+                faults.append(Fault(kind, rank, step, role=role))
             elif kind == "cpu":
                 cpus = float(values["cpus"])
                 if not 0.1 <= cpus <= 1024:
@@ -86,9 +94,18 @@ def parse(spec: str) -> list[Fault]:
             form = {
                 "slow": "slow:rank=R|*:ms=M|factor=F[:step=S][:prob=P]",
                 "cpu": "cpu:rank=R|*:cpus=C (0.1 to 1024)",
-            }.get(kind, f"{kind}:rank=R:step=S")
+            }.get(kind, f"{kind}:rank=R:step=S|end")
             raise ValueError(f"{ENV}: {part!r} must look like {form}") from None
     return faults
+
+
+def _signal_launcher() -> None:
+    """SIGTERM to shoal's launcher of this worker, if shoal's launcher started it."""
+    from shoal.launch import LAUNCHER_ENV
+
+    launcher = os.environ.get(LAUNCHER_ENV, "")
+    if launcher.isdigit() and int(launcher) != os.getpid():
+        os.kill(int(launcher), signal.SIGTERM)
 
 
 class Injector:
@@ -115,7 +132,8 @@ class Injector:
         if self.markers is None:
             return Path("/nonexistent/shoal-fault")
         who = f"rank{self.rank}" if self.role == "worker" else f"{self.role}{self.rank}"
-        return self.markers / f"{fault.kind}-{who}-step{fault.step}"
+        step = "end" if fault.step == END else fault.step
+        return self.markers / f"{fault.kind}-{who}-step{step}"
 
     def at_start(self) -> None:
         """Called as the process starts: faults of step 0 fire here, a CPU quota
@@ -159,9 +177,16 @@ class Injector:
     def after_step(self, step: int) -> None:
         """Called after each task, with its global step + 1 (a queue may skip steps)."""
         for fault in self.faults:
-            if fault.kind in ("crash", "hang") and step >= fault.step and fault not in self.fired:
+            if fault.kind in SIGNALS and step >= fault.step and fault not in self.fired:
                 self.fired.add(fault)
                 if self.markers is not None:
                     self.markers.mkdir(parents=True, exist_ok=True)
                     self._marker(fault).touch()
-                os.kill(os.getpid(), signal.SIGKILL if fault.kind == "crash" else signal.SIGSTOP)
+                os.kill(os.getpid(), SIGNALS[fault.kind])
+                if fault.kind == "term":
+                    _signal_launcher()
+
+    def at_end(self) -> None:
+        """Called as training ends, after the last step and before the final checkpoint
+        and summary: faults of ``step=end`` fire here."""
+        self.after_step(END)

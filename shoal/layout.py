@@ -16,6 +16,8 @@ written (atomically: a reader never sees half a file).
       .lock               held by the job that owns the directory (LOCK_FILE)
       .shoal-user-error   a worker's one-line refusal of the job (USER_ERROR_FILE)
       .attempts           how many times Ray started the workers (ATTEMPTS_FILE)
+      .secret             the driver's SHOAL_PS_SECRET for an engine's workers, 0600,
+                          while the job runs (SECRET_FILE)
       ray/                Ray Train's own records of an --engine ray run
 """
 
@@ -44,6 +46,7 @@ AUDIT_DIR = "audit"
 DATASET_FILE = "dataset.json"
 LOCK_FILE = ".lock"
 ATTEMPTS_FILE = ".attempts"
+SECRET_FILE = ".secret"
 USER_ERROR_FILE = ".shoal-user-error"
 """Left by a worker that stopped on a :class:`~shoal.errors.UserError`: the processes
 torchrun's agent restarts after it exit at once, and the launcher ends with the

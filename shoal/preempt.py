@@ -69,19 +69,35 @@ class Preemption:
         if may_stop and self.work is not None:
             self.work.wait()
             flags, self.work = self.flags, None
-            if flags[0] > 0:
-                told = ("SIGUSR1" if flags[2] else "SIGTERM"), -float(flags[1])
+            told = _told(flags)
         if may_stop and told is None:
-            mine = self.signum is not None
-            self.flags = torch.tensor(
-                [float(mine), -self.received if mine else -float("inf"),
-                 float(self.signum == signal.SIGUSR1)], dtype=torch.float64,
-            )  # fmt: skip
-            if dist.is_initialized() and dist.get_world_size() > 1:
+            self.flags = self._mine()
+            if _grouped():
                 self.work = dist.all_reduce(self.flags, op=dist.ReduceOp.MAX, async_op=True)
             else:
                 self.work = _Done()
         return told
+
+    def settle(self) -> tuple[str, float] | None:
+        """Call on every rank once training is over and the final checkpoint and summary
+        are written (the handlers stay until then, so a signal meanwhile is obeyed after
+        them rather than killing the process half-way): ``(signal name, earliest time)``
+        when any rank got a signal, found by one all-reduce."""
+        if self.work is not None:  # (the agreement started after the last step)
+            self.work.wait()
+            self.work = None
+        flags = self._mine()
+        if _grouped():
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return _told(flags)
+
+    def _mine(self) -> torch.Tensor:
+        """This rank's part of an agreement: told, -(when), SIGUSR1."""
+        mine = self.signum is not None
+        return torch.tensor(
+            [float(mine), -self.received if mine else -float("inf"),
+             float(self.signum == signal.SIGUSR1)], dtype=torch.float64,
+        )  # fmt: skip
 
     def restore(self) -> None:
         for s, handler in self.previous.items():
@@ -93,6 +109,17 @@ class Preemption:
         self.restore()
         if self.signum == signal.SIGTERM and self.previous:
             signal.raise_signal(signal.SIGTERM)
+
+
+def _grouped() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _told(flags: torch.Tensor) -> tuple[str, float] | None:
+    """What an agreement's result says: the signal and its earliest time, if any."""
+    if flags[0] > 0:
+        return ("SIGUSR1" if flags[2] else "SIGTERM"), -float(flags[1])
+    return None
 
 
 class _Done:

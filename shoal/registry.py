@@ -25,12 +25,16 @@ def is_user_ref(name: str) -> bool:
 
 def import_ref(ref: str, kind: str) -> Callable[..., Any]:
     """Import ``package.module:function`` (from the working directory too, as the
-    workers do) and return the function."""
+    workers do) and return the function. The working directory is searched last: a
+    module there named like one of the standard library or an installed package
+    (``json.py``, ``torch/``) does not replace it, so name your own modules apart."""
     module_name, _, attr = ref.partition(":")
     if not module_name or not attr:
         raise UserError(f"{kind} {ref!r} must look like package.module:function")
     if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())  # as python -m does, so `shoal` finds what workers find
+        # so that `shoal` finds what the workers find; appended, not put first: first,
+        # any file in the directory a command runs in would shadow what shoal imports
+        sys.path.append(os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:

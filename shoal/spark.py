@@ -21,10 +21,18 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
-from shoal.cli.engines import JobLike, distribute, release, resolve, take_run_dir
+from shoal.cli.engines import (
+    JobLike,
+    distribute,
+    has_checkpoint,
+    release,
+    resolve,
+    take_run_dir,
+)
 from shoal.config import JobConfig
 from shoal.errors import UserError
 from shoal.layout import SUMMARY_FILE
@@ -49,26 +57,45 @@ def train(
     features and label, chosen by ``--features`` and ``--label``), or the path of
     Parquet files already written (read where they are), or ``None`` (the job's own
     ``--data``). A SparkSession must be active (the DataFrame's, or
-    ``SparkSession.builder.getOrCreate()``)."""
+    ``SparkSession.builder.getOrCreate()``).
+
+    The DataFrame's copy is readable by this user only, and is removed when the run
+    ends, except after a failure that left a checkpoint: ``--resume RUN_DIR`` with the
+    same ``data_dir`` continues on the same files (a new copy of the rows would have
+    new file names, which the resumed run refuses), and removes it when it ends."""
     extra = ["--workers", str(num_processes)]
+    written, fresh = None, False
     if data is not None:
-        path = data if isinstance(data, (str, os.PathLike)) else _write(data, job, data_dir)
+        path = data
+        if not isinstance(data, (str, os.PathLike)):
+            path, fresh = _write(data, job, data_dir)
+            written = path
         extra += ["--data", f"parquet:{os.fspath(path)}"]
-    resolved = resolve(job, "spark", extra)
-    take_run_dir(resolved)
+    resolved = None
     try:
-        distribute(resolved, num_processes, local_mode)
+        resolved = resolve(job, "spark", extra)
+        take_run_dir(resolved)
+        try:
+            distribute(resolved, num_processes, local_mode)
+        finally:
+            release(resolved)
+        path = Path(resolved.output.out) / SUMMARY_FILE
+        if not path.is_file():
+            raise RuntimeError(f"shoal: the Spark job wrote no summary in {resolved.output.out}")
+        return json.loads(path.read_text())
+    except BaseException:
+        if not fresh or (resolved is not None and has_checkpoint(resolved)):
+            written = None  # (kept for --resume)
+        raise
     finally:
-        release(resolved)
-    path = Path(resolved.output.out) / SUMMARY_FILE
-    if not path.is_file():
-        raise RuntimeError(f"shoal: the Spark job wrote no summary in {resolved.output.out}")
-    return json.loads(path.read_text())
+        if written is not None:
+            shutil.rmtree(written, ignore_errors=True)
 
 
-def _write(df: Any, job: JobLike, data_dir: str | os.PathLike | None) -> Path:
-    """Write the DataFrame as Parquet (refusing a directory that exists: the rows of a
-    run may not change under it)."""
+def _write(df: Any, job: JobLike, data_dir: str | os.PathLike | None) -> tuple[Path, bool]:
+    """Write the DataFrame as Parquet into a new directory only this user may enter
+    (refusing one that exists: the rows of a run may not change under it). Returns
+    the directory, and whether it was written now (not a resumed run's)."""
     flags = _flags_of(job)
     if data_dir is None:
         out = _flag(flags, "--out") or _flag(flags, "--resume")
@@ -76,12 +103,20 @@ def _write(df: Any, job: JobLike, data_dir: str | os.PathLike | None) -> Path:
             raise UserError("shoal.spark.train: give --out (or data_dir) to write the DataFrame")
         data_dir = f"{os.path.abspath(out)}-data"
     path = Path(data_dir).absolute()
-    if path.exists():
-        if _flag(flags, "--resume"):
-            return path  # (the run's rows, written when it started; fingerprints checked)
-        raise UserError(f"data_dir {path} exists; remove it or choose another")
-    df.write.parquet(str(path))
-    return path
+    if path.exists() and _flag(flags, "--resume"):
+        return path, False  # (the run's rows, written when it started; fingerprints checked)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(mode=0o700)  # (Spark would make it with the umask's permissions)
+    except FileExistsError:
+        raise UserError(f"data_dir {path} exists; remove it or choose another") from None
+    path.chmod(0o700)  # (mkdir's mode passes through the umask)
+    try:
+        df.write.mode("append").parquet(str(path))  # (into the directory made above)
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
+    return path, True
 
 
 def _flags_of(job: JobLike) -> list[str]:

@@ -281,24 +281,48 @@ class Trainer:
         except BaseException as e:
             if self.writer is not None:
                 self.writer.close()
-            if preemption is not None and not isinstance(e, Preempted):
+            if preemption is not None and isinstance(e, Preempted):
+                preemption.restore()
+            elif preemption is not None:
                 preemption.failed()  # a failure, not a preemption: signals act at once again
             raise
         finally:
             self.loader.close()
             if audit is not None:
                 audit.close()
+        self._end(preemption)
+
+    def _end(self, preemption: Preemption | None) -> None:
+        """The final checkpoint, evaluation and summary. The preemption handlers stay
+        until they are written: a signal meanwhile lets them finish, and then every rank
+        stops as a preempted one does (a default handler would kill the process half-way)."""
+        try:
+            self.faults.at_end()
+            self.save_checkpoint()
+            self._evaluate()
+            self.saver.wait()
+            self._finish()
+            told = preemption.settle() if preemption is not None else None
+            if told is not None:  # (noted before the handlers go: the launcher reads it)
+                self._stop(*told)
+        except Preempted:
+            raise
+        except BaseException:
+            if preemption is not None:
+                preemption.failed()
+            raise
+        finally:
             if preemption is not None:
                 preemption.restore()
-        self.save_checkpoint()
-        self._evaluate()
-        self.saver.wait()
-        self._finish()
 
     def _preempted(self, signame: str, received: float) -> None:
         """Every rank was told (or a peer was): checkpoint this step and stop."""
         self.save_checkpoint()
         self.saver.wait()
+        self._stop(signame, received)
+
+    def _stop(self, signame: str, received: float) -> None:
+        """This step's checkpoint is written: note the preemption (rank 0) and stop."""
         entry: dict[str, Any] = {}
         if self.env.is_main:
             entry = preempt.record(

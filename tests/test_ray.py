@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.conftest import LINEAR_JOB, max_abs_diff, params, read_summary
+from tests.conftest import LINEAR_JOB, max_abs_diff, params, read_summary, run_shoal
 
 ray = pytest.importorskip("ray", reason="Ray is an extra: pip install 'shoal[ray]'")
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]  # one worker: one Ray
@@ -99,6 +99,40 @@ def test_ps_on_ray_takes_roles_from_ranks_and_bsp_equals_allreduce(
     s = read_summary(out)
     assert s["world_size"] == 2 and all(e["exact"] for e in s["epochs"])
     assert max_abs_diff(params(out), params(linear_reference)) < 1e-6
+
+
+def _recorded_by_ray() -> bytes:
+    """What the Ray cluster keeps of its jobs and actors (runtime environments included),
+    as the bytes of its tables: what any user of the cluster can read back."""
+    from ray._private.state import state
+
+    accessor = state._connect_and_get_accessor()
+    jobs = accessor.get_job_table(
+        skip_submission_job_info_field=False, skip_is_running_tasks_field=True
+    )
+    return b"".join([*jobs, *accessor.get_actor_table(None, None)])
+
+
+@pytest.mark.timeout(180)
+def test_engine_ray_keeps_the_ps_secret_out_of_the_clusters_records(tmp_path, local_ray):
+    """``--engine ray`` on a running cluster (``--address``): shoal's variables reach the
+    workers through the job's runtime_env, which Ray keeps; the secret must not."""
+    secret, marker = "7a" * 32, "shoal-marker-" + os.urandom(4).hex()
+    out = tmp_path / "run"
+    proc = run_shoal(
+        "train", *LINEAR_JOB, "--steps", "10", "--workers", "1", "--out", str(out),
+        "--engine", "ray", "--address", ray.get_runtime_context().gcs_address,
+        "--no-progress", "--no-report",
+        env={"SHOAL_PS_SECRET": secret, "SHOAL_TEST_MARKER": marker},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    recorded = _recorded_by_ray()
+    assert marker.encode() in recorded  # (the records hold the runtime_env: the test sees it)
+    in_ray = secret.encode() in recorded
+    assert not in_ray, "the secret is in the Ray cluster's records"
+    assert not (out / ".secret").exists()  # the driver took its file back
+    leaked = [p for p in out.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+    assert not leaked, leaked
 
 
 @pytest.mark.timeout(120)

@@ -24,14 +24,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from shoal import rundir
+from shoal import checkpoint, rundir
 from shoal.cli.flags import given
 from shoal.cli.guest import continued, fit_to_launcher, run_ranks
 from shoal.cli.job import finish, prepare_run_dir, resolve_job
 from shoal.config import JobConfig, dumps_toml, loads_toml
 from shoal.dist import init
 from shoal.errors import UserError
-from shoal.layout import ATTEMPTS_FILE, SUMMARY_FILE, USER_ERROR_FILE
+from shoal.layout import ATTEMPTS_FILE, SECRET_FILE, SUMMARY_FILE, USER_ERROR_FILE, write_atomic
+from shoal.strategies import resolve as plugin_of
+from shoal.strategies.ps.wire import SECRET_ENV
 
 JobLike = JobConfig | str | os.PathLike | Sequence[str]
 """A job as the engines' functions take it: a :class:`~shoal.config.JobConfig`, a
@@ -95,6 +97,11 @@ def release(job: JobConfig) -> None:
         lock.release()
 
 
+def has_checkpoint(job: JobConfig) -> bool:
+    """Whether the run has a checkpoint to resume from."""
+    return bool(checkpoint.list_checkpoints(plugin_of(job).checkpoint_root(Path(job.output.out))))
+
+
 def outcome(job: JobConfig, error: BaseException | None, engine: str) -> int:
     """The exit code of an engine's job, with one line for a failure; the summary
     table and report of a finished one."""
@@ -119,6 +126,7 @@ def engine_rank(text: str, restarts: bool) -> tuple[int, dict[str, Any] | None]:
     return value it reads last). ``restarts``: the engine may run this
     again after a failure (rank 0 counts the attempts in the run directory)."""
     job = loads_toml(text)
+    _take_secret(Path(job.output.out))
     env = init(job.train.device)
 
     def decide() -> tuple[str, int]:
@@ -142,8 +150,46 @@ def _next_attempt(out: Path) -> int:
         n = int(path.read_text()) + 1
     except (OSError, ValueError):
         n = 0
-    path.write_text(f"{n}\n")
+    write_atomic(path, f"{n}\n")  # (a crash mid-write would restart the count at 0)
     return n
+
+
+# --- the job's secret ---------------------------------------------------------------------
+# An engine's workers need the driver's SHOAL_PS_SECRET (a federation's server that
+# listens for `shoal federate` clients must know theirs). Ray's runtime_env would carry
+# it, but Ray stores a job's runtime_env in its cluster, where whoever can use the
+# cluster reads it (`ray list jobs`, the dashboard, the job table). A file in the run
+# directory, readable by its owner only, reaches the workers as the run directory
+# itself does (this machine, or the shared filesystem the engine requires); the driver
+# removes it when the job ends. The workers of a parameter-server job need no secret
+# from the driver: rank 0 makes one and hands it to the others through the group.
+
+
+def give_secret(out: Path) -> None:
+    """Driver: leave its ``SHOAL_PS_SECRET`` (if any) where the job's workers read it,
+    readable by this user only; remove a stale one otherwise."""
+    path = out / SECRET_FILE
+    secret = os.environ.get(SECRET_ENV, "")
+    if not secret:
+        path.unlink(missing_ok=True)  # (one a killed driver left must not stand in)
+        return
+    write_atomic(path, secret)  # (mkstemp: created 0600, and the rename keeps that)
+    os.chmod(path, 0o600)
+
+
+def take_back_secret(out: Path) -> None:
+    """Driver: the job ended; its secret leaves the run directory."""
+    (out / SECRET_FILE).unlink(missing_ok=True)
+
+
+def _take_secret(out: Path) -> None:
+    """Worker: the driver's ``SHOAL_PS_SECRET``, from the run directory, where it left one."""
+    try:
+        secret = (out / SECRET_FILE).read_text().strip()
+    except OSError:
+        return
+    if secret:
+        os.environ[SECRET_ENV] = secret
 
 
 # --- Ray ----------------------------------------------------------------------------------
@@ -169,16 +215,21 @@ def run_on_ray(job: JobConfig) -> int:
     the Ray cluster at ``--address`` (or a Ray instance started here)."""
     ray, train, torch_trainer = _import_ray()
     text = take_run_dir(job)
+    out = Path(job.output.out)
     c = job.cluster
     if not c.address:  # a Ray started here: its workers at the priority of a shoal worker
         os.environ.setdefault("RAY_worker_niceness", "0")  # (Ray's default: nice 15)
+    # shoal's other variables (SHOAL_FAULT, ...) travel in the runtime_env; the secret
+    # does not (see give_secret)
+    forwarded = {k: v for k, v in os.environ.items() if "SHOAL" in k and k != SECRET_ENV}
     try:
+        give_secret(out)
         ray.init(
             address=c.address or None,
             num_cpus=None if c.address else max(os.cpu_count() or 1, c.workers),
             include_dashboard=False,
             logging_level=logging.WARNING,
-            runtime_env={"env_vars": {k: v for k, v in os.environ.items() if "SHOAL" in k}},
+            runtime_env={"env_vars": forwarded},
         )
         trainer = torch_trainer(
             RayLoop(text),
@@ -199,6 +250,7 @@ def run_on_ray(job: JobConfig) -> int:
             error = e
         return outcome(job, error, "Ray")
     finally:
+        take_back_secret(out)
         ray.shutdown()
         release(job)
 
