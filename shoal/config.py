@@ -272,6 +272,12 @@ class TrainConfig:
         low=0, high=1e6,
     )  # fmt: skip
     dp_delta: float = option(1e-5, "DP delta of the reported epsilon", above=0, below=1)
+    dp_insecure_seed: bool = option(
+        False,
+        "draw DP noise and Poisson samples from --seed instead of the operating system's "
+        "secure source: reproducible, and NOT private (anyone with the job file can rebuild "
+        "the noise); for tests and benchmarks only, and said so in the summary",
+    )
 
     def total_steps(self, steps_per_epoch: int) -> int:
         """Global steps of the job: ``--steps``, or ``--epochs`` worth of them."""

@@ -170,8 +170,25 @@ def is_empty(out: Path) -> bool:
     return not out.exists() or all(p.name == LOCK_FILE for p in out.iterdir())
 
 
+PRIVACY = ("dp_clip", "dp_noise", "dp_epsilon", "dp_delta", "dp_insecure_seed")
+"""The privacy settings, fixed for a run's life: its checkpoints' accountant continues
+exactly these (turning DP on at a resume would report an epsilon for the steps after it
+only, of a model trained without it before)."""
+
+
 def check_resume(stored: JobConfig, job: JobConfig) -> None:
-    """Refuse a resumed ``job`` that changes a :data:`FIXED` setting of the ``stored`` one."""
+    """Refuse a resumed ``job`` that changes a :data:`FIXED` setting of the ``stored`` one,
+    or any of its :data:`PRIVACY` settings."""
+    fields = {f.name: f for f in dataclasses.fields(stored.train)}
+    for name in PRIVACY:
+        old, new = getattr(stored.train, name), getattr(job.train, name)
+        if old != new:
+            flag = fields[name].metadata.get("flag", "--" + name.replace("_", "-"))
+            raise UserError(
+                f"--resume {job.output.out}: {flag} was {_show(old)} in the run and is "
+                f"{_show(new)} now: a run's privacy settings are fixed when it starts (its "
+                "accountant continues them); resume with the run's values, or start a new run"
+            )
     for section, names in FIXED.items():
         before, now = getattr(stored, section), getattr(job, section)
         fields = {f.name: f for f in dataclasses.fields(before)}

@@ -44,7 +44,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 FRACTION_BITS = 24
-"""Binary places of the fixed-point encoding: steps of 6e-8; sums up to 2**39 in size."""
+"""Binary places of the fixed-point encoding: steps of 6e-8; sums below 2**39 in size."""
 PRIME = (1 << 521) - 1
 """The Shamir field (a Mersenne prime, larger than any 32-byte secret)."""
 COMPLETE_UP_TO = 32
@@ -59,10 +59,22 @@ class SecAggError(Exception):
 # --- fixed point ------------------------------------------------------------------------
 
 
-def encode(x: np.ndarray) -> np.ndarray:
-    """``x`` (floats) in fixed point modulo 2**64."""
-    scaled = np.rint(np.asarray(x, dtype=np.float64) * (1 << FRACTION_BITS))
-    return scaled.astype(np.int64).view(np.uint64)
+RANGE = float(1 << (63 - FRACTION_BITS))
+"""Fixed point holds values (and sums) of magnitude below 2**39."""
+
+
+def encode(x: np.ndarray, summands: int = 1) -> np.ndarray:
+    """``x`` (floats) in fixed point modulo 2**64. A :class:`ValueError` for a value that
+    is not finite or so large that a sum of ``summands`` such inputs could wrap around
+    (each must stay below :data:`RANGE` / ``summands``): the sum would be silently wrong."""
+    x = np.asarray(x, dtype=np.float64)
+    bound = RANGE / max(1, summands)
+    if not np.all(np.isfinite(x)):
+        raise ValueError("the update is not finite (NaN or inf): it cannot be aggregated")
+    if x.size and float(np.abs(x).max()) >= bound:
+        raise ValueError(f"the update has a value of {float(np.abs(x).max()):.3g}, beyond "
+                         f"the {bound:.3g} that fixed point sums of {summands} hold")  # fmt: skip
+    return np.rint(x * (1 << FRACTION_BITS)).astype(np.int64).view(np.uint64)
 
 
 def decode(y: np.ndarray) -> np.ndarray:

@@ -92,9 +92,24 @@ def assert_one_line_error(proc, needle: str) -> None:
             ["--strategy", "fedavg", "--steps", "5", "--workers", "2", "--listen", "127.0.0.1:1"],
             "--listen runs the federation's server as one process",
         ),
-        (["--dp-noise", "1.0"], "--dp-noise and --dp-epsilon need --dp-clip"),
+        (["--dp-noise", "1.0"], "--dp-epsilon and --dp-insecure-seed need --dp-clip"),
+        (["--dp-insecure-seed"], "need --dp-clip"),
         (["--dp-clip", "1", "--dp-noise", "1", "--dp-epsilon", "3"], "not both"),
-        (["--strategy", "local-sgd", "--dp-clip", "1"], "does not run differential privacy"),
+        *[
+            (
+                ["--strategy", name, "--workers", "2", "--dp-clip", "1", "--dp-noise", "1", *extra],
+                f"--strategy {name} does not run differential privacy",
+            )
+            for name, extra in [
+                ("ps", ["--servers", "1"]),
+                ("local-sgd", []),
+                ("diloco", []),
+                ("easgd", []),
+                ("fsdp", []),
+                ("tensor", []),
+                ("pipeline", ["--model", "mlp"]),
+            ]
+        ],
         (
             ["--dp-clip", "1", "--workers", "2", "--balance", "static:1,2"],
             "DP-SGD (--dp-clip) runs without --balance",

@@ -171,9 +171,11 @@ def test_secure_aggregation_sums_what_plain_does_with_late_clients_dropped(tmp_p
 def test_client_level_dp_accounts_with_opacus_and_adds_noise_once(tmp_path):
     from opacus.accountants import RDPAccountant
 
+    # --dp-insecure-seed: the same noise for 1 and 2 processes
     job = [*FED, "--strategy", "fedavg", "--clients", "20", "--clients-per-round", "5",
            "--local-steps", "2", "--batch-size", "16", "--dp-clip", "0.5",
-           "--dp-noise", "0.8", "--steps", "12", "--log-every", "4"]  # fmt: skip
+           "--dp-noise", "0.8", "--steps", "12", "--log-every", "4",
+           "--dp-insecure-seed"]  # fmt: skip
     one, two = tmp_path / "one", tmp_path / "two"
     train(one, *job, "--workers", "1")
     train(two, *job, "--workers", "2")

@@ -37,6 +37,7 @@ from shoal.layout import (
 )
 from shoal.models import build_model, check_model_name, default_data
 from shoal.strategies import BUILTIN, Plugin, resolve
+from shoal.strategies.plugin import check_all
 
 
 def resolve_job(args: argparse.Namespace) -> JobConfig:
@@ -67,7 +68,7 @@ def resolve_job(args: argparse.Namespace) -> JobConfig:
     plugin = resolve(job)
     if plugin.default_optimizer and not (given(args, "optim", "name") or args.config or resume):
         job.optim.name = plugin.default_optimizer
-    plugin.check(job)
+    check_all(plugin, job)
     check_model_name(job.model.name)
     if resolve_device(job.train.device) == "cuda":
         import torch

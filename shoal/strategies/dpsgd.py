@@ -12,9 +12,12 @@
   on rank 0 only, before the all-reduce of the sums: noise is added once per
   global step, whatever the number of workers. The sum is divided by the
   expected batch size, as Opacus does.
-- The noise comes from a generator seeded by the job's seed, so one worker and
-  four draw the same noise, and its state is checkpointed with the
-  accountant's history (:class:`shoal.privacy.Accountant`).
+- The noise and the Poisson samples come from the run's secret
+  (:class:`shoal.privacy.Randomness`: ``os.urandom``, drawn by rank 0 and shared
+  with the other ranks), never from the job's seed; the secret, the noise
+  generator's state and the accountant's history are checkpointed, so a resumed
+  run continues the same streams. Only ``--dp-insecure-seed`` draws them from
+  ``--seed`` (then one worker and four draw the same noise).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from torch import nn
 from shoal import privacy
 from shoal.data import GlobalBatchSampler, Task
 from shoal.data.sampler import part_slice
+from shoal.errors import UserError
 from shoal.memory import ActivationMeter
 from shoal.metrics import PhaseTimer
 from shoal.optim import build_optimizer, build_scheduler
@@ -38,21 +42,19 @@ from shoal.strategies.collectives import ring_allreduce_bytes
 # Opacus's per-sample hooks fire on the first layer, whose input needs no gradient
 warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients")
 
-NOISE_SEED = 0xD9
-"""Mixed into the job's seed for the noise generator."""
-
 
 class PoissonWork:
     """Every step from ``step`` to ``total``: this rank's slice of a Poisson-sampled
     global batch."""
 
-    def __init__(self, seed: int, rows: int, rate: float, rank: int, world: int, step: int,
-                 total: int, log_every: int) -> None:  # fmt: skip
-        self.seed, self.rows, self.rate, self.rank, self.world = seed, rows, rate, rank, world
+    def __init__(self, randomness: privacy.Randomness, rows: int, rate: float, rank: int,
+                 world: int, step: int, total: int, log_every: int) -> None:  # fmt: skip
+        self.randomness, self.rows, self.rate = randomness, rows, rate
+        self.rank, self.world = rank, world
         self.step, self.total, self.log_every = step, total, log_every
 
     def _task(self, step: int) -> Task:
-        batch = privacy.poisson_rows(self.seed, step, self.rows, self.rate)
+        batch = self.randomness.rows(step, self.rows, self.rate)
         mine = batch[part_slice(len(batch), self.rank, self.world)]
         return Task(step, self.rank, self.world, mine, max(1, len(batch)))
 
@@ -82,10 +84,13 @@ class DPSGD(Strategy):
         self.budget = privacy.budget(t)
         self.rate = min(1.0, t.batch_size / self.data.num_train)
         noise = privacy.noise_for(self.budget, self.rate, total_steps)
-        self.accountant = privacy.Accountant(noise, self.rate, self.budget.delta)
+        self.accountant = privacy.Accountant(noise, self.rate, self.budget.delta, total_steps,
+                                             self.budget)  # fmt: skip
+        self.randomness = privacy.Randomness.draw(t, self.env)
         self.model = model
         self.sampled = GradSampleModule(model, loss_reduction="sum")
-        self.generator = torch.Generator(self.env.device).manual_seed((t.seed << 8) ^ NOISE_SEED)
+        self.generator = torch.Generator(self.env.device)
+        self.generator.manual_seed(self.randomness.seed("noise"))
         world = self.env.world_size
         cls = DistributedDPOptimizer if world > 1 else DPOptimizer
         self.optimizer = cls(
@@ -101,7 +106,7 @@ class DPSGD(Strategy):
 
     def work(self, sampler: GlobalBatchSampler, step: int, total_steps: int) -> PoissonWork:
         t = self.job.train
-        return PoissonWork(t.seed, self.data.num_train, self.rate, self.env.rank,
+        return PoissonWork(self.randomness, self.data.num_train, self.rate, self.env.rank,
                            self.env.world_size, step, total_steps, t.log_every)  # fmt: skip
 
     def train_step(
@@ -130,15 +135,22 @@ class DPSGD(Strategy):
             "scheduler": self.scheduler.state_dict(),
             "accountant": self.accountant.state_dict(),
             "noise_generator": self.generator.get_state(),
+            "randomness": self.randomness.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "accountant" not in state or "randomness" not in state:
+            raise UserError("--resume: the checkpoint was not written by DP-SGD (or by an "
+                            "older shoal): it has no privacy accountant to continue")  # fmt: skip
         self.model.load_state_dict(state["model"])
         self.optimizer.original_optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.accountant.load_state_dict(state["accountant"])
+        self.optimizer.noise_multiplier = self.accountant.noise
+        self.randomness.load_state_dict(state["randomness"])
         if self.env.rank == 0 or not dist.is_initialized():
             self.generator.set_state(state["noise_generator"])
 
     def summarize(self, totals: list[Any]) -> dict[str, Any]:
-        return {"privacy": {"level": "sample", **self.accountant.summary(self.budget.clip)}}
+        return {"privacy": {"level": "sample", **self.accountant.summary(self.budget.clip),
+                            **self.randomness.summary()}}  # fmt: skip

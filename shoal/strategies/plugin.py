@@ -78,16 +78,23 @@ class Plugin:
     def check(self, job: JobConfig) -> None:
         """Refuse, with a :class:`~shoal.errors.UserError`, a job this strategy cannot
         run. Called before anything is written, so a mistake leaves no trace. The
-        default: the section's ranges and choices, and at least one worker."""
+        default: the section's ranges and choices, at least one worker, and
+        ``--balance``. (:meth:`check_privacy` is run by :func:`check_all` whether or not
+        a subclass calls this.)"""
         check_component(self.options(job))
         if job.cluster.workers < 1:
             raise UserError(f"--workers must be a positive integer, got {job.cluster.workers}")
         self.check_balance(job)
-        self.check_privacy(job)
 
     def check_privacy(self, job: JobConfig) -> None:
         """``--dp-*`` against what this strategy runs."""
-        if privacy.budget(job.train).enabled and not self.privacy:
+        on = privacy.budget(job.train).enabled
+        if on and job.data.audit_samples:
+            raise UserError(
+                "--audit-samples writes which samples each step drew, which differential "
+                "privacy must keep secret: leave it out with --dp-clip"
+            )
+        if on and not self.privacy:
             raise UserError(
                 f"--strategy {self.name} does not run differential privacy: use allreduce "
                 "(DP-SGD, per sample) or fedavg (per client)"
@@ -143,3 +150,11 @@ class Plugin:
     def summary_rows(self, summary: dict[str, Any]) -> list[tuple[str, str]]:
         """Its own rows in the table ``shoal train`` prints (from ``summary.json``)."""
         return []
+
+
+def check_all(plugin: Plugin, job: JobConfig) -> None:
+    """Every check of ``job`` for ``plugin``: the privacy it asks for first, which no
+    plugin can skip by overriding :meth:`Plugin.check` (a strategy that does not run
+    the DP it is asked for must refuse it, never train without it), then the plugin's."""
+    plugin.check_privacy(job)
+    plugin.check(job)

@@ -79,6 +79,9 @@ class Federation:
     local_epochs: int
     seed: int
     poisson: bool = False
+    sample_seed: int | None = None
+    """Under client-level DP, the secret the Poisson sample of clients is drawn from
+    (:class:`shoal.privacy.Randomness`): who was sampled must not follow from the job."""
 
     @property
     def clients(self) -> int:
@@ -86,7 +89,8 @@ class Federation:
 
     def chosen(self, round_: int) -> list[int]:
         """The clients of round ``round_``, sorted."""
-        return sample_clients(self.seed, round_, self.clients, self.per_round, self.poisson)
+        seed = self.seed if self.sample_seed is None else self.sample_seed
+        return sample_clients(seed, round_, self.clients, self.per_round, self.poisson)
 
     def client_work(self, round_: int, client: int) -> ClientWork:
         """What ``client`` trains on in ``round_``."""
@@ -102,7 +106,7 @@ class Federation:
         mine = [self.client_work(round_, client) for client in chosen[rank::world]]
         rows = [b for c in mine for b in c.batches]
         indices = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
-        return RoundTask(round_, rank, world, indices, len(indices), clients=mine,
+        return RoundTask(round_, rank, world, indices, max(1, len(indices)), clients=mine,
                          sampled=len(chosen))  # fmt: skip
 
 

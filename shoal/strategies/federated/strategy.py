@@ -29,6 +29,7 @@ from torch.nn.utils import parameters_to_vector
 
 from shoal import privacy, secagg
 from shoal.data import GlobalBatchSampler
+from shoal.errors import UserError
 from shoal.memory import ActivationMeter
 from shoal.metrics import PhaseTimer
 from shoal.optim import build_optimizer, build_scheduler
@@ -55,10 +56,15 @@ class FedAvg(Strategy):
         self.budget = privacy.budget(self.job.train)
         self.federation = build_federation(self.job, self.data, self.budget.enabled)
         self.accountant: privacy.Accountant | None = None
+        self.randomness: privacy.Randomness | None = None
         if self.budget.enabled:  # client-level: each round samples clients at rate q
             rate = self.federation.per_round / self.federation.clients
             noise = privacy.noise_for(self.budget, rate, total_steps)
-            self.accountant = privacy.Accountant(noise, rate, self.budget.delta)
+            self.accountant = privacy.Accountant(noise, rate, self.budget.delta, total_steps,
+                                                 self.budget)  # fmt: skip
+            # the sample of clients and the noise: secret, never the job's seed
+            self.randomness = privacy.Randomness.draw(self.job.train, self.env)
+            self.federation.sample_seed = self.randomness.secret
         self.work_: RoundWork | None = None
         self.remote: Any = None
         if self.options.listen:  # clients on other machines
@@ -166,9 +172,10 @@ class FedAvg(Strategy):
         return contribution(change, examples, self.budget.clip if self.accountant else 0.0)
 
     def _noise(self, round_: int, like: torch.Tensor) -> torch.Tensor:
-        """The round's Gaussian noise, std ``sigma * clip``: one draw, seeded by the round,
-        the same on every process (added once to the round's sum)."""
-        gen = torch.Generator().manual_seed((self.job.train.seed << 20) ^ round_)
+        """The round's Gaussian noise, std ``sigma * clip``: one draw from the run's secret
+        and the round, the same on every process (added once to the round's sum)."""
+        assert self.randomness is not None
+        gen = torch.Generator().manual_seed(self.randomness.seed("client noise", round_))
         noise = torch.randn(like.shape, generator=gen, dtype=torch.float64)
         return noise.to(like.device) * (self.accountant.noise * self.budget.clip)
 
@@ -178,7 +185,9 @@ class FedAvg(Strategy):
         """The round's sum over every process's reporting clients (length + 2: the
         weighted changes, the weight, the clients that reported) and its late clients."""
         if self.options.secure_agg:
-            return self._secure_sum(task, vectors, length), _sum_int(late, self.env)
+            encoded = self._encode(task, vectors)
+            late += len(vectors) - len(encoded)
+            return self._secure_sum(task, encoded, length), _sum_int(late, self.env)
         total = torch.zeros(length + 3, dtype=torch.float64, device=self.env.device)
         for v in vectors.values():
             total[:-1] += v
@@ -189,9 +198,19 @@ class FedAvg(Strategy):
             self.comm.add(sent=wire, received=wire)
         return total[:-1], int(total[-1])
 
-    def _secure_sum(
-        self, task: RoundTask, vectors: dict[int, torch.Tensor], length: int
-    ) -> torch.Tensor:
+    def _encode(self, task: RoundTask, vectors: dict[int, torch.Tensor]) -> dict[int, Any]:
+        """Each client's contribution in fixed point; a client whose contribution cannot
+        be (not finite, or too large for the round's sum) drops out, and is said."""
+        out = {}
+        for u, v in vectors.items():
+            try:
+                out[u] = secagg.encode(v.cpu().numpy(), summands=max(1, task.sampled))
+            except ValueError as e:
+                print(f"shoal: round {task.step + 1}: client {u} drops out: {e}",
+                      file=sys.stderr, flush=True)  # fmt: skip
+        return out
+
+    def _secure_sum(self, task: RoundTask, encoded: dict[int, Any], length: int) -> torch.Tensor:
         """The sum by secure aggregation (:mod:`shoal.secagg`): rank 0 plays the server,
         and sees the clients' masked inputs and the shares it asks for, never an update.
         Clients that were late drop out after sharing their keys: their masks are
@@ -203,8 +222,7 @@ class FedAvg(Strategy):
                                   self.env))  # fmt: skip
         for v, c in mine.items():
             c.receive({u: out[v] for u, out in mail.items() if v in out})
-        masked = {u: mine[u].masked_input(secagg.encode(vectors[u].cpu().numpy()))
-                  for u in vectors}  # fmt: skip
+        masked = {u: mine[u].masked_input(x) for u, x in encoded.items()}
         self.comm.add(sent=sum(m.nbytes for m in masked.values()))
         inputs = _gather0(masked, self.env)
         sent = _broadcast0(sorted(inputs) if inputs is not None else None, self.env)
@@ -241,14 +259,20 @@ class FedAvg(Strategy):
             "server": self.server.state_dict(),
             "rounds": [self.rounds, self.client_updates, self.dropped],
             **({"accountant": self.accountant.state_dict()} if self.accountant else {}),
+            **({"randomness": self.randomness.state_dict()} if self.randomness else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.server.load_state_dict(state["server"])
         self.rounds, self.client_updates, self.dropped = state["rounds"]
-        if self.accountant is not None and "accountant" in state:
+        if self.accountant is not None and self.randomness is not None:
+            if "accountant" not in state or "randomness" not in state:
+                raise UserError("--resume: the checkpoint has no privacy accountant to "
+                                "continue (it was trained without --dp-clip)")  # fmt: skip
             self.accountant.load_state_dict(state["accountant"])
+            self.randomness.load_state_dict(state["randomness"])
+            self.federation.sample_seed = self.randomness.secret
 
     def metrics(self) -> dict[str, float]:
         return {"epsilon": self.accountant.epsilon()} if self.accountant is not None else {}
@@ -274,8 +298,9 @@ class FedAvg(Strategy):
                 **({"refused": self.remote.refused(), "re_handed": self.remote.re_handed}
                    if self.remote is not None else {}),
             },
-            **({"privacy": {"level": "client", **self.accountant.summary(self.budget.clip)}}
-               if self.accountant is not None else {}),
+            **({"privacy": {"level": "client", **self.accountant.summary(self.budget.clip),
+                            **self.randomness.summary()}}
+               if self.accountant is not None and self.randomness is not None else {}),
         }  # fmt: skip
 
 
