@@ -23,6 +23,26 @@ the neighbourhoods of Bell et al. 2020 (SecAgg+) when a round is large:
    masks it left in its neighbours' inputs. A client that sends its input and
    then drops is still counted: its ``b`` comes back from its neighbours.
 
+What each client checks of the server, so that a server that deviates learns
+no single update (the paper's conditions, section 4 and 6):
+
+- every public key it is given is a valid X25519 point (no small-order point,
+  which would make an all-zero agreed key), and no key appears twice;
+- its masking peers are exactly the ones the round's public graph gives
+  (:func:`neighbours`), so the server cannot shrink its share holders;
+- at least ``t`` of its holders (:func:`threshold`, a majority) remain at each
+  step: shares received before it sends a masked input, inputs received
+  before it helps unmask; and at least :data:`MIN_INPUTS` inputs: the sum of
+  one client is that client's update;
+- it answers the unmasking once a round, for the list of inputs it is given
+  then, which must name itself (it knows it sent its input): a peer's
+  self-mask share and its key share never both leave it, so asking twice, or
+  telling different clients different lists, leaves the server with fewer
+  than ``t`` shares of one kind. With ``t`` a majority, two disjoint groups of
+  ``t`` answers cannot exist.
+
+A refusal is a :class:`SecAggError`; the client drops out of the round.
+
 PRG: AES-256 in counter mode keyed by the 32-byte seed. Shamir: over the prime
 field of 2**521 - 1. Fixed point: :data:`FRACTION_BITS` binary places, in
 two's complement modulo 2**64.
@@ -52,8 +72,25 @@ COMPLETE_UP_TO = 32
 RAW = serialization.Encoding.Raw, serialization.PublicFormat.Raw
 
 
+MIN_INPUTS = 2
+"""The fewest masked inputs a client helps unmask: one input's sum is its update."""
+
+
 class SecAggError(Exception):
-    """A round that cannot be unmasked (too few shares came back), or a forged share."""
+    """A round that cannot be unmasked (too few shares came back), a forged share, or a
+    client refusing what the server asked of it."""
+
+
+def check_key(key: bytes) -> bytes:
+    """``key`` if it is a usable X25519 public key (32 bytes, not of small order: an
+    exchange with it gives a shared secret); else a :class:`SecAggError`."""
+    if not isinstance(key, bytes) or len(key) != 32:
+        raise SecAggError("a public key must be 32 bytes")
+    try:
+        X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(key))
+    except ValueError:
+        raise SecAggError("a public key is not a valid X25519 point (small order)") from None
+    return key
 
 
 # --- fixed point ------------------------------------------------------------------------
@@ -154,6 +191,12 @@ def neighbours(clients: Sequence[int], seed: int) -> dict[int, list[int]]:
     return out
 
 
+def graph_seed(job_seed: int, round_: int) -> int:
+    """The public seed of round ``round_``'s graph (:func:`neighbours`): the server and
+    every client compute it, so a client can check the peers it is given."""
+    return (job_seed << 20) ^ round_
+
+
 def threshold(holders: int) -> int:
     """Shares needed to rebuild a secret shared among ``holders`` (a client's
     neighbours and itself): a majority."""
@@ -185,6 +228,9 @@ class Client:
         self.peers: list[int] = []
         self.keys: dict[int, Keys] = {}
         self.held: dict[int, tuple[int, int]] = {}  # peer -> (share of its s_sk, of its b)
+        self.t = 1  # shares needed of this client's secrets (set in step 2)
+        self.masked_with: set[int] | None = None  # the peers in its masked input (step 3)
+        self.answered = False  # step 4 answered (once a round)
 
     def advertise(self) -> Keys:
         """Step 1: the public keys."""
@@ -192,12 +238,36 @@ class Client:
             self._c.public_key().public_bytes(*RAW), self._s.public_key().public_bytes(*RAW)
         )
 
-    def share_keys(self, keys: dict[int, Keys], peers: Sequence[int]) -> dict[int, bytes]:
+    def share_keys(
+        self, keys: dict[int, Keys], peers: Sequence[int], graph_seed: int | None = None
+    ) -> dict[int, bytes]:
         """Step 2: for each peer (ids in ``keys``), its shares of this client's secrets,
-        encrypted for it."""
+        encrypted for it. ``graph_seed``: the round's public seed of :func:`neighbours`,
+        to check ``peers`` against (the complete graph is checked without it)."""
+        if self.peers or self.held:
+            raise SecAggError(f"client {self.id} was asked to share its keys twice")
+        mine = keys.get(self.id)
+        if mine is None or mine != self.advertise():
+            raise SecAggError(f"client {self.id}'s own keys are not among the round's")
+        seen: set[bytes] = set()
+        for u, k in keys.items():
+            for key in (k.c, k.s):
+                check_key(key)
+                if key in seen:
+                    raise SecAggError(f"a public key appears twice in the round (client {u})")
+                seen.add(key)
+        ids = sorted(keys)
+        if len(ids) <= COMPLETE_UP_TO or graph_seed is not None:
+            want = neighbours(ids, graph_seed or 0)[self.id]
+            if sorted(set(peers)) != want:
+                raise SecAggError(f"client {self.id} was given peers that are not its "
+                                  "neighbours in the round's graph")  # fmt: skip
         self.peers, self.keys = [p for p in peers if p in keys and p != self.id], keys
+        if not self.peers:
+            raise SecAggError(f"client {self.id} has no peer to mask with: its input would "
+                              "be its update")  # fmt: skip
         holders = [*self.peers, self.id]  # (it keeps a share of its own)
-        t = threshold(len(holders))
+        t = self.t = threshold(len(holders))
         s_sk = self._s.private_bytes(serialization.Encoding.Raw,
                                      serialization.PrivateFormat.Raw,
                                      serialization.NoEncryption())  # fmt: skip
@@ -228,7 +298,18 @@ class Client:
 
     def masked_input(self, x: np.ndarray) -> np.ndarray:
         """Step 3: ``x`` (fixed point, uint64) masked. Peers that sent no shares are left
-        out of the masks: the server drops them too."""
+        out of the masks: the server drops them too. Refused where fewer than ``t`` of
+        its holders remain (a server withholding its inbox would leave its input masked
+        by its self mask alone, which the unmasking reveals)."""
+        if self.masked_with is not None:
+            raise SecAggError(f"client {self.id} was asked for its masked input twice")
+        if not self.peers:
+            raise SecAggError(f"client {self.id} was asked for an input before sharing keys")
+        remaining = [v for v in self.peers if v in self.held]
+        if len(remaining) + 1 < self.t:
+            raise SecAggError(f"client {self.id} got shares from {len(remaining)} of its "
+                              f"{len(self.peers)} peers; {self.t - 1} are needed")  # fmt: skip
+        self.masked_with = set(remaining)
         y = x.astype(np.uint64, copy=True)
         y += prg(self._b, len(y))
         for v in self.peers:
@@ -245,6 +326,17 @@ class Client:
         """Step 4: for each peer this client holds shares of, the share the server may
         have: of ``b`` where the peer sent its input, of ``s_sk`` where it did not."""
         sent = set(sent_input)
+        if self.answered:
+            raise SecAggError(f"client {self.id} was asked to unmask twice in one round")
+        self.answered = True  # (even if refused below: no second try with another list)
+        if self.masked_with is None or self.id not in sent:
+            raise SecAggError(f"client {self.id} sent its masked input, and the server says "
+                              "it did not")  # fmt: skip
+        near = len(sent & {*self.peers, self.id})  # inputs among its share holders
+        least = max(self.t, MIN_INPUTS)
+        if near < least:
+            raise SecAggError(f"client {self.id} refuses to unmask {near} input(s) of its "
+                              f"neighbourhood: at least {least} are needed")  # fmt: skip
         return {u: ("b", b) if u in sent else ("s", s) for u, (s, b) in self.held.items()}
 
 

@@ -8,13 +8,17 @@ and answers the protocol's steps for them.
 
 from __future__ import annotations
 
+import math
 import os
+import re
+import sys
 import time
 from typing import Any
 
 import numpy as np
 import torch
 import zmq
+from cryptography.exceptions import InvalidTag
 
 from shoal import privacy, secagg
 from shoal.config import loads_toml
@@ -61,8 +65,9 @@ def run_client(address: str, name: str, timeout_s: float = 300.0) -> int:
         budget = privacy.budget(job.train)
         federation = build_federation(job, data, budget.enabled)
         mu = job.strategy.options.prox_mu
-        secure = SecureClients(job.strategy.options.secure_agg, budget.clip if budget.enabled
-                               else 0.0)  # fmt: skip
+        secure = SecureClients(job.strategy.options.secure_agg,
+                               budget.clip if budget.enabled else 0.0, job.train.seed,
+                               federation.clients)  # fmt: skip
 
         def loss_fn(m: torch.nn.Module, batch: Any) -> torch.Tensor:
             return per_sample_loss(data.task, m(batch[0]), batch[1])
@@ -82,19 +87,31 @@ def run_client(address: str, name: str, timeout_s: float = 300.0) -> int:
                 peer.call(reply, out)
                 continue
             if op != "train":
-                time.sleep(min(1.0, float(header.get("seconds", WAIT_S))))
+                wait = header.get("seconds")
+                ok = isinstance(wait, float | int) and math.isfinite(wait)
+                time.sleep(min(1.0, max(0.0, wait)) if ok else WAIT_S)
                 continue
-            r, cid = int(header["round"]), int(header["client"])
+            r, cid, lr = header.get("round"), header.get("client"), header.get("lr")
+            if not (type(r) is int and type(cid) is int and 0 <= cid < federation.clients
+                    and isinstance(lr, float | int) and math.isfinite(lr) and lr > 0
+                    and len(tensors) == 1 and tensors[0].dtype == torch.float64
+                    and tensors[0].numel() == numel):  # fmt: skip
+                raise UserError(f"the server at {address} sent a malformed task: "
+                                f"{str(header)[:200]}")  # fmt: skip
             work = federation.client_work(r, cid)
             for group in optimizer.param_groups:
-                group["lr"] = float(header["lr"])
+                group["lr"] = float(lr)
             batches = [data.rows.take(rows) for rows in work.batches]
-            global_x = tensors[0].to(torch.float64)
+            global_x = tensors[0]
             change, loss_sum, _ = train_client(model, params, optimizer, batches, loss_fn, mu,
                                                global_x)  # fmt: skip
             update = {"op": "update", "round": r, "client": cid, "loss_sum": float(loss_sum)}
             if secure.on:  # its keys; the change stays here, to be sent masked
-                peer.call({**update, "keys": secure.keep(r, cid, change, work.examples)})
+                try:
+                    keys = secure.keep(r, cid, change, work.examples)
+                except ValueError as e:
+                    raise UserError(f"round {r + 1}, client {cid}: {e}") from None
+                peer.call({**update, "keys": keys})
             else:
                 peer.call(update, [change.contiguous()])
             pushed += 1
@@ -104,42 +121,95 @@ def run_client(address: str, name: str, timeout_s: float = 300.0) -> int:
 
 class SecureClients:
     """A client process's side of secure aggregation: the secrets and contributions of
-    the clients it trained this round, and the protocol's steps for them."""
+    the clients it trained this round, and the protocol's steps for them. Everything the
+    server sends is checked (:class:`shoal.secagg.Client` checks what the protocol
+    requires of the server); a step that fails a check is refused, the client drops out
+    of the round, and the process goes on."""
 
-    def __init__(self, on: bool, clip: float) -> None:
-        self.on, self.clip = on, clip
+    def __init__(self, on: bool, clip: float, job_seed: int = 0, summands: int = 1) -> None:
+        self.on, self.clip, self.job_seed, self.summands = on, clip, job_seed, summands
         self.round = -1
         self.held: dict[int, tuple[secagg.Client, np.ndarray]] = {}
+        self.refused = 0
 
     def keep(self, round_: int, cid: int, change: torch.Tensor, examples: int) -> list[str]:
-        """Keep a trained client's contribution and new secrets; its public keys."""
+        """Keep a trained client's contribution and new secrets; its public keys. A
+        :class:`ValueError` for a contribution fixed point cannot hold (not finite)."""
         if round_ != self.round:
             self.round, self.held = round_, {}
+        x = contribution(change.cpu(), examples, self.clip).numpy()
         client = secagg.Client(cid)
-        x = secagg.encode(contribution(change.cpu(), examples, self.clip).numpy())
-        self.held[cid] = (client, x)
+        self.held[cid] = (client, secagg.encode(x, self.summands))
         keys = client.advertise()
         return [keys.c.hex(), keys.s.hex()]
 
     def step(self, header: dict) -> tuple[dict, list[torch.Tensor]]:
-        """The server's request for a step of one client's protocol; the reply."""
-        op, r, cid = header["op"], int(header["round"]), int(header["client"])
-        client, x = self.held.get(cid, (None, None)) if r == self.round else (None, None)
+        """The server's request for a step of one client's protocol; the reply (a refusal,
+        with its reason, where the request fails a check)."""
+        op = header.get("op")
+        r, cid = header.get("round"), header.get("client")
         reply = {"op": {"share": "shares", "mask": "masked", "unmask": "answers"}[op],
                  "round": r, "client": cid}  # fmt: skip
-        if client is None or x is None:
-            return reply, []  # not a client of ours (the server counts it stale)
+        try:
+            if type(r) is not int or type(cid) is not int:
+                raise secagg.SecAggError("round and client must be integers")
+            client, x = self.held.get(cid, (None, None)) if r == self.round else (None, None)
+            if client is None or x is None:
+                raise secagg.SecAggError(f"client {cid} of round {r} is not one of ours")
+            return self._answer(op, header, r, client, x, reply)
+        except (secagg.SecAggError, ValueError, TypeError, KeyError, AttributeError,
+                InvalidTag) as e:  # fmt: skip
+            self.refused += 1
+            why = f"{type(e).__name__}: {e}" if not isinstance(e, secagg.SecAggError) else str(e)
+            print(f"shoal federate: refused the server's {op} for client {cid}: {why[:200]}",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            return {**reply, "refused": why[:200]}, []
+
+    def _answer(self, op: str, header: dict, r: int, client: secagg.Client, x: np.ndarray,
+                reply: dict) -> tuple[dict, list[torch.Tensor]]:  # fmt: skip
         if op == "share":
-            keys = {int(u): secagg.Keys(bytes.fromhex(c), bytes.fromhex(s))
-                    for u, (c, s) in header["keys"].items()}  # fmt: skip
-            mail = client.share_keys(keys, [int(p) for p in header["peers"]])
+            keys = {_id(u): secagg.Keys(_hex(c, 32), _hex(s, 32))
+                    for u, (c, s) in _items(header["keys"])}  # fmt: skip
+            peers = [_id(p) for p in header["peers"]]
+            graph = secagg.graph_seed(self.job_seed, r)
+            mail = client.share_keys(keys, peers, graph)
             return {**reply, "mail": {str(v): m.hex() for v, m in mail.items()}}, []
         if op == "mask":
-            client.receive({int(u): bytes.fromhex(m) for u, m in header["inbox"].items()})
+            inbox = {_id(u): _hex(m, SHARE_BLOB) for u, m in _items(header["inbox"])}
+            client.receive(inbox)
             return reply, [torch.from_numpy(client.masked_input(x).view(np.int64))]
-        answers = client.unmask(int(u) for u in header["sent"])
+        answers = client.unmask(_id(u) for u in header["sent"])
         return {**reply, "answers": {str(u): [k, format(v, "x")]
                                      for u, (k, v) in answers.items()}}, []  # fmt: skip
+
+
+SHARE_BLOB = 12 + 4 * 66 + 16
+"""Bytes of one encrypted pair of shares: nonce, four 66-byte numbers, GCM tag."""
+
+
+def _items(value: Any) -> list[tuple[Any, Any]]:
+    if not isinstance(value, dict):
+        raise TypeError("expected a mapping")
+    return list(value.items())
+
+
+def _id(value: Any) -> int:
+    """A client id from the server: a non-negative integer (or its decimal string)."""
+    if isinstance(value, str) and value.isdigit() and len(value) < 10:
+        return int(value)
+    if type(value) is int and 0 <= value < 1 << 31:
+        return value
+    raise ValueError(f"{value!r} is not a client id")
+
+
+def _hex(value: Any, size: int) -> bytes:
+    """Exactly ``size`` bytes written as hex digits."""
+    if not isinstance(value, str) or len(value) != 2 * size or not HEX.fullmatch(value):
+        raise ValueError(f"expected {size} bytes as hex")
+    return bytes.fromhex(value)
+
+
+HEX = re.compile(r"[0-9a-fA-F]*")
 
 
 def client_name() -> str:

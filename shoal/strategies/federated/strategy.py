@@ -217,17 +217,22 @@ class FedAvg(Strategy):
         removed with their peers' shares."""
         mine = {c.client: secagg.Client(c.client) for c in task.clients}
         keys = _merge(_all_gather({u: c.advertise() for u, c in mine.items()}, self.env))
-        peers = secagg.neighbours(list(keys), seed=(self.job.train.seed << 20) ^ task.step)
-        mail = _merge(_all_gather({u: c.share_keys(keys, peers[u]) for u, c in mine.items()},
-                                  self.env))  # fmt: skip
+        graph = secagg.graph_seed(self.job.train.seed, task.step)
+        peers = secagg.neighbours(list(keys), graph)
+        shared = {u: _refusable(c.share_keys, keys, peers[u], graph) for u, c in mine.items()}
+        mail = _merge(_all_gather({u: m for u, m in shared.items() if m is not None}, self.env))
         for v, c in mine.items():
             c.receive({u: out[v] for u, out in mail.items() if v in out})
-        masked = {u: mine[u].masked_input(x) for u, x in encoded.items()}
+        masked = {u: _refusable(mine[u].masked_input, x) for u, x in encoded.items()}
+        masked = {u: y for u, y in masked.items() if y is not None}
         self.comm.add(sent=sum(m.nbytes for m in masked.values()))
         inputs = _gather0(masked, self.env)
         sent = _broadcast0(sorted(inputs) if inputs is not None else None, self.env)
-        answers = _gather0({v: c.unmask(sent) for v, c in mine.items() if v in sent}, self.env)
+        answers = {v: _refusable(c.unmask, sent) for v, c in mine.items() if v in sent}
+        answers = _gather0({v: a for v, a in answers.items() if a is not None}, self.env)
         total = torch.zeros(length + 2, dtype=torch.float64)
+        if inputs is not None and encoded and not inputs:
+            self._lost(task, secagg.SecAggError("every client refused to send a masked input"))
         if inputs is not None and answers is not None and inputs:
             try:
                 summed = secagg.unmask_sum(inputs, keys, peers, set(keys), answers)
@@ -302,6 +307,15 @@ class FedAvg(Strategy):
                             **self.randomness.summary()}}
                if self.accountant is not None and self.randomness is not None else {}),
         }  # fmt: skip
+
+
+def _refusable(step: Any, *args: Any) -> Any:
+    """A client's step of secure aggregation, or ``None`` where the client refuses what it
+    was asked (:class:`~shoal.secagg.SecAggError`): it drops out of the round."""
+    try:
+        return step(*args)
+    except secagg.SecAggError:
+        return None
 
 
 def _all_gather(obj: Any, env: Any) -> list[Any]:
