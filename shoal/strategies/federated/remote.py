@@ -21,9 +21,10 @@ Requests (client -> server), each answered:
 
 - ``hello`` (with a nonce) -> ``welcome`` (the server's proof of the secret);
 - ``join`` -> ``job`` (the job as TOML);
-- ``work`` -> ``train`` (round, client, lr; the global model) | ``wait`` | ``done``;
+- ``work`` (with ``holds``: the one client whose own rows the process has) ->
+  ``train`` (round, client, lr; the global model) | ``wait`` | ``done``;
 - ``update`` (round, client, loss sum; its change) -> ``ok`` (a change for a round
-  that is over, or a client not handed out, is dropped and counted as stale).
+  that is over, or a client that already reported, is dropped and counted as stale).
 
 With ``--secure-agg`` the server never sees a change (Bonawitz et al. 2017, as
 :mod:`shoal.secagg` runs it in the simulation). A client's ``update`` carries its
@@ -40,8 +41,27 @@ clients reported, the server asks the process holding each client, through
   have: of a self mask where the peer sent its input, of a mask key where not).
 
 The server unmasks only the sum. A client that misses a step (its process died,
-or ``--round-deadline`` passed; without a deadline a step waits
-:data:`STEP_S`) drops out, and its masks are taken out with its peers' shares.
+or stalled) drops out, and its masks are taken out with its peers' shares. Each
+step waits up to its own window from when it starts: :data:`STEP_S` without
+``--round-deadline``, else the deadline (at least :data:`STEP_MIN_S`). So a
+client held back past the training deadline only drops out, and the others'
+sum is unmasked, as the simulation keeps its on-time clients.
+
+Authenticated is not trusted. Every field of every message is checked before it
+is used (:mod:`~.checks`: exact fields, types, hex, sizes, finite numbers, the
+tensors' dtype and shape, valid X25519 keys), and every report is bound to the
+connection its client was handed to: an ``update`` (or a step's reply) for client
+C is taken only from a connection C was handed to (from the one that reported
+C's keys, for the steps). Whatever does not fit is answered with an error and
+counted by kind in :meth:`FederationServer.refused` (``summary.json``'s
+``federated.refused``): ``malformed`` (and the wire's ``truncated`` and
+``oversized``), ``not-holder``, ``bad-key`` (a public key of small order, or one
+the round already has: that client is left out of the round, as a late one is),
+``stale`` (a report that came too late, from a connection that was handed the
+client; answered ``ok``), ``declined`` (a client whose own checks refused a step
+of secure aggregation: it drops out) and ``internal`` (a message that made the
+server fail: a bug, logged with its traceback). No message ends the round or the
+job.
 
 A client process may die, or stall, with clients it was handed. Once every client
 of the round has been handed out, a process that asks for work is handed again
@@ -58,7 +78,8 @@ from __future__ import annotations
 import statistics
 import sys
 import time
-from collections import deque
+import traceback
+from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,6 +92,8 @@ from shoal import secagg
 from shoal.config import JobConfig, dumps_toml
 from shoal.errors import UserError
 from shoal.metrics import CommCounter
+from shoal.strategies.federated import checks
+from shoal.strategies.federated.checks import Message, Refused
 from shoal.strategies.federated.rounds import ClientWork, RoundTask
 from shoal.strategies.ps import gate, wire
 
@@ -82,8 +105,17 @@ FINISH_S = 3.0
 """How long the server, once done, keeps telling clients that ask that it is done."""
 STEP_S = 30.0
 """Without --round-deadline, how long a step of secure aggregation waits for a client."""
+STEP_MIN_S = 5.0
+"""With --round-deadline, the least time a step of secure aggregation waits for a client
+(a short deadline is sized for training, not for a process to poll and answer)."""
 PATIENCE_S = 2.0
 """The least time a client is out before it is handed to another process."""
+KEEP_ROUNDS = 64
+"""Rounds whose hand-outs the server remembers, to tell a late report (stale) from one
+by a connection that was never handed that client (refused). Reports for older rounds
+are stale."""
+LOGGED_INTERNAL = 3
+"""Tracebacks of messages that made the server fail, printed (the rest are counted)."""
 
 
 def patience(took: Sequence[float]) -> float:
@@ -101,7 +133,7 @@ def max_bytes(numel: int) -> int:
 class Secure:
     """A round's secure aggregation at the server: the public part of each client's."""
 
-    holder: dict[int, str] = field(default_factory=dict)  # client -> the process with it
+    holder: dict[int, str] = field(default_factory=dict)  # client -> the connection with it
     keys: dict[int, secagg.Keys] = field(default_factory=dict)
     peers: dict[int, list[int]] = field(default_factory=dict)
     mail: dict[int, dict[int, bytes]] = field(default_factory=dict)  # from -> to -> blob
@@ -113,6 +145,10 @@ class Secure:
     asked: set[int] = field(default_factory=set)  # clients whose process was asked to
 
 
+REPLY = {"share": "shares", "mask": "masked", "unmask": "answers"}
+"""What a client sends back for each step of secure aggregation."""
+
+
 @dataclass
 class Round:
     """What the server knows of the round under way."""
@@ -121,9 +157,11 @@ class Round:
     todo: deque[ClientWork]
     given: dict[int, ClientWork] = field(default_factory=dict)
     handed: dict[int, float] = field(default_factory=dict)  # client -> when last handed out
+    holders: dict[int, set[str]] = field(default_factory=dict)  # client -> connections
     changes: dict[int, torch.Tensor] = field(default_factory=dict)
     loss_sum: float = 0.0
     secure: Secure | None = None
+    faulty: set[int] = field(default_factory=set)  # left out: they advertised bad keys
 
     @property
     def reported(self) -> dict[int, Any]:
@@ -144,6 +182,9 @@ class FederationServer:
                 "the same on the clients' machines"
             ) from None
         self.job, self.numel = job, numel
+        self.secure = bool(job.strategy.options.secure_agg)
+        # what a client may send: one tensor of the model's size (a masked input: + 2)
+        self.limit = 8 * (numel + 2)
         self.config = dumps_toml(job)
         self.ctx = zmq.Context.instance()
         try:
@@ -155,18 +196,23 @@ class FederationServer:
         self.stale = 0
         self.re_handed = 0
         self.took: deque[float] = deque(maxlen=100)  # seconds from hand-out to update
-        self.faults: dict[str, int] = {}
+        self.faults: Counter[str] = Counter()  # refused messages, by kind
+        self.offenders: Counter[str] = Counter()  # refused messages, by connection
+        self.handouts: dict[int, dict[int, set[str]]] = {}  # round -> client -> connections
+        self.forgotten = -1  # the last round whose hand-outs were let go
         self.round: Round | None = None
         self.finished = False
         print(f"shoal: federation server listening on {self.listener.address}",
               file=sys.stderr, flush=True)  # fmt: skip
+
+    # --- rounds -------------------------------------------------------------------------
 
     def serve_round(
         self, task: RoundTask, global_x: torch.Tensor, lr: float, deadline_s: float
     ) -> tuple[dict[int, torch.Tensor], float, int]:
         """Hand out the round's clients until every one reported, or the deadline passed.
         Returns each reporting client's change, their loss sum, and the late ones."""
-        done, _ = self._train(task, global_x, lr, deadline_s, None)
+        done = self._train(task, global_x, lr, deadline_s, None)
         return done.changes, done.loss_sum, len(task.clients) - len(done.changes)
 
     def serve_secure_round(
@@ -177,19 +223,21 @@ class FederationServer:
         the late ones. Raises :class:`~shoal.secagg.SecAggError` where too many dropped
         out to unmask the sum."""
         secure = Secure()
-        done, deadline = self._train(task, global_x, lr, deadline_s, secure)
+        done = self._train(task, global_x, lr, deadline_s, secure)
         late = len(task.clients) - len(secure.keys)
         ids = sorted(secure.keys)
         if not ids:
             return None, done.loss_sum, late
+        # each step's own window, from when it starts: the training deadline may be past
+        window = max(STEP_MIN_S, deadline_s) if deadline_s else STEP_S
         self.round = done
         try:
             secure.peers = secagg.neighbours(ids, seed=(self.job.train.seed << 20) ^ done.number)
-            self._step(secure, "share", ids, deadline)
+            self._step(secure, "share", ids, window)
             shared = set(secure.mail)
-            self._step(secure, "mask", sorted(shared), deadline)
+            self._step(secure, "mask", sorted(shared), window)
             secure.sent = sorted(secure.masked)
-            self._step(secure, "unmask", secure.sent, deadline)
+            self._step(secure, "unmask", secure.sent, window)
         finally:
             self.round = None
         late = len(task.clients) - len(secure.masked)
@@ -206,23 +254,35 @@ class FederationServer:
         lr: float,
         deadline_s: float,
         secure: Secure | None,
-    ) -> tuple[Round, float]:
-        """The round's training: until every client reported, or the deadline passed.
-        Returns the round and its deadline (``monotonic`` time)."""
-        self.round = Round(task.step, deque(task.clients), secure=secure)
+    ) -> Round:
+        """The round's training: until every client reported (or was left out for bad
+        keys), or the deadline passed."""
+        self.round = Round(task.step, deque(task.clients), holders=self._remember(task.step),
+                           secure=secure)  # fmt: skip
         self.global_x, self.lr = global_x.detach().cpu().contiguous(), lr
         deadline = time.monotonic() + deadline_s if deadline_s else float("inf")
         want = len(task.clients)
-        while len(self.round.reported) < want and time.monotonic() < deadline:
+        while (len(self.round.reported) + len(self.round.faulty) < want
+               and time.monotonic() < deadline):  # fmt: skip
             self._serve(min(1.0, max(0.0, deadline - time.monotonic())))
         done, self.round = self.round, None
-        return done, deadline
+        return done
 
-    def _step(self, secure: Secure, step: str, clients: list[int], deadline: float) -> None:
-        """Run one step of secure aggregation: until each of ``clients`` took it, or the
-        deadline (or :data:`STEP_S`, where the round has none) passed."""
+    def _remember(self, number: int) -> dict[int, set[str]]:
+        """The record of round ``number``'s hand-outs (the oldest beyond
+        :data:`KEEP_ROUNDS` let go)."""
+        holders = self.handouts.setdefault(number, {})
+        while len(self.handouts) > KEEP_ROUNDS:
+            oldest = min(self.handouts)
+            del self.handouts[oldest]
+            self.forgotten = max(self.forgotten, oldest)
+        return holders
+
+    def _step(self, secure: Secure, step: str, clients: list[int], window_s: float) -> None:
+        """Run one step of secure aggregation: until each of ``clients`` took it, or
+        ``window_s`` passed."""
         secure.step, secure.pending, secure.asked = step, set(clients), set()
-        end = min(deadline, time.monotonic() + STEP_S)
+        end = time.monotonic() + window_s
         while secure.pending and time.monotonic() < end:
             self._serve(min(1.0, max(0.0, end - time.monotonic())))
 
@@ -232,181 +292,220 @@ class FederationServer:
         end = time.monotonic() + FINISH_S
         while time.monotonic() < end:
             self._serve(0.2)
+        if self.offenders:
+            worst = ", ".join(f"{name} ({n})" for name, n in self.offenders.most_common(3))
+            print(f"shoal: federation: refused {self.offenders.total()} messages from "
+                  f"{len(self.offenders)} connections, most from {worst}",
+                  file=sys.stderr, flush=True)  # fmt: skip
+
+    # --- messages -----------------------------------------------------------------------
 
     def _serve(self, timeout_s: float) -> None:
+        """Take one message, if one comes within ``timeout_s``, and answer it. Whatever
+        the message, the server goes on: a refusal or a failure is counted and answered."""
         self.listener.watch_connections()
         if not self.listener.sock.poll(int(timeout_s * 1000)):
             return
         frames = self.listener.sock.recv_multipart(copy=False)
         ident, body = frames[0], frames[1:]
         self.comm.add(received=wire.message_bytes(body))
+        rid = wire.request_id(body)
+        if rid is not None and not 0 <= rid < 2**63:  # (echoed in the reply)
+            rid = None
+        user = "?"
         try:
-            header, tensors = wire.decode(body, max_bytes(self.numel))
-        except wire.WireError as e:  # answered, counted, and the server goes on
-            self.faults[e.kind] = self.faults.get(e.kind, 0) + 1
-            self._reply(ident, {"op": "error", "error": str(e), "id": wire.request_id(body)})
-            return
-        reply, out = self._answer(self.listener.user(body[0]), header, tensors)
-        self._reply(ident, {**reply, "id": header.get("id")}, out)
+            user = self.listener.user(body[0])
+            reply, out = self._handle(user, body)
+        except Refused as e:
+            reply, out = self._refuse(user, e.kind, str(e)), []
+        except Exception:  # a bug, not the client's fault: counted, logged, answered
+            reply, out = self._failed(user), []
+        self._reply(ident, {**reply, "id": rid}, out)
+
+    def _handle(self, user: str, body: list[Any]) -> tuple[dict, list[torch.Tensor]]:
+        """The answer to one message from connection ``user``; raises :class:`Refused`."""
+        if len(body) > 1 + wire.num_frames(self.limit):  # more than one tensor's worth
+            raise Refused("oversized", f"{len(body)} frames")
+        try:
+            header, tensors = wire.decode(body, self.limit)
+        except wire.WireError as e:
+            raise Refused(e.kind, str(e)) from None
+        msg = checks.parse(header, tensors, self.numel, self.secure)
+        if msg.op == "hello":
+            return self.listener.welcome(user, {"nonce": msg.nonce}), []
+        if msg.op == "join":
+            return {"op": "job", "config": self.config}, []
+        if msg.op == "work":
+            return self._work(user, msg.holds)
+        if msg.op == "update":
+            return self._update(user, msg), []
+        return self._step_reply(user, msg), []
 
     def _reply(self, ident: Any, header: dict, tensors: list[torch.Tensor] = ()) -> None:
-        frames = wire.encode(header, list(tensors))
+        try:
+            frames = wire.encode(header, list(tensors))
+        except ValueError:  # a reply over the frame limit: the server's fault
+            frames = wire.encode({**self._failed("?"), "id": header.get("id")})
         self.comm.add(sent=wire.message_bytes(frames))
         self.listener.sock.send_multipart([ident, *frames], copy=False)
 
-    def _answer(
-        self, user: str, header: dict, tensors: list[torch.Tensor]
-    ) -> tuple[dict, list[torch.Tensor]]:
-        op, r = header.get("op"), self.round
-        for key in ("round", "client"):  # ids are integers (a list would not even hash)
-            if key in header and (type(header[key]) is not int):
-                self.faults["malformed"] = self.faults.get("malformed", 0) + 1
-                return {"op": "error", "error": f"{key} must be an integer"}, []
-        if op == "hello":
-            return self.listener.welcome(user, header), []
-        if op == "join":
-            return {"op": "job", "config": self.config}, []
-        if op == "work":
-            if self.finished:
-                return {"op": "done"}, []
-            if r is None:
-                return {"op": "wait", "seconds": WAIT_S}, []
-            if r.secure is not None and r.secure.step != "keys":
-                return self._secure_task(user, r.number, r.secure), []
-            if r.todo:
-                client = r.todo.popleft()
-            else:  # all handed out: hand again the one out longest, if out too long
-                now = time.monotonic()
-                out = [c for c in r.handed if c not in r.reported]
-                oldest = min(out, key=r.handed.__getitem__, default=None)
-                if oldest is None or now - r.handed[oldest] < patience(self.took):
-                    return {"op": "wait", "seconds": WAIT_S}, []
-                client = r.given[oldest]
-                self.re_handed += 1
-            r.given[client.client] = client
-            r.handed[client.client] = time.monotonic()
-            return {"op": "train", "round": r.number, "client": client.client,
-                    "lr": self.lr}, [self.global_x]  # fmt: skip
-        if op == "update" and r is not None and r.secure is not None:
-            return self._secure_update(user, header, r), []
-        if op in ("shares", "masked", "answers"):
-            took = r is not None and r.secure is not None and self._secure_reply(
-                user, op, header, tensors, r.number, r.secure)  # fmt: skip
-            self.stale += not took
-            return {"op": "ok", **({} if took else {"stale": True})}, []
-        if op == "update":
-            cid = header.get("client")
-            shaped = (len(tensors) == 1 and tensors[0].dtype == torch.float64
-                      and tensors[0].numel() == self.numel)  # fmt: skip
-            fits = (r is not None and header.get("round") == r.number and cid in r.given
-                    and cid not in r.changes and shaped)  # fmt: skip
-            if not fits:
-                self.stale += 1
-                return {"op": "ok", "stale": True}, []
-            assert r is not None
-            r.changes[cid] = tensors[0].clone()
-            self._reported(r, cid, header)
-            return {"op": "ok"}, []
-        return {"op": "error", "error": f"unknown op {op!r}"}, []
+    def _refuse(self, user: str, kind: str, detail: str) -> dict:
+        """Count a refused message against its kind and its connection; the answer."""
+        self.faults[kind] += 1
+        name = user.split("|")[0]
+        if not self.offenders[name]:  # once per connection: its later ones are counted
+            print(f"shoal: federation: refusing a message from {name} ({kind}: {detail[:120]})",
+                  file=sys.stderr, flush=True)  # fmt: skip
+        self.offenders[name] += 1
+        return {"op": "error", "kind": kind, "error": f"{kind}: {detail}"[:200]}
 
-    def _secure_update(self, user: str, header: dict, r: Round) -> dict:
-        """A client's report under secure aggregation: its public keys, not its change."""
-        s, cid = r.secure, header.get("client")
-        assert s is not None
-        keys = header.get("keys")
-        fits = (header.get("round") == r.number and cid in r.given and cid not in s.keys
-                and s.step == "keys" and isinstance(keys, list) and len(keys) == 2
-                and all(_hex(k, 32) for k in keys))  # fmt: skip
-        if not fits:
-            self.stale += 1
-            return {"op": "ok", "stale": True}
-        s.keys[cid] = secagg.Keys(bytes.fromhex(keys[0]), bytes.fromhex(keys[1]))
-        s.holder[cid] = user
-        self._reported(r, cid, header)
+    def _failed(self, user: str) -> dict:
+        """A message that made the server fail: counted as ``internal``, its traceback
+        logged (a few), and answered with an error; the round goes on."""
+        reply = self._refuse(user, "internal", "the server failed on this message")
+        if self.faults["internal"] <= LOGGED_INTERNAL:
+            print(f"shoal: federation: internal error on a message (a bug; the server goes "
+                  f"on):\n{traceback.format_exc()}", file=sys.stderr, flush=True)  # fmt: skip
+        return reply
+
+    def _stale(self) -> dict:
+        self.stale += 1
+        return {"op": "ok", "stale": True}
+
+    def _handed(self, user: str, number: int, cid: int) -> None:
+        """Raise :class:`Refused` unless client ``cid`` of round ``number`` was handed to
+        connection ``user`` (or the round is too old to tell: its reports are stale)."""
+        if number <= self.forgotten:
+            return
+        if user not in self.handouts.get(number, {}).get(cid, ()):
+            raise Refused("not-holder", f"client {cid} of round {number} is not this "
+                          "connection's")  # fmt: skip
+
+    def _work(self, user: str, holds: int | None) -> tuple[dict, list[torch.Tensor]]:
+        """A client process asks for work: a client to train, a step of secure
+        aggregation, or to wait. A process that ``holds`` a client's own rows is handed
+        that client only."""
+        r = self.round
+        if self.finished:
+            return {"op": "done"}, []
+        if r is None:
+            return {"op": "wait", "seconds": WAIT_S}, []
+        if r.secure is not None and r.secure.step != "keys":
+            return self._secure_task(user, r.number, r.secure), []
+        client = self._next_client(r, holds)
+        if client is None:
+            return {"op": "wait", "seconds": WAIT_S}, []
+        r.given[client.client] = client
+        r.handed[client.client] = time.monotonic()
+        r.holders.setdefault(client.client, set()).add(user)
+        return {"op": "train", "round": r.number, "client": client.client,
+                "lr": self.lr}, [self.global_x]  # fmt: skip
+
+    def _next_client(self, r: Round, only: int | None) -> ClientWork | None:
+        """The client to hand out (``only`` that one, if given): the next not yet handed
+        out, else the one out longest if it has been out too long (:func:`patience`)."""
+        fresh = [c for c in r.todo if only is None or c.client == only][:1]
+        if fresh:
+            r.todo.remove(fresh[0])
+            return fresh[0]
+        out = [c for c in r.handed if c not in r.reported and c not in r.faulty
+               and only in (None, c)]  # fmt: skip
+        oldest = min(out, key=r.handed.__getitem__, default=None)
+        if oldest is None or time.monotonic() - r.handed[oldest] < patience(self.took):
+            return None
+        self.re_handed += 1
+        return r.given[oldest]
+
+    def _update(self, user: str, msg: Message) -> dict:
+        """A client's report: its change, or with secure aggregation its public keys."""
+        r, cid = self.round, msg.client
+        on_time = (r is not None and msg.round == r.number and cid not in r.reported
+                   and cid not in r.faulty
+                   and (r.secure is None or r.secure.step == "keys"))  # fmt: skip
+        if msg.keys is not None and (why := self._bad_keys(cid, msg.keys)):
+            if on_time and user in r.holders.get(cid, ()):  # a faulty client: left out
+                r.faulty.add(cid)
+            raise Refused("bad-key", f"client {cid} advertised {why}")
+        self._handed(user, msg.round, cid)
+        if not on_time:
+            return self._stale()
+        assert r is not None
+        if msg.keys is not None:
+            assert r.secure is not None
+            r.secure.keys[cid] = secagg.Keys(*msg.keys)
+            r.secure.holder[cid] = user
+        else:
+            assert msg.change is not None
+            r.changes[cid] = msg.change.clone()
+        self.took.append(time.monotonic() - r.handed[cid])
+        r.loss_sum += msg.loss_sum
         return {"op": "ok"}
 
-    def _reported(self, r: Round, cid: int, header: dict) -> None:
-        """A client reported: how long it was out, and its loss sum (where a number)."""
-        self.took.append(time.monotonic() - r.handed[cid])
-        loss = header.get("loss_sum", 0.0)
-        if isinstance(loss, (int, float)) and np.isfinite(loss):
-            r.loss_sum += float(loss)
+    def _bad_keys(self, cid: int, keys: tuple[bytes, bytes]) -> str:
+        """What is wrong with the public keys client ``cid`` advertises (``""``: nothing).
+        A key of small order agrees an all-zero secret; a key that another client of the
+        round has (or both the same) would make every peer refuse the round's keys."""
+        if not all(map(checks.valid_point, keys)):
+            return "a public key of small order"
+        s = self.round.secure if self.round is not None else None
+        others = [k for u, k in s.keys.items() if u != cid] if s is not None else []
+        if keys[0] == keys[1] or any(k in (o.c, o.s) for o in others for k in keys):
+            return "a public key that is already the round's"
+        return ""
 
     def _secure_task(self, user: str, number: int, s: Secure) -> dict:
-        """The next step of secure aggregation for a client this process holds, if any."""
+        """The next step of secure aggregation for a client this connection holds, if any."""
         cid = next((c for c in sorted(s.pending - s.asked) if s.holder.get(c) == user), None)
         if cid is None:
             return {"op": "wait", "seconds": WAIT_S}
         s.asked.add(cid)
         head = {"op": s.step, "round": number, "client": cid}
-        if s.step == "share":
+        if s.step == "share":  # every key of the round: the client checks its peers by them
             keys = {str(u): [k.c.hex(), k.s.hex()] for u, k in s.keys.items()}
             return {**head, "peers": s.peers[cid], "keys": keys}
         if s.step == "mask":
             return {**head, "inbox": {str(u): m[cid].hex() for u, m in s.mail.items() if cid in m}}
         return {**head, "sent": s.sent}
 
-    def _secure_reply(
-        self, user: str, op: str, header: dict, tensors: list[torch.Tensor], number: int,
-        s: Secure,
-    ) -> bool:  # fmt: skip
-        """Take a client's step of secure aggregation; whether it fit (the step under way,
-        a client that process holds and was asked for, well formed)."""
-        cid = header.get("client")
-        want = {"share": "shares", "mask": "masked", "unmask": "answers"}.get(s.step)
-        if (op != want or header.get("round") != number or cid not in s.pending
-                or cid not in s.asked or s.holder.get(cid) != user):  # fmt: skip
-            return False
-        if op == "shares":
-            mail = header.get("mail")
-            peers = s.peers[cid]
-            if not isinstance(mail, dict) or not all(
-                _int(v) in peers and _hex(b, 512, exact=False) for v, b in mail.items()
-            ):
-                return False
-            s.mail[cid] = {int(v): bytes.fromhex(b) for v, b in mail.items()}
-        elif op == "masked":
-            if not (len(tensors) == 1 and tensors[0].dtype == torch.int64
-                    and tensors[0].numel() == self.numel + 2):  # fmt: skip
-                return False
-            s.masked[cid] = tensors[0].numpy().view(np.uint64).copy()
-        else:
-            answers = header.get("answers")
-            if not (isinstance(answers, dict) and all(
-                    _int(u) in s.keys and isinstance(a, list) and len(a) == 2
-                    and a[0] in ("b", "s") and _hex(a[1], 70, exact=False)
-                    for u, a in answers.items())):  # fmt: skip
-                return False
-            s.answers[cid] = {int(u): (a[0], int(a[1], 16)) for u, a in answers.items()}
+    def _step_reply(self, user: str, msg: Message) -> dict:
+        """A client's reply to a step of secure aggregation: taken from the connection
+        that reported the client's keys, for the step under way, where it fits the round."""
+        r, cid = self.round, msg.client
+        s = r.secure if r is not None and msg.round == r.number else None
+        if s is None:  # not this round's: late, if from a connection that had the client
+            self._handed(user, msg.round, cid)
+            return self._stale()
+        if s.holder.get(cid) != user:
+            raise Refused("not-holder", f"client {cid}'s steps are not this connection's")
+        if msg.op != REPLY.get(s.step) or cid not in s.pending or cid not in s.asked:
+            return self._stale()
+        if msg.declined:  # its own checks refused the step: it drops out, as a late one
+            self.faults["declined"] += 1
+        elif msg.mail is not None:
+            if sorted(msg.mail) != s.peers[cid]:
+                raise Refused("malformed", f"client {cid}'s shares must go to its peers, "
+                              "one to each")  # fmt: skip
+            s.mail[cid] = msg.mail
+        elif msg.masked is not None:
+            s.masked[cid] = msg.masked
+        elif msg.answers is not None:
+            may = {u: "b" if u in s.sent else "s" for u, m in s.mail.items() if cid in m}
+            may[cid] = "b"  # its own share of its own self mask
+            if any(may.get(u) != kind for u, (kind, _) in msg.answers.items()):
+                raise Refused("malformed", f"client {cid} answered for shares it does not "
+                              "hold, or the other kind of share")  # fmt: skip
+            s.answers[cid] = msg.answers
         s.pending.discard(cid)
-        return True
+        return {"op": "ok"}
 
     def refused(self) -> dict[str, int]:
-        """What was turned away: at the door (by reason), malformed messages (by kind),
-        and stale updates (a round that was over, a client not handed out)."""
-        return {**self.listener.refused(), **self.faults,
-                **({"stale": self.stale} if self.stale else {})}  # fmt: skip
+        """What was turned away: at the door (by reason), refused messages (by kind: see
+        the module's docstring), and stale reports."""
+        total = Counter(self.listener.refused())  # (the door's kinds may be the same)
+        total.update(self.faults)
+        if self.stale:
+            total["stale"] += self.stale
+        return dict(total)
 
     def close(self) -> None:
         self.listener.close()
-
-
-def _hex(value: Any, size: int, exact: bool = True) -> bool:
-    """Whether ``value`` is a hex string of ``size`` bytes (at most, unless ``exact``)."""
-    if not isinstance(value, str) or not value or len(value) > 2 * size:
-        return False
-    if exact and len(value) != 2 * size:
-        return False
-    try:
-        int(value, 16)
-    except ValueError:
-        return False
-    return True
-
-
-def _int(value: Any) -> int | None:
-    """``value`` (a JSON key) as a client id, or ``None``."""
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return None
