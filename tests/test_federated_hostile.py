@@ -181,7 +181,8 @@ class Local:
         self.federation = build_federation(job, self.data, budget.enabled)
         self.mu = job.strategy.options.prox_mu
         self.secure = SecureClients(job.strategy.options.secure_agg,
-                                    budget.clip if budget.enabled else 0.0)  # fmt: skip
+                                    budget.clip if budget.enabled else 0.0, job.train.seed,
+                                    self.federation.clients)  # fmt: skip
         self.loss = lambda m, b: per_sample_loss(self.data.task, m(b[0]), b[1])
 
     def update(self, header: dict, tensors: list[torch.Tensor]) -> tuple[dict, list]:
