@@ -47,6 +47,7 @@ JOB = ["--model", "linear", "--data", "synthetic-linear", "--num-samples", "1000
 # --- the checks alone ----------------------------------------------------------------------
 
 
+@pytest.mark.timeout(30)
 def test_checks_take_exact_hex_ids_and_numbers_only():
     key = secagg.Client(0).advertise().c.hex()
     good = {"op": "update", "id": 1, "round": 0, "client": 3, "loss_sum": 2.5, "keys": [key, key]}
