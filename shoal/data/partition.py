@@ -15,6 +15,11 @@ the same clients on the same data:
 - ``shards:K``: pathological non-IID (McMahan et al. 2017): the rows sorted by
   label are cut into ``clients * K`` shards of equal size, and each client gets
   K shards at random, so at most K labels.
+- ``files``: each file of a Parquet training set is one client's rows, in the
+  order the files are listed (``--clients`` must be the number of files). A
+  federation of clients on other machines with ``files`` leaves the rows with
+  the clients: each brings its own file (``shoal federate --data``), and the
+  server never has them.
 """
 
 from __future__ import annotations
@@ -40,16 +45,16 @@ class PartitionSpec:
     value: float = 0.0
 
     def __str__(self) -> str:
-        if self.kind == "iid":
-            return "iid"
+        if self.kind in ("iid", "files"):
+            return self.kind
         return f"{self.kind}:{self.value:g}"
 
 
 def parse(spec: str) -> PartitionSpec:
     """``iid``, ``dirichlet:ALPHA`` or ``shards:K``; a :class:`UserError` for anything else."""
     kind, _, rest = spec.strip().partition(":")
-    if kind == "iid" and not rest:
-        return PartitionSpec("iid")
+    if kind in ("iid", "files") and not rest:
+        return PartitionSpec(kind)
     if kind in ("dirichlet", "shards") and rest:
         try:
             value = float(rest)
@@ -61,16 +66,29 @@ def parse(spec: str) -> PartitionSpec:
             return PartitionSpec(kind, value)
     raise UserError(
         f"--partition {spec}: use iid, dirichlet:ALPHA (ALPHA > 0, e.g. dirichlet:0.5) "
-        "or shards:K (K labels per client, e.g. shards:2)"
+        "shards:K (K labels per client, e.g. shards:2) or files (a client per Parquet file)"
     )
 
 
 def partition(
-    spec: PartitionSpec, clients: int, num_rows: int, labels: np.ndarray | None, seed: int
+    spec: PartitionSpec,
+    clients: int,
+    num_rows: int,
+    labels: np.ndarray | None,
+    seed: int,
+    file_rows: list[int] | None = None,
 ) -> list[np.ndarray]:
     """The sorted training rows of each of ``clients`` clients. ``labels`` (one per row)
-    are needed for ``dirichlet`` and ``shards``; a :class:`UserError` where a partition
-    cannot be made."""
+    are needed for ``dirichlet`` and ``shards``, ``file_rows`` (rows in each file, in
+    order) for ``files``; a :class:`UserError` where a partition cannot be made."""
+    if spec.kind == "files":
+        if file_rows is None:
+            raise UserError("--partition files needs a Parquet training set (--data PATH)")
+        if len(file_rows) != clients:
+            raise UserError(f"--partition files: --clients {clients}, and the training set "
+                            f"has {len(file_rows)} files (a client per file)")  # fmt: skip
+        ends = np.cumsum(file_rows)
+        return [np.arange(end - n, end) for n, end in zip(file_rows, ends)]
     if clients > num_rows:
         raise UserError(f"--clients {clients} is more than the {num_rows} training rows")
     rng = np.random.default_rng([seed, 0x5EED_FED])

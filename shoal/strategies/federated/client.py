@@ -30,9 +30,17 @@ from shoal.strategies.ps import wire
 from shoal.strategies.ps.client import Peer
 
 
-def run_client(address: str, name: str, timeout_s: float = 300.0) -> int:
+def run_client(
+    address: str, name: str, timeout_s: float = 300.0, data_path: str = "",
+    client: int | None = None,
+) -> int:  # fmt: skip
     """One client process: join the federation at ``address`` and train the clients it
-    is handed until the server is done. Returns the number of client updates pushed."""
+    is handed until the server is done. Returns the number of client updates pushed.
+
+    With ``data_path`` (a federation with ``--partition files``), the process is client
+    ``client`` and trains on the rows of its own Parquet data, which never leave this
+    machine; the server hands it that client only, and weighs its update by the rows
+    it reports."""
     from shoal.data import build_dataset
     from shoal.models import build_model
     from shoal.models.tasks import per_sample_loss
@@ -48,15 +56,19 @@ def run_client(address: str, name: str, timeout_s: float = 300.0) -> int:
                         "the same as the server's") from None  # fmt: skip
     comm = CommCounter()
     ctx = zmq.Context.instance()
-    peer = Peer(ctx, f"tcp://{address}", secret, name, comm, timeout_s=timeout_s,
-                max_bytes=1 << 31, target=TARGET)  # fmt: skip
+    try:
+        peer = Peer(ctx, f"tcp://{address}", secret, name, comm, timeout_s=timeout_s,
+                    max_bytes=1 << 31, target=TARGET)  # fmt: skip
+    except PeerLost as e:
+        raise UserError(f"no federation server answered at {address}: {e}") from None
     pushed = 0
     try:
         header, _ = peer.call({"op": "join"})
         job = loads_toml(str(header.get("config", "")))
         resolve(job)
+        own = _own_data(job, data_path, client)
         torch.manual_seed(job.train.seed)
-        data = build_dataset(job.data)
+        data = build_dataset(job.data, check=own)
         model = build_model(job.model, data)
         params = [p for p in model.parameters() if p.requires_grad]
         numel = sum(p.numel() for p in params)
@@ -64,6 +76,9 @@ def run_client(address: str, name: str, timeout_s: float = 300.0) -> int:
         optimizer = build_optimizer(params, job.optim)
         budget = privacy.budget(job.train)
         federation = build_federation(job, data, budget.enabled)
+        if own:  # its rows: all of its own data
+            assert client is not None
+            federation.partitions[client] = np.arange(data.num_train)
         mu = job.strategy.options.prox_mu
         secure = SecureClients(job.strategy.options.secure_agg,
                                budget.clip if budget.enabled else 0.0, job.train.seed,
@@ -74,7 +89,8 @@ def run_client(address: str, name: str, timeout_s: float = 300.0) -> int:
 
         while True:
             try:
-                header, tensors = peer.call({"op": "work"}, timeout_s=timeout_s)
+                ask = {"op": "work", **({"holds": client} if own else {})}
+                header, tensors = peer.call(ask, timeout_s=timeout_s)
             except PeerLost:
                 if pushed:  # the server finished and left
                     return pushed
@@ -94,10 +110,13 @@ def run_client(address: str, name: str, timeout_s: float = 300.0) -> int:
             r, cid, lr = header.get("round"), header.get("client"), header.get("lr")
             if not (type(r) is int and type(cid) is int and 0 <= cid < federation.clients
                     and isinstance(lr, float | int) and math.isfinite(lr) and lr > 0
-                    and len(tensors) == 1 and tensors[0].dtype == torch.float64
-                    and tensors[0].numel() == numel):  # fmt: skip
+                    and len(tensors) == 1 and tensors[0].dtype == torch.float64):  # fmt: skip
                 raise UserError(f"the server at {address} sent a malformed task: "
                                 f"{str(header)[:200]}")  # fmt: skip
+            if tensors[0].numel() != numel:
+                raise UserError(f"the server's model has {tensors[0].numel()} parameters, "
+                                f"and the one built for this data {numel}: are the columns "
+                                "the server's?")  # fmt: skip
             work = federation.client_work(r, cid)
             for group in optimizer.param_groups:
                 group["lr"] = float(lr)
@@ -105,7 +124,8 @@ def run_client(address: str, name: str, timeout_s: float = 300.0) -> int:
             global_x = tensors[0]
             change, loss_sum, _ = train_client(model, params, optimizer, batches, loss_fn, mu,
                                                global_x)  # fmt: skip
-            update = {"op": "update", "round": r, "client": cid, "loss_sum": float(loss_sum)}
+            update = {"op": "update", "round": r, "client": cid, "loss_sum": float(loss_sum),
+                      "examples": work.examples}  # fmt: skip
             if secure.on:  # its keys; the change stays here, to be sent masked
                 try:
                     keys = secure.keep(r, cid, change, work.examples)
@@ -115,8 +135,32 @@ def run_client(address: str, name: str, timeout_s: float = 300.0) -> int:
             else:
                 peer.call(update, [change.contiguous()])
             pushed += 1
+    except PeerLost as e:  # (after its first update: the server finished and left, above)
+        raise UserError(f"the federation server at {address} stopped answering: {e}") from None
     finally:
         peer.close()
+
+
+def _own_data(job: Any, data_path: str, client: int | None) -> bool:
+    """Whether this process brings its own rows (``--data``); points ``job`` at them.
+    A :class:`UserError` where the process and the federation disagree on it."""
+    from shoal.data import partition
+
+    opts = job.strategy.options
+    files = partition.parse(opts.partition).kind == "files"
+    if not data_path:
+        if files:
+            raise UserError("this federation's clients bring their own data (--partition "
+                            "files): start shoal federate with --data PATH --client K")  # fmt: skip
+        return False
+    if not files:
+        raise UserError(f"--data {data_path}: this federation deals the server's rows to its "
+                        f"clients (--partition {opts.partition}); leave --data out")  # fmt: skip
+    if client is None or not 0 <= client < opts.clients:
+        raise UserError(f"--client must be one of the federation's clients, 0 to "
+                        f"{opts.clients - 1}")  # fmt: skip
+    job.data.name = data_path if data_path.startswith("parquet:") else f"parquet:{data_path}"
+    return True
 
 
 class SecureClients:

@@ -9,6 +9,7 @@ from shoal.config import JobConfig, option
 from shoal.data import partition
 from shoal.errors import UserError
 from shoal.strategies import plugin
+from shoal.strategies.federated.rounds import file_rows
 from shoal.strategies.federated.server import SERVER_OPTS
 from shoal.strategies.federated.strategy import FedAvg
 
@@ -32,7 +33,8 @@ class FedAvgConfig:
     )  # fmt: skip
     partition: str = option(
         "iid", "how rows are dealt to clients: iid, dirichlet:ALPHA (label skew), shards:K "
-        "(K labels per client)",
+        "(K labels per client), files (a client per Parquet file; with --listen, each client "
+        "brings its own: shoal federate --data FILE --client K)",
     )  # fmt: skip
     prox_mu: float = option(0.0, "FedProx proximal term mu (0: FedAvg)", low=0, high=1e6)
     server_opt: str = option(
@@ -86,6 +88,17 @@ class Plugin(plugin.Plugin):
     def check_data(self, job: JobConfig, data: Any) -> None:
         opts = self.options(job)
         spec = partition.parse(opts.partition)
+        if spec.kind == "files":
+            rows = file_rows(data)
+            if rows is None:
+                raise UserError(f"--partition files needs a Parquet training set, and "
+                                f"{data.name} is not one")  # fmt: skip
+            if not opts.listen and len(rows) != opts.clients:
+                raise UserError(
+                    f"--partition files: --clients {opts.clients}, and {data.name} has "
+                    f"{len(rows)} files (a client per file)"
+                )
+            return
         if spec.kind != "iid" and data.task not in ("classification", "binary"):
             raise UserError(
                 f"--partition {spec} deals rows by label: it needs a classification "

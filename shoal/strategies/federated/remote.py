@@ -90,6 +90,7 @@ import zmq
 
 from shoal import secagg
 from shoal.config import JobConfig, dumps_toml
+from shoal.data import partition
 from shoal.errors import UserError
 from shoal.metrics import CommCounter
 from shoal.strategies.federated import checks
@@ -108,6 +109,8 @@ STEP_S = 30.0
 STEP_MIN_S = 5.0
 """With --round-deadline, the least time a step of secure aggregation waits for a client
 (a short deadline is sized for training, not for a process to poll and answer)."""
+MAX_EXAMPLES = 1 << 40
+"""The most rows a client bringing its own data may say it has (its update's weight)."""
 PATIENCE_S = 2.0
 """The least time a client is out before it is handed to another process."""
 KEEP_ROUNDS = 64
@@ -159,6 +162,7 @@ class Round:
     handed: dict[int, float] = field(default_factory=dict)  # client -> when last handed out
     holders: dict[int, set[str]] = field(default_factory=dict)  # client -> connections
     changes: dict[int, torch.Tensor] = field(default_factory=dict)
+    examples: dict[int, int] = field(default_factory=dict)  # rows a client says it has
     loss_sum: float = 0.0
     secure: Secure | None = None
     faulty: set[int] = field(default_factory=set)  # left out: they advertised bad keys
@@ -183,6 +187,8 @@ class FederationServer:
             ) from None
         self.job, self.numel = job, numel
         self.secure = bool(job.strategy.options.secure_agg)
+        # --partition files: the clients' rows are their own; each says how many it has
+        self.own_data = partition.parse(job.strategy.options.partition).kind == "files"
         # what a client may send: one tensor of the model's size (a masked input: + 2)
         self.limit = 8 * (numel + 2)
         self.config = dumps_toml(job)
@@ -209,11 +215,17 @@ class FederationServer:
 
     def serve_round(
         self, task: RoundTask, global_x: torch.Tensor, lr: float, deadline_s: float
-    ) -> tuple[dict[int, torch.Tensor], float, int]:
+    ) -> tuple[dict[int, tuple[torch.Tensor, int]], float, int]:
         """Hand out the round's clients until every one reported, or the deadline passed.
-        Returns each reporting client's change, their loss sum, and the late ones."""
+        Returns each reporting client's change and weight (its rows: as the server's
+        federation deals them, or, where the clients bring their own data, as each
+        reported), their loss sum, and the late ones."""
         done = self._train(task, global_x, lr, deadline_s, None)
-        return done.changes, done.loss_sum, len(task.clients) - len(done.changes)
+        weights = {c.client: c.examples for c in task.clients}
+        if self.own_data:
+            weights = done.examples
+        out = {cid: (change, weights[cid]) for cid, change in done.changes.items()}
+        return out, done.loss_sum, len(task.clients) - len(done.changes)
 
     def serve_secure_round(
         self, task: RoundTask, global_x: torch.Tensor, lr: float, deadline_s: float
@@ -232,7 +244,8 @@ class FederationServer:
         window = max(STEP_MIN_S, deadline_s) if deadline_s else STEP_S
         self.round = done
         try:
-            secure.peers = secagg.neighbours(ids, seed=(self.job.train.seed << 20) ^ done.number)
+            secure.peers = secagg.neighbours(ids, secagg.graph_seed(self.job.train.seed,
+                                                                    done.number))  # fmt: skip
             self._step(secure, "share", ids, window)
             shared = set(secure.mail)
             self._step(secure, "mask", sorted(shared), window)
@@ -336,6 +349,9 @@ class FederationServer:
         if msg.op == "join":
             return {"op": "job", "config": self.config}, []
         if msg.op == "work":
+            if self.own_data and msg.holds is None:
+                raise Refused("malformed", "this federation's clients bring their own rows: "
+                              "a process says which client it holds")  # fmt: skip
             return self._work(user, msg.holds)
         if msg.op == "update":
             return self._update(user, msg), []
@@ -436,7 +452,11 @@ class FederationServer:
             r.secure.holder[cid] = user
         else:
             assert msg.change is not None
+            if self.own_data and not (msg.examples and 0 < msg.examples <= MAX_EXAMPLES):
+                raise Refused("malformed", f"client {cid} must say how many rows it has "
+                              f"(1 to {MAX_EXAMPLES})")  # fmt: skip
             r.changes[cid] = msg.change.clone()
+            r.examples[cid] = msg.examples or 0
         self.took.append(time.monotonic() - r.handed[cid])
         r.loss_sum += msg.loss_sum
         return {"op": "ok"}

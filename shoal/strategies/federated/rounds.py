@@ -37,6 +37,8 @@ def local_batches(
     """The local minibatches of ``client`` in ``round_``: its rows shuffled anew each
     local epoch and cut into batches of ``batch`` (the last of an epoch may be
     shorter), ``epochs`` whole epochs, or else the first ``steps`` batches."""
+    if not len(rows):  # (a client whose rows are its own, at the server: not here)
+        return []
     rng = np.random.default_rng([seed, round_, client, 0xBA7C])
     size = max(1, min(batch, len(rows)))
     per_epoch = math.ceil(len(rows) / size)
@@ -142,9 +144,20 @@ def build_federation(job: Any, data: Any, poisson: bool = False) -> Federation:
     o = job.strategy.options
     spec = partition.parse(o.partition)
     labels = None
-    if spec.kind != "iid":
+    if spec.kind not in ("iid", "files"):
         labels = np.asarray(data.rows.take(np.arange(data.num_train))[1].cpu())
-    parts = partition.partition(spec, o.clients, data.num_train, labels, job.train.seed)
+    if spec.kind == "files" and o.listen:  # the rows are the clients', not the server's
+        parts = [np.zeros(0, dtype=np.int64)] * o.clients
+    else:
+        parts = partition.partition(spec, o.clients, data.num_train, labels, job.train.seed,
+                                    file_rows(data))  # fmt: skip
     per_round = o.clients_per_round or o.clients
     return Federation(parts, min(per_round, o.clients), job.train.batch_size, o.local_steps,
                       o.local_epochs, job.train.seed, poisson)  # fmt: skip
+
+
+def file_rows(data: Any) -> list[int] | None:
+    """The rows of each file of a Parquet training set, in order (``None`` for data that
+    is not in files)."""
+    files = getattr(data.rows, "files", None)
+    return None if files is None else [shard.rows for shard in files.shards]

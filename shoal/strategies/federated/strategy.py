@@ -135,10 +135,10 @@ class FedAvg(Strategy):
         changes, loss_sum, late = self.remote.serve_round(
             task, global_x, self.lr, self.options.round_deadline
         )
-        examples = {c.client: c.examples for c in task.clients}
         total = torch.zeros(global_x.numel() + 2, dtype=torch.float64, device=global_x.device)
         for cid in sorted(changes):
-            total += self._contribution(changes[cid].to(global_x.device), examples[cid])
+            change, weight = changes[cid]
+            total += self._contribution(change.to(global_x.device), weight)
         return total, torch.tensor(loss_sum, dtype=torch.float64), late
 
     def _finish_round(
