@@ -17,6 +17,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+LAUNCHER_ENV = "SHOAL_LAUNCHER_PID"
+"""The pid of the ``shoal train`` that started a worker: it dies with it."""
+
 
 @dataclass(frozen=True)
 class DistEnv:

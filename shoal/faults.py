@@ -101,7 +101,7 @@ def parse(spec: str) -> list[Fault]:
 
 def _signal_launcher() -> None:
     """SIGTERM to shoal's launcher of this worker, if shoal's launcher started it."""
-    from shoal.launch import LAUNCHER_ENV
+    from shoal.dist import LAUNCHER_ENV
 
     launcher = os.environ.get(LAUNCHER_ENV, "")
     if launcher.isdigit() and int(launcher) != os.getpid():

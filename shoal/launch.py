@@ -26,12 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from shoal.config import ClusterConfig, parse_endpoint
-from shoal.dist import loopback_listener
+from shoal.dist import LAUNCHER_ENV, loopback_listener
 from shoal.errors import UserError
 
 WORKER_MODULE = "shoal.worker"
-LAUNCHER_ENV = "SHOAL_LAUNCHER_PID"
-"""The pid of the ``shoal train`` that started a worker: it dies with it."""
 
 
 def describe_exit(code: int) -> str:
