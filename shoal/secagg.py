@@ -50,6 +50,7 @@ two's complement modulo 2**64.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import secrets
@@ -86,11 +87,20 @@ def check_key(key: bytes) -> bytes:
     exchange with it gives a shared secret); else a :class:`SecAggError`."""
     if not isinstance(key, bytes) or len(key) != 32:
         raise SecAggError("a public key must be 32 bytes")
+    if not _usable(key):
+        raise SecAggError("a public key is not a valid X25519 point (small order)")
+    return key
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _usable(key: bytes) -> bool:
+    """Whether an exchange with ``key`` agrees a secret (once per key in a process: every
+    client of a round checks every other's keys, n**2 exchanges otherwise)."""
     try:
         X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(key))
     except ValueError:
-        raise SecAggError("a public key is not a valid X25519 point (small order)") from None
-    return key
+        return False
+    return True
 
 
 # --- fixed point ------------------------------------------------------------------------
