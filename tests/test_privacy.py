@@ -144,7 +144,8 @@ def test_dp_noise_and_samples_cannot_be_rebuilt_from_the_run_and_resume_exactly(
     --dp-insecure-seed run (the attack works where the randomness follows the seed) and
     misses the real one; two real runs with one seed differ; the secret is nowhere but
     in the checkpoints; and a run resumed from a checkpoint ends where it would have."""
-    job = [*DP, "--steps", "20", "--checkpoint-every", "10", "--no-checkpoint-async"]
+    job = [*DP, "--steps", "20", "--checkpoint-every", "10", "--no-checkpoint-async",
+           "--workers", "1"]  # fmt: skip
     real, again, seeded, replay = (tmp_path / n for n in ("real", "again", "seeded", "replay"))
     train(real, *job)
     train(again, *job)
@@ -230,7 +231,7 @@ def test_client_level_noise_and_sample_are_secret_and_resume_exactly(tmp_path):
            "--optimizer", "sgd", "--lr", "0.05", "--seed", "2", "--steps", "12",
            "--strategy", "fedavg", "--clients", "20", "--clients-per-round", "5",
            "--local-steps", "2", "--batch-size", "16", "--dp-clip", "0.5", "--dp-noise", "0.8",
-           "--checkpoint-every", "6", "--no-checkpoint-async"]  # fmt: skip
+           "--checkpoint-every", "6", "--no-checkpoint-async", "--workers", "1"]  # fmt: skip
     real, again, replay = tmp_path / "real", tmp_path / "again", tmp_path / "replay"
     train(real, *job)
     train(again, *job)
