@@ -160,14 +160,17 @@ class Accountant:
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": [list(h) for h in self.rdp.history], "noise": self.noise,
-                "total_steps": self.total_steps}  # fmt: skip
+                "total_steps": self.total_steps, "sample_rate": self.sample_rate}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """The history of a checkpoint; under ``--dp-epsilon`` with a new number of
-        steps, the noise of the steps left re-planned for the target over the whole run."""
+        steps or a new sampling rate (more clients a round, say), the noise of the steps
+        left re-planned for the target over the whole run."""
         self.rdp.history = [tuple(h) for h in state["history"]]
         b = self.budget
-        if b is None or not b.epsilon or state.get("total_steps") == self.total_steps:
+        same = (state.get("total_steps") == self.total_steps
+                and state.get("sample_rate", self.sample_rate) == self.sample_rate)  # fmt: skip
+        if b is None or not b.epsilon or same:
             self.noise = float(state.get("noise", self.noise))
             return
         self.noise = _noise_for_rest(b, self.sample_rate, self.rdp.history,

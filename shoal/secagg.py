@@ -58,6 +58,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -241,6 +242,7 @@ class Client:
         self.t = 1  # shares needed of this client's secrets (set in step 2)
         self.masked_with: set[int] | None = None  # the peers in its masked input (step 3)
         self.answered = False  # step 4 answered (once a round)
+        self.rejected: set[int] = set()  # peers whose shares did not open or fit
 
     def advertise(self) -> Keys:
         """Step 1: the public keys."""
@@ -297,20 +299,28 @@ class Client:
     def receive(self, inbox: dict[int, bytes]) -> None:
         """Step 2, received: the shares each peer sent this client."""
         for u, blob in inbox.items():
-            if u not in self.peers:
+            if u not in self.peers or len(blob) <= 12:
                 continue
-            plain = AESGCM(self._channel(u)).decrypt(blob[:12], blob[12:], None)
+            try:  # a blob that does not open is that peer's fault: it is left out alone
+                plain = AESGCM(self._channel(u)).decrypt(blob[:12], blob[12:], None)
+            except InvalidTag:
+                self.rejected.add(u)
+                continue
             src, dst, s_part, b_part = (int.from_bytes(plain[i : i + 66], "big")
                                         for i in range(0, 264, 66))  # fmt: skip
-            if (src, dst) != (u, self.id):
-                raise SecAggError(f"client {self.id} got shares addressed {src}->{dst}")
+            if (src, dst) != (u, self.id) or len(plain) != 264:
+                self.rejected.add(u)
+                continue
             self.held[u] = (s_part, b_part)
 
     def masked_input(self, x: np.ndarray) -> np.ndarray:
-        """Step 3: ``x`` (fixed point, uint64) masked. Peers that sent no shares are left
-        out of the masks: the server drops them too. Refused where fewer than ``t`` of
-        its holders remain (a server withholding its inbox would leave its input masked
-        by its self mask alone, which the unmasking reveals)."""
+        """Step 3: ``x`` (fixed point, uint64) masked, with a pairwise mask for every peer
+        of the round's graph, whether or not its shares came: the server decides what
+        reaches the inbox, and masking only with the peers it let through would let it
+        pick which masks an input carries (withhold one peer's shares, call another
+        dropped, and the rest comes off). A peer that dropped before sharing its keys
+        therefore costs the round. Refused where fewer than ``t`` of its holders sent
+        shares (it could not help unmask)."""
         if self.masked_with is not None:
             raise SecAggError(f"client {self.id} was asked for its masked input twice")
         if not self.peers:
@@ -319,12 +329,10 @@ class Client:
         if len(remaining) + 1 < self.t:
             raise SecAggError(f"client {self.id} got shares from {len(remaining)} of its "
                               f"{len(self.peers)} peers; {self.t - 1} are needed")  # fmt: skip
-        self.masked_with = set(remaining)
+        self.masked_with = set(self.peers)
         y = x.astype(np.uint64, copy=True)
         y += prg(self._b, len(y))
         for v in self.peers:
-            if v not in self.held:
-                continue
             mask = prg(pair_seed(self._s, self.keys[v].s), len(y))
             if self.id < v:
                 y += mask
@@ -368,6 +376,10 @@ def unmask_sum(
     """The sum of the inputs in ``masked`` (by client id). ``peers``: each client's
     masking peers; ``shared``: clients whose shares reached their peers (step 2);
     ``answers``: step 4's shares, by the client that sent them."""
+    lost = sorted(u for u in keys if u not in shared and any(v in masked for v in peers[u]))
+    if lost:  # (every input carries a mask with each of its graph peers)
+        raise SecAggError(f"client(s) {lost} dropped before sharing their keys: the masks "
+                          "their peers' inputs carry for them cannot be taken out")  # fmt: skip
     total = np.zeros(len(next(iter(masked.values()))), dtype=np.uint64)
     for y in masked.values():
         total += y

@@ -198,8 +198,9 @@ class Local:
         change, loss_sum, _ = train_client(self.model, self.params, self.optimizer, batches,
                                            self.loss, self.mu, tensors[0].double())  # fmt: skip
         update = {"op": "update", "round": r, "client": cid, "loss_sum": float(loss_sum)}
-        if self.secure.on:
-            return {**update, "keys": self.secure.keep(r, cid, change, work.examples)}, []
+        if self.secure.on:  # (its loss rides in the masked input)
+            keys = self.secure.keep(r, cid, change, work.examples, float(loss_sum))
+            return {**update, "loss_sum": 0.0, "keys": keys}, []
         return update, [change.contiguous()]
 
 

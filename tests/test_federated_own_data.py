@@ -58,7 +58,8 @@ def test_clients_with_their_own_files_train_as_the_simulation_of_those_rows(tmp_
     port, secret = free_port(), secrets.token_hex(32)
     address = f"127.0.0.1:{port}"
     server = start_train(fed, *JOB, *extra, "--data", f"parquet:{server_data}",
-                         "--listen", address, env={"SHOAL_PS_SECRET": secret})  # fmt: skip
+                         "--listen", address, "--round-deadline", "60",
+                         env={"SHOAL_PS_SECRET": secret})  # fmt: skip
     clients = []
     try:
         for k, f in enumerate(files):
@@ -104,3 +105,9 @@ def test_own_data_flags_are_refused_where_they_mean_nothing(tmp_path):
                          env={"SHOAL_PS_SECRET": "ab" * 16})  # fmt: skip
         err = proc.stderr.strip()
         assert proc.returncode != 0 and len(err.splitlines()) == 1 and needle in err, err
+    # a client that never comes would hold a round of its own-data server forever
+    proc = run_shoal("train", *JOB, "--listen", "127.0.0.1:1", "--out", str(tmp_path / "r"),
+                     env={"SHOAL_PS_SECRET": "ab" * 16})  # fmt: skip
+    err = proc.stderr.strip()
+    assert proc.returncode != 0 and len(err.splitlines()) == 1, err
+    assert "needs --round-deadline" in err and not (tmp_path / "r").exists()

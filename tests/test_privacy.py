@@ -211,6 +211,11 @@ def test_resume_refuses_to_change_privacy_and_keeps_the_epsilon_target(tmp_path)
     same = privacy.Accountant(first, rate, budget.delta, 100, budget)
     same.load_state_dict(saved)
     assert same.noise == first  # an unchanged plan continues exactly
+    faster = privacy.Accountant(first, 4 * rate, budget.delta, 200, budget)
+    faster.load_state_dict(saved)  # 100 more steps at four times the rate (more clients
+    for _ in range(100):  # a round, say): re-planned too
+        faster.step()
+    assert faster.noise > first and faster.epsilon() <= 3.0
     spent = privacy.Accountant(first, rate, budget.delta, 300, privacy.Budget(1.0, 0, 0.5, 1e-5))
     with pytest.raises(UserError, match="already spent"):
         spent.load_state_dict(saved)

@@ -67,6 +67,46 @@ def test_a_client_whose_inbox_is_withheld_sends_no_input():
         clients[0].masked_input(secagg.encode(np.ones(5)))
 
 
+def test_withholding_one_peer_and_calling_another_dropped_reveals_nothing():
+    """Three clients: the server keeps w's shares from u (u still has t - 1 = 1 peer's),
+    then tells u and w that only they sent inputs, r "dropped". It gets u's self-mask
+    seed and r's mask key; u's input still carries its mask with w, so what is left is
+    not u's update."""
+    u, w, r = 0, 1, 2
+    clients = {c: secagg.Client(c) for c in (u, w, r)}
+    keys = {c: x.advertise() for c, x in clients.items()}
+    peers = secagg.neighbours(list(clients), 0)
+    mail = {c: x.share_keys(keys, peers[c], 0) for c, x in clients.items()}
+    for v, x in clients.items():
+        x.receive({c: out[v] for c, out in mail.items() if v in out and (c, v) != (w, u)})
+    x_u = secagg.encode(np.array([0.5, -1.25, 3.0]))
+    y_u = clients[u].masked_input(x_u)
+    clients[w].masked_input(secagg.encode(np.zeros(3)))
+    answers = {c: clients[c].unmask([u, w]) for c in (u, w)}
+    b_u = secagg.rebuild({c: a[u][1] for c, a in answers.items() if a[u][0] == "b"}, 2)
+    s_r = secagg.rebuild({c: a[r][1] for c, a in answers.items() if r in a}, 2)
+    left = y_u - secagg.prg(b_u, 3)  # the server's best: both masks it can rebuild off
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    left -= secagg.prg(secagg.pair_seed(X25519PrivateKey.from_private_bytes(s_r),
+                                        keys[u].s), 3)  # fmt: skip
+    assert not np.array_equal(left, x_u)  # its mask with w is still on
+    assert np.abs(secagg.decode(left) - secagg.decode(x_u)).max() > 1e3
+
+
+def test_a_peer_s_garbage_shares_leave_only_that_peer_out():
+    """A malicious client sends one peer bytes that do not open: that peer keeps the
+    others' shares and still sends its input."""
+    clients = {c: secagg.Client(c) for c in range(4)}
+    keys = {c: x.advertise() for c, x in clients.items()}
+    peers = secagg.neighbours(list(clients), 0)
+    mail = {c: x.share_keys(keys, peers[c], 0) for c, x in clients.items()}
+    mail[3][0] = bytes(12) + b"x" * (len(mail[3][0]) - 12)
+    clients[0].receive({c: out[0] for c, out in mail.items() if 0 in out})
+    assert clients[0].rejected == {3} and set(clients[0].held) == {0, 1, 2}
+    clients[0].masked_input(secagg.encode(np.ones(4)))
+
+
 def test_a_client_refuses_to_unmask_a_lone_input_or_a_list_without_itself():
     clients, _, inputs = _round()
     for c in clients.values():

@@ -24,7 +24,7 @@ work        [holds]                                   none
 update      round, client, loss_sum, [examples]       the change: float64, [numel]
 update      ..., keys (secure aggregation)            none
 shares      round, client, mail                       none
-masked      round, client                             the masked input: int64, [numel + 2]
+masked      round, client                             the masked input: int64, [numel + 3]
 answers     round, client, answers                    none
 (a step)    round, client, refused (a reason)         none
 ==========  ========================================  ==================================
@@ -166,7 +166,7 @@ def parse(header: dict[str, Any], tensors: list[torch.Tensor], numel: int, secur
             raise Refused("malformed", f"refused must be a reason of 1 to {MAX_REASON} characters")
         return Message(op, rid, **at, declined=why, **_no_tensors(op, tensors))
     if op == "masked":
-        masked = tensor(tensors, torch.int64, numel + 2, "the masked input")
+        masked = tensor(tensors, torch.int64, numel + 3, "the masked input")
         return Message(op, rid, **at, masked=masked.numpy().view(np.uint64).copy())
     if op == "shares":
         mail = ids_dict(header["mail"], "mail")

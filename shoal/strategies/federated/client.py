@@ -108,7 +108,8 @@ def run_client(
                 time.sleep(min(1.0, max(0.0, wait)) if ok else WAIT_S)
                 continue
             r, cid, lr = header.get("round"), header.get("client"), header.get("lr")
-            if not (type(r) is int and type(cid) is int and 0 <= cid < federation.clients
+            if not (type(r) is int and r >= 0 and type(cid) is int
+                    and 0 <= cid < federation.clients
                     and isinstance(lr, float | int) and math.isfinite(lr) and lr > 0
                     and len(tensors) == 1 and tensors[0].dtype == torch.float64):  # fmt: skip
                 raise UserError(f"the server at {address} sent a malformed task: "
@@ -126,12 +127,12 @@ def run_client(
                                                global_x)  # fmt: skip
             update = {"op": "update", "round": r, "client": cid, "loss_sum": float(loss_sum),
                       "examples": work.examples}  # fmt: skip
-            if secure.on:  # its keys; the change stays here, to be sent masked
+            if secure.on:  # its keys; the change (and the loss) stay here, to be masked
                 try:
-                    keys = secure.keep(r, cid, change, work.examples)
+                    keys = secure.keep(r, cid, change, work.examples, float(loss_sum))
                 except ValueError as e:
                     raise UserError(f"round {r + 1}, client {cid}: {e}") from None
-                peer.call({**update, "keys": keys})
+                peer.call({**update, "loss_sum": 0.0, "keys": keys})
             else:
                 peer.call(update, [change.contiguous()])
             pushed += 1
@@ -176,12 +177,17 @@ class SecureClients:
         self.held: dict[int, tuple[secagg.Client, np.ndarray]] = {}
         self.refused = 0
 
-    def keep(self, round_: int, cid: int, change: torch.Tensor, examples: int) -> list[str]:
-        """Keep a trained client's contribution and new secrets; its public keys. A
-        :class:`ValueError` for a contribution fixed point cannot hold (not finite)."""
+    def keep(
+        self, round_: int, cid: int, change: torch.Tensor, examples: int, loss_sum: float
+    ) -> list[str]:
+        """Keep a trained client's contribution and new secrets; its public keys. The
+        loss sum rides in the masked input too (last), so the server learns the round's
+        loss, not a client's. A :class:`ValueError` for a contribution fixed point cannot
+        hold (not finite)."""
         if round_ != self.round:
             self.round, self.held = round_, {}
         x = contribution(change.cpu(), examples, self.clip).numpy()
+        x = np.append(x, loss_sum)
         client = secagg.Client(cid)
         self.held[cid] = (client, secagg.encode(x, self.summands))
         keys = client.advertise()

@@ -79,6 +79,16 @@ class Plugin(plugin.Plugin):
                 "--listen runs the federation's server as one process: --workers 1 "
                 "(the clients run shoal federate elsewhere)"
             )
+        if (
+            opts.listen
+            and partition.parse(opts.partition).kind == "files"
+            and (not opts.round_deadline)
+        ):
+            raise UserError(
+                "--partition files with --listen needs --round-deadline: only client K's own "
+                "process can train client K, so a client that never comes would hold its "
+                "rounds forever"
+            )
         if opts.clients_per_round > opts.clients:
             raise UserError(
                 f"--clients-per-round {opts.clients_per_round} is more than --clients "

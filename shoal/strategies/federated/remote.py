@@ -189,8 +189,8 @@ class FederationServer:
         self.secure = bool(job.strategy.options.secure_agg)
         # --partition files: the clients' rows are their own; each says how many it has
         self.own_data = partition.parse(job.strategy.options.partition).kind == "files"
-        # what a client may send: one tensor of the model's size (a masked input: + 2)
-        self.limit = 8 * (numel + 2)
+        # what a client may send: one tensor of the model's size (a masked input: + 3)
+        self.limit = 8 * (numel + 3)
         self.config = dumps_toml(job)
         self.ctx = zmq.Context.instance()
         try:
@@ -258,7 +258,8 @@ class FederationServer:
             return None, done.loss_sum, late
         summed = secagg.unmask_sum(secure.masked, secure.keys, secure.peers, shared,
                                    secure.answers)  # fmt: skip
-        return summed, done.loss_sum, late
+        # the last word is the loss sum (it rides masked: the server learns no client's)
+        return summed[:-1], float(secagg.decode(summed[-1:])[0]), late
 
     def _train(
         self,

@@ -152,6 +152,9 @@ class FedAvg(Strategy):
     ) -> torch.Tensor:
         """The server step on the round's sum (weighted changes, weight, reports)."""
         with timer.phase("optimizer"), torch.no_grad():
+            if not bool(torch.isfinite(total).all()):  # (a client's huge, finite change)
+                self._lost(task, ValueError("the round's sum is not finite"))
+                total = torch.zeros_like(total)
             weight, reported = float(total[-2]), round(float(total[-1]))
             change = total[:-2]
             if self.accountant is not None:  # client-level DP: noise, a fixed denominator
@@ -245,10 +248,11 @@ class FedAvg(Strategy):
         return total
 
     def _lost(self, task: RoundTask, error: Exception) -> None:
-        """A round whose sum could not be unmasked: counted, said, the model unchanged."""
+        """A round whose sum could not be unmasked, or is not finite: counted, said, the
+        model unchanged."""
         self.aborted += 1
-        print(f"shoal: round {task.step + 1} could not be unmasked and leaves the model as "
-              f"it was: {error}", file=sys.stderr, flush=True)  # fmt: skip
+        print(f"shoal: round {task.step + 1} leaves the model as it was: {error}",
+              file=sys.stderr, flush=True)  # fmt: skip
 
     def close(self) -> None:
         if self.remote is not None:
