@@ -26,31 +26,44 @@ JOB = ["--strategy", "fedavg", "--partition", "files", "--clients", "3", "--mode
        "2", "--batch-size", "16", "--workers", "1"]  # fmt: skip
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(240)
-@pytest.mark.parametrize("secure", [False, True], ids=["plain", "secure-agg"])
-def test_clients_with_their_own_files_train_as_the_simulation_of_those_rows(tmp_path, secure):
-    """Three clients, each with one Parquet file of its own on "its machine" (a folder
-    made only after the server started, named to no one but that client): the server's
-    own --data holds only held-out rows with the same columns. The federation ends at
-    the model of the simulation given the same rows (one client per file), and nothing
-    of the server's run names or fingerprints the clients' files."""
+@pytest.fixture(scope="module")
+def files_and_sim(tmp_path_factory):
+    """Three clients' files (a linear data set cut in three, of different sizes) and the
+    plain simulation of those rows, one client per file."""
     import pyarrow.parquet as pq
 
-    data = tmp_path / "data"
+    root = tmp_path_factory.mktemp("own")
+    data = root / "data"
     made = run_shoal("data", "make", "linear", "--rows", "600", "--test-rows", "300",
                      "--features", "4", "--out", str(data))  # fmt: skip
     assert made.returncode == 0, made.stderr
     (one,) = (data / "train").glob("*.parquet")
     table = pq.read_table(one)
     one.unlink()
-    for k, rows in enumerate((150, 200, 250)):  # a file per client, of different sizes
-        start = (0, 150, 350)[k]
+    for k, (start, rows) in enumerate(((0, 150), (150, 200), (350, 250))):
         pq.write_table(table.slice(start, rows), data / "train" / f"part-{k:05d}.parquet")
+    sim = root / "sim"
+    train(sim, *JOB, "--data", f"parquet:{data}")
+    return data, sim
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+@pytest.mark.xdist_group("own-data")  # (both share the files and the simulation)
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "secure-agg"])
+def test_clients_with_their_own_files_train_as_the_simulation_of_those_rows(
+    tmp_path, files_and_sim, secure
+):
+    """Three clients, each with one Parquet file of its own on "its machine" (a folder
+    made only after the server started, named to no one but that client): the server's
+    own --data holds only held-out rows with the same columns. The federation ends at
+    the model of the simulation given the same rows (one client per file; with secure
+    aggregation, within fixed point), and nothing of the server's run names or
+    fingerprints the clients' files."""
+    data, sim = files_and_sim
     files = sorted((data / "train").glob("*.parquet"))
     extra = ["--secure-agg"] if secure else []
-    sim, fed = tmp_path / "sim", tmp_path / "fed"
-    train(sim, *JOB, *extra, "--data", f"parquet:{data}")
+    fed = tmp_path / "fed"
 
     server_data = tmp_path / "server"  # the server's own rows: held out, same columns
     shutil.copytree(data / "test", server_data / "train")
@@ -79,7 +92,7 @@ def test_clients_with_their_own_files_train_as_the_simulation_of_those_rows(tmp_
     assert server.returncode == 0, err
     for c, e in zip(clients, client_errs):
         assert c.returncode == 0, e
-    assert max_abs_diff(params(fed), params(sim)) < 1e-6
+    assert max_abs_diff(params(fed), params(sim)) < (1e-5 if secure else 1e-6)
     summary = read_summary(fed)
     assert summary["federated"]["rounds"] == 4
     assert summary["federated"]["client_updates"] == read_summary(sim)["federated"][
@@ -95,19 +108,21 @@ def test_clients_with_their_own_files_train_as_the_simulation_of_those_rows(tmp_
 
 
 @pytest.mark.timeout(60)
-def test_own_data_flags_are_refused_where_they_mean_nothing(tmp_path):
+def test_own_data_flags_are_refused_where_they_mean_nothing(tmp_path, monkeypatch, capsys):
+    """In this process (the same ``main`` the commands run)."""
+    from shoal.cli import main
+
+    monkeypatch.setenv("SHOAL_PS_SECRET", "ab" * 16)
     for args, needle in [
         (["--data", str(tmp_path)], "--data and --client go together"),
         (["--client", "1"], "--data and --client go together"),
         (["--data", str(tmp_path), "--client", "0", "--processes", "2"], "--processes 1"),
     ]:
-        proc = run_shoal("federate", "--connect", "127.0.0.1:1", *args,
-                         env={"SHOAL_PS_SECRET": "ab" * 16})  # fmt: skip
-        err = proc.stderr.strip()
-        assert proc.returncode != 0 and len(err.splitlines()) == 1 and needle in err, err
+        code = main(["federate", "--connect", "127.0.0.1:1", *args])
+        err = capsys.readouterr().err.strip()
+        assert code != 0 and len(err.splitlines()) == 1 and needle in err, err
     # a client that never comes would hold a round of its own-data server forever
-    proc = run_shoal("train", *JOB, "--listen", "127.0.0.1:1", "--out", str(tmp_path / "r"),
-                     env={"SHOAL_PS_SECRET": "ab" * 16})  # fmt: skip
-    err = proc.stderr.strip()
-    assert proc.returncode != 0 and len(err.splitlines()) == 1, err
+    code = main(["train", *JOB, "--listen", "127.0.0.1:1", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and len(err.splitlines()) == 1, err
     assert "needs --round-deadline" in err and not (tmp_path / "r").exists()
