@@ -150,7 +150,8 @@ def test_dp_noise_and_samples_cannot_be_rebuilt_from_the_run_and_resume_exactly(
            "--workers", "1"]  # fmt: skip
     real, seeded, replay = (tmp_path / n for n in ("real", "seeded", "replay"))
     train(real, *job)
-    train(seeded, *job, "--dp-insecure-seed")
+    said = train(seeded, *job, "--dp-insecure-seed")
+    assert "NOT private" in said.stdout  # (the summary table says so too)
     train(replay, *job, "--dp-insecure-seed")  # the attacker's best guess: the seed
     assert max_abs_diff(params(replay), params(seeded)) < 1e-6  # the attack can work
     assert max_abs_diff(params(replay), params(real)) > 1e-2  # but not on the real run

@@ -299,7 +299,9 @@ def print_summary(
         rows.append((f"privacy ({dp['level']}-level DP)",
                      f"epsilon {eps} at delta {dp['delta']:g}: noise {dp['noise_multiplier']:.3g}"
                      f" x clip {dp['clip']:g}, rate {dp['sample_rate']:.3g}, "
-                     f"{dp['steps']} steps"))  # fmt: skip
+                     f"{dp['steps']} steps"
+                     + ("; NOT private: noise and samples from --seed (--dp-insecure-seed)"
+                        if "--seed" in dp.get("randomness", "") else "")))  # fmt: skip
     rows += extra or []  # the strategy's own (its plugin's summary_rows)
     rows += [
         ("wall time", f"{summary['wall_time_s']:.1f} s"),
