@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import sys
 import time
 from typing import Any
@@ -18,12 +17,12 @@ from typing import Any
 import numpy as np
 import torch
 import zmq
-from cryptography.exceptions import InvalidTag
 
 from shoal import privacy, secagg
 from shoal.config import loads_toml
 from shoal.errors import PeerLost, UserError
 from shoal.metrics import CommCounter
+from shoal.strategies.federated import checks
 from shoal.strategies.federated.local import contribution
 from shoal.strategies.federated.remote import TARGET, WAIT_S, max_bytes
 from shoal.strategies.ps import wire
@@ -207,8 +206,7 @@ class SecureClients:
             if client is None or x is None:
                 raise secagg.SecAggError(f"client {cid} of round {r} is not one of ours")
             return self._answer(op, header, r, client, x, reply)
-        except (secagg.SecAggError, ValueError, TypeError, KeyError, AttributeError,
-                InvalidTag) as e:  # fmt: skip
+        except (secagg.SecAggError, checks.Refused, ValueError, TypeError, KeyError) as e:
             self.refused += 1
             why = f"{type(e).__name__}: {e}" if not isinstance(e, secagg.SecAggError) else str(e)
             print(f"shoal federate: refused the server's {op} for client {cid}: {why[:200]}",
@@ -218,48 +216,20 @@ class SecureClients:
     def _answer(self, op: str, header: dict, r: int, client: secagg.Client, x: np.ndarray,
                 reply: dict) -> tuple[dict, list[torch.Tensor]]:  # fmt: skip
         if op == "share":
-            keys = {_id(u): secagg.Keys(_hex(c, 32), _hex(s, 32))
-                    for u, (c, s) in _items(header["keys"])}  # fmt: skip
-            peers = [_id(p) for p in header["peers"]]
+            keys = {u: secagg.Keys(*(checks.hex_bytes(k, checks.KEY_BYTES, "a key") for k in pair))
+                    for u, pair in checks.ids_dict(header["keys"], "keys").items()}  # fmt: skip
+            peers = [checks.integer(v, "a peer") for v in header["peers"]]
             graph = secagg.graph_seed(self.job_seed, r)
             mail = client.share_keys(keys, peers, graph)
             return {**reply, "mail": {str(v): m.hex() for v, m in mail.items()}}, []
         if op == "mask":
-            inbox = {_id(u): _hex(m, SHARE_BLOB) for u, m in _items(header["inbox"])}
+            inbox = {u: checks.hex_bytes(m, checks.BLOB_BYTES, "a shares blob")
+                     for u, m in checks.ids_dict(header["inbox"], "inbox").items()}  # fmt: skip
             client.receive(inbox)
             return reply, [torch.from_numpy(client.masked_input(x).view(np.int64))]
-        answers = client.unmask(_id(u) for u in header["sent"])
+        answers = client.unmask(checks.integer(u, "an input's client") for u in header["sent"])
         return {**reply, "answers": {str(u): [k, format(v, "x")]
                                      for u, (k, v) in answers.items()}}, []  # fmt: skip
-
-
-SHARE_BLOB = 12 + 4 * 66 + 16
-"""Bytes of one encrypted pair of shares: nonce, four 66-byte numbers, GCM tag."""
-
-
-def _items(value: Any) -> list[tuple[Any, Any]]:
-    if not isinstance(value, dict):
-        raise TypeError("expected a mapping")
-    return list(value.items())
-
-
-def _id(value: Any) -> int:
-    """A client id from the server: a non-negative integer (or its decimal string)."""
-    if isinstance(value, str) and value.isdigit() and len(value) < 10:
-        return int(value)
-    if type(value) is int and 0 <= value < 1 << 31:
-        return value
-    raise ValueError(f"{value!r} is not a client id")
-
-
-def _hex(value: Any, size: int) -> bytes:
-    """Exactly ``size`` bytes written as hex digits."""
-    if not isinstance(value, str) or len(value) != 2 * size or not HEX.fullmatch(value):
-        raise ValueError(f"expected {size} bytes as hex")
-    return bytes.fromhex(value)
-
-
-HEX = re.compile(r"[0-9a-fA-F]*")
 
 
 def client_name() -> str:
