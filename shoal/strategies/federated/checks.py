@@ -48,7 +48,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from shoal import secagg
 
@@ -83,9 +82,6 @@ FIELDS: dict[str, frozenset[str]] = {
 """Each request's fields (an ``update`` under secure aggregation adds ``keys``)."""
 STEP_REPLIES = ("shares", "masked", "answers")
 OPTIONAL = frozenset({"t", "holds", "examples"})
-_PROBE = X25519PrivateKey.generate()
-"""Exchanged with every public key a client advertises: a small-order point (all zero,
-and the like) gives an all-zero shared secret, which ``cryptography`` refuses."""
 
 
 class Refused(Exception):
@@ -245,9 +241,10 @@ def tensor(tensors: list[torch.Tensor], dtype: torch.dtype, numel: int, what: st
 
 def valid_point(raw: bytes) -> bool:
     """Whether ``raw`` is an X25519 public key that agrees a secret: not a point of
-    small order, whose shared secret with any key is zero (RFC 7748, section 6.1)."""
+    small order, whose shared secret with any key is zero (RFC 7748, section 6.1): the
+    clients' own check, :func:`shoal.secagg.check_key`."""
     try:
-        _PROBE.exchange(X25519PublicKey.from_public_bytes(raw))
-    except ValueError:
+        secagg.check_key(raw)
+    except secagg.SecAggError:
         return False
     return True
