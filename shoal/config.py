@@ -353,7 +353,7 @@ class ClusterConfig:
     max_restarts: int = option(
         3,
         "restarts after a failure: collective strategies restart every worker from the "
-        "newest good checkpoint (torchrun --max-restarts); ps restarts the failed worker",
+        "newest good checkpoint (torchrun --max-restarts); ps restarts the failed worker or shard",
         low=0,
         high=1000,
     )

@@ -28,9 +28,10 @@ import sys
 import threading
 import time
 from datetime import timedelta
-from pathlib import Path
 
 import torch.distributed as dist
+
+from shoal import procs
 
 EXIT_PEER_LOST = 75
 """Exit status of a worker that stopped because a peer failed (EX_TEMPFAIL)."""
@@ -58,7 +59,7 @@ class Heartbeat:
         self._stop = threading.Event()
         self.whos: dict[int, dict] = {}
         who = {"host": self.host, "pid": self.pid, "machine": self.machine,
-               "started": _started(self.pid)}  # fmt: skip
+               "started": procs.started(self.pid)}  # fmt: skip
         self.store.set(f"who/{rank}", json.dumps(who))
         self.store.set(f"beat/{rank}", "0")
         self.contact = time.monotonic()  # the last time the store answered
@@ -239,23 +240,7 @@ def _machine() -> str:
 
 def _local_state(who: dict) -> str | None:
     """``dead``, ``stopped`` or ``running`` for a shoal worker pid on this host."""
-    pid = int(who.get("pid", 0))
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return "dead"
-    if who.get("started") and fields[19] != who["started"]:
-        return "dead"  # the pid was reused
-    return {"T": "stopped", "t": "stopped", "Z": "dead", "X": "dead"}.get(fields[0], "running")
-
-
-def _started(pid: int) -> str:
-    """When process ``pid`` started (clock ticks since boot; with the pid, it names one
-    process for good), or empty."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return ""
+    return procs.state(int(who.get("pid", 0)), who.get("started", ""))
 
 
 def _exit(line: str) -> None:

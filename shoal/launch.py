@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shoal import procs
 from shoal.config import ClusterConfig, parse_endpoint
 from shoal.dist import LAUNCHER_ENV, loopback_listener
 from shoal.errors import UserError
@@ -249,25 +250,10 @@ def _on_usr1(signum: int, frame: Any) -> None:
     """Slurm's ``--signal``: SIGUSR1 would end this process (its default action). The
     workers get it (so they name it), then the agent gets a SIGTERM, on which it stops
     the workers instead of restarting them; they stop at a common step and checkpoint."""
-    for pid in _children(os.getpid()):
+    for pid in procs.children(os.getpid()):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGUSR1)
     os.kill(os.getpid(), signal.SIGTERM)
-
-
-def _children(parent: int) -> list[int]:
-    """The processes whose parent is ``parent`` (from /proc)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
-            found.append(int(entry.name))
-    return found
 
 
 class JobPreempted(Exception):
@@ -443,6 +429,7 @@ class RoleGroup:
         self.contexts = [self._start(r) for r in roles]
         self.exit_codes: dict[int, int] = {}
         self.restarts: dict[int, int] = {}
+        self.stopped_since: dict[int, float] = {}  # pid -> when first seen stopped
 
     def _start(self, r: Role) -> Any:
         from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, start_processes
@@ -489,6 +476,25 @@ class RoleGroup:
                 for pid in self.contexts[i].pids().values():
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
+
+    def stopped(self, for_s: float) -> list[tuple[Role, int, float]]:
+        """Roles whose process has been stopped (SIGSTOP, a debugger) for ``for_s``
+        seconds or more: ``(role, pid, seconds)``. A stopped process beats no heartbeat
+        and answers nothing; its launcher sees it at once, wherever it was."""
+        now, found, seen = time.monotonic(), [], set()
+        for i, ctx in enumerate(self.contexts):
+            if i in self.exit_codes:
+                continue
+            for pid in ctx.pids().values():
+                seen.add(pid)
+                if procs.state(pid) != "stopped":
+                    self.stopped_since.pop(pid, None)
+                    continue
+                since = self.stopped_since.setdefault(pid, now)
+                if now - since >= for_s:
+                    found.append((self.roles[i], pid, now - since))
+        self.stopped_since = {p: t for p, t in self.stopped_since.items() if p in seen}
+        return found
 
     @property
     def running(self) -> int:

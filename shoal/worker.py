@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch.distributed
 
-from shoal import dist
+from shoal import dist, procs
 from shoal.config import JobConfig, load_toml
 from shoal.errors import PeerLost, PeerRejected, UserError
 from shoal.faults import Injector
@@ -43,6 +43,12 @@ def _die_with_parent() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     _die_with_parent()
+    # what this process is, where ps, top and the chaos bench see it (a fork's environ
+    # in /proc is its launcher's, and a new Python's name is just "python")
+    procs.name_self(
+        os.environ.get("SHOAL_ROLE", "worker"),
+        os.environ.get("SHOAL_ROLE_RANK") or os.environ.get("RANK", ""),
+    )
     if len(args) != 1:
         print("usage: python -m shoal.worker CONFIG.toml", file=sys.stderr)
         return 2

@@ -8,11 +8,11 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import zmq
 
+from shoal import procs
 from shoal.strategies.ps import hostile, wire
 from tests.conftest import (
     LINEAR_JOB,
@@ -120,22 +120,6 @@ def test_ssp_staleness_never_exceeds_bound(tmp_path):
     assert read_summary(asp)["ps"]["max_staleness"] > 2  # without the bound it grows
 
 
-def _children(pid: int, role: str) -> list[int]:
-    """Processes started by ``pid`` for ``role`` (SHOAL_ROLE in their environment)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            environ = (entry / "environ").read_bytes().split(b"\0")
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == pid and f"SHOAL_ROLE={role}".encode() in environ:
-            found.append(int(entry.name))
-    return found
-
-
 @pytest.mark.timeout(300)
 def test_unauthenticated_peers_cannot_grow_memory_or_disturb_training(ps_bsp_linear, tmp_path):
     """A 4 MiB first frame, a multipart message that never ends, 500 open connections and
@@ -154,7 +138,7 @@ def test_unauthenticated_peers_cannot_grow_memory_or_disturb_training(ps_bsp_lin
             assert time.monotonic() < deadline and job.poll() is None, job.stderr.read()
             time.sleep(0.1)
         where = json.loads(endpoints.read_text())
-        shard = _children(job.pid, "server")[0]
+        shard = procs.role_processes(job.pid, "server")[0]
         targets = [(where["servers"][0], shard), (where["coordinator"], job.pid)]
 
         def attack(address: str, pid: int) -> tuple[list, float]:

@@ -11,7 +11,13 @@ two-machine parameter-server job loses one machine's link). For every fault it
 times detection (the first line that names it) and recovery (the next metrics
 record), and at the end it compares each job with the reference: samples lost
 or counted twice per epoch (both must be 0), and the model (synchronous jobs
-end at the reference's parameters).
+end at the reference's parameters). It also watches each job for intervals
+without progress: one longer than the heartbeat timeout plus a restore must
+have a line that names its cause.
+
+The bench fails (exit 1) when a job did not finish, a fault kind could not be
+injected into every job, a sample was lost or counted twice, a synchronous job
+ended away from the reference, or a stall went unnamed.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from shoal.cli.bench_run import BenchRun
+from shoal.cli.bench_run import BenchRun, Stalls
 from shoal.config import load_toml
 from shoal.errors import UserError
 from shoal.layout import CONFIG_FILE, METRICS_FILE, MODEL_FILE, SUMMARY_FILE, write_atomic
@@ -47,17 +53,29 @@ KINDS = {
     "ps": ("worker-kill", "worker-stop", "shard-kill", "shard-stop", "hostile", "disk-full"),
     "allreduce": ("worker-kill", "worker-stop", "disk-full"),
 }
-NAMED = {
-    ("allreduce", "worker-kill"): "shoal: error: worker rank",
-    ("allreduce", "worker-stop"): "shoal: error: worker rank",
-    ("ps", "worker-kill"): "failed (exit code -9)",
-    ("ps", "worker-stop"): "sent no heartbeat",
-    ("ps", "shard-kill"): "was killed by SIGKILL; every shard goes back",
-    ("ps", "shard-stop"): "sent no heartbeat",
-    ("ps", "link-down"): "sent no heartbeat",
+NAMED: dict[tuple[str, str], tuple[str, ...]] = {
+    ("allreduce", "worker-kill"): ("shoal: error: worker rank",),
+    ("allreduce", "worker-stop"): ("shoal: error: worker rank", "is hung (stopped)"),
+    ("ps", "worker-kill"): ("failed (exit code -9)",),
+    ("ps", "worker-stop"): ("sent no heartbeat", "has been stopped"),
+    ("ps", "shard-kill"): ("was killed by SIGKILL; every shard goes back",),
+    ("ps", "shard-stop"): ("sent no heartbeat", "has been stopped"),
+    ("ps", "link-down"): ("sent no heartbeat",),
 }
 """A line that names each fault; a full disk is named by whichever write it refuses."""
 FULL_DISK = ("No space left", "cannot write")
+RESTORE_S = 15.0
+"""What a restore may take on a small machine (new processes import torch, shards load
+their checkpoint, workers reconnect): a stall longer than the heartbeat timeout plus this
+must be named by a line."""
+HEARTBEAT_S = 2.0
+"""The jobs' ``--heartbeat-timeout``."""
+SYNC_TOLERANCE = 1e-5
+"""How far a synchronous job's parameters may end from the reference (float sums in
+another order)."""
+INJECT_TRIES_S = 10.0
+"""How long a fault waits for a process to inject it into (a worker restarting)."""
+JOBS = ("ps", "allreduce", "link")
 HELP = __doc__.split("\n\n", 1)[1].replace("``", "")
 
 
@@ -75,6 +93,11 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=3, help="worker processes per job")
     p.add_argument("--steps", type=int, default=2000, help="steps of each job (30 ms each)")
     p.add_argument("--run-timeout", type=float, default=600, help="seconds before a run is stopped")
+    p.add_argument(
+        "--jobs",
+        default=",".join(JOBS),
+        help="which chaos jobs, comma-separated: ps, allreduce, link (default all)",
+    )
     p.set_defaults(run=run_chaos)
 
 
@@ -88,6 +111,7 @@ class Fault:
     detect_s: float | None = None
     recover_s: float | None = None
     note: str = ""
+    injected: bool = True
 
 
 def run_chaos(args: argparse.Namespace) -> int:
@@ -97,6 +121,9 @@ def run_chaos(args: argparse.Namespace) -> int:
         raise UserError("--mtbf must be a number of seconds between 0 and 3600")
     if not 100 <= args.steps <= 10**6:
         raise UserError("--steps must be between 100 and 1000000")
+    jobs = [j.strip() for j in args.jobs.split(",") if j.strip()]
+    if not jobs or any(j not in JOBS for j in jobs):
+        raise UserError(f"--jobs must name some of {', '.join(JOBS)}, comma-separated")
     out = Path(args.out or f"runs/bench-chaos-{time.strftime('%Y%m%d-%H%M%S')}")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out} exists and is not empty")
@@ -110,27 +137,53 @@ def run_chaos(args: argparse.Namespace) -> int:
     results: dict[str, Any] = {"seed": args.seed, "mtbf_s": args.mtbf, "jobs": {}}
     with _small_disk(out / "disk") as disk:
         for job, extra in (("ps", PS), ("allreduce", [])):
+            if job not in jobs:
+                continue
             _say(f"{job} under chaos ...")
             where = (disk or out) / job
             env = {"SHOAL_FAULT": SLOW}
             run = BenchRun(where, [*JOB, *workers, *extra], args.run_timeout, env, logs=out)
+            stalls = Stalls(run, args.steps)
             kinds = [k for k in KINDS[job] if k != "disk-full" or disk is not None]
             chaos = _Chaos(run, job, kinds, args.mtbf, args.seed, disk)
             run.wait()
             chaos.stop()
+            stalls.stop()
             faults += chaos.faults
-            results["jobs"][job] = _account(run, reference, chaos.faults)
-    link = _link_down(out, reference, args.run_timeout, args.steps)
+            results["jobs"][job] = _account(run, reference, chaos.faults, kinds, stalls)
+    link = _link_down(out, reference, args.run_timeout, args.steps) if "link" in jobs else None
     if link is not None:
         faults.append(link[0])
         results["jobs"]["ps, 2 machines"] = link[1]
     results["faults"] = [asdict(f) for f in faults]
     results["skipped"] = _skipped()
+    results["failures"] = failures = _failures(results)
     write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
     table = _table(results, faults)
     write_atomic(out / "results.md", table)
     print(table)
-    return 0
+    for failure in failures:
+        print(f"bench chaos: FAILED: {failure}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _failures(results: dict[str, Any]) -> list[str]:
+    """Every way the job list fell short of surviving its faults exactly."""
+    failed = []
+    for job, r in results["jobs"].items():
+        if not r.get("finished"):
+            failed.append(f"{job} did not finish (exit {r.get('exit')}; see {r.get('log')})")
+            continue
+        if r.get("missing"):
+            failed.append(f"{job}: not injected: {', '.join(r['missing'])}")
+        if r["samples_lost"] or r["samples_twice"]:
+            lost, twice = r["samples_lost"], r["samples_twice"]
+            failed.append(f"{job}: {lost} samples lost and {twice} counted twice")
+        if r["max_param_diff"] > SYNC_TOLERANCE:
+            failed.append(f"{job}: ended {r['max_param_diff']:.2e} from the reference")
+        for at, seconds in r.get("unnamed_stalls", []):
+            failed.append(f"{job}: {seconds:.1f} s without progress from +{at:.1f} s, unnamed")
+    return failed
 
 
 def _say(text: str) -> None:
@@ -168,37 +221,47 @@ class _Chaos:
         self.thread.join(timeout=120)
 
     def _loop(self) -> None:
-        queue: list[str] = []
+        # every kind once, in a random order (each job meets every fault), then at random
+        queue = self.random.sample(self.kinds, len(self.kinds))
         while not self._stop.wait(self.random.expovariate(1 / self.mtbf)):
             if not _training(self.run):
                 continue
-            if not queue:  # every kind once, in a random order, then again
-                queue = self.random.sample(self.kinds, len(self.kinds))
-            fault = self._inject(queue.pop())
-            if fault is not None:
-                self.faults.append(fault)
-                named = NAMED.get((self.job, fault.kind), ())
-                _follow(
-                    self.run, fault, FULL_DISK if fault.kind == "disk-full" else named, self._stop
-                )
+            kind = queue.pop() if queue else self.random.choice(self.kinds)
+            fault = self._inject(kind)
+            self.faults.append(fault)
+            if not fault.injected:
+                _say(f"cannot inject {kind} into {self.job}: {fault.note}")
+                continue
+            named = NAMED.get((self.job, fault.kind), ())
+            _follow(self.run, fault, FULL_DISK if fault.kind == "disk-full" else named, self._stop)
 
-    def _inject(self, kind: str) -> Fault | None:
+    def _inject(self, kind: str) -> Fault:
+        """Inject ``kind`` now; a signal waits up to :data:`INJECT_TRIES_S` for a process
+        to take it (one restarting), then the fault is recorded as not injected."""
         role = "server" if kind.startswith("shard") else "worker"
         now = time.monotonic()
         if kind.endswith(("-kill", "-stop")):
-            pids = self.run.pids(role)
-            if len(pids) < (2 if role == "worker" else 1):
-                return None
             sig = signal.SIGKILL if kind.endswith("kill") else signal.SIGSTOP
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.random.choice(pids), sig)
-            return Fault(self.job, kind, now)
+            need = 2 if role == "worker" else 1  # (a fault needs a survivor)
+            while time.monotonic() - now < INJECT_TRIES_S and self.run.proc.poll() is None:
+                pids = self.run.pids(role)
+                if len(pids) >= need:
+                    pid = self.random.choice(pids)
+                    try:
+                        os.kill(pid, sig)
+                    except ProcessLookupError:
+                        continue
+                    return Fault(self.job, kind, time.monotonic(), note=f"pid {pid}")
+                time.sleep(0.1)
+            why = f"fewer than {need} running {role} processes for {INJECT_TRIES_S:g} s"
+            return Fault(self.job, kind, now, note=why, injected=False)
         if kind == "hostile":
-            return Fault(self.job, kind, now, note=_hostile(self.run.out))
+            note = _hostile(self.run.out)
+            return Fault(self.job, kind, now, note=note, injected=note != NO_ENDPOINTS)
         if kind == "disk-full" and self.disk is not None:
             _fill(self.disk, seconds=3.0)
             return Fault(self.job, kind, now)
-        return None
+        return Fault(self.job, kind, now, note="not a fault this bench knows", injected=False)
 
 
 def _training(run: BenchRun) -> bool:
@@ -263,6 +326,9 @@ def _fill(disk: Path, seconds: float) -> None:
     filler.unlink(missing_ok=True)
 
 
+NO_ENDPOINTS = "no endpoints file to attack yet"
+
+
 def _hostile(run_dir: Path) -> str:
     """The wire attacks of the hostile-peer test at a shard and at the coordinator."""
     from shoal.strategies.ps import hostile
@@ -270,7 +336,7 @@ def _hostile(run_dir: Path) -> str:
     try:
         where = json.loads((run_dir / "ps_endpoints.json").read_text())
     except (OSError, ValueError):
-        return "no endpoints yet"
+        return NO_ENDPOINTS
     for address in (where["servers"][0], where["coordinator"]):
         hostile.big_first_frame(address)
         hostile.endless_multipart(address, seconds=1)
@@ -279,11 +345,24 @@ def _hostile(run_dir: Path) -> str:
     return "4 MiB frame, endless multipart, 300 connections, 1000 garbage hellos at each"
 
 
-def _account(run: BenchRun, reference: BenchRun, faults: list[Fault]) -> dict[str, Any]:
-    """Samples lost and counted twice per epoch, against the undisturbed reference; and
-    how far the model is from the reference's."""
+def _account(
+    run: BenchRun,
+    reference: BenchRun,
+    faults: list[Fault],
+    kinds: list[str] | tuple[str, ...] = (),
+    stalls: Stalls | None = None,
+) -> dict[str, Any]:
+    """Samples lost and counted twice per epoch, against the undisturbed reference; how
+    far the model is from the reference's; the fault kinds never injected; the longest
+    interval without progress and the stalls nobody named."""
+    bound = HEARTBEAT_S + RESTORE_S
+    watched: dict[str, Any] = {}
+    if stalls is not None:
+        unnamed = [(round(a, 1), round(b, 1)) for a, b in stalls.unexplained(bound)]
+        watched = {"longest_stall": stalls.longest(bound), "unnamed_stalls": unnamed}
+    missing = sorted(set(kinds) - {f.kind for f in faults if f.injected})
     if run.code != 0 or not (run.out / SUMMARY_FILE).exists():
-        return {"finished": False, "exit": run.code, "log": str(run.log)}
+        return {"finished": False, "exit": run.code, "log": str(run.log), **watched}
     got, ref = run.summary()["samples_per_epoch"], reference.summary()["samples_per_epoch"]
     lost = sum(max(0, ref[e] - got.get(e, 0)) for e in ref)
     twice = sum(max(0, got.get(e, 0) - ref[e]) for e in ref) + sum(
@@ -291,11 +370,13 @@ def _account(run: BenchRun, reference: BenchRun, faults: list[Fault]) -> dict[st
     )
     return {
         "finished": True,
-        "faults": len(faults),
+        "faults": sum(f.injected for f in faults),
+        "missing": missing,
         "samples_lost": lost,
         "samples_twice": twice,
         "max_param_diff": _param_diff(run.out, reference.out),
         "restores": run.summary().get("ps", {}).get("server_restores", []),
+        **watched,
     }
 
 
@@ -321,15 +402,17 @@ def _link_down(
             prefix = [*host.prefix(), "env", f"GLOO_SOCKET_IFNAME={host.ifname}"]
             node = BenchRun(out / f"link-node{rank}", args, timeout, secret, prefix=prefix)
             nodes.append(node)
+        stalls = Stalls(nodes[0], int(steps[1]))
         deadline = time.monotonic() + 120
         while not _training(nodes[0]) and time.monotonic() < deadline:
             time.sleep(0.2)
         subprocess.run(["ip", "-n", b.ns, "link", "set", b.ifname, "down"], check=False)
         fault = Fault("ps, 2 machines", "link-down", time.monotonic())
-        _follow(nodes[0], fault, (NAMED[("ps", "link-down")],), threading.Event())
+        _follow(nodes[0], fault, NAMED[("ps", "link-down")], threading.Event())
         for node in nodes:
             node.wait()
-    return fault, _account(nodes[0], reference, [fault])
+        stalls.stop()
+    return fault, _account(nodes[0], reference, [fault], ["link-down"], stalls)
 
 
 def _param_diff(a: Path, b: Path) -> float:
@@ -348,36 +431,51 @@ def _free_port() -> int:
 
 
 def _table(results: dict[str, Any], faults: list[Fault]) -> str:
-    def med(values: list[float | None]) -> str:
+    def stat(values: list[float | None], how: Any) -> str:
         got = [v for v in values if v is not None]
-        return f"{statistics.median(got):.2f}" if got else "-"
+        return f"{how(got):.2f}" if got else "-"
 
     lines = [
         f"faults at random moments, mean gap {results['mtbf_s']:g} s, seed {results['seed']}",
         "",
-        "| job | fault | injected | survived | detection median (s) | recovery median (s) |",
+        "| job | fault | injected | survived | detection median / max (s) "
+        "| recovery median / max (s) |",
         "|---|---|---|---|---|---|",
     ]
     by: dict[tuple[str, str], list[Fault]] = {}
     for f in faults:
-        by.setdefault((f.job, f.kind), []).append(f)
+        if f.injected:
+            by.setdefault((f.job, f.kind), []).append(f)
     for (job, kind), fs in sorted(by.items()):
         finished = results["jobs"].get(job, {}).get("finished", False)
         survived = sum(1 for f in fs if finished and f.recover_s is not None)
+        detect, recover = [f.detect_s for f in fs], [f.recover_s for f in fs]
         lines.append(
-            f"| {job} | {kind} | {len(fs)} | {survived} | {med([f.detect_s for f in fs])} | "
-            f"{med([f.recover_s for f in fs])} |"
+            f"| {job} | {kind} | {len(fs)} | {survived} | "
+            f"{stat(detect, statistics.median)} / {stat(detect, max)} | "
+            f"{stat(recover, statistics.median)} / {stat(recover, max)} |"
         )
-    lines += ["", "| job | finished | samples lost | samples counted twice | max param diff |"]
-    lines += ["|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| job | finished | samples lost | samples counted twice | max param diff "
+        "| longest stall (s) | named by |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for job, r in results["jobs"].items():
+        stall = r.get("longest_stall") or {"seconds": 0.0, "line": ""}
+        named = stall["line"].replace("|", "/")[:100] or "-"
         if r.get("finished"):
             lines.append(
                 f"| {job} | yes | {r['samples_lost']} | {r['samples_twice']} | "
-                f"{r['max_param_diff']:.2e} |"
+                f"{r['max_param_diff']:.2e} | {stall['seconds']:.1f} | {named} |"
             )
         else:
-            lines.append(f"| {job} | no (exit {r.get('exit')}, see {r.get('log')}) | - | - | - |")
+            lines.append(
+                f"| {job} | no (exit {r.get('exit')}, see {r.get('log')}) | - | - | - "
+                f"| {stall['seconds']:.1f} | {named} |"
+            )
     if results["skipped"]:
         lines += ["", "skipped: " + "; ".join(results["skipped"])]
+    if results.get("failures"):
+        lines += ["", "FAILED:", *(f"- {f}" for f in results["failures"])]
     return "\n".join(lines) + "\n"

@@ -1,5 +1,6 @@
 """One ``shoal train`` run by a benchmark: in its own session, its stderr lines
-timestamped as they arrive (and logged), its processes found by role."""
+timestamped as they arrive (and logged with the seconds since the start), its
+processes found by role, its progress watched for stalls."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from shoal import procs
 from shoal.errors import UserError
-from shoal.launch import LAUNCHER_ENV
 from shoal.layout import METRICS_FILE, SUMMARY_FILE
 
 
@@ -51,8 +52,9 @@ class BenchRun:
     def _read(self) -> None:
         with self.log.open("w") as log:
             for line in self.proc.stderr:  # type: ignore[union-attr]
-                self.lines.append((time.monotonic(), line.rstrip()))
-                log.write(line)
+                now = time.monotonic()
+                self.lines.append((now, line.rstrip()))
+                log.write(f"[{now - self.start:7.1f}] {line}")
                 log.flush()
 
     def wait(self) -> None:
@@ -74,22 +76,8 @@ class BenchRun:
 
     def pids(self, role: str = "worker") -> list[int]:
         """Live, running (not stopped) processes of ``role`` (``worker``, ``server``)
-        that this run's launcher started."""
-        found = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-                environ = (entry / "environ").read_bytes().split(b"\0")
-            except (OSError, IndexError):
-                continue
-            if f"{LAUNCHER_ENV}={self.proc.pid}".encode() not in environ or state in "ZTt":
-                continue
-            roles = [e for e in environ if e.startswith(b"SHOAL_ROLE=")] or [b"SHOAL_ROLE=worker"]
-            if roles[0] == f"SHOAL_ROLE={role}".encode():  # (torchrun's workers carry none)
-                found.append(int(entry.name))
-        return found
+        below this run's launcher, as they name themselves (:mod:`shoal.procs`)."""
+        return procs.role_processes(self.proc.pid, role)
 
     def progress(self) -> tuple[int, int]:
         """The metrics file's (size, mtime): it changes with every record written."""
@@ -105,3 +93,67 @@ class BenchRun:
             if when >= t and any(n in line for n in needles):
                 return when
         return None
+
+    def lines_between(self, t0: float, t1: float) -> list[tuple[float, str]]:
+        """The lines that came from ``t0`` to ``t1``."""
+        return [(when, line) for when, line in list(self.lines) if t0 <= when <= t1]
+
+
+class Stalls(threading.Thread):
+    """Watches a run's metrics file from its first record to its last training step:
+    every interval without a new record, and the lines that came within it."""
+
+    def __init__(self, run: BenchRun, total_steps: int, interval: float = 0.1) -> None:
+        super().__init__(name="bench-stalls", daemon=True)
+        self.job, self.total_steps, self.interval = run, total_steps, interval
+        self.gaps: list[tuple[float, float]] = []  # (start, end) of each interval
+        self.stopped = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        seen, since = self.job.progress(), None
+        while not self.stopped.wait(self.interval) and self.job.proc.poll() is None:
+            now, got = time.monotonic(), self.job.progress()
+            if got != seen:
+                if since is not None:
+                    self.gaps.append((since, now))
+                seen, since = got, now
+                if self._last_step() >= self.total_steps:
+                    return  # trained: what follows (evaluation, summary) is not a stall
+        if since is not None and self.job.proc.poll() not in (0, None):
+            self.gaps.append((since, time.monotonic()))  # it ended in a stall
+
+    def _last_step(self) -> int:
+        try:
+            with (self.job.out / METRICS_FILE).open("rb") as fh:
+                fh.seek(max(0, fh.seek(0, 2) - 4096))
+                tail = fh.read().splitlines()
+            return int(json.loads(tail[-1]).get("step", 0))
+        except (OSError, ValueError, IndexError):
+            return 0
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.join(timeout=10)
+
+    def longest(self, bound: float) -> dict[str, Any]:
+        """The longest interval without progress, and the first line within ``bound`` of
+        its start that came during it (what named the wait), if any."""
+        if not self.gaps:
+            return {"seconds": 0.0, "line": ""}
+        t0, t1 = max(self.gaps, key=lambda g: g[1] - g[0])
+        named = self.job.lines_between(t0, min(t1, t0 + bound))
+        return {
+            "seconds": round(t1 - t0, 2),
+            "at": round(t0 - self.job.start, 1),
+            "line": named[0][1] if named else "",
+        }
+
+    def unexplained(self, bound: float) -> list[tuple[float, float]]:
+        """Intervals longer than ``bound`` without a line in their first ``bound``
+        seconds: waits nobody named."""
+        return [
+            (t0 - self.job.start, t1 - t0)
+            for t0, t1 in self.gaps
+            if t1 - t0 > bound and not self.job.lines_between(t0, t0 + bound)
+        ]

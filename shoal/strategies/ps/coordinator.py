@@ -32,10 +32,11 @@ from shoal.layout import ENDPOINTS_FILE, write_atomic
 from shoal.models.sparse import count_parameters
 from shoal.strategies.ps import gate, wire
 from shoal.strategies.ps.finish import pull_final_model
-from shoal.strategies.ps.membership import Membership
+from shoal.strategies.ps.membership import HEARTBEAT_LOST, Membership
 from shoal.strategies.ps.recovery import ShardRecovery, ShardTable
 from shoal.strategies.ps.tasks import TaskQueue
 from shoal.strategies.ps.telemetry import StepTelemetry
+from shoal.strategies.ps.watchdog import HUNG_FACTOR, StallWatch
 from shoal.telemetry import Totals, Window
 from shoal.writer import RunWriter
 
@@ -104,6 +105,8 @@ class Coordinator(threading.Thread):
             job, self.out, total_steps, self.shards, self, self.ctx, secret
         )  # server checkpoints and restores
         self.members = Membership(job, self.shards, self._restoring, self._lost)
+        self.recovery.on_shard_lost = self.members.dropped_shards.add
+        self.stall = StallWatch(job.strategy.heartbeat_timeout)  # names a wait nobody named
 
     # --- thread -----------------------------------------------------------------------
 
@@ -113,6 +116,7 @@ class Coordinator(threading.Thread):
                 self.members.check()
             except Exception as e:  # telling the shards failed: say so, keep coordinating
                 print(f"shoal: warning: coordinator: {type(e).__name__}: {e}", file=sys.stderr)
+            self._watch_progress()
             self.listener.watch_connections()
             if not self.sock.poll(100):
                 continue
@@ -262,6 +266,7 @@ class Coordinator(threading.Thread):
                 return
             parts = int(resumed[1]["parts"])  # the same samples make the same steps
         self.queue = TaskQueue(self.total_steps, parts, opts.mode, opts.staleness)
+        self.stall.restart()
         if resumed is not None:
             self.recovery.resume(self.queue, *resumed)
             self.start_time -= float(resumed[1]["wall_time"])
@@ -330,8 +335,11 @@ class Coordinator(threading.Thread):
         done = header.get("done") or []
         if not isinstance(done, list) or len(done) != len(tensors):
             raise wire.WireError("malformed", "task: reports and rows differ in number")
+        before = self.queue.finished_through
         for meta, row in zip(done, tensors):
             self._finished(worker, meta, row)
+        if self.queue.finished_through > before:
+            self.stall.progressed()
         self.telemetry.flush(self.queue.finished_through, self.queue.parts)
         self.recovery.maybe_checkpoint(self.queue)
         if header.get("wait"):
@@ -390,6 +398,69 @@ class Coordinator(threading.Thread):
         self.tasks_done[worker] += 1
         self.samples_done[worker] += int(window.samples)
         self.telemetry.task_done(worker, step, float(meta.get("lr", 0.0)), window)
+
+    def _watch_progress(self) -> None:
+        """No step finished for the watch's bound: say what the job waits for (again every
+        bound). A task held for :data:`HUNG_FACTOR` bounds by a worker that still beats:
+        the worker is hung in its work, and is dropped (killed and restarted by its
+        launcher; its tasks go to the others)."""
+        q = self.queue
+        if q is None or q.done:
+            return
+        quiet = self.stall.due()
+        if quiet is not None:
+            print(
+                f"shoal: warning: no step finished for {quiet:.0f} s; {self._waiting_for()}",
+                file=sys.stderr,
+                flush=True,
+            )
+        oldest = q.oldest()
+        if oldest is None or oldest[2] < HUNG_FACTOR * self.stall.bound:
+            return
+        worker, (step, part), held = oldest
+        if worker in self.members.dead:
+            return
+        print(
+            f"shoal: warning: worker {worker} has held step/part {step}/{part} for {held:.0f} s "
+            "while its heartbeat goes on: it is hung in its work; dropped",
+            file=sys.stderr,
+            flush=True,
+        )
+        self.members.dropped.add(worker)
+        self.members.worker_gone(worker, HEARTBEAT_LOST)
+
+    def _waiting_for(self) -> str:
+        """What the job waits for, in words: the next step's parts and who holds them, a
+        shard being restored, a checkpoint, or workers that do not ask."""
+        assert self.queue is not None
+        q, now = self.queue, time.monotonic()
+        if self.recovery.restoring:
+            shards = ", ".join(str(k) for k in sorted(self.recovery.restoring))
+            return (
+                f"waiting for server shard {shards} to come back (every shard goes back to "
+                f"the checkpoint of step {self.recovery.restore_step})"
+            )
+        step = q.finished_through + 1
+        done = q.finished_parts.get(step, set())
+        why = []
+        for worker, tasks in sorted(q.held.items()):
+            parts = sorted(p for s, p in tasks if s == step and p not in done)
+            if parts:
+                seen = self.members.last_seen.get(worker)
+                beat = f"last heartbeat {now - seen:.1f} s ago" if seen else "never heard from"
+                held = "part" + "s" * (len(parts) > 1) + " " + ", ".join(map(str, parts))
+                why.append(f"worker {worker} holds {held} ({beat})")
+        if q.hold_at is not None and q.hold_at <= step + 1:
+            why.append(f"tasks from step {q.hold_at} wait for the checkpoint of step {q.hold_at}")
+        if not why:
+            asking = sorted({w for _, _, w, _ in self.task_waiting})
+            gone = sorted(self.members.dead)
+            why.append(
+                f"no worker holds a part of it; waiting for tasks: workers "
+                f"{', '.join(map(str, asking)) or 'none'}; out of the job: "
+                f"{', '.join(map(str, gone)) or 'none'}"
+            )
+        return f"step {step} waits: " + "; ".join(why)
 
     def job_done(self) -> bool:
         """Every task of every step has finished."""

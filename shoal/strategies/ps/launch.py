@@ -166,6 +166,7 @@ class _Tending:
         self.status: dict = {"dropped": [], "dropped_shards": [], "done": False}
 
     def check(self) -> dict:
+        self._kill_stopped()
         now = time.monotonic()
         if now - self.last_ask < 0.5:
             return self.status
@@ -191,6 +192,21 @@ class _Tending:
         for shard in self.status.get("dropped_shards", []):
             self.group.kill("server", shard)
         return self.status
+
+    def _kill_stopped(self) -> None:
+        """A process of this machine stopped (SIGSTOP, a debugger) for the heartbeat timeout
+        (and half a second, so that the coordinator names one that was beating) is killed,
+        so that it is restarted: wherever it was (holding a task, in a pull, in a restore,
+        starting up before its first heartbeat), it is named here, in time."""
+        for role, pid, seconds in self.group.stopped(self.timeout_s + 0.5):
+            name = "server shard" if role.role == "server" else role.role
+            print(
+                f"shoal: warning: {name} {role.rank} (pid {pid}) has been stopped for "
+                f"{seconds:.1f} s (SIGSTOP or a debugger): killing it, to be restarted",
+                file=sys.stderr,
+                flush=True,
+            )
+            self.group.kill(role.role, role.rank)
 
     def settle(self) -> None:
         """This machine's workers have all ended: if the coordinator is gone before the
@@ -239,7 +255,7 @@ def _run(
             if not coordinator.is_alive():
                 raise LaunchFailed("the coordinator stopped unexpectedly")
             tending.check()
-            _servers_exited(group, node, group.poll())
+            _servers_exited(group, node, group.poll(), max_restarts)
             time.sleep(0.1)
         if len(coordinator.members.dead) >= coordinator.num_workers:
             raise LaunchFailed("every worker failed")
@@ -252,23 +268,22 @@ def _run(
         tending.status["done"] = True
     while group.running:  # this node's servers, until the coordinator shuts them down
         tending.check()
-        _servers_exited(group, node, group.poll())
+        _servers_exited(group, node, group.poll(), max_restarts)
         time.sleep(0.1)
 
 
-MAX_SERVER_RESTARTS = 3
-"""How often one shard is restarted before the job gives up."""
-
-
-def _servers_exited(group: RoleGroup, node: Peer, exited: list[tuple[Role, int]]) -> None:
+def _servers_exited(
+    group: RoleGroup, node: Peer, exited: list[tuple[Role, int]], max_restarts: int
+) -> None:
     """A shard that failed is started again; the coordinator rolls every shard back to
     the newest checkpoint, and the new process restores itself from it."""
     for role, code in exited:
         if role.role != "server" or code == 0:
             continue
         how = describe_exit(code)
-        if group.restarts.get(group.roles.index(role), 0) >= MAX_SERVER_RESTARTS:
-            failed = f"server shard {role.rank} {how}, {MAX_SERVER_RESTARTS + 1} times"
+        restarts = group.restarts.get(group.roles.index(role), 0)
+        if restarts >= max_restarts:
+            failed = f"server shard {role.rank} {how}, {restarts + 1} times (--max-restarts)"
             with contextlib.suppress(PeerError):  # tell the job, so every node stops
                 node.call({"op": "fatal", "error": failed}, timeout_s=5)
             raise LaunchFailed(failed)
@@ -281,7 +296,8 @@ def _servers_exited(group: RoleGroup, node: Peer, exited: list[tuple[Role, int]]
             raise LaunchFailed(failed) from None
         print(
             f"shoal: error: server shard {role.rank} {how}; every shard goes back to the "
-            f"checkpoint of step {reply['step']} and shard {role.rank} restarts from it",
+            f"checkpoint of step {reply['step']} and shard {role.rank} restarts from it "
+            f"({restarts + 1} of {max_restarts})",
             file=sys.stderr,
             flush=True,
         )
@@ -304,7 +320,7 @@ def _watch(
         status = tending.check()
         for role, code in group.poll():
             if role.role == "server":
-                _servers_exited(group, node, [(role, code)])
+                _servers_exited(group, node, [(role, code)], max_restarts)
                 continue
             if code == 0:  # it was told the job is finished
                 done += 1

@@ -59,8 +59,10 @@ class Membership:
         """A heartbeat, or (``starting``) a worker asking for the shards: a restarted
         worker rejoins."""
         self.last_seen[worker] = time.monotonic()
-        if starting and self.dead.pop(worker, None) is not None:
-            print(f"shoal: worker {worker} rejoined", file=sys.stderr)
+        if starting:  # a new process: watched again, whatever the last one said or did
+            self.left.discard(worker)
+            if self.dead.pop(worker, None) is not None:
+                print(f"shoal: worker {worker} rejoined", file=sys.stderr)
 
     def shard_registered(self, shard: int) -> None:
         self.shard_seen[shard] = time.monotonic()

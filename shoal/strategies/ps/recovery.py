@@ -17,6 +17,7 @@ first run, so the same samples make the same steps.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -90,6 +91,8 @@ class ShardRecovery:
         self.resumed_from: int | None = None  # --resume: the checkpoint's step
         self.peers: dict[int, Peer] = {}
         self.disk_full = False  # a checkpoint write failed for want of space (said once)
+        self.on_shard_lost: Callable[[int], None] | None = None
+        """Called with a shard that failed a request during a restore (to be killed)."""
 
     def shard(self, k: int) -> Peer:
         """The connection to shard ``k`` (made once, again after a replacement)."""
@@ -200,23 +203,45 @@ class ShardRecovery:
             raise wire.WireError(
                 "malformed", "no server checkpoint to restore from (--checkpoint-every)"
             )
-        for k in range(self.shards.count):  # writes in flight on live shards: let them land
-            if k != shard and k not in self.restoring:
-                self.shard(k).call({"op": "flush"})
+        self.restoring.add(shard)
+        self._forget(shard)
+        for k in self._live():  # writes in flight on live shards: let them land
+            self._ask(k, {"op": "flush"})
         step = self.restorable(list(self.snapshots))
         self.generation += 1
         self.restore_step = step
-        self.restoring.add(shard)
         q.paused = True
-        old = self.peers.pop(shard, None)
-        if old is not None:
-            old.close()
-        for k in range(self.shards.count):
-            if k not in self.restoring:
-                self.shard(k).call({"op": "restore", "step": step, "generation": self.generation})
+        for k in self._live():
+            self._ask(k, {"op": "restore", "step": step, "generation": self.generation})
         self.rollback(q, step)
         self.restores.append({"shard": shard, "exit_code": code, "step": step})
         return {"op": "ok", "address": self.shards.addresses[shard], "step": step}
+
+    def _live(self) -> list[int]:
+        return [k for k in range(self.shards.count) if k not in self.restoring]
+
+    def _forget(self, shard: int) -> None:
+        old = self.peers.pop(shard, None)
+        if old is not None:
+            old.close()
+
+    def _ask(self, k: int, request: dict[str, Any]) -> None:
+        """A request to a live shard during a restore. One that fails it (it died, or hangs,
+        meanwhile) is lost too: its launcher kills and restarts it (``on_shard_lost``), and
+        its replacement restores itself like the first one's, instead of the job ending."""
+        try:
+            self.shard(k).call(request)
+        except PeerError as e:
+            print(
+                f"shoal: error: server shard {k} failed during a restore ({e}): it is "
+                "restarted and restored too",
+                file=sys.stderr,
+                flush=True,
+            )
+            self.restoring.add(k)
+            self._forget(k)
+            if self.on_shard_lost is not None:
+                self.on_shard_lost(k)
 
     def registered(self, shard: int) -> bool:
         """A shard registered: whether it replaces a dead one (and restores itself)."""

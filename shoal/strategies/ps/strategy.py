@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,7 @@ from torch import nn
 from shoal.compress import COMPRESS_HELP, parse_codec
 from shoal.config import option
 from shoal.data import GlobalBatchSampler, Task
+from shoal.errors import PeerRejected
 from shoal.memory import ActivationMeter
 from shoal.metrics import CommCounter, PhaseTimer
 from shoal.models.sparse import SparseEmbedding
@@ -35,6 +37,9 @@ from shoal.strategies.ps.placement import dense_plan, row_shard
 
 ALIVE_CHECK_S = 30.0
 """A worker waiting for a task checks this often that the coordinator still answers."""
+RESTORE_WAIT_S = 10.0
+"""How long a worker that lost a shard waits for the coordinator to start its restore,
+beyond the heartbeat timeout that names a silent shard."""
 
 
 @dataclass
@@ -84,6 +89,7 @@ class TaskWork:
         self.current: Task | None = None
         self.generation = 0  # of the coordinator's latest answer: see Coordinator.generation
         self.current_generation = self.ahead_generation = 0
+        self.finished = False  # the coordinator said the job is done (or this one dropped)
 
     def report(self, row: torch.Tensor, meta: dict[str, Any]) -> None:
         self.reports.append((meta, row.double()))
@@ -111,6 +117,7 @@ class TaskWork:
         self.generation = int(reply.get("generation", 0))
         parts = int(reply["parts"])
         tasks = [self.sampler.task(int(s), int(p), parts) for s, p in reply["tasks"]]
+        self.finished = self.finished or bool(reply["finished"])
         return tasks, bool(reply["finished"])
 
     def next(self) -> Task | None:
@@ -265,19 +272,48 @@ class ParameterServer(Strategy):
     def train_step(
         self, batch: Batch, loss_fn: LossFn, loss_scale: float, timer: PhaseTimer
     ) -> torch.Tensor:
-        if self.tasks.current_generation != self.client_generation:
-            self._reconnect()  # restored while this worker waited for its task
         try:
+            if self.tasks.current_generation != self.client_generation:
+                self._reconnect()  # restored while this worker waited for its task
             return self._train_step(batch, loss_fn, loss_scale, timer)
-        except PeerError:
-            if not self._restored():
-                raise
+        except (PeerError, PeerRejected) as e:
+            self._recover(e)
         # A shard died and every shard went back to a checkpoint: this task is void (the
         # coordinator hands it out again).
-        self._reconnect()
         if self.tasks.ahead_generation != self.tasks.generation:
             self.tasks.ahead = None  # handed out before the restore: void as well
         return torch.zeros((), dtype=torch.float64)
+
+    def _recover(self, error: Exception) -> None:
+        """A shard was lost or refused this worker (it died, was stopped, or is being
+        replaced): its launcher restarts it and the coordinator rolls every shard back.
+        This worker waits for that restore and connects to the shards it brought back
+        (again, should one of them be lost meanwhile) instead of exiting and being
+        restarted itself. ``error`` is raised when no restore comes in time."""
+        after = self.client_generation  # the connections that failed
+        while True:
+            if not self._await_restore(after):
+                raise error
+            after = self.tasks.generation
+            try:
+                self._reconnect()
+                return
+            except (PeerError, PeerRejected) as e:
+                error = e
+
+    def _await_restore(self, after: int) -> bool:
+        """Wait for a restore newer than generation ``after``: a heartbeat timeout for a
+        silent shard to be named, then :data:`RESTORE_WAIT_S` for the rollback to begin.
+        ``False``: none came."""
+        deadline = time.monotonic() + self.job.strategy.heartbeat_timeout + RESTORE_WAIT_S
+        while True:
+            status, _ = self.coordinator.call({"op": "status"}, timeout_s=ALIVE_CHECK_S)
+            self.tasks.generation = max(self.tasks.generation, int(status.get("generation", 0)))
+            if self.tasks.generation > after:
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.2)
 
     def _reconnect(self) -> None:
         """A restarted shard is a new process: the old connections lead nowhere."""
@@ -429,11 +465,18 @@ class ParameterServer(Strategy):
         pass
 
     def close(self) -> None:
-        """Tell the coordinator this worker is done."""
+        """Tell the coordinator this worker is done, if the job is: a worker that fails
+        says nothing (its launcher reports it, and restarts it). Safe after a setup that
+        failed half-way."""
+        tasks = getattr(self, "tasks", None)
         try:
-            with contextlib.suppress(PeerError):  # (a coordinator that is gone: said before)
-                self.coordinator.call({"op": "leave", "worker": self.worker}, timeout_s=30)
+            if tasks is not None and tasks.finished:
+                with contextlib.suppress(PeerError):  # (a coordinator that is gone: said before)
+                    self.coordinator.call({"op": "leave", "worker": self.worker}, timeout_s=30)
         finally:
-            self.heartbeat.stop()  # only now: a slow goodbye must not look like a hang
-            self.client.close()
-            self.coordinator.close()
+            if hasattr(self, "heartbeat"):  # only now: a slow goodbye must not look like a hang
+                self.heartbeat.stop()
+            if hasattr(self, "client"):
+                self.client.close()
+            if hasattr(self, "coordinator"):
+                self.coordinator.close()

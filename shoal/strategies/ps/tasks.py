@@ -22,6 +22,7 @@ rolls the queue back to the same boundary (:meth:`TaskQueue.rollback`).
 from __future__ import annotations
 
 import heapq
+import time
 
 from shoal.strategies.ps.consistency import read_bound
 
@@ -39,6 +40,7 @@ class TaskQueue:
         self.fresh = 0  # index (step * parts + part) of the next never-issued task
         self.returned: list[Task] = []  # heap of tasks handed back by lost workers
         self.held: dict[int, set[Task]] = {}  # worker -> tasks it holds
+        self.since: dict[Task, float] = {}  # when each held task was handed out (monotonic)
         self.finished_parts: dict[int, set[int]] = {}  # unfinished steps: parts done
         self.finished_through = -1  # every step up to here is finished
         self.hold_at: int | None = None  # no task of this step or later (a checkpoint is due)
@@ -67,6 +69,7 @@ class TaskQueue:
         else:
             self.fresh += 1
         self.held.setdefault(worker, set()).add(task)
+        self.since[task] = time.monotonic()
         return task
 
     def finish(self, worker: int, task: Task) -> bool:
@@ -84,6 +87,7 @@ class TaskQueue:
         if part in got:
             return False
         got.add(part)
+        self.since.pop(task, None)
         for holder in self.held.values():  # handed out again meanwhile: no longer owed
             holder.discard(task)
         if task in self.returned:
@@ -100,12 +104,22 @@ class TaskQueue:
         self.fresh = step * self.parts
         self.returned = []
         self.held = {}
+        self.since = {}
         self.finished_parts = {}
         self.finished_through = step - 1
+
+    def oldest(self) -> tuple[int, Task, float] | None:
+        """The task held longest: ``(worker, task, seconds held)``."""
+        held = [(self.since[t], w, t) for w, ts in self.held.items() for t in ts if t in self.since]
+        if not held:
+            return None
+        since, worker, task = min(held)
+        return worker, task, time.monotonic() - since
 
     def lose(self, worker: int) -> list[Task]:
         """``worker`` is gone: its tasks go back to the front of the queue."""
         tasks = sorted(self.held.pop(worker, set()))
         for task in tasks:
+            self.since.pop(task, None)
             heapq.heappush(self.returned, task)
         return tasks
