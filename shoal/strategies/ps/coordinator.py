@@ -450,7 +450,7 @@ class Coordinator(threading.Thread):
                 beat = f"last heartbeat {now - seen:.1f} s ago" if seen else "never heard from"
                 held = "part" + "s" * (len(parts) > 1) + " " + ", ".join(map(str, parts))
                 why.append(f"worker {worker} holds {held} ({beat})")
-        if q.hold_at is not None and q.hold_at <= step + 1:
+        if q.hold_at is not None and q.hold_at <= step:  # (its tasks are held back)
             why.append(f"tasks from step {q.hold_at} wait for the checkpoint of step {q.hold_at}")
         if not why:
             asking = sorted({w for _, _, w, _ in self.task_waiting})
