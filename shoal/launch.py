@@ -25,10 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shoal import procs
+from shoal import failure, procs
 from shoal.config import ClusterConfig, parse_endpoint
 from shoal.dist import LAUNCHER_ENV, loopback_listener
 from shoal.errors import UserError
+from shoal.layout import FAILURES_DIR
 
 WORKER_MODULE = "shoal.worker"
 
@@ -148,9 +149,10 @@ def launch(cluster: ClusterConfig, config_path: str) -> None:
     from torch.distributed.run import config_from_args, parse_args
 
     _quiet_torchrun()
-    failed = _name_failed_workers(cluster)
+    failed = _name_failed_workers(cluster, failures_dir(config_path))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ[LAUNCHER_ENV] = str(os.getpid())
+    os.environ[failure.FAILURES_ENV] = str(failed.where)
     # A restart must meet in a fresh store: in the agent's shared one, the new
     # workers would read the dead ones' gloo addresses (same keys, no prefix).
     os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
@@ -184,13 +186,17 @@ def launch(cluster: ClusterConfig, config_path: str) -> None:
             for r, f in e.failures.items()
             if f.exitcode not in (-signal.SIGTERM, EXIT_PEER_LOST)
         ] or list(e.failures.items())
-        rank, failure = min(causes, key=lambda rf: (rf[1].exitcode >= 0, rf[1].timestamp))
-        how = describe_exit(failure.exitcode)
-        raise LaunchFailed(f"worker rank {rank} (pid {failure.pid}) {how}") from None
+        rank, first = min(causes, key=lambda rf: (rf[1].exitcode >= 0, rf[1].timestamp))
+        if failed.raised.seen:
+            raise LaunchFailed(f"{failed.raised.seen[-1].headline()} (no restart left)") from None
+        how = describe_exit(first.exitcode)
+        raise LaunchFailed(f"worker rank {rank} (pid {first.pid}) {how}") from None
     except SignalException:  # Ctrl-C or SIGTERM: the agent has already stopped the workers
         preempted = _preempted_since(config_path, start)
         if preempted is not None:
             raise JobPreempted(preempted) from None
+        if failed.final:
+            raise LaunchFailed(failed.final) from None
         if failed.mistake:
             raise LaunchFailed("a worker stopped on a mistake in the job") from None
         raise KeyboardInterrupt from None
@@ -323,18 +329,32 @@ class _FailedWorker(logging.Handler):
     :data:`~shoal.health.EXIT_PEER_LOST` has named the culprit itself.
     """
 
-    def __init__(self, cluster: ClusterConfig) -> None:
+    def __init__(self, cluster: ClusterConfig, where: Path) -> None:
         super().__init__(logging.ERROR)
         self.cluster = cluster
+        self.where = where
         self.mistake = False
+        self.raised = Raised(where)
+        self.final = ""  # why the job is not retried, once decided
 
     def _stop_agent(self) -> None:
-        """A worker stopped on a mistake in the job (exit status 2, its line printed):
-        restarting cannot help, so the agent is stopped as Ctrl-C would stop it (from
-        another thread, once this log call has returned)."""
+        """A worker stopped on a mistake in the job (exit status 2, its line printed), or
+        on an exception that a restart would repeat: the agent is stopped as Ctrl-C would
+        stop it (from another thread, once this log call has returned); workers it
+        restarted meanwhile see :data:`~shoal.failure.STOP_FILE` and exit at once."""
+        with contextlib.suppress(OSError):
+            (self.where / failure.STOP_FILE).touch()
         if not self.mistake:
             self.mistake = True
             threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGTERM)).start()
+
+    def _raised(self) -> None:
+        """A worker stopped on an exception: shown (once), and the job stopped where a
+        restart would only repeat it."""
+        first, why = self.raised.take()
+        if first is not None and why and not self.final:
+            self.final = f"{first.headline()}; not retried: {why}"
+            self._stop_agent()
 
     def emit(self, record: logging.LogRecord) -> None:
         from shoal.health import EXIT_PEER_LOST
@@ -344,6 +364,9 @@ class _FailedWorker(logging.Handler):
         code, local_rank, pid = record.args[:3]  # type: ignore[index]
         if code == 2:
             self._stop_agent()
+        if code == failure.EXIT_RAISED:
+            self._raised()
+            return
         if code in (EXIT_PEER_LOST, 2):  # it named the culprit, or its mistake, itself
             return
         how = describe_exit(code)
@@ -359,10 +382,49 @@ class _FailedWorker(logging.Handler):
         )
 
 
-def _name_failed_workers(cluster: ClusterConfig) -> _FailedWorker:
+class Raised:
+    """The exceptions this node's processes stopped on, read from their records in
+    ``where`` (see :mod:`shoal.failure`) as their launcher learns of each exit."""
+
+    def __init__(self, where: Path) -> None:
+        self.where = where
+        self.seen: list[failure.Failure] = []
+
+    def take(self, role: str = "worker") -> tuple[failure.Failure | None, str]:
+        """The first new record of ``role``, printed unless the same exception was printed
+        before (at any step), and why restarting cannot help (empty: it may)."""
+        known = {(f.role, f.rank, f.time) for f in self.seen}
+        new = []
+        for path in sorted(self.where.glob(f"{role}-*.json")):
+            found = failure.read(self.where, role, int(path.stem.rpartition("-")[2]))
+            if found is not None and (found.role, found.rank, found.time) not in known:
+                new.append(found)
+        if not new:
+            return None, ""
+        new.sort(key=lambda f: f.time)
+        first = new[0]
+        if not any((f.kind, f.message) == (first.kind, first.message) for f in self.seen):
+            print(first.show(), file=sys.stderr, flush=True)  # (once, wherever it recurs)
+        before = [f for f in self.seen if (f.role, f.rank) == (first.role, first.rank)]
+        self.seen += new
+        return first, failure.verdict(first, before)
+
+
+def failures_dir(config_path: str) -> Path:
+    """Where this node's workers record their exceptions (beside the job they read),
+    emptied for a new launch."""
+    import shutil
+
+    where = Path(config_path).parent / FAILURES_DIR
+    shutil.rmtree(where, ignore_errors=True)
+    where.mkdir(parents=True, exist_ok=True)
+    return where
+
+
+def _name_failed_workers(cluster: ClusterConfig, where: Path) -> _FailedWorker:
     log = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
     log.handlers = [h for h in log.handlers if not isinstance(h, _FailedWorker)]
-    handler = _FailedWorker(cluster)
+    handler = _FailedWorker(cluster, where)
     log.addHandler(handler)
     log.setLevel(logging.ERROR)
     log.propagate = False
@@ -371,12 +433,18 @@ def _name_failed_workers(cluster: ClusterConfig) -> _FailedWorker:
 
 def _quiet_torchrun() -> None:
     """torchrun's agent logs every rendezvous detail at INFO/WARNING; keep errors."""
-    for name in (
+    prefixes = (
         "torch.distributed.elastic",
         "torch.distributed.launcher",
         "torch.distributed.run",
-    ):
-        logging.getLogger(name).setLevel(logging.ERROR)
+        "torch.multiprocessing",  # ("Terminating process ... via SIGTERM" as it stops one)
+    )
+    # (each of elastic's loggers has a level of its own, WARNING: set every one)
+    named = [n for n in logging.root.manager.loggerDict if n.startswith(prefixes)]
+    for name in {*prefixes, *named, "torch.distributed.elastic.agent.server.api"}:
+        logger = logging.getLogger(name)
+        if logger.level < logging.ERROR:
+            logger.setLevel(logging.ERROR)
     _cheap_rendezvous_names()
 
 
@@ -426,6 +494,8 @@ class RoleGroup:
         )
         self.roles = roles
         self.config_path = config_path
+        self.raised = Raised(failures_dir(config_path))
+        """The exceptions its processes stopped on (:data:`~shoal.failure.EXIT_RAISED`)."""
         self.contexts = [self._start(r) for r in roles]
         self.exit_codes: dict[int, int] = {}
         self.restarts: dict[int, int] = {}
@@ -436,6 +506,7 @@ class RoleGroup:
 
         env = {**r.env, "SHOAL_ROLE": r.role, "SHOAL_ROLE_RANK": str(r.rank)}
         env[LAUNCHER_ENV] = str(os.getpid())
+        env[failure.FAILURES_ENV] = str(self.raised.where)
         return start_processes(
             name=f"shoal-{r.role}{r.rank}",
             entrypoint=sys.executable,

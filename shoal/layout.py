@@ -13,6 +13,7 @@ written (atomically: a reader never sees half a file).
       checkpoints/        step-NNNNNNNN/ (CHECKPOINTS_DIR; see shoal.checkpoint)
       ps-shards/          the parameter server's shards' and coordinator's checkpoints
       ps_endpoints.json   where a parameter-server job listens (ENDPOINTS_FILE)
+      failures/           the exceptions workers stopped on (FAILURES_DIR)
       .lock               held by the job that owns the directory (LOCK_FILE)
       .shoal-user-error   a worker's one-line refusal of the job (USER_ERROR_FILE)
       .attempts           how many times Ray started the workers (ATTEMPTS_FILE)
@@ -44,6 +45,8 @@ PS_SHARDS_DIR = "ps-shards"
 ENDPOINTS_FILE = "ps_endpoints.json"
 AUDIT_DIR = "audit"
 DATASET_FILE = "dataset.json"
+FAILURES_DIR = "failures"
+"""A worker's exception, as ``worker-N.json``, read by its launcher (see shoal.failure)."""
 LOCK_FILE = ".lock"
 ATTEMPTS_FILE = ".attempts"
 SECRET_FILE = ".secret"

@@ -87,6 +87,8 @@ class Trainer:
         self.strategy.setup(model, self.total_steps, example, self.activations)
         self.gatherer = self.strategy.gatherer()
         self.step = 0
+        self.finished = 0
+        """Steps this process finished (since it started, or was restarted)."""
         self.wall_offset = 0.0
         self.prior_samples: dict[int, int] = {}
         self.prior_digests: dict[int, int] = {}
@@ -251,6 +253,7 @@ class Trainer:
                     with timer.phase("comm"):
                         self.strategy.prefetch(upcoming)
                 self.step = task.step + 1
+                self.finished += 1
                 window.loss_sum += loss_sum
                 window.count += len(task.indices)
                 window.digest = (window.digest + digest(task.indices)) & MASK64

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch.distributed
 
-from shoal import dist, procs
+from shoal import dist, failure, procs
 from shoal.config import JobConfig, load_toml
 from shoal.errors import PeerLost, PeerRejected, UserError
 from shoal.faults import Injector
@@ -65,8 +65,9 @@ def run(job: JobConfig) -> int:
     worker by default) and return the exit code; joins the process group that the
     environment describes, or uses the one already there."""
     marker = Path(job.output.out) / USER_ERROR_FILE
-    if marker.exists() and dist.attempt() > 0:
-        return 2  # a mistake was reported already; retrying cannot help
+    stop = failure.stopped(os.environ.get(failure.FAILURES_ENV))
+    if dist.attempt() > 0 and (marker.exists() or stop):
+        return 2  # a mistake or an exception was reported already; retrying cannot help
     plugin = resolve(job)
     if torch.distributed.is_initialized() and not plugin.needs_process_group:
         # another launcher's group (torchrun, Ray, TorchDistributor): the strategy gives
@@ -112,12 +113,12 @@ def _run(job: JobConfig) -> int:
         return 1
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
-            raise
+            return _raised(e, trainer)
         print(f"shoal: error: rank {os.environ.get('RANK', '?')}: {e}", file=sys.stderr)
         return 1
     except (torch.distributed.DistError, RuntimeError) as e:
         if not _peer_failure(e):
-            raise
+            return _raised(e, trainer)
         if heartbeat is not None:
             heartbeat.await_verdict()  # usually ends this process
         rank = os.environ.get("RANK", "?")
@@ -126,6 +127,8 @@ def _run(job: JobConfig) -> int:
             file=sys.stderr,
         )
         return EXIT_PEER_LOST
+    except Exception as e:  # the user's code (model, data, plugin), or a bug of shoal's
+        return _raised(e, trainer)
     finally:
         if trainer is not None:
             trainer.strategy.close()
@@ -138,6 +141,16 @@ def _run(job: JobConfig) -> int:
         torch.distributed.barrier()
     dist.shutdown()
     return EXIT_PREEMPTED if preempted else 0
+
+
+def _raised(e: BaseException, trainer: Trainer | None) -> int:
+    """This worker stopped on ``e``: recorded for its launcher, which shows it once and
+    decides whether a restart can help (see :mod:`shoal.failure`)."""
+    steps, finished = (trainer.step, trainer.finished) if trainer is not None else (0, 0)
+    role = os.environ.get("SHOAL_ROLE", "worker")
+    rank = int(os.environ.get("SHOAL_ROLE_RANK") or os.environ.get("RANK") or 0)
+    failure.report(failure.record(e, role, rank, dist.attempt(), steps, finished))
+    return failure.EXIT_RAISED
 
 
 def _restore(trainer: Trainer, env: dist.DistEnv) -> None:

@@ -167,7 +167,9 @@ def test_resume_without_checkpoint(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.toml").write_text("[train]\nsteps = 5\n")
-    assert_one_line_error(run_shoal("train", "--resume", str(run)), "no checkpoint to resume from")
+    assert_one_line_error(
+        run_shoal("train", "--resume", str(run)), "stopped before its first checkpoint"
+    )
     assert sorted(p.name for p in run.iterdir()) == ["config.toml"]
 
 

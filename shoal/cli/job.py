@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from shoal import checkpoint, faults, rundir
 from shoal.cli.flags import apply_flags, given
@@ -36,6 +37,7 @@ from shoal.layout import (
     write_config,
 )
 from shoal.models import build_model, check_model_name, default_data
+from shoal.registry import is_user_ref
 from shoal.strategies import BUILTIN, Plugin, resolve
 from shoal.strategies.plugin import check_all
 
@@ -134,19 +136,41 @@ def _cluster_from_scheduler(args: argparse.Namespace, job: JobConfig) -> None:
 
 def _check_model_fits(job: JobConfig, data: Dataset, plugin: Plugin) -> None:
     """Build the model on the meta device (no memory): a model that cannot take this data,
-    or that the strategy cannot split, says so here, in one line, not in every worker."""
+    or that the strategy cannot split, says so here, in one line, not in every worker. A
+    built-in model also runs a forward pass of two samples there (shapes and types only)."""
+    import numpy as np
     import torch
 
     from shoal.models.sparse import remote_tables
 
+    own = is_user_ref(job.model.name)
+    x, _ = data.rows.take(np.arange(min(2, data.num_train)))
     try:
         with torch.device("meta"), remote_tables():
             model = build_model(job.model, data)
     except UserError:
         raise
-    except Exception:  # anything else shows up, with its traceback, in the workers
-        return
+    except Exception as e:  # the user's: shown, with its traceback, by the workers
+        if own:
+            return
+        _cannot_take(job, data, x, e)
     plugin.check_model(job, model)
+    if own:
+        return  # (its forward may use what the meta device lacks: the workers try it)
+    try:
+        with torch.device("meta"):  # (tables local: a meta table costs nothing)
+            build_model(job.model, data)(x.to("meta"))
+    except Exception as e:
+        _cannot_take(job, data, x, e)
+
+
+def _cannot_take(job: JobConfig, data: Dataset, x: Any, e: Exception) -> None:
+    """A built-in model that fails on this data, in one line."""
+    why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    raise UserError(
+        f"--model {job.model.name} cannot take the samples of {data.name} "
+        f"(features {tuple(x.shape[1:])}, {str(x.dtype).removeprefix('torch.')}): {why}"
+    ) from None
 
 
 def check_layout(job: JobConfig, path: Path) -> None:
@@ -218,7 +242,10 @@ def _check_run_dir(job: JobConfig, out: Path) -> None:
     if job.output.resume:
         root = resolve(job).checkpoint_root(out)
         if not checkpoint.list_checkpoints(root):
-            raise UserError(f"--resume {out}: no checkpoint to resume from in {root}/checkpoints")
+            raise UserError(
+                f"--resume {out}: the run stopped before its first checkpoint, so there is "
+                f"nothing to resume; --auto-resume --out {out} starts it over there"
+            )
         latest = checkpoint.load_latest(root)
         if latest is None:
             raise UserError(f"--resume {out}: every checkpoint is corrupt")
@@ -234,6 +261,13 @@ def _check_run_dir(job: JobConfig, out: Path) -> None:
             # the same job, stopped before its first checkpoint: it starts again in place
             rundir.check_resume(load_toml(out / CONFIG_FILE), job)
             return
+        if (out / CONFIG_FILE).is_file() and not checkpoint.list_checkpoints(
+            resolve(load_toml(out / CONFIG_FILE)).checkpoint_root(out)
+        ):
+            raise UserError(
+                f"run directory {out} holds a run that stopped before its first checkpoint: "
+                "add --auto-resume to start it over there, or choose another --out"
+            )
         raise UserError(f"run directory {out} already exists; choose another --out or --resume it")
 
 

@@ -8,6 +8,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from shoal import checkpoint
 from shoal.cli.flags import add_job_flags
 from shoal.cli.guest import guest_of, run_as_guest
 from shoal.cli.job import finish, prepare_run_dir, resolve_job
@@ -96,6 +97,19 @@ def run(args: argparse.Namespace) -> int:
             shutil.rmtree(config_path.parent, ignore_errors=True)
 
 
+def _how_to_continue(job: JobConfig) -> str:
+    """What ``--resume`` and ``--auto-resume`` can do with the run that failed."""
+    if job.cluster.node_rank != 0:
+        return ""
+    out = job.output.out
+    root = resolve(job).checkpoint_root(Path(out))
+    latest = checkpoint.load_latest(root)
+    if latest is None:
+        return (f" ({out} holds no checkpoint: after a fix, the same command with "
+                f"--auto-resume starts it over there)")  # fmt: skip
+    return f" (continue from step {latest[1]['step']} with: shoal train --resume {out})"
+
+
 def _train(job: JobConfig, config_path: Path) -> int:
     try:
         resolve(job).launch(job, str(config_path))
@@ -108,7 +122,7 @@ def _train(job: JobConfig, config_path: Path) -> int:
     except LaunchFailed as e:
         if (Path(job.output.out) / USER_ERROR_FILE).exists():
             return 2  # a worker found a mistake in the job, and said so
-        print(f"shoal: error: training failed: {e}", file=sys.stderr)
+        print(f"shoal: error: training failed: {e}{_how_to_continue(job)}", file=sys.stderr)
         return 1
     if job.cluster.node_rank == 0:
         finish(job)

@@ -35,7 +35,7 @@ MODELS: dict[str, ModelSpec] = {
     "mlp": ModelSpec(simple.mlp, "digits", "multi-layer perceptron"),
     "cnn": ModelSpec(simple.cnn, "digits", "small convolutional network for square images"),
     "ctr": ModelSpec(
-        lambda data, cfg: LogisticCTR(data.info["table_rows"]),
+        lambda data, cfg: LogisticCTR.for_data(data),
         "ctr",
         "click-through logistic regression on a hashed embedding table",
     ),

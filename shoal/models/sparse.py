@@ -14,10 +14,13 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from shoal.errors import UserError
 
 RowSource = Callable[["SparseEmbedding", torch.Tensor], torch.Tensor]
 _MASK = (1 << 63) - 1
@@ -128,6 +131,17 @@ class LogisticCTR(nn.Module):
         self.table = SparseEmbedding(num_rows, 1)
         self.table.input_ids = lambda ids: ids
         self.bias = nn.Parameter(torch.zeros(1))
+
+    @classmethod
+    def for_data(cls, data: Any) -> LogisticCTR:
+        """The model for ``data``, which must hold hashed ids (``table_rows`` of them)."""
+        rows = data.info.get("table_rows")
+        if not rows or data.task != "binary":
+            raise UserError(
+                f"--model ctr needs hashed categorical ids with a binary label (--data ctr, "
+                f"or parquet files 'shoal data prepare ctr' wrote), not {data.name}"
+            )
+        return cls(rows)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.table(ids).sum(dim=(1, 2)) + self.bias

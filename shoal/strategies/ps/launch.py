@@ -13,7 +13,7 @@ from typing import Any
 import zmq
 from torch.distributed.elastic.multiprocessing.api import SignalException
 
-from shoal import checkpoint
+from shoal import checkpoint, failure
 from shoal.config import JobConfig, parse_endpoint
 from shoal.data import build_dataset, build_order
 from shoal.data.sampler import GlobalBatchSampler
@@ -281,6 +281,9 @@ def _servers_exited(
         if role.role != "server" or code == 0:
             continue
         how = describe_exit(code)
+        if code == failure.EXIT_RAISED:
+            raised, _ = group.raised.take("server")
+            how = f"raised {raised.kind}" if raised is not None else how
         restarts = group.restarts.get(group.roles.index(role), 0)
         if restarts >= max_restarts:
             failed = f"server shard {role.rank} {how}, {restarts + 1} times (--max-restarts)"
@@ -330,6 +333,15 @@ def _watch(
                 node.call({"op": "worker_died", "worker": role.rank, "code": code}, timeout_s=20)
             restarts = group.restarts.get(group.roles.index(role), 0)
             failed = f"worker {role.rank} failed (exit code {code})"
+            if code == failure.EXIT_RAISED:
+                raised, why = group.raised.take("worker")
+                if raised is not None:
+                    failed = raised.headline()
+                if why:  # every worker would raise it: the job ends here, in one line
+                    failed = f"{failed}; not retried: {why}"
+                    with contextlib.suppress(PeerError):
+                        node.call({"op": "fatal", "error": failed}, timeout_s=5)
+                    raise LaunchFailed(failed)
             if restarts < max_restarts and not status.get("done") and tending.gone_at is None:
                 group.restart(role, {})
                 again = f"restarting it ({restarts + 1} of {max_restarts})"
