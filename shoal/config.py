@@ -557,6 +557,11 @@ def _coerce(value: Any, f: dataclasses.Field, what: str) -> Any:
 
 def load_toml(path: str | os.PathLike, base: JobConfig | None = None) -> JobConfig:
     """Read a job file; unreadable or invalid files raise :class:`UserError`."""
+    return from_dict(read_toml(path), base, source=str(path))
+
+
+def read_toml(path: str | os.PathLike) -> dict[str, Any]:
+    """A job file's tables as read (:class:`UserError` if it cannot be read)."""
     p = Path(path)
     try:
         with p.open("rb") as fh:
@@ -567,7 +572,7 @@ def load_toml(path: str | os.PathLike, base: JobConfig | None = None) -> JobConf
         raise UserError(f"cannot read config file {p}: {e}") from None
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"config file {p} is not valid TOML: {e}") from None
-    return from_dict(data, base, source=str(p))
+    return data
 
 
 def dumps_toml(job: JobConfig) -> str:

@@ -18,3 +18,17 @@ class PeerRejected(Exception):
 
 class PeerLost(RuntimeError):
     """A peer stopped answering, or refused a request: said in one line by a worker."""
+
+
+class TrainingFailed(RuntimeError):
+    """A job that started and did not finish (``shoal.train``): the line ``shoal train``
+    would print, and the exception a worker raised where one did
+    (:class:`shoal.failure.Failure`, with its traceback)."""
+
+    def __init__(self, line: str, raised: object = None) -> None:
+        super().__init__(line)
+        self.raised = raised
+
+    def __str__(self) -> str:
+        trace = getattr(self.raised, "user_trace", "")
+        return f"{self.args[0]}\n{trace}".rstrip() if trace else str(self.args[0])

@@ -6,8 +6,9 @@
     from ray.train.torch import TorchTrainer
     import shoal.ray
 
+    job = {"model": {"name": "mlp"}, "train": {"steps": 300}, "output": {"out": "/shared/runs/a"}}
     trainer = TorchTrainer(
-        shoal.ray.train_loop(["--model", "mlp", "--steps", "300", "--out", "/shared/runs/a"]),
+        shoal.ray.train_loop(job),
         scaling_config=ray.train.ScalingConfig(num_workers=4),
         run_config=ray.train.RunConfig(failure_config=ray.train.FailureConfig(max_failures=2)),
     )
@@ -23,14 +24,14 @@ from the command line.
 
 from __future__ import annotations
 
-from shoal.cli.engines import JobLike, RayLoop, resolve, take_run_dir
+from shoal.run.engines import JobLike, RayLoop, resolve, take_run_dir
 
 __all__ = ["train_loop"]
 
 
 def train_loop(job: JobLike) -> RayLoop:
-    """The ``train_loop_per_worker`` that trains ``job`` (a JobConfig, a job file, or the
-    flags of ``shoal train``) in Ray Train's workers.
+    """The ``train_loop_per_worker`` that trains ``job`` (a JobConfig, its TOML tables as a
+    dict, or a job file) in Ray Train's workers.
 
     The job is checked here, in the driver, which then holds the run directory
     (``--out``) until it exits: the directory must be one the workers reach (this

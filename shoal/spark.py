@@ -5,10 +5,9 @@
     import shoal.spark
 
     df = spark.read.table("events").select("f1", "f2", "f3", "clicked")
-    summary = shoal.spark.train(
-        ["--model", "mlp", "--features", "f*", "--label", "clicked", "--steps", "2000",
-         "--out", "/shared/runs/clicks"],
-        data=df, num_processes=4, local_mode=False)
+    job = {"model": {"name": "mlp"}, "data": {"features": "f*", "label": "clicked"},
+           "train": {"steps": 2000}, "output": {"out": "/shared/runs/clicks"}}
+    summary = shoal.spark.train(job, data=df, num_processes=4, local_mode=False)
 
 A DataFrame is written once as Parquet (``data_dir``) and every process reads its
 own part of each global batch from there with shoal's Parquet reader, so the
@@ -25,7 +24,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from shoal.cli.engines import (
+from shoal.errors import UserError
+from shoal.layout import SUMMARY_FILE
+from shoal.run.engines import (
     JobLike,
     distribute,
     has_checkpoint,
@@ -33,9 +34,7 @@ from shoal.cli.engines import (
     resolve,
     take_run_dir,
 )
-from shoal.config import JobConfig
-from shoal.errors import UserError
-from shoal.layout import SUMMARY_FILE
+from shoal.run.resolve import Request, as_config, layered
 
 __all__ = ["train"]
 
@@ -47,7 +46,7 @@ def train(
     local_mode: bool = True,
     data_dir: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """Train ``job`` (a JobConfig, a job file, or the flags of ``shoal train``) with
+    """Train ``job`` (a JobConfig, its TOML tables as a dict, or a job file) with
     ``num_processes`` processes started by ``TorchDistributor`` (``local_mode``: on the
     driver's machine; else one per Spark task on the executors). Returns the run's
     summary (what ``RUN_DIR/summary.json`` holds).
@@ -63,17 +62,17 @@ def train(
     ends, except after a failure that left a checkpoint: ``--resume RUN_DIR`` with the
     same ``data_dir`` continues on the same files (a new copy of the rows would have
     new file names, which the resumed run refuses), and removes it when it ends."""
-    extra = ["--workers", str(num_processes)]
+    given: dict[str, Any] = {"cluster.workers": num_processes}
     written, fresh = None, False
     if data is not None:
         path = data
         if not isinstance(data, (str, os.PathLike)):
             path, fresh = _write(data, job, data_dir)
             written = path
-        extra += ["--data", f"parquet:{os.fspath(path)}"]
+        given["data.name"] = f"parquet:{os.fspath(path)}"
     resolved = None
     try:
-        resolved = resolve(job, "spark", extra)
+        resolved = resolve(job, "spark", given)
         take_run_dir(resolved)
         try:
             distribute(resolved, num_processes, local_mode)
@@ -96,14 +95,15 @@ def _write(df: Any, job: JobLike, data_dir: str | os.PathLike | None) -> tuple[P
     """Write the DataFrame as Parquet into a new directory only this user may enter
     (refusing one that exists: the rows of a run may not change under it). Returns
     the directory, and whether it was written now (not a resumed run's)."""
-    flags = _flags_of(job)
+    output = layered(Request(config=as_config(job)))[0].output
     if data_dir is None:
-        out = _flag(flags, "--out") or _flag(flags, "--resume")
+        out = output.out or output.resume
         if not out:
-            raise UserError("shoal.spark.train: give --out (or data_dir) to write the DataFrame")
+            raise UserError("shoal.spark.train: give [output] out (or data_dir) to write the "
+                            "DataFrame")  # fmt: skip
         data_dir = f"{os.path.abspath(out)}-data"
     path = Path(data_dir).absolute()
-    if path.exists() and _flag(flags, "--resume"):
+    if path.exists() and output.resume:
         return path, False  # (the run's rows, written when it started; fingerprints checked)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -117,23 +117,3 @@ def _write(df: Any, job: JobLike, data_dir: str | os.PathLike | None) -> tuple[P
         shutil.rmtree(path, ignore_errors=True)
         raise
     return path, True
-
-
-def _flags_of(job: JobLike) -> list[str]:
-    """Where the job's run directory is, as flags (a JobConfig's, or the flags given)."""
-    if isinstance(job, JobConfig):
-        return ["--out", job.output.out, "--resume", job.output.resume]
-    if isinstance(job, (str, os.PathLike)):
-        from shoal.config import load_toml
-
-        return _flags_of(load_toml(job))
-    return list(job)
-
-
-def _flag(flags: list[str], name: str) -> str:
-    for i, f in enumerate(flags):
-        if f == name and i + 1 < len(flags):
-            return flags[i + 1]
-        if f.startswith(name + "="):
-            return f.split("=", 1)[1]
-    return ""

@@ -32,6 +32,25 @@ def shoal_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def tables(*flags: str) -> dict[str, dict]:
+    """The TOML tables of a job written as ``shoal train`` flags (for the Python API)."""
+    from shoal.cli import build_parser
+
+    args = build_parser(["train", *flags]).parse_args(["train", *flags])
+    given = {k: v for k, v in vars(args).items() if "." in k}
+    strategy = given.get("strategy.name", "allreduce")
+    out: dict[str, dict] = {}
+    for dest, value in given.items():
+        section, _, key = dest.partition(".")
+        if section == "option":
+            out.setdefault("strategy", {}).setdefault(strategy, {})[key] = value
+        elif dest == "cluster.nnodes":
+            out.setdefault("cluster", {}).update(min_nodes=value[0], nnodes=value[1])
+        else:
+            out.setdefault(section, {})[key] = value
+    return out
+
+
 def run_shoal(
     *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 240
 ) -> subprocess.CompletedProcess:

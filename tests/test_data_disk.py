@@ -204,9 +204,9 @@ def test_missing_path_is_one_line(tmp_path, capsys):
 
 
 def test_resume_names_a_file_removed_changed_or_added_since_the_run_started(tmp_path):
-    from shoal.cli.job import _check_data_files
     from shoal.config import JobConfig
     from shoal.errors import UserError
+    from shoal.run.directory import _check_data_files
 
     root = tmp_path / "d"
     spark_style(root)

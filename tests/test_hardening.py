@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import LINEAR_JOB, read_summary, train
+from tests.conftest import LINEAR_JOB, read_summary, tables, train
 
 SECRET = "5e" * 32
 
@@ -30,8 +30,8 @@ def _mode(path: Path) -> int:
 
 @pytest.mark.timeout(30)
 def test_the_drivers_secret_reaches_the_workers_through_a_private_file(tmp_path, monkeypatch):
-    from shoal.cli import engines
     from shoal.layout import SECRET_FILE
+    from shoal.run import engines
     from shoal.strategies.ps.wire import SECRET_ENV
 
     monkeypatch.setenv(SECRET_ENV, SECRET)
@@ -53,8 +53,8 @@ def test_the_drivers_secret_reaches_the_workers_through_a_private_file(tmp_path,
 
 @pytest.mark.timeout(30)
 def test_the_attempt_count_is_replaced_whole_not_rewritten_in_place(tmp_path):
-    from shoal.cli.engines import _next_attempt
     from shoal.layout import ATTEMPTS_FILE
+    from shoal.run.engines import _next_attempt
 
     assert _next_attempt(tmp_path) == 0
     before = (tmp_path / ATTEMPTS_FILE).stat().st_ino
@@ -96,8 +96,8 @@ def _spark_train(
     monkeypatch.setattr(shoal.spark, "distribute", distribute)
     out = tmp_path / "run"
     df = _FakeFrame()
-    flags = ["--model", "linear", "--features", "f*", "--label", "y", "--steps", "5",
-             "--out", str(out), "--no-progress", "--no-report"]  # fmt: skip
+    flags = tables("--model", "linear", "--features", "f*", "--label", "y", "--steps", "5",
+                   "--out", str(out), "--no-progress", "--no-report")  # fmt: skip
     if fails:
         with pytest.raises(RuntimeError, match="a Spark task failed"):
             shoal.spark.train(flags, data=df, num_processes=1)

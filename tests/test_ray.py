@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.conftest import LINEAR_JOB, max_abs_diff, params, read_summary, run_shoal
+from tests.conftest import LINEAR_JOB, max_abs_diff, params, read_summary, run_shoal, tables
 
 ray = pytest.importorskip("ray", reason="Ray is an extra: pip install 'shoal[ray]'")
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]  # one worker: one Ray
@@ -60,7 +60,7 @@ def test_a_torch_trainer_reaches_the_parameters_of_shoal_train(
 
     out = tmp_path / "run"
     job = [*LINEAR_JOB, "--out", str(out), "--no-progress", "--no-report"]
-    result = fit(shoal.ray.train_loop([*job, "--checkpoint-every", "100"]))
+    result = fit(shoal.ray.train_loop(tables(*job, "--checkpoint-every", "100")))
     assert result.error is None
     assert max_abs_diff(params(out), params(linear_reference)) < 1e-6
     s = read_summary(out)
@@ -75,7 +75,7 @@ def test_ray_restarts_a_killed_worker_and_the_run_resumes_exactly(
 
     out = tmp_path / "run"
     job = [*LINEAR_JOB, "--out", str(out), "--no-progress", "--no-report"]
-    loop = shoal.ray.train_loop([*job, "--checkpoint-every", "100"])
+    loop = shoal.ray.train_loop(tables(*job, "--checkpoint-every", "100"))
     fit(WithFault(loop, "crash:rank=1:step=150"), failures=1)  # SIGKILL after step 150
     assert (out / "faults").is_dir()  # (the kill happened)
     s, ref = read_summary(out), read_summary(linear_reference)
@@ -94,7 +94,7 @@ def test_ps_on_ray_takes_roles_from_ranks_and_bsp_equals_allreduce(
 
     out = tmp_path / "run"
     job = [*LINEAR_JOB, "--strategy", "ps", "--ps-mode", "bsp", "--servers", "1"]
-    loop = shoal.ray.train_loop([*job, "--out", str(out), "--no-progress", "--no-report"])
+    loop = shoal.ray.train_loop(tables(*job, "--out", str(out), "--no-progress", "--no-report"))
     assert fit(loop, workers=3).error is None
     s = read_summary(out)
     assert s["world_size"] == 2 and all(e["exact"] for e in s["epochs"])
@@ -141,5 +141,5 @@ def test_a_mistake_in_the_job_is_one_line_before_ray_starts(tmp_path):
     from shoal.errors import UserError
 
     with pytest.raises(UserError, match="--batch-size must be >= 1"):
-        shoal.ray.train_loop(["--batch-size", "0", "--out", str(tmp_path / "run")])
+        shoal.ray.train_loop({"train": {"batch_size": 0}, "output": {"out": str(tmp_path / "run")}})
     assert not (tmp_path / "run").exists()

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import max_abs_diff, params, read_summary, run_shoal, train
+from tests.conftest import max_abs_diff, params, read_summary, run_shoal, tables, train
 
 pytest.importorskip("pyspark", reason="PySpark is an extra: pip install 'shoal[spark]'")
 if not shutil.which("java"):
@@ -63,7 +63,7 @@ def test_a_dataframe_trained_through_torch_distributor_matches_shoal_train(
         [(*map(float, r), float(t)) for r, t in zip(x, y)], ["f0", "f1", "f2", "f3", "y"]
     )
     out = tmp_path / "spark-run"
-    summary = shoal.spark.train([*JOB, "--out", str(out)], data=df, num_processes=2)
+    summary = shoal.spark.train(tables(*JOB, "--out", str(out)), data=df, num_processes=2)
     read = json.loads((out / "dataset.json").read_text())["files"]  # what the run read
     assert len([name for name in read if name.startswith("part-")]) == 2  # local[2]'s partitions
     assert not (tmp_path / "spark-run-data").exists()  # the rows' copy is gone with the run

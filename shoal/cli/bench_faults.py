@@ -132,14 +132,14 @@ def _say(text: str) -> None:
 def _resolve(job_args: list[str], workers: int) -> JobConfig:
     """The job as ``shoal train`` would resolve it (bad flags: one line)."""
     from shoal.cli import Parser
-    from shoal.cli.flags import add_job_flags
-    from shoal.cli.job import resolve_job
+    from shoal.cli.flags import add_job_flags, request_of
+    from shoal.run.resolve import resolve_job
 
     parser = Parser(prog="shoal bench faults --")
     parser.add_argument("--config")
     add_job_flags(parser, job_args)
     ns = parser.parse_args([*job_args, "--workers", str(workers)])
-    return resolve_job(ns)
+    return resolve_job(request_of(ns))
 
 
 class _Killer:

@@ -13,6 +13,7 @@ from typing import Any
 
 from shoal.config import JobConfig, flag_of, public_fields
 from shoal.registry import is_user_ref
+from shoal.run.resolve import Request
 from shoal.strategies import BUILTIN, find_plugin
 
 
@@ -80,21 +81,10 @@ def user_strategy(argv: list[str]) -> str | None:
     return None
 
 
-def apply_flags(ns: argparse.Namespace, job: JobConfig) -> JobConfig:
-    """Overwrite ``job`` with every flag the user actually gave (a strategy's options go
-    to ``job.strategy.given``, applied when the strategy is resolved)."""
-    for dest, value in vars(ns).items():
-        section, _, name = dest.partition(".")
-        if dest == "cluster.nnodes":
-            job.cluster.min_nodes, job.cluster.nnodes = value
-        elif section == "option":
-            job.strategy.given[name] = value
-            job.strategy.options = None
-        elif name and hasattr(job, section):
-            setattr(getattr(job, section), name, value)
-            if dest == "strategy.name":
-                job.strategy.options = None
-    return job
+def request_of(args: argparse.Namespace) -> Request:
+    """What ``shoal train``'s flags ask for: the job file, and each flag given by name."""
+    given = {dest: value for dest, value in vars(args).items() if "." in dest}
+    return Request(config=args.config, given=given, dry_run=getattr(args, "dry_run", False))
 
 
 def _nodes(text: str) -> tuple[int, int]:
@@ -104,8 +94,3 @@ def _nodes(text: str) -> tuple[int, int]:
         return (int(low), int(high)) if high else (0, int(low))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not N or MIN:MAX") from None
-
-
-def given(ns: argparse.Namespace, section: str, name: str) -> bool:
-    """Whether the user gave the flag for ``section.name``."""
-    return f"{section}.{name}" in vars(ns)

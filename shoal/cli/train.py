@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 from pathlib import Path
 
-from shoal import checkpoint
-from shoal.cli.flags import add_job_flags
-from shoal.cli.guest import guest_of, run_as_guest
-from shoal.cli.job import finish, prepare_run_dir, resolve_job
-from shoal.config import JobConfig
-from shoal.launch import JobPreempted, LaunchFailed, describe
-from shoal.layout import CONFIG_FILE, USER_ERROR_FILE
+from shoal.cli.flags import add_job_flags, request_of
+from shoal.launch import describe
+from shoal.layout import CONFIG_FILE
 from shoal.preempt import EXIT_PREEMPTED
-from shoal.strategies import BUILTIN, resolve
+from shoal.run.guest import guest_of, run_as_guest
+from shoal.run.local import run_here
+from shoal.run.resolve import resolve_job
+from shoal.run.summary import finish
+from shoal.strategies import BUILTIN
 
 EXAMPLES = """\
 examples:
@@ -66,13 +65,14 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str] | None = None) -
 
 
 def run(args: argparse.Namespace) -> int:
-    launcher = args.guest = guest_of()
+    request = request_of(args)
+    launcher = guest_of()
     if launcher is not None:
-        code = run_as_guest(args, launcher)
+        code = run_as_guest(request, launcher)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)  # (as shoal.worker: gloo's threads may abort a normal exit)
-    job = resolve_job(args)
+    job = resolve_job(request)
     if args.dry_run:
         from shoal.config import dumps_toml
 
@@ -81,49 +81,16 @@ def run(args: argparse.Namespace) -> int:
             print(describe(job.cluster, str(Path(job.output.out) / CONFIG_FILE)))
         return 0
     if job.cluster.engine != "shoal":
-        from shoal.cli import engines
+        from shoal.run import engines
 
-        engines.check_for_engine(job, args, job.cluster.engine)
+        engines.check_for_engine(job, request, job.cluster.engine)
         if job.cluster.engine == "ray":
             return engines.run_on_ray(job)
         return engines.run_on_spark(job)
-    config_path, lock = prepare_run_dir(job)  # held until the job ends
-    try:
-        return _train(job, config_path)
-    finally:
-        if lock is not None:
-            lock.release()
-        if job.cluster.node_rank != 0:
-            shutil.rmtree(config_path.parent, ignore_errors=True)
-
-
-def _how_to_continue(job: JobConfig) -> str:
-    """What ``--resume`` and ``--auto-resume`` can do with the run that failed."""
-    if job.cluster.node_rank != 0:
-        return ""
-    out = job.output.out
-    root = resolve(job).checkpoint_root(Path(out))
-    latest = checkpoint.load_latest(root)
-    if latest is None:
-        return (f" ({out} holds no checkpoint: after a fix, the same command with "
-                f"--auto-resume starts it over there)")  # fmt: skip
-    return f" (continue from step {latest[1]['step']} with: shoal train --resume {out})"
-
-
-def _train(job: JobConfig, config_path: Path) -> int:
-    try:
-        resolve(job).launch(job, str(config_path))
-    except JobPreempted as e:
-        r = e.record
-        print(f"shoal: preempted ({r['signal']}): every worker stopped after step {r['step']} "
-              f"and checkpointed it {r['checkpoint_s']:.1f} s after the signal; continue with "
-              f"shoal train --resume {job.output.out}", file=sys.stderr)  # fmt: skip
-        return EXIT_PREEMPTED
-    except LaunchFailed as e:
-        if (Path(job.output.out) / USER_ERROR_FILE).exists():
-            return 2  # a worker found a mistake in the job, and said so
-        print(f"shoal: error: training failed: {e}{_how_to_continue(job)}", file=sys.stderr)
-        return 1
-    if job.cluster.node_rank == 0:
+    ended = run_here(job)
+    if ended.line:
+        said = "" if ended.code == EXIT_PREEMPTED else "error: "
+        print(f"shoal: {said}{ended.line}", file=sys.stderr)
+    if ended.code == 0 and job.cluster.node_rank == 0:
         finish(job)
-    return 0
+    return ended.code

@@ -197,9 +197,10 @@ class LocalSGDPlugin(plugin.Plugin):
 class DiLoCoPlugin(LocalSGDPlugin):
     name = "diloco"
     description = (
-        "DiLoCo: inner --optimizer (adamw) for --sync-every steps, "
+        "DiLoCo: inner --optimizer (adamw, --lr 0.003) for --sync-every steps, "
         "outer Nesterov SGD on the averaged change"
     )
     Config = DiLoCoConfig
     runtime = DiLoCo
     default_optimizer = "adamw"
+    default_lr = 0.003

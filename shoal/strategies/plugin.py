@@ -51,6 +51,8 @@ class Plugin:
     """Whether workers join a torch.distributed process group."""
     default_optimizer: ClassVar[str | None] = None
     """The ``--optimizer`` it uses when none is given."""
+    default_lr: ClassVar[float] = 0.05
+    """The ``--lr`` that goes with :attr:`default_optimizer` when neither is given."""
     remote_tables: ClassVar[bool] = False
     """Whether embedding tables live elsewhere (built unallocated: ``remote_tables``)."""
     sharded_checkpoints: ClassVar[bool] = False

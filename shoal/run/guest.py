@@ -10,7 +10,6 @@ they never disagree; each trains its part; rank 0 writes the report.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections.abc import Callable
@@ -19,14 +18,15 @@ from pathlib import Path
 import torch.distributed as tdist
 
 from shoal import checkpoint, rundir, worker
-from shoal.cli.flags import apply_flags, given
-from shoal.cli.job import finish, prepare_run_dir, resolve_job
-from shoal.config import JobConfig, dumps_toml, load_toml, loads_toml
+from shoal.config import JobConfig, dumps_toml, loads_toml
 from shoal.dist import ATTEMPT_ENV, DistEnv, init
 from shoal.environment import slurm_worker_env
 from shoal.errors import UserError
 from shoal.launch import LAUNCHER_ENV
 from shoal.layout import CONFIG_FILE, SUMMARY_FILE
+from shoal.run.directory import prepare_run_dir
+from shoal.run.resolve import Request, layered, resolve_job
+from shoal.run.summary import finish
 from shoal.strategies import resolve
 
 Decision = tuple[str | None, int]
@@ -110,24 +110,25 @@ def continued(job: JobConfig) -> str:
     return dumps_toml(job)
 
 
-def run_as_guest(args: argparse.Namespace, who: str) -> int:
+def run_as_guest(request: Request, who: str) -> int:
     """``torchrun ... -m shoal train ...``: this process is one worker of a job another
     launcher started. A restart of torchrun's agent continues the run in ``--out``."""
-    env = init(_device_of(args))
+    request.guest = who
+    env = init(_device_of(request))
     lock: list[rundir.RunLock | None] = [None]
 
     def decide() -> Decision:
-        out = getattr(args, "output.out", "") or getattr(args, "output.resume", "")
+        out = request.value("output", "out") or request.value("output", "resume")
         restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
         if restarts and out and (Path(out) / CONFIG_FILE).is_file():
             # the launcher restarted the workers after a failure: the run goes on from
             # its newest checkpoint (--out names it, so all agree)
             lock[0] = rundir.lock(Path(out))
             return continued(loads_toml((Path(out) / CONFIG_FILE).read_text())), restarts
-        job = resolve_job(args)
-        _refuse_placement(args, env, who, resolve(job).needs_process_group)
+        job = resolve_job(request)
+        _refuse_placement(request, env, who, resolve(job).needs_process_group)
         fit_to_launcher(job, env)
-        if args.dry_run:
+        if request.dry_run:
             print(dumps_toml(job))
             return "", 0
         _, lock[0] = prepare_run_dir(job, own_port=False)
@@ -143,25 +144,19 @@ def run_as_guest(args: argparse.Namespace, who: str) -> int:
     return code
 
 
-def _device_of(args: argparse.Namespace) -> str:
+def _device_of(request: Request) -> str:
     """The job's ``--device`` before the job is checked (to join the process group)."""
     try:
-        job = JobConfig()
-        resume = getattr(args, "output.resume", "")
-        if resume:
-            job = load_toml(Path(resume) / CONFIG_FILE)
-        if args.config:
-            job = load_toml(args.config, job)
-        return apply_flags(args, job).train.device
+        return layered(request, request.value("output", "resume"))[0].train.device
     except (UserError, OSError):  # rank 0 says what is wrong once the group is up
         return "cpu"
 
 
-def _refuse_placement(args: argparse.Namespace, env: DistEnv, who: str, grouped: bool) -> None:
+def _refuse_placement(request: Request, env: DistEnv, who: str, grouped: bool) -> None:
     """The launcher decides the processes and machines; flags that would too are refused
     (``--servers`` picks the ranks that serve, where a strategy has servers)."""
     for name in ("workers", "nnodes", "node_rank", "rdzv_endpoint", "servers"):
-        if given(args, "cluster", name) and (name != "servers" or grouped):
+        if request.gave("cluster", name) and (name != "servers" or grouped):
             flag = "--" + name.replace("_", "-")
             raise UserError(
                 f"{flag}: under {who} the launcher starts the processes ({env.world_size} "

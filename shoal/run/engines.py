@@ -6,7 +6,7 @@ The driver (``shoal train --engine ray|spark``, or a user's script through
 the run directory, as ``shoal train`` does, and holds it until it exits. The
 engine runs :func:`engine_rank` in each of its worker processes: they join the
 process group the engine made (Ray) or the one torchrun's environment describes
-(TorchDistributor), and train as guests (:func:`shoal.cli.guest.run_ranks`).
+(TorchDistributor), and train as guests (:func:`shoal.run.guest.run_ranks`).
 When Ray restarts the workers after a failure, they resume from the run's newest
 checkpoint. The run directory must be where every worker can reach it (one
 machine, or a shared filesystem).
@@ -14,30 +14,29 @@ machine, or a shared filesystem).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import sys
-import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from shoal import checkpoint, rundir
-from shoal.cli.flags import given
-from shoal.cli.guest import continued, fit_to_launcher, run_ranks
-from shoal.cli.job import finish, prepare_run_dir, resolve_job
 from shoal.config import JobConfig, dumps_toml, loads_toml
 from shoal.dist import init
 from shoal.errors import UserError
 from shoal.layout import ATTEMPTS_FILE, SECRET_FILE, SUMMARY_FILE, USER_ERROR_FILE, write_atomic
+from shoal.run.directory import prepare_run_dir
+from shoal.run.guest import continued, fit_to_launcher, run_ranks
+from shoal.run.resolve import Request, as_config, resolve_job
+from shoal.run.summary import finish
 from shoal.strategies import resolve as plugin_of
 from shoal.strategies.ps.wire import SECRET_ENV
 
-JobLike = JobConfig | str | os.PathLike | Sequence[str]
-"""A job as the engines' functions take it: a :class:`~shoal.config.JobConfig`, a
-job file (TOML), or the flags of ``shoal train`` (``["--model", "mlp", ...]``)."""
+JobLike = JobConfig | Mapping | str | os.PathLike
+"""A job as the engines' functions take it: a :class:`~shoal.config.JobConfig`, its TOML
+sections as a dict, or a job file."""
 
 _HELD: dict[str, rundir.RunLock] = {}
 """Run directories this driver holds, by path, until it exits or :func:`release`."""
@@ -46,30 +45,18 @@ _HELD: dict[str, rundir.RunLock] = {}
 # --- the driver ---------------------------------------------------------------------
 
 
-def resolve(job: JobLike, engine: str, extra: Sequence[str] = ()) -> JobConfig:
-    """The job, resolved and checked as ``shoal train`` would, for ``engine``; ``extra``:
-    flags given after the job's own."""
-    from shoal.cli import build_parser
-
-    if isinstance(job, JobConfig):
-        with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
-            f.write(dumps_toml(job))
-        try:
-            return resolve(["--config", f.name], engine, extra)
-        finally:
-            os.unlink(f.name)
-    flags = ["--config", os.fspath(job)] if isinstance(job, (str, os.PathLike)) else list(job)
-    flags += extra
-    args = build_parser(["train", *flags]).parse_args(["train", *flags])
-    args.guest = engine  # (the engine places the processes, not Slurm's variables)
-    return check_for_engine(resolve_job(args), args, engine)
+def resolve(job: JobLike, engine: str, given: Mapping[str, Any] | None = None) -> JobConfig:
+    """The job, resolved and checked as ``shoal train`` would, for ``engine``; ``given``:
+    values set by name over it (``{"cluster.workers": 4}``)."""
+    request = Request(config=as_config(job), given=dict(given or {}), guest=engine)
+    return check_for_engine(resolve_job(request), request, engine)
 
 
-def check_for_engine(job: JobConfig, args: argparse.Namespace | None, engine: str) -> JobConfig:
+def check_for_engine(job: JobConfig, request: Request, engine: str) -> JobConfig:
     """Refuse what the engine decides itself; make paths absolute (the engine's
     workers start in directories of their own)."""
     for name in ("nnodes", "node_rank", "rdzv_endpoint"):
-        if args is not None and given(args, "cluster", name):
+        if request.gave("cluster", name):
             flag = "--" + name.replace("_", "-")
             raise UserError(f"{flag}: under --engine {engine} the engine places the workers on "
                             f"its machines; drop {flag}")  # fmt: skip
