@@ -47,11 +47,24 @@ def option(
     high: float | None = None,
     above: float | None = None,
     below: float | None = None,
+    reader: str | None = None,
+    when: str | None = None,
 ) -> Any:
     """A field with its help text, flag name, choices, and the range a number must be in
     (``low <= x <= high``; ``above``/``below`` exclude their bound). Numbers without a
-    range must still be finite."""
+    range must still be finite.
+
+    Who reads it, where not every job does (a value given that the job does not read is
+    refused, see :mod:`shoal.run.reads`): ``reader`` names the owner that declares it
+    reads the field (``"model"``, ``"data"`` or ``"strategy"``); ``when`` the setting it
+    matters under: ``"train.dp_clip"`` (that one is set, non-zero), ``"train.balance=auto"``
+    or ``"mode=ssp|asp"`` (one of these values; a bare name is a field of the same
+    section), ``"cluster.engine!=shoal"``."""
     meta: dict[str, Any] = {"help": help}
+    if reader:
+        meta["reader"] = reader
+    if when:
+        meta["when"] = when
     if flag:
         meta["flag"] = flag
     if choices:
@@ -72,12 +85,22 @@ class ModelConfig:
         flag="--model",
     )
     hidden: int = option(
-        128, "width of each hidden layer (mlp, cnn); model width (transformer)", low=1, high=1 << 16
+        128,
+        "width of each hidden layer (mlp, cnn); model width (transformer)",
+        low=1,
+        high=1 << 16,
+        reader="model",
     )
     layers: int = option(
-        2, "number of hidden layers (mlp); of blocks (transformer)", low=1, high=1024
+        2,
+        "number of hidden layers (mlp); of blocks (transformer)",
+        low=1,
+        high=1024,
+        reader="model",
     )
-    heads: int = option(4, "attention heads per block (transformer)", low=1, high=1024)
+    heads: int = option(
+        4, "attention heads per block (transformer)", low=1, high=1024, reader="model"
+    )
 
 
 @dataclass
@@ -91,41 +114,63 @@ class DataConfig:
         "package.module:function; empty picks the model's default",
         flag="--data",
     )
-    num_samples: int = option(4096, "samples to generate (synthetic data)", low=1, high=1 << 31)
-    num_features: int = option(32, "features per sample (synthetic data)", low=1, high=1 << 20)
-    noise: float = option(
-        0.1, "standard deviation of the label noise (synthetic-linear)", low=0, high=1e6
+    num_samples: int = option(
+        4096, "samples to generate (synthetic data)", low=1, high=1 << 31, reader="data"
     )
-    table_rows: int = option(1_000_000, "rows of the hashed embedding table (ctr)", low=1, high=BIG)
-    context: int = option(64, "tokens per training sequence (text)", low=1, high=1 << 20)
+    num_features: int = option(
+        32, "features per sample (synthetic data)", low=1, high=1 << 20, reader="data"
+    )
+    noise: float = option(
+        0.1,
+        "standard deviation of the label noise (synthetic-linear)",
+        low=0,
+        high=1e6,
+        reader="data",
+    )
+    table_rows: int = option(
+        1_000_000, "rows of the hashed embedding table (ctr)", low=1, high=BIG, reader="data"
+    )
+    context: int = option(
+        64, "tokens per training sequence (text)", low=1, high=1 << 20, reader="data"
+    )
     test_fraction: float = option(
         0.2,
         "fraction of generated data held out for evaluation (parquet: the test/ "
         "directory beside train/)",
         low=0,
         below=1,
+        reader="data",
     )
     data_seed: int = option(
-        1234, "seed of the data generator and of the train/test split", low=0, high=SEED_MAX
+        1234,
+        "seed of the data generator and of the train/test split",
+        low=0,
+        high=SEED_MAX,
+        reader="data",
     )
     drop_last: bool = option(False, "drop the last, smaller global batch of each epoch")
     features: str = option(
         "",
         "feature columns of a parquet: dataset, comma-separated, * wildcards allowed; "
         "empty: the list its writer stored",
+        reader="data",
     )
-    label: str = option("", "label column of a parquet: dataset; empty: the one its writer stored")
+    label: str = option(
+        "", "label column of a parquet: dataset; empty: the one its writer stored", reader="data"
+    )
     transform: str = option(
         "",
         "package.module:function turning each batch read from disk (a pyarrow.Table of its "
         "rows) into (features, labels): decode, tokenize, normalize",
         flag="--data-transform",
+        reader="data",
     )
     task: str = option(
         "auto",
         "what the label is (auto: as the dataset says, else from its type: float regression, "
         "integer classification, bool binary, list language-model)",
         choices=("auto", "regression", "classification", "binary", "language-model"),
+        reader="data",
     )
     shuffle: str = option(
         "auto",
@@ -139,14 +184,18 @@ class DataConfig:
         "rows per block of --shuffle block; 0: the files' row groups (else 1024)",
         low=0,
         high=BIG,
+        when="shuffle=block|auto",
     )
-    shuffle_window: int = option(16, "blocks shuffled together (--shuffle block)", low=1, high=BIG)
+    shuffle_window: int = option(
+        16, "blocks shuffled together (--shuffle block)", low=1, high=BIG, when="shuffle=block|auto"
+    )
     cache_mb: int = option(
         256,
         "decoded Parquet row groups a worker keeps, in MiB",
         low=1,
         high=1 << 20,
         flag="--data-cache-mb",
+        reader="data",
     )
     prefetch: int = option(2, "batches a worker reads ahead in the background", low=0, high=64)
     audit_samples: bool = option(
@@ -165,7 +214,9 @@ class OptimConfig:
         choices=("sgd", "momentum", "adam", "adamw", "adagrad"),
     )
     lr: float = option(0.05, "peak learning rate", above=0, high=1e4)
-    momentum: float = option(0.9, "momentum (momentum optimizer)", low=0, high=1)
+    momentum: float = option(
+        0.9, "momentum (momentum optimizer)", low=0, high=1, when="name=momentum"
+    )
     weight_decay: float = option(0.0, "weight decay (decoupled for adamw)", low=0, high=1e4)
     warmup_steps: int = option(0, "steps of linear warmup from 0 to --lr", low=0, high=BIG)
     schedule: str = option(
@@ -218,7 +269,11 @@ class TrainConfig:
         0, "global optimizer steps to run (0: derive from --epochs)", low=0, high=BIG
     )
     epochs: float = option(
-        1.0, "passes over the training data, used when --steps is 0", above=0, high=1e6
+        1.0,
+        "passes over the training data, used when --steps is 0",
+        above=0,
+        high=1e6,
+        when="steps=0",
     )
     batch_size: int = option(64, "GLOBAL batch size, split over all workers", low=1, high=1 << 31)
     seed: int = option(0, "seed for model initialisation and the data order", low=0, high=SEED_MAX)
@@ -247,7 +302,11 @@ class TrainConfig:
         "or static:W1,W2,... (fixed weights, one per rank); the samples of a step never change",
     )
     balance_every: int = option(
-        10, "--balance auto: steps between re-plans of the slices", low=1, high=BIG
+        10,
+        "--balance auto: steps between re-plans of the slices",
+        low=1,
+        high=BIG,
+        when="balance=auto",
     )
     max_rank_batch: int = option(
         0,
@@ -265,18 +324,26 @@ class TrainConfig:
         high=1e6,
     )
     dp_noise: float = option(
-        0.0, "DP noise multiplier sigma: noise std is sigma x --dp-clip", low=0, high=1e6
+        0.0,
+        "DP noise multiplier sigma: noise std is sigma x --dp-clip",
+        low=0,
+        high=1e6,
+        when="dp_clip",
     )
     dp_epsilon: float = option(
         0.0, "DP target epsilon at the last step: sets the noise (instead of --dp-noise)",
         low=0, high=1e6,
+        when="dp_clip",
     )  # fmt: skip
-    dp_delta: float = option(1e-5, "DP delta of the reported epsilon", above=0, below=1)
+    dp_delta: float = option(
+        1e-5, "DP delta of the reported epsilon", above=0, below=1, when="dp_clip"
+    )
     dp_insecure_seed: bool = option(
         False,
         "draw DP noise and Poisson samples from --seed instead of the operating system's "
         "secure source: reproducible, and NOT private (anyone with the job file can rebuild "
         "the noise); for tests and benchmarks only, and said so in the summary",
+        when="dp_clip",
     )
 
     def total_steps(self, steps_per_epoch: int) -> int:
@@ -302,12 +369,17 @@ class ClusterConfig:
         "--engine ray: the cluster to join (ray.init's address, e.g. auto or "
         "ray://HOST:10001; empty: a Ray instance on this machine); --engine spark: the "
         "master URL (empty: local[WORKERS])",
+        when="engine!=shoal",
     )
     workers: int = option(
         2, "worker processes on this machine (torchrun --nproc-per-node)", low=0, high=1 << 16
     )
     servers: int = option(
-        1, "parameter-server shards on this machine (--strategy ps)", low=0, high=1 << 16
+        1,
+        "parameter-server shards on this machine (--strategy ps)",
+        low=0,
+        high=1 << 16,
+        reader="strategy",
     )
     nnodes: int = option(
         1,
@@ -334,6 +406,7 @@ class ClusterConfig:
         "more before the job (re)starts",
         above=0,
         high=3600,
+        when="min_nodes",
     )
     startup_timeout: float = option(
         60.0,
@@ -341,6 +414,7 @@ class ClusterConfig:
         "first word to the coordinator before it counts as hung",
         above=0,
         high=86400,
+        reader="strategy",
     )
     grace_period: float = option(
         30.0,
@@ -349,6 +423,7 @@ class ClusterConfig:
         "summary.json",
         above=0,
         high=86400,
+        reader="strategy",
     )
     max_restarts: int = option(
         3,

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from shoal.errors import UserError
 
 T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def is_user_ref(name: str) -> bool:
@@ -53,3 +54,14 @@ def lookup(name: str, table: Mapping[str, T], kind: str, ref: str = "package.mod
     except KeyError:
         known = ", ".join(sorted(table))
         raise UserError(f"unknown {kind} {name!r}; built-in: {known} (or {ref})") from None
+
+
+def reads(*names: str) -> Callable[[F], F]:
+    """Declare the config fields a built-in function reads (``fn.reads``), beside it:
+    ``@reads("num_samples", "noise")``."""
+
+    def mark(fn: F) -> F:
+        fn.reads = names  # type: ignore[attr-defined]
+        return fn
+
+    return mark

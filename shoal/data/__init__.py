@@ -29,14 +29,15 @@ __all__ = [
 ]
 
 
-def check_dataset_name(name: str) -> None:
-    """Fail early, in the launcher, on a dataset name that cannot resolve."""
+def data_reads(name: str) -> tuple[str, ...] | None:
+    """The :class:`~shoal.config.DataConfig` fields that the dataset ``name`` reads, of
+    those a dataset declares (``reader="data"``); ``None`` for the user's own (it may
+    read any)."""
     if disk_path(name) is not None:
-        return
+        return open_disk.reads  # type: ignore[attr-defined]
     if is_user_ref(name):
-        import_ref(name, "dataset")
-    else:
-        lookup(name, DATASETS, "dataset")
+        return None
+    return lookup(name, DATASETS, "dataset").reads  # type: ignore[attr-defined]
 
 
 def build_dataset(cfg: DataConfig, check: bool = False) -> Dataset:

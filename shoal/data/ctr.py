@@ -22,6 +22,7 @@ from torch import nn
 from shoal.config import DataConfig
 from shoal.data.datasets import Dataset, _split
 from shoal.data.order import splitmix64
+from shoal.registry import reads
 
 NUM_FIELDS = 8
 VOCAB = 50_000
@@ -34,6 +35,7 @@ def hash_rows(field: np.ndarray, value: np.ndarray, rows: int) -> np.ndarray:
     return (splitmix64(x) % np.uint64(rows)).astype(np.int64)
 
 
+@reads("num_samples", "table_rows", "test_fraction", "data_seed")
 def ctr(cfg: DataConfig) -> Dataset:
     """The dataset: int64 row ids [N, fields], float labels; see the module docstring."""
     rng = np.random.default_rng(cfg.data_seed)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from shoal.config import DataConfig
+from shoal.registry import reads
 
 Split = tuple[torch.Tensor, torch.Tensor]
 
@@ -96,6 +97,7 @@ def _split(
     return (x[train], y[train]), (x[test], y[test])
 
 
+@reads("num_samples", "num_features", "noise", "test_fraction", "data_seed")
 def synthetic_linear(cfg: DataConfig) -> Dataset:
     """y = X w + b + noise, with known ``w``, ``b`` and noise level.
 
@@ -149,6 +151,7 @@ def _only_linear(model: nn.Module) -> nn.Linear | None:
     return None
 
 
+@reads("test_fraction", "data_seed")
 def digits(cfg: DataConfig) -> Dataset:
     """scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes)."""
     from sklearn.datasets import load_digits

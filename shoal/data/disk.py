@@ -41,7 +41,7 @@ import torch
 from shoal.config import DataConfig
 from shoal.data.files import MAX_OUTPUTS, Files, _pa, disk_path, split_roots
 from shoal.errors import UserError
-from shoal.registry import import_ref
+from shoal.registry import import_ref, reads
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -494,6 +494,7 @@ BUILTIN_TRANSFORMS: dict[str, Callable[[DataConfig], Transform]] = {"ctr": _ctr_
 """Transforms a generator may name in its metadata."""
 
 
+@reads("features", "label", "transform", "task", "table_rows", "cache_mb")
 def open_disk(cfg: DataConfig, check: bool = False) -> Opened:
     """Open ``cfg.name`` (``parquet:PATH``); ``check`` also scans every label and list
     column (the launcher does, once, so workers need not)."""

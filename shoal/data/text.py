@@ -21,6 +21,7 @@ from torch import nn
 from shoal.config import DataConfig
 from shoal.data.datasets import Dataset
 from shoal.errors import UserError
+from shoal.registry import reads
 
 CORPUS = Path(__file__).parent / "corpus" / "python-reference.txt.gz"
 
@@ -47,6 +48,7 @@ def unigram_perplexity(train: np.ndarray, test: np.ndarray, vocab: int) -> float
     return float(math.exp(-log_p[test].mean()))
 
 
+@reads("context", "test_fraction")
 def text(cfg: DataConfig) -> Dataset:
     """Character-level next-token prediction on the shipped corpus, in windows of
     ``cfg.context`` tokens; the last ``cfg.test_fraction`` of the text is held out."""

@@ -27,19 +27,28 @@ class ModelSpec:
     build: Callable[[Dataset, ModelConfig], nn.Module]
     default_data: str
     description: str
+    reads: tuple[str, ...] = ()
+    """The fields of :class:`~shoal.config.ModelConfig` it reads besides ``name``."""
 
 
 MODELS: dict[str, ModelSpec] = {
     "linear": ModelSpec(simple.linear, "synthetic-linear", "linear regression"),
     "softmax": ModelSpec(simple.linear, "digits", "softmax (multinomial logistic) regression"),
-    "mlp": ModelSpec(simple.mlp, "digits", "multi-layer perceptron"),
-    "cnn": ModelSpec(simple.cnn, "digits", "small convolutional network for square images"),
+    "mlp": ModelSpec(simple.mlp, "digits", "multi-layer perceptron", ("hidden", "layers")),
+    "cnn": ModelSpec(
+        simple.cnn, "digits", "small convolutional network for square images", ("hidden",)
+    ),
     "ctr": ModelSpec(
         lambda data, cfg: LogisticCTR.for_data(data),
         "ctr",
         "click-through logistic regression on a hashed embedding table",
     ),
-    "transformer": ModelSpec(transformer, "text", "small decoder-only transformer (GPT-style)"),
+    "transformer": ModelSpec(
+        transformer,
+        "text",
+        "small decoder-only transformer (GPT-style)",
+        ("hidden", "layers", "heads"),
+    ),
 }
 
 USER_DEFAULT_DATA = "digits"
@@ -50,6 +59,14 @@ def default_data(model_name: str) -> str:
     if is_user_ref(model_name):
         return USER_DEFAULT_DATA
     return lookup(model_name, MODELS, "model").default_data
+
+
+def model_reads(name: str) -> tuple[str, ...] | None:
+    """The :class:`~shoal.config.ModelConfig` fields the model ``name`` reads besides its
+    name; ``None`` for the user's own (it may read any)."""
+    if is_user_ref(name):
+        return None
+    return lookup(name, MODELS, "model").reads
 
 
 def check_model_name(name: str) -> None:

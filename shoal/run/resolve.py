@@ -30,8 +30,8 @@ from shoal.errors import UserError
 from shoal.layout import CONFIG_FILE
 from shoal.models import build_model, check_model_name, default_data
 from shoal.registry import is_user_ref
-from shoal.strategies import BUILTIN, Plugin, resolve
-from shoal.strategies.plugin import check_all
+from shoal.run.reads import check_reads
+from shoal.strategies import BUILTIN, Plugin, check_job, resolve
 
 
 @dataclass
@@ -112,7 +112,12 @@ def layered(request: Request, resume: str = "") -> tuple[JobConfig, set[str]]:
         data = dict(config) if isinstance(config, Mapping) else read_toml(config)
         source = "" if isinstance(config, Mapping) else str(config)
         job = from_dict(data, job, source=source)
-        keys = {f"{s}.{k}" for s, table in data.items() for k in table}
+        for section, table in data.items():
+            for k, v in table.items():
+                if section == "strategy" and isinstance(v, dict):
+                    keys |= {f"strategy.{k}.{name}" for name in v}
+                else:
+                    keys.add(f"{section}.{k}")
     return apply_given(request.given, job), keys
 
 
@@ -141,7 +146,10 @@ def resolve_job(request: Request) -> JobConfig:
         job.optim.name = plugin.default_optimizer
         if not (request.gave("optim", "lr") or "optim.lr" in from_file):
             job.optim.lr = plugin.default_lr
-    check_all(plugin, job)
+    check_job(plugin, job)
+    _check_noise(request, job, from_file)
+    source = "" if isinstance(request.config, Mapping) else str(request.config or "")
+    check_reads(job, plugin, request.given, from_file, source)
     check_model_name(job.model.name)
     if resolve_device(job.train.device) == "cuda":
         import torch
@@ -164,6 +172,19 @@ def resolve_job(request: Request) -> JobConfig:
         job.output.out = f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{job.strategy.name}"
     rundir.check_out(Path(job.output.out))
     return job
+
+
+def _check_noise(request: Request, job: JobConfig, from_file: set[str]) -> None:
+    """``--dp-clip`` alone clips and adds no noise: epsilon infinite, no privacy at all.
+    That is refused unless the user says so (``--dp-noise 0``)."""
+    t = job.train
+    said = request.gave("train", "dp_noise") or "train.dp_noise" in from_file
+    if t.dp_clip and not t.dp_noise and not t.dp_epsilon and not said:
+        raise UserError(
+            f"--dp-clip {t.dp_clip:g} without noise gives no privacy (epsilon infinite): add "
+            "--dp-noise SIGMA or --dp-epsilon EPS, or --dp-noise 0 to clip without noise "
+            "on purpose"
+        )
 
 
 def _auto_resume(request: Request) -> str:

@@ -13,7 +13,6 @@ import dataclasses
 from typing import Any
 
 from shoal.config import JobConfig, check_component, flag_of, overlay, public_fields
-from shoal.dist import DistEnv
 from shoal.errors import UserError
 from shoal.registry import import_ref, is_user_ref, lookup
 from shoal.strategies import allreduce, easgd, fsdp, periodic, pipeline, tensor
@@ -45,7 +44,7 @@ __all__ = [
     "NoOptions",
     "Plugin",
     "Strategy",
-    "build_strategy",
+    "check_job",
     "find_plugin",
     "resolve",
 ]
@@ -109,9 +108,57 @@ def resolve(job: JobConfig) -> Plugin:
     return found
 
 
-def build_strategy(job: JobConfig, env: DistEnv) -> Strategy:
-    """The runtime object of the job's strategy in one worker."""
-    return resolve(job).build(job, env)
+def check_job(plugin: Plugin, job: JobConfig) -> None:
+    """Every check of ``job`` for ``plugin``: first the ones every job shares, which no
+    plugin can skip (its section's ranges and choices; differential privacy, which a
+    strategy that does not run it must refuse, never train without; ``--balance`` and
+    ``--max-rank-batch``; ``--compress``), then the plugin's own (:meth:`Plugin.check`)."""
+    options = plugin.options(job)
+    check_component(options)
+    _check_privacy(plugin, job)
+    _check_balance(plugin, job)
+    if isinstance(getattr(options, "compress", None), str):
+        from shoal.compress import check_codec
+
+        check_codec(options.compress)
+    plugin.check(job)
+
+
+def _check_privacy(plugin: Plugin, job: JobConfig) -> None:
+    """``--dp-*`` against what the strategy runs."""
+    from shoal import privacy
+
+    if not privacy.budget(job.train).enabled:
+        return
+    if job.data.audit_samples:
+        raise UserError(
+            "--audit-samples writes which samples each step drew, which differential "
+            "privacy must keep secret: leave it out with --dp-clip"
+        )
+    if not plugin.privacy:
+        who = ", ".join(f"{n} ({p.privacy}-level)" for n, p in BUILTIN.items() if p.privacy)
+        raise UserError(
+            f"--strategy {plugin.name} does not run differential privacy (--dp-*): use {who}"
+        )
+
+
+def _check_balance(plugin: Plugin, job: JobConfig) -> None:
+    """``--balance`` and ``--max-rank-batch`` against what the strategy runs."""
+    from shoal import balance
+
+    spec = balance.parse(job.train.balance)
+    if spec.mode not in plugin.balance_modes:
+        runs = " or ".join(plugin.balance_modes)
+        who = ", ".join(n for n, p in BUILTIN.items() if spec.mode in p.balance_modes)
+        raise UserError(
+            f"--strategy {plugin.name} runs --balance {runs}, not {spec.mode} ({spec.mode}: {who})"
+        )
+    balance.check(spec, plugin.data_ranks(job))
+    if job.train.max_rank_batch and not plugin.micro_batching:
+        who = ", ".join(n for n, p in BUILTIN.items() if p.micro_batching)
+        raise UserError(
+            f"--strategy {plugin.name} does not cut slices by --max-rank-batch ({who} do)"
+        )
 
 
 def _has_field(p: Plugin, name: str) -> bool:

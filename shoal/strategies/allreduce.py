@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from shoal import privacy
-from shoal.compress import COMPRESS_HELP, Codec, check_codec, parse_codec
+from shoal.compress import COMPRESS_HELP, Codec, parse_codec
 from shoal.config import JobConfig, option
 from shoal.dist import DistEnv
 from shoal.errors import UserError
@@ -196,7 +196,6 @@ class Plugin(plugin.Plugin):
 
     def check(self, job: JobConfig) -> None:
         super().check(job)
-        check_codec(self.options(job).compress)
         if privacy.budget(job.train).enabled:
             t, given = job.train, []
             if t.balance != "equal":

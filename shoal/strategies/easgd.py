@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from shoal.compress import COMPRESS_HELP, check_codec, parse_codec
+from shoal.compress import COMPRESS_HELP, parse_codec
 from shoal.config import JobConfig, option
 from shoal.errors import UserError
 from shoal.memory import ActivationMeter
@@ -145,7 +145,6 @@ class Plugin(plugin.Plugin):
     def check(self, job: JobConfig) -> None:
         super().check(job)
         opts = self.options(job)
-        check_codec(opts.compress)
         rate = job.world_size * job.optim.lr * opts.rho
         if rate >= 1:
             raise UserError(

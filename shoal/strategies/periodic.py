@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from shoal import balance
-from shoal.compress import COMPRESS_HELP, check_codec, parse_codec
+from shoal.compress import COMPRESS_HELP, parse_codec
 from shoal.config import JobConfig, option
 from shoal.errors import UserError
 from shoal.memory import ActivationMeter
@@ -185,7 +185,6 @@ class LocalSGDPlugin(plugin.Plugin):
         """Checkpoints fall on synchronizations, where the replicas are one model."""
         super().check(job)
         opts = self.options(job)
-        check_codec(opts.compress)
         every, h = job.train.checkpoint_every, opts.sync_every
         if every % h:
             raise UserError(

@@ -19,8 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
-from shoal import balance, privacy
-from shoal.config import JobConfig, check_component
+from shoal.config import JobConfig
 from shoal.dist import DistEnv
 from shoal.errors import UserError
 from shoal.strategies.base import Strategy
@@ -66,6 +65,10 @@ class Plugin:
     so that the rest of the step is the rank's own work."""
     micro_batching: ClassVar[bool] = False
     """Whether it cuts a slice into micro-batches under ``--max-rank-batch``."""
+    reads: ClassVar[tuple[str, ...]] = ("cluster.grace_period",)
+    """The shared settings it reads of those only some strategies read (declared
+    ``reader="strategy"`` in :mod:`shoal.config`): a value given for one it does not read
+    is refused (see :mod:`shoal.run.reads`)."""
     privacy: ClassVar[str] = ""
     """The differential privacy it runs under ``--dp-clip``: ``sample`` (DP-SGD),
     ``client`` (each client's update), or none."""
@@ -79,42 +82,16 @@ class Plugin:
 
     def check(self, job: JobConfig) -> None:
         """Refuse, with a :class:`~shoal.errors.UserError`, a job this strategy cannot
-        run. Called before anything is written, so a mistake leaves no trace. The
-        default: the section's ranges and choices, at least one worker, and
-        ``--balance``. (:meth:`check_privacy` is run by :func:`check_all` whether or not
-        a subclass calls this.)"""
-        check_component(self.options(job))
+        run: its own rules, beyond the ones every job shares (its section's ranges,
+        privacy, ``--balance``, ``--compress``: :func:`shoal.strategies.check_job` runs
+        those first, whatever this method does). Called before anything is written, so a
+        mistake leaves no trace. The default: at least one worker."""
         if job.cluster.workers < 1:
             raise UserError(f"--workers must be a positive integer, got {job.cluster.workers}")
-        self.check_balance(job)
-
-    def check_privacy(self, job: JobConfig) -> None:
-        """``--dp-*`` against what this strategy runs."""
-        on = privacy.budget(job.train).enabled
-        if on and job.data.audit_samples:
-            raise UserError(
-                "--audit-samples writes which samples each step drew, which differential "
-                "privacy must keep secret: leave it out with --dp-clip"
-            )
-        if on and not self.privacy:
-            raise UserError(
-                f"--strategy {self.name} does not run differential privacy: use allreduce "
-                "(DP-SGD, per sample) or fedavg (per client)"
-            )
 
     def data_ranks(self, job: JobConfig) -> int:
         """How many slices each global batch is cut into (data-parallel ranks)."""
         return job.world_size
-
-    def check_balance(self, job: JobConfig) -> None:
-        """``--balance`` and ``--max-rank-batch`` against what this strategy runs."""
-        spec = balance.parse(job.train.balance)
-        if spec.mode not in self.balance_modes:
-            runs = " or ".join(self.balance_modes)
-            raise UserError(f"--strategy {self.name} runs --balance {runs}, not {spec.mode}")
-        balance.check(spec, self.data_ranks(job))
-        if job.train.max_rank_batch and not self.micro_batching:
-            raise UserError(f"--strategy {self.name} does not cut slices by --max-rank-batch")
 
     def check_data(self, job: JobConfig, data: Any) -> None:
         """Refuse data this strategy cannot use; ``data`` is the job's built
@@ -152,11 +129,3 @@ class Plugin:
     def summary_rows(self, summary: dict[str, Any]) -> list[tuple[str, str]]:
         """Its own rows in the table ``shoal train`` prints (from ``summary.json``)."""
         return []
-
-
-def check_all(plugin: Plugin, job: JobConfig) -> None:
-    """Every check of ``job`` for ``plugin``: the privacy it asks for first, which no
-    plugin can skip by overriding :meth:`Plugin.check` (a strategy that does not run
-    the DP it is asked for must refuse it, never train without it), then the plugin's."""
-    plugin.check_privacy(job)
-    plugin.check(job)

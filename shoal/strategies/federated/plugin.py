@@ -25,7 +25,11 @@ class FedAvgConfig:
         0, "clients drawn for each round (0: all of them)", low=0, high=BIG
     )
     local_steps: int = option(
-        1, "local optimizer steps per client and round (see --local-epochs)", low=1, high=BIG
+        1,
+        "local optimizer steps per client and round (see --local-epochs)",
+        low=1,
+        high=BIG,
+        when="local_epochs=0",
     )
     local_epochs: int = option(
         0, "local passes over a client's rows per round; replaces --local-steps", low=0,
@@ -41,9 +45,17 @@ class FedAvgConfig:
         "avg", "server optimizer on the clients' mean change", choices=SERVER_OPTS
     )
     server_lr: float = option(1.0, "server learning rate", above=0, high=1e6)
-    server_beta1: float = option(0.9, "server adam/yogi/adagrad momentum", low=0, below=1)
-    server_beta2: float = option(0.99, "server adam/yogi second-moment decay", low=0, below=1)
-    server_tau: float = option(1e-3, "server adam/yogi/adagrad adaptivity (tau)", above=0)
+    server_beta1: float = option(
+        0.9, "server adam/yogi/adagrad momentum", low=0, below=1,
+        when="server_opt=adam|yogi|adagrad",
+    )  # fmt: skip
+    server_beta2: float = option(
+        0.99, "server adam/yogi second-moment decay", low=0, below=1, when="server_opt=adam|yogi"
+    )
+    server_tau: float = option(
+        1e-3, "server adam/yogi/adagrad adaptivity (tau)", above=0,
+        when="server_opt=adam|yogi|adagrad",
+    )  # fmt: skip
     secure_agg: bool = option(
         False, "secure aggregation: the server learns only the sum of a round's updates "
         "(pairwise masks from X25519 key agreement, dropped clients recovered from shares)",

@@ -12,7 +12,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from shoal.compress import check_codec
 from shoal.config import JobConfig
 from shoal.dist import DistEnv
 from shoal.errors import UserError
@@ -29,19 +28,16 @@ class Plugin(plugin.Plugin):
     runtime = ParameterServer
     needs_process_group = False
     remote_tables = True
+    reads = ("cluster.servers", "cluster.startup_timeout")  # (it is not preemptible)
 
     def check(self, job: JobConfig) -> None:
-        from shoal.config import check_component
         from shoal.strategies.ps.launch import check_job
 
-        check_component(self.options(job))
         c = job.cluster  # a machine may hold only servers, or only workers
         if c.workers + c.servers == 0:
             raise UserError("--strategy ps needs --workers or --servers on every machine")
         if c.nnodes == 1 and (c.workers == 0 or c.servers == 0):
             raise UserError("--strategy ps on one machine needs --workers >= 1 and --servers >= 1")
-        check_codec(self.options(job).compress)
-        self.check_balance(job)  # (its queue balances: faster workers take more parts)
         check_job(job)
 
     def checkpoint_root(self, run_dir: Path) -> Path:

@@ -57,6 +57,7 @@ class PSConfig:
         "ssp: how many steps a task may run ahead of the oldest unfinished step",
         low=0,
         high=1 << 20,
+        when="mode=ssp",
     )
     max_message_mb: float = option(
         1024.0,
