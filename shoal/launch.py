@@ -149,6 +149,7 @@ def launch(cluster: ClusterConfig, config_path: str) -> None:
     from torch.distributed.run import config_from_args, parse_args
 
     _quiet_torchrun()
+    _pass_ctrl_c_on_as_sigterm()
     failed = _name_failed_workers(cluster, failures_dir(config_path))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ[LAUNCHER_ENV] = str(os.getpid())
@@ -250,6 +251,22 @@ def _forked_worker(config_path: str) -> None:
     sys.stderr.flush()
     if code:
         sys.exit(code)
+
+
+def _pass_ctrl_c_on_as_sigterm() -> None:
+    """Ctrl-C reaches every process of the terminal's group, the workers included, and
+    the agent passes the signal it got on to them: a second SIGINT, which a worker obeys
+    at once (the user's second Ctrl-C). The agent passes a SIGTERM on instead, so that
+    the workers finish the step they agreed on and checkpoint it (see shoal.preempt)."""
+    from torch.distributed.elastic.multiprocessing import api
+
+    def on_signal(signum: int, frame: Any) -> None:
+        sigval = signal.Signals(signum)
+        if sigval == signal.SIGINT:
+            sigval = signal.SIGTERM
+        raise api.SignalException(f"Process {os.getpid()} got signal: {signum}", sigval=sigval)
+
+    api._terminate_process_handler = on_signal  # (what the agent registers as it starts)
 
 
 def _on_usr1(signum: int, frame: Any) -> None:

@@ -1,5 +1,6 @@
 """Preemption: a scheduler's SIGTERM (Kubernetes, Spark, Ray) or SIGUSR1 (Slurm's
-``--signal``) stops every rank after the same step, with a checkpoint of it.
+``--signal``), or the user's Ctrl-C (SIGINT), stops every rank after the same step,
+with a checkpoint of it. A second Ctrl-C stops at once.
 
 A signal only sets a flag. The ranks agree on it with one small all-reduce
 (MAX of the flag, MIN of the time it came), started after one step and read
@@ -27,7 +28,12 @@ import torch.distributed as dist
 EXIT_PREEMPTED = 143
 """Exit status of a preempted job (128 + SIGTERM, what a process ended by the
 scheduler's SIGTERM reports): a checkpoint of the last step was written."""
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+RANK = {signal.SIGTERM: 0, signal.SIGINT: 1, signal.SIGUSR1: 2}
+"""Which signal names a stop when several came: Slurm's SIGUSR1 (shoal's launcher turns
+it into a SIGTERM to the workers), then Ctrl-C (the launcher's SIGTERM follows it)."""
+EXIT_INTERRUPTED = 130
+"""Exit status of a job stopped by Ctrl-C (128 + SIGINT), its checkpoint written."""
 PREEMPTED_FILE = "preempted.jsonl"
 
 
@@ -47,17 +53,20 @@ class Preemption:
         self.signum: int | None = None
         self.received = float("inf")
         self.work: Any = None  # the agreement under way, and its tensor
-        self.flags = torch.zeros(3, dtype=torch.float64)
+        self.flags = torch.zeros(4, dtype=torch.float64)
         # (an engine that runs the training in a thread of its own, as Ray Train does,
         # keeps the signals: it restarts the workers, and they resume from a checkpoint)
         main = threading.current_thread() is threading.main_thread()
         self.previous = {s: signal.signal(s, self._on) for s in SIGNALS} if main else {}
 
     def _on(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            self.restore()  # a second Ctrl-C: at once
+            raise KeyboardInterrupt
         if self.signum is None:
             self.received = time.time()
-        if self.signum != signal.SIGUSR1:  # shoal's launcher turns Slurm's SIGUSR1 into
-            self.signum = signum  # a SIGTERM to the workers: name the scheduler's
+        if self.signum is None or RANK[signum] > RANK[self.signum]:
+            self.signum = signum
 
     def poll(self, may_stop: bool) -> tuple[str, float] | None:
         """Call after every step on every rank; ``may_stop``: a checkpoint here holds one
@@ -92,11 +101,12 @@ class Preemption:
         return _told(flags)
 
     def _mine(self) -> torch.Tensor:
-        """This rank's part of an agreement: told, -(when), SIGUSR1."""
+        """This rank's part of an agreement: told, -(when), SIGUSR1, SIGINT."""
         mine = self.signum is not None
         return torch.tensor(
             [float(mine), -self.received if mine else -float("inf"),
-             float(self.signum == signal.SIGUSR1)], dtype=torch.float64,
+             float(self.signum == signal.SIGUSR1), float(self.signum == signal.SIGINT)],
+            dtype=torch.float64,
         )  # fmt: skip
 
     def restore(self) -> None:
@@ -118,7 +128,8 @@ def _grouped() -> bool:
 def _told(flags: torch.Tensor) -> tuple[str, float] | None:
     """What an agreement's result says: the signal and its earliest time, if any."""
     if flags[0] > 0:
-        return ("SIGUSR1" if flags[2] else "SIGTERM"), -float(flags[1])
+        name = "SIGUSR1" if flags[2] else "SIGINT" if flags[3] else "SIGTERM"
+        return name, -float(flags[1])
     return None
 
 

@@ -22,15 +22,13 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
 from shoal.config import JobConfig
 from shoal.errors import UserError
 from shoal.layout import LOCK_FILE
-
-ORDER = ("shuffle", "shuffle_block", "shuffle_window")
-"""The data settings that fix the sample order, whatever the dataset."""
 
 FIXED: dict[str, tuple[str, ...]] = {
     "model": ("name", "hidden", "layers", "heads"),
@@ -61,31 +59,8 @@ other setting may change on resume: more steps or epochs, the learning rate and 
 schedule, logging, evaluation and checkpoint intervals, the number of workers and
 machines, compression, timeouts. The strategy may change where the checkpoint can be
 read by the new one (see ``check_layout``); the parameter server keeps its
-``--servers``."""
-
-
-USES: dict[str, dict[str, tuple[str, ...]]] = {
-    "model": {
-        "linear": ("name",),
-        "softmax": ("name",),
-        "ctr": ("name",),
-        "mlp": ("name", "hidden", "layers"),
-        "cnn": ("name", "hidden"),
-        "transformer": ("name", "hidden", "layers", "heads"),
-    },
-    "data": {
-        "digits": ("name", "test_fraction", "data_seed", "drop_last", *ORDER),
-        "synthetic-linear": (
-            "name", "test_fraction", "data_seed", "drop_last", "num_samples", "num_features",
-            "noise", *ORDER,
-        ),
-        "ctr": ("name", "test_fraction", "data_seed", "drop_last", "num_samples", "table_rows",
-                *ORDER),
-        "text": ("name", "test_fraction", "data_seed", "drop_last", "context", *ORDER),
-    },
-}  # fmt: skip
-"""Of :data:`FIXED`, what each built-in model and dataset reads (a setting it ignores
-may change); a model or dataset of the user's own may read any."""
+``--servers``. Of these, a setting the run's model or dataset does not read may change
+(``--hidden`` of a linear model)."""
 
 
 class RunLock:
@@ -176,9 +151,13 @@ exactly these (turning DP on at a resume would report an epsilon for the steps a
 only, of a model trained without it before)."""
 
 
-def check_resume(stored: JobConfig, job: JobConfig) -> None:
+def check_resume(
+    stored: JobConfig, job: JobConfig, reads: Callable[[str, str], bool] | None = None
+) -> None:
     """Refuse a resumed ``job`` that changes a :data:`FIXED` setting of the ``stored`` one,
-    or any of its :data:`PRIVACY` settings."""
+    or any of its :data:`PRIVACY` settings. ``reads(section, name)``: whether the stored
+    job's model and dataset read a setting (one they ignore may change, where the model
+    or dataset stays the same)."""
     fields = {f.name: f for f in dataclasses.fields(stored.train)}
     for name in PRIVACY:
         old, new = getattr(stored.train, name), getattr(job.train, name)
@@ -192,9 +171,10 @@ def check_resume(stored: JobConfig, job: JobConfig) -> None:
     for section, names in FIXED.items():
         before, now = getattr(stored, section), getattr(job, section)
         fields = {f.name: f for f in dataclasses.fields(before)}
-        if section in USES and before.name == now.name:
-            names = USES[section].get(before.name, names)
+        same = getattr(before, "name", None) == getattr(now, "name", None)
         for name in names:
+            if same and reads is not None and not reads(section, name):
+                continue
             old, new = getattr(before, name), getattr(now, name)
             if old != new:
                 flag = fields[name].metadata.get("flag", "--" + name.replace("_", "-"))

@@ -523,3 +523,34 @@ def test_preempted_by_a_signal_to_every_process_then_resumed_exactly(
     s = _like_unfailed(out, linear_reference)  # same samples, same parameters
     assert s["resumed_from_step"] == record["step"] and s["preemptions"] == [record]
     assert all(e["exact"] for e in s["epochs"]), s["epochs"]
+
+
+@pytest.mark.timeout(240)
+def test_ctrl_c_stops_at_a_common_step_with_its_checkpoint_and_the_run_resumes_from_it(
+    tmp_path,
+):
+    """Ctrl-C (SIGINT to every process of the terminal's group) at step 700 of a run that
+    checkpoints every 500: every worker stops after one agreed step, writes it, and the
+    line says how to continue; the resumed run starts there (not at 500) and ends exact."""
+    out = tmp_path / "run"
+    job = ["--model", "linear", "--steps", "1000", "--batch-size", "32", "--lr", "0.05"]
+    job += [*W2, "--checkpoint-every", "500", "--log-every", "10"]
+    watched = _Watched([*_shoal(out), "--no-report", *job])
+    try:
+        _wait_for_step(out / "metrics.jsonl", 700)
+        for pid in _descendants(watched.proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGINT)
+        assert watched.proc.wait(timeout=60) == 130, "\n".join(s for _, s in watched.lines)
+    finally:
+        watched.stop()
+    said = "\n".join(s for _, s in watched.lines)
+    assert "shoal: interrupted (Ctrl-C): every worker stopped after step" in said, said
+    assert f"continue with: shoal train --resume {out}" in said, said
+    assert "Traceback" not in said and "KeyboardInterrupt" not in said, said
+    (record,) = [json.loads(line) for line in (out / "preempted.jsonl").read_text().splitlines()]
+    assert record["signal"] == "SIGINT" and 700 <= record["step"] < 1000, record
+    train(out, "--resume", str(out))
+    s = read_summary(out)
+    assert s["resumed_from_step"] == record["step"] and s["steps"] == 1000
+    assert all(e["exact"] for e in s["epochs"]), s["epochs"]

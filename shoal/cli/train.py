@@ -10,7 +10,7 @@ from pathlib import Path
 from shoal.cli.flags import add_job_flags, request_of
 from shoal.launch import describe
 from shoal.layout import CONFIG_FILE
-from shoal.preempt import EXIT_PREEMPTED
+from shoal.preempt import EXIT_INTERRUPTED, EXIT_PREEMPTED
 from shoal.run.guest import guest_of, run_as_guest
 from shoal.run.local import run_here
 from shoal.run.resolve import resolve_job
@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         return engines.run_on_spark(job)
     ended = run_here(job)
     if ended.line:
-        said = "" if ended.code == EXIT_PREEMPTED else "error: "
+        said = "" if ended.code in (EXIT_PREEMPTED, EXIT_INTERRUPTED) else "error: "
         print(f"shoal: {said}{ended.line}", file=sys.stderr)
     if ended.code == 0 and job.cluster.node_rank == 0:
         finish(job)

@@ -12,7 +12,7 @@ from shoal import checkpoint
 from shoal.config import JobConfig
 from shoal.launch import JobPreempted, LaunchFailed
 from shoal.layout import USER_ERROR_FILE
-from shoal.preempt import EXIT_PREEMPTED
+from shoal.preempt import EXIT_INTERRUPTED, EXIT_PREEMPTED
 from shoal.run.directory import prepare_run_dir
 from shoal.strategies import resolve
 
@@ -20,8 +20,9 @@ from shoal.strategies import resolve
 @dataclass
 class Ended:
     """How a job ended: its exit status (0 finished, 1 failed, 2 a worker refused the job
-    and said why, :data:`~shoal.preempt.EXIT_PREEMPTED`) and one line for anything but a
-    finish (empty where a worker already said it)."""
+    and said why, :data:`~shoal.preempt.EXIT_PREEMPTED` or, after Ctrl-C,
+    :data:`~shoal.preempt.EXIT_INTERRUPTED`: stopped at a checkpoint) and one line for
+    anything but a finish (empty where a worker already said it)."""
 
     code: int
     line: str = ""
@@ -45,10 +46,12 @@ def _launch(job: JobConfig, config_path: Path) -> Ended:
         resolve(job).launch(job, str(config_path))
     except JobPreempted as e:
         r = e.record
+        ctrl_c = r["signal"] == "SIGINT"
         return Ended(
-            EXIT_PREEMPTED,
-            f"preempted ({r['signal']}): every worker stopped after step {r['step']} and "
-            f"checkpointed it {r['checkpoint_s']:.1f} s after the signal; continue with "
+            EXIT_INTERRUPTED if ctrl_c else EXIT_PREEMPTED,
+            f"{'interrupted (Ctrl-C)' if ctrl_c else 'preempted (' + r['signal'] + ')'}: "
+            f"every worker stopped after step {r['step']} and checkpointed it "
+            f"{r['checkpoint_s']:.1f} s after the signal; continue with: "
             f"shoal train --resume {job.output.out}",
         )
     except LaunchFailed as e:
@@ -82,7 +85,7 @@ def main(argv: list[str]) -> int:
         print("shoal: interrupted", file=sys.stderr)
         return 130
     if ended.line:
-        said = "" if ended.code == EXIT_PREEMPTED else "error: "
+        said = "" if ended.code in (EXIT_PREEMPTED, EXIT_INTERRUPTED) else "error: "
         print(f"shoal: {said}{ended.line}", file=sys.stderr)
     return ended.code
 

@@ -60,6 +60,16 @@ def _owner(job: JobConfig, plugin: Plugin, section: str, f: dataclasses.Field) -
     return ""
 
 
+def owner_reads(job: JobConfig, section: str, name: str) -> bool:
+    """Whether the job's model, dataset or strategy reads ``section.name`` (its mode
+    aside): what :func:`shoal.rundir.check_resume` lets change."""
+    from shoal.strategies import resolve
+
+    comp = getattr(job, section)
+    f = _fields(comp).get(name)
+    return f is None or not _owner(job, resolve(job), section, f)
+
+
 def _readers(flag: str, who: list[str]) -> str:
     return f"read with {flag} {', '.join(who)}" if who else "read by none of the built-ins"
 

@@ -30,7 +30,7 @@ from shoal.errors import UserError
 from shoal.layout import CONFIG_FILE
 from shoal.models import build_model, check_model_name, default_data
 from shoal.registry import is_user_ref
-from shoal.run.reads import check_reads
+from shoal.run.reads import check_reads, owner_reads
 from shoal.strategies import BUILTIN, Plugin, check_job, resolve
 
 
@@ -167,7 +167,7 @@ def resolve_job(request: Request) -> JobConfig:
     if stored is not None:
         if not stored.data.name:  # (a hand-written config.toml)
             stored.data.name = default_data(stored.model.name)
-        rundir.check_resume(stored, job)
+        rundir.check_resume(stored, job, lambda s, n: owner_reads(stored, s, n))
     if not job.output.out:
         job.output.out = f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{job.strategy.name}"
     rundir.check_out(Path(job.output.out))
