@@ -23,6 +23,26 @@ def test_report_compares_runs(tmp_path, linear_reference, local_sgd_reference):
         assert (target / name).stat().st_size > 5000
         assert name in page
     assert "allreduce x2" in page and "local-sgd x2" in page and "test loss" in page
+    # the settings the runs differ in are rows of the table
+    assert "<td>strategy.name</td><td>allreduce</td><td>local-sgd</td>" in page, page
+
+
+@pytest.mark.timeout(120)
+def test_a_run_without_a_held_out_split_says_so(tmp_path):
+    """A single Parquet file has no test/ beside it: the summary and the report say that
+    nothing was evaluated, rather than leaving the rows out."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    x = [float(i % 7) for i in range(256)]
+    pq.write_table(pa.table({"f0": x, "y": [2 * v for v in x]}), tmp_path / "one.parquet")
+    out = tmp_path / "run"
+    proc = run_shoal("train", "--out", str(out), "--model", "linear", "--features", "f0",
+                     "--label", "y", "--data", f"parquet:{tmp_path / 'one.parquet'}",
+                     "--steps", "5", "--workers", "1", "--no-progress")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "none: the dataset has no held-out split" in proc.stdout, proc.stdout
+    assert "none: no held-out split" in (out / "report.html").read_text()
 
 
 @pytest.mark.timeout(120)

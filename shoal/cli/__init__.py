@@ -36,6 +36,21 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _unknown(parser: argparse.ArgumentParser, args: argparse.Namespace, unknown: list[str]) -> None:
+    """A flag the command does not have: one line naming it, the closest ones it does
+    have, and the command's own ``--help``; exit 2."""
+    import difflib
+
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    command = sub.choices[args.command]
+    known = [s for a in command._actions for s in a.option_strings]
+    flag = next((u for u in unknown if u.startswith("-")), unknown[0]).partition("=")[0]
+    close = difflib.get_close_matches(flag, known, n=2, cutoff=0.8)
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    command.exit(2, f"{command.prog}: error: unrecognized argument {flag}{hint} "
+                    f"(see {command.prog} --help)\n")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``shoal`` console command."""
     args_in = sys.argv[1:] if argv is None else argv
@@ -52,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"shoal: error: {e}", file=sys.stderr)
         return 2
-    args = parser.parse_args(args_in)
+    args, unknown = parser.parse_known_args(args_in)
+    if unknown:
+        _unknown(parser, args, unknown)
     try:
         return args.run(args)
     except UserError as e:

@@ -6,7 +6,9 @@ import html
 import os
 from pathlib import Path
 
-from shoal.layout import REPORT_FILE, write_atomic
+from shoal.config import load_toml
+from shoal.errors import UserError
+from shoal.layout import CONFIG_FILE, REPORT_FILE, write_atomic
 from shoal.report.plots import write_plots
 from shoal.report.runs import Run, load_run
 
@@ -44,7 +46,12 @@ table { border-collapse: collapse; margin-bottom: 2em; }
 th, td { border: 1px solid #ccc; padding: 4px 10px; text-align: right; }
 th:first-child, td:first-child { text-align: left; }
 img { max-width: 48%; margin: 0 1% 1em 0; }
+img.wide { max-width: 97%; }
 """
+
+WIDE = ("privacy.png",)
+"""Plots of two panels side by side: a whole row each, so that they read at the size of
+the others."""
 
 
 def _get(summary: dict, key: str) -> object:
@@ -69,7 +76,51 @@ def _table(runs: list[Run]) -> str:
             for v in values
         )
         body.append(f"<tr><td>{html.escape(title)}</td>{cells}</tr>")
+    if not any(_get(r.summary, k) is not None for r in runs for k in EVALUATED):
+        cells = "<td>none: no held-out split</td>" * len(runs)
+        body.insert(5, f"<tr><td>evaluation</td>{cells}</tr>")
+    body += _differences(runs)
     return f"<table><tr><th></th>{head}</tr>{''.join(body)}</table>"
+
+
+EVALUATED = ("test_loss", "test_accuracy", "test_perplexity", "auc", "lstsq_rel_error")
+
+
+def _differences(runs: list[Run]) -> list[str]:
+    """Rows for the settings in which the runs differ (their config.toml), by flag name."""
+    if len(runs) < 2:
+        return []
+    jobs = []
+    for r in runs:
+        try:
+            jobs.append(_flat(load_toml(r.path / CONFIG_FILE).to_dict()))
+        except (UserError, OSError):
+            return []
+    keys = sorted({k for job in jobs for k in job})
+    rows = []
+    for key in keys:
+        if key.startswith("output.") or key.endswith(".rdzv_endpoint"):
+            continue  # (where each run went, not what it did)
+        values = [job.get(key) for job in jobs]
+        if len({repr(v) for v in values}) > 1:
+            cells = "".join(f"<td>{html.escape('-' if v is None else str(v))}</td>" for v in values)
+            rows.append(f"<tr><td>{html.escape(key)}</td>{cells}</tr>")
+    return rows
+
+
+def _flat(tables: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in tables.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _img(name: str) -> str:
+    wide = ' class="wide"' if name in WIDE else ""
+    return f'<img src="{html.escape(name)}" alt="{html.escape(name)}"{wide}>'
 
 
 def write_report(paths: list[Path], out: Path) -> Path:
@@ -85,7 +136,7 @@ def write_report(paths: list[Path], out: Path) -> Path:
 <html><head><meta charset="utf-8"><title>shoal report</title><style>{STYLE}</style></head>
 <body><h1>shoal report</h1><ul>{links}</ul>
 {_table(runs)}
-{"".join(f'<img src="{name}" alt="{name}">' for name in images)}
+{"".join(_img(name) for name in images)}
 </body></html>
 """
     target = out / REPORT_FILE

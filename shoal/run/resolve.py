@@ -32,6 +32,7 @@ from shoal.models import build_model, check_model_name, default_data
 from shoal.registry import is_user_ref
 from shoal.run.reads import check_reads, owner_reads
 from shoal.strategies import BUILTIN, Plugin, check_job, resolve
+from shoal.writer import check_tensorboard
 
 
 @dataclass
@@ -151,6 +152,7 @@ def resolve_job(request: Request) -> JobConfig:
     source = "" if isinstance(request.config, Mapping) else str(request.config or "")
     check_reads(job, plugin, request.given, from_file, source)
     check_model_name(job.model.name)
+    check_tensorboard(job)
     if resolve_device(job.train.device) == "cuda":
         import torch
 

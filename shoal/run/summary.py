@@ -45,16 +45,20 @@ def print_summary(
         ("final train loss", f"{summary['final_loss']:.5g}"),
     ]
     keys = ("test_loss", "test_accuracy", "test_perplexity", "unigram_perplexity")
+    evaluated = False
     for key in (*keys, "lstsq_rel_error", "auc", "true_model_auc"):
         if key in summary:
             rows.append((key.replace("_", " "), f"{summary[key]:.5g}"))
+            evaluated = True
+    if not evaluated:
+        rows.append(("evaluation", "none: the dataset has no held-out split"))
     memory = summary.get("memory")
     if memory:
         state = _human_bytes(memory["params"] + memory["grads"] + memory["optimizer"])
         peak = _human_bytes(memory["activations_peak"])
-        private = memory.get("private", 0)
-        more = f", process {_human_bytes(private)}" if private else ""
-        rows.append(("memory per rank (most)", f"state {state}, activations {peak}{more}"))
+        rows.append(("memory per rank (most)", f"state {state}, activations {peak}"))
+        if memory.get("private"):
+            rows.append(("process memory (most)", _human_bytes(memory["private"])))
     epochs = summary.get("epochs") or []
     if epochs:
         wrong = [str(e["epoch"]) for e in epochs if not e["exact"]]
@@ -78,10 +82,12 @@ def print_summary(
                      + ("; NOT private: noise and samples from --seed (--dp-insecure-seed)"
                         if "--seed" in dp.get("randomness", "") else "")))  # fmt: skip
     rows += extra or []  # the strategy's own (its plugin's summary_rows)
+    resumed = summary.get("resumed_from_step")
+    since = f", since step {resumed}" if resumed else ""  # (this process's counters)
     rows += [
         ("wall time", f"{summary['wall_time_s']:.1f} s"),
         ("throughput", f"{summary['samples_per_s']:,.0f} samples/s"),
-        ("bytes sent (all workers)", _human_bytes(summary["bytes_sent_total"])),
+        (f"bytes sent (all workers{since})", _human_bytes(summary["bytes_sent_total"])),
         ("run directory", str(out)),
     ]
     if report:
