@@ -57,8 +57,8 @@ def time_raw(address: str, payload: torch.Tensor, reps: int) -> list[float]:
 
 def time_ps(address: str, payload: torch.Tensor, reps: int) -> list[float]:
     from shoal.metrics import CommCounter
-    from shoal.strategies.ps import wire
-    from shoal.strategies.ps.client import Peer
+    from shoal.net import wire
+    from shoal.net.peer import Peer
 
     address, target = address.split("#")
     peer = Peer(

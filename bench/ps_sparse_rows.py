@@ -49,8 +49,8 @@ def batches(args: argparse.Namespace, count: int) -> list[torch.Tensor]:
 
 def time_ps(address: str, ids: list[torch.Tensor], dim: int) -> float:
     from shoal.metrics import CommCounter
-    from shoal.strategies.ps import wire
-    from shoal.strategies.ps.client import Peer
+    from shoal.net import wire
+    from shoal.net.peer import Peer
 
     address, target = address.split("#")
     peer = Peer(zmq.Context.instance(), address, b"b" * 32, "bench", CommCounter(), target=target)

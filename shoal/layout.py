@@ -17,7 +17,7 @@ written (atomically: a reader never sees half a file).
       .lock               held by the job that owns the directory (LOCK_FILE)
       .shoal-user-error   a worker's one-line refusal of the job (USER_ERROR_FILE)
       .attempts           how many times Ray started the workers (ATTEMPTS_FILE)
-      .secret             the driver's SHOAL_PS_SECRET for an engine's workers, 0600,
+      .secret             the driver's SHOAL_SECRET for an engine's workers, 0600,
                           while the job runs (SECRET_FILE)
       ray/                Ray Train's own records of an --engine ray run
 """

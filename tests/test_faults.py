@@ -271,7 +271,7 @@ def test_a_new_machine_joins_a_running_parameter_server_job(tmp_path, linear_ref
     """--nnodes 1:2: node 1 (one worker, no servers) joins once training is under way
     and takes tasks from the queue; every sample once, bsp's model unchanged."""
     endpoint = ["--nnodes", "1:2", "--rdzv-endpoint", f"127.0.0.1:{free_port()}"]
-    env = {"SHOAL_PS_SECRET": "ab" * 32}
+    env = {"SHOAL_SECRET": "ab" * 32}
     node0 = [*endpoint, "--node-rank", "0", "--workers", "1", "--servers", "2"]
     first = _Watched(
         [*_shoal(tmp_path / "run"), "--no-report", *PS_JOB, *node0],
@@ -452,7 +452,7 @@ def test_a_node_whose_coordinator_is_gone_says_so_within_the_timeout(tmp_path):
     one line within --heartbeat-timeout plus a margin, instead of waiting for ever."""
     endpoint = ["--nnodes", "2", "--rdzv-endpoint", f"127.0.0.1:{free_port()}"]
     job = [*LINEAR_JOB, "--steps", "100000", "--strategy", "ps", *endpoint]
-    env = {"SHOAL_PS_SECRET": "cd" * 32}
+    env = {"SHOAL_SECRET": "cd" * 32}
     node0 = _Watched(
         [*_shoal(tmp_path / "run"), "--no-report", *job, "--node-rank", "0", "--workers", "1"],
         env,

@@ -199,7 +199,7 @@ def test_a_federation_across_two_hosts_trains_as_the_simulation(tmp_path):
            "--no-progress", "--no-report"]  # fmt: skip
     sim, fed = tmp_path / "sim", tmp_path / "fed"
     train(sim, *job, "--workers", "1")
-    env = shoal_env({"SHOAL_PS_SECRET": secrets.token_hex(32)})
+    env = shoal_env({"SHOAL_SECRET": secrets.token_hex(32)})
     with netns.hosts(subnet="10.231.11") as (a, b):
         address = f"{a.addr}:7311"
         server = subprocess.Popen(
@@ -233,15 +233,15 @@ def test_a_client_without_the_secret_is_refused(tmp_path):
     job = [*FED, "--strategy", "fedavg", "--clients", "2", "--steps", "1", "--batch-size",
            "16", "--workers", "1", "--listen", f"127.0.0.1:{port}",
            "--round-deadline", "3"]  # fmt: skip
-    server = start_train(tmp_path / "fed", *job, env={"SHOAL_PS_SECRET": "ab" * 32})
+    server = start_train(tmp_path / "fed", *job, env={"SHOAL_SECRET": "ab" * 32})
     try:
         bad = run_shoal("federate", "--connect", f"127.0.0.1:{port}", "--timeout", "20",
-                        env={"SHOAL_PS_SECRET": "cd" * 32})  # fmt: skip
+                        env={"SHOAL_SECRET": "cd" * 32})  # fmt: skip
         assert bad.returncode != 0
         assert "refused this process's credentials" in bad.stderr
         assert "Traceback" not in bad.stderr
-        none = run_shoal("federate", "--connect", f"127.0.0.1:{port}", env={"SHOAL_PS_SECRET": ""})
-        assert none.returncode == 2 and "SHOAL_PS_SECRET" in none.stderr
+        none = run_shoal("federate", "--connect", f"127.0.0.1:{port}", env={"SHOAL_SECRET": ""})
+        assert none.returncode == 2 and "SHOAL_SECRET" in none.stderr
     finally:
         server.wait(timeout=60)
     fed = read_summary(tmp_path / "fed")["federated"]
@@ -258,8 +258,8 @@ def test_a_client_process_that_dies_mid_round_is_covered_without_a_deadline(tmp_
     import zmq
 
     from shoal.metrics import CommCounter
+    from shoal.net.peer import Peer, PeerError
     from shoal.strategies.federated.remote import TARGET
-    from shoal.strategies.ps.client import Peer, PeerError
 
     def vanish(address: str, secret: str) -> None:
         peer = Peer(zmq.Context.instance(), f"tcp://{address}", bytes.fromhex(secret),
@@ -305,12 +305,12 @@ def _federation_as_simulation(
     address = f"127.0.0.1:{port}"
     sim, fed = tmp_path / "sim", tmp_path / "fed"
     train(sim, *job)
-    server = start_train(fed, *job, "--listen", address, env={"SHOAL_PS_SECRET": secret})
+    server = start_train(fed, *job, "--listen", address, env={"SHOAL_SECRET": secret})
     try:
         if before is not None:
             before(address, secret)
         live = run_shoal("federate", "--connect", address, "--processes", str(processes),
-                         "--timeout", "60", env={"SHOAL_PS_SECRET": secret})  # fmt: skip
+                         "--timeout", "60", env={"SHOAL_SECRET": secret})  # fmt: skip
         assert live.returncode == 0, live.stderr
         _, err = server.communicate(timeout=120)
     finally:

@@ -27,9 +27,9 @@ import torch
 import zmq
 
 from shoal import secagg
+from shoal.net import wire
 from shoal.strategies.federated import checks
 from shoal.strategies.federated.checks import Refused
-from shoal.strategies.ps import wire
 from tests.conftest import (
     free_port,
     max_abs_diff,
@@ -133,8 +133,8 @@ class Conn:
 
     def __init__(self, address: str, secret: str, name: str) -> None:
         from shoal.metrics import CommCounter
+        from shoal.net.peer import Peer
         from shoal.strategies.federated.remote import TARGET
-        from shoal.strategies.ps.client import Peer
 
         self.peer = Peer(zmq.Context.instance(), f"tcp://{address}", bytes.fromhex(secret),
                          name, CommCounter(), timeout_s=60, max_bytes=1 << 26,
@@ -461,7 +461,7 @@ def _serve_with(
     server's run directory and what ``guest`` returned."""
     port, secret = free_port(), secrets.token_hex(32)
     address, out = f"127.0.0.1:{port}", tmp_path / "fed"
-    env = {"SHOAL_PS_SECRET": secret}
+    env = {"SHOAL_SECRET": secret}
     server = start_train(out, *job, "--listen", address, env=env)
     honest: list[subprocess.Popen] = []
 
@@ -525,7 +525,7 @@ def test_an_update_for_a_client_handed_to_another_connection_is_refused(tmp_path
     """A process takes a client and vanishes; another authenticated connection sends an
     update of 1e6 for that client: refused and counted. The client is handed again to an
     honest process, and the model is the simulation's."""
-    from shoal.strategies.ps.client import PeerError
+    from shoal.net.peer import PeerError
 
     def impostor(address: str, secret: str, start: Callable[[], None]) -> None:
         holder = Conn(address, secret, "holder")
@@ -566,7 +566,7 @@ def test_a_secure_round_past_its_deadline_unmasks_the_clients_on_time(tmp_path):
     port, secret = free_port(), secrets.token_hex(32)
     address, out = f"127.0.0.1:{port}", tmp_path / "fed"
     server = start_train(out, *job, "--round-deadline", "4", "--listen", address,
-                         env={"SHOAL_PS_SECRET": secret})  # fmt: skip
+                         env={"SHOAL_SECRET": secret})  # fmt: skip
     held_back, refused_keys, errors = {(0, 0), (0, 3)}, {(1, 0), (1, 3)}, []
 
     def client(name: str) -> None:
@@ -603,7 +603,7 @@ def _policy_client(address: str, secret: str, name: str, held_back: set, bad_key
     """An honest client process, but for (round, client) pairs in ``held_back`` (never
     reported) and ``bad_keys`` (reported with a key of small order: refused)."""
     from shoal.errors import PeerLost
-    from shoal.strategies.ps.client import PeerError
+    from shoal.net.peer import PeerError
 
     conn = Conn(address, secret, name)
     try:

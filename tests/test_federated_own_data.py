@@ -72,7 +72,7 @@ def test_clients_with_their_own_files_train_as_the_simulation_of_those_rows(
     address = f"127.0.0.1:{port}"
     server = start_train(fed, *JOB, *extra, "--data", f"parquet:{server_data}",
                          "--listen", address, "--round-deadline", "60",
-                         env={"SHOAL_PS_SECRET": secret})  # fmt: skip
+                         env={"SHOAL_SECRET": secret})  # fmt: skip
     clients = []
     try:
         for k, f in enumerate(files):
@@ -82,7 +82,7 @@ def test_clients_with_their_own_files_train_as_the_simulation_of_those_rows(
             clients.append(subprocess.Popen(
                 [sys.executable, "-m", "shoal", "federate", "--connect", address, "--data",
                  str(own), "--client", str(k), "--timeout", "60"],
-                env=shoal_env({"SHOAL_PS_SECRET": secret}), stdout=subprocess.DEVNULL,
+                env=shoal_env({"SHOAL_SECRET": secret}), stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE, text=True))  # fmt: skip
         _, err = server.communicate(timeout=180)
         client_errs = [c.communicate(timeout=60)[1] for c in clients]
@@ -112,7 +112,7 @@ def test_own_data_flags_are_refused_where_they_mean_nothing(tmp_path, monkeypatc
     """In this process (the same ``main`` the commands run)."""
     from shoal.cli import main
 
-    monkeypatch.setenv("SHOAL_PS_SECRET", "ab" * 16)
+    monkeypatch.setenv("SHOAL_SECRET", "ab" * 16)
     for args, needle in [
         (["--data", str(tmp_path)], "--data and --client go together"),
         (["--client", "1"], "--data and --client go together"),

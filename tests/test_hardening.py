@@ -31,8 +31,8 @@ def _mode(path: Path) -> int:
 @pytest.mark.timeout(30)
 def test_the_drivers_secret_reaches_the_workers_through_a_private_file(tmp_path, monkeypatch):
     from shoal.layout import SECRET_FILE
+    from shoal.net.wire import SECRET_ENV
     from shoal.run import engines
-    from shoal.strategies.ps.wire import SECRET_ENV
 
     monkeypatch.setenv(SECRET_ENV, SECRET)
     engines.give_secret(tmp_path)

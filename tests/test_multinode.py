@@ -168,7 +168,7 @@ def test_ps_servers_and_workers_on_different_hosts(tmp_path):
                 (a, ["train", *JOB, *ps, *multi, *node_a]),
                 (b, ["train", *JOB, *ps, *multi, *node_b]),
             ],
-            env={"SHOAL_PS_SECRET": "ab" * 32},
+            env={"SHOAL_PS_SECRET": "ab" * 32},  # (the former name of SHOAL_SECRET: still read)
         )
     out = tmp_path / "a"
     assert max_abs_diff(params(out), params(single)) < 1e-5

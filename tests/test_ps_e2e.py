@@ -13,7 +13,8 @@ import pytest
 import zmq
 
 from shoal import procs
-from shoal.strategies.ps import hostile, wire
+from shoal.net import wire
+from shoal.strategies.ps import hostile, peers
 from tests.conftest import (
     LINEAR_JOB,
     NOISE_FLOOR,
@@ -209,7 +210,7 @@ def test_a_worker_refuses_a_server_that_does_not_know_the_secret(tmp_path):
         f'[model]\nname = "linear"\n[data]\nname = "synthetic-linear"\n'
         f'[strategy]\nname = "ps"\n[output]\nout = "{tmp_path}"\n'
     )
-    env = shoal_env({wire.SECRET_ENV: "ab" * 32, wire.COORDINATOR_ENV: f"tcp://127.0.0.1:{port}"})
+    env = shoal_env({wire.SECRET_ENV: "ab" * 32, peers.COORDINATOR_ENV: f"tcp://127.0.0.1:{port}"})
     env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", SHOAL_ROLE="worker")
     proc = subprocess.run(
         [sys.executable, "-m", "shoal.worker", str(config)],

@@ -19,9 +19,9 @@ from shoal.models.sparse import (
     init_rows,
     remote_tables,
 )
+from shoal.net import gate, wire
+from shoal.net.peer import Peer, PeerError
 from shoal.strategies import resolve
-from shoal.strategies.ps import gate, wire
-from shoal.strategies.ps.client import Peer, PeerError
 from shoal.strategies.ps.consistency import Steps
 from shoal.strategies.ps.coordinator import Coordinator
 from shoal.strategies.ps.optim import ServerOptimizer

@@ -123,7 +123,7 @@ def test_engine_ray_keeps_the_ps_secret_out_of_the_clusters_records(tmp_path, lo
         "train", *LINEAR_JOB, "--steps", "10", "--workers", "1", "--out", str(out),
         "--engine", "ray", "--address", ray.get_runtime_context().gcs_address,
         "--no-progress", "--no-report",
-        env={"SHOAL_PS_SECRET": secret, "SHOAL_TEST_MARKER": marker},
+        env={"SHOAL_SECRET": secret, "SHOAL_TEST_MARKER": marker},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     recorded = _recorded_by_ray()

@@ -22,8 +22,8 @@ import torch
 import zmq
 
 from shoal import secagg
+from shoal.net import gate, wire
 from shoal.strategies.federated.remote import TARGET, max_bytes
-from shoal.strategies.ps import gate, wire
 from tests.conftest import shoal_env
 
 # --- units: one round between Client objects, the server routing ------------------------

@@ -391,7 +391,7 @@ def _link_down(
         return None
     _say("ps on 2 machines, one link taken down ...")
     steps = ["--steps", str(steps)]
-    secret = {"SHOAL_PS_SECRET": os.urandom(32).hex(), "SHOAL_FAULT": SLOW}
+    secret = {"SHOAL_SECRET": os.urandom(32).hex(), "SHOAL_FAULT": SLOW}
     with netns.hosts(2, subnet="10.231.77") as (a, b):
         endpoint = f"{a.addr}:{_free_port()}"
         nodes = []

@@ -14,11 +14,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "federate",
         help="train a federation's clients here, for a server elsewhere",
         description="Join the federation whose server runs `shoal train --strategy fedavg "
-        "--listen HOST:PORT`: prove the job's secret (SHOAL_PS_SECRET, the same as the "
+        "--listen HOST:PORT`: prove the job's secret (SHOAL_SECRET, the same as the "
         "server's), receive the job, build the data and the clients' rows here (or, with "
         "--data, read this client's own rows), then train the clients the server hands "
         "out, round after round, until it is done. Only model updates leave this machine.",
-        epilog="examples: SHOAL_PS_SECRET=$SECRET shoal federate --connect 10.0.0.1:7000 "
+        epilog="examples: SHOAL_SECRET=$SECRET shoal federate --connect 10.0.0.1:7000 "
         "--processes 2;  with rows of its own (server: --partition files): "
         "shoal federate --connect 10.0.0.1:7000 --data /data/mine.parquet --client 3",
     )

@@ -27,12 +27,12 @@ from shoal.config import JobConfig, dumps_toml, loads_toml
 from shoal.dist import init
 from shoal.errors import UserError
 from shoal.layout import ATTEMPTS_FILE, SECRET_FILE, SUMMARY_FILE, USER_ERROR_FILE, write_atomic
+from shoal.net.wire import OLD_SECRET_ENV, SECRET_ENV, secret_hex
 from shoal.run.directory import prepare_run_dir
 from shoal.run.guest import continued, fit_to_launcher, run_ranks
 from shoal.run.resolve import Request, as_config, resolve_job
 from shoal.run.summary import finish
 from shoal.strategies import resolve as plugin_of
-from shoal.strategies.ps.wire import SECRET_ENV
 
 JobLike = JobConfig | Mapping | str | os.PathLike
 """A job as the engines' functions take it: a :class:`~shoal.config.JobConfig`, its TOML
@@ -142,7 +142,7 @@ def _next_attempt(out: Path) -> int:
 
 
 # --- the job's secret ---------------------------------------------------------------------
-# An engine's workers need the driver's SHOAL_PS_SECRET (a federation's server that
+# An engine's workers need the driver's SHOAL_SECRET (a federation's server that
 # listens for `shoal federate` clients must know theirs). Ray's runtime_env would carry
 # it, but Ray stores a job's runtime_env in its cluster, where whoever can use the
 # cluster reads it (`ray list jobs`, the dashboard, the job table). A file in the run
@@ -153,10 +153,10 @@ def _next_attempt(out: Path) -> int:
 
 
 def give_secret(out: Path) -> None:
-    """Driver: leave its ``SHOAL_PS_SECRET`` (if any) where the job's workers read it,
+    """Driver: leave its ``SHOAL_SECRET`` (if any) where the job's workers read it,
     readable by this user only; remove a stale one otherwise."""
     path = out / SECRET_FILE
-    secret = os.environ.get(SECRET_ENV, "")
+    secret = secret_hex()
     if not secret:
         path.unlink(missing_ok=True)  # (one a killed driver left must not stand in)
         return
@@ -170,7 +170,7 @@ def take_back_secret(out: Path) -> None:
 
 
 def _take_secret(out: Path) -> None:
-    """Worker: the driver's ``SHOAL_PS_SECRET``, from the run directory, where it left one."""
+    """Worker: the driver's ``SHOAL_SECRET``, from the run directory, where it left one."""
     try:
         secret = (out / SECRET_FILE).read_text().strip()
     except OSError:
@@ -208,7 +208,8 @@ def run_on_ray(job: JobConfig) -> int:
         os.environ.setdefault("RAY_worker_niceness", "0")  # (Ray's default: nice 15)
     # shoal's other variables (SHOAL_FAULT, ...) travel in the runtime_env; the secret
     # does not (see give_secret)
-    forwarded = {k: v for k, v in os.environ.items() if "SHOAL" in k and k != SECRET_ENV}
+    secrets = (SECRET_ENV, OLD_SECRET_ENV)
+    forwarded = {k: v for k, v in os.environ.items() if "SHOAL" in k and k not in secrets}
     try:
         give_secret(out)
         ray.init(

@@ -11,7 +11,7 @@ the round (its client was handed to that connection, the ids are the round's
 clients, the step is under way) is the server's to check.
 
 Each message has exactly its fields (``id``, the request id, is an integer;
-``t``, the wire's tensor list, is read by :func:`shoal.strategies.ps.wire.decode`;
+``t``, the wire's tensor list, is read by :func:`shoal.net.wire.decode`;
 fields in brackets may be left out: ``holds``, the client whose own rows a process
 brings, and ``examples``, a client's count of its rows, both integers):
 
@@ -113,7 +113,7 @@ class Message:
 
 
 def parse(header: dict[str, Any], tensors: list[torch.Tensor], numel: int, secure: bool) -> Message:
-    """``header`` and ``tensors`` (as :func:`~shoal.strategies.ps.wire.decode` gave them)
+    """``header`` and ``tensors`` (as :func:`~shoal.net.wire.decode` gave them)
     as a :class:`Message`; raises :class:`Refused` (kind ``malformed``) where a field is
     missing, extra or wrong. ``numel``: the model's size; ``secure``: whether the
     federation runs secure aggregation."""

@@ -22,11 +22,11 @@ from shoal import privacy, secagg
 from shoal.config import loads_toml
 from shoal.errors import PeerLost, UserError
 from shoal.metrics import CommCounter
+from shoal.net import wire
+from shoal.net.peer import Peer
 from shoal.strategies.federated import checks
 from shoal.strategies.federated.local import contribution
 from shoal.strategies.federated.remote import TARGET, WAIT_S, max_bytes
-from shoal.strategies.ps import wire
-from shoal.strategies.ps.client import Peer
 
 
 def run_client(

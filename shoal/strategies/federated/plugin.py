@@ -62,7 +62,7 @@ class FedAvgConfig:
     )  # fmt: skip
     listen: str = option(
         "", "HOST:PORT: serve clients on other machines (shoal federate --connect) instead "
-        "of simulating them; needs --workers 1 and SHOAL_PS_SECRET",
+        "of simulating them; needs --workers 1 and SHOAL_SECRET",
     )  # fmt: skip
     round_deadline: float = option(
         0.0, "seconds a round waits for its clients; later ones are left out (0: no limit)",

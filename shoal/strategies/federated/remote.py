@@ -4,13 +4,13 @@
 that holds the global model and, each round, hands the round's clients to the
 client processes that ask for work. ``shoal federate --connect HOST:PORT`` runs
 a client process on another machine: it proves it knows the job's secret
-(``SHOAL_PS_SECRET``, the same on every machine; see
-:mod:`shoal.strategies.ps.gate`), receives the job, builds the data and the
+(``SHOAL_SECRET``, the same on every machine; see
+:mod:`shoal.net.gate`), receives the job, builds the data and the
 clients' partitions itself (seeded: the same rows as the server's simulation
 would give each client), and then, until the job is done: pulls a client and
 the global model, trains the client locally, pushes its change.
 
-Every message is shoal's wire (:mod:`shoal.strategies.ps.wire`): a JSON header
+Every message is shoal's wire (:mod:`shoal.net.wire`): a JSON header
 and raw tensors, never pickle, parsed only after the peer authenticated. The
 server weighs each change by the rows the *server* knows the client holds,
 sums the round's changes in client order, and applies the same server step as
@@ -93,10 +93,10 @@ from shoal.config import JobConfig, dumps_toml
 from shoal.data import partition
 from shoal.errors import UserError
 from shoal.metrics import CommCounter
+from shoal.net import gate, wire
 from shoal.strategies.federated import checks
 from shoal.strategies.federated.checks import Message, Refused
 from shoal.strategies.federated.rounds import ClientWork, RoundTask
-from shoal.strategies.ps import gate, wire
 
 TARGET = "federation"
 """The listener's name in tokens and proofs."""

@@ -30,7 +30,7 @@ from shoal.data.sampler import GlobalBatchSampler
 from shoal.errors import UserError
 from shoal.layout import ENDPOINTS_FILE, write_atomic
 from shoal.models.sparse import count_parameters
-from shoal.strategies.ps import gate, wire
+from shoal.net import gate, wire
 from shoal.strategies.ps.finish import pull_final_model
 from shoal.strategies.ps.membership import HEARTBEAT_LOST, Membership
 from shoal.strategies.ps.recovery import ShardRecovery, ShardTable

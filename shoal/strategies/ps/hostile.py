@@ -3,7 +3,7 @@ job's secret can send to a shard or the coordinator.
 
 Each function speaks raw TCP (ZMTP 3 framing by hand, as an attacker would, not
 through libzmq), is bounded in time and closes what it opened. None of them
-should get past the door (:mod:`~shoal.strategies.ps.gate`).
+should get past the door (:mod:`~shoal.net.gate`).
 """
 
 from __future__ import annotations

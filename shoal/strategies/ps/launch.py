@@ -21,8 +21,10 @@ from shoal.dist import DistEnv, resolve_device
 from shoal.errors import UserError
 from shoal.launch import LaunchFailed, Role, RoleGroup, describe_exit, local_address
 from shoal.metrics import CommCounter
-from shoal.strategies.ps import gate, wire
-from shoal.strategies.ps.client import Heartbeat, Peer, PeerError, PeerGone, PeerTimeout
+from shoal.net import gate, wire
+from shoal.net.peer import Peer, PeerError, PeerGone, PeerTimeout
+from shoal.strategies.ps import peers
+from shoal.strategies.ps.client import Heartbeat
 from shoal.strategies.ps.coordinator import Coordinator
 from shoal.strategies.ps.server import Server, coordinator_dir
 
@@ -52,7 +54,7 @@ def check_job(job: JobConfig) -> None:
         )
     if resolve_device(job.train.device) != "cpu":
         raise UserError("--strategy ps runs on the CPU for now (--device cpu)")
-    secret_hex = os.environ.get(wire.SECRET_ENV, "")
+    secret_hex = wire.secret_hex()
     if job.cluster.nnodes > 1 and not secret_hex:
         raise UserError(
             f"--strategy ps on several machines needs {wire.SECRET_ENV} set to the same "
@@ -80,7 +82,7 @@ def launch_ps(job: JobConfig, config_path: str) -> None:
     cluster = job.cluster
     check_job(job)
     multi = cluster.nnodes > 1
-    secret = bytes.fromhex(os.environ.get(wire.SECRET_ENV, "") or wire.new_secret())
+    secret = bytes.fromhex(wire.secret_hex() or wire.new_secret())
     if multi:
         host, port = parse_endpoint(cluster.rdzv_endpoint)
         local_host, address = local_address(host, port), f"tcp://{host}:{port}"
@@ -121,8 +123,8 @@ def launch_ps(job: JobConfig, config_path: str) -> None:
         raise UserError(str(layout["refused"]))
     base = {
         wire.SECRET_ENV: secret.hex(),
-        wire.COORDINATOR_ENV: address,
-        wire.HOST_ENV: local_host,
+        peers.COORDINATOR_ENV: address,
+        peers.HOST_ENV: local_host,
         "LOCAL_WORLD_SIZE": str(cluster.workers + cluster.servers),
         "OMP_NUM_THREADS": "1",
     }
@@ -304,7 +306,7 @@ def _servers_exited(
             file=sys.stderr,
             flush=True,
         )
-        group.restart(role, {wire.BIND_ENV: str(reply["address"])})
+        group.restart(role, {peers.BIND_ENV: str(reply["address"])})
 
 
 def _watch(
@@ -368,7 +370,7 @@ def run_in_group(job: JobConfig, group: DistEnv, train: Callable[[], int]) -> in
     coordinator = node = None
     info: list[Any] = [None]
     if group.rank == 0:
-        secret = bytes.fromhex(os.environ.get(wire.SECRET_ENV, "") or wire.new_secret())
+        secret = bytes.fromhex(wire.secret_hex() or wire.new_secret())
         sampler = job_sampler(job)
         total_steps = job.train.total_steps(sampler.steps_per_epoch)
         coordinator = Coordinator(
@@ -381,8 +383,13 @@ def run_in_group(job: JobConfig, group: DistEnv, train: Callable[[], int]) -> in
         node.call({"op": "node", "node_rank": 0, "workers": size - servers, "servers": servers})
         info = [{"address": coordinator.address, "secret": secret.hex()}]
     tdist.broadcast_object_list(info, src=0)
-    os.environ.update({wire.SECRET_ENV: info[0]["secret"], wire.COORDINATOR_ENV: info[0]["address"],
-                       wire.HOST_ENV: host})  # fmt: skip
+    os.environ.update(
+        {
+            wire.SECRET_ENV: info[0]["secret"],
+            peers.COORDINATOR_ENV: info[0]["address"],
+            peers.HOST_ENV: host,
+        }
+    )
     if group.rank >= servers:  # a worker, numbered among the workers
         worker = group.rank - servers
         os.environ.update({"RANK": str(worker), "WORLD_SIZE": str(size - servers),
@@ -429,7 +436,7 @@ def run_server(job: JobConfig, last: bool = True) -> None:
     nothing else in this process talks over ZeroMQ, so its context ends here."""
     secret = wire.load_secret()
     shard = int(os.environ["SHOAL_ROLE_RANK"])
-    host = os.environ.get(wire.HOST_ENV, "127.0.0.1")
+    host = os.environ.get(peers.HOST_ENV, "127.0.0.1")
     server = Server(
         shard,
         secret,
@@ -437,15 +444,15 @@ def run_server(job: JobConfig, last: bool = True) -> None:
         job.strategy.options.mode,
         job.strategy.options.staleness,
         # a restarted shard takes its predecessor's address: workers reconnect to it
-        bind=os.environ.get(wire.BIND_ENV) or f"tcp://{host}:0",
-        max_message_bytes=wire.max_message_bytes(job),
+        bind=os.environ.get(peers.BIND_ENV) or f"tcp://{host}:0",
+        max_message_bytes=peers.max_message_bytes(job),
         run_dir=job.output.out,
         keep_checkpoints=job.train.keep_checkpoints,
         max_connections=gate.max_connections(job),
     )
     peer = Peer(
         zmq.Context.instance(),
-        os.environ[wire.COORDINATOR_ENV],
+        os.environ[peers.COORDINATOR_ENV],
         secret,
         f"server{shard}",
         CommCounter(),
@@ -460,7 +467,7 @@ def run_server(job: JobConfig, last: bool = True) -> None:
     )
     peer.close()
     heartbeat = Heartbeat(
-        os.environ[wire.COORDINATOR_ENV],
+        os.environ[peers.COORDINATOR_ENV],
         secret,
         f"server{shard}-heartbeat",
         {"op": "heartbeat", "shard": shard},

@@ -28,8 +28,8 @@ from shoal import checkpoint
 from shoal.config import JobConfig
 from shoal.errors import UserError
 from shoal.metrics import CommCounter
-from shoal.strategies.ps import wire
-from shoal.strategies.ps.client import Peer, PeerError
+from shoal.net import wire
+from shoal.net.peer import Peer, PeerError
 from shoal.strategies.ps.server import coordinator_dir, shard_dir
 from shoal.strategies.ps.tasks import TaskQueue
 

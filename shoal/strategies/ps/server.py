@@ -3,7 +3,7 @@
 One process, one ROUTER socket, one thread: requests are handled in arrival
 order, and pulls that the consistency mode says must wait are parked and
 answered as soon as the applied steps allow. Only peers that proved they know
-the job's secret reach the socket (:mod:`~shoal.strategies.ps.gate`); bad
+the job's secret reach the socket (:mod:`~shoal.net.gate`); bad
 messages from them are refused and counted; they never stop the loop.
 """
 
@@ -25,7 +25,7 @@ from shoal.compress import Codec, Payload, PowerSGD, parse_codec
 from shoal.config import OptimConfig
 from shoal.faults import Injector
 from shoal.layout import PS_SHARDS_DIR
-from shoal.strategies.ps import gate, wire
+from shoal.net import gate, wire
 from shoal.strategies.ps.consistency import Steps
 from shoal.strategies.ps.optim import ServerOptimizer
 from shoal.strategies.ps.storage import SparseTable, sum_rows

@@ -29,9 +29,11 @@ from shoal.errors import PeerRejected
 from shoal.memory import ActivationMeter
 from shoal.metrics import CommCounter, PhaseTimer
 from shoal.models.sparse import SparseEmbedding
+from shoal.net import wire
+from shoal.net.peer import Peer, PeerError, PeerTimeout
 from shoal.strategies.base import Batch, LossFn, Strategy
-from shoal.strategies.ps import wire
-from shoal.strategies.ps.client import Client, Heartbeat, Peer, PeerError, PeerTimeout
+from shoal.strategies.ps import peers
+from shoal.strategies.ps.client import Client, Heartbeat
 from shoal.strategies.ps.optim import ServerOptimizer
 from shoal.strategies.ps.placement import dense_plan, row_shard
 
@@ -188,9 +190,9 @@ class ParameterServer(Strategy):
         ctx = zmq.Context.instance()
         who = f"worker{self.worker}"
         # telemetry to the coordinator is not training traffic: its own counter
-        self.coordinator = Peer(ctx, os.environ[wire.COORDINATOR_ENV], secret, who, CommCounter())
+        self.coordinator = Peer(ctx, os.environ[peers.COORDINATOR_ENV], secret, who, CommCounter())
         self.heartbeat = Heartbeat(
-            os.environ[wire.COORDINATOR_ENV],
+            os.environ[peers.COORDINATOR_ENV],
             secret,
             f"heartbeat{self.worker}",
             {"op": "heartbeat", "worker": self.worker},
@@ -253,7 +255,7 @@ class ParameterServer(Strategy):
             self.secret,
             f"worker{self.worker}",
             self.comm,
-            max_bytes=wire.max_message_bytes(self.job),
+            max_bytes=peers.max_message_bytes(self.job),
         )
         client.watch(self._check_restored)
         return client

@@ -1,4 +1,5 @@
-"""The parameter server's wire: ZeroMQ multipart messages, never pickle.
+"""shoal's wire, spoken by the parameter server and by a federation's server and
+clients: ZeroMQ multipart messages, never pickle.
 
 A message is ``[header, frame, frame, ...]``. The header is a UTF-8 JSON
 object with an ``op`` and a ``t`` list describing each tensor that follows as
@@ -7,7 +8,7 @@ object with an ``op`` and a ``t`` list describing each tensor that follows as
 copy; larger ones are cut on sending without a copy and joined by one copy on
 receipt). Listeners accept no larger frame, which is what bounds what a peer
 that has not authenticated can make them hold (see
-:mod:`~shoal.strategies.ps.gate`). :func:`decode` checks everything a hostile
+:mod:`~shoal.net.gate`). :func:`decode` checks everything a hostile
 or broken peer could get wrong (size of the header before it is parsed, JSON
 shape, dtypes, declared vs actual byte counts, total size before anything is
 allocated) and raises :class:`WireError` naming the kind of fault, which the
@@ -25,8 +26,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from shoal.config import JobConfig
 
 FRAME_BYTES = 64 * 1024
 """The largest frame on the wire (``ZMQ_MAXMSGSIZE`` of every socket)."""
@@ -204,27 +203,25 @@ def message_bytes(frames: list[Any]) -> int:
     return total
 
 
-# --- the job's secret, and where peers are ----------------------------------------------
+# --- the job's secret ---------------------------------------------------------------
 
-SECRET_ENV = "SHOAL_PS_SECRET"
-COORDINATOR_ENV = "SHOAL_PS_COORDINATOR"
-"""Where workers and servers find the coordinator (set by the launcher)."""
-HOST_ENV = "SHOAL_PS_HOST"
-"""The address this machine's servers listen on (set by the launcher)."""
-BIND_ENV = "SHOAL_PS_BIND"
-"""The exact address a restarted server binds: the one its predecessor had."""
+SECRET_ENV = "SHOAL_SECRET"
+"""The job's shared secret (hex), which every peer proves it knows (see
+:mod:`shoal.net.gate`); set by the launcher, or by the user for machines it does not
+start (``shoal federate`` clients)."""
+OLD_SECRET_ENV = "SHOAL_PS_SECRET"
+"""The name it had when only the parameter server spoke this wire: still read."""
 
 
-def max_message_bytes(job: JobConfig) -> int:
-    """The largest message a peer accepts, from ``--ps-max-message-mb``."""
-    return int(job.strategy.options.max_message_mb * 1024 * 1024)
+def secret_hex() -> str:
+    """The secret as set in this process's environment, under either name ("" if none)."""
+    return os.environ.get(SECRET_ENV, "") or os.environ.get(OLD_SECRET_ENV, "")
 
 
 def load_secret() -> bytes:
-    """The job's shared secret: ``SHOAL_PS_SECRET`` (hex), set by the launcher."""
-    value = os.environ.get(SECRET_ENV, "")
+    """The job's shared secret: ``SHOAL_SECRET`` (hex), at least 16 bytes."""
     try:
-        secret = bytes.fromhex(value)
+        secret = bytes.fromhex(secret_hex())
     except ValueError:
         secret = b""
     if len(secret) < 16:

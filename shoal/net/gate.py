@@ -44,7 +44,7 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from shoal.strategies.ps.wire import FRAME_BYTES
+from shoal.net.wire import FRAME_BYTES
 
 HANDSHAKE_S = 5.0
 """A connection that has not authenticated by then is closed (``ZMQ_HANDSHAKE_IVL``)."""
