@@ -148,7 +148,7 @@ def launch(cluster: ClusterConfig, config_path: str) -> None:
     from torch.distributed.launcher.api import elastic_launch
     from torch.distributed.run import config_from_args, parse_args
 
-    _quiet_torchrun()
+    quiet_torchrun()
     _pass_ctrl_c_on_as_sigterm()
     failed = _name_failed_workers(cluster, failures_dir(config_path))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -448,7 +448,7 @@ def _name_failed_workers(cluster: ClusterConfig, where: Path) -> _FailedWorker:
     return handler
 
 
-def _quiet_torchrun() -> None:
+def quiet_torchrun() -> None:
     """torchrun's agent logs every rendezvous detail at INFO/WARNING; keep errors."""
     prefixes = (
         "torch.distributed.elastic",
@@ -479,116 +479,3 @@ def _cheap_rendezvous_names() -> None:
 
     if hasattr(dynamic_rendezvous, "get_method_name"):
         dynamic_rendezvous.get_method_name = get_method_name
-
-
-# --- independent roles (parameter server) -----------------------------------------------
-
-
-@dataclass
-class Role:
-    """One process to start: its role name, its rank within the role, its environment."""
-
-    role: str
-    rank: int
-    env: dict[str, str]
-
-
-class RoleGroup:
-    """Processes started with torchrun's process layer, each watched on its own.
-
-    torchrun's agent treats its workers as one unit: one failure stops (or
-    restarts) them all. A parameter server needs the opposite, so roles are
-    started one ``PContext`` each (``torch.distributed.elastic.multiprocessing.
-    start_processes``, the layer under the agent) and :meth:`poll` reports each
-    exit separately.
-    """
-
-    def __init__(self, roles: list[Role], config_path: str) -> None:
-        _quiet_torchrun()
-        # each exit is reported by the caller, in its own words
-        logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(
-            logging.CRITICAL
-        )
-        self.roles = roles
-        self.config_path = config_path
-        self.raised = Raised(failures_dir(config_path))
-        """The exceptions its processes stopped on (:data:`~shoal.failure.EXIT_RAISED`)."""
-        self.contexts = [self._start(r) for r in roles]
-        self.exit_codes: dict[int, int] = {}
-        self.restarts: dict[int, int] = {}
-        self.stopped_since: dict[int, float] = {}  # pid -> when first seen stopped
-
-    def _start(self, r: Role) -> Any:
-        from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, start_processes
-
-        env = {**r.env, "SHOAL_ROLE": r.role, "SHOAL_ROLE_RANK": str(r.rank)}
-        env[LAUNCHER_ENV] = str(os.getpid())
-        env[failure.FAILURES_ENV] = str(self.raised.where)
-        return start_processes(
-            name=f"shoal-{r.role}{r.rank}",
-            entrypoint=sys.executable,
-            args={0: ("-u", "-m", WORKER_MODULE, self.config_path)},
-            envs={0: env},
-            logs_specs=DefaultLogsSpecs(),
-        )
-
-    def restart(self, role: Role, env: dict[str, str]) -> int:
-        """Start ``role`` again (it exited), with ``env`` added; how often it was restarted."""
-        i = self.roles.index(role)
-        self.roles[i] = Role(role.role, role.rank, {**role.env, **env})
-        self.contexts[i] = self._start(self.roles[i])
-        self.exit_codes.pop(i, None)
-        self.restarts[i] = self.restarts.get(i, 0) + 1
-        return self.restarts[i]
-
-    def poll(self) -> list[tuple[Role, int]]:
-        """Roles that exited since the last call, with their exit codes (negative: signal)."""
-        exited = []
-        for i, ctx in enumerate(self.contexts):
-            if i in self.exit_codes:
-                continue
-            result = ctx.wait(0)
-            if result is None:
-                continue
-            code = 0
-            if result.failures:
-                code = next(iter(result.failures.values())).exitcode
-            self.exit_codes[i] = code
-            exited.append((self.roles[i], code))
-        return exited
-
-    def kill(self, role: str, rank: int) -> None:
-        """Stop one role's process (a hung worker): SIGKILL, even if it is stopped."""
-        for i, r in enumerate(self.roles):
-            if r.role == role and r.rank == rank and i not in self.exit_codes:
-                for pid in self.contexts[i].pids().values():
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-
-    def stopped(self, for_s: float) -> list[tuple[Role, int, float]]:
-        """Roles whose process has been stopped (SIGSTOP, a debugger) for ``for_s``
-        seconds or more: ``(role, pid, seconds)``. A stopped process beats no heartbeat
-        and answers nothing; its launcher sees it at once, wherever it was."""
-        now, found, seen = time.monotonic(), [], set()
-        for i, ctx in enumerate(self.contexts):
-            if i in self.exit_codes:
-                continue
-            for pid in ctx.pids().values():
-                seen.add(pid)
-                if procs.state(pid) != "stopped":
-                    self.stopped_since.pop(pid, None)
-                    continue
-                since = self.stopped_since.setdefault(pid, now)
-                if now - since >= for_s:
-                    found.append((self.roles[i], pid, now - since))
-        self.stopped_since = {p: t for p, t in self.stopped_since.items() if p in seen}
-        return found
-
-    @property
-    def running(self) -> int:
-        return len(self.contexts) - len(self.exit_codes)
-
-    def close(self) -> None:
-        for i, ctx in enumerate(self.contexts):
-            if i not in self.exit_codes:
-                ctx.close()

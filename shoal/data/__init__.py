@@ -47,6 +47,21 @@ def build_dataset(cfg: DataConfig, check: bool = False) -> Dataset:
     return a :class:`Dataset`. Files on disk are opened, not read; ``check`` scans
     their labels too (the launcher does).
     """
+    global _LAST
+    if disk_path(cfg.name) is not None or is_user_ref(cfg.name):
+        return _build(cfg, check)  # (files may change, user code may differ each call)
+    key = repr(cfg)
+    if _LAST is None or _LAST[0] != key:
+        _LAST = (key, _build(cfg, check))
+    return _LAST[1]  # (the launcher checks the job, then starts it: one build)
+
+
+_LAST: tuple[str, Dataset] | None = None
+"""The built-in dataset this process generated last, and its settings (a function of
+them alone)."""
+
+
+def _build(cfg: DataConfig, check: bool) -> Dataset:
     if disk_path(cfg.name) is not None:
         return disk_dataset(cfg, check)
     if is_user_ref(cfg.name):

@@ -19,13 +19,14 @@ from shoal.data import build_dataset, build_order
 from shoal.data.sampler import GlobalBatchSampler
 from shoal.dist import DistEnv, resolve_device
 from shoal.errors import UserError
-from shoal.launch import LaunchFailed, Role, RoleGroup, describe_exit, local_address
+from shoal.launch import LaunchFailed, describe_exit, local_address
 from shoal.metrics import CommCounter
 from shoal.net import gate, wire
 from shoal.net.peer import Peer, PeerError, PeerGone, PeerTimeout
 from shoal.strategies.ps import peers
 from shoal.strategies.ps.client import Heartbeat
 from shoal.strategies.ps.coordinator import Coordinator
+from shoal.strategies.ps.roles import Role, RoleGroup
 from shoal.strategies.ps.server import Server, coordinator_dir
 
 
@@ -79,8 +80,7 @@ def launch_ps(job: JobConfig, config_path: str) -> None:
     MIN machines registered; up to MAX in all may join later with workers, which
     take tasks from the queue like the others.
     """
-    cluster = job.cluster
-    check_job(job)
+    cluster = job.cluster  # (checked as it was resolved: see Plugin.check)
     multi = cluster.nnodes > 1
     secret = bytes.fromhex(wire.secret_hex() or wire.new_secret())
     if multi:
