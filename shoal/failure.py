@@ -151,3 +151,44 @@ def verdict(failure: Failure, before: list[Failure]) -> str:
 def stopped(where: str | None) -> bool:
     """Whether the launcher decided that this job is not to be retried."""
     return bool(where) and (Path(where) / STOP_FILE).exists()  # type: ignore[arg-type]
+
+
+class Raised:
+    """The exceptions this node's processes stopped on, read from their records in
+    ``where`` (see :mod:`shoal.failure`) as their launcher learns of each exit."""
+
+    def __init__(self, where: Path) -> None:
+        self.where = where
+        self.seen: list[Failure] = []
+
+    def take(self, role: str = "worker") -> tuple[Failure | None, str]:
+        """The first new record of ``role``, printed unless the same exception was printed
+        before (at any step), and why restarting cannot help (empty: it may)."""
+        known = {(f.role, f.rank, f.time) for f in self.seen}
+        new = []
+        for path in sorted(self.where.glob(f"{role}-*.json")):
+            found = read(self.where, role, int(path.stem.rpartition("-")[2]))
+            if found is not None and (found.role, found.rank, found.time) not in known:
+                new.append(found)
+        if not new:
+            return None, ""
+        new.sort(key=lambda f: f.time)
+        first = new[0]
+        if not any((f.kind, f.message) == (first.kind, first.message) for f in self.seen):
+            print(first.show(), file=sys.stderr, flush=True)  # (once, wherever it recurs)
+        before = [f for f in self.seen if (f.role, f.rank) == (first.role, first.rank)]
+        self.seen += new
+        return first, verdict(first, before)
+
+
+def failures_dir(job_dir: Path) -> Path:
+    """Where this node's processes record their exceptions (beside the job they read,
+    in ``job_dir``), emptied for a new launch."""
+    import shutil
+
+    from shoal.layout import FAILURES_DIR
+
+    where = job_dir / FAILURES_DIR
+    shutil.rmtree(where, ignore_errors=True)
+    where.mkdir(parents=True, exist_ok=True)
+    return where

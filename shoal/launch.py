@@ -29,7 +29,6 @@ from shoal import failure, procs
 from shoal.config import ClusterConfig, parse_endpoint
 from shoal.dist import LAUNCHER_ENV, loopback_listener
 from shoal.errors import UserError
-from shoal.layout import FAILURES_DIR
 
 WORKER_MODULE = "shoal.worker"
 
@@ -150,7 +149,7 @@ def launch(cluster: ClusterConfig, config_path: str) -> None:
 
     quiet_torchrun()
     _pass_ctrl_c_on_as_sigterm()
-    failed = _name_failed_workers(cluster, failures_dir(config_path))
+    failed = _name_failed_workers(cluster, failure.failures_dir(Path(config_path).parent))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ[LAUNCHER_ENV] = str(os.getpid())
     os.environ[failure.FAILURES_ENV] = str(failed.where)
@@ -351,7 +350,7 @@ class _FailedWorker(logging.Handler):
         self.cluster = cluster
         self.where = where
         self.mistake = False
-        self.raised = Raised(where)
+        self.raised = failure.Raised(where)
         self.final = ""  # why the job is not retried, once decided
 
     def _stop_agent(self) -> None:
@@ -397,45 +396,6 @@ class _FailedWorker(logging.Handler):
             file=sys.stderr,
             flush=True,
         )
-
-
-class Raised:
-    """The exceptions this node's processes stopped on, read from their records in
-    ``where`` (see :mod:`shoal.failure`) as their launcher learns of each exit."""
-
-    def __init__(self, where: Path) -> None:
-        self.where = where
-        self.seen: list[failure.Failure] = []
-
-    def take(self, role: str = "worker") -> tuple[failure.Failure | None, str]:
-        """The first new record of ``role``, printed unless the same exception was printed
-        before (at any step), and why restarting cannot help (empty: it may)."""
-        known = {(f.role, f.rank, f.time) for f in self.seen}
-        new = []
-        for path in sorted(self.where.glob(f"{role}-*.json")):
-            found = failure.read(self.where, role, int(path.stem.rpartition("-")[2]))
-            if found is not None and (found.role, found.rank, found.time) not in known:
-                new.append(found)
-        if not new:
-            return None, ""
-        new.sort(key=lambda f: f.time)
-        first = new[0]
-        if not any((f.kind, f.message) == (first.kind, first.message) for f in self.seen):
-            print(first.show(), file=sys.stderr, flush=True)  # (once, wherever it recurs)
-        before = [f for f in self.seen if (f.role, f.rank) == (first.role, first.rank)]
-        self.seen += new
-        return first, failure.verdict(first, before)
-
-
-def failures_dir(config_path: str) -> Path:
-    """Where this node's workers record their exceptions (beside the job they read),
-    emptied for a new launch."""
-    import shutil
-
-    where = Path(config_path).parent / FAILURES_DIR
-    shutil.rmtree(where, ignore_errors=True)
-    where.mkdir(parents=True, exist_ok=True)
-    return where
 
 
 def _name_failed_workers(cluster: ClusterConfig, where: Path) -> _FailedWorker:

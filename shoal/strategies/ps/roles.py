@@ -10,11 +10,12 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from shoal import failure, procs
 from shoal.dist import LAUNCHER_ENV
-from shoal.launch import WORKER_MODULE, Raised, failures_dir, quiet_torchrun
+from shoal.launch import WORKER_MODULE, quiet_torchrun
 
 
 @dataclass
@@ -44,7 +45,7 @@ class RoleGroup:
         )
         self.roles = roles
         self.config_path = config_path
-        self.raised = Raised(failures_dir(config_path))
+        self.raised = failure.Raised(failure.failures_dir(Path(config_path).parent))
         """The exceptions its processes stopped on (:data:`~shoal.failure.EXIT_RAISED`)."""
         self.contexts = [self._start(r) for r in roles]
         self.exit_codes: dict[int, int] = {}
