@@ -126,8 +126,8 @@ def resolve_job(request: Request) -> JobConfig:
     """The job ``request`` describes, complete and checked (:class:`UserError` with one
     line for a mistake); its run directory named but not yet taken."""
     resume = request.value("output", "resume") or _auto_resume(request)
-    stored = load_toml(Path(resume) / CONFIG_FILE) if resume else None
     job, from_file = layered(request, resume)
+    stored = load_toml(Path(resume) / CONFIG_FILE) if resume else None
     _cluster_from_scheduler(request, job)
     if request.gave("train", "epochs") and not request.gave("train", "steps"):
         job.train.steps = 0
