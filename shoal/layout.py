@@ -29,7 +29,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from shoal.config import JobConfig, dumps_toml
+from shoal.config import JobConfig
+from shoal.jobfile import dumps_toml
 
 if TYPE_CHECKING:
     import torch

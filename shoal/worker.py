@@ -17,10 +17,11 @@ from pathlib import Path
 import torch.distributed
 
 from shoal import dist, failure, procs
-from shoal.config import JobConfig, load_toml
+from shoal.config import JobConfig
 from shoal.errors import PeerLost, PeerRejected, UserError
 from shoal.faults import Injector
 from shoal.health import EXIT_PEER_LOST, Heartbeat
+from shoal.jobfile import load_toml
 from shoal.launch import LAUNCHER_ENV
 from shoal.layout import USER_ERROR_FILE
 from shoal.preempt import EXIT_PREEMPTED, Preempted

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from shoal.config import JobConfig, dumps_toml, from_dict, load_toml, parse_endpoint
+from shoal.config import JobConfig, parse_endpoint
 from shoal.errors import UserError
+from shoal.jobfile import dumps_toml, from_dict, load_toml
 from shoal.strategies import resolve
 
 

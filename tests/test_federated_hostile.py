@@ -161,8 +161,8 @@ class Local:
 
     def __init__(self, config: str) -> None:
         from shoal import privacy
-        from shoal.config import loads_toml
         from shoal.data import build_dataset
+        from shoal.jobfile import loads_toml
         from shoal.models import build_model
         from shoal.models.tasks import per_sample_loss
         from shoal.optim import build_optimizer

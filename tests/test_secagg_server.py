@@ -243,8 +243,8 @@ def test_honest_client_processes_defeat_a_malicious_server(tmp_path):
     every input, then with the target "dropped", for both its self-mask and key shares:
     the second request is refused everywhere, and its key cannot be rebuilt; (3) a
     round whose only input is the target's: nobody helps unmask it."""
-    from shoal.config import dumps_toml
     from shoal.data import build_dataset
+    from shoal.jobfile import dumps_toml
     from shoal.models import build_model
 
     job = _job()

@@ -39,8 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from shoal.cli.bench_run import BenchRun, Stalls
-from shoal.config import load_toml
 from shoal.errors import UserError
+from shoal.jobfile import load_toml
 from shoal.layout import CONFIG_FILE, METRICS_FILE, MODEL_FILE, SUMMARY_FILE, write_atomic
 
 JOB = ["--model", "linear", "--batch-size", "64", "--lr", "0.05"]

@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         os._exit(code)  # (as shoal.worker: gloo's threads may abort a normal exit)
     job = resolve_job(request)
     if args.dry_run:
-        from shoal.config import dumps_toml
+        from shoal.jobfile import dumps_toml
 
         print(dumps_toml(job))
         if job.cluster.engine == "shoal":

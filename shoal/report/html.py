@@ -6,8 +6,8 @@ import html
 import os
 from pathlib import Path
 
-from shoal.config import load_toml
 from shoal.errors import UserError
+from shoal.jobfile import load_toml
 from shoal.layout import CONFIG_FILE, REPORT_FILE, write_atomic
 from shoal.report.plots import write_plots
 from shoal.report.runs import Run, load_run

@@ -11,9 +11,10 @@ import tempfile
 from pathlib import Path
 
 from shoal import checkpoint, rundir
-from shoal.config import JobConfig, load_toml
+from shoal.config import JobConfig
 from shoal.data.files import check_unchanged, fingerprints
 from shoal.errors import UserError
+from shoal.jobfile import load_toml
 from shoal.launch import check_port
 from shoal.layout import (
     CONFIG_FILE,

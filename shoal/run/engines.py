@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from shoal import checkpoint, rundir
-from shoal.config import JobConfig, dumps_toml, loads_toml
+from shoal.config import JobConfig
 from shoal.dist import init
 from shoal.errors import UserError
+from shoal.jobfile import dumps_toml, loads_toml
 from shoal.layout import ATTEMPTS_FILE, SECRET_FILE, SUMMARY_FILE, USER_ERROR_FILE, write_atomic
 from shoal.net.wire import OLD_SECRET_ENV, SECRET_ENV, secret_hex
 from shoal.run.directory import prepare_run_dir

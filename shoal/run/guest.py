@@ -18,10 +18,11 @@ from pathlib import Path
 import torch.distributed as tdist
 
 from shoal import checkpoint, rundir, worker
-from shoal.config import JobConfig, dumps_toml, loads_toml
+from shoal.config import JobConfig
 from shoal.dist import ATTEMPT_ENV, DistEnv, init
 from shoal.environment import slurm_worker_env
 from shoal.errors import UserError
+from shoal.jobfile import dumps_toml, loads_toml
 from shoal.launch import LAUNCHER_ENV
 from shoal.layout import CONFIG_FILE, SUMMARY_FILE
 from shoal.run.directory import prepare_run_dir

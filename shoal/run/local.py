@@ -76,7 +76,7 @@ def how_to_continue(job: JobConfig) -> str:
 def main(argv: list[str]) -> int:
     """``python -m shoal.run.local CONFIG``: launch the job whose run directory is taken
     already (by :func:`shoal.train`, which waits for this process); its end in one line."""
-    from shoal.config import load_toml
+    from shoal.jobfile import load_toml
 
     job = load_toml(argv[0])
     try:

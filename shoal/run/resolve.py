@@ -22,11 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from shoal import checkpoint, faults, rundir
-from shoal.config import JobConfig, from_dict, load_toml, read_toml
+from shoal.config import JobConfig
 from shoal.data import Dataset, build_dataset
 from shoal.dist import resolve_device
 from shoal.environment import cluster_from_env
 from shoal.errors import UserError
+from shoal.jobfile import from_dict, load_toml, read_toml
 from shoal.layout import CONFIG_FILE
 from shoal.models import build_model, check_model_name, default_data
 from shoal.registry import is_user_ref

@@ -12,8 +12,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from shoal.config import JobConfig, check_component, flag_of, overlay, public_fields
+from shoal.config import JobConfig, check_component, flag_of, public_fields
 from shoal.errors import UserError
+from shoal.jobfile import overlay
 from shoal.registry import import_ref, is_user_ref, lookup
 from shoal.strategies import allreduce, easgd, fsdp, periodic, pipeline, tensor
 from shoal.strategies.base import Batch, LossFn, Strategy

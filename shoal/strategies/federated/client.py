@@ -19,8 +19,8 @@ import torch
 import zmq
 
 from shoal import privacy, secagg
-from shoal.config import loads_toml
 from shoal.errors import PeerLost, UserError
+from shoal.jobfile import loads_toml
 from shoal.metrics import CommCounter
 from shoal.net import wire
 from shoal.net.peer import Peer

@@ -88,9 +88,10 @@ import torch
 import zmq
 
 from shoal import secagg
-from shoal.config import JobConfig, dumps_toml
+from shoal.config import JobConfig
 from shoal.data import partition
 from shoal.errors import UserError
+from shoal.jobfile import dumps_toml
 from shoal.metrics import CommCounter
 from shoal.net import gate, wire
 from shoal.strategies.federated import checks
