@@ -148,6 +148,7 @@ def launch(cluster: ClusterConfig, config_path: str) -> None:
     from torch.distributed.run import config_from_args, parse_args
 
     quiet_torchrun()
+    CTRL_C.clear()
     _pass_ctrl_c_on_as_sigterm()
     failed = _name_failed_workers(cluster, failure.failures_dir(Path(config_path).parent))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -252,6 +253,10 @@ def _forked_worker(config_path: str) -> None:
         sys.exit(code)
 
 
+CTRL_C = threading.Event()
+"""Set when this launcher got a SIGINT (Ctrl-C) during its last launch."""
+
+
 def _pass_ctrl_c_on_as_sigterm() -> None:
     """Ctrl-C reaches every process of the terminal's group, the workers included, and
     the agent passes the signal it got on to them: a second SIGINT, which a worker obeys
@@ -262,6 +267,7 @@ def _pass_ctrl_c_on_as_sigterm() -> None:
     def on_signal(signum: int, frame: Any) -> None:
         sigval = signal.Signals(signum)
         if sigval == signal.SIGINT:
+            CTRL_C.set()  # (the workers may see the SIGTERM first: the launcher knows)
             sigval = signal.SIGTERM
         raise api.SignalException(f"Process {os.getpid()} got signal: {signum}", sigval=sigval)
 
@@ -279,11 +285,13 @@ def _on_usr1(signum: int, frame: Any) -> None:
 
 
 class JobPreempted(Exception):
-    """The workers stopped on a scheduler's signal after checkpointing a common step."""
+    """The workers stopped on a scheduler's signal, or Ctrl-C (``ctrl_c``), after
+    checkpointing a common step."""
 
     def __init__(self, record: dict[str, Any]) -> None:
         super().__init__(f"preempted after step {record.get('step')}")
         self.record = record
+        self.ctrl_c = CTRL_C.is_set() or record.get("signal") == "SIGINT"
 
 
 def _preempted_since(config_path: str, start: float) -> dict[str, Any] | None:

@@ -51,6 +51,18 @@ def tables(*flags: str) -> dict[str, dict]:
     return out
 
 
+def no_argparse(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From here on, in this process, any use of an argument parser fails: what runs after
+    takes the job as it is (in shoal.run.engines, nothing writes it to a file either)."""
+    import argparse
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("an argument parser was used")
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", refuse)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", refuse)
+
+
 def run_shoal(
     *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 240
 ) -> subprocess.CompletedProcess:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from shoal.environment import cluster_from_env, first_host, slurm_worker_env
-from tests.conftest import run_shoal
 
 SRUN_PER_NODE = {
     "SLURM_JOB_ID": "4242", "SLURM_PROCID": "1", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "2",
@@ -60,10 +59,15 @@ def test_kubeflow_pet_variables_are_torchruns():
     assert "rdzv_endpoint" not in single  # one machine: loopback
 
 
-def test_shoal_train_takes_them_where_no_flag_is_given():
-    env = {**SRUN_PER_NODE, "SLURM_NODEID": "0", "SLURM_PROCID": "0"}
-    proc = run_shoal("train", "--model", "linear", "--dry-run", env=env)
-    assert proc.returncode == 0, proc.stderr
-    assert "nnodes = 2" in proc.stdout and 'rdzv_endpoint = "gpu07:29742"' in proc.stdout
-    flags = run_shoal("train", "--model", "linear", "--dry-run", "--nnodes", "1", env=env)
-    assert "nnodes = 1" in flags.stdout and 'rdzv_endpoint = ""' in flags.stdout
+def test_shoal_train_takes_them_where_no_flag_is_given(monkeypatch, capsys):
+    """In this process (the same ``main`` the command runs)."""
+    from shoal.cli import main
+
+    for k, v in {**SRUN_PER_NODE, "SLURM_NODEID": "0", "SLURM_PROCID": "0"}.items():
+        monkeypatch.setenv(k, v)
+    assert main(["train", "--model", "linear", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "nnodes = 2" in out and 'rdzv_endpoint = "gpu07:29742"' in out
+    assert main(["train", "--model", "linear", "--dry-run", "--nnodes", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "nnodes = 1" in out and 'rdzv_endpoint = ""' in out

@@ -538,7 +538,9 @@ def test_ctrl_c_stops_at_a_common_step_with_its_checkpoint_and_the_run_resumes_f
     watched = _Watched([*_shoal(out), "--no-report", *job])
     try:
         _wait_for_step(out / "metrics.jsonl", 700)
-        for pid in _descendants(watched.proc.pid):
+        # as a terminal does, the whole group at once: the workers' SIGINT is pending
+        # before the launcher can pass anything on (here: the launcher last)
+        for pid in reversed(_descendants(watched.proc.pid)):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGINT)
         assert watched.proc.wait(timeout=60) == 130, "\n".join(s for _, s in watched.lines)

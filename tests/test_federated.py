@@ -190,6 +190,7 @@ def test_client_level_dp_accounts_with_opacus_and_adds_noise_once(tmp_path):
 
 
 @pytest.mark.netns
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_federation_across_two_hosts_trains_as_the_simulation(tmp_path):
     """The server on host 0, two client processes on host 1, over the authenticated

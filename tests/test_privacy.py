@@ -182,6 +182,7 @@ def test_dp_noise_and_samples_cannot_be_rebuilt_from_the_run_and_resume_exactly(
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.slow
 def test_resume_refuses_to_change_privacy_and_keeps_the_epsilon_target(tmp_path, capsys):
     """Turning DP on (or changing it) at a resume is refused in one line; under
     --dp-epsilon, more steps on resume re-plan the noise of the steps left so that the

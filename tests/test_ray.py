@@ -9,7 +9,15 @@ import sys
 
 import pytest
 
-from tests.conftest import LINEAR_JOB, max_abs_diff, params, read_summary, run_shoal, tables
+from tests.conftest import (
+    LINEAR_JOB,
+    max_abs_diff,
+    no_argparse,
+    params,
+    read_summary,
+    run_shoal,
+    tables,
+)
 
 ray = pytest.importorskip("ray", reason="Ray is an extra: pip install 'shoal[ray]'")
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]  # one worker: one Ray
@@ -54,13 +62,16 @@ def fit(loop, failures: int = 0, workers: int = 2):
 
 @pytest.mark.timeout(240)
 def test_a_torch_trainer_reaches_the_parameters_of_shoal_train(
-    tmp_path, local_ray, linear_reference
+    tmp_path, local_ray, linear_reference, monkeypatch
 ):
+    """The job as its tables; from there on no argument parser or job file is used."""
     import shoal.ray
 
     out = tmp_path / "run"
-    job = [*LINEAR_JOB, "--out", str(out), "--no-progress", "--no-report"]
-    result = fit(shoal.ray.train_loop(tables(*job, "--checkpoint-every", "100")))
+    job = tables(*LINEAR_JOB, "--out", str(out), "--no-progress", "--no-report",
+                 "--checkpoint-every", "100")  # fmt: skip
+    no_argparse(monkeypatch)
+    result = fit(shoal.ray.train_loop(job))
     assert result.error is None
     assert max_abs_diff(params(out), params(linear_reference)) < 1e-6
     s = read_summary(out)

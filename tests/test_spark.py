@@ -13,7 +13,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import max_abs_diff, params, read_summary, run_shoal, tables, train
+from tests.conftest import (
+    max_abs_diff,
+    no_argparse,
+    params,
+    read_summary,
+    run_shoal,
+    tables,
+    train,
+)
 
 pytest.importorskip("pyspark", reason="PySpark is an extra: pip install 'shoal[spark]'")
 if not shutil.which("java"):
@@ -54,8 +62,9 @@ def spark():
 
 @pytest.mark.timeout(300)
 def test_a_dataframe_trained_through_torch_distributor_matches_shoal_train(
-    tmp_path, spark, reference
+    tmp_path, spark, reference, monkeypatch
 ):
+    """The job as its tables; from there on no argument parser or job file is used."""
     import shoal.spark
 
     x, y = rows()
@@ -63,7 +72,9 @@ def test_a_dataframe_trained_through_torch_distributor_matches_shoal_train(
         [(*map(float, r), float(t)) for r, t in zip(x, y)], ["f0", "f1", "f2", "f3", "y"]
     )
     out = tmp_path / "spark-run"
-    summary = shoal.spark.train(tables(*JOB, "--out", str(out)), data=df, num_processes=2)
+    job = tables(*JOB, "--out", str(out))
+    no_argparse(monkeypatch)
+    summary = shoal.spark.train(job, data=df, num_processes=2)
     read = json.loads((out / "dataset.json").read_text())["files"]  # what the run read
     assert len([name for name in read if name.startswith("part-")]) == 2  # local[2]'s partitions
     assert not (tmp_path / "spark-run-data").exists()  # the rows' copy is gone with the run

@@ -46,7 +46,7 @@ def _launch(job: JobConfig, config_path: Path) -> Ended:
         resolve(job).launch(job, str(config_path))
     except JobPreempted as e:
         r = e.record
-        ctrl_c = r["signal"] == "SIGINT"
+        ctrl_c = e.ctrl_c
         return Ended(
             EXIT_INTERRUPTED if ctrl_c else EXIT_PREEMPTED,
             f"{'interrupted (Ctrl-C)' if ctrl_c else 'preempted (' + r['signal'] + ')'}: "
