@@ -133,10 +133,11 @@ def test_engine_ray_keeps_the_ps_secret_out_of_the_clusters_records(tmp_path, lo
     proc = run_shoal(
         "train", *LINEAR_JOB, "--steps", "10", "--workers", "1", "--out", str(out),
         "--engine", "ray", "--address", ray.get_runtime_context().gcs_address,
-        "--no-progress", "--no-report",
-        env={"SHOAL_SECRET": secret, "SHOAL_TEST_MARKER": marker},
+        "--no-report", env={"SHOAL_SECRET": secret, "SHOAL_TEST_MARKER": marker},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
+    # each line of the worker's once (Ray Train's own print would double them)
+    assert proc.stderr.count("steps to run") == 1, proc.stderr
     recorded = _recorded_by_ray()
     assert marker.encode() in recorded  # (the records hold the runtime_env: the test sees it)
     in_ray = secret.encode() in recorded

@@ -193,9 +193,22 @@ class RayLoop:
         self.text = text
 
     def __call__(self, config: dict | None = None) -> None:
+        _plain_print()
         code, _ = engine_rank(self.text, restarts=True)
         if code != 0:
             raise RuntimeError(f"shoal worker {os.environ.get('RANK', '?')} exited with {code}")
+
+
+def _plain_print() -> None:
+    """Ray Train replaces ``print`` in its workers with one that logs each line and, where
+    the stream is wrapped (it is), prints it too: every line of shoal's came out twice.
+    Its own copy of the original ``print`` is put back (where this Ray has one)."""
+    import builtins
+
+    patch = sys.modules.get("ray.train.v2._internal.logging.patch_print")
+    original = getattr(patch, "_original_print", None)
+    if original is not None:
+        builtins.print = original
 
 
 def run_on_ray(job: JobConfig) -> int:
