@@ -17,8 +17,6 @@ from shoal.errors import UserError
 if TYPE_CHECKING:
     import torch
 
-    from shoal.data.disk import Columns
-
     Batch = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -160,7 +158,7 @@ class Scan:
     """Values per row of each column read (1 for a number)."""
 
 
-def scan_rows(files: Files, columns: Columns, task: str) -> Scan:
+def scan_rows(files: Files, columns: Any, task: str) -> Scan:
     """Read every row of the label and the list columns once (the launcher does, so that
     workers need not), and refuse in one line naming the file: null, NaN or infinite
     labels, labels the task cannot take, lists whose width differs between rows or files,

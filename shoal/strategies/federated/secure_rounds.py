@@ -24,8 +24,6 @@ from shoal.strategies.federated.rounds import RoundTask
 if TYPE_CHECKING:
     import torch
 
-    from shoal.strategies.federated.remote import Round
-
 STEP_S = 30.0
 """Without --round-deadline, how long a step of secure aggregation waits for a client."""
 STEP_MIN_S = 5.0
@@ -59,11 +57,11 @@ class SecureRounds:
     """The secure-aggregation steps of a federation's server (a part of it: the round
     loop, the listener and the refusals are :class:`FederationServer`'s)."""
 
-    round: Round | None
+    round: Any  # (the round under way: remote.Round, or None)
     job: Any
     faults: Any
     # (the server's round loop and answers, used by the steps)
-    _train: Callable[..., Round]
+    _train: Callable[..., Any]
     _serve: Callable[[float], None]
     _handed: Callable[[str, int, int], None]
     _stale: Callable[[], dict]
