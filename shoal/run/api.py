@@ -179,8 +179,11 @@ def _launch_apart(config_path: Path) -> tuple[int, str]:
         t.join(timeout=5)
     if interrupted:
         raise KeyboardInterrupt
-    errors = [line for line in last if line.startswith("shoal: error: ")]
-    return code, errors[-1].removeprefix("shoal: error: ").strip() if errors else ""
+    ends = ("shoal: error: ", "shoal: preempted", "shoal: interrupted")
+    said = [line for line in last if line.startswith(ends)]
+    if not said:
+        return code, ""
+    return code, said[-1].removeprefix("shoal: error: ").removeprefix("shoal: ").strip()
 
 
 def _relay(source: IO[str] | None, sink: Any, keep: list[str]) -> None:
