@@ -141,7 +141,7 @@ def read(where: Path, role: str, rank: int) -> Failure | None:
 def verdict(failure: Failure, before: list[Failure]) -> str:
     """Why restarting would not help (empty: it may). ``before``: the same process's
     failures before it was restarted."""
-    if not failure.steps_done:
+    if not failure.steps_done and not failure.attempt:  # (a restart may meet other trouble)
         return "it failed before finishing a step, which a restart would repeat"
     if any(b.signature == failure.signature for b in before):
         return "the same exception in the same step after a restart"

@@ -171,6 +171,8 @@ def launch(cluster: ClusterConfig, config_path: str) -> None:
         entry, entry_args = _forked_worker, [config_path]
         _preload()
     start = time.time()
+    # the agent installs its own handlers and leaves them: the launcher's come back after
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     usr1 = signal.signal(signal.SIGUSR1, _on_usr1)
     try:
         elastic_launch(config, entry)(*entry_args)
@@ -188,7 +190,9 @@ def launch(cluster: ClusterConfig, config_path: str) -> None:
             if f.exitcode not in (-signal.SIGTERM, EXIT_PEER_LOST)
         ] or list(e.failures.items())
         rank, first = min(causes, key=lambda rf: (rf[1].exitcode >= 0, rf[1].timestamp))
-        if failed.raised.seen:
+        if failed.final:
+            raise LaunchFailed(failed.final) from None
+        if first.exitcode == failure.EXIT_RAISED and failed.raised.seen:
             raise LaunchFailed(f"{failed.raised.seen[-1].headline()} (no restart left)") from None
         how = describe_exit(first.exitcode)
         raise LaunchFailed(f"worker rank {rank} (pid {first.pid}) {how}") from None
@@ -204,7 +208,10 @@ def launch(cluster: ClusterConfig, config_path: str) -> None:
     except Exception as e:  # rendezvous and agent failures: one line, not a traceback
         raise LaunchFailed(f"launch failed: {type(e).__name__}: {e}".splitlines()[0]) from None
     finally:
+        failed.cancel()
         signal.signal(signal.SIGUSR1, usr1)
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 SPAWN_ENV = "SHOAL_SPAWN_WORKERS"
@@ -360,6 +367,7 @@ class _FailedWorker(logging.Handler):
         self.mistake = False
         self.raised = failure.Raised(where)
         self.final = ""  # why the job is not retried, once decided
+        self.timer: threading.Timer | None = None
 
     def _stop_agent(self) -> None:
         """A worker stopped on a mistake in the job (exit status 2, its line printed), or
@@ -370,7 +378,13 @@ class _FailedWorker(logging.Handler):
             (self.where / failure.STOP_FILE).touch()
         if not self.mistake:
             self.mistake = True
-            threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGTERM)).start()
+            self.timer = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGTERM))
+            self.timer.start()
+
+    def cancel(self) -> None:
+        """The launch is over: a stop not yet sent is not sent."""
+        if self.timer is not None:
+            self.timer.cancel()
 
     def _raised(self) -> None:
         """A worker stopped on an exception: shown (once), and the job stopped where a

@@ -25,6 +25,7 @@ __all__ = [
     "Work",
     "build_dataset",
     "build_order",
+    "forget_datasets",
     "split_sizes",
 ]
 
@@ -59,6 +60,12 @@ def build_dataset(cfg: DataConfig, check: bool = False) -> Dataset:
 _LAST: tuple[str, Dataset] | None = None
 """The built-in dataset this process generated last, and its settings (a function of
 them alone)."""
+
+
+def forget_datasets() -> None:
+    """Let go of the dataset :func:`build_dataset` keeps (a long-lived caller's memory)."""
+    global _LAST
+    _LAST = None
 
 
 def _build(cfg: DataConfig, check: bool) -> Dataset:

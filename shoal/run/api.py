@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from shoal.config import JobConfig, public_fields
+from shoal.data import forget_datasets
 from shoal.errors import TrainingFailed, UserError
 from shoal.layout import METRICS_FILE, MODEL_FILE, SUMMARY_FILE, USER_ERROR_FILE
 from shoal.run.directory import prepare_run_dir
@@ -94,7 +95,10 @@ def train(job: JobConfig | Mapping[str, Any] | str | os.PathLike, /, **overrides
     train``).
     """
     request = Request(config=as_config(job), given=_given(overrides))
-    resolved = resolve_job(request)
+    try:
+        resolved = resolve_job(request)
+    finally:
+        forget_datasets()  # (the workers build their own: this process keeps none)
     if resolved.cluster.engine != "shoal":
         from shoal.run import engines
 
@@ -166,17 +170,31 @@ def _launch_apart(config_path: Path) -> tuple[int, str]:
     ]
     for t in relays:
         t.start()
+
+    def pass_on(signum: int, frame: Any) -> None:  # a scheduler's SIGTERM: theirs too
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signum)
+
+    main = threading.current_thread() is threading.main_thread()
+    term = signal.signal(signal.SIGTERM, pass_on) if main else None
     interrupted = False
-    while True:
-        try:
-            code = proc.wait()
-            break
-        except KeyboardInterrupt:
-            with contextlib.suppress(ProcessLookupError):  # a second Ctrl-C: at once
-                os.killpg(proc.pid, signal.SIGKILL if interrupted else signal.SIGINT)
-            interrupted = True
-    for t in relays:
-        t.join(timeout=5)
+    try:
+        while True:
+            try:
+                code = proc.wait()
+                break
+            except KeyboardInterrupt:
+                with contextlib.suppress(ProcessLookupError):  # a second Ctrl-C: at once
+                    os.killpg(proc.pid, signal.SIGKILL if interrupted else signal.SIGINT)
+                interrupted = True
+    finally:
+        if term is not None:
+            signal.signal(signal.SIGTERM, term)
+        for t in relays:
+            t.join(timeout=5)
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
     if interrupted:
         raise KeyboardInterrupt
     ends = ("shoal: error: ", "shoal: preempted", "shoal: interrupted")

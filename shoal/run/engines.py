@@ -31,7 +31,7 @@ from shoal.layout import ATTEMPTS_FILE, SECRET_FILE, SUMMARY_FILE, USER_ERROR_FI
 from shoal.net.wire import OLD_SECRET_ENV, SECRET_ENV, secret_hex
 from shoal.run.directory import prepare_run_dir
 from shoal.run.guest import continued, fit_to_launcher, run_ranks
-from shoal.run.resolve import Request, as_config, resolve_job
+from shoal.run.resolve import Request, as_config, layered, resolve_job
 from shoal.run.summary import finish
 from shoal.strategies import resolve as plugin_of
 
@@ -49,7 +49,12 @@ _HELD: dict[str, rundir.RunLock] = {}
 def resolve(job: JobLike, engine: str, given: Mapping[str, Any] | None = None) -> JobConfig:
     """The job, resolved and checked as ``shoal train`` would, for ``engine``; ``given``:
     values set by name over it (``{"cluster.workers": 4}``)."""
-    request = Request(config=as_config(job), given=dict(given or {}), guest=engine)
+    config, given = as_config(job), dict(given or {})
+    output = layered(Request(config=config))[0].output
+    for name in ("resume", "auto_resume"):  # (the job is all these callers can give)
+        if getattr(output, name) and f"output.{name}" not in given:
+            given[f"output.{name}"] = getattr(output, name)
+    request = Request(config=config, given=given, guest=engine)
     return check_for_engine(resolve_job(request), request, engine)
 
 

@@ -128,6 +128,7 @@ def resolve_job(request: Request) -> JobConfig:
     line for a mistake); its run directory named but not yet taken."""
     resume = request.value("output", "resume") or _auto_resume(request)
     job, from_file = layered(request, resume)
+    _only_by_name(request, job, from_file)
     stored = load_toml(Path(resume) / CONFIG_FILE) if resume else None
     _cluster_from_scheduler(request, job)
     if request.gave("train", "epochs") and not request.gave("train", "steps"):
@@ -175,6 +176,22 @@ def resolve_job(request: Request) -> JobConfig:
         job.output.out = f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{job.strategy.name}"
     rundir.check_out(Path(job.output.out))
     return job
+
+
+def _only_by_name(request: Request, job: JobConfig, from_file: set[str]) -> None:
+    """Whether to continue a run is said by name (``--resume``, ``--auto-resume``, or
+    ``output={"resume": ...}`` to :func:`shoal.train`), never by a job file: a run's own
+    ``config.toml``, reused as a job file, holds the run it continued. Set there, it is
+    named in a warning and left out."""
+    for name in ("resume", "auto_resume"):
+        key = f"output.{name}"
+        if key in from_file and not request.gave("output", name):
+            default = getattr(JobConfig().output, name)
+            if getattr(job.output, name) != default:
+                flag = "--" + name.replace("_", "-")
+                print(f"shoal: warning: {flag}: a job file does not say whether to continue "
+                      f"a run (give {flag} itself); ignored", file=sys.stderr)  # fmt: skip
+            setattr(job.output, name, default)
 
 
 def _check_noise(request: Request, job: JobConfig, from_file: set[str]) -> None:
