@@ -20,7 +20,7 @@ from typing import Any
 
 from shoal.config import JobConfig, flag_of, public_fields
 from shoal.data import DATASETS, data_reads
-from shoal.data.files import disk_path
+from shoal.data.disk import open_disk
 from shoal.errors import UserError
 from shoal.models import MODELS, model_reads
 from shoal.strategies import BUILTIN, Plugin
@@ -28,10 +28,6 @@ from shoal.strategies import BUILTIN, Plugin
 
 def _fields(comp: Any) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in public_fields(comp)}
-
-
-def _data_kind(name: str) -> str:
-    return "parquet:" if disk_path(name) is not None else name
 
 
 def _owner(job: JobConfig, plugin: Plugin, section: str, f: dataclasses.Field) -> str:
@@ -48,10 +44,9 @@ def _owner(job: JobConfig, plugin: Plugin, section: str, f: dataclasses.Field) -
         if read is None or f.name in read:
             return ""
         who = [n for n, fn in DATASETS.items() if f.name in fn.reads]
-        if f.name in (data_reads("parquet:.") or ()):
+        if f.name in open_disk.reads:
             who.append("parquet:PATH")
-        name = _data_kind(job.data.name)
-        return f"--data {name} does not read it (" + _readers("--data", who) + ")"
+        return f"--data {job.data.name} does not read it (" + _readers("--data", who) + ")"
     if reader == "strategy":
         if f"{section}.{f.name}" in plugin.reads:
             return ""
