@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -57,7 +58,23 @@ def fit(loop, failures: int = 0, workers: int = 2):
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    except Exception as e:  # what the workers said, which the error leaves out
+        said = _workers_said()  # (first: Ray's own message is long and gets cut)
+        raise AssertionError(f"the workers said:\n{said}\n--- Ray: {str(e)[:600]}") from e
+
+
+def _workers_said() -> str:
+    """shoal's lines and the last lines of each Ray worker's stderr in this session."""
+    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
+    said = []
+    for err in sorted(logs.glob("worker-*.err"), key=lambda p: p.stat().st_mtime):
+        lines = [line for line in err.read_text(errors="replace").splitlines() if line.strip()]
+        tail = [line for line in lines if "shoal" in line or "Error" in line][-8:]
+        if tail:
+            said.append(f"{err.name}:\n  " + "\n  ".join(tail))
+    return "\n".join(said) or "(nothing)"
 
 
 @pytest.mark.timeout(240)
