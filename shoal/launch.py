@@ -168,7 +168,7 @@ def launch(cluster: ClusterConfig, config_path: str) -> None:
     config, entry, entry_args = config_from_args(parse_args(args))
     if fork_workers():
         config.start_method = "fork"
-        entry, entry_args = _forked_worker, [config_path]
+        entry, entry_args = forked_worker, [config_path]
         _preload()
     start = time.time()
     # the agent installs its own handlers and leaves them: the launcher's come back after
@@ -241,7 +241,7 @@ def _preload() -> None:
     torch.set_num_threads(1)  # (no OpenMP team here: a fork would inherit a broken one)
 
 
-def _forked_worker(config_path: str) -> None:
+def forked_worker(config_path: str) -> None:
     """A worker forked from the launcher: ``python -u -m shoal.worker CONFIG``, minus the
     start-up. The launcher's signal handlers are not the worker's; a non-zero exit code
     leaves as one (torch's agent collects the return value of a clean one)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -154,11 +155,9 @@ def _only_linear(model: nn.Module) -> nn.Linear | None:
 @reads("test_fraction", "data_seed")
 def digits(cfg: DataConfig) -> Dataset:
     """scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes)."""
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    x = torch.tensor(bunch.data / 16.0, dtype=torch.float32)
-    y = torch.tensor(bunch.target, dtype=torch.long)
+    data, target = _digits_arrays()
+    x = torch.tensor(data / 16.0, dtype=torch.float32)
+    y = torch.tensor(target, dtype=torch.long)
     train, test = _split(x, y, cfg.test_fraction, cfg.data_seed)
     return Dataset(
         name="digits",
@@ -168,6 +167,27 @@ def digits(cfg: DataConfig) -> Dataset:
         num_outputs=10,
         input_shape=(1, 8, 8),
     )
+
+
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """What ``sklearn.datasets.load_digits`` returns as ``data`` and ``target``, read from
+    the file it reads, in scikit-learn's package: importing scikit-learn takes a second
+    of CPU, more than the rest of a small job's start-up (where the file is not there,
+    scikit-learn loads it)."""
+    import gzip
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    roots = spec.submodule_search_locations if spec is not None else None
+    path = Path(next(iter(roots)), "datasets", "data", "digits.csv.gz") if roots else None
+    if path is None or not path.is_file():
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        return bunch.data, bunch.target
+    with gzip.open(path, "rt") as f:
+        table = np.loadtxt(f, delimiter=",")
+    return table[:, :-1], table[:, -1].astype(int)
 
 
 BUILTIN: dict[str, Callable[[DataConfig], Dataset]] = {
