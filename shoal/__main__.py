@@ -1,5 +1,3 @@
-import sys
+from shoal.cli import run_command
 
-from shoal.cli import main
-
-sys.exit(main())
+run_command()

@@ -78,36 +78,23 @@ def _workers_said() -> str:
 
 
 @pytest.mark.timeout(240)
-def test_a_torch_trainer_reaches_the_parameters_of_shoal_train(
+def test_a_torch_trainer_reaches_shoal_trains_parameters_through_a_killed_worker(
     tmp_path, local_ray, linear_reference, monkeypatch
 ):
-    """The job as its tables; from there on no argument parser or job file is used."""
+    """The job as its tables (from there on no argument parser or job file is used); Ray
+    restarts the group after a worker is killed, and the run resumes exactly."""
     import shoal.ray
 
     out = tmp_path / "run"
     job = tables(*LINEAR_JOB, "--out", str(out), "--no-progress", "--no-report",
                  "--checkpoint-every", "100")  # fmt: skip
     no_argparse(monkeypatch)
-    result = fit(shoal.ray.train_loop(job))
+    loop = shoal.ray.train_loop(job)
+    result = fit(WithFault(loop, "crash:rank=1:step=150"), failures=1)  # SIGKILL after 150
     assert result.error is None
-    assert max_abs_diff(params(out), params(linear_reference)) < 1e-6
-    s = read_summary(out)
-    assert s["world_size"] == 2 and all(e["exact"] for e in s["epochs"])
-
-
-@pytest.mark.timeout(240)
-def test_ray_restarts_a_killed_worker_and_the_run_resumes_exactly(
-    tmp_path, local_ray, linear_reference
-):
-    import shoal.ray
-
-    out = tmp_path / "run"
-    job = [*LINEAR_JOB, "--out", str(out), "--no-progress", "--no-report"]
-    loop = shoal.ray.train_loop(tables(*job, "--checkpoint-every", "100"))
-    fit(WithFault(loop, "crash:rank=1:step=150"), failures=1)  # SIGKILL after step 150
     assert (out / "faults").is_dir()  # (the kill happened)
     s, ref = read_summary(out), read_summary(linear_reference)
-    assert s["restarts"] == 1
+    assert s["restarts"] == 1 and s["world_size"] == 2
     assert s["samples_per_epoch"] == ref["samples_per_epoch"] and s["steps"] == 200
     assert all(e["exact"] for e in s["epochs"]), s["epochs"]
     assert max_abs_diff(params(out), params(linear_reference)) < 1e-6

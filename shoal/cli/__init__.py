@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import os
 import sys
+import threading
 
 from shoal.errors import PeerRejected, UserError
 
@@ -51,8 +54,34 @@ def _unknown(parser: argparse.ArgumentParser, args: argparse.Namespace, unknown:
                     f"(see {command.prog} --help)\n")  # fmt: skip
 
 
+def run_command() -> None:
+    """The ``shoal`` console command (and ``python -m shoal``): :func:`main`, then an exit
+    that skips tearing the interpreter down, which with torch loaded takes a second of
+    CPU after the work is done. What a normal exit does for others still happens: the
+    threads that are not daemons are joined, the ``atexit`` handlers run (logging's
+    flush, Ray's shutdown, ...), and the output is flushed."""
+    try:
+        code = main()
+    except SystemExit as e:  # (argparse's --help and usage errors)
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    me = threading.current_thread()
+    for thread in threading.enumerate():
+        if thread is not me and not thread.daemon:
+            thread.join()
+    run_exit_handlers = getattr(atexit, "_run_exitfuncs", None)  # (CPython's own)
+    if run_exit_handlers is None:
+        sys.exit(code)
+    run_exit_handlers()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``shoal`` console command."""
+    """Entry point of the ``shoal`` console command (returns its exit status)."""
     args_in = sys.argv[1:] if argv is None else argv
     # Before torch loads, as the workers are forks of this process (shoal.launch): a dead
     # peer makes c10d print a C++ stack per failed store call (shoal names the culprit
@@ -87,4 +116,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command()
