@@ -39,7 +39,7 @@ def worker(args: argparse.Namespace) -> None:
     from sklearn.datasets import load_digits
     from torch import nn
     from torch.distributed import TCPStore
-    from torchft import Manager, OptimizerWrapper, ProcessGroupGloo
+    from torchft import Manager, ProcessGroupGloo
     from torchft.ddp import DistributedDataParallel
 
     torch.set_num_threads(1)
@@ -79,14 +79,14 @@ def worker(args: argparse.Namespace) -> None:
         init_sync=False,  # every replica starts from the same seed
     )
     model = DistributedDataParallel(manager, module)
-    optimizer = OptimizerWrapper(manager, inner)
     b, n = args.batch_size, len(x)
     per_epoch = n // b
     times, committed, failed = [], [], 0
     start = time.perf_counter()
     done_in_window = 0
     while manager.current_step() < args.steps:
-        optimizer.zero_grad(set_to_none=True)  # starts the step's quorum
+        manager.start_quorum()  # (what torchft's optimizer wrapper does in zero_grad)
+        inner.zero_grad(set_to_none=True)
         step = manager.current_step()
         epoch, s = divmod(step, per_epoch)
         perm = np.random.default_rng([0, epoch]).permutation(n)
@@ -140,7 +140,8 @@ def drive(args: argparse.Namespace) -> None:
                "--lighthouse", lighthouse.address(), "--steps", str(args.steps),
                "--hidden", str(args.hidden), "--layers", str(args.layers),
                "--batch-size", str(args.batch_size), "--timeout", str(args.timeout)]  # fmt: skip
-        return subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
+        log = open(outdir / f"replica{k}-{incarnation}.log", "w")
+        return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
 
     began = time.perf_counter()
     procs = {k: start(k, 0) for k in range(args.workers)}

@@ -237,6 +237,15 @@ class StrategyConfig:
         above=0,
         high=86400,
     )
+    collective_timeout: float = option(
+        0.0,
+        "--recovery inplace: seconds a worker may stay out of a collective the others "
+        "wait in before it is dropped (0: 10 x --heartbeat-timeout)",
+        low=0,
+        high=86400,
+        reader="strategy",
+        when="cluster.recovery=inplace",
+    )
     options: Any = field(default=None, repr=False, compare=False, metadata={"internal": True})
     """The chosen strategy's section (its plugin's ``Config``), once resolved."""
     tables: dict[str, Any] = field(
@@ -421,6 +430,24 @@ class ClusterConfig:
         "newest good checkpoint (torchrun --max-restarts); ps restarts the failed worker or shard",
         low=0,
         high=1000,
+    )
+    recovery: str = option(
+        "restart",
+        "what a lost worker of a collective strategy costs: restart (every worker starts "
+        "again from the newest checkpoint, as torchrun does) or inplace (the others go on "
+        "where they are, redo the step they were in, and a replacement catches up from "
+        "a live peer)",
+        choices=("restart", "inplace"),
+        reader="strategy",
+    )
+    spares: int = option(
+        0,
+        "--recovery inplace: warm workers, started with the job, that take a lost "
+        "worker's place at once",
+        low=0,
+        high=1024,
+        reader="strategy",
+        when="recovery=inplace",
     )
 
     @property

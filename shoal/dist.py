@@ -165,6 +165,23 @@ def attempt() -> int:
     return int(os.environ.get(ATTEMPT_ENV) or os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
 
 
+def peer_failure(e: BaseException) -> bool:
+    """A collective failed because another process died, vanished or stayed away (not a
+    bug here): its connection broke or it timed out."""
+    text = str(e)
+    return isinstance(e, dist.DistNetworkError) or any(
+        s in text
+        for s in (
+            "Connection reset by peer",
+            "Connection closed by peer",
+            "Broken pipe",
+            "Read error",
+            "Timed out waiting",
+            "caused pair closure",  # (gloo: a peer's group ended, or its op timed out)
+        )
+    )
+
+
 def shutdown() -> None:
     """Leave the process group if this process joined one."""
     if dist.is_initialized():

@@ -92,3 +92,7 @@ def save_model(
     tmp = Path(out) / f".{MODEL_FILE}.tmp"
     save_file(tensors, str(tmp))
     tmp.replace(Path(out) / MODEL_FILE)
+
+
+GENERATIONS_FILE = "generations.jsonl"
+"""``--recovery inplace``: each generation of the job (members, first step, their pids)."""

@@ -7,8 +7,10 @@ what the strategy says its state is.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,12 +21,15 @@ import torch.distributed as dist
 
 from shoal import balance, checkpoint, preempt
 from shoal.config import JobConfig
-from shoal.data import Dataset, GlobalBatchSampler, Task, build_dataset, build_order
+from shoal.data import Dataset, GlobalBatchSampler, Task, Work, build_dataset, build_order
 from shoal.data.loader import Audit, Loader
 from shoal.data.order import MASK64, digest
-from shoal.dist import DistEnv, attempt
+from shoal.dist import DistEnv, attempt, peer_failure
 from shoal.errors import UserError
 from shoal.faults import Injector
+from shoal.inplace import state as inplace_state
+from shoal.inplace.member import Member
+from shoal.inplace.protocol import Generation
 from shoal.memory import ActivationMeter, private_bytes
 from shoal.metrics import PHASES, PhaseTimer
 from shoal.models import build_model
@@ -34,6 +39,14 @@ from shoal.preempt import Preempted, Preemption
 from shoal.strategies import Batch, Strategy, resolve
 from shoal.telemetry import Totals, Window, merge_counts
 from shoal.writer import RunWriter
+
+
+class NewcomerWaits(Exception):
+    """The members of an in-place job leave their generation at this step boundary: a
+    newcomer is ready to join."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"a newcomer joins after step {step}")
 
 
 @dataclass
@@ -51,9 +64,11 @@ class _Window:
 class Trainer:
     """One worker's view of a training job."""
 
-    def __init__(self, job: JobConfig, env: DistEnv) -> None:
+    def __init__(self, job: JobConfig, env: DistEnv, member: Member | None = None) -> None:
         self.job = job
         self.env = env
+        self.member = member
+        """This worker's membership of an in-place job (``--recovery inplace``)."""
         self.out = Path(job.output.out)
         torch.manual_seed(job.train.seed)
         self.data: Dataset = build_dataset(job.data)
@@ -101,6 +116,11 @@ class Trainer:
         self.resumed_from: int | None = None
         self.peak_memory: dict[str, int] = {}  # the most this rank held, per figure
         self.restarts = attempt()
+        # in-place jobs: every committed step's whole batch (the same on every member),
+        # and the samples of members lost since this process started (see _fold)
+        self.whole: tuple[dict[int, int], dict[int, int]] = ({}, {})
+        self.credited: tuple[dict[int, int], dict[int, int]] = ({}, {})
+        self.taken: list[Task] = []  # tasks taken and not yet committed
 
     # --- state --------------------------------------------------------------------
 
@@ -127,6 +147,99 @@ class Trainer:
         if self.env.rank < len(rng):
             torch.set_rng_state(rng[self.env.rank])
         return path
+
+    # --- in-place recovery (shoal.inplace) ----------------------------------------
+
+    def join(self) -> DistEnv:
+        """An in-place job's worker, its job built: wait to be taken into a generation
+        and take its place there. Returns this process's place in the group."""
+        assert self.member is not None
+        self._adopt(self.member.join())
+        return self.env
+
+    def _committed(self, task: Task) -> None:
+        """``task`` is done everywhere: its whole batch counts (in-place jobs)."""
+        self.taken = [t for t in self.taken if t.step > task.step]
+        if self.member is not None:
+            epoch, at = divmod(task.step, self.sampler.steps_per_epoch)
+            batch = self.sampler.global_indices(epoch, at)
+            inplace_state.add_batch(*self.whole, epoch, len(batch), digest(batch))
+
+    def _regroup(self, why: str) -> Work:
+        """The generation ended (a member is lost, or a newcomer waits): leave it with
+        the steps committed here, take this process's place in the next one and go on
+        from its first step."""
+        assert self.member is not None
+        self.strategy.release()  # (its hold on the group would keep the group's sockets open)
+        self._adopt(self.member.leave(self.step, why))
+        return self.strategy.work(self.sampler, self.step, self.total_steps)
+
+    def _adopt(self, gen: Generation) -> None:
+        """Take this process's place in ``gen``: its group, the state where this process
+        lacks it, the data it trains from ``gen.step`` on and the counts of lost members."""
+        assert self.member is not None
+        self.env = dataclasses.replace(self.env, rank=self.member.rank, world_size=self.member.size)
+        if gen.step >= 0:
+            self._pass_state(gen)
+        self.strategy.regroup(self.env)
+        self.gatherer = self.strategy.gatherer()
+        dp_rank, dp_size = self.strategy.data_rank
+        self.sampler.rank, self.sampler.world_size = dp_rank, dp_size
+        self.balancer = balance.Balancer(
+            self.balancer.spec, dp_size, dp_rank, self.job.train.balance_every
+        )
+        if self.balancing:
+            self.sampler.cut = self.balancer.sizes
+        if gen.step >= 0:
+            self._fold()
+        if self.gatherer.is_writer and self.writer is None and gen.number > 0:
+            self.writer = RunWriter(self.job, self.total_steps, self.step)  # (the writer was lost)
+            self.writer.start(f"{self.job.strategy.name} x{self.env.world_size}", self.step)
+
+    def _pass_state(self, gen: Generation) -> None:
+        """The source sends the model, optimizer, RNG and data position to the members
+        that need them (newcomers, members a step behind); the others untake the tasks
+        of steps from ``gen.step`` on (they are trained again)."""
+        assert self.member is not None
+        uid, source = self.member.uid, gen.members.index(gen.source)
+        if uid == gen.source and gen.needs_state:
+            to = [gen.members.index(u) for u in gen.needs_state]
+            inplace_state.send(self._live_state(), to)
+        if uid in gen.needs_state:
+            self._take_live_state(inplace_state.receive(source))
+        else:
+            for task in self.taken:  # begun, never committed: not trained
+                if task.step >= gen.step:
+                    self.sampler.untake(task)
+        self.taken = []
+        self.step = gen.step
+        self.sampler.seek(gen.step)
+
+    def _live_state(self) -> dict[str, Any]:
+        return {
+            "strategy": self.strategy.state_dict(),
+            "rng": torch.get_rng_state(),
+            "whole": [list(d.items()) for d in self.whole],
+            "prior": [list(self.prior_samples.items()), list(self.prior_digests.items())],
+            "wall_time": self.wall_time() if hasattr(self, "_start") else self.wall_offset,
+            "resumed_from": -1 if self.resumed_from is None else self.resumed_from,
+        }
+
+    def _take_live_state(self, state: dict[str, Any]) -> None:
+        self.strategy.load_state_dict(state["strategy"])
+        torch.set_rng_state(state["rng"])
+        self.whole = tuple({int(k): int(v) for k, v in pairs} for pairs in state["whole"])
+        self.prior_samples, self.prior_digests = (
+            {int(k): int(v) for k, v in pairs} for pairs in state["prior"]
+        )
+        self.wall_offset = float(state["wall_time"])
+        self.resumed_from = None if state["resumed_from"] < 0 else int(state["resumed_from"])
+
+    def _fold(self) -> None:
+        """Count the samples lost members trained in committed steps: the committed
+        batches less what the members trained (collective)."""
+        own = (self.sampler.samples_seen, self.sampler.digests)
+        self.credited = inplace_state.credit(self.whole, own)
 
     def _agree_on(self, step: int) -> None:
         """Every rank of a process group must resume from the same checkpoint."""
@@ -172,7 +285,10 @@ class Trainer:
         rows = self.gatherer.gather(local, "counts")
         if rows is None:
             return None
-        return merge_counts(self.prior_samples, rows.sum(0).tolist())
+        counts = merge_counts(self.prior_samples, rows.sum(0).tolist())
+        for epoch, n in self.credited[0].items():  # (lost members': see _fold)
+            counts[epoch] = counts.get(epoch, 0) + n
+        return counts
 
     def digests_per_epoch(self) -> dict[int, int] | None:
         """The digest of the samples consumed per epoch by all workers (on the writer)."""
@@ -185,6 +301,8 @@ class Trainer:
         total = dict(self.prior_digests)
         for epoch, d in enumerate(rows.numpy().view(np.uint64).sum(0, dtype=np.uint64).tolist()):
             total[epoch] = (total.get(epoch, 0) + int(d)) & MASK64
+        for epoch, d in self.credited[1].items():
+            total[epoch] = (total.get(epoch, 0) + d) & MASK64
         return total
 
     # --- loop ---------------------------------------------------------------------
@@ -218,69 +336,90 @@ class Trainer:
         grouped = dist.is_initialized() and self.plugin.needs_process_group
         preemption = Preemption() if grouped else None
         try:
-            while True:
-                with timer.phase("wait"):
-                    task = work.next()
-                if task is None:
+            while True:  # one pass per generation of an in-place job
+                try:
+                    while True:
+                        with timer.phase("wait"):
+                            task = work.next()
+                        if task is None:
+                            break
+                        self.taken.append(task)
+                        with timer.phase("data"):
+                            batch = self.loader.get(task.indices)
+                            ahead = work.peek()
+                            if ahead is not None:  # read in the background while this step trains
+                                self.loader.ahead(ahead.indices)
+                        lr = self.strategy.lr
+                        self.step = task.step  # until it is done
+                        # activations: measured in the first step and each step that logs
+                        self.activations.enabled = first or work.log_now(task.step + 1)
+                        first = False
+                        if t.max_rank_batch:
+                            sizes = self.balancer.sizes(task.global_batch)
+                            self.strategy.micro_batches = balance.micro_batches(
+                                sizes, t.max_rank_batch
+                            )
+                        loss_sum = self.strategy.train_step(
+                            batch, self.loss_fn, task.loss_scale, timer
+                        )
+                        self.faults.computed(len(task.indices), self.strategy.compute_time)
+                        done = time.perf_counter()
+                        if busy_since is not None:  # the step less its waits on peers
+                            busy = done - busy_since - self.strategy.wait_time
+                            self.balancer.observe(
+                                len(task.indices), busy, self.strategy.compute_time, done - stepped
+                            )
+                        busy_since = stepped = done
+                        if ahead is not None and self.strategy.prefetches:
+                            # the next task's rows are asked for now (after this step's push, so
+                            # they hold it) and arrive while the next task is fetched
+                            with timer.phase("data"):
+                                upcoming = self.loader.get(ahead.indices)
+                            with timer.phase("comm"):
+                                self.strategy.prefetch(upcoming)
+                        self.step = task.step + 1
+                        self.finished += 1
+                        self._committed(task)
+                        window.loss_sum += loss_sum
+                        window.count += len(task.indices)
+                        window.digest = (window.digest + digest(task.indices)) & MASK64
+                        if audit is not None:
+                            audit.write(task.step, task.part, task.parts, task.indices)
+                        window.global_samples += task.global_batch
+                        window.steps += 1
+                        last = self.step == self.total_steps
+                        if work.log_now(self.step):
+                            busy_since += self._log(window, timer, lr, task)
+                            window = _Window(torch.zeros_like(window.loss_sum))
+                        elif self.writer is not None:
+                            self.writer.tick(self.step)
+                        if self.balancer.due(self.step) and not last:
+                            self.balancer.replan(self.step, self.env.device)
+                            busy_since = None
+                        if t.eval_every and self.step % t.eval_every == 0 and not last:
+                            self._evaluate()
+                            busy_since = None
+                        if t.checkpoint_every and self.step % t.checkpoint_every == 0 and not last:
+                            self.save_checkpoint()
+                            busy_since = None
+                        self.faults.after_step(self.step)
+                        if preemption is not None:
+                            told = preemption.poll(self.strategy.consistent_after(self.step))
+                            if told is not None:
+                                self._preempted(*told)
+                        if self.member is not None and self.member.due(self.step):
+                            raise NewcomerWaits(self.step)
                     break
-                with timer.phase("data"):
-                    batch = self.loader.get(task.indices)
-                    ahead = work.peek()
-                    if ahead is not None:  # read in the background while this step trains
-                        self.loader.ahead(ahead.indices)
-                lr = self.strategy.lr
-                self.step = task.step  # until it is done
-                # activations: measured in the first step and each step that logs
-                self.activations.enabled = first or work.log_now(task.step + 1)
-                first = False
-                if t.max_rank_batch:
-                    sizes = self.balancer.sizes(task.global_batch)
-                    self.strategy.micro_batches = balance.micro_batches(sizes, t.max_rank_batch)
-                loss_sum = self.strategy.train_step(batch, self.loss_fn, task.loss_scale, timer)
-                self.faults.computed(len(task.indices), self.strategy.compute_time)
-                done = time.perf_counter()
-                if busy_since is not None:  # the step less its waits on peers
-                    busy = done - busy_since - self.strategy.wait_time
-                    self.balancer.observe(
-                        len(task.indices), busy, self.strategy.compute_time, done - stepped
-                    )
-                busy_since = stepped = done
-                if ahead is not None and self.strategy.prefetches:
-                    # the next task's rows are asked for now (after this step's push, so
-                    # they hold it) and arrive while the next task is fetched
-                    with timer.phase("data"):
-                        upcoming = self.loader.get(ahead.indices)
-                    with timer.phase("comm"):
-                        self.strategy.prefetch(upcoming)
-                self.step = task.step + 1
-                self.finished += 1
-                window.loss_sum += loss_sum
-                window.count += len(task.indices)
-                window.digest = (window.digest + digest(task.indices)) & MASK64
-                if audit is not None:
-                    audit.write(task.step, task.part, task.parts, task.indices)
-                window.global_samples += task.global_batch
-                window.steps += 1
-                last = self.step == self.total_steps
-                if work.log_now(self.step):
-                    busy_since += self._log(window, timer, lr, task)
-                    window = _Window(torch.zeros_like(window.loss_sum))
-                elif self.writer is not None:
-                    self.writer.tick(self.step)
-                if self.balancer.due(self.step) and not last:
-                    self.balancer.replan(self.step, self.env.device)
-                    busy_since = None
-                if t.eval_every and self.step % t.eval_every == 0 and not last:
-                    self._evaluate()
-                    busy_since = None
-                if t.checkpoint_every and self.step % t.checkpoint_every == 0 and not last:
-                    self.save_checkpoint()
-                    busy_since = None
-                self.faults.after_step(self.step)
+                except Exception as e:
+                    if self.member is None or not (isinstance(e, NewcomerWaits) or peer_failure(e)):
+                        raise
+                    why = str(e).splitlines()[0][:200]
+                    traceback.clear_frames(e.__traceback__)  # (their locals hold the group)
+                # (the exception is gone here, and with it any hold of its frames on the group)
                 if preemption is not None:
-                    told = preemption.poll(self.strategy.consistent_after(self.step))
-                    if told is not None:
-                        self._preempted(*told)
+                    preemption.work = None  # (an all-reduce of the group that ended)
+                work = self._regroup(why)
+                busy_since = None
         except BaseException as e:
             if self.writer is not None:
                 self.writer.close()

@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch.distributed
 
@@ -21,6 +22,8 @@ from shoal.config import JobConfig
 from shoal.errors import PeerLost, PeerRejected, UserError
 from shoal.faults import Injector
 from shoal.health import EXIT_PEER_LOST, Heartbeat
+from shoal.inplace import protocol as inplace
+from shoal.inplace.member import Excluded, Member
 from shoal.jobfile import load_toml
 from shoal.launch import LAUNCHER_ENV
 from shoal.layout import USER_ERROR_FILE
@@ -94,21 +97,28 @@ def _run(job: JobConfig) -> int:
     preempted = False
     plugin = resolve(job)
     try:
-        env = dist.init(job.train.device, process_group=plugin.needs_process_group)
+        grouped = plugin.needs_process_group and inplace.STORE_ENV not in os.environ
+        env = dist.init(job.train.device, process_group=grouped)
         role = os.environ.get("SHOAL_ROLE", "worker")
         if role != "worker":
             plugin.run_role(role, job, env)
             return 0
         faults = Injector(env.rank, run_dir=job.output.out)
         faults.at_start()  # (a fault "at step 0", a CPU quota)
-        if plugin.needs_process_group and env.world_size > 1:
+        member = _member(job, plugin)
+        if member is None and plugin.needs_process_group and env.world_size > 1:
             heartbeat = Heartbeat(env.rank, env.world_size, job.strategy.heartbeat_timeout)
-        trainer = Trainer(job, env)
-        if plugin.needs_process_group:  # (parameter servers restore themselves)
-            _restore(trainer, env)
+        trainer = Trainer(job, env, member)
+        if member is not None:  # (built before it joins: the others need not wait for that)
+            env = trainer.join()
+        if plugin.needs_process_group and (member is None or member.generation.step < 0):
+            _restore(trainer, env)  # (parameter servers restore themselves)
         trainer.run()
         if heartbeat is not None:
             heartbeat.stop()
+    except Excluded as e:  # (it came back after the others went on: nothing to do)
+        print(f"shoal: {e}; it stops", file=sys.stderr)
+        return 0
     except Preempted:
         preempted = True  # every rank saved the same step: leave together, below
         if heartbeat is not None:
@@ -129,7 +139,7 @@ def _run(job: JobConfig) -> int:
         print(f"shoal: error: rank {os.environ.get('RANK', '?')}: {e}", file=sys.stderr)
         return 1
     except (torch.distributed.DistError, RuntimeError) as e:
-        if not _peer_failure(e):
+        if not dist.peer_failure(e):
             return _raised(e, trainer)
         if heartbeat is not None:
             heartbeat.await_verdict()  # usually ends this process
@@ -165,6 +175,13 @@ def _raised(e: BaseException, trainer: Trainer | None) -> int:
     return failure.EXIT_RAISED
 
 
+def _member(job: JobConfig, plugin: Any) -> Member | None:
+    """This worker's membership of an in-place job (``--recovery inplace``), if it is one."""
+    if inplace.STORE_ENV not in os.environ or not plugin.recovers_in_place:
+        return None
+    return Member(inplace.collective_timeout(job), check_every=job.train.log_every)
+
+
 def _restore(trainer: Trainer, env: dist.DistEnv) -> None:
     """Continue from the newest good checkpoint, if the run has one: after ``--resume``,
     and after torchrun's agent restarted the workers following a failure."""
@@ -187,14 +204,6 @@ def _restore(trainer: Trainer, env: dist.DistEnv) -> None:
             file=sys.stderr,
             flush=True,
         )
-
-
-def _peer_failure(e: BaseException) -> bool:
-    """A collective failed because another process died or vanished (not a bug here)."""
-    text = str(e)
-    return isinstance(e, torch.distributed.DistNetworkError) or any(
-        s in text for s in ("Connection reset by peer", "Connection closed by peer", "Broken pipe")
-    )
 
 
 if __name__ == "__main__":

@@ -182,6 +182,16 @@ class GlobalBatchSampler:
             self.step_in_epoch = 0
         return local, len(g)
 
+    def seek(self, step: int) -> None:
+        """Go to global step ``step`` (counted from the start of training)."""
+        self.epoch, self.step_in_epoch = divmod(step, self.steps_per_epoch)
+
+    def untake(self, task: Task) -> None:
+        """``task`` was taken (counted) but never trained: its samples no longer count."""
+        epoch = task.step // self.steps_per_epoch
+        self.samples_seen[epoch] = self.samples_seen.get(epoch, 0) - len(task.indices)
+        self.digests[epoch] = (self.digests.get(epoch, 0) - digest(task.indices)) & MASK64
+
     def loss_scale(self, global_batch: int) -> float:
         """Factor turning this rank's summed loss into its share of the global mean.
 

@@ -48,6 +48,24 @@ class HookState:
     of this rank's own compute in the step, whatever its peers do."""
     blocked: float = 0.0
     """Seconds hooks spent in collectives that block (compressed codecs), this step."""
+    tolerant: bool = False
+    """A failed exchange is noted in :attr:`failed` rather than raised in backward
+    (``--recovery inplace``: an error raised there would keep the group alive through
+    the reducer's reference to it, and the step is abandoned anyway)."""
+    failed: str = ""
+    """The first error of this step's exchange (tolerant hooks)."""
+
+
+def _value(state: HookState, f: torch.futures.Future, fallback: torch.Tensor) -> torch.Tensor:
+    """The all-reduced bucket; where the exchange failed and the hooks are tolerant,
+    the bucket as it was (the step is not applied: see :attr:`HookState.failed`)."""
+    try:
+        return f.value()[0]
+    except Exception as e:
+        if not state.tolerant:
+            raise
+        state.failed = state.failed or str(e).splitlines()[0]
+        return fallback
 
 
 def allreduce_hook(state: HookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -63,7 +81,7 @@ def allreduce_hook(state: HookState, bucket: dist.GradBucket) -> torch.futures.F
     def done(f: torch.futures.Future[list[torch.Tensor]]) -> torch.Tensor:
         if state.timer is not None:
             state.timer.add("comm", time.perf_counter() - start)
-        return f.value()[0]
+        return _value(state, f, buffer)
 
     return fut.then(done)
 
@@ -81,7 +99,15 @@ def compressed_hook(
     state.ready = start - state.blocked
     grads = bucket.gradients()
     keys = [state.names[id(p)] for p in bucket.parameters()]
-    means = average(list(zip(keys, grads)), state.codec, state.world_size, state.comm, state.group)
+    try:
+        means = average(
+            list(zip(keys, grads)), state.codec, state.world_size, state.comm, state.group
+        )
+    except Exception as e:
+        if not state.tolerant:
+            raise
+        state.failed = state.failed or str(e).splitlines()[0]
+        means = grads
     for g, m in zip(grads, means):
         g.copy_(m.reshape(g.shape))
     state.blocked += time.perf_counter() - start
@@ -105,6 +131,7 @@ def _summable_hook(state: HookState, bucket: dist.GradBucket) -> torch.futures.F
     fut = dist.all_reduce(half, group=state.group, async_op=True).get_future()
 
     def done(f: torch.futures.Future[list[torch.Tensor]]) -> torch.Tensor:
+        _value(state, f, half)
         buffer.copy_(state.codec.decode(payload).reshape(buffer.shape))  # type: ignore[union-attr]
         if state.timer is not None:
             state.timer.add("comm", time.perf_counter() - start)
@@ -154,19 +181,34 @@ class AllReduce(Strategy):
     ) -> None:
         self.model = model
         self.codec = parse_codec(self.options.compress, seed=self.job.train.seed + self.env.rank)
-        self.ddp, self.hook_state = wrap_ddp(
-            model, self.env, self.options.bucket_mb, self.comm, self.codec
-        )
-        self.optimizer = build_optimizer(self.ddp.parameters(), self.job.optim)
+        self.optimizer = build_optimizer(model.parameters(), self.job.optim)
         self.scheduler = build_scheduler(self.optimizer, self.job.optim, total_steps)
+        if dist.is_initialized():  # (an in-place job's worker joins its group later)
+            self.regroup(self.env)
+
+    def release(self) -> None:
+        self.ddp = None  # (DDP's reducer holds the group)
+
+    def regroup(self, env: DistEnv) -> None:
+        self.env = env
+        self.ddp, self.hook_state = wrap_ddp(
+            self.model, env, self.options.bucket_mb, self.comm, self.codec
+        )
+        self.hook_state.tolerant = self.job.cluster.recovery == "inplace"
+
+    def _exchanged(self) -> None:
+        """After backward: raise if the gradient exchange failed (tolerant hooks)."""
+        if self.hook_state.failed:
+            raise RuntimeError(f"the gradient exchange failed: {self.hook_state.failed}")
 
     def train_step(
         self, batch: Batch, loss_fn: LossFn, loss_scale: float, timer: PhaseTimer
     ) -> torch.Tensor:
         state = self.hook_state
-        state.timer, state.ready, state.blocked = timer, 0.0, 0.0
+        state.timer, state.ready, state.blocked, state.failed = timer, 0.0, 0.0, ""
         start = time.perf_counter()
-        loss_sum = self.optimizer_step(self.ddp, batch, loss_fn, loss_scale, timer)
+        check = self._exchanged if state.tolerant else None
+        loss_sum = self.optimizer_step(self.ddp, batch, loss_fn, loss_scale, timer, check)
         if state.ready:  # backward's own compute ended with its last bucket, and the
             # rest of backward waited for the all-reduce (a slower peer, the exchange)
             computed = state.ready - start
@@ -190,12 +232,28 @@ class Plugin(plugin.Plugin):
     Config = AllReduceConfig
     runtime = AllReduce
     reads_shards = True
+    reads = (
+        *plugin.Plugin.reads,
+        "cluster.recovery",
+        "cluster.spares",
+        "strategy.collective_timeout",
+    )
+    recovers_in_place = True
     balance_modes = ("equal", "static", "auto")
     micro_batching = True
     privacy = "sample"
 
     def check(self, job: JobConfig) -> None:
         super().check(job)
+        c = job.cluster
+        if c.recovery == "inplace":
+            if privacy.budget(job.train).enabled:
+                raise UserError("--recovery inplace runs without DP-SGD (--dp-clip) for now")
+            if c.nnodes > 1 or c.engine != "shoal":
+                raise UserError(
+                    "--recovery inplace runs on one machine under shoal's own launcher "
+                    "for now (no --nnodes, no --engine)"
+                )
         if privacy.budget(job.train).enabled:
             t, given = job.train, []
             if t.balance != "equal":

@@ -185,6 +185,15 @@ class Strategy(ABC):
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
+    def release(self) -> None:  # noqa: B027 - optional hook
+        """Let go of the process group (``--recovery inplace``: the group is about to
+        end; nothing of this strategy may hold it, or its connections stay open)."""
+
+    def regroup(self, env: DistEnv) -> None:
+        """Go on in the process group now current (``--recovery inplace``), as rank
+        ``env.rank`` of ``env.world_size``; the model and optimizer stay."""
+        raise NotImplementedError(f"{type(self).__name__} cannot change its group")
+
     @property
     def lr(self) -> float:
         """The learning rate of the step about to run."""

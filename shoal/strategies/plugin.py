@@ -65,6 +65,9 @@ class Plugin:
     so that the rest of the step is the rank's own work."""
     micro_batching: ClassVar[bool] = False
     """Whether it cuts a slice into micro-batches under ``--max-rank-batch``."""
+    recovers_in_place: ClassVar[bool] = False
+    """Whether its workers can go on without a lost one (``--recovery inplace``): the
+    runtime regroups (:meth:`~shoal.strategies.base.Strategy.regroup`)."""
     reads: ClassVar[tuple[str, ...]] = ("cluster.grace_period",)
     """The shared settings it reads of those only some strategies read (declared
     ``reader="strategy"`` in :mod:`shoal.config`): a value given for one it does not read
@@ -106,7 +109,13 @@ class Plugin:
         return run_dir
 
     def launch(self, job: JobConfig, config_path: str) -> None:
-        """Start this machine's processes and wait for them (default: torchrun's agent)."""
+        """Start this machine's processes and wait for them (default: torchrun's agent;
+        ``--recovery inplace``: shoal's own launcher, see :mod:`shoal.inplace`)."""
+        if self.recovers_in_place and job.cluster.recovery == "inplace":
+            from shoal.inplace.launch import launch as launch_in_place
+
+            launch_in_place(job, config_path)
+            return
         from shoal.launch import launch
 
         launch(job.cluster, config_path)

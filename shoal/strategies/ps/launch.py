@@ -23,10 +23,10 @@ from shoal.launch import LaunchFailed, describe_exit, local_address
 from shoal.metrics import CommCounter
 from shoal.net import gate, wire
 from shoal.net.peer import Peer, PeerError, PeerGone, PeerTimeout
+from shoal.roles import Role, RoleGroup
 from shoal.strategies.ps import peers
 from shoal.strategies.ps.client import Heartbeat
 from shoal.strategies.ps.coordinator import Coordinator
-from shoal.strategies.ps.roles import Role, RoleGroup
 from shoal.strategies.ps.server import Server, coordinator_dir
 
 

@@ -1,5 +1,5 @@
-"""The parameter server's processes on one machine, each started and watched on its own
-with torchrun's process layer."""
+"""A job's processes on one machine, each started and watched on its own with torchrun's
+process layer: the parameter server's roles, and the workers of an in-place job."""
 
 from __future__ import annotations
 
@@ -18,14 +18,14 @@ from shoal.dist import LAUNCHER_ENV
 from shoal.launch import WORKER_MODULE, fork_workers, forked_worker, quiet_torchrun
 
 
-def _preload_forkserver() -> None:
+def _preload_forkserver(modules: tuple[str, ...]) -> None:
     """Every role's process is a fork of one server process that imported the worker's
     modules once (Python's ``forkserver``, itself a new Python: the launcher's threads
     and sockets, the coordinator's among them, are not in it). A new Python per role
     spent 1.7 s of CPU importing them, each restart of a role again."""
     import multiprocessing.forkserver as forkserver
 
-    forkserver.set_forkserver_preload([WORKER_MODULE])
+    forkserver.set_forkserver_preload([WORKER_MODULE, *modules])
 
 
 def _role_process(config_path: str) -> None:
@@ -62,7 +62,7 @@ class RoleGroup:
     exit separately.
     """
 
-    def __init__(self, roles: list[Role], config_path: str) -> None:
+    def __init__(self, roles: list[Role], config_path: str, preload: tuple[str, ...] = ()) -> None:
         quiet_torchrun()
         # each exit is reported by the caller, in its own words
         logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(
@@ -70,6 +70,8 @@ class RoleGroup:
         )
         self.roles = roles
         self.config_path = config_path
+        self.preload = preload
+        """Modules the fork server imports for every process, beyond the worker's."""
         self.raised = failure.Raised(failure.failures_dir(Path(config_path).parent))
         """The exceptions its processes stopped on (:data:`~shoal.failure.EXIT_RAISED`)."""
         self.contexts = [self._start(r) for r in roles]
@@ -91,7 +93,7 @@ class RoleGroup:
                 envs={0: env},
                 logs_specs=DefaultLogsSpecs(),
             )
-        _preload_forkserver()
+        _preload_forkserver(self.preload)
         return start_processes(
             name=f"shoal-{r.role}{r.rank}",
             entrypoint=_role_process,

@@ -1,0 +1,144 @@
+"""The launcher of an in-place job on one machine: its store, its workers (each on its
+own), replacements for the lost ones, and the generations."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch.distributed as dist
+
+from shoal import failure
+from shoal.config import JobConfig
+from shoal.dist import loopback_listener
+from shoal.inplace import protocol as p
+from shoal.inplace.coordinator import Coordinator
+from shoal.launch import LaunchFailed, describe_exit
+from shoal.layout import GENERATIONS_FILE
+from shoal.roles import Role, RoleGroup
+
+
+def launch(job: JobConfig, config_path: str) -> None:
+    """Run this machine's workers of ``job`` to the end, each lost one replaced while the
+    others go on; raise :class:`~shoal.launch.LaunchFailed` if the job cannot finish."""
+    if job.cluster.nnodes > 1:
+        raise LaunchFailed("--recovery inplace runs on one machine (--nnodes 1) for now")
+    slots, spares = job.cluster.workers, job.cluster.spares
+    timeout_s = p.collective_timeout(job)
+    sock = loopback_listener()
+    port = sock.getsockname()[1]
+    store = dist.TCPStore(
+        "127.0.0.1",
+        port,
+        is_master=True,
+        wait_for_workers=False,
+        timeout=timedelta(seconds=timeout_s),
+        multi_tenant=True,
+        master_listen_fd=sock.detach(),
+    )
+    base = {
+        p.STORE_ENV: f"127.0.0.1:{port}",
+        "WORLD_SIZE": str(slots),
+        "LOCAL_WORLD_SIZE": str(slots + spares),
+        "OMP_NUM_THREADS": "1",
+        "GLOO_SOCKET_IFNAME": "lo",
+    }
+
+    def role(slot: int, incarnation: int) -> Role:
+        env = {**base, p.UID_ENV: f"{slot}.{incarnation}", "RANK": str(slot)}
+        return Role("worker", slot, {**env, "LOCAL_RANK": str(slot)})
+
+    roles = [role(slot, 0) for slot in range(slots + spares)]
+    group = RoleGroup(roles, config_path, preload=("torch._dynamo",))  # (DDP imports it)
+    coordinator = Coordinator(store, slots, timeout_s)
+    for r in roles:
+        coordinator.started(r.env[p.UID_ENV])
+    replaced = 0
+    shown = 0  # generations said
+    pids: list[dict[str, int]] = []  # each generation's processes
+    try:
+        while not coordinator.done:
+            for r, code in group.poll():
+                uid = r.env[p.UID_ENV]
+                coordinator.exited(uid, code)
+                if code == 0:
+                    continue
+                _stop_on_a_mistake(group, code)
+                member = uid in coordinator.members()
+                _say(f"worker {uid} (slot {r.rank}) {describe_exit(code)}"
+                     + ("; the others go on without it" if member else ""))  # fmt: skip
+                if replaced < job.cluster.max_restarts:
+                    replaced += 1
+                    incarnation = int(uid.split(".")[1]) + 1
+                    new = role(r.rank, incarnation)
+                    group.restart(r, new.env)
+                    coordinator.started(new.env[p.UID_ENV])
+            for r, pid, seconds in group.stopped(job.strategy.heartbeat_timeout):
+                _say(f"worker {r.env[p.UID_ENV]} (pid {pid}) is hung (stopped for "
+                     f"{seconds:.1f} s); killing it")  # fmt: skip
+                group.kill(r.role, r.rank)
+            for uid in coordinator.tick():
+                _say(f"worker {uid} took no part in its group's collectives for "
+                     f"{timeout_s:g} s; killing it")  # fmt: skip
+                slot = int(uid.split(".")[0])
+                group.kill("worker", slot)
+            while shown < len(coordinator.history):
+                _said(coordinator.history[shown])
+                pids.append(_pids(group))
+                shown += 1
+            if group.running == 0 and not coordinator.done:
+                raise LaunchFailed("every worker of the job is gone")
+            time.sleep(0.01)
+    finally:
+        group.close()
+    _write_history(Path(config_path).parent, coordinator, pids)
+
+
+def _pids(group: RoleGroup) -> dict[str, int]:
+    """The process of each running worker, by uid."""
+    return {
+        r.env[p.UID_ENV]: pid
+        for i, r in enumerate(group.roles)
+        if i not in group.exit_codes
+        for pid in group.contexts[i].pids().values()
+    }
+
+
+def _stop_on_a_mistake(group: RoleGroup, code: int) -> None:
+    """A mistake in the job (exit status 2, its line printed) or an exception a
+    replacement would raise again: the job stops."""
+    if code == 2:
+        raise LaunchFailed("a worker stopped on a mistake in the job")
+    if code == failure.EXIT_RAISED:
+        first, _ = group.raised.take()
+        raise LaunchFailed(first.headline() if first is not None else "a worker raised")
+
+
+def _said(gen: p.Generation) -> None:
+    if gen.number == 0:
+        return
+    who = f"{len(gen.members)} worker{'s' if len(gen.members) != 1 else ''}"
+    lost = f" without {', '.join(gen.lost)}" if gen.lost else ""
+    new = [u for u in gen.needs_state if u not in gen.lost]
+    given = f"; {', '.join(new)} get the state from {gen.source}" if new else ""
+    if gen.step < 0:
+        _say(f"generation {gen.number}: {who} resume from the newest checkpoint{lost}")
+    else:
+        _say(f"generation {gen.number}: {who} go on from step {gen.step}{lost}{given}")
+
+
+def _say(line: str) -> None:
+    print(f"shoal: {line}", file=sys.stderr, flush=True)
+
+
+def _write_history(run_dir: Path, coordinator: Coordinator, pids: list[dict]) -> None:
+    """The generations, with each member's process id (``generations.jsonl``)."""
+    lines = []
+    for gen, running in zip(coordinator.history, pids):
+        record = json.loads(gen.to_json())
+        record["pids"] = {u: running.get(u) for u in gen.members}
+        lines.append(json.dumps(record))
+    (run_dir / GENERATIONS_FILE).write_text("".join(f"{line}\n" for line in lines))
