@@ -140,8 +140,8 @@ def drive(args: argparse.Namespace) -> None:
                "--lighthouse", lighthouse.address(), "--steps", str(args.steps),
                "--hidden", str(args.hidden), "--layers", str(args.layers),
                "--batch-size", str(args.batch_size), "--timeout", str(args.timeout)]  # fmt: skip
-        log = open(outdir / f"replica{k}-{incarnation}.log", "w")
-        return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        with open(outdir / f"replica{k}-{incarnation}.log", "w") as log:  # (the child keeps it)
+            return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
 
     began = time.perf_counter()
     procs = {k: start(k, 0) for k in range(args.workers)}
