@@ -177,7 +177,7 @@ def launch(cluster: ClusterConfig, config_path: str) -> None:
     try:
         elastic_launch(config, entry)(*entry_args)
     except ChildFailedError as e:
-        preempted = _preempted_since(config_path, start)
+        preempted = preempted_since(config_path, start)
         if preempted is not None:
             raise JobPreempted(preempted) from None
         # name the root cause, not the peers the agent stopped (SIGTERM) or that stopped
@@ -197,7 +197,7 @@ def launch(cluster: ClusterConfig, config_path: str) -> None:
         how = describe_exit(first.exitcode)
         raise LaunchFailed(f"worker rank {rank} (pid {first.pid}) {how}") from None
     except SignalException:  # Ctrl-C or SIGTERM: the agent has already stopped the workers
-        preempted = _preempted_since(config_path, start)
+        preempted = preempted_since(config_path, start)
         if preempted is not None:
             raise JobPreempted(preempted) from None
         if failed.final:
@@ -301,7 +301,7 @@ class JobPreempted(Exception):
         self.ctrl_c = CTRL_C.is_set() or record.get("signal") == "SIGINT"
 
 
-def _preempted_since(config_path: str, start: float) -> dict[str, Any] | None:
+def preempted_since(config_path: str, start: float) -> dict[str, Any] | None:
     """The preemption the workers noted in the run directory since ``start``, if any."""
     from shoal.preempt import PREEMPTED_FILE, history
 

@@ -136,6 +136,14 @@ class RoleGroup:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
 
+    def signal(self, signum: int) -> None:
+        """Send ``signum`` to every running process."""
+        for i, ctx in enumerate(self.contexts):
+            if i not in self.exit_codes:
+                for pid in ctx.pids().values():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signum)
+
     def stopped(self, for_s: float) -> list[tuple[Role, int, float]]:
         """Roles whose process has been stopped (SIGSTOP, a debugger) for ``for_s``
         seconds or more: ``(role, pid, seconds)``. A stopped process beats no heartbeat

@@ -13,8 +13,18 @@ pytestmark = pytest.mark.slow
 JOB = ["--model", "mlp", "--workers", "4", "--steps", "300", "--batch-size", "64"]
 
 
+@pytest.fixture(scope="module")
+def unfailed(tmp_path_factory):
+    """The job run without failures (and without in-place recovery)."""
+    out = tmp_path_factory.mktemp("unfailed") / "run"
+    train(out, *JOB)
+    return out
+
+
 @pytest.mark.timeout(180)
-def test_a_killed_worker_leaves_the_others_running_and_the_run_ends_where_unfailed(tmp_path):
+def test_a_killed_worker_leaves_the_others_running_and_the_run_ends_where_unfailed(
+    tmp_path, unfailed
+):
     """Slot 1 is SIGKILLed after step 50: the three others keep their processes and redo
     step 51 on three, a replacement gets the state from a live peer and joins at a
     later step boundary, and the job ends at the unfailed run's parameters, every
@@ -36,4 +46,26 @@ def test_a_killed_worker_leaves_the_others_running_and_the_run_ends_where_unfail
     assert s["world_size"] == 4 and s["steps"] == 300
     assert all(e["exact"] for e in s["epochs"]), s["epochs"]
     assert s["samples_per_epoch"] == read_summary(unfailed)["samples_per_epoch"]
+    assert max_abs_diff(params(out), params(unfailed)) < 1e-5
+
+
+@pytest.mark.timeout(180)
+def test_a_stopped_worker_is_dropped_within_the_heartbeat_timeout_and_the_run_stays_exact(
+    tmp_path, unfailed
+):
+    """Slot 2 SIGSTOPs itself after step 80: the launcher kills it within
+    ``--heartbeat-timeout`` plus a second, the others go on without restarting, and the
+    samples and parameters are those of an unfailed run."""
+    out = tmp_path / "inplace"
+    job = [*JOB, "--heartbeat-timeout", "2"]
+    proc = train(out, *job, "--recovery", "inplace", env={"SHOAL_FAULT": "hang:rank=2:step=80"})
+    gens = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    stopped = (out / "faults" / "hang-rank2-step80").stat().st_mtime
+    without = next(g for g in gens if "2.0" in g["lost"])
+    assert without["formed_at"] - stopped < 2 + 1, without["formed_at"] - stopped
+    assert "worker 2.0" in proc.stderr and "is hung" in proc.stderr
+    kept = [u for u in without["members"] if u in gens[0]["pids"]]
+    assert len(kept) == 3 and all(without["pids"][u] == gens[0]["pids"][u] for u in kept)
+    s = read_summary(out)
+    assert all(e["exact"] for e in s["epochs"]), s["epochs"]
     assert max_abs_diff(params(out), params(unfailed)) < 1e-5

@@ -4,20 +4,23 @@ own), replacements for the lost ones, and the generations."""
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 from datetime import timedelta
 from pathlib import Path
 
 import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.api import SignalException
 
 from shoal import failure
 from shoal.config import JobConfig
 from shoal.dist import loopback_listener
 from shoal.inplace import protocol as p
 from shoal.inplace.coordinator import Coordinator
-from shoal.launch import LaunchFailed, describe_exit
+from shoal.launch import JobPreempted, LaunchFailed, describe_exit, preempted_since
 from shoal.layout import GENERATIONS_FILE
+from shoal.preempt import EXIT_INTERRUPTED, EXIT_PREEMPTED
 from shoal.roles import Role, RoleGroup
 
 
@@ -57,14 +60,18 @@ def launch(job: JobConfig, config_path: str) -> None:
     for r in roles:
         coordinator.started(r.env[p.UID_ENV])
     replaced = 0
+    stopping = False  # (preempted: Ctrl-C, SIGTERM to the job)
+    start = time.time()
     shown = 0  # generations said
-    pids: list[dict[str, int]] = []  # each generation's processes
+    pids: list[dict] = []  # each generation's processes, and when it was formed
     try:
         while not coordinator.done:
             for r, code in group.poll():
                 uid = r.env[p.UID_ENV]
-                coordinator.exited(uid, code)
-                if code == 0:
+                if code in (EXIT_PREEMPTED, EXIT_INTERRUPTED):
+                    stopping = True
+                coordinator.exited(uid, 0 if stopping else code)
+                if code == 0 or stopping:
                     continue
                 _stop_on_a_mistake(group, code)
                 member = uid in coordinator.members()
@@ -87,14 +94,29 @@ def launch(job: JobConfig, config_path: str) -> None:
                 group.kill("worker", slot)
             while shown < len(coordinator.history):
                 _said(coordinator.history[shown])
-                pids.append(_pids(group))
+                pids.append({"at": time.time(), "pids": _pids(group)})
                 shown += 1
             if group.running == 0 and not coordinator.done:
+                preempted = preempted_since(config_path, start)
+                if preempted is not None:
+                    raise JobPreempted(preempted)
                 raise LaunchFailed("every worker of the job is gone")
-            time.sleep(0.01)
+            try:
+                time.sleep(0.01)
+            except (KeyboardInterrupt, SignalException):  # Ctrl-C, SIGTERM: the workers
+                if stopping:  # stop at a common step and checkpoint it; a second: at once
+                    raise KeyboardInterrupt from None
+                stopping = True
+                group.signal(signal.SIGTERM)
+
     finally:
         group.close()
-    _write_history(Path(config_path).parent, coordinator, pids)
+        _write_history(Path(config_path).parent, coordinator, pids)
+    if stopping:
+        preempted = preempted_since(config_path, start)
+        if preempted is None:
+            raise KeyboardInterrupt
+        raise JobPreempted(preempted)
 
 
 def _pids(group: RoleGroup) -> dict[str, int]:
@@ -135,10 +157,12 @@ def _say(line: str) -> None:
 
 
 def _write_history(run_dir: Path, coordinator: Coordinator, pids: list[dict]) -> None:
-    """The generations, with each member's process id (``generations.jsonl``)."""
+    """The generations, with each member's process id and when each was formed
+    (``generations.jsonl``)."""
     lines = []
-    for gen, running in zip(coordinator.history, pids):
+    for gen, formed in zip(coordinator.history, pids):
         record = json.loads(gen.to_json())
-        record["pids"] = {u: running.get(u) for u in gen.members}
+        record["pids"] = {u: formed["pids"].get(u) for u in gen.members}
+        record["formed_at"] = formed["at"]
         lines.append(json.dumps(record))
     (run_dir / GENERATIONS_FILE).write_text("".join(f"{line}\n" for line in lines))

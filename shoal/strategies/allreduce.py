@@ -249,6 +249,11 @@ class Plugin(plugin.Plugin):
         if c.recovery == "inplace":
             if privacy.budget(job.train).enabled:
                 raise UserError("--recovery inplace runs without DP-SGD (--dp-clip) for now")
+            if job.train.balance.startswith("static"):
+                raise UserError(
+                    "--recovery inplace: --balance static gives each rank a weight, and the "
+                    "ranks change; use --balance auto (or equal)"
+                )
             if c.nnodes > 1 or c.engine != "shoal":
                 raise UserError(
                     "--recovery inplace runs on one machine under shoal's own launcher "
