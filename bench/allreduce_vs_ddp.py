@@ -52,6 +52,8 @@ def shoal_run(tmp: Path, i: int, args: argparse.Namespace) -> float:
         "--no-report",
         "--out",
         str(out),
+        "--recovery",
+        args.recovery,
     ]
     subprocess.run(cmd, check=True, cwd=REPO, capture_output=True)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -85,6 +87,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument(
+        "--recovery", default="restart", choices=("restart", "inplace"), help="shoal's side"
+    )
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
     rows = []
