@@ -169,17 +169,32 @@ class _Killer:
                 pass
 
     def _restarts(self) -> int:
-        return sum(line.startswith("shoal: restart ") for _, line in self.run.lines)
+        return sum(_recovered(line) for _, line in self.run.lines)
 
     def stop(self) -> None:
         self._stop.set()
         self.thread.join(timeout=5)
 
 
+def _named(line: str) -> bool:
+    """A line naming a killed worker: torchrun's agent's (restart) or shoal's launcher's
+    (in place)."""
+    return "shoal: error: worker rank" in line or (
+        line.startswith("shoal: worker ") and "was killed" in line
+    )
+
+
+def _recovered(line: str) -> bool:
+    """The workers go on: restarted from a checkpoint, or in place without the lost one."""
+    return line.startswith("shoal: restart ") or (
+        line.startswith("shoal: generation ") and " without " in line
+    )
+
+
 def _events(kills: list[float], lines: list[tuple[float, str]]) -> list[dict[str, Any]]:
     """Per kill: seconds until a worker named it, and until the workers had resumed."""
-    named = [t for t, line in lines if "shoal: error: worker rank" in line]
-    resumed = [t for t, line in lines if line.startswith("shoal: restart ")]
+    named = [t for t, line in lines if _named(line)]
+    resumed = [t for t, line in lines if _recovered(line)]
     out = []
     for i, k in enumerate(kills):
         until = kills[i + 1] if i + 1 < len(kills) else float("inf")
