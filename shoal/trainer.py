@@ -121,6 +121,8 @@ class Trainer:
         self.whole: tuple[dict[int, int], dict[int, int]] = ({}, {})
         self.credited: tuple[dict[int, int], dict[int, int]] = ({}, {})
         self.taken: list[Task] = []  # tasks taken and not yet committed
+        self.regroups: list[dict[str, Any]] = []  # this process's, for the summary
+        self.sent = 0  # bytes of state this process sent in its last regroup
 
     # --- state --------------------------------------------------------------------
 
@@ -170,8 +172,14 @@ class Trainer:
         the steps committed here, take this process's place in the next one and go on
         from its first step."""
         assert self.member is not None
+        began = time.perf_counter()
         self.strategy.release()  # (its hold on the group would keep the group's sockets open)
-        self._adopt(self.member.leave(self.step, why))
+        gen = self.member.leave(self.step, why)
+        self._adopt(gen)
+        self.regroups.append({
+            "generation": gen.number, "step": gen.step, "members": len(gen.members),
+            "why": why, "stall_s": time.perf_counter() - began, "state_bytes": self.sent,
+        })  # fmt: skip
         return self.strategy.work(self.sampler, self.step, self.total_steps)
 
     def _adopt(self, gen: Generation) -> None:
@@ -202,9 +210,10 @@ class Trainer:
         of steps from ``gen.step`` on (they are trained again)."""
         assert self.member is not None
         uid, source = self.member.uid, gen.members.index(gen.source)
+        self.sent = 0
         if uid == gen.source and gen.needs_state:
             to = [gen.members.index(u) for u in gen.needs_state]
-            inplace_state.send(self._live_state(), to)
+            self.sent = inplace_state.send(self._live_state(), to)
         if uid in gen.needs_state:
             self._take_live_state(inplace_state.receive(source))
         else:
@@ -581,4 +590,5 @@ class Trainer:
             resumed_from_step=self.resumed_from,
             **({"balance": self.balancer.summary()} if self.balancing else {}),
             preemptions=preempt.history(self.out),
+            **({"regroups": self.regroups} if self.member is not None else {}),
         )
