@@ -169,7 +169,7 @@ def launch(cluster: ClusterConfig, config_path: str) -> None:
     if fork_workers():
         config.start_method = "fork"
         entry, entry_args = forked_worker, [config_path]
-        _preload()
+        preload()
     start = time.time()
     # the agent installs its own handlers and leaves them: the launcher's come back after
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -228,7 +228,7 @@ def fork_workers() -> bool:
     return sys.platform == "linux" and os.environ.get(SPAWN_ENV, "") != "1"
 
 
-def _preload() -> None:
+def preload() -> None:
     """What every worker imports, imported once here, before the forks."""
     import importlib
 

@@ -62,7 +62,13 @@ class RoleGroup:
     exit separately.
     """
 
-    def __init__(self, roles: list[Role], config_path: str, preload: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        roles: list[Role],
+        config_path: str,
+        preload: tuple[str, ...] = (),
+        fork_first: bool = False,
+    ) -> None:
         quiet_torchrun()
         # each exit is reported by the caller, in its own words
         logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(
@@ -74,7 +80,21 @@ class RoleGroup:
         """Modules the fork server imports for every process, beyond the worker's."""
         self.raised = failure.Raised(failure.failures_dir(Path(config_path).parent))
         """The exceptions its processes stopped on (:data:`~shoal.failure.EXIT_RAISED`)."""
+        self.fork_first = fork_first and fork_workers()
+        """The first processes are forks of this one (which has no threads yet), the
+        later ones (restarts) the fork server's: a fork server costs a new Python's
+        start-up, one of this process's fork nothing."""
+        if self.fork_first:
+            from shoal.launch import preload
+
+            preload()
         self.contexts = [self._start(r) for r in roles]
+        self.fork_first = False
+        if fork_first and fork_workers():  # ready for the first restart
+            import multiprocessing.forkserver as forkserver
+
+            _preload_forkserver(self.preload)
+            forkserver.ensure_running()
         self.exit_codes: dict[int, int] = {}
         self.restarts: dict[int, int] = {}
         self.stopped_since: dict[int, float] = {}  # pid -> when first seen stopped
@@ -93,14 +113,15 @@ class RoleGroup:
                 envs={0: env},
                 logs_specs=DefaultLogsSpecs(),
             )
-        _preload_forkserver(self.preload)
+        if not self.fork_first:
+            _preload_forkserver(self.preload)
         return start_processes(
             name=f"shoal-{r.role}{r.rank}",
-            entrypoint=_role_process,
+            entrypoint=forked_worker if self.fork_first else _role_process,
             args={0: (self.config_path,)},
             envs={0: env},
             logs_specs=DefaultLogsSpecs(),
-            start_method="forkserver",
+            start_method="fork" if self.fork_first else "forkserver",
         )
 
     def restart(self, role: Role, env: dict[str, str]) -> int:

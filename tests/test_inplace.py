@@ -10,7 +10,7 @@ from tests.conftest import max_abs_diff, params, read_summary, train
 
 pytestmark = pytest.mark.slow
 
-JOB = ["--model", "mlp", "--workers", "4", "--steps", "300", "--batch-size", "64"]
+JOB = ["--model", "mlp", "--workers", "4", "--steps", "600", "--batch-size", "64"]
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +40,10 @@ def test_a_killed_worker_leaves_the_others_running_and_the_run_ends_where_unfail
     assert all(without["pids"][u] == first["pids"][u] for u in survivors)  # not restarted
     assert all(rejoined["pids"][u] == first["pids"][u] for u in survivors)
     assert "1.1" in rejoined["members"] and rejoined["needs_state"] == ["1.1"]
-    assert rejoined["source"] in survivors and rejoined["step"] > 50
+    assert rejoined["source"] in survivors and 50 < rejoined["step"] < 600 - 50  # (it trains)
     assert "the others go on without it" in proc.stderr
     s = read_summary(out)
-    assert s["world_size"] == 4 and s["steps"] == 300
+    assert s["world_size"] == 4 and s["steps"] == 600
     assert all(e["exact"] for e in s["epochs"]), s["epochs"]
     assert s["samples_per_epoch"] == read_summary(unfailed)["samples_per_epoch"]
     assert max_abs_diff(params(out), params(unfailed)) < 1e-5

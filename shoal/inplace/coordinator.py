@@ -48,6 +48,12 @@ class Coordinator:
         g = self.current
         return g is not None and all(u in self.finished for u in g.members)
 
+    @property
+    def settled(self) -> bool:
+        """No member of the newest generation is lost (none waits for the next one)."""
+        g = self.current
+        return g is not None and all(u in self.alive or u in self.finished for u in g.members)
+
     def members(self) -> list[str]:
         return list(self.current.members) if self.current else []
 

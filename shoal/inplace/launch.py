@@ -33,15 +33,6 @@ def launch(job: JobConfig, config_path: str) -> None:
     timeout_s = p.collective_timeout(job)
     sock = loopback_listener()
     port = sock.getsockname()[1]
-    store = dist.TCPStore(
-        "127.0.0.1",
-        port,
-        is_master=True,
-        wait_for_workers=False,
-        timeout=timedelta(seconds=timeout_s),
-        multi_tenant=True,
-        master_listen_fd=sock.detach(),
-    )
     base = {
         p.STORE_ENV: f"127.0.0.1:{port}",
         "WORLD_SIZE": str(slots),
@@ -55,11 +46,23 @@ def launch(job: JobConfig, config_path: str) -> None:
         return Role("worker", slot, {**env, "LOCAL_RANK": str(slot)})
 
     roles = [role(slot, 0) for slot in range(slots + spares)]
-    group = RoleGroup(roles, config_path, preload=("torch._dynamo",))  # (DDP imports it)
+    group = RoleGroup(roles, config_path, preload=("torch._dynamo",), fork_first=True)
+    # the store's thread only now: the first workers are forks of this process (they
+    # connect to the listening socket meanwhile)
+    store = dist.TCPStore(
+        "127.0.0.1",
+        port,
+        is_master=True,
+        wait_for_workers=False,
+        timeout=timedelta(seconds=timeout_s),
+        multi_tenant=True,
+        master_listen_fd=sock.detach(),
+    )
     coordinator = Coordinator(store, slots, timeout_s)
     for r in roles:
         coordinator.started(r.env[p.UID_ENV])
     replaced = 0
+    waiting: list[Role] = []  # lost workers to replace once the others go on
     stopping = False  # (preempted: Ctrl-C, SIGTERM to the job)
     start = time.time()
     shown = 0  # generations said
@@ -79,10 +82,7 @@ def launch(job: JobConfig, config_path: str) -> None:
                      + ("; the others go on without it" if member else ""))  # fmt: skip
                 if replaced < job.cluster.max_restarts:
                     replaced += 1
-                    incarnation = int(uid.split(".")[1]) + 1
-                    new = role(r.rank, incarnation)
-                    group.restart(r, new.env)
-                    coordinator.started(new.env[p.UID_ENV])
+                    waiting.append(r)
             for r, pid, seconds in group.stopped(job.strategy.heartbeat_timeout):
                 _say(f"worker {r.env[p.UID_ENV]} (pid {pid}) is hung (stopped for "
                      f"{seconds:.1f} s); killing it")  # fmt: skip
@@ -96,6 +96,12 @@ def launch(job: JobConfig, config_path: str) -> None:
                 _said(coordinator.history[shown])
                 pids.append({"at": time.time(), "pids": _pids(group)})
                 shown += 1
+            if waiting and coordinator.settled:  # (the survivors go on first: starting
+                for r in waiting:  # a replacement may wait for the fork server)
+                    new = role(r.rank, int(r.env[p.UID_ENV].split(".")[1]) + 1)
+                    group.restart(r, new.env)
+                    coordinator.started(new.env[p.UID_ENV])
+                waiting = []
             if group.running == 0 and not coordinator.done:
                 preempted = preempted_since(config_path, start)
                 if preempted is not None:
