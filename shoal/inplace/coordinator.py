@@ -63,9 +63,18 @@ class Coordinator:
         self._take_ready()
         g = self.current
         if g is None:
-            if len(self.ready) >= self.slots:  # (in slot order: ranks as without recovery)
-                self._form(sorted(self.ready[: self.slots], key=_slot), step=-1)
+            # the first workers' slots, in slot order (the ranks of a run without
+            # recovery); spares stand in only for one that is gone before it begins
+            first = [u for u in self.ready if _slot(u) < self.slots]
+            if len(first) < self.slots and any(_slot(u) < self.slots for u in self.alive
+                                               if u not in first):  # fmt: skip
+                return []
+            if len(self.ready) >= self.slots:
+                spares = [u for u in self.ready if u not in first]
+                self._form(sorted([*first, *spares][: self.slots], key=_slot), step=-1)
             return []
+        if any(u in self.finished for u in g.members):
+            return []  # (the job is ending: its members finish)
         living = [u for u in g.members if u in self.alive]
         gone = [u for u in g.members if u not in self.alive and u not in self.finished]
         wanted = bool(gone) or (bool(self.ready) and len(living) < self.slots)
