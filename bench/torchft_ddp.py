@@ -1,5 +1,6 @@
 """torchft's fault-tolerant DDP on the job of bench/plain_ddp.py, for comparison.
 
+    pip install -e '.[bench]'        # torchft (torchft-nightly, which installs beside torch 2.13)
     python bench/torchft_ddp.py --workers 4 --steps 600 --out times.json
     python bench/torchft_ddp.py --workers 4 --steps 3000 --kill-every 15 --out kills.json
 

@@ -2,8 +2,9 @@
 # Set up (with the Ray and Spark extras, whose tests run too), lint, then run the
 # whole test suite (every test has a timeout), two tests at a time: many wait on
 # peers, timeouts and sleeps, so two share two cores well (22 minutes of pytest
-# one at a time, 14.5 two at a time, on a 2-core machine; 13:58-14:23 for 481 tests now; three at
-# a time, 12:53, fails tests that wait on real timeouts). loadgroup keeps the
+# one at a time, 14.5 two at a time, on a 2-core machine, before the workers were forked from
+# preloaded processes and the command stopped tearing torch down; 11:25 for 482 tests now;
+# three at a time fails tests that wait on real timeouts). loadgroup keeps the
 # tests of one Spark or Ray session on one worker.
 set -euo pipefail
 cd "$(dirname "$0")/.."
