@@ -20,6 +20,8 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from shoal import procs
+
 PREFIX = "shoal-net"
 
 
@@ -65,18 +67,8 @@ def remove_stale() -> None:
     listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=20)
     for line in listing.stdout.splitlines():
         m = re.match(rf"({PREFIX}(\d+)-\S+)", line)
-        if m and not _alive(int(m.group(2))):
+        if m and not procs.alive(int(m.group(2))):
             _delete(m.group(1))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def tbf_burst(rate_bits: float) -> int:

@@ -48,6 +48,11 @@ def started(pid: int) -> str:
         return ""
 
 
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and has not ended (a zombie has)."""
+    return state(pid) != "dead"
+
+
 def state(pid: int, since: str = "") -> str:
     """``running``, ``stopped`` (SIGSTOP, a debugger) or ``dead`` (gone, a zombie, or
     the pid reused by a process started at another time than ``since``)."""

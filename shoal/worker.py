@@ -40,19 +40,9 @@ def _die_with_parent() -> None:
         pr_set_pdeathsig = 1
         libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
     launcher = os.environ.get(LAUNCHER_ENV)
-    if launcher and os.getppid() != int(launcher) and not _alive(int(launcher)):
+    if launcher and os.getppid() != int(launcher) and not procs.alive(int(launcher)):
         os._exit(1)  # it died before we asked (a fork server's child: its server's
         # parent is the launcher, and the server ends with it)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def main(argv: list[str] | None = None) -> int:
