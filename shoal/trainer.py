@@ -230,7 +230,7 @@ class Trainer:
             "rng": torch.get_rng_state(),
             "whole": [list(d.items()) for d in self.whole],
             "prior": [list(self.prior_samples.items()), list(self.prior_digests.items())],
-            "wall_time": self.wall_time() if hasattr(self, "_start") else self.wall_offset,
+            "wall_time": self.wall_time(),  # (only a member in run() is a source)
             "resumed_from": -1 if self.resumed_from is None else self.resumed_from,
         }
 
