@@ -160,12 +160,18 @@ class Trainer:
         return self.env
 
     def _committed(self, task: Task) -> None:
-        """``task`` is done everywhere: its whole batch counts (in-place jobs)."""
+        """``task`` is done here; if the strategy's state after it is one every member
+        agrees on (:meth:`~shoal.strategies.base.Strategy.consistent_after`), its step and
+        every step before it are committed: their whole batches count (in-place jobs)."""
+        if not self.strategy.consistent_after(task.step + 1):
+            return
+        steps = sorted({t.step for t in self.taken if t.step <= task.step})
         self.taken = [t for t in self.taken if t.step > task.step]
         if self.member is not None:
-            epoch, at = divmod(task.step, self.sampler.steps_per_epoch)
-            batch = self.sampler.global_indices(epoch, at)
-            inplace_state.add_batch(*self.whole, epoch, len(batch), digest(batch))
+            for step in steps:
+                epoch, at = divmod(step, self.sampler.steps_per_epoch)
+                batch = self.sampler.global_indices(epoch, at)
+                inplace_state.add_batch(*self.whole, epoch, len(batch), digest(batch))
 
     def _regroup(self, why: str) -> Work:
         """The generation ended (a member is lost, or a newcomer waits): leave it with
@@ -174,7 +180,8 @@ class Trainer:
         assert self.member is not None
         began = time.perf_counter()
         self.strategy.release()  # (its hold on the group would keep the group's sockets open)
-        gen = self.member.leave(self.step, why)
+        committed = min((t.step for t in self.taken), default=self.step)
+        gen = self.member.leave(committed, why)
         self._adopt(gen)
         self.regroups.append({
             "generation": gen.number, "step": gen.step, "members": len(gen.members),
@@ -211,15 +218,15 @@ class Trainer:
         assert self.member is not None
         uid, source = self.member.uid, gen.members.index(gen.source)
         self.sent = 0
+        if uid not in gen.needs_state:  # back to its newest committed step, gen.step
+            for task in self.taken:  # begun, never committed: not trained
+                self.sampler.untake(task)
+            self.strategy.rollback()
         if uid == gen.source and gen.needs_state:
             to = [gen.members.index(u) for u in gen.needs_state]
             self.sent = inplace_state.send(self._live_state(), to)
         if uid in gen.needs_state:
             self._take_live_state(inplace_state.receive(source))
-        else:
-            for task in self.taken:  # begun, never committed: not trained
-                if task.step >= gen.step:
-                    self.sampler.untake(task)
         self.taken = []
         self.step = gen.step
         self.sampler.seek(gen.step)
@@ -416,7 +423,11 @@ class Trainer:
                             told = preemption.poll(self.strategy.consistent_after(self.step))
                             if told is not None:
                                 self._preempted(*told)
-                        if self.member is not None and self.member.due(self.step):
+                        if (
+                            self.member is not None
+                            and self.strategy.consistent_after(self.step)
+                            and self.member.due(self.step)
+                        ):
                             raise NewcomerWaits(self.step)
                     break
                 except Exception as e:

@@ -101,7 +101,7 @@ class Coordinator:
         source = next(u for u in living if stopped[u]["step"] == step)
         joiners = self.ready[: self.slots - len(living)]
         behind = [u for u in living if stopped[u]["step"] < step]
-        self._form(living + joiners, step, source, joiners + behind, gone)
+        self._form(_fill(g.members, living, joiners), step, source, joiners + behind, gone)
         return []
 
     def _take_ready(self) -> None:
@@ -125,6 +125,15 @@ class Coordinator:
         self.ready = [u for u in self.ready if u not in gen.members]
         self.current, self._first_stop = gen, None
         self.history.append(gen)
+
+
+def _fill(members: list[str], living: list[str], joiners: list[str]) -> list[str]:
+    """The next generation's members: each joiner takes a lost member's place (its rank,
+    so the survivors keep theirs and each rank's slice of a step stays where it was),
+    then the living close up."""
+    waiting = list(joiners)
+    placed = [u if u in living else (waiting.pop(0) if waiting else "") for u in members]
+    return [u for u in placed if u] + waiting
 
 
 def _slot(uid: str) -> int:

@@ -118,6 +118,7 @@ def check_job(plugin: Plugin, job: JobConfig) -> None:
     check_component(options)
     _check_privacy(plugin, job)
     _check_balance(plugin, job)
+    _check_recovery(plugin, job)
     if isinstance(getattr(options, "compress", None), str):
         from shoal.compress import check_codec
 
@@ -140,6 +141,27 @@ def _check_privacy(plugin: Plugin, job: JobConfig) -> None:
         who = ", ".join(f"{n} ({p.privacy}-level)" for n, p in BUILTIN.items() if p.privacy)
         raise UserError(
             f"--strategy {plugin.name} does not run differential privacy (--dp-*): use {who}"
+        )
+
+
+def _check_recovery(plugin: Plugin, job: JobConfig) -> None:
+    """``--recovery inplace`` against what the job runs."""
+    from shoal import privacy
+
+    c = job.cluster
+    if c.recovery != "inplace" or not plugin.recovers_in_place:
+        return  # (a strategy that does not read --recovery refuses it: run.reads)
+    if privacy.budget(job.train).enabled:
+        raise UserError("--recovery inplace runs without DP-SGD (--dp-clip) for now")
+    if job.train.balance.startswith("static"):
+        raise UserError(
+            "--recovery inplace: --balance static gives each rank a weight, and the "
+            "ranks change; use --balance auto (or equal)"
+        )
+    if c.nnodes > 1 or c.engine != "shoal":
+        raise UserError(
+            "--recovery inplace runs on one machine under shoal's own launcher "
+            "for now (no --nnodes, no --engine)"
         )
 
 

@@ -232,12 +232,7 @@ class Plugin(plugin.Plugin):
     Config = AllReduceConfig
     runtime = AllReduce
     reads_shards = True
-    reads = (
-        *plugin.Plugin.reads,
-        "cluster.recovery",
-        "cluster.spares",
-        "strategy.collective_timeout",
-    )
+    reads = (*plugin.Plugin.reads, *plugin.IN_PLACE_READS)
     recovers_in_place = True
     balance_modes = ("equal", "static", "auto")
     micro_batching = True
@@ -245,20 +240,6 @@ class Plugin(plugin.Plugin):
 
     def check(self, job: JobConfig) -> None:
         super().check(job)
-        c = job.cluster
-        if c.recovery == "inplace":
-            if privacy.budget(job.train).enabled:
-                raise UserError("--recovery inplace runs without DP-SGD (--dp-clip) for now")
-            if job.train.balance.startswith("static"):
-                raise UserError(
-                    "--recovery inplace: --balance static gives each rank a weight, and the "
-                    "ranks change; use --balance auto (or equal)"
-                )
-            if c.nnodes > 1 or c.engine != "shoal":
-                raise UserError(
-                    "--recovery inplace runs on one machine under shoal's own launcher "
-                    "for now (no --nnodes, no --engine)"
-                )
         if privacy.budget(job.train).enabled:
             t, given = job.train, []
             if t.balance != "equal":

@@ -194,6 +194,12 @@ class Strategy(ABC):
         ``env.rank`` of ``env.world_size``; the model and optimizer stay."""
         raise NotImplementedError(f"{type(self).__name__} cannot change its group")
 
+    def rollback(self) -> None:  # noqa: B027 - optional hook
+        """Go back to the state after the newest step :meth:`consistent_after` holds for
+        (``--recovery inplace``: the steps after it are trained again, in the next
+        generation; by default nothing: every step is consistent, and a failed exchange
+        leaves nothing of its step applied)."""
+
     @property
     def lr(self) -> float:
         """The learning rate of the step about to run."""
@@ -205,8 +211,8 @@ class Strategy(ABC):
 
     def consistent_after(self, step: int) -> bool:
         """Whether a checkpoint after global ``step`` holds one consistent model, so a
-        preemption may stop there (strategies whose replicas meet every H steps: only
-        then)."""
+        preemption may stop there, and an in-place job that loses a member goes on from
+        there (strategies whose replicas meet every H steps: only then)."""
         return True
 
     def prefetch(self, batch: Batch) -> None:  # noqa: B027 - optional hook

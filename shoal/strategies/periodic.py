@@ -18,6 +18,7 @@ all-reduce: 1/H of what ``allreduce`` moves in the same steps.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,7 @@ from torch import nn
 from shoal import balance
 from shoal.compress import COMPRESS_HELP, parse_codec
 from shoal.config import JobConfig, option
+from shoal.dist import DistEnv
 from shoal.errors import UserError
 from shoal.memory import ActivationMeter
 from shoal.metrics import PhaseTimer
@@ -75,6 +77,32 @@ class LocalSGD(Strategy):
         # average weighs each replica's change by the samples it trained on
         self.weighted = balance.parse(self.job.train.balance).mode != "equal"
         self.samples = 0  # this replica's, since the last synchronization
+        self.synced: dict[str, Any] = {}  # what rollback() goes back to (in-place jobs)
+        self._mark()
+
+    def regroup(self, env: DistEnv) -> None:
+        self.env = env  # (nothing holds the group between synchronizations)
+
+    def _mark(self) -> None:
+        """Keep this replica's inner optimizer at a synchronization (in-place jobs: the
+        model is the anchor then), for :meth:`rollback`."""
+        if self.job.cluster.recovery == "inplace":
+            self.synced = {
+                "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+                "scheduler": self.scheduler.state_dict(),
+                "steps": self.steps,
+            }
+
+    @torch.no_grad()
+    def rollback(self) -> None:
+        """Back to the last synchronization: the anchor, and this replica's inner
+        optimizer as it was then."""
+        for n, p in self.params.items():
+            p.copy_(self.anchor[n])
+        self.optimizer.load_state_dict(self.synced["optimizer"])
+        self.scheduler.load_state_dict(self.synced["scheduler"])
+        self.steps = self.synced["steps"]
+        self.samples = 0
 
     def train_step(
         self, batch: Batch, loss_fn: LossFn, loss_scale: float, timer: PhaseTimer
@@ -93,7 +121,7 @@ class LocalSGD(Strategy):
         return loss_sum
 
     def consistent_after(self, step: int) -> bool:
-        return step % self.sync_every == 0
+        return step % self.sync_every == 0 or step == self.total_steps
 
     @torch.no_grad()
     def synchronize(self) -> None:
@@ -109,6 +137,7 @@ class LocalSGD(Strategy):
         self._apply_average(means)
         for n, p in self.params.items():
             self.anchor[n].copy_(p)
+        self._mark()
 
     def _apply_average(self, means: list[torch.Tensor]) -> None:
         for (n, p), m in zip(self.params.items(), means):
@@ -128,6 +157,7 @@ class LocalSGD(Strategy):
         for n, t in state["anchor"].items():
             self.anchor[n].copy_(t)
         self.steps = int(state["steps"])
+        self._mark()
 
 
 class DiLoCo(LocalSGD):
@@ -180,6 +210,8 @@ class LocalSGDPlugin(plugin.Plugin):
     runtime = LocalSGD
     balance_modes = ("equal", "static", "auto")
     micro_batching = True
+    recovers_in_place = True
+    reads = (*plugin.Plugin.reads, *plugin.IN_PLACE_READS)
 
     def check(self, job: JobConfig) -> None:
         """Checkpoints fall on synchronizations, where the replicas are one model."""

@@ -24,6 +24,9 @@ from shoal.dist import DistEnv
 from shoal.errors import UserError
 from shoal.strategies.base import Strategy
 
+IN_PLACE_READS = ("cluster.recovery", "cluster.spares", "strategy.collective_timeout")
+"""The settings a strategy that :attr:`Plugin.recovers_in_place` reads."""
+
 
 @dataclasses.dataclass
 class NoOptions:
