@@ -16,6 +16,11 @@ import torch
 from filelock import FileLock
 from safetensors.torch import load_file
 
+from tests import forkserve
+
+FRESH = os.environ.get("SHOAL_TEST_FRESH") == "1"
+"""Start every ``shoal`` command as a new Python (as a user's shell does) instead of
+forking it from the test worker's fork server: slower, for when the two differ."""
 REPO = Path(__file__).resolve().parents[1]
 LINEAR_JOB = ["--model", "linear", "--steps", "200", "--batch-size", "64", "--lr", "0.05"]
 LINEAR_JOB += ["--seed", "2"]
@@ -66,15 +71,19 @@ def no_argparse(monkeypatch: pytest.MonkeyPatch) -> None:
 def run_shoal(
     *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 240
 ) -> subprocess.CompletedProcess:
-    """Run ``python -m shoal ARGS`` and return the finished process (output captured)."""
-    return subprocess.run(
-        [sys.executable, "-m", "shoal", *args],
-        cwd=cwd,
-        env=shoal_env(env),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    """Run ``python -m shoal ARGS`` and return the finished process (output captured):
+    forked from this test worker's fork server (:mod:`tests.forkserve`), or started
+    afresh with ``SHOAL_TEST_FRESH=1``."""
+    if FRESH:
+        return subprocess.run(
+            [sys.executable, "-m", "shoal", *args],
+            cwd=cwd,
+            env=shoal_env(env),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    return forkserve.run(list(args), shoal_env(env), cwd, timeout)
 
 
 def train(
@@ -90,14 +99,16 @@ def train(
 def start_train(out: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     """``shoal train --out OUT ARGS --no-progress --no-report`` started, not awaited
     (stderr piped, as text)."""
-    cmd = [sys.executable, "-m", "shoal", "train", "--out", str(out), "--no-progress"]
-    return subprocess.Popen(
-        [*cmd, "--no-report", *args],
-        env=shoal_env(env),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    argv = ["train", "--out", str(out), "--no-progress", "--no-report", *args]
+    if FRESH:
+        return subprocess.Popen(
+            [sys.executable, "-m", "shoal", *argv],
+            env=shoal_env(env),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    return forkserve.start(argv, shoal_env(env), stderr=subprocess.PIPE)  # type: ignore[return-value]
 
 
 def read_summary(run_dir: Path) -> dict:

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from tests import netns
+from tests import forkserve, netns
 from tests.conftest import (
+    FRESH,
     LINEAR_JOB,
     NOISE_FLOOR,
     PS_ASYNC_JOB,
@@ -139,14 +140,20 @@ class _Watched:
     """A ``shoal`` command whose stderr lines are timestamped as they arrive."""
 
     def __init__(self, cmd: list[str], env: dict[str, str] | None = None) -> None:
-        self.proc = subprocess.Popen(
-            cmd,
-            env=shoal_env(env),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
+        shoal = [sys.executable, "-m", "shoal"]
+        if cmd[:3] == shoal and not FRESH:  # (forked from the tests' fork server)
+            self.proc = forkserve.start(
+                cmd[3:], shoal_env(env), stderr=subprocess.PIPE, start_new_session=True
+            )
+        else:
+            self.proc = subprocess.Popen(
+                cmd,
+                env=shoal_env(env),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
+            )
         self.lines: list[tuple[float, str]] = []
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
