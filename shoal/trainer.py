@@ -167,7 +167,7 @@ class Trainer:
             return
         steps = sorted({t.step for t in self.taken if t.step <= task.step})
         self.taken = [t for t in self.taken if t.step > task.step]
-        if self.member is not None:
+        if self.member is not None and self.strategy.draws_global_batches:
             for step in steps:
                 epoch, at = divmod(step, self.sampler.steps_per_epoch)
                 batch = self.sampler.global_indices(epoch, at)
@@ -220,7 +220,8 @@ class Trainer:
         self.sent = 0
         if uid not in gen.needs_state:  # back to its newest committed step, gen.step
             for task in self.taken:  # begun, never committed: not trained
-                self.sampler.untake(task)
+                if self.strategy.draws_global_batches:
+                    self.sampler.untake(task)
             self.strategy.rollback()
         if uid == gen.source and gen.needs_state:
             to = [gen.members.index(u) for u in gen.needs_state]

@@ -106,3 +106,30 @@ def test_a_periodic_job_goes_back_to_its_last_synchronization_and_ends_where_unf
     assert s["steps"] == 160 and all(e["exact"] for e in s["epochs"]), s["epochs"]
     assert s["samples_per_epoch"] == read_summary(tmp_path / "unfailed")["samples_per_epoch"]
     assert max_abs_diff(params(out), params(tmp_path / "unfailed")) < 1e-5
+
+
+@pytest.mark.timeout(180)
+def test_a_federated_round_whose_process_is_lost_is_trained_again_with_all_its_clients(
+    tmp_path,
+):
+    """FedAvg simulated on 4 processes, 8 clients: slot 1 is SIGKILLed after round 5;
+    the survivors redo round 6 with the spare in its place (every client of the round,
+    the lost process's too), and the job ends at the unfailed run's model with every
+    client update once."""
+    job = ["--model", "linear", "--data", "synthetic-linear", "--num-samples", "1000",
+           "--strategy", "fedavg", "--clients", "8", "--local-steps", "2",
+           "--batch-size", "16", "--steps", "12", "--workers", "4"]  # fmt: skip
+    train(tmp_path / "unfailed", *job)
+    out = tmp_path / "inplace"
+    proc = train(
+        out, *job, "--recovery", "inplace", "--spares", "1",
+        env={"SHOAL_FAULT": "crash:rank=1:step=5"},
+    )  # fmt: skip
+    gens = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert gens[1]["lost"] == ["1.0"] and gens[1]["step"] == 5, gens[1]
+    assert gens[1]["members"] == ["0.0", "4.0", "2.0", "3.0"], gens[1]
+    assert "the others go on without it" in proc.stderr
+    got, want = read_summary(out), read_summary(tmp_path / "unfailed")
+    assert got["federated"]["rounds"] == want["federated"]["rounds"] == 12
+    assert got["federated"]["client_updates"] == want["federated"]["client_updates"] == 96
+    assert max_abs_diff(params(out), params(tmp_path / "unfailed")) < 1e-5

@@ -46,6 +46,9 @@ class Strategy(ABC):
     """The learning-rate schedule of :attr:`optimizer`."""
     prefetches: ClassVar[bool] = False
     """Whether :meth:`prefetch` wants to see the next batch once this step is done."""
+    draws_global_batches: ClassVar[bool] = True
+    """Whether its steps are the sampler's global batches (counted per epoch and checked
+    by digest); federated rounds draw clients instead."""
     micro_batches: int = 1
     """Micro-batches the next step's slice is cut into, its gradients accumulating (set
     by the trainer from ``--max-rank-batch``: the same on every rank)."""

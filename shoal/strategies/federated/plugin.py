@@ -79,6 +79,8 @@ class Plugin(plugin.Plugin):
     Config = FedAvgConfig
     runtime = FedAvg
     privacy = "client"
+    recovers_in_place = True
+    reads = (*plugin.Plugin.reads, *plugin.IN_PLACE_READS)
 
     def check(self, job: JobConfig) -> None:
         super().check(job)
@@ -90,6 +92,12 @@ class Plugin(plugin.Plugin):
             raise UserError(
                 "--listen runs the federation's server as one process: --workers 1 "
                 "(the clients run shoal federate elsewhere)"
+            )
+        if opts.listen and job.cluster.recovery == "inplace":
+            raise UserError(
+                "--recovery inplace keeps a simulation's other processes going; with "
+                "--listen the server is one process (a lost remote client is covered by "
+                "--round-deadline): leave --recovery out"
             )
         if (
             opts.listen

@@ -29,6 +29,7 @@ from torch.nn.utils import parameters_to_vector
 
 from shoal import privacy, secagg
 from shoal.data import GlobalBatchSampler
+from shoal.dist import DistEnv
 from shoal.errors import UserError
 from shoal.memory import ActivationMeter
 from shoal.metrics import PhaseTimer
@@ -42,6 +43,8 @@ from shoal.strategies.federated.server import ServerOptimizer
 
 class FedAvg(Strategy):
     """FedAvg, FedProx and FedOpt over simulated clients."""
+
+    draws_global_batches = False
 
     def setup(
         self, model: nn.Module, total_steps: int, example: Batch, activations: ActivationMeter
@@ -74,6 +77,17 @@ class FedAvg(Strategy):
             self.remote = FederationServer(self.job, self.options.listen, numel)
             self.comm = self.remote.comm
         self.rounds = self.client_updates = self.dropped = self.aborted = 0
+        self.begun: torch.Tensor | None = None  # the global model of a round under way
+
+    def regroup(self, env: DistEnv) -> None:
+        self.env = env  # (the next round deals its clients over the new group)
+
+    @torch.no_grad()
+    def rollback(self) -> None:
+        """A round cut short (a process lost): the global model it started from."""
+        if self.begun is not None:
+            load_flat(self.params, self.begun)
+            self.begun = None
 
     def work(self, sampler: GlobalBatchSampler, step: int, total_steps: int) -> RoundWork:
         self.work_ = RoundWork(self.federation, self.env.rank, self.env.world_size, step,
@@ -89,6 +103,7 @@ class FedAvg(Strategy):
         mu = self.options.prox_mu
         with torch.no_grad():
             global_x = parameters_to_vector(self.params).detach().double()
+        self.begun = global_x
         loss_sum = torch.zeros((), dtype=torch.float64, device=global_x.device)
         vectors: dict[int, torch.Tensor] = {}  # by client: its weighted change, weight, 1
         x, y = batch
@@ -168,6 +183,7 @@ class FedAvg(Strategy):
         self.rounds += 1
         self.client_updates += reported
         self.dropped += late
+        self.begun = None
         return loss_sum
 
     def _contribution(self, change: torch.Tensor, examples: int) -> torch.Tensor:
