@@ -499,16 +499,20 @@ def _descendants(pid: int) -> list[int]:
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])
+@pytest.mark.parametrize(
+    ("sig", "recovery"), [("SIGTERM", "restart"), ("SIGUSR1", "restart"), ("SIGUSR1", "inplace")]
+)
 def test_preempted_by_a_signal_to_every_process_then_resumed_exactly(
-    sig, tmp_path, linear_reference
+    sig, recovery, tmp_path, linear_reference
 ):
     """The scheduler signals every process (Kubernetes, Spark, Ray: SIGTERM; Slurm's
-    --signal: SIGUSR1): all stop after one common step, checkpoint it, exit 143."""
+    --signal: SIGUSR1): all stop after one common step, checkpoint it, exit 143; under
+    torchrun's agent or shoal's in-place launcher."""
     out = tmp_path / "run"
     requeued = sig == "SIGUSR1"  # Slurm's requeue runs the same command: --auto-resume
     again = ["--auto-resume"] if requeued else []
     cmd = [*_shoal(out), "--no-report", *LINEAR_JOB, *W2, "--log-every", "10", *again]
+    cmd += ["--recovery", recovery]
     job = _Watched(cmd, env={"SHOAL_FAULT": "slow:rank=*:ms=20"})
     try:
         _wait_for_records(out / "metrics.jsonl", count=5)

@@ -18,7 +18,13 @@ from shoal.config import JobConfig
 from shoal.dist import loopback_listener
 from shoal.inplace import protocol as p
 from shoal.inplace.coordinator import Coordinator
-from shoal.launch import JobPreempted, LaunchFailed, describe_exit, preempted_since
+from shoal.launch import (
+    JobPreempted,
+    LaunchFailed,
+    describe_exit,
+    preempted_since,
+    relay_usr1,
+)
 from shoal.layout import GENERATIONS_FILE
 from shoal.preempt import EXIT_INTERRUPTED, EXIT_PREEMPTED
 from shoal.roles import Role, RoleGroup
@@ -67,6 +73,7 @@ def launch(job: JobConfig, config_path: str) -> None:
     start = time.time()
     shown = 0  # generations said
     pids: list[dict] = []  # each generation's processes, and when it was formed
+    usr1 = signal.signal(signal.SIGUSR1, relay_usr1)  # (Slurm's --signal)
     try:
         while not coordinator.done:
             for r, code in group.poll():
@@ -116,6 +123,7 @@ def launch(job: JobConfig, config_path: str) -> None:
                 group.signal(signal.SIGTERM)
 
     finally:
+        signal.signal(signal.SIGUSR1, usr1)
         group.close()
         _write_history(Path(config_path).parent, coordinator, pids)
     if stopping:
@@ -148,14 +156,15 @@ def _stop_on_a_mistake(group: RoleGroup, code: int) -> None:
 def _said(gen: p.Generation) -> None:
     if gen.number == 0:
         return
-    who = f"{len(gen.members)} worker{'s' if len(gen.members) != 1 else ''}"
+    n = len(gen.members)
+    who, verb = (f"{n} workers", "go on") if n != 1 else ("1 worker", "goes on")
     lost = f" without {', '.join(gen.lost)}" if gen.lost else ""
     new = [u for u in gen.needs_state if u not in gen.lost]
     given = f"; {', '.join(new)} get the state from {gen.source}" if new else ""
     if gen.step < 0:
         _say(f"generation {gen.number}: {who} resume from the newest checkpoint{lost}")
     else:
-        _say(f"generation {gen.number}: {who} go on from step {gen.step}{lost}{given}")
+        _say(f"generation {gen.number}: {who} {verb} from step {gen.step}{lost}{given}")
 
 
 def _say(line: str) -> None:

@@ -146,23 +146,31 @@ def _check_privacy(plugin: Plugin, job: JobConfig) -> None:
 
 def _check_recovery(plugin: Plugin, job: JobConfig) -> None:
     """``--recovery inplace`` against what the job runs."""
+    if job.cluster.recovery != "inplace" or not plugin.recovers_in_place:
+        return  # (a strategy that does not read --recovery refuses it: run.reads)
+    refusal = _in_place_refusal(plugin, job)
+    if refusal:
+        raise UserError(refusal)
+
+
+def _in_place_refusal(plugin: Plugin, job: JobConfig) -> str:
+    """Why this job cannot recover in place ("" if it can)."""
     from shoal import privacy
 
     c = job.cluster
-    if c.recovery != "inplace" or not plugin.recovers_in_place:
-        return  # (a strategy that does not read --recovery refuses it: run.reads)
     if privacy.budget(job.train).enabled:
-        raise UserError("--recovery inplace runs without DP-SGD (--dp-clip) for now")
+        return "--recovery inplace runs without DP-SGD (--dp-clip) for now"
     if job.train.balance.startswith("static"):
-        raise UserError(
+        return (
             "--recovery inplace: --balance static gives each rank a weight, and the "
             "ranks change; use --balance auto (or equal)"
         )
     if c.nnodes > 1 or c.engine != "shoal":
-        raise UserError(
+        return (
             "--recovery inplace runs on one machine under shoal's own launcher "
             "for now (no --nnodes, no --engine)"
         )
+    return plugin.in_place_refusal(job)
 
 
 def _check_balance(plugin: Plugin, job: JobConfig) -> None:

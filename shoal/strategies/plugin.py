@@ -95,6 +95,12 @@ class Plugin:
         if job.cluster.workers < 1:
             raise UserError(f"--workers must be a positive integer, got {job.cluster.workers}")
 
+    def in_place_refusal(self, job: JobConfig) -> str:
+        """Why this job cannot recover in place, beyond the rules every strategy that
+        :attr:`recovers_in_place` shares ("" if it can): ``--recovery inplace`` is refused
+        with this line."""
+        return ""
+
     def data_ranks(self, job: JobConfig) -> int:
         """How many slices each global batch is cut into (data-parallel ranks)."""
         return job.world_size

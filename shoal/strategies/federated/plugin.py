@@ -82,6 +82,15 @@ class Plugin(plugin.Plugin):
     recovers_in_place = True
     reads = (*plugin.Plugin.reads, *plugin.IN_PLACE_READS)
 
+    def in_place_refusal(self, job: JobConfig) -> str:
+        if self.options(job).listen:
+            return (
+                "--recovery inplace keeps a simulation's other processes going; with "
+                "--listen the server is one process (a lost remote client is covered by "
+                "--round-deadline)"
+            )
+        return ""
+
     def check(self, job: JobConfig) -> None:
         super().check(job)
         opts = self.options(job)
@@ -92,12 +101,6 @@ class Plugin(plugin.Plugin):
             raise UserError(
                 "--listen runs the federation's server as one process: --workers 1 "
                 "(the clients run shoal federate elsewhere)"
-            )
-        if opts.listen and job.cluster.recovery == "inplace":
-            raise UserError(
-                "--recovery inplace keeps a simulation's other processes going; with "
-                "--listen the server is one process (a lost remote client is covered by "
-                "--round-deadline): leave --recovery out"
             )
         if (
             opts.listen
