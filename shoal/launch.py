@@ -173,7 +173,7 @@ def launch(cluster: ClusterConfig, config_path: str) -> None:
     start = time.time()
     # the agent installs its own handlers and leaves them: the launcher's come back after
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-    usr1 = signal.signal(signal.SIGUSR1, relay_usr1)
+    usr1 = signal.signal(signal.SIGUSR1, _on_usr1)
     try:
         elastic_launch(config, entry)(*entry_args)
     except ChildFailedError as e:
@@ -281,7 +281,7 @@ def _pass_ctrl_c_on_as_sigterm() -> None:
     api._terminate_process_handler = on_signal  # (what the agent registers as it starts)
 
 
-def relay_usr1(signum: int, frame: Any) -> None:
+def _on_usr1(signum: int, frame: Any) -> None:
     """Slurm's ``--signal``: SIGUSR1 would end this process (its default action). The
     workers get it (so they name it), then the agent gets a SIGTERM, on which it stops
     the workers instead of restarting them; they stop at a common step and checkpoint."""

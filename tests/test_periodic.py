@@ -81,3 +81,60 @@ def test_local_sgd_compresses_what_it_sends(tmp_path):
     full, half = read_summary(tmp_path / "f32"), read_summary(tmp_path / "f16")
     assert half["bytes_sent_total"] * 2 == full["bytes_sent_total"]
     assert half["test_loss"] < 2 * NOISE_FLOOR
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("strategy", ["local-sgd", "diloco"])
+def test_a_rollback_goes_back_to_the_last_synchronization_every_time(tmp_path, strategy):
+    """--recovery inplace: after a synchronization, local steps then rollback(), twice
+    in one interval (a second loss before the next synchronization): each time the
+    model, the inner Adam state and the schedule are the synchronization's, not those of
+    the steps trained since (a kept copy that the live optimizer shared would drift)."""
+    import copy
+
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    from shoal.data import build_dataset
+    from shoal.dist import DistEnv
+    from shoal.memory import ActivationMeter
+    from shoal.metrics import PhaseTimer
+    from shoal.models import build_model
+    from shoal.run.resolve import Request, resolve_job
+    from shoal.strategies import resolve
+
+    given = {"output.out": str(tmp_path / "run"), "strategy.name": strategy,
+             "option.sync_every": 4, "optim.name": "adam", "optim.lr": 0.01,
+             "optim.schedule": "cosine", "model.name": "linear", "train.steps": 100,
+             "cluster.recovery": "inplace"}  # fmt: skip
+    job = resolve_job(Request(given=given))
+    env = DistEnv(0, 1, 0, 1, torch.device("cpu"), "gloo", "localhost")
+    data = build_dataset(job.data)
+    x, y = data.rows.take(np.arange(64))
+
+    def loss_fn(model, batch):
+        return (model(batch[0]).squeeze(-1) - batch[1]) ** 2
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        rt = resolve(job).build(job, env)
+        rt.data = data
+        rt.setup(build_model(job.model, data), 100, (x, y), ActivationMeter())
+        for _ in range(4):  # the 4th synchronizes
+            rt.train_step((x, y), loss_fn, 1 / 64, PhaseTimer(env.device))
+        model, opt = copy.deepcopy(rt.model.state_dict()), copy.deepcopy(rt.optimizer.state_dict())
+        assert opt["state"], "Adam keeps state after the synchronization"
+        for _ in range(2):
+            for _ in range(3):
+                rt.train_step((x, y), loss_fn, 1 / 64, PhaseTimer(env.device))
+            assert rt.lr != opt["param_groups"][0]["lr"]  # (the schedule moved on)
+            rt.rollback()
+            assert rt.steps == 4 and rt.lr == opt["param_groups"][0]["lr"]
+            for k, t in rt.model.state_dict().items():
+                assert torch.equal(t, model[k]), k
+            for i, state in rt.optimizer.state_dict()["state"].items():
+                for k, t in state.items():
+                    assert torch.equal(torch.as_tensor(t), torch.as_tensor(opt["state"][i][k])), k
+    finally:
+        dist.destroy_process_group()

@@ -4,11 +4,13 @@ own), replacements for the lost ones, and the generations."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -18,13 +20,7 @@ from shoal.config import JobConfig
 from shoal.dist import loopback_listener
 from shoal.inplace import protocol as p
 from shoal.inplace.coordinator import Coordinator
-from shoal.launch import (
-    JobPreempted,
-    LaunchFailed,
-    describe_exit,
-    preempted_since,
-    relay_usr1,
-)
+from shoal.launch import JobPreempted, LaunchFailed, describe_exit, preempted_since
 from shoal.layout import GENERATIONS_FILE
 from shoal.preempt import EXIT_INTERRUPTED, EXIT_PREEMPTED
 from shoal.roles import Role, RoleGroup
@@ -73,7 +69,15 @@ def launch(job: JobConfig, config_path: str) -> None:
     start = time.time()
     shown = 0  # generations said
     pids: list[dict] = []  # each generation's processes, and when it was formed
-    usr1 = signal.signal(signal.SIGUSR1, relay_usr1)  # (Slurm's --signal)
+
+    def relay_usr1(signum: int, frame: Any) -> None:
+        """Slurm's ``--signal``: the workers get it (so they name it), then this process a
+        SIGTERM, which stops the job at a common step (as under torchrun's agent; not to
+        every child: the fork server of replacements would die of it, and they with it)."""
+        group.signal(signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    usr1 = signal.signal(signal.SIGUSR1, relay_usr1)
     try:
         while not coordinator.done:
             for r, code in group.poll():

@@ -99,7 +99,9 @@ class LocalSGD(Strategy):
         optimizer as it was then."""
         for n, p in self.params.items():
             p.copy_(self.anchor[n])
-        self.optimizer.load_state_dict(self.synced["optimizer"])
+        # (a copy: load_state_dict keeps tensors of the right dtype and device as they are,
+        # so the live state would be the kept one, and a second rollback would see it moved)
+        self.optimizer.load_state_dict(copy.deepcopy(self.synced["optimizer"]))
         self.scheduler.load_state_dict(self.synced["scheduler"])
         self.steps = self.synced["steps"]
         self.samples = 0
