@@ -333,8 +333,7 @@ class Trainer:
     def run(self) -> None:
         """Train to ``total_steps``, logging, evaluating and checkpointing on the way."""
         t = self.job.train
-        self.writer = None
-        if self.gatherer.is_writer:
+        if self.gatherer.is_writer and self.writer is None:  # (a newcomer may have one)
             self.writer = RunWriter(self.job, self.total_steps, self.step)
             self.writer.start(f"{self.job.strategy.name} x{self.env.world_size}", self.step)
         self._start = time.perf_counter()

@@ -169,7 +169,10 @@ def _member(job: JobConfig, plugin: Any) -> Member | None:
     """This worker's membership of an in-place job (``--recovery inplace``), if it is one."""
     if inplace.STORE_ENV not in os.environ or not plugin.recovers_in_place:
         return None
-    return Member(inplace.collective_timeout(job), check_every=job.train.log_every)
+    every, commits = job.train.log_every, plugin.commits_every(job)
+    # a newcomer joins at a committed step: the first multiple of the commits' period at
+    # or after every --log-every steps
+    return Member(inplace.collective_timeout(job), check_every=-(-every // commits) * commits)
 
 
 def _restore(trainer: Trainer, env: dist.DistEnv) -> None:

@@ -67,14 +67,22 @@ def serve(control: socket.socket) -> None:
         if not header:
             return  # (the test worker is gone)
         request = json.loads(header.decode())
+        for fd in fds:  # (no later command, nor its workers, may hold them open)
+            os.set_inheritable(fd, False)
         status = socket.socket(fileno=fds[3])
         pid = os.fork()
         if pid == 0:
+            for other in children.values():
+                other.close()
             _child(control, request, fds)
         for fd in fds[:3]:
             os.close(fd)
-        status.sendall(struct.pack("!q", pid))
-        children[pid] = status
+        try:
+            status.sendall(struct.pack("!q", pid))
+            children[pid] = status
+        except OSError:  # (the test that asked is gone: so is its command)
+            os.kill(pid, signal.SIGKILL)
+            status.close()
 
 
 def _reap(children: dict[int, socket.socket]) -> None:
@@ -146,6 +154,8 @@ class _Server:
     @classmethod
     def get(cls, env: dict[str, str]) -> socket.socket:
         with cls.lock:
+            if cls.process is not None and cls.process.poll() is not None:
+                cls.control = None  # (it died: a new one)
             if cls.control is None:
                 mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
                 fd = theirs.fileno()
@@ -217,7 +227,7 @@ class Command:
         self._status.close()
 
     def send_signal(self, sig: int) -> None:
-        if self.returncode is None:
+        if self.poll() is None:  # (not a pid the system may have given another)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, sig)
 

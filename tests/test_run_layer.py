@@ -251,3 +251,24 @@ def test_overrides_use_the_toml_names(tmp_path):
         _given({"train": {"stepz": 5}})
     with pytest.raises(UserError, match="unknown section 'trian'"):
         _given({"trian.steps": 5})
+
+
+@pytest.mark.parametrize(
+    ("given", "flag"),
+    [
+        ({"option.compress": "fp16"}, "--compress"),
+        ({"strategy.name": "local-sgd", "option.compress": "topk:0.01"}, "--compress"),
+        ({"train.dp_clip": 1.0, "train.dp_noise": 1.0}, "DP-SGD"),
+        ({"train.balance": "static:1,2"}, "--balance static"),
+        (
+            {"strategy.name": "fedavg", "option.listen": "127.0.0.1:7000", "cluster.workers": 1},
+            "--listen",
+        ),
+    ],
+)
+def test_recovery_in_place_refuses_what_it_cannot_keep_exact(tmp_path, given, flag):
+    _refused(tmp_path, {"cluster.recovery": "inplace", "cluster.workers": 2, **given}, flag)
+
+
+def test_a_strategy_that_cannot_recover_in_place_refuses_the_flag(tmp_path):
+    _refused(tmp_path, {"cluster.recovery": "inplace", "strategy.name": "fsdp"}, "--recovery")

@@ -164,7 +164,8 @@ def _said(gen: p.Generation) -> None:
     who, verb = (f"{n} workers", "go on") if n != 1 else ("1 worker", "goes on")
     lost = f" without {', '.join(gen.lost)}" if gen.lost else ""
     new = [u for u in gen.needs_state if u not in gen.lost]
-    given = f"; {', '.join(new)} get the state from {gen.source}" if new else ""
+    gets = "gets" if len(new) == 1 else "get"
+    given = f"; {', '.join(new)} {gets} the state from {gen.source}" if new else ""
     if gen.step < 0:
         _say(f"generation {gen.number}: {who} resume from the newest checkpoint{lost}")
     else:

@@ -170,6 +170,11 @@ def _in_place_refusal(plugin: Plugin, job: JobConfig) -> str:
             "--recovery inplace runs on one machine under shoal's own launcher "
             "for now (no --nnodes, no --engine)"
         )
+    if getattr(plugin.options(job), "compress", "none") != "none":
+        return (
+            "--recovery inplace runs without --compress for now: a codec's error "
+            "feedback (and PowerSGD's warm start) would keep what a step cut short sent"
+        )
     return plugin.in_place_refusal(job)
 
 

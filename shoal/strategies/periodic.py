@@ -215,6 +215,9 @@ class LocalSGDPlugin(plugin.Plugin):
     recovers_in_place = True
     reads = (*plugin.Plugin.reads, *plugin.IN_PLACE_READS)
 
+    def commits_every(self, job: JobConfig) -> int:
+        return self.options(job).sync_every
+
     def check(self, job: JobConfig) -> None:
         """Checkpoints fall on synchronizations, where the replicas are one model."""
         super().check(job)

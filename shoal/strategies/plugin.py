@@ -95,6 +95,12 @@ class Plugin:
         if job.cluster.workers < 1:
             raise UserError(f"--workers must be a positive integer, got {job.cluster.workers}")
 
+    def commits_every(self, job: JobConfig) -> int:
+        """The steps between two points where the workers' state is one (the runtime's
+        :meth:`~shoal.strategies.base.Strategy.consistent_after`): an in-place job takes
+        newcomers in only there. Every step by default."""
+        return 1
+
     def in_place_refusal(self, job: JobConfig) -> str:
         """Why this job cannot recover in place, beyond the rules every strategy that
         :attr:`recovers_in_place` shares ("" if it can): ``--recovery inplace`` is refused

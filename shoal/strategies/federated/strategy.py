@@ -291,6 +291,7 @@ class FedAvg(Strategy):
         super().load_state_dict(state)
         self.server.load_state_dict(state["server"])
         self.rounds, self.client_updates, self.dropped = state["rounds"]
+        self.begun = None  # (no round under way in a state handed over)
         if self.accountant is not None and self.randomness is not None:
             if "accountant" not in state or "randomness" not in state:
                 raise UserError("--resume: the checkpoint has no privacy accountant to "
