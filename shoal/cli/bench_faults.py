@@ -4,8 +4,9 @@ Runs the same job twice on this machine: once undisturbed, once while a killer
 SIGKILLs a random worker process at exponentially distributed intervals (a
 fixed mean time between failures). It reports goodput (useful steps per second
 of wall time) of the failed run over the unfailed one, and for every kill the
-time until a worker named the dead one (detection) and until the restarted
-workers had resumed from a checkpoint (recovery). Last, it times a checkpoint
+time until a worker named the dead one (detection) and until the workers went
+on (recovery: restarted ones resumed from a checkpoint, or in place, the others
+trained their next step). Last, it times a checkpoint
 of the job's state written in the background (the stall training sees) against
 the same checkpoint written synchronously.
 """
@@ -36,7 +37,8 @@ MTBF seconds on average (exponential intervals, --seed), and report goodput
 detect and to recover from every kill. Then time a checkpoint of the job's
 state written in the background against the same one written synchronously.
 Collective strategies (allreduce, local-sgd, diloco): the workers restart
-through torchrun's agent and resume from the newest checkpoint."""
+through torchrun's agent and resume from the newest checkpoint, or, with
+--recovery inplace in the job, the others go on and a replacement joins them."""
 DEFAULT_JOB = (
     "--model mlp --steps 3000 --batch-size 64 --optimizer adam --lr 0.003 --checkpoint-every 50"
 )
@@ -44,6 +46,7 @@ EXAMPLES = """examples:
   shoal bench faults                                  # 4 workers, a kill every 15 s on average
   shoal bench faults --mtbf 30 --workers 2
   shoal bench faults -- --model mlp --hidden 2304 --layers 3 --steps 300 --checkpoint-every 25
+  shoal bench faults -- --strategy local-sgd --steps 3000 --checkpoint-every 48 --recovery inplace
 """
 
 
