@@ -121,6 +121,7 @@ class Trainer:
         self.whole: tuple[dict[int, int], dict[int, int]] = ({}, {})
         self.credited: tuple[dict[int, int], dict[int, int]] = ({}, {})
         self.taken: list[Task] = []  # tasks taken and not yet committed
+        self.pending: dict[int, tuple[int, int, int]] = {}  # their steps' whole batches
         self.regroups: list[dict[str, Any]] = []  # this process's, for the summary
         self.sent = 0  # bytes of state this process sent in its last regroup
 
@@ -163,15 +164,15 @@ class Trainer:
         """``task`` is done here; if the strategy's state after it is one every member
         agrees on (:meth:`~shoal.strategies.base.Strategy.consistent_after`), its step and
         every step before it are committed: their whole batches count (in-place jobs)."""
+        if self.member is not None and self.strategy.draws_global_batches:
+            epoch, at = divmod(task.step, self.sampler.steps_per_epoch)
+            batch = self.sampler.global_indices(epoch, at)  # (its batch now: cached)
+            self.pending[task.step] = (epoch, len(batch), digest(batch))
         if not self.strategy.consistent_after(task.step + 1):
             return
-        steps = sorted({t.step for t in self.taken if t.step <= task.step})
         self.taken = [t for t in self.taken if t.step > task.step]
-        if self.member is not None and self.strategy.draws_global_batches:
-            for step in steps:
-                epoch, at = divmod(step, self.sampler.steps_per_epoch)
-                batch = self.sampler.global_indices(epoch, at)
-                inplace_state.add_batch(*self.whole, epoch, len(batch), digest(batch))
+        for step in sorted(s for s in self.pending if s <= task.step):
+            inplace_state.add_batch(*self.whole, *self.pending.pop(step))
 
     def _regroup(self, why: str) -> Work:
         """The generation ended (a member is lost, or a newcomer waits): leave it with
@@ -228,7 +229,7 @@ class Trainer:
             self.sent = inplace_state.send(self._live_state(), to)
         if uid in gen.needs_state:
             self._take_live_state(inplace_state.receive(source))
-        self.taken = []
+        self.taken, self.pending = [], {}
         self.step = gen.step
         self.sampler.seek(gen.step)
 
