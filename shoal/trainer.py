@@ -223,15 +223,22 @@ class Trainer:
             for task in self.taken:  # begun, never committed: not trained
                 if self.strategy.draws_global_batches:
                     self.sampler.untake(task)
+            self._at(gen.step)
             self.strategy.rollback()
+        # (a member lost meanwhile breaks what follows: this process is at a committed
+        # step whatever it raises, and leaves for the next generation from there)
         if uid == gen.source and gen.needs_state:
             to = [gen.members.index(u) for u in gen.needs_state]
             self.sent = inplace_state.send(self._live_state(), to)
         if uid in gen.needs_state:
             self._take_live_state(inplace_state.receive(source))
+            self._at(gen.step)
+
+    def _at(self, step: int) -> None:
+        """This process's state is that after ``step`` committed steps."""
         self.taken, self.pending = [], {}
-        self.step = gen.step
-        self.sampler.seek(gen.step)
+        self.step = step
+        self.sampler.seek(step)
 
     def _live_state(self) -> dict[str, Any]:
         return {
@@ -439,7 +446,15 @@ class Trainer:
                 # (the exception is gone here, and with it any hold of its frames on the group)
                 if preemption is not None:
                     preemption.work = None  # (an all-reduce of the group that ended)
-                work = self._regroup(why)
+                while True:  # (a member lost while the next generation forms: again)
+                    try:
+                        work = self._regroup(why)
+                        break
+                    except Exception as e:
+                        if not peer_failure(e):
+                            raise
+                        why = str(e).splitlines()[0][:200]
+                        traceback.clear_frames(e.__traceback__)
                 busy_since = None
         except BaseException as e:
             if self.writer is not None:
