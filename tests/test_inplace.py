@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -70,6 +71,24 @@ def test_a_stopped_worker_is_dropped_within_the_heartbeat_timeout_and_the_run_st
     assert max_abs_diff(params(out), params(unfailed)) < 1e-5
 
 
+def _slot_1_killed_with_a_spare(tmp_path, job: list[str], step: int) -> tuple[Path, dict]:
+    """``job`` unfailed (in ``tmp_path/unfailed``), then in place with a spare while slot
+    1 is SIGKILLed after ``step``: the spare takes its place, the survivors keep their
+    processes. Returns the run directory and the generation without slot 1."""
+    train(tmp_path / "unfailed", *job)
+    out = tmp_path / "inplace"
+    proc = train(
+        out, *job, "--recovery", "inplace", "--spares", "1",
+        env={"SHOAL_FAULT": f"crash:rank=1:step={step}"},
+    )  # fmt: skip
+    gens = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    without = gens[1]
+    assert without["lost"] == ["1.0"] and "the others go on without it" in proc.stderr
+    assert without["members"] == ["0.0", "4.0", "2.0", "3.0"], without  # (in slot 1's place)
+    assert all(without["pids"][u] == gens[0]["pids"][u] for u in ("0.0", "2.0", "3.0"))
+    return out, without
+
+
 PERIODIC = ["--model", "mlp", "--workers", "4", "--steps", "160", "--batch-size", "64"]
 
 
@@ -90,18 +109,8 @@ def test_a_periodic_job_goes_back_to_its_last_synchronization_and_ends_where_unf
     keeps no state: with momentum or Adam the spare's is a survivor's, as on a resume
     from a checkpoint.)"""
     job = [*PERIODIC, "--strategy", *strategy, "--sync-every", "8"]
-    train(tmp_path / "unfailed", *job)
-    out = tmp_path / "inplace"
-    proc = train(
-        out, *job, "--recovery", "inplace", "--spares", "1",
-        env={"SHOAL_FAULT": "crash:rank=1:step=50"},
-    )  # fmt: skip
-    gens = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
-    without = gens[1]
-    assert without["lost"] == ["1.0"] and without["step"] == 48, without
-    assert without["members"] == ["0.0", "4.0", "2.0", "3.0"], without
-    assert all(without["pids"][u] == gens[0]["pids"][u] for u in ("0.0", "2.0", "3.0"))
-    assert "the others go on without it" in proc.stderr
+    out, without = _slot_1_killed_with_a_spare(tmp_path, job, 50)
+    assert without["step"] == 48, without
     s = read_summary(out)
     assert s["steps"] == 160 and all(e["exact"] for e in s["epochs"]), s["epochs"]
     assert s["samples_per_epoch"] == read_summary(tmp_path / "unfailed")["samples_per_epoch"]
@@ -119,16 +128,8 @@ def test_a_federated_round_whose_process_is_lost_is_trained_again_with_all_its_c
     job = ["--model", "linear", "--data", "synthetic-linear", "--num-samples", "1000",
            "--strategy", "fedavg", "--clients", "8", "--local-steps", "2",
            "--batch-size", "16", "--steps", "12", "--workers", "4"]  # fmt: skip
-    train(tmp_path / "unfailed", *job)
-    out = tmp_path / "inplace"
-    proc = train(
-        out, *job, "--recovery", "inplace", "--spares", "1",
-        env={"SHOAL_FAULT": "crash:rank=1:step=5"},
-    )  # fmt: skip
-    gens = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
-    assert gens[1]["lost"] == ["1.0"] and gens[1]["step"] == 5, gens[1]
-    assert gens[1]["members"] == ["0.0", "4.0", "2.0", "3.0"], gens[1]
-    assert "the others go on without it" in proc.stderr
+    out, without = _slot_1_killed_with_a_spare(tmp_path, job, 5)
+    assert without["step"] == 5, without
     got, want = read_summary(out), read_summary(tmp_path / "unfailed")
     assert got["federated"]["rounds"] == want["federated"]["rounds"] == 12
     assert got["federated"]["client_updates"] == want["federated"]["client_updates"] == 96
