@@ -116,12 +116,8 @@ class Trainer:
         self.resumed_from: int | None = None
         self.peak_memory: dict[str, int] = {}  # the most this rank held, per figure
         self.restarts = attempt()
-        # in-place jobs: every committed step's whole batch (the same on every member),
-        # and the samples of members lost since this process started (see _fold)
-        self.whole: tuple[dict[int, int], dict[int, int]] = ({}, {})
-        self.credited: tuple[dict[int, int], dict[int, int]] = ({}, {})
+        self.ledger = inplace_state.Ledger()  # (in-place jobs: committed steps' batches)
         self.taken: list[Task] = []  # tasks taken and not yet committed
-        self.pending: dict[int, tuple[int, int, int]] = {}  # their steps' whole batches
         self.regroups: list[dict[str, Any]] = []  # this process's, for the summary
         self.sent = 0  # bytes of state this process sent in its last regroup
 
@@ -166,13 +162,12 @@ class Trainer:
         every step before it are committed: their whole batches count (in-place jobs)."""
         if self.member is not None and self.strategy.draws_global_batches:
             epoch, at = divmod(task.step, self.sampler.steps_per_epoch)
-            batch = self.sampler.global_indices(epoch, at)  # (its batch now: cached)
-            self.pending[task.step] = (epoch, len(batch), digest(batch))
+            # (its batch is in the sampler's cache now)
+            self.ledger.trained(task.step, epoch, self.sampler.global_indices(epoch, at))
         if not self.strategy.consistent_after(task.step + 1):
             return
         self.taken = [t for t in self.taken if t.step > task.step]
-        for step in sorted(s for s in self.pending if s <= task.step):
-            inplace_state.add_batch(*self.whole, *self.pending.pop(step))
+        self.ledger.commit(task.step)
 
     def _regroup(self, why: str) -> Work:
         """The generation ended (a member is lost, or a newcomer waits): leave it with
@@ -236,7 +231,8 @@ class Trainer:
 
     def _at(self, step: int) -> None:
         """This process's state is that after ``step`` committed steps."""
-        self.taken, self.pending = [], {}
+        self.taken = []
+        self.ledger.drop()
         self.step = step
         self.sampler.seek(step)
 
@@ -244,7 +240,7 @@ class Trainer:
         return {
             "strategy": self.strategy.state_dict(),
             "rng": torch.get_rng_state(),
-            "whole": [list(d.items()) for d in self.whole],
+            "whole": self.ledger.state(),
             "prior": [list(self.prior_samples.items()), list(self.prior_digests.items())],
             "wall_time": self.wall_time(),  # (only a member in run() is a source)
             "resumed_from": -1 if self.resumed_from is None else self.resumed_from,
@@ -253,7 +249,7 @@ class Trainer:
     def _take_live_state(self, state: dict[str, Any]) -> None:
         self.strategy.load_state_dict(state["strategy"])
         torch.set_rng_state(state["rng"])
-        self.whole = tuple({int(k): int(v) for k, v in pairs} for pairs in state["whole"])
+        self.ledger.load(state["whole"])
         self.prior_samples, self.prior_digests = (
             {int(k): int(v) for k, v in pairs} for pairs in state["prior"]
         )
@@ -264,7 +260,7 @@ class Trainer:
         """Count the samples lost members trained in committed steps: the committed
         batches less what the members trained (collective)."""
         own = (self.sampler.samples_seen, self.sampler.digests)
-        self.credited = inplace_state.credit(self.whole, own)
+        self.ledger.fold(own)
 
     def _agree_on(self, step: int) -> None:
         """Every rank of a process group must resume from the same checkpoint."""
@@ -311,7 +307,7 @@ class Trainer:
         if rows is None:
             return None
         counts = merge_counts(self.prior_samples, rows.sum(0).tolist())
-        for epoch, n in self.credited[0].items():  # (lost members': see _fold)
+        for epoch, n in self.ledger.credited[0].items():  # (lost members': see _fold)
             counts[epoch] = counts.get(epoch, 0) + n
         return counts
 
@@ -326,7 +322,7 @@ class Trainer:
         total = dict(self.prior_digests)
         for epoch, d in enumerate(rows.numpy().view(np.uint64).sum(0, dtype=np.uint64).tolist()):
             total[epoch] = (total.get(epoch, 0) + int(d)) & MASK64
-        for epoch, d in self.credited[1].items():
+        for epoch, d in self.ledger.credited[1].items():
             total[epoch] = (total.get(epoch, 0) + d) & MASK64
         return total
 

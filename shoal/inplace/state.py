@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from shoal.data.order import MASK64
+from shoal.data.order import MASK64, digest
 
 
 def send(state: dict[str, Any], to: list[int]) -> int:
@@ -65,3 +65,41 @@ def credit(
             lost_counts[e] = n
             lost_digests[e] = (whole[1].get(e, 0) - int(digests[e])) & MASK64
     return lost_counts, lost_digests
+
+
+class Ledger:
+    """What a member of an in-place job counts of committed steps: each one's whole
+    batch (the same on every member, whoever trained it), and from those the samples of
+    members lost since this process started (:func:`credit`)."""
+
+    def __init__(self) -> None:
+        self.whole: tuple[dict[int, int], dict[int, int]] = ({}, {})
+        """Per epoch: samples and digest of every committed step's whole batch."""
+        self.credited: tuple[dict[int, int], dict[int, int]] = ({}, {})
+        """Per epoch: samples and digest the lost members trained in committed steps."""
+        self.pending: dict[int, tuple[int, int, int]] = {}  # trained, not yet committed
+
+    def trained(self, step: int, epoch: int, batch: np.ndarray) -> None:
+        """Global ``step`` (of ``epoch``, whole batch ``batch``) is trained here."""
+        self.pending[step] = (epoch, len(batch), digest(batch))
+
+    def commit(self, through: int) -> None:
+        """Every step trained up to ``through`` is committed."""
+        for step in sorted(s for s in self.pending if s <= through):
+            add_batch(*self.whole, *self.pending.pop(step))
+
+    def drop(self) -> None:
+        """The steps trained and not committed are not (they are trained again)."""
+        self.pending = {}
+
+    def fold(self, own: tuple[dict[int, int], dict[int, int]]) -> None:
+        """Credit the lost members' samples: the whole batches less ``own``, this member's
+        counts, summed over the group (collective)."""
+        self.credited = credit(self.whole, own)
+
+    def state(self) -> list[list[tuple[int, int]]]:
+        """:attr:`whole`, for a newcomer."""
+        return [list(d.items()) for d in self.whole]
+
+    def load(self, state: list[list[tuple[int, int]]]) -> None:
+        self.whole = tuple({int(k): int(v) for k, v in pairs} for pairs in state)  # type: ignore[assignment]
