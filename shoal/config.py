@@ -244,7 +244,7 @@ class StrategyConfig:
         low=0,
         high=86400,
         reader="strategy",
-        when="cluster.recovery=inplace",
+        when="cluster.recovery=inplace|auto",
     )
     options: Any = field(default=None, repr=False, compare=False, metadata={"internal": True})
     """The chosen strategy's section (its plugin's ``Config``), once resolved."""
@@ -432,12 +432,12 @@ class ClusterConfig:
         high=1000,
     )
     recovery: str = option(
-        "restart",
-        "what a lost worker of a collective strategy costs: restart (every worker starts "
-        "again from the newest checkpoint, as torchrun does) or inplace (the others go on "
+        "auto",
+        "what a lost worker of a collective strategy costs: inplace (the others go on "
         "where they are, redo the step they were in, and a replacement catches up from "
-        "a live peer)",
-        choices=("restart", "inplace"),
+        "a live peer), restart (every worker starts again from the newest checkpoint, as "
+        "torchrun does), or auto: inplace wherever the job allows it, else restart",
+        choices=("auto", "inplace", "restart"),
         reader="strategy",
     )
     spares: int = option(
@@ -447,7 +447,7 @@ class ClusterConfig:
         low=0,
         high=1024,
         reader="strategy",
-        when="recovery=inplace",
+        when="recovery=inplace|auto",
     )
 
     @property

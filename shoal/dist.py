@@ -19,6 +19,9 @@ import torch.distributed as dist
 
 LAUNCHER_ENV = "SHOAL_LAUNCHER_PID"
 """The pid of the ``shoal train`` that started a worker: it dies with it."""
+INPLACE_STORE_ENV = "SHOAL_INPLACE_STORE"
+"""``host:port`` of an in-place job's store (see :mod:`shoal.inplace`), in each of its
+workers' environment: a worker of a job that recovers a lost peer in place."""
 
 
 @dataclass(frozen=True)

@@ -140,8 +140,9 @@ def check_port(cluster: ClusterConfig) -> None:
             raise
 
 
-def launch(cluster: ClusterConfig, config_path: str) -> None:
-    """Run the workers of this node to completion; raise :class:`LaunchFailed` if one fails."""
+def launch(cluster: ClusterConfig, config_path: str, restart_why: str = "") -> None:
+    """Run the workers of this node to completion; raise :class:`LaunchFailed` if one fails.
+    A lost worker restarts them all (``restart_why``: why not in place, said with it)."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
@@ -150,7 +151,9 @@ def launch(cluster: ClusterConfig, config_path: str) -> None:
     quiet_torchrun()
     CTRL_C.clear()
     _pass_ctrl_c_on_as_sigterm()
-    failed = _name_failed_workers(cluster, failure.failures_dir(Path(config_path).parent))
+    failed = _name_failed_workers(
+        cluster, failure.failures_dir(Path(config_path).parent), restart_why
+    )
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ[LAUNCHER_ENV] = str(os.getpid())
     os.environ[failure.FAILURES_ENV] = str(failed.where)
@@ -360,9 +363,11 @@ class _FailedWorker(logging.Handler):
     :data:`~shoal.health.EXIT_PEER_LOST` has named the culprit itself.
     """
 
-    def __init__(self, cluster: ClusterConfig, where: Path) -> None:
+    def __init__(self, cluster: ClusterConfig, where: Path, restart_why: str = "") -> None:
         super().__init__(logging.ERROR)
         self.cluster = cluster
+        self.restart_why = restart_why
+        """Why a loss restarts every worker rather than recovering in place ("": chosen)."""
         self.where = where
         self.mistake = False
         self.raised = failure.Raised(where)
@@ -413,17 +418,19 @@ class _FailedWorker(logging.Handler):
             if self.cluster.nnodes == 1
             else f"node {self.cluster.node_rank}'s local worker {local_rank}"
         )
+        why = f"; every worker restarts (not in place: {self.restart_why})"
         print(
-            f"shoal: error: {who} on {socket.gethostname()} (pid {pid}) {how}",
+            f"shoal: error: {who} on {socket.gethostname()} (pid {pid}) {how}"
+            + (why if self.restart_why else ""),
             file=sys.stderr,
             flush=True,
         )
 
 
-def _name_failed_workers(cluster: ClusterConfig, where: Path) -> _FailedWorker:
+def _name_failed_workers(cluster: ClusterConfig, where: Path, restart_why: str) -> _FailedWorker:
     log = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
     log.handlers = [h for h in log.handlers if not isinstance(h, _FailedWorker)]
-    handler = _FailedWorker(cluster, where)
+    handler = _FailedWorker(cluster, where, restart_why)
     log.addHandler(handler)
     log.setLevel(logging.ERROR)
     log.propagate = False

@@ -28,6 +28,49 @@ def _preload_forkserver(modules: tuple[str, ...]) -> None:
     forkserver.set_forkserver_preload([WORKER_MODULE, *modules])
 
 
+def _fork_forkserver() -> None:
+    """Start multiprocessing's fork server as a fork of this process, not a new Python.
+
+    This process has imported what the server would preload and has one thread (the
+    caller's promise, as for the workers it forked first), so a fork of it is the
+    server, ready at once and costing nothing: a new Python spent 2-3 s of CPU
+    importing torch and shoal, on every in-place job, while its first workers start on
+    the same cores. Where the server's entry differs (Python 3.14 authenticates its
+    clients), it starts the usual way."""
+    import multiprocessing.forkserver as forkserver
+    import socket
+    from multiprocessing import connection, resource_tracker, util
+
+    server = forkserver._forkserver
+    if sys.version_info >= (3, 14) or server._forkserver_pid is not None:
+        forkserver.ensure_running()
+        return
+    resource_tracker.ensure_running()
+    with socket.socket(socket.AF_UNIX) as listener:
+        address = connection.arbitrary_address("AF_UNIX")
+        listener.bind(address)
+        if not util.is_abstract_socket_namespace(address):
+            os.chmod(address, 0o600)
+        listener.listen()
+        alive_r, alive_w = os.pipe()  # (the server ends when every client's end closes)
+        pid = os.fork()
+        if pid == 0:  # the server: serves until its clients are gone, then exits
+            code = 0
+            try:
+                os.close(alive_w)
+                forkserver.main(listener.fileno(), alive_r, [])  # (all imported already)
+            except SystemExit as stop:
+                code = stop.code if isinstance(stop.code, int) else 0
+            except BaseException:
+                code = 1
+            finally:
+                os._exit(code)
+        os.close(alive_r)
+    server._forkserver_address = address
+    server._forkserver_alive_fd = alive_w
+    server._forkserver_pid = pid
+
+
 def _role_process(config_path: str) -> None:
     """A role's process, forked by the fork server. The server lives while a process
     holds the end of a pipe it hands each one; given up here, the server ends with the
@@ -91,10 +134,8 @@ class RoleGroup:
         self.contexts = [self._start(r) for r in roles]
         self.fork_first = False
         if fork_first and fork_workers():  # ready for the first restart
-            import multiprocessing.forkserver as forkserver
-
             _preload_forkserver(self.preload)
-            forkserver.ensure_running()
+            _fork_forkserver()
         self.exit_codes: dict[int, int] = {}
         self.restarts: dict[int, int] = {}
         self.stopped_since: dict[int, float] = {}  # pid -> when first seen stopped

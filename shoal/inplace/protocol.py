@@ -6,8 +6,9 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from shoal.config import JobConfig
+from shoal.dist import INPLACE_STORE_ENV
 
-STORE_ENV = "SHOAL_INPLACE_STORE"
+STORE_ENV = INPLACE_STORE_ENV
 """``host:port`` of the launcher's store, in every worker's environment."""
 UID_ENV = "SHOAL_UID"
 """This process's identity: ``SLOT.INCARNATION`` (slot 1's first replacement: ``1.1``)."""

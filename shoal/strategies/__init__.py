@@ -145,37 +145,23 @@ def _check_privacy(plugin: Plugin, job: JobConfig) -> None:
 
 
 def _check_recovery(plugin: Plugin, job: JobConfig) -> None:
-    """``--recovery inplace`` against what the job runs."""
-    if job.cluster.recovery != "inplace" or not plugin.recovers_in_place:
-        return  # (a strategy that does not read --recovery refuses it: run.reads)
-    refusal = _in_place_refusal(plugin, job)
-    if refusal:
-        raise UserError(refusal)
-
-
-def _in_place_refusal(plugin: Plugin, job: JobConfig) -> str:
-    """Why this job cannot recover in place ("" if it can)."""
-    from shoal import privacy
-
+    """``--recovery`` and the settings of in-place recovery against what the job runs."""
     c = job.cluster
-    if privacy.budget(job.train).enabled:
-        return "--recovery inplace runs without DP-SGD (--dp-clip) for now"
-    if job.train.balance.startswith("static"):
-        return (
-            "--recovery inplace: --balance static gives each rank a weight, and the "
-            "ranks change; use --balance auto (or equal)"
+    if c.recovery == "restart" or "cluster.recovery" not in plugin.reads:
+        return  # (a strategy that does not read --recovery refuses it: run.reads)
+    mode, why = plugin.recovery(job)
+    if mode == "inplace":
+        return
+    if c.recovery == "inplace":
+        if why.startswith("--recovery"):
+            raise UserError(why)
+        raise UserError(
+            f"--recovery inplace: --strategy {plugin.name} recovers only by restart: {why}"
         )
-    if c.nnodes > 1 or c.engine != "shoal":
-        return (
-            "--recovery inplace runs on one machine under shoal's own launcher "
-            "for now (no --nnodes, no --engine)"
-        )
-    if getattr(plugin.options(job), "compress", "none") != "none":
-        return (
-            "--recovery inplace runs without --compress for now: a codec's error "
-            "feedback (and PowerSGD's warm start) would keep what a step cut short sent"
-        )
-    return plugin.in_place_refusal(job)
+    given = [f for f, v in (("--spares", c.spares), ("--collective-timeout",
+             job.strategy.collective_timeout)) if v]  # fmt: skip
+    if given:
+        raise UserError(f"{given[0]}: this job recovers a lost worker by restart ({why})")
 
 
 def _check_balance(plugin: Plugin, job: JobConfig) -> None:

@@ -194,7 +194,7 @@ class AllReduce(Strategy):
         self.ddp, self.hook_state = wrap_ddp(
             self.model, env, self.options.bucket_mb, self.comm, self.codec
         )
-        self.hook_state.tolerant = self.job.cluster.recovery == "inplace"
+        self.hook_state.tolerant = self.in_place
 
     def _exchanged(self) -> None:
         """After backward: raise if the gradient exchange failed (tolerant hooks)."""

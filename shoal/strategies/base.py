@@ -8,6 +8,7 @@ asks which strategy it is talking to.
 from __future__ import annotations
 
 import contextlib
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +20,7 @@ from torch import nn
 from shoal import checkpoint
 from shoal.config import JobConfig
 from shoal.data import GlobalBatchSampler, StepWork, Work
-from shoal.dist import CollectiveGatherer, DistEnv
+from shoal.dist import INPLACE_STORE_ENV, CollectiveGatherer, DistEnv
 from shoal.memory import ActivationMeter, state_bytes
 from shoal.metrics import CommCounter, Gatherer, PhaseTimer
 from shoal.telemetry import Totals
@@ -191,6 +192,12 @@ class Strategy(ABC):
     def release(self) -> None:  # noqa: B027 - optional hook
         """Let go of the process group (``--recovery inplace``: the group is about to
         end; nothing of this strategy may hold it, or its connections stay open)."""
+
+    @property
+    def in_place(self) -> bool:
+        """Whether a lost worker is recovered in place (this process runs under shoal's
+        in-place launcher): the state :meth:`rollback` needs is kept."""
+        return INPLACE_STORE_ENV in os.environ
 
     def regroup(self, env: DistEnv) -> None:
         """Go on in the process group now current (``--recovery inplace``), as rank

@@ -141,6 +141,8 @@ class Plugin(plugin.Plugin):
     description = "elastic averaging SGD: replicas pulled every --sync-every steps to a center"
     Config = EASGDConfig
     runtime = EASGD
+    reads = (*plugin.Plugin.reads, *plugin.RESTART_READS)
+    restart_only = "each replica's own model and optimizer exist on its rank only"
 
     def check(self, job: JobConfig) -> None:
         super().check(job)

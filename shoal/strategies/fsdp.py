@@ -70,6 +70,7 @@ class Plugin(MeshPlugin):
     description = "sharded data parallel (fully_shard): parameters, gradients, optimizer split"
     runtime = FSDP
     own_dim = "dp"
+    restart_only = "each rank's shard of the parameters and optimizer state exists nowhere else"
     # auto: its collectives run inside forward and backward, so a rank's time there
     # includes waiting for its peers and says nothing of its own speed
     balance_modes = ("equal", "static")

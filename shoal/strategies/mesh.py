@@ -110,6 +110,7 @@ class MeshPlugin(plugin.Plugin):
     """The mesh dimension this strategy parallelizes along."""
     sharded_checkpoints = True
     reads_shards = True
+    reads = (*plugin.Plugin.reads, *plugin.RESTART_READS)
 
     def sizes(self, job: JobConfig) -> dict[str, int]:
         """The job's mesh, checked."""

@@ -86,7 +86,7 @@ class LocalSGD(Strategy):
     def _mark(self) -> None:
         """Keep this replica's inner optimizer at a synchronization (in-place jobs: the
         model is the anchor then), for :meth:`rollback`."""
-        if self.job.cluster.recovery == "inplace":
+        if self.in_place:
             self.synced = {
                 "optimizer": copy.deepcopy(self.optimizer.state_dict()),
                 "scheduler": self.scheduler.state_dict(),

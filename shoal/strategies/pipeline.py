@@ -314,6 +314,7 @@ class Plugin(MeshPlugin):
     Config = PipelineConfig
     runtime = Pipeline
     own_dim = "pp"
+    restart_only = "each stage's layers exist on one rank only"
     # not auto: the stages are built for the microbatch shape of the largest slice
     balance_modes = ("equal", "static")
 

@@ -26,6 +26,9 @@ from shoal.strategies.base import Strategy
 
 IN_PLACE_READS = ("cluster.recovery", "cluster.spares", "strategy.collective_timeout")
 """The settings a strategy that :attr:`Plugin.recovers_in_place` reads."""
+RESTART_READS = ("cluster.recovery",)
+"""What a collective strategy that recovers only by restart reads: ``--recovery restart``
+is accepted, ``inplace`` refused with :attr:`Plugin.restart_only`."""
 
 
 @dataclasses.dataclass
@@ -101,11 +104,29 @@ class Plugin:
         newcomers in only there. Every step by default."""
         return 1
 
+    restart_only: ClassVar[str] = ""
+    """Where it does not :attr:`recover in place <recovers_in_place>`: why (what a rank
+    holds that exists nowhere else), said when a lost worker restarts the job."""
+
     def in_place_refusal(self, job: JobConfig) -> str:
         """Why this job cannot recover in place, beyond the rules every strategy that
         :attr:`recovers_in_place` shares ("" if it can): ``--recovery inplace`` is refused
-        with this line."""
+        with this line, and the default (``auto``) recovers by restart."""
         return ""
+
+    def recovery(self, job: JobConfig) -> tuple[str, str]:
+        """How a lost worker of ``job`` is recovered: ``("inplace", "")``, or
+        ``("restart", why)`` with why not in place ("" where ``--recovery restart`` says
+        so). ``--recovery auto``, the default, is in place wherever the job allows it."""
+        chosen = job.cluster.recovery
+        if chosen == "restart":
+            return "restart", ""
+        why = self.restart_only or _shared_in_place_refusal(self, job)
+        if not why and self.recovers_in_place:
+            why = self.in_place_refusal(job)
+        if not self.recovers_in_place and not why:
+            why = f"--strategy {self.name} does not recover in place"
+        return ("restart", why) if why else ("inplace", "")
 
     def data_ranks(self, job: JobConfig) -> int:
         """How many slices each global batch is cut into (data-parallel ranks)."""
@@ -126,14 +147,15 @@ class Plugin:
     def launch(self, job: JobConfig, config_path: str) -> None:
         """Start this machine's processes and wait for them (default: torchrun's agent;
         ``--recovery inplace``: shoal's own launcher, see :mod:`shoal.inplace`)."""
-        if self.recovers_in_place and job.cluster.recovery == "inplace":
+        mode, why = self.recovery(job)
+        if mode == "inplace":
             from shoal.inplace.launch import launch as launch_in_place
 
             launch_in_place(job, config_path)
             return
         from shoal.launch import launch
 
-        launch(job.cluster, config_path)
+        launch(job.cluster, config_path, restart_why=why)
 
     def run_role(self, role: str, job: JobConfig, env: DistEnv) -> None:
         """Entry point of a process that is not a training worker (a server, say)."""
@@ -153,3 +175,28 @@ class Plugin:
     def summary_rows(self, summary: dict[str, Any]) -> list[tuple[str, str]]:
         """Its own rows in the table ``shoal train`` prints (from ``summary.json``)."""
         return []
+
+
+def _shared_in_place_refusal(plugin: Plugin, job: JobConfig) -> str:
+    """Why ``job`` cannot recover in place, whatever its strategy ("" if it may)."""
+    from shoal import privacy
+
+    c = job.cluster
+    if privacy.budget(job.train).enabled:
+        return "--recovery inplace runs without DP-SGD (--dp-clip) for now"
+    if job.train.balance.startswith("static"):
+        return (
+            "--recovery inplace: --balance static gives each rank a weight, and the "
+            "ranks change; use --balance auto (or equal)"
+        )
+    if c.nnodes > 1 or c.engine != "shoal":
+        return (
+            "--recovery inplace runs on one machine under shoal's own launcher "
+            "for now (no --nnodes, no --engine)"
+        )
+    if getattr(plugin.options(job), "compress", "none") != "none":
+        return (
+            "--recovery inplace runs without --compress for now: a codec's error "
+            "feedback (and PowerSGD's warm start) would keep what a step cut short sent"
+        )
+    return ""

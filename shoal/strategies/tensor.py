@@ -101,6 +101,7 @@ class Plugin(MeshPlugin):
     description = "tensor parallel: linear layers split column- and row-wise (DTensor)"
     runtime = TensorParallel
     own_dim = "tp"
+    restart_only = "each rank's shard of the split layers exists nowhere else"
     # a replica's forward and backward hold only its own tp collectives: its speed
     balance_modes = ("equal", "static", "auto")
     micro_batching = True
