@@ -24,6 +24,11 @@ on to every worker), as a scheduler that takes the machine back signals the job'
 processes. ``step=end`` (crash, hang, term) fires as training ends: after the last
 step, before the final checkpoint and summary. Several faults are separated by ``;``.
 
+``SHOAL_MARK_STEPS=1`` (for benchmarks of recovery) makes each process print
+``shoal: went on at step N`` after the first step it completes since it started or
+its group changed, so that the time from a kill to the next completed step can be
+read off the output.
+
 A crash or hang fires once per job, not once per process: before firing, the
 injector leaves a marker in ``RUN_DIR/faults/``, so the workers a restart
 brings up (which redo the steps since the last checkpoint) do not fire it again.
@@ -34,6 +39,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +48,7 @@ ENV = "SHOAL_FAULT"
 KINDS = ("crash", "hang", "term", "slow", "cpu")
 SIGNALS = {"crash": signal.SIGKILL, "hang": signal.SIGSTOP, "term": signal.SIGTERM}
 """What a fault that fires once sends its own process."""
+MARK_ENV = "SHOAL_MARK_STEPS"
 END = 1 << 62
 """The step of ``step=end``: after every step (see :meth:`Injector.at_end`)."""
 
@@ -127,6 +134,8 @@ class Injector:
         self.per_sample = 0.0  # seconds this rank's compute takes per sample (factor)
         self.slept = 0.0  # seconds slept in the current step
         self.group: Path | None = None  # the cgroup of a cpu fault, once in it
+        self.marking = os.environ.get(MARK_ENV) == "1"
+        self.went_on = False  # (a step completed since the start or the last regroup)
 
     def _marker(self, fault: Fault) -> Path:
         if self.markers is None:
@@ -174,8 +183,16 @@ class Injector:
             self.per_sample = max(0.0, seconds - self.slept) / samples
         self.slept = 0.0
 
+    def regrouped(self) -> None:
+        """This process's group changed (an in-place job's new generation)."""
+        self.went_on = False
+
     def after_step(self, step: int) -> None:
         """Called after each task, with its global step + 1 (a queue may skip steps)."""
+        if self.marking and not self.went_on and 0 < step < END:
+            self.went_on = True
+            sys.stderr.write(f"shoal: went on at step {step}\n")  # (one write: whole lines)
+            sys.stderr.flush()
         for fault in self.faults:
             if fault.kind in SIGNALS and step >= fault.step and fault not in self.fired:
                 self.fired.add(fault)

@@ -321,6 +321,7 @@ class Trainer(Regrouping):
                 while True:  # (a member lost while the next generation forms: again)
                     try:
                         work = self._regroup(why)
+                        self.faults.regrouped()
                         break
                     except Exception as e:
                         if not peer_failure(e):

@@ -61,6 +61,7 @@ def test_killed_on_4_resumed_on_3_killed_resumed_on_2_consumes_every_sample_once
     out = tmp_path / "run"
     # (written before training goes on: a kill 10 steps after a background write may beat it)
     crash = ["--checkpoint-every", "20", "--max-restarts", "0", "--no-checkpoint-async"]
+    crash += ["--recovery", "restart"]  # (in place, the 3 others would go on)
     first = train(out, *parquet_job, "--workers", "4", *crash,
                   env={"SHOAL_FAULT": "crash:rank=2:step=30"}, check=False)  # fmt: skip
     assert first.returncode != 0 and "worker rank 2" in first.stderr

@@ -38,6 +38,8 @@ from tests.conftest import (
 pytestmark = pytest.mark.slow  # trains through the launcher: not in the quick tier
 
 W2 = ["--workers", "2"]
+RESTART = ["--recovery", "restart"]
+"""The restart path (the default, ``auto``, recovers allreduce and local-sgd in place)."""
 SYNC = "--no-checkpoint-async"
 """For a kill soon after a checkpoint: a background write still in flight dies with the
 process (seen under load: 54 linear steps, 0.2 s, beat the write's fsyncs), and a test
@@ -58,12 +60,13 @@ def _like_unfailed(run: Path, reference: Path, exact: bool = True) -> dict:
 
 @pytest.mark.timeout(180)
 def test_allreduce_restarts_itself_after_a_sigkill(tmp_path, linear_reference):
-    """No flag: torchrun's agent restarts the workers, which resume from step 100."""
+    """--recovery restart: torchrun's agent restarts the workers, which resume from step 100."""
     out = tmp_path / "run"
     proc = train(
         out,
         *LINEAR_JOB,
         *W2,
+        *RESTART,
         "--checkpoint-every",
         "100",
         SYNC,
@@ -82,6 +85,7 @@ def test_local_sgd_restarts_itself_after_a_sigkill(tmp_path, local_sgd_reference
         out,
         *LINEAR_JOB,
         *W2,
+        *RESTART,
         "--strategy",
         "local-sgd",
         "--checkpoint-every",
@@ -185,7 +189,7 @@ def _shoal(out: Path) -> list[str]:
 @pytest.mark.timeout(180)
 def test_a_hung_worker_is_named_within_5_s_and_the_job_recovers(tmp_path, linear_reference):
     out = tmp_path / "run"
-    cmd = [*_shoal(out), "--no-report", *LINEAR_JOB, *W2, "--checkpoint-every", "100"]
+    cmd = [*_shoal(out), "--no-report", *LINEAR_JOB, *W2, *RESTART, "--checkpoint-every", "100"]
     job = _Watched(cmd, env={"SHOAL_FAULT": f"hang:rank=1:step={MID_EPOCH}"})
     try:
         seen = job.first("worker rank 1 on", timeout=120)
@@ -220,6 +224,7 @@ def test_four_workers_killed_then_three_finish_the_epoch(tmp_path, linear_refere
     crashed = train(
         out,
         *LINEAR_JOB,
+        *RESTART,
         "--workers",
         "4",
         "--checkpoint-every",

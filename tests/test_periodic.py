@@ -85,7 +85,9 @@ def test_local_sgd_compresses_what_it_sends(tmp_path):
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("strategy", ["local-sgd", "diloco"])
-def test_a_rollback_goes_back_to_the_last_synchronization_every_time(tmp_path, strategy):
+def test_a_rollback_goes_back_to_the_last_synchronization_every_time(
+    tmp_path, strategy, monkeypatch
+):
     """--recovery inplace: after a synchronization, local steps then rollback(), twice
     in one interval (a second loss before the next synchronization): each time the
     model, the inner Adam state and the schedule are the synchronization's, not those of
@@ -97,7 +99,7 @@ def test_a_rollback_goes_back_to_the_last_synchronization_every_time(tmp_path, s
     import torch.distributed as dist
 
     from shoal.data import build_dataset
-    from shoal.dist import DistEnv
+    from shoal.dist import INPLACE_STORE_ENV, DistEnv
     from shoal.memory import ActivationMeter
     from shoal.metrics import PhaseTimer
     from shoal.models import build_model
@@ -109,6 +111,9 @@ def test_a_rollback_goes_back_to_the_last_synchronization_every_time(tmp_path, s
              "optim.schedule": "cosine", "model.name": "linear", "train.steps": 100,
              "cluster.recovery": "inplace"}  # fmt: skip
     job = resolve_job(Request(given=given))
+    # a worker of an in-place job (under its launcher, with the store's address) keeps
+    # what a rollback goes back to
+    monkeypatch.setenv(INPLACE_STORE_ENV, "127.0.0.1:1")
     env = DistEnv(0, 1, 0, 1, torch.device("cpu"), "gloo", "localhost")
     data = build_dataset(job.data)
     x, y = data.rows.take(np.arange(64))

@@ -94,7 +94,7 @@ def test_the_same_exception_in_the_same_step_after_a_restart_ends_the_job(tmp_pa
     out = tmp_path / "run"
     args = ["--model", "userboom:later", "--workers", "2", "--steps", "30", "--log-every", "1"]
     args += ["--checkpoint-every", "5", "--max-restarts", "3", "--no-progress", "--no-report"]
-    proc = run_shoal("train", "--out", str(out), *args, env=env)
+    proc = run_shoal("train", "--out", str(out), *args, "--recovery", "restart", env=env)
     assert proc.returncode == 1, proc.stderr
     _shown(proc.stderr)  # (twice raised, once shown)
     assert proc.stderr.count("shoal: restart 1:") == 1, proc.stderr
@@ -118,3 +118,23 @@ def test_a_builtin_model_refuses_data_it_cannot_take_before_launch(tmp_path, cap
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--model cnn" in err, err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.slow
+def test_in_place_the_same_exception_on_two_workers_ends_the_job(tmp_path):
+    """In place (the default for allreduce) a raising worker is a lost one that a
+    replacement would take over, on its slice: the same exception in the same step on
+    another worker says the batch or the code is at fault, and the job ends, shown once."""
+    env = _user_model(tmp_path)
+    out = tmp_path / "run"
+    args = ["--model", "userboom:later", "--workers", "2", "--steps", "30", "--log-every", "1"]
+    args += ["--checkpoint-every", "5", "--max-restarts", "3", "--no-progress", "--no-report"]
+    proc = run_shoal("train", "--out", str(out), *args, env=env)
+    assert proc.returncode == 1, proc.stderr
+    _shown(proc.stderr)
+    assert "shoal: restart" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "raised ValueError in step 8" in last, last
+    assert "not retried: the same exception in the same step on another worker" in last, last
+    assert "continue from step 5 with: shoal train --resume" in last, last

@@ -1,12 +1,13 @@
 """``shoal bench faults``: goodput of a job that keeps losing workers.
 
-Runs the same job twice on this machine: once undisturbed, once while a killer
-SIGKILLs a random worker process at exponentially distributed intervals (a
-fixed mean time between failures). It reports goodput (useful steps per second
-of wall time) of the failed run over the unfailed one, and for every kill the
-time until a worker named the dead one (detection) and until the workers went
-on (recovery: restarted ones resumed from a checkpoint, or in place, the others
-trained their next step). Last, it times a checkpoint
+Runs the same job twice on this machine for each recovery compared (shoal's
+``restart`` and ``inplace``, torchft's fault-tolerant DDP): once undisturbed,
+once while a killer SIGKILLs a random worker process at exponentially
+distributed intervals (a fixed mean time between failures). It reports goodput
+(useful steps per second of wall time) of the failed run over the unfailed one,
+and for every kill the time until a worker named the dead one (detection) and
+until a step was completed again (recovery: the workers print their first step
+after a start or a regroup, ``SHOAL_MARK_STEPS``). Last, it times a checkpoint
 of the job's state written in the background (the stall training sees) against
 the same checkpoint written synchronously.
 """
@@ -29,16 +30,17 @@ from typing import Any
 from shoal.cli.bench_run import BenchRun
 from shoal.config import JobConfig
 from shoal.errors import UserError
-from shoal.layout import SUMMARY_FILE, write_atomic
+from shoal.layout import write_atomic
 
 HELP = """Run a job undisturbed, then again while a random worker is SIGKILLed every
 MTBF seconds on average (exponential intervals, --seed), and report goodput
 (steps per second of wall time) against the undisturbed run, with the time to
-detect and to recover from every kill. Then time a checkpoint of the job's
-state written in the background against the same one written synchronously.
-Collective strategies (allreduce, local-sgd, diloco): the workers restart
-through torchrun's agent and resume from the newest checkpoint, or, with
---recovery inplace in the job, the others go on and a replacement joins them."""
+detect every kill and to recover from it (to the next completed step), for each
+recovery side by side: shoal's restart (every worker restarts from the newest
+checkpoint), shoal's inplace (the others go on, a replacement catches up from a
+live peer) and torchft's fault-tolerant DDP on the same job and kill schedule,
+with the samples each trained twice or never. Then time a checkpoint of the
+job's state written in the background against the same one written synchronously."""
 DEFAULT_JOB = (
     "--model mlp --steps 3000 --batch-size 64 --optimizer adam --lr 0.003 --checkpoint-every 50"
 )
@@ -46,7 +48,7 @@ EXAMPLES = """examples:
   shoal bench faults                                  # 4 workers, a kill every 15 s on average
   shoal bench faults --mtbf 30 --workers 2
   shoal bench faults -- --model mlp --hidden 2304 --layers 3 --steps 300 --checkpoint-every 25
-  shoal bench faults -- --strategy local-sgd --steps 3000 --checkpoint-every 48 --recovery inplace
+  shoal bench faults --recovery inplace -- --strategy local-sgd --steps 3000 --checkpoint-every 48
 """
 
 
@@ -64,6 +66,13 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
         "--mtbf", type=float, default=15.0, help="mean seconds between kills (exponential)"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the kill schedule")
+    p.add_argument(
+        "--recovery",
+        default="",
+        help="the recoveries to compare, comma-separated: restart, inplace (shoal's) and "
+        "torchft (its fault-tolerant DDP on the same job; pip install -e '.[bench]'); "
+        "default: all three (torchft where installed)",
+    )
     p.add_argument("--run-timeout", type=float, default=900, help="seconds before a run is stopped")
     p.add_argument(
         "job",
@@ -80,7 +89,12 @@ def run_faults(args: argparse.Namespace) -> int:
         raise UserError("--mtbf must be a positive number of seconds")
     job_args = args.job[1:] if args.job[:1] == ["--"] else args.job
     job_args = job_args or DEFAULT_JOB.split()
-    job = _resolve(job_args, args.workers)
+    if "--recovery" in job_args:
+        raise UserError(
+            "give the recoveries to compare to bench faults (--recovery A,B), not the job"
+        )
+    modes = _modes(args.recovery)
+    job = resolve_job_args(job_args, args.workers)
     from shoal.strategies import resolve
 
     if not resolve(job).needs_process_group:
@@ -90,35 +104,26 @@ def run_faults(args: argparse.Namespace) -> int:
         )
     if not job.train.checkpoint_every:
         raise UserError("the job needs --checkpoint-every N: a restart resumes from a checkpoint")
+    for mode in modes:
+        if mode != "torchft":
+            resolve_job_args([*job_args, "--recovery", mode], args.workers)  # (refused: one line)
     out = Path(args.out or f"runs/bench-faults-{time.strftime('%Y%m%d-%H%M%S')}")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out} exists and is not empty")
     out.mkdir(parents=True, exist_ok=True)
     base = [*job_args, "--workers", str(args.workers), "--no-progress", "--no-report"]
-
-    _say("unfailed run ...")
-    unfailed = BenchRun(out / "unfailed", base, args.run_timeout)
-    unfailed.wait()
-    _say("run with kills ...")
-    failed = BenchRun(out / "failed", [*base, "--max-restarts", "1000"], args.run_timeout)
-    kills = _Killer(failed, args.mtbf, args.seed)
-    failed.wait()
-    kills.stop()
-    for run in (unfailed, failed):
-        run.check()
-    steps = json.loads((failed.out / SUMMARY_FILE).read_text())["steps"]
     result: dict[str, Any] = {
         "job": " ".join(job_args),
         "workers": args.workers,
         "mtbf_s": args.mtbf,
-        "steps": steps,
-        "unfailed_wall_s": unfailed.wall,
-        "failed_wall_s": failed.wall,
-        "goodput_unfailed": steps / unfailed.wall,
-        "goodput_failed": steps / failed.wall,
-        "kills": _events(kills.kills, failed.lines),
+        "modes": {},
     }
-    result["goodput_ratio"] = result["goodput_failed"] / result["goodput_unfailed"]
+    for mode in modes:
+        _say(f"{mode}: unfailed run, then one with kills ...")
+        if mode == "torchft":
+            result["modes"][mode] = _torchft(job, args, out / "torchft")
+        else:
+            result["modes"][mode] = _shoal(mode, base, args, out)
     _say("checkpoint stall ...")
     result["checkpoint"] = checkpoint_stall(job)
     write_atomic(out / "results.json", json.dumps(result, indent=2) + "\n")
@@ -128,11 +133,83 @@ def run_faults(args: argparse.Namespace) -> int:
     return 0
 
 
+MODES = ("restart", "inplace", "torchft")
+
+
+def _modes(spec: str) -> list[str]:
+    """The recoveries to compare: as given, or restart, inplace and (where installed)
+    torchft."""
+    from shoal.cli import bench_torchft
+
+    if not spec:
+        found = ["restart", "inplace"]
+        if bench_torchft.available():
+            found.append("torchft")
+        else:
+            _say("torchft is not installed (pip install -e '.[bench]'): it is left out")
+        return found
+    modes = [m.strip() for m in spec.split(",") if m.strip()]
+    for m in modes:
+        if m not in MODES:
+            raise UserError(f"--recovery {spec}: {m!r} is not one of {', '.join(MODES)}")
+    if "torchft" in modes and not bench_torchft.available():
+        raise UserError("--recovery torchft: torchft is not installed (pip install -e '.[bench]')")
+    return modes
+
+
+def _shoal(mode: str, base: list[str], args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """The job without kills, then with them, under ``--recovery mode``."""
+    marks = {"SHOAL_MARK_STEPS": "1"}
+    job = [*base, "--recovery", mode]
+    unfailed = BenchRun(out / f"{mode}-unfailed", job, args.run_timeout, env=marks)
+    unfailed.wait()
+    failed = BenchRun(
+        out / f"{mode}-failed", [*job, "--max-restarts", "1000"], args.run_timeout, env=marks
+    )
+    kills = _Killer(failed, args.mtbf, args.seed)
+    failed.wait()
+    kills.stop()
+    for run in (unfailed, failed):
+        run.check()
+    summary = failed.summary()
+    steps = summary["steps"]
+    epochs = summary.get("epochs", [])
+    regroups = [r for r in summary.get("regroups", []) if r.get("state_bytes")]
+    return {
+        "steps": steps,
+        "unfailed_wall_s": unfailed.wall,
+        "failed_wall_s": failed.wall,
+        "goodput_ratio": unfailed.wall / failed.wall,
+        "kills": _events(kills.kills, failed.lines),
+        "digests_exact": bool(epochs) and all(e["exact"] for e in epochs),
+        "state_sent": [{"bytes": r["state_bytes"], "stall_s": r["stall_s"]} for r in regroups],
+    }
+
+
+def _torchft(job: JobConfig, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """torchft's fault-tolerant DDP on the same job, without kills, then with them."""
+    from shoal.cli import bench_torchft
+
+    unfailed = bench_torchft.run(job, args.workers, out / "unfailed", timeout_s=args.run_timeout)
+    failed = bench_torchft.run(
+        job, args.workers, out / "failed", args.mtbf, args.seed, args.run_timeout
+    )
+    return {
+        "steps": failed["steps"],
+        "unfailed_wall_s": unfailed["wall_s"],
+        "failed_wall_s": failed["wall_s"],
+        "goodput_ratio": unfailed["wall_s"] / failed["wall_s"],
+        "kills": [{"detect_s": None, **k} for k in failed["kills"]],
+        "samples_twice": failed["samples_twice"],
+        "samples_never": failed["samples_never"],
+    }
+
+
 def _say(text: str) -> None:
     print(f"bench faults: {text}", file=sys.stderr, flush=True)
 
 
-def _resolve(job_args: list[str], workers: int) -> JobConfig:
+def resolve_job_args(job_args: list[str], workers: int) -> JobConfig:
     """The job as ``shoal train`` would resolve it (bad flags: one line)."""
     from shoal.cli import Parser
     from shoal.cli.flags import add_job_flags, request_of
@@ -167,12 +244,12 @@ class _Killer:
             except ProcessLookupError:
                 continue
             self.kills.append(time.monotonic())
-            restarts = len(self.kills)
-            while not self._stop.wait(0.1) and self._restarts() < restarts:
+            while not self._stop.wait(0.1) and not self._went_on(self.kills[-1]):
                 pass
 
-    def _restarts(self) -> int:
-        return sum(_recovered(line) for _, line in self.run.lines)
+    def _went_on(self, since: float) -> bool:
+        """Whether a worker completed a step after ``since``."""
+        return any(t > since and _went_on(line) for t, line in reversed(self.run.lines))
 
     def stop(self) -> None:
         self._stop.set()
@@ -187,17 +264,16 @@ def _named(line: str) -> bool:
     )
 
 
-def _recovered(line: str) -> bool:
-    """The workers go on: restarted from a checkpoint, or in place without the lost one."""
-    return line.startswith("shoal: restart ") or (
-        line.startswith("shoal: generation ") and " without " in line
-    )
+def _went_on(line: str) -> bool:
+    """A worker completed a step (its first since it started, or since its group
+    changed: ``SHOAL_MARK_STEPS``)."""
+    return line.startswith("shoal: went on at step ")
 
 
 def _events(kills: list[float], lines: list[tuple[float, str]]) -> list[dict[str, Any]]:
-    """Per kill: seconds until a worker named it, and until the workers had resumed."""
+    """Per kill: seconds until a worker named it, and until the next completed step."""
     named = [t for t, line in lines if _named(line)]
-    resumed = [t for t, line in lines if _recovered(line)]
+    resumed = [t for t, line in lines if _went_on(line)]
     out = []
     for i, k in enumerate(kills):
         until = kills[i + 1] if i + 1 < len(kills) else float("inf")
@@ -248,28 +324,41 @@ def _table(r: dict[str, Any]) -> str:
         got = [v for v in values if v is not None]
         if not got:
             return "-"
-        return f"{statistics.median(got):.2f} (max {max(got):.2f})"
+        return f"{statistics.median(got):.2f} ({max(got):.2f})"
 
-    kills = r["kills"]
     c = r["checkpoint"]
     lines = [
         f"{r['workers']} workers, a SIGKILL every {r['mtbf_s']:g} s on average; job: {r['job']}",
         "",
-        "| measure | value |",
-        "|---|---|",
-        f"| steps | {r['steps']} |",
-        f"| wall time unfailed / with kills (s) | {r['unfailed_wall_s']:.1f} / "
-        f"{r['failed_wall_s']:.1f} |",
-        f"| goodput unfailed / with kills (steps/s) | {r['goodput_unfailed']:.2f} / "
-        f"{r['goodput_failed']:.2f} |",
-        f"| goodput ratio | {r['goodput_ratio']:.3f} |",
-        f"| kills | {len(kills)} |",
-        f"| detection, median (max) (s) | {fmt([k['detect_s'] for k in kills])} |",
-        f"| recovery to resumed workers, median (max) (s) | "
-        f"{fmt([k['recover_s'] for k in kills])} |",
-        f"| checkpoint size (MB) | {c['bytes'] / 1e6:.1f} |",
-        f"| checkpoint stall, synchronous / background (ms) | {c['sync_stall_s'] * 1000:.1f} / "
-        f"{c['background_stall_s'] * 1000:.1f} |",
-        f"| stall ratio background / synchronous | {c['stall_ratio']:.3f} |",
+        "| recovery | steps | unfailed (s) | with kills (s) | kills | goodput ratio | "
+        "detection median (max) | recovery median (max) | samples twice / never | "
+        "state sent to a newcomer, survivors' stall |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for mode, m in r["modes"].items():
+        kills = m["kills"]
+        if "samples_twice" in m:
+            samples = f"{m['samples_twice']} / {m['samples_never']}"
+        else:
+            samples = "0 / 0 (digests exact)" if m["digests_exact"] else "digests differ"
+        sent = m.get("state_sent") or []
+        state = (
+            f"{statistics.median(s['bytes'] for s in sent) / 1e6:.1f} MB, "
+            f"{fmt([s['stall_s'] for s in sent])} s"
+            if sent
+            else "-"
+        )
+        lines.append(
+            f"| {mode} | {m['steps']} | {m['unfailed_wall_s']:.1f} | {m['failed_wall_s']:.1f} "
+            f"| {len(kills)} | **{m['goodput_ratio']:.3f}** | "
+            f"{fmt([k['detect_s'] for k in kills])} | {fmt([k['recover_s'] for k in kills])} "
+            f"| {samples} | {state} |"
+        )
+    lines += [
+        "",
+        f"Recovery: from the kill to the next completed step. Checkpoint of "
+        f"{c['bytes'] / 1e6:.1f} MB: synchronous {c['sync_stall_s'] * 1000:.1f} ms, "
+        f"in the background {c['background_stall_s'] * 1000:.1f} ms of stall "
+        f"(ratio {c['stall_ratio']:.3f}).",
     ]
     return "\n".join(lines) + "\n"

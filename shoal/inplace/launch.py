@@ -148,13 +148,23 @@ def _pids(group: RoleGroup) -> dict[str, int]:
 
 
 def _stop_on_a_mistake(group: RoleGroup, code: int) -> None:
-    """A mistake in the job (exit status 2, its line printed) or an exception a
-    replacement would raise again: the job stops."""
+    """A mistake in the job (exit status 2, its line printed) or an exception that a
+    replacement would raise again: the job stops. An exception is shown once, with the
+    user's frames; it is not retried if it came before the worker finished a step, or
+    if another worker raised the same one in the same step (the same batch: in place,
+    a replacement takes the lost worker's slice and would meet it again)."""
     if code == 2:
         raise LaunchFailed("a worker stopped on a mistake in the job")
-    if code == failure.EXIT_RAISED:
-        first, _ = group.raised.take()
-        raise LaunchFailed(first.headline() if first is not None else "a worker raised")
+    if code != failure.EXIT_RAISED:
+        return
+    first, why = group.raised.take()
+    if first is None:
+        return  # (read with another worker's: judged then)
+    again = [f for f in group.raised.seen if f is not first and f.signature == first.signature]
+    if not why and again:
+        why = "the same exception in the same step on another worker"
+    if why:
+        raise LaunchFailed(f"{first.headline()}; not retried: {why}")
 
 
 def _said(gen: p.Generation) -> None:
