@@ -314,7 +314,7 @@ class Trainer(Regrouping):
                     if self.member is None or not (isinstance(e, NewcomerWaits) or peer_failure(e)):
                         raise
                     why = str(e).splitlines()[0][:200]
-                    traceback.clear_frames(e.__traceback__)  # (their locals hold the group)
+                    _drop_frames(e)  # (their locals hold the group)
                 # (the exception is gone here, and with it any hold of its frames on the group)
                 if preemption is not None:
                     preemption.work = None  # (an all-reduce of the group that ended)
@@ -327,7 +327,7 @@ class Trainer(Regrouping):
                         if not peer_failure(e):
                             raise
                         why = str(e).splitlines()[0][:200]
-                        traceback.clear_frames(e.__traceback__)
+                        _drop_frames(e)
                 busy_since = None
         except BaseException as e:
             if self.writer is not None:
@@ -492,3 +492,18 @@ class Trainer(Regrouping):
             preemptions=preempt.history(self.out),
             **({"regroups": self.regroups} if self.member is not None else {}),
         )
+
+
+def _drop_frames(e: BaseException) -> None:
+    """Clear the locals of every frame ``e`` and the exceptions it chains to passed
+    through: a collective that failed inside backward (an FSDP hook, say) leaves frames
+    whose locals hold the model's state, and with it the process group's sockets."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        traceback.clear_frames(x.__traceback__)
+        todo += [x.__cause__, x.__context__]

@@ -185,6 +185,8 @@ def _restore(trainer: Trainer, env: dist.DistEnv) -> None:
     # machine joined
     if attempt > 0:
         why = f"restart {attempt}"
+    elif trainer.member is not None:
+        return  # (in place: the launcher said why the generation starts from a checkpoint)
     elif path is not None and not trainer.job.output.resume:
         why = "a machine joined"
     else:

@@ -134,3 +134,53 @@ def test_a_federated_round_whose_process_is_lost_is_trained_again_with_all_its_c
     assert got["federated"]["rounds"] == want["federated"]["rounds"] == 12
     assert got["federated"]["client_updates"] == want["federated"]["client_updates"] == 96
     assert max_abs_diff(params(out), params(tmp_path / "unfailed")) < 1e-5
+
+
+ADAM = ["--model", "mlp", "--optimizer", "adam", "--lr", "0.003", "--steps", "120"]
+ADAM += ["--batch-size", "64"]
+HSDP = [*ADAM, "--strategy", "fsdp", "--mesh", "dp=2,fsdp=2", "--workers", "4"]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """The HSDP job's training on one process: the same global batches and Adam."""
+    out = tmp_path_factory.mktemp("single") / "run"
+    train(out, *ADAM, "--workers", "1")
+    return out
+
+
+@pytest.mark.timeout(180)
+def test_hsdp_takes_a_lost_worker_s_shard_from_its_replica(tmp_path, single):
+    """fsdp with a replicated dimension (--mesh dp=2,fsdp=2): slot 1 is SIGKILLed after
+    step 40; the others keep their processes and wait for its replacement, which
+    receives slot 1's shard of the parameters and Adam state from slot 3 (the same
+    shard in the other replica), and the run ends at the one-process run's parameters
+    with every epoch's samples once."""
+    out = tmp_path / "hsdp"
+    proc = train(out, *HSDP, env={"SHOAL_FAULT": "crash:rank=1:step=40"})
+    gens = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert len(gens) == 2, gens
+    first, second = gens
+    assert second["members"] == ["0.0", "1.1", "2.0", "3.0"] and second["step"] == 40
+    assert second["lost"] == ["1.0"] and second["needs_state"] == ["1.1"]
+    assert all(second["pids"][u] == first["pids"][u] for u in ("0.0", "2.0", "3.0"))
+    assert "restart" not in proc.stderr, proc.stderr
+    s = read_summary(out)
+    assert all(e["exact"] for e in s["epochs"]), s["epochs"]
+    assert max_abs_diff(params(out), params(single)) < 1e-5
+
+
+@pytest.mark.timeout(180)
+def test_hsdp_that_lost_every_copy_of_a_shard_starts_again_from_its_checkpoint(tmp_path, single):
+    """Slots 0 and 2 (both copies of shard 0) are lost in one step: nothing holds that
+    shard, so every worker starts again from the newest checkpoint, in place, and the run
+    still ends at the one-process run's parameters."""
+    out = tmp_path / "hsdp"
+    fault = "crash:rank=0:step=50;crash:rank=2:step=50"
+    proc = train(out, *HSDP, "--checkpoint-every", "20", env={"SHOAL_FAULT": fault})
+    assert "every copy of shard 0 is lost" in proc.stderr, proc.stderr
+    gens = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert gens[-1]["step"] == -1 and len(gens[-1]["members"]) == 4, gens
+    s = read_summary(out)
+    assert all(e["exact"] for e in s["epochs"]), s["epochs"]
+    assert max_abs_diff(params(out), params(single)) < 1e-5

@@ -270,5 +270,36 @@ def test_recovery_in_place_refuses_what_it_cannot_keep_exact(tmp_path, given, fl
     _refused(tmp_path, {"cluster.recovery": "inplace", "cluster.workers": 2, **given}, flag)
 
 
-def test_a_strategy_that_cannot_recover_in_place_refuses_the_flag(tmp_path):
-    _refused(tmp_path, {"cluster.recovery": "inplace", "strategy.name": "fsdp"}, "--recovery")
+@pytest.mark.parametrize(
+    ("given", "why"),
+    [
+        ({"strategy.name": "tensor"}, "split layers exists nowhere else"),
+        ({"strategy.name": "pipeline"}, "exist on one rank only"),
+        ({"strategy.name": "easgd"}, "exist on its rank only"),
+        ({"strategy.name": "fsdp"}, "give it a replicated dimension"),
+    ],
+)
+def test_a_strategy_that_cannot_recover_in_place_refuses_the_flag(tmp_path, given, why):
+    """--recovery inplace where a rank holds state that exists nowhere else: refused,
+    saying so (the default, auto, recovers such a job by restart)."""
+    job = {"cluster.recovery": "inplace", "cluster.workers": 2, **given}
+    assert why in _refused(tmp_path, job, "--recovery inplace")
+
+
+def test_recovery_auto_is_in_place_where_the_job_allows_it_and_restart_elsewhere(tmp_path):
+    from shoal.strategies import resolve
+
+    def mode(**given):
+        job = _resolve(tmp_path, {"cluster.workers": 4, **given})
+        return resolve(job).recovery(job)
+
+    assert mode() == ("inplace", "")
+    assert mode(**{"strategy.name": "fsdp", "option.mesh": "dp=2,fsdp=2"}) == ("inplace", "")
+    assert mode(**{"strategy.name": "fsdp"})[0] == "restart"
+    assert mode(**{"strategy.name": "tensor"})[0] == "restart"
+    assert mode(**{"option.compress": "fp16"}) == (
+        "restart",
+        "--recovery inplace runs without --compress for now: a codec's error "
+        "feedback (and PowerSGD's warm start) would keep what a step cut short sent",
+    )
+    assert mode(**{"cluster.recovery": "restart"}) == ("restart", "")

@@ -20,9 +20,19 @@ class Coordinator:
     still silent are judged hung (:meth:`tick` returns them, for the launcher to kill).
     """
 
-    def __init__(self, store: dist.Store, slots: int, timeout_s: float) -> None:
+    def __init__(
+        self,
+        store: dist.Store,
+        slots: int,
+        timeout_s: float,
+        replicas: list[list[int]] | None = None,
+    ) -> None:
         self.store = dist.PrefixStore(p.PREFIX, store)
         self.slots = slots
+        self.replicas = replicas
+        """For a job whose state is sharded, the ranks that hold each shard: every
+        generation then has every slot filled (after a loss the living wait for a
+        replacement), in the same places."""
         self.timeout_s = timeout_s
         self.alive: list[str] = []  # started and not exited, in the order started
         self.ready: list[str] = []  # ready to join, not members (newcomers, spares)
@@ -94,15 +104,27 @@ class Coordinator:
                 return silent
             return []
         if not living:  # nobody holds the state: the newcomers restore the checkpoint
-            if self.ready:
-                self._form(self.ready[: self.slots], step=-1, lost=gone)
+            whole = self.replicas is None or len(self.ready) >= self.slots
+            if self.ready and whole:  # (in slot order, as the first generation)
+                self._form(sorted(self.ready[: self.slots], key=_slot), step=-1, lost=gone)
             return []
+        if self.replicas is not None and len(living) + len(self.ready) < self.slots:
+            return []  # (a replacement is on its way)
         step = max(s["step"] for s in stopped.values())
         source = next(u for u in living if stopped[u]["step"] == step)
         joiners = self.ready[: self.slots - len(living)]
         behind = [u for u in living if stopped[u]["step"] < step]
         self._form(_fill(g.members, living, joiners), step, source, joiners + behind, gone)
         return []
+
+    def lost_shard(self) -> int | None:
+        """A shard of which no living member of the newest generation holds a copy (its
+        state is gone: the job starts again from its newest checkpoint), if any."""
+        g = self.current
+        if g is None or self.replicas is None:
+            return None
+        held = {r for r, u in enumerate(g.members) if u in self.alive or u in self.finished}
+        return next((i for i, ranks in enumerate(self.replicas) if not held & set(ranks)), None)
 
     def _take_ready(self) -> None:
         members = set(self.current.members) if self.current else set()
@@ -129,10 +151,19 @@ class Coordinator:
 
 def _fill(members: list[str], living: list[str], joiners: list[str]) -> list[str]:
     """The next generation's members: each joiner takes a lost member's place (its rank,
-    so the survivors keep theirs and each rank's slice of a step stays where it was),
-    then the living close up."""
+    so the survivors keep theirs and each rank's slice of a step stays where it was), a
+    replacement the place of the worker it replaces (its own slot's) first, then the
+    living close up."""
     waiting = list(joiners)
-    placed = [u if u in living else (waiting.pop(0) if waiting else "") for u in members]
+    placed = [u if u in living else "" for u in members]
+    for i, u in enumerate(members):  # a replacement: its own slot's place
+        mine = [j for j in waiting if _slot(j) == _slot(u)]
+        if not placed[i] and mine:
+            placed[i] = mine[0]
+            waiting.remove(mine[0])
+    for i in range(len(placed)):  # a spare: any other
+        if not placed[i] and waiting:
+            placed[i] = waiting.pop(0)
     return [u for u in placed if u] + waiting
 
 

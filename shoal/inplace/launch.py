@@ -26,9 +26,11 @@ from shoal.preempt import EXIT_INTERRUPTED, EXIT_PREEMPTED
 from shoal.roles import Role, RoleGroup
 
 
-def launch(job: JobConfig, config_path: str) -> None:
+def launch(job: JobConfig, config_path: str, replicas: list[list[int]] | None = None) -> None:
     """Run this machine's workers of ``job`` to the end, each lost one replaced while the
-    others go on; raise :class:`~shoal.launch.LaunchFailed` if the job cannot finish."""
+    others go on; raise :class:`~shoal.launch.LaunchFailed` if the job cannot finish.
+    ``replicas``: where a sharded state's shards are (see
+    :meth:`~shoal.strategies.plugin.Plugin.in_place_replicas`)."""
     if job.cluster.nnodes > 1:
         raise LaunchFailed("--recovery inplace runs on one machine (--nnodes 1) for now")
     slots, spares = job.cluster.workers, job.cluster.spares
@@ -60,10 +62,12 @@ def launch(job: JobConfig, config_path: str) -> None:
         multi_tenant=True,
         master_listen_fd=sock.detach(),
     )
-    coordinator = Coordinator(store, slots, timeout_s)
+    whole = replicas is not None
+    coordinator = Coordinator(store, slots, timeout_s, replicas)
     for r in roles:
         coordinator.started(r.env[p.UID_ENV])
     replaced = 0
+    over = False  # (a job whose state is sharded lost every copy of a shard)
     waiting: list[Role] = []  # lost workers to replace once the others go on
     stopping = False  # (preempted: Ctrl-C, SIGTERM to the job)
     start = time.time()
@@ -89,11 +93,26 @@ def launch(job: JobConfig, config_path: str) -> None:
                     continue
                 _stop_on_a_mistake(group, code)
                 member = uid in coordinator.members()
+                if over:  # (stopped to start again from the checkpoint: not counted)
+                    waiting.append(r)
+                    continue
                 _say(f"worker {uid} (slot {r.rank}) {describe_exit(code)}"
                      + ("; the others go on without it" if member else ""))  # fmt: skip
                 if replaced < job.cluster.max_restarts:
                     replaced += 1
                     waiting.append(r)
+                elif whole and member:
+                    raise LaunchFailed(
+                        f"worker {uid} is lost and --max-restarts {job.cluster.max_restarts} "
+                        "are spent: this job's mesh needs every worker"
+                    )
+            shard = coordinator.lost_shard() if not over else None
+            if shard is not None:  # its state is gone: every worker starts again
+                _say(f"every copy of shard {shard} is lost: the workers start again from "
+                     "the newest checkpoint")  # fmt: skip
+                over = True
+                for uid in coordinator.members():
+                    group.kill("worker", int(uid.split(".")[0]))
             for r, pid, seconds in group.stopped(job.strategy.heartbeat_timeout):
                 _say(f"worker {r.env[p.UID_ENV]} (pid {pid}) is hung (stopped for "
                      f"{seconds:.1f} s); killing it")  # fmt: skip
@@ -104,11 +123,14 @@ def launch(job: JobConfig, config_path: str) -> None:
                 slot = int(uid.split(".")[0])
                 group.kill("worker", slot)
             while shown < len(coordinator.history):
+                if coordinator.history[shown].step < 0:
+                    over = False  # (the workers started again)
                 _said(coordinator.history[shown])
                 pids.append({"at": time.time(), "pids": _pids(group)})
                 shown += 1
-            if waiting and coordinator.settled:  # (the survivors go on first: starting
-                for r in waiting:  # a replacement may wait for the fork server)
+            # (the survivors go on first, where they can: a replacement takes CPU)
+            if waiting and (coordinator.settled or whole):
+                for r in waiting:
                     new = role(r.rank, int(r.env[p.UID_ENV].split(".")[1]) + 1)
                     group.restart(r, new.env)
                     coordinator.started(new.env[p.UID_ENV])

@@ -1,10 +1,12 @@
 """What the model-parallel strategies share: the device mesh and sharded state.
 
 The workers form a ``DeviceMesh`` with named dimensions: ``dp`` (data
-parallel: each coordinate along it sees its own slice of the global batch),
-``pp`` (pipeline stages) and ``tp`` (tensor-parallel shards). ``--mesh
-dp=2,pp=2`` spells one out; each strategy fills in what is not given (all
-workers along its own dimension). Ranks that differ only in ``pp`` or ``tp``
+parallel replicas: each coordinate along it sees its own slice of the global
+batch), ``fsdp`` (the shards of fully sharded data parallel, each with a slice of
+its own too), ``pp`` (pipeline stages) and ``tp`` (tensor-parallel shards).
+``--mesh dp=2,pp=2`` spells one out; each strategy fills in what is not given
+(all workers along its own dimension); ``--mesh dp=2,fsdp=2`` is hybrid sharding
+(HSDP: two replicas, each sharded over two workers). Ranks that differ only in ``pp`` or ``tp``
 see the same data, and one of them (the last stage, tensor rank 0) reports
 the slice's loss and samples.
 
@@ -39,8 +41,9 @@ from shoal.strategies.collectives import ring_allreduce_bytes
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
-MESH_DIMS = ("dp", "pp", "tp")
-"""Mesh dimensions, outermost first: data parallel, pipeline, tensor parallel."""
+MESH_DIMS = ("dp", "fsdp", "pp", "tp")
+"""Mesh dimensions, outermost first: data-parallel replicas, fully sharded data
+parallel, pipeline, tensor parallel."""
 
 
 def parse_mesh(spec: str) -> dict[str, int]:
@@ -50,7 +53,9 @@ def parse_mesh(spec: str) -> dict[str, int]:
         name, _, value = part.partition("=")
         name = name.strip()
         if name not in MESH_DIMS:
-            raise UserError(f"--mesh {spec}: unknown dimension {name!r} (use dp, pp, tp)")
+            raise UserError(
+                f"--mesh {spec}: unknown dimension {name!r} (use {', '.join(MESH_DIMS)})"
+            )
         if name in sizes:
             raise UserError(f"--mesh {spec}: {name} given twice")
         try:
@@ -68,13 +73,14 @@ class MeshConfig:
 
     mesh: str = option(
         "",
-        "the workers as a mesh, e.g. dp=2,pp=2 (pipeline) or dp=2,tp=2 (tensor); empty: "
-        "every worker along the strategy's own dimension",
+        "the workers as a mesh, e.g. dp=2,pp=2 (pipeline), dp=2,tp=2 (tensor) or "
+        "dp=2,fsdp=2 (fsdp: 2 replicas of 2 shards each, HSDP); empty: every worker "
+        "along the strategy's own dimension",
     )
 
 
 def mesh_sizes(options: MeshConfig, own: str, world: int, strategy: str = "") -> dict[str, int]:
-    """The mesh of a job whose strategy parallelizes along ``own`` (``"dp"`` for fsdp,
+    """The mesh of a job whose strategy parallelizes along ``own`` (``"fsdp"``,
     ``"pp"``, ``"tp"``): ``--mesh`` as given, the strategy's dimension taking the
     workers ``dp`` leaves (all of them by default)."""
     spec = options.mesh
@@ -83,16 +89,13 @@ def mesh_sizes(options: MeshConfig, own: str, world: int, strategy: str = "") ->
     if foreign:
         raise UserError(
             f"--mesh {spec}: --strategy {strategy} has no {foreign[0]} dimension "
-            f"(it takes dp{'' if own == 'dp' else ' and ' + own})"
+            f"(it takes dp and {own})"
         )
     stages = getattr(options, "stages", 0)
     if own == "pp" and stages:
         given.setdefault("pp", stages)
-    if own == "dp":
-        sizes = {"dp": given.get("dp", world)}
-    else:
-        size = given.get(own) or max(1, world // given.get("dp", 1))
-        sizes = {"dp": given.get("dp") or max(1, world // size), own: size}
+    size = given.get(own) or max(1, world // given.get("dp", 1))
+    sizes = {"dp": given.get("dp") or max(1, world // size), own: size}
     needed = 1
     for v in sizes.values():
         needed *= v
@@ -106,7 +109,7 @@ class MeshPlugin(plugin.Plugin):
     """What the model-parallel plugins share: the mesh, sharded checkpoints."""
 
     Config: ClassVar[type] = MeshConfig
-    own_dim: ClassVar[str] = "dp"
+    own_dim: ClassVar[str] = "fsdp"
     """The mesh dimension this strategy parallelizes along."""
     sharded_checkpoints = True
     reads_shards = True
@@ -134,11 +137,16 @@ class ModelParallel(Strategy):
         super().__init__(job, env)
         self.own_dim = own_dim
         self.sizes = mesh_sizes(self.options, own_dim, env.world_size, job.strategy.name)
+        if dist.is_initialized():  # (an in-place job's worker forms it as it joins)
+            self.mesh = self._form_mesh()
+
+    def _form_mesh(self) -> DeviceMesh:
+        """The mesh over the process group now current."""
         names = tuple(d for d in MESH_DIMS if d in self.sizes)
         from torch.distributed.device_mesh import init_device_mesh  # (slow to import)
 
-        self.mesh: DeviceMesh = init_device_mesh(
-            env.device.type, tuple(self.sizes[d] for d in names), mesh_dim_names=names
+        return init_device_mesh(
+            self.env.device.type, tuple(self.sizes[d] for d in names), mesh_dim_names=names
         )
 
     def _keep_replica(self, model: nn.Module) -> None:

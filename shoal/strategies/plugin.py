@@ -114,6 +114,15 @@ class Plugin:
         with this line, and the default (``auto``) recovers by restart."""
         return ""
 
+    def in_place_replicas(self, job: JobConfig) -> list[list[int]] | None:
+        """Where each rank's state exists, if not on every rank (a mesh of a fixed shape,
+        sharded): for each shard, the ranks that hold a copy. An in-place job of it then
+        needs every rank in each generation (after a loss the others wait for a
+        replacement, which receives its shard from a copy), and one that lost every copy
+        of a shard starts again from the newest checkpoint. ``None`` by default: every
+        rank holds the whole state, and the others go on without a lost one."""
+        return None
+
     def recovery(self, job: JobConfig) -> tuple[str, str]:
         """How a lost worker of ``job`` is recovered: ``("inplace", "")``, or
         ``("restart", why)`` with why not in place ("" where ``--recovery restart`` says
@@ -151,7 +160,7 @@ class Plugin:
         if mode == "inplace":
             from shoal.inplace.launch import launch as launch_in_place
 
-            launch_in_place(job, config_path)
+            launch_in_place(job, config_path, self.in_place_replicas(job))
             return
         from shoal.launch import launch
 
