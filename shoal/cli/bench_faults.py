@@ -120,10 +120,14 @@ def run_faults(args: argparse.Namespace) -> int:
     }
     for mode in modes:
         _say(f"{mode}: unfailed run, then one with kills ...")
-        if mode == "torchft":
-            result["modes"][mode] = _torchft(job, args, out / "torchft")
-        else:
-            result["modes"][mode] = _shoal(mode, base, args, out)
+        try:
+            if mode == "torchft":
+                result["modes"][mode] = _torchft(job, args, out / "torchft")
+            else:
+                result["modes"][mode] = _shoal(mode, base, args, out)
+        except (UserError, RuntimeError, TimeoutError) as e:  # (a result too: the others go on)
+            _say(f"{mode}: {e}")
+            result["modes"][mode] = {"failed": str(e).splitlines()[0][:300]}
     _say("checkpoint stall ...")
     result["checkpoint"] = checkpoint_stall(job)
     write_atomic(out / "results.json", json.dumps(result, indent=2) + "\n")
@@ -336,6 +340,9 @@ def _table(r: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for mode, m in r["modes"].items():
+        if "failed" in m:
+            lines.append(f"| {mode} | did not finish: {m['failed']} |" + " |" * 8)
+            continue
         kills = m["kills"]
         if "samples_twice" in m:
             samples = f"{m['samples_twice']} / {m['samples_never']}"

@@ -57,7 +57,7 @@ def run(
 
     out.mkdir(parents=True, exist_ok=True)
     config = write_config(job, out)
-    timeout = 10 * job.strategy.heartbeat_timeout
+    timeout = max(60.0, 10 * job.strategy.heartbeat_timeout)  # (torchft's own default: 60 s)
     lighthouse = LighthouseServer(
         bind="[::]:0",
         min_replicas=1,
@@ -105,7 +105,11 @@ def run(
     failed = [k for k, p in procs.items() if p.returncode != 0]
     if failed:
         log = out / f"replica{failed[0]}-{incarnations[failed[0]]}.log"
-        raise RuntimeError(f"torchft replica {failed[0]} failed: see {log}")
+        last = [x for x in log.read_text(errors="replace").splitlines() if x.strip()][-1:]
+        raise RuntimeError(
+            f"replica {failed[0]} failed after {len(kills)} kills ({(last or ['?'])[0][:160]}); "
+            f"see {log}"
+        )
     commits = _commits(out)
     times = sorted(t for _, t, _ in commits)
     return {

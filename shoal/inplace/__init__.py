@@ -17,6 +17,13 @@ member committed it; members behind it, and newcomers, receive the model,
 optimizer, RNG and data position from a member that has it. The others redo
 the step with its own samples, cut over the new membership.
 
+Where a rank's state exists on some ranks only (``fsdp`` with replicas: each shard
+on one rank of each replica), every generation has every slot filled: the others
+wait for a replacement, which takes the lost worker's place and receives its shard
+from a replica of it (:meth:`~shoal.strategies.plugin.Plugin.in_place_replicas`);
+if every copy of a shard is lost, the workers start again from the newest
+checkpoint.
+
 A newcomer is taken in at a step boundary: every few steps the members ask the
 store, all at the same step, whether one waits; the first to ask decides for
 everyone (``compare_set``).
