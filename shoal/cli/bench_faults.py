@@ -112,6 +112,8 @@ def run_faults(args: argparse.Namespace) -> int:
         raise UserError(f"--out {out} exists and is not empty")
     out.mkdir(parents=True, exist_ok=True)
     base = [*job_args, "--workers", str(args.workers), "--no-progress", "--no-report"]
+    if not args.recovery and "torchft" not in modes:
+        _say("torchft is not installed (pip install -e '.[bench]'): its side is left out")
     result: dict[str, Any] = {
         "job": " ".join(job_args),
         "workers": args.workers,
@@ -146,12 +148,7 @@ def _modes(spec: str) -> list[str]:
     from shoal.cli import bench_torchft
 
     if not spec:
-        found = ["restart", "inplace"]
-        if bench_torchft.available():
-            found.append("torchft")
-        else:
-            _say("torchft is not installed (pip install -e '.[bench]'): it is left out")
-        return found
+        return ["restart", "inplace", *(["torchft"] if bench_torchft.available() else [])]
     modes = [m.strip() for m in spec.split(",") if m.strip()]
     for m in modes:
         if m not in MODES:
