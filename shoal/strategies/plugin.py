@@ -127,14 +127,12 @@ class Plugin:
         """How a lost worker of ``job`` is recovered: ``("inplace", "")``, or
         ``("restart", why)`` with why not in place ("" where ``--recovery restart`` says
         so). ``--recovery auto``, the default, is in place wherever the job allows it."""
-        chosen = job.cluster.recovery
-        if chosen == "restart":
+        if job.cluster.recovery == "restart":
             return "restart", ""
-        why = self.restart_only or _shared_in_place_refusal(self, job)
-        if not why and self.recovers_in_place:
-            why = self.in_place_refusal(job)
-        if not self.recovers_in_place and not why:
-            why = f"--strategy {self.name} does not recover in place"
+        if not self.recovers_in_place:
+            why = self.restart_only or f"--strategy {self.name} does not recover in place"
+            return "restart", why
+        why = _shared_in_place_refusal(self, job) or self.in_place_refusal(job)
         return ("restart", why) if why else ("inplace", "")
 
     def data_ranks(self, job: JobConfig) -> int:
