@@ -136,7 +136,9 @@ def run_chaos(args: argparse.Namespace) -> int:
     faults: list[Fault] = []
     results: dict[str, Any] = {"seed": args.seed, "mtbf_s": args.mtbf, "jobs": {}}
     with _small_disk(out / "disk") as disk:
-        for job, extra in (("ps", PS), ("allreduce", [])):
+        # (the collective job recovers by restart: its lines and needles are those of
+        # torchrun's agent; in-place recovery is measured by bench faults)
+        for job, extra in (("ps", PS), ("allreduce", ["--recovery", "restart"])):
             if job not in jobs:
                 continue
             _say(f"{job} under chaos ...")
