@@ -136,20 +136,15 @@ class FSDP(ModelParallel):
         self.env = env
         self.mesh = self._form_mesh()
         held, self.held = self.held, None
-        if held is None and self.template is None:
-            return
         if held is None:  # a newcomer, or the first generation: the model as built
-            model = self.model
-            self._wrap(model)
-            self._optimizer(model.parameters(), self.total_steps)
-        else:
-            model = copy.deepcopy(self.template)
-            self._wrap(model)
-            model.to_empty(device=env.device)
-            self.model = model
-            self._optimizer(model.parameters(), self.total_steps)
+            self._wrap(self.model)
+            self._optimizer(self.model.parameters(), self.total_steps)
+        else:  # a copy of the model, wrapped on the new mesh, filled with the kept shard
+            self.model = copy.deepcopy(self.template)
+            self._wrap(self.model)
+            self.model.to_empty(device=env.device)
+            self._optimizer(self.model.parameters(), self.total_steps)
             self._fill(held)
-        self.model = model
         self._hand_over(held is not None)
 
     def state_dict(self) -> dict[str, Any]:
