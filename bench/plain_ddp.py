@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 import numpy as np
@@ -70,7 +71,13 @@ def main() -> None:
     if rank == 0:
         with open(args.out, "w") as fh:
             json.dump({"step_time_s": times}, fh)
-    dist.destroy_process_group()
+    # Leave without tearing gloo down: its destructors at exit race with peers closing
+    # their connections and sometimes abort ("terminate called without an active
+    # exception", exit -6 under torchrun) after the results were written. The barrier
+    # keeps every rank here until all are done; nothing after it matters to the bench.
+    dist.barrier()
+    sys.stdout.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

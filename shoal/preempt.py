@@ -4,8 +4,12 @@ with a checkpoint of it. A second Ctrl-C stops at once.
 
 A signal only sets a flag. The ranks agree on it with one small all-reduce
 (MAX of the flag, MIN of the time it came), started after one step and read
-after the next, so it runs while that step computes; a rank that was told and
-one that was not stop at the same step boundary. They write that step's
+at the next agreement, so it runs while training computes; a rank that was told
+and one that was not stop at the same step boundary. Agreements come about every
+:data:`AGREE_EVERY_S` seconds of training, not every step (a collective per step
+costs a visible part of a short one): each carries every rank's proposal of
+how many steps to the next, and all take the smallest, so they all agree at the
+same steps. They write that step's
 checkpoint, rank 0 adds a line to ``RUN_DIR/preempted.jsonl`` (the step, the
 signal, the seconds from the signal to the checkpoint written, and whether that
 was within ``--grace-period``), and each exits with :data:`EXIT_PREEMPTED`.
@@ -35,6 +39,11 @@ it into a SIGTERM to the workers), then Ctrl-C (the launcher's SIGTERM follows i
 EXIT_INTERRUPTED = 130
 """Exit status of a job stopped by Ctrl-C (128 + SIGINT), its checkpoint written."""
 PREEMPTED_FILE = "preempted.jsonl"
+AGREE_EVERY_S = 0.2
+"""About how often the ranks agree on a signal: a stop comes at most about twice this
+after the signal, plus a step."""
+MAX_STEPS_APART = 64
+"""The most steps between two agreements, however short a step."""
 
 
 class Preempted(Exception):
@@ -46,14 +55,15 @@ class Preempted(Exception):
 
 
 class Preemption:
-    """The signal handlers and the per-step agreement (a collective: every rank calls
-    :meth:`agreed` after every step)."""
+    """The signal handlers and the agreement (a collective: every rank calls :meth:`poll`
+    after every step, and agrees at the same steps)."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
         self.received = float("inf")
         self.work: Any = None  # the agreement under way, and its tensor
-        self.flags = torch.zeros(4, dtype=torch.float64)
+        self.flags = torch.zeros(5, dtype=torch.float64)
+        self.regrouped()
         # (an engine that runs the training in a thread of its own, as Ray Train does,
         # keeps the signals: it restarts the workers, and they resume from a checkpoint)
         main = threading.current_thread() is threading.main_thread()
@@ -68,19 +78,34 @@ class Preemption:
         if self.signum is None or RANK[signum] > RANK[self.signum]:
             self.signum = signum
 
+    def regrouped(self) -> None:
+        """The group changed (or is new): forget the agreement under way (an all-reduce
+        of the group that ended) and agree at the next step that may stop, as every
+        member of the new group does."""
+        self.work, self.steps_apart, self.steps = None, 1, 0
+        self.since = time.perf_counter()
+
     def poll(self, may_stop: bool) -> tuple[str, float] | None:
         """Call after every step on every rank; ``may_stop``: a checkpoint here holds one
         model. Returns ``(signal name, earliest time any rank got it)`` when the ranks
         agree to stop here. The agreement is an all-reduce (flag MAX, earliest time,
-        SIGUSR1 seen) started at one such step and read at the next, so it runs while
-        the step between computes and never holds up training."""
+        SIGUSR1 seen, steps to the next one MIN) started at one such step and read at
+        the next agreement, so it runs while training computes and never holds it up."""
+        self.steps += 1  # since the last agreement
+        if not may_stop or self.steps < self.steps_apart:
+            return None
         told = None
-        if may_stop and self.work is not None:
+        if self.work is not None:
             self.work.wait()
             flags, self.work = self.flags, None
             told = _told(flags)
-        if may_stop and told is None:
-            self.flags = self._mine()
+            self.steps_apart = int(-flags[4])  # the same on every rank
+        if told is None:
+            now = time.perf_counter()
+            per_step = (now - self.since) / self.steps
+            self.since, self.steps = now, 0
+            propose = min(MAX_STEPS_APART, max(1, int(AGREE_EVERY_S / max(per_step, 1e-6))))
+            self.flags = self._mine(propose)
             if _grouped():
                 self.work = dist.all_reduce(self.flags, op=dist.ReduceOp.MAX, async_op=True)
             else:
@@ -100,12 +125,14 @@ class Preemption:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         return _told(flags)
 
-    def _mine(self) -> torch.Tensor:
-        """This rank's part of an agreement: told, -(when), SIGUSR1, SIGINT."""
+    def _mine(self, steps_apart: int = 1) -> torch.Tensor:
+        """This rank's part of an agreement: told, -(when), SIGUSR1, SIGINT, and
+        -(steps to the next agreement) it proposes."""
         mine = self.signum is not None
         return torch.tensor(
             [float(mine), -self.received if mine else -float("inf"),
-             float(self.signum == signal.SIGUSR1), float(self.signum == signal.SIGINT)],
+             float(self.signum == signal.SIGUSR1), float(self.signum == signal.SIGINT),
+             -float(steps_apart)],
             dtype=torch.float64,
         )  # fmt: skip
 

@@ -317,7 +317,7 @@ class Trainer(Regrouping):
                     _drop_frames(e)  # (their locals hold the group)
                 # (the exception is gone here, and with it any hold of its frames on the group)
                 if preemption is not None:
-                    preemption.work = None  # (an all-reduce of the group that ended)
+                    preemption.regrouped()
                 while True:  # (a member lost while the next generation forms: again)
                     try:
                         work = self._regroup(why)

@@ -60,6 +60,22 @@ def test_feistel_permutation_is_a_bijection(n):
         assert sorted(rows.tolist()) == list(range(n))
 
 
+def test_a_small_epoch_computed_whole_is_the_same_order(monkeypatch):
+    """Up to TABLE_ROWS rows an epoch's order is one table; above, computed per step:
+    both give every position the same row (a run that grows past the limit, or a
+    checkpoint taken by a process on the other side of it, keeps its order)."""
+    import shoal.data.order as order_mod
+
+    n, positions = 5000, np.arange(4999, -1, -7)
+    whole = Order(n, seed=9)
+    assert whole.rows(2, np.arange(n)) is not None and whole._table is not None
+    monkeypatch.setattr(order_mod, "TABLE_ROWS", 10)
+    per_step = Order(n, seed=9)
+    assert per_step.rows(2, positions) is not None and per_step._table is None
+    np.testing.assert_array_equal(whole.rows(2, positions), per_step.rows(2, positions))
+    np.testing.assert_array_equal(whole.rows(3, positions), per_step.rows(3, positions))
+
+
 def test_full_shuffle_looks_random():
     """Far from the identity and from a shift, and pairs of neighbours scattered."""
     n = 100_000
