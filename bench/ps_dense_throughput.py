@@ -85,6 +85,7 @@ def time_ps(address: str, payload: torch.Tensor, reps: int) -> list[float]:
         peer.recv(push)
         _, (values,) = peer.recv(pull)
         assert values.numel() == payload.numel()
+        del values  # (as a worker does once it has copied them into its parameters)
         out.append(time.perf_counter() - start)
     peer.call({"op": "shutdown"})
     return out

@@ -96,6 +96,50 @@ def test_large_tensors_travel_in_bounded_frames():
         wire.decode(frames[:1], 1000)
 
 
+def test_buffers_are_reused_only_once_nothing_refers_to_them():
+    buffers = wire.Buffers(keep=2)
+    a = buffers.take(1000)
+    view = a.view(torch.float32)[:10]  # a receiver kept a view: a is not free
+    b = buffers.take(1000)
+    assert b.data_ptr() != a.data_ptr()
+    del view
+    assert buffers.take(1000).data_ptr() == a.data_ptr()  # free again: taken again
+    assert buffers.take(24).numel() == 24 and len(buffers.held) == 2  # bounded
+
+
+def test_receive_takes_frames_into_buffers_and_stays_in_step_after_a_bad_message():
+    """Over a real socket: a multi-frame tensor arrives in a reused buffer; a message
+    whose frames do not make what its header declares is refused and read to its end,
+    so the message after it is received whole."""
+    ctx = zmq.Context.instance()
+    a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    port = a.bind_to_random_port("tcp://127.0.0.1")
+    b.connect(f"tcp://127.0.0.1:{port}")
+    try:
+        big = torch.arange(3 * wire.FRAME_BYTES // 4 + 7, dtype=torch.float32)  # 4 frames
+        frames = wire.encode({"op": "x", "id": 1}, [torch.ones(3), big])
+        buffers = wire.Buffers()
+        b.send_multipart(frames, copy=False)
+        _, size, header, (small, got) = wire.receive(a, 1 << 20, buffers)
+        assert header["id"] == 1 and torch.equal(got, big) and torch.equal(small, torch.ones(3))
+        assert size == wire.message_bytes(frames)
+        where = got.data_ptr()
+        del got
+        b.send_multipart(frames, copy=False)
+        assert wire.receive(a, 1 << 20, buffers)[3][1].data_ptr() == where  # reused
+        short = [*frames[:-1], bytes(memoryview(frames[-1]))[:-4], b"x" * 10]  # cut, then extra
+        for bad in (short, frames[:-1], [*frames, b"extra"]):
+            b.send_multipart(bad, copy=False)
+            with pytest.raises(wire.WireError, match="truncated") as e:
+                wire.receive(a, 1 << 20, buffers)
+            assert e.value.received[1] == wire.message_bytes(bad)  # read to its end
+            b.send_multipart(frames, copy=False)
+            assert torch.equal(wire.receive(a, 1 << 20, buffers)[3][1], big)
+    finally:
+        a.close(0)
+        b.close(0)
+
+
 def test_door_takes_each_good_token_once_and_only_for_its_target():
     door = gate.Door(b"s" * 32, "shard-1")
     token = gate.client_token(b"s" * 32, "worker0", "shard-1").encode()

@@ -72,6 +72,7 @@ class Peer:
         self.max_bytes = max_bytes
         self.ids = itertools.count()
         self.stash: dict[int, Reply] = {}
+        self.buffers = wire.Buffers()  # what replies are received into, reply after reply
         self.watch: Callable[[], None] | None = None
         """Called about every second while a reply is awaited; may raise to stop waiting."""
         self.gone = ""
@@ -163,9 +164,12 @@ class Peer:
                 if self.watch is not None:
                     self.watch()
                 continue
-            frames = self.sock.recv_multipart(copy=False)
-            self.comm.add(received=wire.message_bytes(frames))
-            header, tensors = wire.decode(frames, self.max_bytes)
+            try:
+                _, size, header, tensors = wire.receive(self.sock, self.max_bytes, self.buffers)
+            except wire.WireError as e:
+                self.comm.add(received=e.received[1] if e.received else 0)
+                raise
+            self.comm.add(received=size)
             self.stash[header.get("id")] = (header, tensors)
         header, tensors = self.stash.pop(rid)
         if header["op"] == "error":

@@ -5,14 +5,15 @@ A message is ``[header, frame, frame, ...]``. The header is a UTF-8 JSON
 object with an ``op`` and a ``t`` list describing each tensor that follows as
 ``[dtype, shape]``; a tensor's raw bytes follow in frames of at most
 :data:`FRAME_BYTES` (one frame for small tensors, sent and received without a
-copy; larger ones are cut on sending without a copy and joined by one copy on
-receipt). Listeners accept no larger frame, which is what bounds what a peer
-that has not authenticated can make them hold (see
-:mod:`~shoal.net.gate`). :func:`decode` checks everything a hostile
-or broken peer could get wrong (size of the header before it is parsed, JSON
-shape, dtypes, declared vs actual byte counts, total size before anything is
-allocated) and raises :class:`WireError` naming the kind of fault, which the
-receiver counts and answers without dying.
+copy; larger ones are cut on sending without a copy and received frame by frame
+into one buffer that the receiver reuses: :func:`receive`, :class:`Buffers`).
+Listeners accept no larger frame, which is what bounds what a peer that has not
+authenticated can make them hold (see :mod:`~shoal.net.gate`). :func:`decode`
+and :func:`receive` check everything a hostile or broken peer could get wrong
+(size of the header before it is parsed, JSON shape, dtypes, declared vs actual
+byte counts, total size before anything is allocated) and raise
+:class:`WireError` naming the kind of fault, which the receiver counts and
+answers without dying.
 """
 
 from __future__ import annotations
@@ -54,6 +55,39 @@ class WireError(Exception):
     def __init__(self, kind: str, detail: str) -> None:
         super().__init__(f"{kind}: {detail}")
         self.kind = kind
+        self.received: tuple[Any, int, Any] | None = None
+        """(:func:`receive`) the first frame, the bytes received, the header frame."""
+
+
+def _use_count(t: torch.Tensor) -> int:
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+_ALONE = _use_count(torch.empty(1))
+"""A buffer's storage use count when nothing but the buffer itself holds it."""
+
+
+class Buffers:
+    """Memory a receiver joins multi-frame tensors into, reused from one message to the
+    next. Joining into fresh memory costs more than the copy itself (every page is
+    faulted in and zeroed: about half of a 100 MB round trip on loopback); a buffer is
+    taken again only once nothing refers to it any more (no tensor or view made on it
+    is alive), so whatever a receiver keeps stays as it was received."""
+
+    def __init__(self, keep: int = 4) -> None:
+        self.keep = keep
+        self.held: list[torch.Tensor] = []
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        """``nbytes`` bytes (uint8) that nothing else refers to."""
+        for b in self.held:
+            if b.numel() == nbytes and _use_count(b) == _ALONE:
+                return b
+        b = torch.empty(nbytes, dtype=torch.uint8)
+        self.held.append(b)
+        if len(self.held) > self.keep:  # the oldest goes (its holder, if any, keeps it)
+            del self.held[0]
+        return b
 
 
 def encode(header: dict[str, Any], tensors: list[torch.Tensor] = ()) -> list[Any]:
@@ -122,9 +156,101 @@ def parse_header(frames: list[Any]) -> dict[str, Any]:
     return header
 
 
-def decode(frames: list[Any], max_bytes: int) -> tuple[dict[str, Any], list[torch.Tensor]]:
-    """Parse and check a received message; raise :class:`WireError` if it is bad."""
-    header = parse_header(frames)
+def decode(
+    frames: list[Any], max_bytes: int, buffers: Buffers | None = None
+) -> tuple[dict[str, Any], list[torch.Tensor]]:
+    """Parse and check a received message; raise :class:`WireError` if it is bad.
+    Tensors of several frames are joined into memory from ``buffers`` (else fresh)."""
+    return _decode(_Frames(frames), max_bytes, buffers)
+
+
+def receive(
+    sock: Any, max_bytes: int, buffers: Buffers | None = None, routed: bool = False
+) -> tuple[Any, int, dict[str, Any], list[torch.Tensor]]:
+    """Receive one message from ``sock`` frame by frame, each tensor of several frames
+    straight into its buffer (no frame objects kept, no second copy): ``(first frame,
+    bytes received, header, tensors)``, the first frame being a ROUTER's peer identity
+    when ``routed`` (else the header). A bad message is read to its end (the socket
+    stays in step) and raises :class:`WireError`, with :attr:`WireError.received` set."""
+    source = _Socket(sock)
+    first = sock.recv(copy=False)
+    source.received = _view(first).nbytes
+    try:
+        if routed:
+            source.head = sock.recv(copy=False) if first.more else None
+            source.received += _view(source.head).nbytes if source.head is not None else 0
+        else:
+            source.head = first
+        source.more = source.head is not None and source.head.more
+        header, tensors = _decode(source, max_bytes, buffers)
+    except WireError as e:
+        source.drain()
+        e.received = (first, source.received, source.head)
+        raise
+    return first, source.received, header, tensors
+
+
+class _Frames:
+    """The frames of a message already received, one after another."""
+
+    def __init__(self, frames: list[Any]) -> None:
+        self.frames, self.i = frames, 1
+
+    def header(self) -> dict[str, Any]:
+        return parse_header(self.frames)
+
+    def left(self) -> bool:
+        return self.i < len(self.frames)
+
+    def next(self) -> memoryview:
+        self.i += 1
+        return _view(self.frames[self.i - 1])
+
+    def into(self, out: np.ndarray) -> int:
+        frame = self.next()
+        if frame.nbytes == len(out):
+            out[:] = np.frombuffer(frame, np.uint8)
+        return frame.nbytes
+
+
+class _Socket:
+    """The frames of a message as they are received from a socket."""
+
+    head: Any = None
+    more = False
+    received = 0
+
+    def __init__(self, sock: Any) -> None:
+        self.sock = sock
+
+    def header(self) -> dict[str, Any]:
+        return parse_header([self.head] if self.head is not None else [])
+
+    def left(self) -> bool:
+        return self.more
+
+    def next(self) -> memoryview:
+        frame = self.sock.recv(copy=False)
+        self.more = frame.more
+        view = _view(frame)
+        self.received += view.nbytes
+        return view
+
+    def into(self, out: np.ndarray) -> int:
+        n = self.sock.recv_into(out)  # (a longer frame is cut, and its length returned)
+        self.more = bool(self.sock.rcvmore)
+        self.received += n
+        return n
+
+    def drain(self) -> None:
+        while self.more:
+            self.next()
+
+
+def _decode(
+    source: _Frames | _Socket, max_bytes: int, buffers: Buffers | None
+) -> tuple[dict[str, Any], list[torch.Tensor]]:
+    header = source.header()
     for key in ("step", "part", "worker", "read_through"):
         if key in header and not (
             isinstance(header[key], int) and not isinstance(header[key], bool)
@@ -141,26 +267,33 @@ def decode(frames: list[Any], max_bytes: int) -> tuple[dict[str, Any], list[torc
         if total > max_bytes:
             raise WireError("oversized", f"message over the {max_bytes}-byte limit")
         layout.append((dtype, shape, want))
-    if sum(num_frames(want) for _, _, want in layout) != len(frames) - 1:
-        raise WireError("truncated", f"{len(frames) - 1} frames do not make the declared tensors")
-    tensors, i = [], 1
+    tensors = []
     for dtype, shape, want in layout:
         n = num_frames(want)
-        parts = [_view(f) for f in frames[i : i + n]]
-        i += n
-        sizes = [p.nbytes for p in parts]
-        if sizes != [min(FRAME_BYTES, want - k * FRAME_BYTES) for k in range(n)]:
-            raise WireError("truncated", f"frames of {sum(sizes)} bytes, header says {want}")
-        if not want:
-            tensors.append(torch.empty(shape, dtype=dtype))
-        elif n == 1:  # no copy
-            tensors.append(torch.frombuffer(parts[0], dtype=dtype).reshape(shape))
-        else:  # one copy, into memory of its own
-            out = torch.empty(want, dtype=torch.uint8)
-            flat = out.numpy()
-            for k, p in enumerate(parts):
-                flat[k * FRAME_BYTES : k * FRAME_BYTES + p.nbytes] = np.frombuffer(p, np.uint8)
-            tensors.append(out.view(dtype).reshape(shape))
+        if n == 1:  # no copy
+            if not source.left():
+                raise WireError("truncated", "fewer frames than the declared tensors")
+            frame = source.next()
+            if frame.nbytes != want:
+                raise WireError("truncated", f"a frame of {frame.nbytes} bytes, header says {want}")
+            tensors.append(
+                torch.frombuffer(frame, dtype=dtype).reshape(shape)
+                if want
+                else torch.empty(shape, dtype=dtype)
+            )
+            continue
+        out = buffers.take(want) if buffers is not None else torch.empty(want, dtype=torch.uint8)
+        flat = out.numpy()
+        for k in range(n):  # one copy, into memory of its own
+            if not source.left():
+                raise WireError("truncated", "fewer frames than the declared tensors")
+            part = flat[k * FRAME_BYTES : (k + 1) * FRAME_BYTES]
+            got = source.into(part)
+            if got != len(part):
+                raise WireError("truncated", f"a frame of {got} bytes where {len(part)} belong")
+        tensors.append(out.view(dtype).reshape(shape))
+    if source.left():
+        raise WireError("truncated", "more frames than the declared tensors")
     return header, tensors
 
 

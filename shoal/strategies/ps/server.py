@@ -118,6 +118,7 @@ class Server:
         self.listener = gate.Listener(self.ctx, bind, secret, self.target, max_connections)
         self.sock, self.address = self.listener.sock, self.listener.address
         self.stats = ServerStats()
+        self.buffers = wire.Buffers()  # what pushes are received into, message after message
         self.names: dict[bytes, str] = {}
         self.steps: Steps | None = None
         self.keys: list[str] = []
@@ -141,19 +142,31 @@ class Server:
                 self.listener.watch_connections()
             if self.sock not in ready:
                 continue
-            frames = self.sock.recv_multipart(copy=False)
-            self.handle(frames[0].bytes, frames[1:])
+            self.handle()
         self.listener.close(linger_ms=2000)  # let the reply to shutdown leave
 
-    def handle(self, peer: bytes, frames: list[Any]) -> None:
-        size = wire.message_bytes(frames)
+    def handle(self) -> None:
+        """Receive one request (multi-frame tensors straight into reused buffers) and
+        answer it; a bad one is refused, counted, and answered with an error."""
+        try:
+            ident, size, header, tensors = wire.receive(
+                self.sock, self.max_bytes, self.buffers, routed=True
+            )
+            fault: Exception | None = None
+        except wire.WireError as e:
+            assert e.received is not None
+            ident, size, head = e.received
+            header, tensors, fault = {"id": wire.request_id([head] if head else [])}, [], e
+        peer = ident.bytes
         self.stats.bytes_in += size
-        user = self.listener.user(frames[0])  # proven at the door (gate)
+        user = self.listener.user(ident)  # proven at the door (gate)
         self.names[peer] = name = user.split("|")[0]  # per-peer traffic under that name
         self.stats.peer_bytes.setdefault(name, [0, 0])[0] += size
+        rid = header.get("id")
+        rid = rid if isinstance(rid, int) and not isinstance(rid, bool) else None
         try:
-            rid = wire.request_id(frames)
-            header, tensors = wire.decode(frames, self.max_bytes)
+            if fault is not None:
+                raise fault
             if header["op"] == "hello":
                 self.send(peer, {**self.listener.welcome(user, header), "id": rid})
             else:
