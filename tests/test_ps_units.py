@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import threading
 
@@ -477,6 +478,27 @@ def test_a_push_after_its_pull_reuses_the_lookup_and_changes_nothing():
     everything = torch.arange(60)
     assert torch.equal(fast.read(everything), slow.read(everything))
     assert torch.equal(fast.state["sum"][: len(fast)], slow.state["sum"][: len(slow)])
+
+
+def test_new_ids_wait_in_a_small_index_and_every_id_keeps_its_slot(monkeypatch):
+    """Ids first seen go to a small sorted index, merged into the main one from time to
+    time: through several merges every id keeps one slot (its row), found from either
+    index, and what a checkpoint lists (keys, slots) is every id, sorted."""
+    storage = importlib.import_module("shoal.strategies.ps.storage")
+
+    monkeypatch.setattr(storage, "MERGE_AT", 50)
+    table = SparseTable(2, 0.1, 3, ServerOptimizer(OptimConfig(), 10))
+    gen, slot_of = torch.Generator().manual_seed(1), {}
+    for _ in range(40):
+        ids = torch.unique(torch.randint(0, 5000, (40,), generator=gen))
+        rows = table.read(ids)
+        for i, slot in zip(ids.tolist(), table.slots(ids).tolist()):
+            assert slot_of.setdefault(i, slot) == slot
+        assert torch.equal(rows, table.rows[table.slots(ids)])
+    assert len(table._new_keys) < len(table) and len(table._keys) > 0  # both in use
+    keys, slots = table.ids()
+    assert keys.tolist() == sorted(slot_of) and len(table._new_keys) == 0  # (merged)
+    assert dict(zip(keys.tolist(), slots.tolist())) == slot_of
 
 
 def test_sum_rows_adds_duplicates_and_passes_ascending_rows_through():

@@ -12,9 +12,11 @@ from shoal.strategies.ps.optim import ServerOptimizer
 class SparseTable:
     """Rows of one embedding table, created on first touch, with optimizer state.
 
-    Rows live in one growing slab. Row ids are kept in a sorted array beside
-    their slots, so a batch of ids is looked up with one vectorised binary
-    search and new ids are merged in with one insertion, not a Python loop.
+    Rows live in one growing slab. Row ids are kept in sorted arrays beside their
+    slots, so a batch of ids is looked up with a vectorised binary search and new
+    ids are merged in with one insertion, not a Python loop. New ids go to a small
+    sorted array first, merged into the main one once it holds an eighth as many
+    (inserting into the main array every time copied all of it per request).
     Memory is proportional to the rows touched, not to the table's nominal size.
     """
 
@@ -23,16 +25,48 @@ class SparseTable:
         self.init_std = init_std
         self.seed = seed
         self.optimizer = optimizer
-        self.keys = np.empty(0, dtype=np.int64)  # sorted row ids
-        self.key_slots = np.empty(0, dtype=np.int64)  # slot of keys[i] in the slab
+        self._keys = np.empty(0, dtype=np.int64)  # sorted row ids
+        self._slots = np.empty(0, dtype=np.int64)  # slot of _keys[i] in the slab
+        self._new_keys = np.empty(0, dtype=np.int64)  # the same for recent ids, fewer
+        self._new_slots = np.empty(0, dtype=np.int64)
         self.rows = torch.empty(0, dim)
         self.state = optimizer.new_state(0, dim)
-        self._last: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-        """(keys array, ids, their slots) of the last lookup: a push of the rows a pull
+        self._version = 0  # ids added so far
+        self._last: tuple[int, np.ndarray, np.ndarray] | None = None
+        """(version, ids, their slots) of the last lookup: a push of the rows a pull
         just read (the usual order) finds them without searching again."""
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return len(self._keys) + len(self._new_keys)
+
+    @property
+    def keys(self) -> np.ndarray:
+        """Every row id, sorted."""
+        self._merge()
+        return self._keys
+
+    @keys.setter
+    def keys(self, value: np.ndarray) -> None:
+        self._keys, self._new_keys = value, np.empty(0, dtype=np.int64)
+        self._new_slots = np.empty(0, dtype=np.int64)
+        self._version += 1
+
+    @property
+    def key_slots(self) -> np.ndarray:
+        """The slot of each of :attr:`keys` in the slab."""
+        self._merge()
+        return self._slots
+
+    @key_slots.setter
+    def key_slots(self, value: np.ndarray) -> None:
+        self._slots = value
+
+    def _merge(self) -> None:
+        if len(self._new_keys):
+            at = np.searchsorted(self._keys, self._new_keys)
+            self._keys = np.insert(self._keys, at, self._new_keys)
+            self._slots = np.insert(self._slots, at, self._new_slots)
+            self._new_keys = self._new_slots = np.empty(0, dtype=np.int64)
 
     def ids(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(row ids, their slots) of every row that exists."""
@@ -42,31 +76,38 @@ class SparseTable:
         """Slots of ``ids``, creating missing rows."""
         want = ids.to(torch.int64).numpy()
         last = self._last
-        if last is not None and last[0] is self.keys and np.array_equal(last[1], want):
+        if last is not None and last[0] == self._version and np.array_equal(last[1], want):
             return torch.from_numpy(last[2])
         out = self._find(want)
-        self._last = (self.keys, want.copy(), out)
+        self._last = (self._version, want.copy(), out)
         return torch.from_numpy(out)
 
     def _find(self, want: np.ndarray) -> np.ndarray:
-        pos = np.searchsorted(self.keys, want)
-        found = pos < len(self.keys)
-        found[found] = self.keys[pos[found]] == want[found]
         out = np.empty(len(want), dtype=np.int64)
-        out[found] = self.key_slots[pos[found]]
-        if not found.all():
-            new, inverse = np.unique(want[~found], return_inverse=True)
-            first = len(self.keys)
+        found = _search(self._keys, self._slots, want, out)
+        if found.all():
+            return out
+        missing = np.flatnonzero(~found)
+        recent = np.empty(len(missing), dtype=np.int64)
+        found = _search(self._new_keys, self._new_slots, want[missing], recent)
+        out[missing[found]] = recent[found]
+        missing = missing[~found]
+        if len(missing):
+            new, inverse = np.unique(want[missing], return_inverse=True)
+            first = len(self)
             new_slots = np.arange(first, first + len(new), dtype=np.int64)
-            out[~found] = new_slots[inverse]
-            at = np.searchsorted(self.keys, new)
-            self.keys = np.insert(self.keys, at, new)
-            self.key_slots = np.insert(self.key_slots, at, new_slots)
+            out[missing] = new_slots[inverse]
+            at = np.searchsorted(self._new_keys, new)
+            self._new_keys = np.insert(self._new_keys, at, new)
+            self._new_slots = np.insert(self._new_slots, at, new_slots)
+            self._version += 1
             self._grow(torch.from_numpy(new))
+            if len(self._new_keys) > max(MERGE_AT, len(self._keys) // 8):
+                self._merge()
         return out
 
     def _grow(self, new_ids: torch.Tensor) -> None:
-        needed = len(self.keys)
+        needed = len(self)
         if needed > len(self.rows):
             capacity = max(needed, 2 * len(self.rows), 1024)
             self.rows = _resize(self.rows, capacity)
@@ -78,16 +119,30 @@ class SparseTable:
 
     def read(self, ids: torch.Tensor) -> torch.Tensor:
         slots = self.slots(ids)  # first: it may grow (replace) self.rows
-        return self.rows[slots]
+        return self.rows.index_select(0, slots)
 
     def apply(self, ids: torch.Tensor, grads: torch.Tensor, step: int) -> None:
         slots = self.slots(ids)
-        param = self.rows[slots]
-        state = {k: v[slots] for k, v in self.state.items()}
+        param = self.rows.index_select(0, slots)
+        state = {k: v.index_select(0, slots) for k, v in self.state.items()}
         self.optimizer.apply(param, grads, state, step)
-        self.rows[slots] = param
+        self.rows.index_copy_(0, slots, param)
         for k, v in state.items():
-            self.state[k][slots] = v
+            self.state[k].index_copy_(0, slots, v)
+
+
+MERGE_AT = 4096
+"""Recent ids are merged into the main sorted array once there are more than this many
+(and more than an eighth of the main one)."""
+
+
+def _search(keys: np.ndarray, slots: np.ndarray, want: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Which of ``want`` are in sorted ``keys``; their slots are written into ``out``."""
+    pos = np.searchsorted(keys, want)
+    found = pos < len(keys)
+    found[found] = keys[pos[found]] == want[found]
+    out[found] = slots[pos[found]]
+    return found
 
 
 def _resize(t: torch.Tensor, rows: int) -> torch.Tensor:
