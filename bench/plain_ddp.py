@@ -32,6 +32,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--window", type=int, default=10)
     p.add_argument("--out", required=True)
+    p.add_argument("--stamp", help="rank 0 writes the time its first step ended here")
     args = p.parse_args()
 
     local_world = int(os.environ["LOCAL_WORLD_SIZE"])
@@ -64,6 +65,9 @@ def main() -> None:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if step == 0 and args.stamp and rank == 0:
+            with open(args.stamp, "w") as fh:
+                fh.write(repr(time.time()))
         if (step + 1) % args.window == 0:
             now = time.perf_counter()
             times.append((now - start) / args.window)

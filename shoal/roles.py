@@ -71,6 +71,22 @@ def _fork_forkserver() -> None:
     server._forkserver_pid = pid
 
 
+def start_fork_server() -> None:
+    """Before anything else starts a thread or a socket here: import what every role
+    imports and fork the fork server from this process, so that roles started later
+    (by :class:`RoleGroup`, once the parameter server's coordinator runs in this
+    process) are forks of it rather than of a new Python. Does nothing where workers
+    are not forked, or where this process already has other threads."""
+    import importlib
+    import threading
+
+    if not fork_workers() or threading.active_count() > 1:
+        return
+    importlib.import_module(WORKER_MODULE)
+    _preload_forkserver(())
+    _fork_forkserver()
+
+
 def _role_process(config_path: str) -> None:
     """A role's process, forked by the fork server. The server lives while a process
     holds the end of a pipe it hands each one; given up here, the server ends with the

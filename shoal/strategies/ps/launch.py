@@ -23,7 +23,7 @@ from shoal.launch import LaunchFailed, describe_exit, local_address
 from shoal.metrics import CommCounter
 from shoal.net import gate, wire
 from shoal.net.peer import Peer, PeerError, PeerGone, PeerTimeout
-from shoal.roles import Role, RoleGroup
+from shoal.roles import Role, RoleGroup, start_fork_server
 from shoal.strategies.ps import peers
 from shoal.strategies.ps.client import Heartbeat
 from shoal.strategies.ps.coordinator import Coordinator
@@ -81,6 +81,7 @@ def launch_ps(job: JobConfig, config_path: str) -> None:
     take tasks from the queue like the others.
     """
     cluster = job.cluster  # (checked as it was resolved: see Plugin.check)
+    start_fork_server()  # (before the coordinator's thread and sockets exist)
     multi = cluster.nnodes > 1
     secret = bytes.fromhex(wire.secret_hex() or wire.new_secret())
     if multi:
