@@ -116,6 +116,29 @@ def test_background_save_keeps_the_state_of_its_moment(tmp_path):
     assert saver.saves == 2 and saver.stall_s > 0
 
 
+def test_later_saves_copy_into_the_last_ones_memory_and_keep_their_own_moment(tmp_path):
+    """From the second save on, the copy goes into the memory of the one before (written
+    by then); each checkpoint still holds its own step's values, and a tensor whose shape
+    changed gets memory of its own."""
+    w, grown = torch.zeros(1 << 16), torch.zeros(3)
+    state = {"model": {"w": w}, "optim": [{"m": grown}], "step": 1}
+    saver = checkpoint.AsyncSaver(tmp_path, keep=3)
+    saver.save(1, state)
+    first = saver._staged["model"]["w"].data_ptr()
+    for step in (2, 3):
+        w.add_(1.0)
+        state["optim"][0]["m"] = grown = torch.zeros(step + 3)
+        saver.save(step, {**state, "step": step})
+        assert saver._staged["model"]["w"].data_ptr() == first  # the same memory again
+    saver.wait()
+    for step in (1, 2, 3):
+        got = checkpoint.load(checkpoint.checkpoint_dir(tmp_path) / f"step-{step:08d}")
+        assert got["step"] == step and torch.equal(
+            got["model"]["w"], torch.full((1 << 16,), step - 1.0)
+        )
+        assert got["optim"][0]["m"].shape == (3 if step == 1 else step + 3,)
+
+
 def test_a_write_the_disk_refuses_is_said_once_and_a_bug_is_raised(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
