@@ -117,3 +117,28 @@ def test_powersgd_phases_average_over_ranks():
 def test_bad_specs_are_refused(spec):
     with pytest.raises(ValueError):
         parse_codec(spec)
+
+
+@pytest.mark.parametrize("shape", ["normal", "strided-large", "strided-small", "sparse", "ties"])
+def test_top_indices_finds_the_set_torch_topk_finds(shape):
+    """The sampled threshold only narrows where torch.topk looks: whatever the layout of
+    the large entries (in the sample's positions only, or never there), the k found are
+    the k largest."""
+    from shoal.compress.codecs import SAMPLE_STRIDE, top_indices
+
+    n, k = 1 << 18, 2621  # (1%: the sampled path)
+    gen = torch.Generator().manual_seed(0)
+    mag = torch.rand(n, generator=gen)
+    if shape == "strided-large":  # the sample sees only the largest entries
+        mag[::SAMPLE_STRIDE] += 10
+    elif shape == "strided-small":  # the sample sees none of them
+        mag[::SAMPLE_STRIDE] = 0
+        mag[1 :: SAMPLE_STRIDE * 4] += 10
+    elif shape == "sparse":  # most entries zero, as a gradient of embeddings
+        mag[torch.rand(n, generator=gen) < 0.995] = 0
+    elif shape == "ties":  # the k-th largest value shared by many: any of them will do
+        mag = torch.randint(0, 4, (n,), generator=gen).float()
+    got = top_indices(mag, k)
+    assert len(got) == k and len(set(got.tolist())) == k
+    exact = torch.topk(mag, k, sorted=False).values
+    assert torch.equal(mag[got].sort().values, exact.sort().values)
