@@ -61,9 +61,9 @@ class Preemption:
     def __init__(self) -> None:
         self.signum: int | None = None
         self.received = float("inf")
-        self.work: Any = None  # the agreement under way, and its tensor
+        self.work: Any = None  # the agreement under way (its tensor: flags)
         self.flags = torch.zeros(5, dtype=torch.float64)
-        self.regrouped()
+        self.regrouped()  # (also sets when the first agreement comes)
         # (an engine that runs the training in a thread of its own, as Ray Train does,
         # keeps the signals: it restarts the workers, and they resume from a checkpoint)
         main = threading.current_thread() is threading.main_thread()

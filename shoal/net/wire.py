@@ -60,7 +60,9 @@ class WireError(Exception):
 
 
 def _use_count(t: torch.Tensor) -> int:
-    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+    """References to ``t``'s storage (-1 where this torch cannot tell: never reused)."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    return count(t.untyped_storage()._cdata) if count is not None else -1
 
 
 _ALONE = _use_count(torch.empty(1))
@@ -81,7 +83,7 @@ class Buffers:
     def take(self, nbytes: int) -> torch.Tensor:
         """``nbytes`` bytes (uint8) that nothing else refers to."""
         for b in self.held:
-            if b.numel() == nbytes and _use_count(b) == _ALONE:
+            if b.numel() == nbytes and _ALONE > 0 and _use_count(b) == _ALONE:
                 return b
         b = torch.empty(nbytes, dtype=torch.uint8)
         self.held.append(b)
