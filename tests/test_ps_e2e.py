@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -257,3 +259,40 @@ def test_compressed_pushes_send_fewer_bytes_and_still_train(tmp_path):
     ratio = half["bytes_sent_total"] / full["bytes_sent_total"]
     assert 0.45 < ratio < 0.55, ratio  # gradients halve; headers and pull requests do not
     assert half["final_loss"] == pytest.approx(full["final_loss"], rel=0.1)
+
+
+@pytest.mark.timeout(120)
+def test_roles_are_forks_of_the_launcher_not_new_pythons(tmp_path):
+    """The parameter server's coordinator runs in the launcher; its roles (shard,
+    workers) come from a fork server that is a fork of the launcher taken before the
+    coordinator started (the same command line), not a new Python importing torch."""
+    from pathlib import Path
+
+    cmd = [sys.executable, "-m", "shoal", "train", "--out", str(tmp_path / "run")]
+    cmd += ["--no-progress", "--no-report", *LINEAR, "--strategy", "ps"]
+    cmd += ["--workers", "2", "--servers", "1"]
+    proc = subprocess.Popen(
+        cmd,
+        env=shoal_env({"SHOAL_FAULT": "slow:rank=*:ms=20"}),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline, roles = time.monotonic() + 60, []
+        while len(roles) < 3 and time.monotonic() < deadline and proc.poll() is None:
+            roles = procs.role_processes(proc.pid, "worker") + procs.role_processes(
+                proc.pid, "server"
+            )
+            time.sleep(0.1)
+        assert len(roles) == 3, roles
+        launcher = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+        parents = {
+            int(Path(f"/proc/{r}/stat").read_text().rsplit(")", 1)[1].split()[1]) for r in roles
+        }
+        for parent in parents:  # the fork server
+            assert Path(f"/proc/{parent}/cmdline").read_bytes() == launcher
+            assert parent in procs.children(proc.pid)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # (the launcher and every role)
+        proc.wait(timeout=30)
