@@ -507,3 +507,23 @@ def test_sum_rows_adds_duplicates_and_passes_ascending_rows_through():
     assert unique.tolist() == [1, 3] and summed.tolist() == [[1, 1], [2, 2]]
     ascending = torch.tensor([1, 4, 9])
     assert sum_rows([ascending], [grads])[0] is ascending
+
+
+def test_hashed_rows_on_the_cpu_are_the_same_values_as_torch_computes_them():
+    """The shard's numpy arithmetic for a new row's initial values is bit for bit the
+    torch expression (a worker's local table, any device): wrapping products and
+    arithmetic shifts on int64, for small and huge ids and any seed."""
+    from shoal.models import sparse
+
+    def in_torch(ids, dim, seed):
+        x = ids.unsqueeze(1) * 0x9E3779B1 + torch.arange(dim, dtype=torch.int64) * 0x85EBCA77
+        x = x + seed
+        for mult, shift in sparse._ROUNDS:
+            x = (x ^ (x >> shift)) * mult
+        x = x ^ (x >> 31)
+        return (x & ((1 << 24) - 1)).to(torch.float32) / float(1 << 24)
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.cat([torch.arange(3000), torch.randint(0, 2**62, (3000,), generator=gen)])
+    for seed in (0, 7, 2**31 - 1):
+        assert torch.equal(sparse.hashed_uniform(ids, 16, seed), in_torch(ids, 16, seed))
