@@ -302,9 +302,13 @@ def _decode(
 def request_id(frames: list[Any]) -> int | None:
     """The ``id`` of a request whose header parses, so even a refusal reaches its caller."""
     try:
-        header = parse_header(frames)
+        return header_id(parse_header(frames))
     except WireError:
         return None
+
+
+def header_id(header: dict[str, Any]) -> int | None:
+    """The ``id`` a parsed header carries, if it is an integer."""
     rid = header.get("id")
     return rid if isinstance(rid, int) and not isinstance(rid, bool) else None
 

@@ -153,17 +153,16 @@ class Server:
                 self.sock, self.max_bytes, self.buffers, routed=True
             )
             fault: Exception | None = None
+            rid = wire.header_id(header)
         except wire.WireError as e:
             assert e.received is not None
             ident, size, head = e.received
-            header, tensors, fault = {"id": wire.request_id([head] if head else [])}, [], e
+            rid, header, tensors, fault = wire.request_id([head] if head else []), {}, [], e
         peer = ident.bytes
         self.stats.bytes_in += size
         user = self.listener.user(ident)  # proven at the door (gate)
         self.names[peer] = name = user.split("|")[0]  # per-peer traffic under that name
         self.stats.peer_bytes.setdefault(name, [0, 0])[0] += size
-        rid = header.get("id")
-        rid = rid if isinstance(rid, int) and not isinstance(rid, bool) else None
         try:
             if fault is not None:
                 raise fault
@@ -285,8 +284,7 @@ class Server:
         self.tables = {}
         for name, t in state["tables"].items():
             table = SparseTable(int(t["dim"]), float(t["init_std"]), int(t["seed"]), self.optimizer)
-            table.keys = t["keys"].numpy().copy()
-            table.key_slots = t["key_slots"].numpy().copy()
+            table.set_index(t["keys"].numpy().copy(), t["key_slots"].numpy().copy())
             table.rows = t["rows"].clone()
             table.state = {k: v.clone() for k, v in t["state"].items()}
             self.tables[name] = table

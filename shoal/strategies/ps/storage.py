@@ -45,21 +45,18 @@ class SparseTable:
         self._merge()
         return self._keys
 
-    @keys.setter
-    def keys(self, value: np.ndarray) -> None:
-        self._keys, self._new_keys = value, np.empty(0, dtype=np.int64)
-        self._new_slots = np.empty(0, dtype=np.int64)
-        self._version += 1
-
     @property
     def key_slots(self) -> np.ndarray:
         """The slot of each of :attr:`keys` in the slab."""
         self._merge()
         return self._slots
 
-    @key_slots.setter
-    def key_slots(self, value: np.ndarray) -> None:
-        self._slots = value
+    def set_index(self, keys: np.ndarray, slots: np.ndarray) -> None:
+        """Every row id (sorted) and its slot, as :attr:`keys` and :attr:`key_slots`
+        gave them (a restored checkpoint)."""
+        self._keys, self._slots = keys, slots
+        self._new_keys = self._new_slots = np.empty(0, dtype=np.int64)
+        self._version += 1
 
     def _merge(self) -> None:
         if len(self._new_keys):
