@@ -9,7 +9,7 @@ import pytest
 from shoal.config import DataConfig, ModelConfig
 from shoal.data import build_dataset
 from shoal.models import build_model
-from tests.conftest import read_summary, shared_run, train
+from tests.conftest import LINEAR_JOB, max_abs_diff, params, read_summary, shared_run, train
 
 pytestmark = pytest.mark.slow  # trains through the launcher: not in the quick tier
 
@@ -35,8 +35,8 @@ def per_step_bytes(spec: str) -> int:
             total += 4 * n
         elif spec in ("fp16", "bf16"):
             total += 2 * n
-        elif spec == "topk:0.01":
-            total += 8 * math.ceil(0.01 * n)  # int32 index + float32 value per kept entry
+        elif spec == "topk:0.01":  # int32 index + float32 value per kept entry; vectors whole
+            total += 8 * math.ceil(0.01 * n) if len(shape) > 1 else 4 * n
         elif spec == "qsgd:8":
             total += n + 4  # int8 per entry + the norm
         elif spec == "sign":
@@ -99,3 +99,13 @@ def test_codec_bytes_match_the_formula_and_accuracy_stays_within_a_point_and_a_h
     else:
         assert ratio < 0.2
     assert s["test_accuracy"] >= uncompressed["test_accuracy"] - 0.015
+
+
+@pytest.mark.timeout(120)
+def test_uncompressed_sparse_updates_are_synchronous_sgd(tmp_path, linear_reference):
+    """topk:1 sends each rank's whole optimizer step; with plain SGD the mean of the
+    ranks' steps is the step of the mean gradient: the uncompressed run's parameters."""
+    out = tmp_path / "run"
+    train(out, *LINEAR_JOB, "--workers", "2", "--compress", "topk:1")
+    assert max_abs_diff(params(out), params(linear_reference)) < 1e-5
+    assert all(e["exact"] for e in read_summary(out)["epochs"])

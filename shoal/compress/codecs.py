@@ -147,6 +147,8 @@ class TopK(Codec):
     def __init__(self, ratio: float) -> None:
         super().__init__()
         self.ratio = ratio
+        self.kept: dict[str, torch.Tensor] = {}
+        """Per key, the flat indices the last encoding kept (momentum factor masking)."""
 
     @property
     def spec(self) -> str:
@@ -158,6 +160,7 @@ class TopK(Codec):
     def _encode(self, key: str, x: torch.Tensor) -> Payload:
         flat = x.reshape(-1)
         idx = top_indices(flat.abs(), self.k(flat.numel()))
+        self.kept[key] = idx
         return Payload([idx.to(torch.int32), flat[idx]], x.shape)
 
     def decode(self, payload: Payload) -> torch.Tensor:

@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from shoal import privacy
-from shoal.compress import COMPRESS_HELP, Codec, parse_codec
+from shoal.compress import COMPRESS_HELP, Codec, TopK, parse_codec
 from shoal.config import JobConfig, option
 from shoal.dist import DistEnv
 from shoal.errors import UserError
@@ -31,6 +31,7 @@ from shoal.optim import build_optimizer, build_scheduler
 from shoal.strategies import plugin
 from shoal.strategies.base import Batch, LossFn, Strategy
 from shoal.strategies.collectives import average, ring_allreduce_bytes
+from shoal.strategies.dgc import SparseUpdates
 
 
 @dataclass
@@ -168,13 +169,22 @@ class AllReduceConfig:
     bucket_mb: float = option(
         25.0, "gradient bucket size in MB for all-reduce overlap", above=0, high=1e5
     )
-    compress: str = option("none", COMPRESS_HELP)
+    compress: str = option(
+        "none",
+        COMPRESS_HELP + "; allreduce's topk sends each worker's optimizer step (as DGC)",
+    )
 
 
 class AllReduce(Strategy):
-    """Synchronous data parallel over ring all-reduce (DDP), gloo or NCCL."""
+    """Synchronous data parallel over ring all-reduce (DDP), gloo or NCCL.
+
+    With ``--compress topk:R`` the gradient is not what travels: each rank steps its
+    own optimizer and the update goes out top-k with error feedback
+    (:mod:`shoal.strategies.dgc`), outside DDP.
+    """
 
     options: AllReduceConfig
+    sparse: SparseUpdates | None = None
 
     def setup(
         self, model: nn.Module, total_steps: int, example: Batch, activations: ActivationMeter
@@ -183,6 +193,8 @@ class AllReduce(Strategy):
         self.codec = parse_codec(self.options.compress, seed=self.job.train.seed + self.env.rank)
         self.optimizer = build_optimizer(model.parameters(), self.job.optim)
         self.scheduler = build_scheduler(self.optimizer, self.job.optim, total_steps)
+        if isinstance(self.codec, TopK):
+            self.sparse = SparseUpdates(model, self.optimizer, self.codec, self.comm)
         if dist.is_initialized():  # (an in-place job's worker joins its group later)
             self.regroup(self.env)
 
@@ -191,6 +203,8 @@ class AllReduce(Strategy):
 
     def regroup(self, env: DistEnv) -> None:
         self.env = env
+        if self.sparse is not None:
+            return  # (no DDP: the default group carries the updates)
         self.ddp, self.hook_state = wrap_ddp(
             self.model, env, self.options.bucket_mb, self.comm, self.codec
         )
@@ -204,6 +218,8 @@ class AllReduce(Strategy):
     def train_step(
         self, batch: Batch, loss_fn: LossFn, loss_scale: float, timer: PhaseTimer
     ) -> torch.Tensor:
+        if self.sparse is not None:
+            return self._sparse_step(self.sparse, batch, loss_fn, loss_scale, timer)
         state = self.hook_state
         state.timer, state.ready, state.blocked, state.failed = timer, 0.0, 0.0, ""
         start = time.perf_counter()
@@ -216,11 +232,39 @@ class AllReduce(Strategy):
             self.compute_time = computed
         return loss_sum
 
+    def _sparse_step(
+        self,
+        sparse: SparseUpdates,
+        batch: Batch,
+        loss_fn: LossFn,
+        loss_scale: float,
+        timer: PhaseTimer,
+    ) -> torch.Tensor:
+        """Forward and backward on this rank's slice, this rank's own optimizer step,
+        then the ranks' compressed updates averaged in its place."""
+        self.optimizer.zero_grad(set_to_none=True)
+        before = timer.totals["forward_backward"]
+        with timer.phase("forward_backward"):
+            loss_sum = self.forward_backward(self.model, batch, loss_fn, loss_scale)
+        self.compute_time = timer.totals["forward_backward"] - before
+        with timer.phase("optimizer"):
+            sparse.keep()
+            self.optimizer.step()
+            self.scheduler.step()
+        before = timer.totals["comm"]
+        with timer.phase("comm"):
+            sparse.exchange(self.env.world_size)
+        self.wait_time = timer.totals["comm"] - before
+        return loss_sum
+
     def accumulating(self, module: nn.Module) -> contextlib.AbstractContextManager:
+        if self.sparse is not None:
+            return contextlib.nullcontext()  # (no DDP: nothing is exchanged in backward)
         return self.ddp.no_sync()
 
     def close(self) -> None:
-        self.hook_state.timer = None
+        if self.sparse is None:
+            self.hook_state.timer = None
         self.ddp = None  # releases DDP's reducer, its buckets and pending futures
 
     # state: the default (error-feedback residuals differ per rank, restart at zero)
