@@ -101,16 +101,16 @@ def compressed_hook(
     grads = bucket.gradients()
     keys = [state.names[id(p)] for p in bucket.parameters()]
     try:
-        means = average(
-            list(zip(keys, grads)), state.codec, state.world_size, state.comm, state.group
-        )
+        items = list(zip(keys, grads))
+        means = average(items, state.codec, state.world_size, state.comm, state.group, into=True)
     except Exception as e:
         if not state.tolerant:
             raise
         state.failed = state.failed or str(e).splitlines()[0]
         means = grads
     for g, m in zip(grads, means):
-        g.copy_(m.reshape(g.shape))
+        if m.data_ptr() != g.data_ptr():  # (powersgd wrote its matrices in place)
+            g.copy_(m.reshape(g.shape))
     state.blocked += time.perf_counter() - start
     if state.timer is not None:
         state.timer.add("comm", time.perf_counter() - start)

@@ -47,16 +47,23 @@ def _allreduce(flat: torch.Tensor, world: int, comm: CommCounter, group: object)
 
 
 def average(
-    items: Items, codec: Codec, world: int, comm: CommCounter, group: object = None
+    items: Items,
+    codec: Codec,
+    world: int,
+    comm: CommCounter,
+    group: object = None,
+    into: bool = False,
 ) -> list[torch.Tensor]:
     """The mean over all ranks of each ``(key, tensor)``, as float32, through ``codec``.
 
-    Every rank must call it with the same keys and shapes, in the same order.
+    Every rank must call it with the same keys and shapes, in the same order. With
+    ``into`` (float32 tensors only), means may be written into the given tensors
+    (``powersgd``'s matrices are), which are then what is returned.
     """
     if not items:
         return []
     if isinstance(codec, PowerSGD):
-        return _average_powersgd(items, codec, world, comm, group)
+        return _average_powersgd(items, codec, world, comm, group, into)
     payloads = [codec.encode(key, t) for key, t in items]
     if codec.summable:
         flat = torch.cat([p.tensors[0].reshape(-1) for p in payloads])
@@ -109,7 +116,7 @@ def _average_gathered(
 
 
 def _average_powersgd(
-    items: Items, codec: PowerSGD, world: int, comm: CommCounter, group: object
+    items: Items, codec: PowerSGD, world: int, comm: CommCounter, group: object, into: bool
 ) -> list[torch.Tensor]:
     low = [i for i, (_, t) in enumerate(items) if codec.compresses(t.shape)]
     rest = [i for i, (_, t) in enumerate(items) if not codec.compresses(t.shape)]
@@ -136,5 +143,8 @@ def _average_powersgd(
         for i, q in zip(low, qs):
             q_sum = second[at : at + q.numel()].reshape(q.shape)
             at += q.numel()
-            out[i] = codec.finish(items[i][0], q_sum, world).reshape(items[i][1].shape)
+            key, t = items[i]
+            writable = into and t.dtype == torch.float32 and t.is_contiguous()
+            target = t.view(t.shape[0], -1) if writable else None
+            out[i] = codec.finish(key, q_sum, world, target).reshape(t.shape)
     return [t for t in out if t is not None]
