@@ -36,6 +36,37 @@ def ring_allreduce_bytes(num_bytes: int, world_size: int) -> int:
     return 2 * (world_size - 1) * num_bytes // world_size
 
 
+GATHER_BELOW = 512 * 1024
+"""Sums that would receive at most this many bytes by all-gather ((W-1) times the
+tensor) skip gloo's all-reduce, which takes several rounds of messages: on 2 ranks here
+a 38 KB all-reduce took 0.6-1.3 ms, an all-gather 0.4-0.7 ms and one tensor sent each
+way 0.17-0.46 ms (from 4 MB up the all-reduce is the fastest)."""
+
+
+def sum_over_ranks(flat: torch.Tensor, world: int, group: object = None) -> int:
+    """Sum the 1-d ``flat`` over all ranks in place (every rank gets the same bits);
+    returns the bytes this rank sent (and received). Small tensors on gloo: sent to the
+    other rank and added (2 ranks), or all-gathered and added in rank order; otherwise
+    an all-reduce."""
+    if world <= 1:
+        return 0
+    nbytes = _nbytes(flat)
+    if (world - 1) * nbytes > GATHER_BELOW or dist.get_backend(group) != "gloo":
+        dist.all_reduce(flat, group=group)
+        return ring_allreduce_bytes(nbytes, world)
+    if world == 2 and group is None:
+        other = torch.empty_like(flat)
+        sending = dist.isend(flat, 1 - dist.get_rank())
+        dist.recv(other, 1 - dist.get_rank())
+        sending.wait()
+        flat.add_(other)  # (a + b is b + a, bit for bit: both ranks get the same sum)
+        return nbytes
+    rows = flat.new_empty(world, flat.numel())
+    dist.all_gather(list(rows.unbind(0)), flat, group=group)
+    torch.sum(rows, 0, out=flat)
+    return (world - 1) * nbytes
+
+
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
