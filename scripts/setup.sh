@@ -39,11 +39,14 @@ if [[ ",$extras," == *",spark,"* ]] && ! command -v java >/dev/null 2>&1 && [ -z
   fi
 fi
 stamp="$VENV/.shoal-installed"
-want="$(sha256sum pyproject.toml | cut -d' ' -f1) $extras"
+want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1) $extras"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "setup: installing shoal and its dependencies ($extras)"
   pip_q -e ".[$extras]"
-  "$PY" -c "import shoal, torch, zmq"
+  # private set intersection for vertical jobs; its wheel pins one protobuf
+  # (==6.30.2) older than tensorboard's range, and runs with the newer one
+  pip_q --no-deps "openmined.psi>=2.0.6"
+  "$PY" -c "import shoal, torch, zmq, private_set_intersection.python"
   echo "$want" > "$stamp"
 fi
 "$PY" -c "import torch, shoal; print(f'setup: ready (torch {torch.__version__})')"

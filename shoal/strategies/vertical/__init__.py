@@ -1,0 +1,1 @@
+"""Vertical partitioning: parties holding different columns of the same samples."""

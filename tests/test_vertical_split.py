@@ -1,0 +1,97 @@
+"""Split learning in one process against the one model on the joined table."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from shoal.strategies.vertical.split import Bottom, Pooled, Top, hetero_lr, split_mlp
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def joined_table(n: int, widths: list[int], classes: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, sum(widths), generator=gen)
+    w = torch.randn(sum(widths), max(classes, 1), generator=gen)
+    logits = x @ w
+    y = logits.argmax(1) if classes > 1 else (logits[:, 0] > 0).float().unsqueeze(1)
+    columns, at = [], 0
+    for width in widths:  # party p holds a contiguous block here, scattered below
+        columns.append(list(range(at, at + width)))
+        at += width
+    perm = torch.randperm(at, generator=gen).tolist()  # the joined table's column order
+    columns = [[perm.index(c) for c in cols] for cols in columns]
+    return x[:, torch.argsort(torch.tensor(perm))], y, columns
+
+
+def train_both(bottoms, top, x, y, columns, loss, make_opt, steps=60, batch=32):
+    pooled = Pooled(copy.deepcopy(bottoms), copy.deepcopy(top), columns)
+    pooled_opt = make_opt(pooled.parameters())
+    parties = [Bottom(b, make_opt(b.parameters())) for b in bottoms]
+    head = Top(top, make_opt(top.parameters()), loss)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        rows = torch.randperm(len(x), generator=gen)[:batch]
+        xb, yb = x[rows], y[rows]
+        # split: each party sees only its columns; only outputs and gradients cross
+        outputs = [p.forward(xb[:, c]) for p, c in zip(parties, columns)]
+        _, grads = head.step(outputs, yb)
+        for p, g in zip(parties, grads):
+            p.backward(g)
+        # pooled: one model, one optimizer, the joined table
+        pooled_opt.zero_grad()
+        loss(pooled(xb), yb).backward()
+        pooled_opt.step()
+    return pooled, parties, head
+
+
+def max_diff(pooled: Pooled, parties: list[Bottom], head: Top) -> float:
+    split = [*(p.module for p in parties), head.module]
+    ref = [*pooled.bottoms, pooled.top]
+    return max(
+        (a - b).abs().max().item()
+        for m, r in zip(split, ref)
+        for a, b in zip(m.parameters(), r.parameters())
+    )
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_an_mlp_split_between_two_parties_ends_at_the_pooled_parameters(optimizer):
+    torch.manual_seed(0)
+    x, y, columns = joined_table(400, [7, 5], classes=3)
+    bottoms, top = split_mlp([7, 5], hidden=16, outputs=3, top_hidden=8)
+    make = (lambda p: torch.optim.SGD(p, lr=0.1)) if optimizer == "sgd" else (
+        lambda p: torch.optim.Adam(p, lr=0.01))  # fmt: skip
+    start = copy.deepcopy(bottoms)
+    loss = nn.functional.cross_entropy
+    pooled, parties, head = train_both(bottoms, top, x, y, columns, loss, make)
+    assert max_diff(pooled, parties, head) < 1e-5
+    for party, before in zip(parties, start):  # (and training moved every bottom)
+        assert (party.module[0].weight - before[0].weight).abs().max() > 1e-3
+
+
+def test_logistic_regression_split_three_ways_ends_at_the_pooled_parameters():
+    torch.manual_seed(1)
+    x, y, columns = joined_table(500, [4, 6, 3], classes=1)
+    bottoms, top = hetero_lr([4, 6, 3])
+    start = [copy.deepcopy(b) for b in bottoms]
+    pooled, parties, head = train_both(
+        bottoms, top, x, y, columns, nn.functional.binary_cross_entropy_with_logits,
+        lambda p: torch.optim.SGD(p, lr=0.5), steps=100,
+    )  # fmt: skip
+    assert max_diff(pooled, parties, head) < 1e-5
+    assert all((p.module.weight - s.weight).abs().max() > 1e-3 for p, s in zip(parties, start))
+    with torch.no_grad():
+        accuracy = ((pooled(x) > 0).float() == y).float().mean()
+    assert accuracy > 0.9  # it learned: the labels are a linear function of all columns
+
+
+def test_a_gradient_of_the_wrong_shape_is_refused():
+    bottom = Bottom(nn.Linear(3, 2), torch.optim.SGD(nn.Linear(3, 2).parameters(), lr=0.1))
+    bottom.forward(torch.randn(4, 3))
+    with pytest.raises(ValueError):
+        bottom.backward(torch.randn(4, 3))
