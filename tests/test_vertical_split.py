@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from shoal.strategies.vertical.split import Bottom, Pooled, Top, hetero_lr, split_mlp
+from shoal.strategies.vertical.split import Bottom, Pooled, Top, hetero_lr, split_mlp, two_tower
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -95,3 +95,40 @@ def test_a_gradient_of_the_wrong_shape_is_refused():
     bottom.forward(torch.randn(4, 3))
     with pytest.raises(ValueError):
         bottom.backward(torch.randn(4, 3))
+
+
+@pytest.mark.parametrize("top", ["dot", "mlp"])
+def test_the_two_tower_recommender_split_ends_at_the_pooled_parameters(top):
+    torch.manual_seed(2)
+    x, _, columns = joined_table(300, [6, 4], classes=1)
+    clicks = ((x[:, columns[0][:3]].sum(1) * x[:, columns[1][:2]].sum(1)) > 0).float()
+    bottoms, head = two_tower(6, 4, dim=5, hidden=12, top=top)
+    pooled, parties, split_top = train_both(
+        bottoms, head, x, clicks.unsqueeze(1), columns,
+        nn.functional.binary_cross_entropy_with_logits,
+        lambda p: torch.optim.Adam(p, lr=0.01), steps=80,
+    )  # fmt: skip
+    assert max_diff(pooled, parties, split_top) < 1e-5
+
+
+def test_noise_is_added_to_what_crosses_and_only_there():
+    """A bottom's noisy output and the top's noisy gradients differ from the exact ones
+    by draws of the asked deviation; backward at the party runs on its exact output."""
+    torch.manual_seed(4)
+    module = nn.Linear(5, 3)
+    exact = Bottom(copy.deepcopy(module), torch.optim.SGD(module.parameters(), lr=0.0))
+    noisy = Bottom(module, torch.optim.SGD(module.parameters(), lr=0.0), noise=0.5,
+                   generator=torch.Generator().manual_seed(0))  # fmt: skip
+    x = torch.randn(4000, 5)
+    diff = noisy.forward(x) - exact.forward(x)
+    assert abs(diff.std().item() - 0.5) < 0.02 and abs(diff.mean().item()) < 0.02
+    assert torch.equal(noisy.out, exact.out)  # what backward uses is exact
+    head = nn.Linear(3, 2)
+    loss = nn.functional.cross_entropy
+    y = torch.randint(0, 2, (4000,))
+    plain = Top(copy.deepcopy(head), torch.optim.SGD(head.parameters(), lr=0.0), loss)
+    top = Top(head, torch.optim.SGD(head.parameters(), lr=0.0), loss, noise=0.01,
+              generator=torch.Generator().manual_seed(1))  # fmt: skip
+    out = exact.forward(x)
+    (g_plain,), (g_noisy,) = plain.step([out], y)[1], top.step([out], y)[1]
+    assert abs((g_noisy - g_plain).std().item() - 0.01) < 0.001

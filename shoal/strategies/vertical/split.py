@@ -9,9 +9,16 @@ gradients leave a party. The arithmetic is the one model's: :class:`Pooled`
 wraps the same bottoms and top as one module over the joined table, and split
 training ends at its parameters (tests/test_vertical_split.py).
 
-Built-in shapes: :func:`split_mlp` (a hidden layer per party, an MLP on top)
-and :func:`hetero_lr` (linear and logistic regression as FATE's hetero-LR:
-each bottom a linear map to one logit part, the top their sum plus a bias).
+Built-in shapes: :func:`split_mlp` (a hidden layer per party, an MLP on top),
+:func:`hetero_lr` (linear and logistic regression as FATE's hetero-LR: each
+bottom a linear map to one logit part, the top their sum plus a bias) and
+:func:`two_tower` (a recommender's user and item towers, a dot product or an
+MLP on top).
+
+Protection of what crosses (``noise``): a bottom may add Gaussian noise of a
+given standard deviation to the output it sends, and the top to each gradient
+it returns; the noise is drawn from the party's own generator and never leaves
+it, so the receiver cannot subtract it.
 """
 
 from __future__ import annotations
@@ -24,17 +31,33 @@ from torch import nn
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-class Bottom:
-    """One party's bottom model and its own optimizer."""
+def _noisy(t: torch.Tensor, std: float, generator: torch.Generator | None) -> torch.Tensor:
+    if std <= 0:
+        return t
+    return t + std * torch.randn(t.shape, generator=generator, dtype=t.dtype)
 
-    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+
+class Bottom:
+    """One party's bottom model and its own optimizer; ``noise``: the standard deviation
+    of the Gaussian noise added to every output it sends."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        noise: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> None:
         self.module, self.optimizer = module, optimizer
+        self.noise, self.generator = noise, generator
         self.out: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """This party's output for its columns of a batch (detached: what it sends)."""
+        """This party's output for its columns of a batch (detached, noise added: what it
+        sends). Backward runs through the output as computed, as if the noise were a
+        constant the party added."""
         self.out = self.module(x)
-        return self.out.detach()
+        return _noisy(self.out.detach(), self.noise, self.generator)
 
     def backward(self, grad: torch.Tensor) -> None:
         """Finish backward with the gradient the label party returned, and step."""
@@ -47,10 +70,19 @@ class Bottom:
 
 
 class Top:
-    """The label party's top model, loss and optimizer."""
+    """The label party's top model, loss and optimizer; ``noise``: the standard deviation
+    of the Gaussian noise added to every gradient it returns."""
 
-    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, loss: LossFn) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss: LossFn,
+        noise: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> None:
         self.module, self.optimizer, self.loss = module, optimizer, loss
+        self.noise, self.generator = noise, generator
 
     def step(
         self, outputs: Sequence[torch.Tensor], labels: torch.Tensor
@@ -62,7 +94,8 @@ class Top:
         loss = self.loss(self.module(torch.cat(parts, 1)), labels)
         loss.backward()
         self.optimizer.step()
-        return loss.detach(), [p.grad for p in parts]  # type: ignore[misc]
+        grads = [_noisy(p.grad, self.noise, self.generator) for p in parts]  # type: ignore[arg-type]
+        return loss.detach(), grads
 
 
 class Pooled(nn.Module):
@@ -115,3 +148,36 @@ def split_mlp(
     else:
         top = nn.Linear(joined, outputs)
     return bottoms, top
+
+
+class DotTop(nn.Module):
+    """The top of a two-tower recommender: the dot product of the user and item
+    embeddings (the two halves of its input), plus a bias: one logit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(1))
+
+    def forward(self, parts: torch.Tensor) -> torch.Tensor:
+        user, item = parts.chunk(2, dim=1)
+        return (user * item).sum(1, keepdim=True) + self.bias
+
+
+def two_tower(
+    user_width: int, item_width: int, dim: int = 16, hidden: int = 64, top: str = "dot"
+) -> tuple[list[nn.Module], nn.Module]:
+    """A user tower over the user party's columns and an item tower over the item
+    party's (each ``hidden`` ReLU units, then an embedding of ``dim``), and on top
+    their dot product (``top="dot"``) or an MLP over both (``"mlp"``): one logit."""
+
+    def tower(width: int) -> nn.Module:
+        return nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, dim))
+
+    if top not in ("dot", "mlp"):
+        raise ValueError(f"two_tower: top must be dot or mlp, not {top!r}")
+    head: nn.Module = (
+        DotTop()
+        if top == "dot"
+        else nn.Sequential(nn.Linear(2 * dim, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+    )
+    return [tower(user_width), tower(item_width)], head
