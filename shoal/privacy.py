@@ -217,3 +217,29 @@ def poisson_rows(seed: int, step: int, n: int, rate: float) -> np.ndarray:
     the step only)."""
     rng = np.random.default_rng([seed, step, 0xD1FF])
     return np.flatnonzero(rng.random(n) < rate)
+
+
+def keep_probability(epsilon: float, classes: int) -> float:
+    """Randomized response over ``classes`` labels at ``epsilon``: the probability that a
+    label is kept (any other label comes with ``(1 - keep) / (classes - 1)`` each)."""
+    if epsilon <= 0 or classes < 2:
+        raise ValueError("randomized response needs epsilon > 0 and at least 2 classes")
+    e = math.exp(min(epsilon, 700.0))
+    return e / (e + classes - 1)
+
+
+def randomized_response(
+    labels: np.ndarray, classes: int, epsilon: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Label differential privacy (Warner 1965; Ghazi et al. 2021): each integer label
+    in ``[0, classes)`` is kept with :func:`keep_probability` and otherwise replaced by
+    one of the other labels, uniformly. The ratio of the probabilities of any output
+    under any two true labels is at most ``e^epsilon``, so training on the outputs is
+    ``epsilon``-label-DP, whatever the training does with them and however long
+    (post-processing): drawn once per run, from a secret generator, never redrawn."""
+    labels = np.asarray(labels)
+    if labels.size and (labels.min() < 0 or labels.max() >= classes):
+        raise ValueError(f"labels must lie in [0, {classes})")
+    keep = rng.random(labels.shape) < keep_probability(epsilon, classes)
+    other = (labels + rng.integers(1, classes, size=labels.shape)) % classes
+    return np.where(keep, labels, other)

@@ -21,6 +21,7 @@ Only blinded ids, outputs and gradients cross; bytes are counted per party.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 import zmq
 
-from shoal import psi
+from shoal import privacy, psi
 from shoal.data.order import FeistelPermutation, digest
 from shoal.metrics import CommCounter
 from shoal.net import gate, wire
@@ -60,6 +61,15 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
     return t.numpy().tobytes()
 
 
+def private_labels(labels: torch.Tensor, classes: int, epsilon: float) -> torch.Tensor:
+    """``labels`` through randomized response at ``epsilon`` (label DP,
+    :func:`shoal.privacy.randomized_response`), drawn once from a secret generator;
+    binary float labels (0./1.) stay float."""
+    rng = np.random.default_rng(secrets.randbits(128))
+    out = privacy.randomized_response(labels.long().numpy(), classes, epsilon, rng)
+    return torch.from_numpy(out).to(labels.dtype).reshape(labels.shape)
+
+
 def rows_of(ids: np.ndarray, common: np.ndarray) -> np.ndarray:
     """Each common id's row in a party's own table (``ids``, its id column)."""
     order = np.argsort(ids, kind="stable")
@@ -88,8 +98,10 @@ class LabelParty:
         bottom: Bottom | None = None,
         bind: str = "tcp://127.0.0.1:0",
         align: str = "psi",
+        label_dp: tuple[float, int] | None = None,
     ) -> None:
         self.parties, self.ids, self.top, self.bottom = list(parties), ids, top, bottom
+        self.label_dp = label_dp  # (epsilon, classes): randomized response on the labels
         self.align_mode = align
         self.ctx = zmq.Context.instance()
         self.listener = gate.Listener(self.ctx, bind, secret, LABEL, 64)
@@ -194,6 +206,9 @@ class LabelParty:
         assert self.common is not None
         rows = torch.from_numpy(rows_of(self.ids, self.common))
         self.labels = labels[rows]
+        if self.label_dp is not None:
+            epsilon, classes = self.label_dp
+            self.labels = private_labels(self.labels, classes, epsilon)
         self.features = features[rows] if features is not None else None
         return self.common
 
