@@ -3,7 +3,6 @@ finds the common ids, split training ends at the pooled model's parameters."""
 
 from __future__ import annotations
 
-import copy
 import multiprocessing as mp
 
 import numpy as np
@@ -44,6 +43,23 @@ def sgd(params):
     return torch.optim.SGD(params, lr=0.2)
 
 
+def pooled_losses(ids, x, y, common, pooled: Pooled | None = None) -> list[float]:
+    """Train the one model on the joined table of the common ids, as the parties do;
+    each step's loss."""
+    pooled = pooled or Pooled(*models(), [range(5), range(5, 12)])
+    opt = sgd(pooled.parameters())
+    rows = torch.from_numpy(rows_of(ids, common))
+    xj, yj, losses = x[rows], y[rows], []
+    for step in range(STEPS):
+        b = torch.from_numpy(batch_rows(len(common), step, BATCH, SEED))
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(pooled(xj[b]), yj[b])
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def _label(port_q: mp.Queue, out: mp.Queue) -> None:
     ids, x, y, holds, cols = world()
     bottoms, top = models()
@@ -57,16 +73,17 @@ def _label(port_q: mp.Queue, out: mp.Queue) -> None:
     label.train(STEPS, BATCH, SEED)
     params = [p.detach().numpy().copy() for p in [*bottoms[0].parameters(), *top.parameters()]]
     out.put(("label", common, params, label.comm["b"].sent, label.comm["b"].received))
+    out.put(("losses", label.losses))
     label.close()
 
 
-def _party(address: str, out: mp.Queue) -> None:
+def _party(address: str, out: mp.Queue, staleness: int = 0) -> None:
     ids, x, _, holds, cols = world()
     bottoms, _ = models()
     mine = holds[1]
     party = Party(SECRET, "b", address, ids[mine], Bottom(bottoms[1], sgd(bottoms[1].parameters())))
     common = party.align("psi")
-    party.train(x[mine][:, cols[1]], STEPS, BATCH, SEED)
+    party.train(x[mine][:, cols[1]], STEPS, BATCH, SEED, staleness)
     params = [p.detach().numpy().copy() for p in bottoms[1].parameters()]
     out.put(("b", common, params, party.comm.sent, party.comm.received))
     party.close()
@@ -79,7 +96,7 @@ def test_two_parties_align_by_psi_and_train_to_the_pooled_parameters():
     label.start()
     party = ctx.Process(target=_party, args=(port_q.get(timeout=60), out))
     party.start()
-    got = {r[0]: r[1:] for r in (out.get(timeout=100) for _ in range(2))}
+    got = {r[0]: r[1:] for r in (out.get(timeout=100) for _ in range(3))}
     for proc in (label, party):
         proc.join(timeout=20)
         assert proc.exitcode == 0
@@ -89,16 +106,8 @@ def test_two_parties_align_by_psi_and_train_to_the_pooled_parameters():
     assert np.array_equal(got["label"][0], expected) and np.array_equal(got["b"][0], expected)
 
     # the reference: one model on the joined table of the common ids, same batches
-    bottoms, top = models()
-    pooled = Pooled(copy.deepcopy(bottoms), copy.deepcopy(top), [range(5), range(5, 12)])
-    opt = sgd(pooled.parameters())
-    rows = torch.from_numpy(rows_of(ids, expected))
-    xj, yj = x[rows], y[rows]
-    for step in range(STEPS):
-        b = torch.from_numpy(batch_rows(len(expected), step, BATCH, SEED))
-        opt.zero_grad()
-        nn.functional.cross_entropy(pooled(xj[b]), yj[b]).backward()
-        opt.step()
+    pooled = Pooled(*models(), [range(5), range(5, 12)])
+    pooled_losses(ids, x, y, expected, pooled)
     ref_label = [*pooled.bottoms[0].parameters(), *pooled.top.parameters()]
     ref_b = list(pooled.bottoms[1].parameters())
     for got_params, ref in ((got["label"][1], ref_label), (got["b"][1], ref_b)):
@@ -163,3 +172,25 @@ def test_the_label_party_refuses_strangers_and_bad_outputs_and_goes_on():
     party.close()
     proc.join(timeout=20)
     assert proc.exitcode == 0
+
+
+def test_a_party_one_batch_ahead_trains_too():
+    """--staleness 1 over the wire: the party sends step t+1's output before step t's
+    gradient is back; the job finishes every step and the loss falls as without."""
+    ctx = mp.get_context("spawn")
+    port_q, out = ctx.Queue(), ctx.Queue()
+    label = ctx.Process(target=_label, args=(port_q, out))
+    label.start()
+    party = ctx.Process(target=_party, args=(port_q.get(timeout=60), out, 1))
+    party.start()
+    got = {r[0]: r[1:] for r in (out.get(timeout=100) for _ in range(3))}
+    for proc in (label, party):
+        proc.join(timeout=20)
+        assert proc.exitcode == 0
+    (losses,) = got["losses"]
+    assert len(losses) == STEPS
+    ids, x, y, holds, _ = world()
+    common = np.sort(np.intersect1d(ids[holds[0]], ids[holds[1]]))
+    exact = pooled_losses(ids, x, y, common)  # the same job without staleness
+    assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.05  # it learns ...
+    assert abs(np.mean(losses[-10:]) - np.mean(exact[-10:])) < 0.05  # ... as fast

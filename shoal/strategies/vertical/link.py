@@ -35,7 +35,7 @@ from shoal.data.order import FeistelPermutation, digest
 from shoal.metrics import CommCounter
 from shoal.net import gate, wire
 from shoal.net.peer import Peer
-from shoal.strategies.vertical.split import Bottom, Top
+from shoal.strategies.vertical.split import Bottom, Stash, Top
 
 LABEL = "label"
 """The label party's name at the door."""
@@ -290,15 +290,38 @@ class Party:
         self.rows = rows_of(self.ids, self.common)  # also checks: only ids this party holds
         return self.common
 
-    def train(self, features: torch.Tensor, steps: int, batch: int, seed: int) -> None:
+    def train(
+        self, features: torch.Tensor, steps: int, batch: int, seed: int, staleness: int = 0
+    ) -> None:
         """``steps`` steps of split training on this party's columns (``features``, one
-        row per id of :attr:`ids`)."""
+        row per id of :attr:`ids`). With ``staleness`` 1 the output of step t+1 is
+        computed and sent before step t's gradient is back (on the parameters of step
+        t-1), so this party computes while the label party does; 0: the one model's
+        arithmetic, exactly."""
         assert self.common is not None
-        for step in range(steps):
+
+        def batch_of(step: int) -> torch.Tensor:
             rows = self.rows[batch_rows(len(self.common), step, batch, seed)]
-            out = self.bottom.forward(features[torch.from_numpy(rows)])
-            _, (grad,) = self.peer.call({"op": "forward", "step": step}, [out])
-            self.bottom.backward(grad)
+            return features[torch.from_numpy(rows)]
+
+        if staleness == 0:
+            for step in range(steps):
+                out = self.bottom.forward(batch_of(step))
+                _, (grad,) = self.peer.call({"op": "forward", "step": step}, [out])
+                self.bottom.backward(grad)
+            return
+        if staleness != 1:
+            raise ValueError("staleness must be 0 or 1")
+        pending: tuple[int, Stash] | None = None
+        for step in range(steps + 1):
+            sent = None
+            if step < steps:
+                out, stash = self.bottom.forward_ahead(batch_of(step))
+                sent = (self.peer.send({"op": "forward", "step": step}, [out]), stash)
+            if pending is not None:
+                _, (grad,) = self.peer.recv(pending[0])
+                self.bottom.backward_ahead(pending[1], grad)
+            pending = sent
 
     def close(self) -> None:
         self.peer.close()

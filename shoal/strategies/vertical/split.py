@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Stash = tuple[torch.Tensor, dict[str, torch.Tensor]]
 
 
 def _noisy(t: torch.Tensor, std: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -67,6 +68,30 @@ class Bottom:
         self.out.backward(grad)
         self.out = None
         self.optimizer.step()
+
+    def forward_ahead(self, x: torch.Tensor) -> tuple[torch.Tensor, Stash]:
+        """The output for a batch computed on a copy of the parameters as they are now
+        (what to send, and what :meth:`backward_ahead` needs), so that the optimizer may
+        step on an earlier batch's gradient before this batch's comes back (pipelining
+        with staleness 1; PipeDream's weight stashing)."""
+        params = {n: p.detach().clone().requires_grad_() for n, p in self._params()}
+        out = torch.func.functional_call(self.module, params, (x,))
+        return _noisy(out.detach(), self.noise, self.generator), (out, params)
+
+    def backward_ahead(self, stash: Stash, grad: torch.Tensor) -> None:
+        """Step on the gradient of a batch sent by :meth:`forward_ahead`: the gradient
+        with respect to the parameters it was computed with, applied to the current ones."""
+        out, params = stash
+        if grad.shape != out.shape:
+            raise ValueError("a gradient of another shape than its output")
+        grads = torch.autograd.grad(out, list(params.values()), grad)
+        self.optimizer.zero_grad(set_to_none=True)
+        for (_, p), g in zip(self._params(), grads):
+            p.grad = g
+        self.optimizer.step()
+
+    def _params(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
 
 
 class Top:
