@@ -28,15 +28,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     make = actions.add_parser(
         "make",
-        help="write a built-in dataset (ctr, linear, text) as Parquet, any size",
+        help="write a built-in dataset (ctr, linear, text, clicks) as Parquet, any size",
         description="Write NAME with --rows training rows to OUT/train and a held-out "
         "OUT/test, in bounded memory. ctr: Criteo-like clicks (13 dense count columns, 26 "
         "hashed categorical ones) from a known logistic model, whose probabilities the test "
         "rows keep (true_prob) so AUC has a reference; linear: y = x.w + b + noise with the "
-        "true w stored; text: the shipped text as windows of --context characters.",
+        "true w stored; text: the shipped text as windows of --context characters; clicks: "
+        "a click log split by columns, OUT/user (id, user features) and OUT/item (id, item "
+        "features, click) from a known bilinear model, each party holding --overlap of it.",
         epilog="example: shoal data make ctr --rows 1000000 --out data/ctr",
     )
-    make.add_argument("name", choices=("ctr", "linear", "text"), help="the generator")
+    make.add_argument(
+        "name",
+        choices=("ctr", "linear", "text", "clicks"),
+        help="the generator "
+        "(clicks: a click log split by columns between a user and an item party)",
+    )
     make.add_argument("--rows", type=_count, required=True, help="training rows")
     make.add_argument("--out", required=True, metavar="DIR", help="a new directory")
     make.add_argument("--test-rows", type=_count, help="held-out rows (default: rows/10, "
@@ -46,9 +53,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                       help="rows per file (default 1048576)")  # fmt: skip
     make.add_argument("--compression", default="snappy", choices=("snappy", "zstd", "gzip", "none"),
                       help="default snappy")  # fmt: skip
-    make.add_argument("--features", type=_count, default=32, help="linear: columns of x")
-    make.add_argument("--noise", type=float, default=0.1, help="linear: label noise")
-    make.add_argument("--context", type=_count, default=64, help="text: tokens per row")
+    make.add_argument("--features", type=_count, help="linear: columns of x (default 32)")
+    make.add_argument("--noise", type=float, help="linear: label noise (default 0.1)")
+    make.add_argument("--context", type=_count, help="text: tokens per row (default 64)")
+    make.add_argument("--overlap", type=float,
+                      help="clicks: share of the samples each party holds (default 1)")  # fmt: skip
     make.set_defaults(run=run_make)
 
     info = actions.add_parser(
@@ -111,6 +120,10 @@ class _Bar:
             self.bar.stop()
 
 
+MAKE_OPTIONS = {"features": "linear", "noise": "linear", "context": "text", "overlap": "clicks"}
+"""The generator each option of ``shoal data make`` belongs to."""
+
+
 def run_make(args: argparse.Namespace) -> int:
     from shoal.data.make import default_test_rows, make
 
@@ -118,8 +131,11 @@ def run_make(args: argparse.Namespace) -> int:
         raise UserError("--rows must be at least 1")
     out = Path(args.out)
     test_rows = args.test_rows if args.test_rows is not None else default_test_rows(args.rows)
+    opts = {k: getattr(args, k) for k in MAKE_OPTIONS if getattr(args, k) is not None}
+    for key in opts:
+        if args.name != MAKE_OPTIONS[key]:
+            raise UserError(f"--{key} is an option of {MAKE_OPTIONS[key]}, not of {args.name}")
     bar = _Bar(args.rows + test_rows, f"shoal data make {args.name}")
-    opts = {"features": args.features, "noise": args.noise, "context": args.context}
     try:
         meta = make(args.name, args.rows, out, seed=args.seed, test_rows=test_rows,
                     file_rows=max(1, args.file_rows), compression=args.compression,
@@ -129,7 +145,10 @@ def run_make(args: argparse.Namespace) -> int:
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(f"wrote {args.name}: {meta['rows']:,} training rows, {meta['test_rows']:,} test rows, "
           f"{_human(size)} in {out}")  # fmt: skip
-    print(f"train with: --data parquet:{out}")
+    if args.name == "clicks":
+        print(f"parties: user ({out / 'user'}), item with the label ({out / 'item'})")
+    else:
+        print(f"train with: --data parquet:{out}")
     return 0
 
 
@@ -188,10 +207,15 @@ def run_info(args: argparse.Namespace) -> int:
         print(f"  columns: {cols}")
         if d["shoal"]:
             meta = d["shoal"]
-            print(f"  written by shoal data make {meta.get('generator', '?')}: features "
-                  f"{', '.join(_runs(dict.fromkeys(meta.get('features', []), '')))}, label "
-                  f"{meta.get('label')}, "
-                  f"task {meta.get('task')}")  # fmt: skip
+            features = ", ".join(_runs(dict.fromkeys(meta.get("features", []), "")))
+            what = (f"label {meta.get('label')}, task {meta.get('task')}" if meta.get("label")
+                    else "no label")  # fmt: skip
+            party = (f" (party {meta['party']}, ids in {meta.get('id')})" if "party" in meta
+                     else "")  # fmt: skip
+            print(
+                f"  written by shoal data make {meta.get('generator', '?')}{party}: "
+                f"features {features}, {what}"
+            )
         if "verified" in d:
             print(f"  checksums: {d['verified']}")
     return 0
