@@ -164,6 +164,10 @@ def test_the_label_party_refuses_strangers_and_bad_outputs_and_goes_on():
     with pytest.raises(PeerError, match="no party"):  # (at its first request: hello)
         Party(SECRET, "mallory", address, ids, Bottom(other, sgd(other.parameters())))
     party = Party(SECRET, "b", address, ids, Bottom(bottoms[1], sgd(bottoms[1].parameters())))
+    with pytest.raises(PeerError, match="before the ids are aligned"):  # out of order
+        party.peer.call({"op": "forward", "step": 0}, [torch.zeros(BATCH, HIDDEN)])
+    with pytest.raises(PeerError, match="before psi-setup"):
+        party.peer.call({"op": "psi-answer"}, [torch.zeros(4, dtype=torch.uint8)])
     party.align("exact")
     with pytest.raises(PeerError, match="not an output"):
         party.peer.call({"op": "forward", "step": 0}, [torch.zeros(3, HIDDEN)])

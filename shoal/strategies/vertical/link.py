@@ -109,6 +109,9 @@ class LabelParty:
         self.buffers = wire.Buffers()
         self.comm: dict[str, CommCounter] = {p: CommCounter() for p in self.parties}
         self.seeker: psi.Seeker | None = None
+        self.setups: dict[str, bytes] = {}  # (a party's PSI setup, until its answer)
+        self.plan: tuple[int, int] | None = None  # (batch, seed) once training
+        self.served = 0
         self.found: dict[str, set[int]] = {}
         self.told: list[tuple[bytes, int | None, str]] = []
         self.common: np.ndarray | None = None
@@ -177,14 +180,15 @@ class LabelParty:
             self._send(peer, {"op": "psi-count", "id": rid, "count": len(self.ids)}, name=name)
             return
         if op == "psi-setup":
-            self.setups = getattr(self, "setups", {})
+            if self.seeker is None:
+                raise ValueError("psi-setup before psi-count")
             self.setups[name] = _tensor_bytes(tensors[0])
-            assert self.seeker is not None
             request = self.seeker.request()
             self._send(peer, {"op": "psi-request", "id": rid}, [_bytes_tensor(request)], name)
             return
         if op == "psi-answer":
-            assert self.seeker is not None
+            if self.seeker is None or name not in self.setups:
+                raise ValueError("psi-answer before psi-setup")
             found = self.seeker.intersection(self.setups.pop(name), _tensor_bytes(tensors[0]))
             self.found[name] = set(found)
         else:  # exact: the party's ids are declared to be the label party's
@@ -221,7 +225,8 @@ class LabelParty:
         self.serve_until(lambda: self.served >= steps)
 
     def _forward(self, peer: bytes, rid: int | None, name: str, step: int, tensors: list) -> None:
-        assert self.common is not None
+        if self.common is None or self.plan is None:
+            raise ValueError("forward before the ids are aligned and training started")
         want = len(batch_rows(len(self.common), step, *self.plan))
         if (
             step < self.served
