@@ -134,13 +134,20 @@ class RunWriter:
         self, model: torch.nn.Module, data: Dataset, device: torch.device, step: int, wall: float
     ) -> dict[str, float]:
         """Evaluate ``model`` on the test split and record it."""
-        self.eval_metrics = evaluate(model, data, device)
-        self.metrics.write({"step": step, "wall_time": wall, "eval": self.eval_metrics})
+        return self.record_evaluation(evaluate(model, data, device), step, wall)
+
+    def record_evaluation(
+        self, metrics: dict[str, float], step: int, wall: float
+    ) -> dict[str, float]:
+        """Record held-out ``metrics`` measured after ``step`` (by whoever could: the
+        label party of a vertical job scores the parties' outputs itself)."""
+        self.eval_metrics = metrics
+        self.metrics.write({"step": step, "wall_time": wall, "eval": metrics})
         if self.tb is not None:
-            for k, v in self.eval_metrics.items():
+            for k, v in metrics.items():
                 if isinstance(v, (int, float)) and math.isfinite(v):
                     self.tb.add_scalar(f"eval/{k}", v, step)
-        return self.eval_metrics
+        return metrics
 
     def rewind(self, step: int) -> None:
         """Records after ``step`` are void (the parameter server restored a checkpoint)."""

@@ -65,7 +65,7 @@ def _time_per_worker(runs: list[Run], out: Path) -> str | None:
     ]
     if not bars:
         return None
-    fig, ax = plt.subplots(figsize=(6.4, 1.2 + 0.35 * len(bars)), dpi=110)
+    fig, ax = plt.subplots(figsize=(6.4, max(2.4, 1.2 + 0.35 * len(bars))), dpi=110)
     left = [0.0] * len(bars)
     for phase in TIME_PHASES:
         widths = [t.get(phase, 0.0) for _, t in bars]

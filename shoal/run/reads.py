@@ -32,6 +32,8 @@ def _fields(comp: Any) -> dict[str, dataclasses.Field]:
 
 def _owner(job: JobConfig, plugin: Plugin, section: str, f: dataclasses.Field) -> str:
     """Why the job's model, dataset or strategy does not read ``f`` (empty: it does)."""
+    if section in plugin.ignores or f"{section}.{f.name}" in plugin.ignores:
+        return f"--strategy {plugin.name} does not read it ({plugin.ignores_why})"
     reader = f.metadata.get("reader")
     if reader == "model":
         read = model_reads(job.model.name)

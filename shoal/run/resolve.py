@@ -160,14 +160,17 @@ def resolve_job(request: Request) -> JobConfig:
 
         if not torch.cuda.is_available():
             raise UserError("--device cuda, but no CUDA device is visible")
-    data = build_dataset(job.data, check=True)
-    if job.train.batch_size > data.num_train:
-        raise UserError(
-            f"--batch-size {job.train.batch_size} is larger than the training set "
-            f"({data.num_train} samples of {data.name})"
-        )
-    plugin.check_data(job, data)
-    _check_model_fits(job, data, plugin)
+    if plugin.own_data:  # (each of its processes reads its own)
+        plugin.check_data(job, None)
+    else:
+        data = build_dataset(job.data, check=True)
+        if job.train.batch_size > data.num_train:
+            raise UserError(
+                f"--batch-size {job.train.batch_size} is larger than the training set "
+                f"({data.num_train} samples of {data.name})"
+            )
+        plugin.check_data(job, data)
+        _check_model_fits(job, data, plugin)
     if stored is not None:
         if not stored.data.name:  # (a hand-written config.toml)
             stored.data.name = default_data(stored.model.name)

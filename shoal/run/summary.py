@@ -34,8 +34,9 @@ def print_summary(
     from rich.console import Console
     from rich.table import Table
 
+    who = "parties" if "vertical" in summary else "workers"
     table = Table(
-        title=f"shoal: {summary['strategy']} on {summary['world_size']} workers", show_header=False
+        title=f"shoal: {summary['strategy']} on {summary['world_size']} {who}", show_header=False
     )
     table.add_column(style="bold")
     table.add_column(justify="right")

@@ -21,6 +21,7 @@ from shoal.strategies.base import Batch, LossFn, Strategy
 from shoal.strategies.federated import plugin as federated
 from shoal.strategies.plugin import NoOptions, Plugin
 from shoal.strategies.ps import plugin as ps
+from shoal.strategies.vertical import plugin as vertical
 
 BUILTIN: dict[str, Plugin] = {
     p.name: p
@@ -34,6 +35,7 @@ BUILTIN: dict[str, Plugin] = {
         tensor.Plugin(),
         pipeline.Plugin(),
         federated.Plugin(),
+        vertical.Plugin(),
     )
 }
 """The built-in strategies by name, in the order ``--help`` lists them."""

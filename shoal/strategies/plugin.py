@@ -78,6 +78,15 @@ class Plugin:
     """The shared settings it reads of those only some strategies read (declared
     ``reader="strategy"`` in :mod:`shoal.config`): a value given for one it does not read
     is refused (see :mod:`shoal.run.reads`)."""
+    own_data: ClassVar[bool] = False
+    """Whether it reads its data itself rather than through ``--data`` (a vertical
+    job's parties each read their own files): no dataset is built for the job, and
+    :meth:`check_data` is called with ``None``."""
+    ignores: ClassVar[tuple[str, ...]] = ()
+    """Settings every other strategy reads and this one does not: ``section.field``, or
+    a whole ``section``. A value given for one is refused (one from a job file, named
+    in a warning), with :attr:`ignores_why`."""
+    ignores_why: ClassVar[str] = ""
     privacy: ClassVar[str] = ""
     """The differential privacy it runs under ``--dp-clip``: ``sample`` (DP-SGD),
     ``client`` (each client's update), or none."""

@@ -10,9 +10,16 @@ speaks in requests it sends and replies it waits for:
    party has answered, each is told the common ids, in ascending order: ids it
    holds already. ``--align exact`` skips the protocol: the parties' ids are
    declared equal, and the label party checks a digest of them.
-2. **Training**: per step, ``forward`` carries the party's bottom output for the
+   Each split (``train``, ``test``) is aligned on its own.
+2. **Where to start** (``resume``): every party lists the steps of its checkpoints;
+   the reply is the newest step all of them (the label party too) hold, or -1.
+3. **Training**: per step, ``forward`` carries the party's bottom output for the
    step's samples; the reply, once every party's output is in and the label
    party has stepped its top, is ``backward`` with the gradient for that output.
+4. **Evaluation** (``evaluate``): the party's output for the held-out common ids;
+   the reply comes once the label party has scored them.
+5. **The end** (``done``): the party's totals (bytes, seconds); the reply carries
+   the run's result (final loss, held-out metrics).
 
 The sample order is the same at every party: a keyed Feistel permutation of the
 common ids' positions (:func:`batch_rows`), so no row numbers cross the wire.
@@ -22,6 +29,7 @@ Only blinded ids, outputs and gradients cross; bytes are counted per party.
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +40,7 @@ import zmq
 
 from shoal import privacy, psi
 from shoal.data.order import FeistelPermutation, digest
+from shoal.errors import UserError
 from shoal.metrics import CommCounter
 from shoal.net import gate, wire
 from shoal.net.peer import Peer
@@ -61,11 +70,14 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
     return t.numpy().tobytes()
 
 
-def private_labels(labels: torch.Tensor, classes: int, epsilon: float) -> torch.Tensor:
+def private_labels(
+    labels: torch.Tensor, classes: int, epsilon: float, seed: int | None = None
+) -> torch.Tensor:
     """``labels`` through randomized response at ``epsilon`` (label DP,
-    :func:`shoal.privacy.randomized_response`), drawn once from a secret generator;
-    binary float labels (0./1.) stay float."""
-    rng = np.random.default_rng(secrets.randbits(128))
+    :func:`shoal.privacy.randomized_response`), drawn once from a secret generator
+    (``seed``: a secret the label party keeps, so that a resumed run draws the same,
+    rather than a second, noisy copy of each label); binary float labels stay float."""
+    rng = np.random.default_rng(secrets.randbits(128) if seed is None else seed)
     out = privacy.randomized_response(labels.long().numpy(), classes, epsilon, rng)
     return torch.from_numpy(out).to(labels.dtype).reshape(labels.shape)
 
@@ -83,6 +95,21 @@ def rows_of(ids: np.ndarray, common: np.ndarray) -> np.ndarray:
 class _Step:
     outputs: dict[str, torch.Tensor] = field(default_factory=dict)
     waiting: dict[str, tuple[bytes, int | None]] = field(default_factory=dict)
+
+
+SPLITS = ("train", "test")
+
+
+@dataclass
+class _Round:
+    """Something every party must say once before any of them gets its answer (where
+    to resume, the end): what each said, and where to answer it."""
+
+    said: dict[str, Any] = field(default_factory=dict)
+    waiting: list[tuple[bytes, int | None, str]] = field(default_factory=list)
+    mine: Any = None
+    """The label party's own word (``None`` until it is ready to answer)."""
+    answer: Any = None
 
 
 class LabelParty:
@@ -108,17 +135,42 @@ class LabelParty:
         self.address = self.listener.address
         self.buffers = wire.Buffers()
         self.comm: dict[str, CommCounter] = {p: CommCounter() for p in self.parties}
-        self.seeker: psi.Seeker | None = None
-        self.setups: dict[str, bytes] = {}  # (a party's PSI setup, until its answer)
+        self.split_ids: dict[str, np.ndarray] = {"train": ids}
+        self.seekers: dict[str, psi.Seeker] = {}
+        self.setups: dict[tuple[str, str], bytes] = {}  # (a party's PSI setup, until its answer)
         self.plan: tuple[int, int] | None = None  # (batch, seed) once training
         self.served = 0
-        self.found: dict[str, set[int]] = {}
-        self.told: list[tuple[bytes, int | None, str]] = []
-        self.common: np.ndarray | None = None
+        self.found: dict[str, dict[str, set[int]]] = {k: {} for k in SPLITS}
+        self.told: dict[str, list[tuple[bytes, int | None, str]]] = {k: [] for k in SPLITS}
+        self.commons: dict[str, np.ndarray] = {}
         self.steps: dict[int, _Step] = {}
         self.labels: torch.Tensor | None = None
         self.features: torch.Tensor | None = None
         self.losses: list[float] = []
+        self.outputs = 1
+        """What each party's output feeds (told with the common ids: a linear bottom's
+        width)."""
+        self.after_step: Any = None
+        """Called as ``after_step(step, loss, samples)`` once the top stepped on a step."""
+        self.compute_mine = 0.0
+        """Seconds this party computed so far (its top and its own bottom)."""
+        self.compute_s: dict[str, float] = dict.fromkeys(self.parties, 0.0)
+        """Seconds each party says it computed so far (forward and backward)."""
+        self.rounds: dict[str, _Round] = {}
+        self.evaluations: dict[int, _Step] = {}
+        self.scorer: Any = None
+        """Called as ``scorer(step, outputs)`` with every party's held-out outputs."""
+        self.result: dict[str, Any] = {}
+        """What ``done`` answers (the run's result), set before the end."""
+        self.rr_seed = secrets.randbits(128)
+        """The secret seed of the labels' randomized response (kept in checkpoints)."""
+        self.plan_check: dict[str, Any] = {}
+        """The job as the label party sees it: a party whose plan differs is refused."""
+
+    @property
+    def common(self) -> np.ndarray | None:
+        """The training split's common ids, once aligned."""
+        return self.commons.get("train")
 
     # --- one request ----------------------------------------------------------------
 
@@ -152,9 +204,17 @@ class LabelParty:
                 welcome = self.listener.welcome(self.listener.user(ident), header)
                 self._send(peer, {**welcome, "id": rid}, name=name)
             elif op in ("psi-count", "psi-setup", "psi-answer", "exact"):
-                self._align(peer, rid, name, op, tensors)
+                split = str(header.get("split", "train"))
+                if split not in self.split_ids:
+                    raise ValueError(f"no split {split[:20]!r} to align")
+                self._align(peer, rid, name, op, tensors, split)
             elif op == "forward":
                 self._forward(peer, rid, name, int(header["step"]), tensors)
+                self.compute_s[name] = float(header.get("compute_s", 0.0))
+            elif op == "evaluate":
+                self._evaluate(peer, rid, name, int(header["step"]), tensors)
+            elif op in ("resume", "done"):
+                self._round(peer, rid, name, op, header)
             else:
                 raise ValueError(f"unknown op {op[:40]!r}")
         except (ValueError, IndexError, KeyError, wire.WireError) as e:  # the party's fault
@@ -174,60 +234,168 @@ class LabelParty:
 
     # --- alignment ------------------------------------------------------------------
 
-    def _align(self, peer: bytes, rid: int | None, name: str, op: str, tensors: list) -> None:
+    def _align(
+        self, peer: bytes, rid: int | None, name: str, op: str, tensors: list, split: str
+    ) -> None:
+        ids = self.split_ids[split]
         if op == "psi-count":
-            self.seeker = self.seeker or psi.Seeker(self.ids.tolist())
-            self._send(peer, {"op": "psi-count", "id": rid, "count": len(self.ids)}, name=name)
+            self.seekers.setdefault(split, psi.Seeker(ids.tolist()))
+            self._send(peer, {"op": "psi-count", "id": rid, "count": len(ids)}, name=name)
             return
+        seeker = self.seekers.get(split)
         if op == "psi-setup":
-            if self.seeker is None:
+            if seeker is None:
                 raise ValueError("psi-setup before psi-count")
-            self.setups[name] = _tensor_bytes(tensors[0])
-            request = self.seeker.request()
+            self.setups[name, split] = _tensor_bytes(tensors[0])
+            request = seeker.request()
             self._send(peer, {"op": "psi-request", "id": rid}, [_bytes_tensor(request)], name)
             return
+        found = self.found[split]
         if op == "psi-answer":
-            if self.seeker is None or name not in self.setups:
+            if seeker is None or (name, split) not in self.setups:
                 raise ValueError("psi-answer before psi-setup")
-            found = self.seeker.intersection(self.setups.pop(name), _tensor_bytes(tensors[0]))
-            self.found[name] = set(found)
+            hits = seeker.intersection(self.setups.pop((name, split)), _tensor_bytes(tensors[0]))
+            found[name] = set(hits)
         else:  # exact: the party's ids are declared to be the label party's
-            if int(tensors[0].item()) != digest(np.sort(self.ids)):
+            if int(tensors[0].item()) != digest(np.sort(ids)):
                 self._send(peer, {"op": "error", "id": rid, "error": "--align exact: ids differ"})
                 return
-            self.found[name] = set(range(len(self.ids)))
-        self.told.append((peer, rid, name))
-        if len(self.found) == len(self.parties):
-            keep = sorted(set.intersection(*self.found.values()))
-            self.common = np.sort(self.ids[keep])
-            for p, r, who in self.told:
-                self._send(p, {"op": "common", "id": r}, [torch.from_numpy(self.common)], who)
+            found[name] = set(range(len(ids)))
+        self.told[split].append((peer, rid, name))
+        if len(found) == len(self.parties):
+            keep = sorted(set.intersection(*found.values()))
+            common = self.commons[split] = np.sort(ids[keep])
+            for p, r, who in self.told[split]:
+                head = {"op": "common", "id": r, "outputs": self.outputs}
+                self._send(p, head, [torch.from_numpy(common)], who)
 
-    def align(self, labels: torch.Tensor, features: torch.Tensor | None = None) -> np.ndarray:
-        """Run the alignment with every party; keep this party's labels (and columns) of
-        the common ids, in their order. Returns the common ids."""
-        self.serve_until(lambda: self.common is not None)
-        assert self.common is not None
-        rows = torch.from_numpy(rows_of(self.ids, self.common))
+    def align(
+        self, labels: torch.Tensor, features: torch.Tensor | None = None, split: str = "train"
+    ) -> np.ndarray:
+        """Run the alignment of ``split`` with every party (the training split's ids are
+        the constructor's; another's are :attr:`split_ids` ``[split]``); for the training
+        split, keep this party's labels (and columns) of the common ids, in their order.
+        Returns the common ids."""
+        self.serve_until(lambda: split in self.commons)
+        common = self.commons[split]
+        if split != "train":
+            return common
+        rows = torch.from_numpy(rows_of(self.ids, common))
         self.labels = labels[rows]
         if self.label_dp is not None:
             epsilon, classes = self.label_dp
-            self.labels = private_labels(self.labels, classes, epsilon)
+            self.labels = private_labels(self.labels, classes, epsilon, self.rr_seed)
         self.features = features[rows] if features is not None else None
-        return self.common
+        return common
+
+    # --- rounds: where to resume, the end -------------------------------------------
+
+    def _round(self, peer: bytes, rid: int | None, name: str, op: str, header: dict) -> None:
+        state = self.rounds.setdefault(op, _Round())
+        if name in state.said:
+            raise ValueError(f"{op} twice")
+        if op == "resume":
+            steps = header.get("steps")
+            if not isinstance(steps, list) or not all(isinstance(s, int) for s in steps):
+                raise ValueError("resume: steps must be a list of integers")
+            theirs = header.get("plan") or {}
+            differ = [k for k in self.plan_check if theirs.get(k) != self.plan_check[k]]
+            if differ:
+                k = differ[0]
+                why = (
+                    f"party {name} runs another job: its {k} is {theirs.get(k)!r}, the label "
+                    f"party's {self.plan_check[k]!r} (give every party the same flags)"
+                )
+                self._send(peer, {"op": "error", "id": rid, "error": why}, name=name)
+                raise UserError(why)
+            state.said[name] = set(steps)
+        else:
+            state.said[name] = header.get("totals", {})
+        state.waiting.append((peer, rid, name))
+        self._answer_round(op)
+
+    def _answer_round(self, op: str) -> None:
+        state = self.rounds.get(op)
+        if state is None or state.mine is None or len(state.said) < len(self.parties):
+            return
+        if op == "resume":
+            state.answer = max(set.intersection(state.mine, *state.said.values()), default=-1)
+            reply: dict[str, Any] = {"step": state.answer}
+        else:
+            state.answer = reply = {"result": self.result}
+        for p, r, who in state.waiting:
+            self._send(p, {"op": op, "id": r, **reply}, name=who)
+        state.waiting.clear()
+
+    def agree(self, steps: Sequence[int]) -> int:
+        """The newest step whose checkpoint every party holds (``steps``: this party's),
+        or -1: where every party resumes."""
+        state = self.rounds.setdefault("resume", _Round())
+        state.mine = set(steps)
+        self._answer_round("resume")
+        self.serve_until(lambda: state.answer is not None)
+        return int(state.answer)
+
+    def finish(self, result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """Answer every party's ``done`` with ``result``; returns their totals."""
+        self.result = result
+        state = self.rounds.setdefault("done", _Round())
+        state.mine = {}
+        self._answer_round("done")
+        self.serve_until(lambda: state.answer is not None)
+        return dict(state.said)
 
     # --- training -------------------------------------------------------------------
 
-    def train(self, steps: int, batch: int, seed: int) -> None:
-        """Serve ``steps`` steps of split training."""
+    def train(self, steps: int, batch: int, seed: int, start: int = 0) -> None:
+        """Serve split training from step ``start`` up to step ``steps``."""
         self.plan = (batch, seed)
-        self.served = 0
+        self.served = max(self.served, start)
         self.serve_until(lambda: self.served >= steps)
+
+    # --- evaluation -----------------------------------------------------------------
+
+    def _evaluate(self, peer: bytes, rid: int | None, name: str, step: int, tensors: list) -> None:
+        common = self.commons.get("test")
+        if common is None or self.scorer is None:
+            raise ValueError("evaluate before the held-out ids are aligned")
+        state = self.evaluations.setdefault(step, _Step())
+        if (
+            len(tensors) != 1
+            or tensors[0].dtype != torch.float32
+            or tensors[0].dim() != 2
+            or len(tensors[0]) != len(common)
+            or name in state.outputs
+        ):
+            raise ValueError(f"evaluate: not an output of the {len(common)} held-out samples")
+        state.outputs[name], state.waiting[name] = tensors[0].clone(), (peer, rid)
+        self._score(step)
+
+    def _score(self, step: int) -> None:
+        state = self.evaluations.get(step)
+        if state is None or len(state.outputs) < len(self.parties) or "mine" not in state.waiting:
+            return
+        self.scorer(step, [state.outputs[p] for p in self.parties])
+        for p in self.parties:
+            who, r = state.waiting[p]
+            self._send(who, {"op": "evaluated", "id": r, "step": step}, name=p)
+        state.waiting.clear()
+        state.outputs.clear()
+
+    def evaluate(self, step: int) -> None:
+        """Score the held-out split once every party sent its outputs for ``step``
+        (:attr:`scorer` does)."""
+        state = self.evaluations.setdefault(step, _Step())
+        state.waiting["mine"] = (b"", None)
+        self._score(step)
+        self.serve_until(lambda: not state.waiting)
+        del self.evaluations[step]
 
     def _forward(self, peer: bytes, rid: int | None, name: str, step: int, tensors: list) -> None:
         if self.common is None or self.plan is None:
             raise ValueError("forward before the ids are aligned and training started")
         want = len(batch_rows(len(self.common), step, *self.plan))
+        assert self.common is not None
         if (
             step < self.served
             or len(tensors) != 1
@@ -244,6 +412,7 @@ class LabelParty:
         assert self.labels is not None
         batch, seed = self.plan
         rows = torch.from_numpy(batch_rows(len(self.common), step, batch, seed))
+        began = time.perf_counter()
         outputs = []
         if self.bottom is not None:
             assert self.features is not None
@@ -253,6 +422,9 @@ class LabelParty:
         self.losses.append(float(loss))
         if self.bottom is not None:
             self.bottom.backward(grads.pop(0))
+        self.compute_mine += time.perf_counter() - began
+        if self.after_step is not None:
+            self.after_step(step, float(loss), len(rows))
         for p, g in zip(self.parties, grads):
             who, r = state.waiting[p]
             self._send(who, {"op": "backward", "id": r, "step": step}, [g], p)
@@ -265,11 +437,12 @@ class LabelParty:
 
 class Party:
     """A party holding columns (no labels): connects to the label party, aligns, and
-    trains its bottom model with the gradients it gets back."""
+    trains its bottom model with the gradients it gets back. ``bottom`` may be given
+    once the ids are aligned (a linear bottom's width is the label party's word)."""
 
     def __init__(
-        self, secret: bytes, name: str, address: str, ids: np.ndarray, bottom: Bottom,
-        timeout_s: float = 60.0,
+        self, secret: bytes, name: str, address: str, ids: np.ndarray,
+        bottom: Bottom | None = None, timeout_s: float = 60.0,
     ) -> None:  # fmt: skip
         self.name, self.ids, self.bottom = name, ids, bottom
         self.comm = CommCounter()
@@ -278,54 +451,102 @@ class Party:
             timeout_s=timeout_s, target=LABEL,
         )  # fmt: skip
         self.common: np.ndarray | None = None
+        self.outputs = 1
+        """The label party's word on what the bottom's output feeds (a linear one's width)."""
+        self.compute_s = 0.0
+        """Seconds spent computing so far (forward and backward)."""
 
-    def align(self, mode: str = "psi") -> np.ndarray:
-        """The common ids (ascending), by PSI with the label party (or declared equal)."""
+    def align(
+        self, mode: str = "psi", split: str = "train", ids: np.ndarray | None = None
+    ) -> np.ndarray:
+        """The common ids (ascending) of ``split`` (its ids: ``ids``, the constructor's for
+        the training split), by PSI with the label party (or declared equal)."""
+        ids = self.ids if ids is None else ids
         if mode == "exact":
-            check = torch.tensor(digest(np.sort(self.ids)), dtype=torch.int64)
-            _, (common,) = self.peer.call({"op": "exact"}, [check])
+            check = torch.tensor(digest(np.sort(ids)), dtype=torch.int64)
+            reply, (common,) = self.peer.call({"op": "exact", "split": split}, [check])
         else:
-            reply, _ = self.peer.call({"op": "psi-count"})
-            holder = psi.Holder(self.ids.tolist())
+            reply, _ = self.peer.call({"op": "psi-count", "split": split})
+            holder = psi.Holder(ids.tolist())
             setup = _bytes_tensor(holder.setup(int(reply["count"])))
-            _, (request,) = self.peer.call({"op": "psi-setup"}, [setup])
+            _, (request,) = self.peer.call({"op": "psi-setup", "split": split}, [setup])
             answer = _bytes_tensor(holder.answer(_tensor_bytes(request)))
-            _, (common,) = self.peer.call({"op": "psi-answer"}, [answer])
-        self.common = common.numpy().copy()
-        self.rows = rows_of(self.ids, self.common)  # also checks: only ids this party holds
-        return self.common
+            reply, (common,) = self.peer.call({"op": "psi-answer", "split": split}, [answer])
+        found = common.numpy().copy()
+        rows_of(ids, found)  # (checks: only ids this party holds)
+        self.outputs = int(reply.get("outputs", 1))
+        if split == "train":
+            self.common = found
+            self.rows = rows_of(self.ids, found)
+        return found
+
+    def agree(self, steps: Sequence[int], plan: dict[str, Any] | None = None) -> int:
+        """The newest step whose checkpoint every party holds (``steps``: this party's),
+        or -1 (see :meth:`LabelParty.agree`); ``plan``: the job as this party sees it."""
+        head = {"op": "resume", "steps": [int(s) for s in steps], "plan": plan or {}}
+        reply, _ = self.peer.call(head)
+        return int(reply["step"])
+
+    def evaluate(self, step: int, outputs: torch.Tensor) -> None:
+        """Send this party's outputs for the held-out common ids after ``step``; returns
+        once the label party scored them."""
+        self.peer.call({"op": "evaluate", "step": step}, [outputs])
+
+    def finish(self, totals: dict[str, Any]) -> dict[str, Any]:
+        """Say this party is done (its ``totals``); the run's result."""
+        reply, _ = self.peer.call({"op": "done", "totals": totals})
+        return dict(reply.get("result", {}))
 
     def train(
-        self, features: torch.Tensor, steps: int, batch: int, seed: int, staleness: int = 0
-    ) -> None:
-        """``steps`` steps of split training on this party's columns (``features``, one
-        row per id of :attr:`ids`). With ``staleness`` 1 the output of step t+1 is
-        computed and sent before step t's gradient is back (on the parameters of step
-        t-1), so this party computes while the label party does; 0: the one model's
-        arithmetic, exactly."""
-        assert self.common is not None
+        self, features: torch.Tensor, steps: int, batch: int, seed: int, staleness: int = 0,
+        start: int = 0, after_step: Any = None,
+    ) -> None:  # fmt: skip
+        """Steps ``start`` .. ``steps`` of split training on this party's columns
+        (``features``, one row per id of :attr:`ids`), then ``after_step(step)`` after
+        each optimizer step. With ``staleness`` 1 the output of step t+1 is computed and
+        sent before step t's gradient is back (on the parameters of step t-1), so this
+        party computes while the label party does; the last step of the range is
+        waited for (so a checkpoint after it is exact). 0: the one model's arithmetic,
+        exactly."""
+        assert self.common is not None and self.bottom is not None
+        bottom, clock = self.bottom, time.perf_counter
 
         def batch_of(step: int) -> torch.Tensor:
             rows = self.rows[batch_rows(len(self.common), step, batch, seed)]
             return features[torch.from_numpy(rows)]
 
-        if staleness == 0:
-            for step in range(steps):
-                out = self.bottom.forward(batch_of(step))
-                _, (grad,) = self.peer.call({"op": "forward", "step": step}, [out])
-                self.bottom.backward(grad)
-            return
-        if staleness != 1:
+        def header(step: int) -> dict[str, Any]:
+            return {"op": "forward", "step": step, "compute_s": self.compute_s}
+
+        if staleness not in (0, 1):
             raise ValueError("staleness must be 0 or 1")
-        pending: tuple[int, Stash] | None = None
-        for step in range(steps + 1):
+        if staleness == 0:
+            for step in range(start, steps):
+                began = clock()
+                out = bottom.forward(batch_of(step))
+                self.compute_s += clock() - began
+                _, (grad,) = self.peer.call(header(step), [out])
+                began = clock()
+                bottom.backward(grad)
+                self.compute_s += clock() - began
+                if after_step is not None:
+                    after_step(step)
+            return
+        pending: tuple[int, int, Stash] | None = None
+        for step in range(start, steps + 1):
             sent = None
             if step < steps:
-                out, stash = self.bottom.forward_ahead(batch_of(step))
-                sent = (self.peer.send({"op": "forward", "step": step}, [out]), stash)
+                began = clock()
+                out, stash = bottom.forward_ahead(batch_of(step))
+                self.compute_s += clock() - began
+                sent = (self.peer.send(header(step), [out]), step, stash)
             if pending is not None:
                 _, (grad,) = self.peer.recv(pending[0])
-                self.bottom.backward_ahead(pending[1], grad)
+                began = clock()
+                bottom.backward_ahead(pending[2], grad)
+                self.compute_s += clock() - began
+                if after_step is not None:
+                    after_step(pending[1])
             pending = sent
 
     def close(self) -> None:

@@ -188,21 +188,50 @@ class DotTop(nn.Module):
         return (user * item).sum(1, keepdim=True) + self.bias
 
 
+def tower(width: int, hidden: int, dim: int) -> nn.Module:
+    """A two-tower recommender's tower: ``hidden`` ReLU units, then an embedding of ``dim``."""
+    return nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, dim))
+
+
 def two_tower(
     user_width: int, item_width: int, dim: int = 16, hidden: int = 64, top: str = "dot"
 ) -> tuple[list[nn.Module], nn.Module]:
     """A user tower over the user party's columns and an item tower over the item
     party's (each ``hidden`` ReLU units, then an embedding of ``dim``), and on top
     their dot product (``top="dot"``) or an MLP over both (``"mlp"``): one logit."""
-
-    def tower(width: int) -> nn.Module:
-        return nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, dim))
-
     if top not in ("dot", "mlp"):
         raise ValueError(f"two_tower: top must be dot or mlp, not {top!r}")
-    head: nn.Module = (
-        DotTop()
-        if top == "dot"
-        else nn.Sequential(nn.Linear(2 * dim, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+    kind = "two-tower" if top == "dot" else "two-tower-mlp"
+    return [tower(user_width, hidden, dim), tower(item_width, hidden, dim)], build_top(
+        kind, 2, 1, hidden, dim
     )
-    return [tower(user_width), tower(item_width)], head
+
+
+KINDS = ("two-tower", "two-tower-mlp", "mlp", "linear")
+"""The split models ``shoal train --strategy vertical`` builds (``--split-model``)."""
+
+
+def build_bottom(kind: str, width: int, outputs: int, hidden: int, dim: int) -> nn.Module:
+    """One party's bottom model of a ``kind`` split model, over its ``width`` columns."""
+    if kind in ("two-tower", "two-tower-mlp"):
+        return tower(width, hidden, dim)
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(width, hidden), nn.ReLU())
+    if kind == "linear":
+        return nn.Linear(width, outputs, bias=False)
+    raise ValueError(f"unknown split model {kind!r}")
+
+
+def build_top(kind: str, parts: int, outputs: int, hidden: int, dim: int) -> nn.Module:
+    """The label party's top model of a ``kind`` split model over ``parts`` bottoms."""
+    if kind == "two-tower":
+        return DotTop()
+    if kind == "two-tower-mlp":
+        return nn.Sequential(nn.Linear(parts * dim, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+    if kind == "mlp":
+        return nn.Sequential(
+            nn.Linear(parts * hidden, hidden), nn.ReLU(), nn.Linear(hidden, outputs)
+        )
+    if kind == "linear":
+        return SumTop(outputs)
+    raise ValueError(f"unknown split model {kind!r}")

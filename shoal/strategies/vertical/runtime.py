@@ -1,0 +1,543 @@
+"""One party's process of a vertical job: its table, its part of the model, its loop.
+
+Every party runs the same schedule, computed from the job alone: steps, the sample
+order (:func:`~shoal.strategies.vertical.link.batch_rows`), and the steps where all
+of them stop together (a checkpoint, an evaluation, the end). At those steps a party
+one batch ahead (``--staleness 1``) has waited for its last gradient, so each party's
+checkpoint of step k holds exactly its part of the one model after k steps, and a job
+resumed from a step every party holds (the ``resume`` round) goes on as if it had not
+stopped.
+
+The label party also writes the run: ``metrics.jsonl``, TensorBoard, progress, the
+held-out metrics, ``summary.json``; each party exports its own part of the model
+(``model.safetensors`` in its directory). On one machine (one launcher for all
+parties) the other parties' directories are ``OUT/parties/NAME``; with one
+``shoal train --party NAME`` per machine, each party's is its own ``--out``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import secrets
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from shoal import checkpoint
+from shoal.config import JobConfig
+from shoal.data.order import MASK64, digest, range_digest
+from shoal.errors import UserError
+from shoal.layout import save_model
+from shoal.memory import private_bytes, state_bytes
+from shoal.metrics import PHASES
+from shoal.models.tasks import per_sample_loss
+from shoal.net import wire
+from shoal.optim import build_optimizer, build_scheduler
+from shoal.strategies.vertical.link import LabelParty, Party, batch_rows, rows_of
+from shoal.strategies.vertical.split import Bottom, Top, _noisy, build_bottom, build_top
+from shoal.strategies.vertical.tables import PartyTable, read_party
+from shoal.telemetry import Totals, Window
+
+PARTY_ENV = "SHOAL_PARTY"
+"""Which party a process of a one-machine vertical job is (its launcher sets it)."""
+ADDRESS_ENV = "SHOAL_VERTICAL_ADDRESS"
+"""Where the label party listens, in a one-machine job (its launcher picks a port)."""
+
+
+def parse_parties(text: str) -> dict[str, str]:
+    """``--parties user=PATH,item=PATH`` as ``{name: path}`` ("" where only the name is
+    given: a party on another machine)."""
+    out: dict[str, str] = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        name, _, path = part.partition("=")
+        name = name.strip()
+        if not name.isidentifier():
+            raise UserError(f"--parties: {name!r} is not a party name (letters, digits, _)")
+        if name in out:
+            raise UserError(f"--parties names {name} twice")
+        out[name] = path.strip()
+    if len(out) < 2:
+        raise UserError("--parties needs two parties or more: NAME=PATH,NAME=PATH")
+    return out
+
+
+def label_of(opts: Any, parties: dict[str, str]) -> str:
+    """The label party: ``--label-party``, else the last of ``--parties``."""
+    label = opts.label_party or list(parties)[-1]
+    if label not in parties:
+        raise UserError(f"--label-party {label} is not one of --parties ({', '.join(parties)})")
+    return label
+
+
+def party_home(job: JobConfig, name: str) -> Path:
+    """The directory of party ``name``'s own files (checkpoints, its part of the model)."""
+    opts = job.strategy.options
+    out = Path(job.output.out)
+    if opts.party or name == label_of(opts, parse_parties(opts.parties)):
+        return out
+    return out / "parties" / name
+
+
+def plan_of(job: JobConfig) -> dict[str, Any]:
+    """What every party must agree on (compared when they meet: one ``shoal train`` per
+    machine may be given different flags)."""
+    t, o = job.train, job.strategy.options
+    return {
+        "steps": t.steps, "epochs": t.epochs, "batch_size": t.batch_size, "seed": t.seed,
+        "eval_every": t.eval_every, "checkpoint_every": t.checkpoint_every,
+        "staleness": o.staleness, "split_model": o.split_model, "hidden": o.hidden,
+        "dim": o.dim, "optimizer": job.optim.name, "lr": job.optim.lr,
+        "schedule": job.optim.schedule, "warmup": job.optim.warmup_steps, "align": o.align,
+        "parties": list(parse_parties(o.parties)),
+    }  # fmt: skip
+
+
+def _seeded(seed: int, index: int) -> None:
+    """Each part's initial weights from its own seed: party ``index``'s bottom
+    (``index`` in ``--parties`` order; -1: the top), the same however parties are run."""
+    torch.manual_seed(seed * 1_000_003 + index + 1)
+
+
+def _boundaries(job: JobConfig, total: int) -> set[int]:
+    """Steps where every party stops together: checkpoints, evaluations, the end."""
+    t = job.train
+    out = {total}
+    for every in (t.checkpoint_every, t.eval_every):
+        if every:
+            out |= set(range(every, total, every))
+    return out
+
+
+def _secret() -> bytes:
+    hex_ = wire.secret_hex()
+    if not hex_:
+        raise UserError(
+            "--strategy vertical with --party needs SHOAL_SECRET, the same on every party "
+            "(e.g. export SHOAL_SECRET=$(openssl rand -hex 32))"
+        )
+    return bytes.fromhex(hex_)
+
+
+def run_party(job: JobConfig) -> None:
+    """This process's party of ``job``, from start (or the agreed checkpoint) to the end."""
+    opts = job.strategy.options
+    parties = parse_parties(opts.parties)
+    label = label_of(opts, parties)
+    name = os.environ.get(PARTY_ENV) or opts.party
+    address = os.environ.get(ADDRESS_ENV) or f"tcp://{opts.address}"
+    label_column = ""
+    if name == label:
+        label_column = opts.label_column or _stored_label(parties[name])
+    table = read_party(name, parties[name], opts.id_column, label_column)
+    home = party_home(job, name)
+    home.mkdir(parents=True, exist_ok=True)
+    run = (_LabelRun if name == label else _PartyRun)(job, name, table, _secret(), address, home)
+    try:
+        run.run()
+    finally:
+        run.close()
+
+
+def _stored_label(path: str) -> str:
+    from shoal.data.files import Files, split_roots
+
+    meta = Files(split_roots(path)[0]).metadata
+    label = str(meta.get("label", ""))
+    if not label:
+        raise UserError(f"{path}: the label party's data names no label column: give "
+                        "--label-column")  # fmt: skip
+    return label
+
+
+class _Run:
+    """What every party's process does alike."""
+
+    def __init__(self, job: JobConfig, name: str, table: PartyTable, home: Path) -> None:
+        self.job, self.name, self.table, self.home = job, name, table, home
+        self.opts = job.strategy.options
+        self.parties = list(parse_parties(self.opts.parties))
+        self.index = self.parties.index(name)
+        self.saver = checkpoint.AsyncSaver(home, job.train.keep_checkpoints,
+                                           background=job.train.checkpoint_async)  # fmt: skip
+        self.noise_gen = torch.Generator().manual_seed(secrets.randbits(63))
+        self.step = 0
+        self.started = time.perf_counter()
+        self.wall_offset = 0.0
+        self.resumed_from: int | None = None
+
+    def wall_time(self) -> float:
+        return self.wall_offset + time.perf_counter() - self.started
+
+    def held_steps(self) -> list[int]:
+        """Steps of this party's checkpoints that verify (after ``--resume`` or a restart;
+        a fresh run has none)."""
+        out = []
+        for path in checkpoint.list_checkpoints(self.home):
+            try:
+                checkpoint.load(path)
+            except checkpoint.CheckpointError:
+                continue
+            out.append(checkpoint.step_of(path))
+        return out
+
+    def load(self, step: int) -> dict[str, Any]:
+        state = checkpoint.load(checkpoint.step_path(self.home, step))
+        self.step = self.resumed_from = int(state["step"])
+        self.wall_offset = float(state["wall_time"])
+        self.noise_gen.set_state(state["noise_gen"])
+        return state
+
+    def bottom_of(self, width: int, outputs: int, noise: float) -> Bottom:
+        _seeded(self.job.train.seed, self.index)
+        o = self.opts
+        module = build_bottom(o.split_model, width, outputs, o.hidden, o.dim)
+        opt = build_optimizer(module.parameters(), self.job.optim)
+        return Bottom(module, opt, noise, self.noise_gen)
+
+    def close(self) -> None:
+        self.saver.wait()
+
+
+class _PartyRun(_Run):
+    """A party without the labels: connects, aligns, trains its bottom."""
+
+    def __init__(self, job: JobConfig, name: str, table: PartyTable, secret: bytes,
+                 address: str, home: Path) -> None:  # fmt: skip
+        super().__init__(job, name, table, home)
+        wait = job.cluster.startup_timeout
+        self.link = Party(secret, name, address, table.train.ids, timeout_s=wait)
+
+    def run(self) -> None:
+        job, link, table, opts = self.job, self.link, self.table, self.opts
+        start = link.agree(self.held_steps(), plan_of(job))
+        link.align(opts.align)
+        test_x = None
+        if table.test is not None:
+            common = link.align(opts.align, "test", table.test.ids)
+            test_x = table.test.features[torch.from_numpy(rows_of(table.test.ids, common))]
+        assert link.common is not None
+        total = job.train.total_steps(-(-len(link.common) // job.train.batch_size))
+        bottom = link.bottom = self.bottom_of(table.width, link.outputs, opts.vertical_noise)
+        scheduler = build_scheduler(bottom.optimizer, job.optim, total)
+        if start >= 0:
+            state = self.load(start)
+            bottom.module.load_state_dict(state["bottom"])
+            bottom.optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+        evals = job.train.eval_every
+        for mark in sorted(b for b in _boundaries(job, total) if b > self.step):
+            link.train(table.train.features, mark, job.train.batch_size, job.train.seed,
+                       opts.staleness, start=self.step,
+                       after_step=lambda s: scheduler.step())  # fmt: skip
+            self.step = mark
+            self.save(bottom, scheduler)
+            if test_x is not None and (mark == total or (evals and mark % evals == 0)):
+                with torch.no_grad():
+                    out = bottom.module(test_x)
+                link.evaluate(mark, _noisy(out, opts.vertical_noise, self.noise_gen))
+        self.saver.wait()
+        save_model(bottom.module, self.home)
+        totals = Totals(self.index, socket.gethostname(), link.comm.sent, link.comm.received,
+                        state_bytes(bottom.module.parameters(), bottom.optimizer),
+                        {"forward_backward": link.compute_s}).to_dict()  # fmt: skip
+        result = link.finish(totals)
+        if opts.party:  # (its own run directory: its own summary)
+            _party_summary(job, self.home, self.name, result, totals, self.wall_time())
+
+    def save(self, bottom: Bottom, scheduler: Any) -> None:
+        self.saver.save(self.step, {
+            "step": self.step, "bottom": bottom.module.state_dict(),
+            "optimizer": bottom.optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "noise_gen": self.noise_gen.get_state(), "wall_time": self.wall_time(),
+        })  # fmt: skip
+
+    def close(self) -> None:
+        super().close()
+        self.link.close()
+
+
+def _party_summary(job: JobConfig, home: Path, name: str, result: dict[str, Any],
+                   totals: dict[str, Any], wall: float) -> None:  # fmt: skip
+    """A party on its own machine writes its own ``summary.json``: its figures and the
+    run's result as the label party told it."""
+    import json
+
+    from shoal.layout import SUMMARY_FILE, write_atomic
+
+    opts = job.strategy.options
+    summary = {
+        "strategy": job.strategy.name, "model": opts.split_model,
+        "data": f"party {name}", "world_size": len(parse_parties(opts.parties)),
+        "steps": int(result.get("steps", 0)), "global_batch_size": job.train.batch_size,
+        "final_loss": float(result.get("final_loss", math.nan)),
+        **{k: v for k, v in result.items() if k.startswith(("test_", "auc"))},
+        "wall_time_s": wall, "samples_per_s": float(result.get("samples_per_s", 0.0)),
+        "bytes_sent_total": totals["bytes_sent"],
+        "bytes_received_total": totals["bytes_received"],
+        "per_worker": [totals], "vertical": {**result.get("vertical", {}), "party": name},
+    }  # fmt: skip
+    write_atomic(home / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+
+
+class _LabelRun(_Run):
+    """The label party: listens, aligns, runs the top (and its own bottom), writes the run."""
+
+    def __init__(self, job: JobConfig, name: str, table: PartyTable, secret: bytes,
+                 address: str, home: Path) -> None:  # fmt: skip
+        super().__init__(job, name, table, home)
+        o = self.opts
+        self.others = [p for p in self.parties if p != name]
+        parts = len(self.others) + (1 if table.width else 0)
+        if o.split_model == "two-tower" and parts != 2:
+            raise UserError(f"--split-model two-tower joins two towers; this job has {parts} "
+                            "parties with columns (use two-tower-mlp, mlp or linear)")  # fmt: skip
+        if o.label_dp and table.task == "regression":
+            raise UserError("--label-dp is randomized response over classes: a regression "
+                            "label has none")  # fmt: skip
+        task = self.task = table.task
+        _seeded(job.train.seed, -1)
+        module = build_top(o.split_model, parts, table.num_outputs, o.hidden, o.dim)
+
+        def loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return per_sample_loss(task, out, y).mean()
+
+        opt = build_optimizer(module.parameters(), job.optim)
+        self.top = Top(module, opt, loss, o.vertical_noise, self.noise_gen)
+        self.bottom = self.bottom_of(table.width, table.num_outputs, 0.0) if table.width else None
+        classes = 2 if task == "binary" else table.num_outputs
+        self.link = LabelParty(
+            secret, self.others, table.train.ids, self.top, self.bottom, bind=address,
+            align=o.align, label_dp=(o.label_dp, classes) if o.label_dp else None,
+        )  # fmt: skip
+        self.link.outputs = table.num_outputs
+        self.link.plan_check = plan_of(job)
+        if table.test is not None:
+            self.link.split_ids["test"] = table.test.ids
+        self.link.after_step = self._after_step
+        self.link.scorer = self._score
+        self.counts: dict[int, int] = {}
+        self.digests: dict[int, int] = {}
+        self.window = _Window()
+        self.compute_seen = dict.fromkeys(self.others, 0.0)
+        self.writer: Any = None
+
+    # --- the loop -------------------------------------------------------------------
+
+    def run(self) -> None:
+        from shoal.writer import RunWriter
+
+        job, link, table = self.job, self.link, self.table
+        t = job.train
+        start = link.agree(self.held_steps())
+        state = self.load(start) if start >= 0 else None
+        if state is not None:
+            link.rr_seed = int(state["rr_seed"])
+        features = table.train.features if table.width else None
+        self.common = link.align(table.train.labels, features)  # type: ignore[arg-type]
+        self.test_rows = None
+        if table.test is not None:
+            common = link.align(table.test.labels, split="test")  # type: ignore[arg-type]
+            self.test_rows = torch.from_numpy(rows_of(table.test.ids, common))
+        self.per_epoch = -(-len(self.common) // t.batch_size)
+        total = self.total = t.total_steps(self.per_epoch)
+        optimizers = [self.top.optimizer, *([self.bottom.optimizer] if self.bottom else [])]
+        self.schedulers = [build_scheduler(o, job.optim, total) for o in optimizers]
+        if state is not None:
+            self.top.module.load_state_dict(state["top"])
+            self.top.optimizer.load_state_dict(state["top_optimizer"])
+            if self.bottom is not None:
+                self.bottom.module.load_state_dict(state["bottom"])
+                self.bottom.optimizer.load_state_dict(state["bottom_optimizer"])
+            for s, saved in zip(self.schedulers, state["schedulers"]):
+                s.load_state_dict(saved)
+            self.counts = {int(k): int(v) for k, v in state["counts"].items()}
+            self.digests = {int(k): int(v) for k, v in state["digests"].items()}
+            print(f"shoal: vertical: every party resumes from step {start}", file=sys.stderr)
+        job.model.name = self.opts.split_model  # (what the summary calls the model)
+        self.writer = RunWriter(job, total, self.resumed_from)
+        self.writer.start(f"vertical x{len(self.parties)}", self.step)
+        self.bytes_before = self._bytes()
+        self.session_from = self.step
+        bounds = _boundaries(job, total)
+        logs = set(range(t.log_every, total, t.log_every)) if t.log_every else set()
+        try:
+            for mark in sorted(b for b in bounds | logs if b > self.step):
+                link.train(mark, t.batch_size, t.seed, start=self.step)
+                self.step = mark
+                if mark in logs or mark == total:
+                    self._log()
+                if mark in bounds:
+                    self._save()
+                    if self.test_rows is not None and (
+                        mark == total or (t.eval_every and mark % t.eval_every == 0)
+                    ):
+                        link.evaluate(mark)
+            self.saver.wait()
+            self._finish()
+        finally:
+            self.writer.close()
+
+    def _after_step(self, step: int, loss: float, samples: int) -> None:
+        for s in self.schedulers:
+            s.step()
+        epoch = step // self.per_epoch
+        positions = batch_rows(len(self.common), step, self.job.train.batch_size,
+                               self.job.train.seed)  # fmt: skip
+        self.counts[epoch] = self.counts.get(epoch, 0) + samples
+        self.digests[epoch] = (self.digests.get(epoch, 0) + digest(positions)) & MASK64
+        w = self.window
+        w.loss_sum += loss * samples
+        w.samples += samples
+        w.steps += 1
+        self.writer.tick(step + 1)
+
+    def _bytes(self) -> tuple[int, int]:
+        c = self.link.comm.values()
+        return sum(x.sent for x in c), sum(x.received for x in c)
+
+    def _log(self) -> None:
+        w, link = self.window, self.link
+        elapsed = time.perf_counter() - w.start
+        sent, received = self._bytes()
+        memory = {"params": float(self._state_bytes()), "private": float(private_bytes())}
+        windows = {0: Window(w.loss_sum, w.samples, sent, received,
+                             _phases(link.compute_mine - w.mine), memory)}  # fmt: skip
+        for i, p in enumerate(self.others, 1):
+            done = link.compute_s[p]
+            windows[i] = Window(0.0, 0.0, link.comm[p].received, link.comm[p].sent,
+                                _phases(done - self.compute_seen[p]))  # fmt: skip
+            self.compute_seen[p] = done
+        lr = self.schedulers[0].get_last_lr()[0]
+        self.writer.window(
+            windows, step=self.step, epoch=self.step / self.per_epoch, lr=lr, steps=w.steps,
+            global_samples=int(w.samples), elapsed=elapsed, wall_time=self.wall_time(),
+            shares=1,
+        )  # fmt: skip
+        self.window = _Window(mine=link.compute_mine)
+
+    def _state_bytes(self) -> int:
+        parts = [self.top, *([self.bottom] if self.bottom is not None else [])]
+        return sum(state_bytes(p.module.parameters(), p.optimizer)["params"] for p in parts)
+
+    def _save(self) -> None:
+        b = self.bottom
+        self.saver.save(self.step, {
+            "step": self.step, "top": self.top.module.state_dict(),
+            "top_optimizer": self.top.optimizer.state_dict(),
+            **({"bottom": b.module.state_dict(), "bottom_optimizer": b.optimizer.state_dict()}
+               if b is not None else {}),
+            "schedulers": [s.state_dict() for s in self.schedulers],
+            "counts": dict(self.counts), "digests": dict(self.digests),
+            "rr_seed": self.link.rr_seed, "noise_gen": self.noise_gen.get_state(),
+            "wall_time": self.wall_time(),
+        })  # fmt: skip
+
+    @torch.no_grad()
+    def _score(self, step: int, outputs: list[torch.Tensor]) -> None:
+        from sklearn.metrics import roc_auc_score
+
+        test = self.table.test
+        assert test is not None and self.test_rows is not None and test.labels is not None
+        parts = list(outputs)
+        if self.bottom is not None:
+            parts.insert(0, self.bottom.module(test.features[self.test_rows]))
+        logits = self.top.module(torch.cat(parts, 1))
+        y = test.labels[self.test_rows]
+        metrics = {"test_loss": float(per_sample_loss(self.task, logits, y).mean())}
+        if self.task == "classification":
+            metrics["test_accuracy"] = float((logits.argmax(-1) == y).float().mean())
+        elif self.task == "binary":
+            scores = logits.reshape(y.shape)
+            metrics["test_accuracy"] = float(((scores > 0).float() == y).float().mean())
+            if 0 < float(y.sum()) < len(y):
+                metrics["auc"] = float(roc_auc_score(y.numpy(), scores.numpy()))
+        self.writer.record_evaluation(metrics, step, self.wall_time())
+
+    def _finish(self) -> None:
+        from shoal.data.datasets import Dataset, TensorRows
+
+        link, w = self.link, self.writer
+        steps_here = max(1, self.step - self.session_from)
+        sent, received = self._bytes()
+        per_party = {p: {"sent": link.comm[p].received, "received": link.comm[p].sent}
+                     for p in self.others}  # fmt: skip
+        vertical = {
+            "parties": self.parties, "label_party": self.name, "align": self.opts.align,
+            "common_ids": len(self.common),
+            "test_common_ids": None if self.test_rows is None else len(self.test_rows),
+            "split_model": self.opts.split_model, "staleness": self.opts.staleness,
+            "noise": self.opts.vertical_noise, "label_dp_epsilon": self.opts.label_dp or None,
+            "bytes_per_step": (sent + received - sum(self.bytes_before)) / steps_here,
+            "bytes_per_party": per_party,
+        }  # fmt: skip
+        wall = self.wall_time()
+        samples = sum(self.counts.values())
+        result = {"final_loss": w.last_loss, **w.eval_metrics, "steps": self.step,
+                  "samples_per_s": samples / wall if wall > 0 else 0.0,
+                  "vertical": vertical}  # fmt: skip
+        theirs = link.finish(result)
+        totals = [Totals(0, socket.gethostname(), sent, received,
+                         {"params": self._state_bytes()},
+                         {"forward_backward": link.compute_mine})]  # fmt: skip
+        for p in self.others:
+            with contextlib.suppress(ValueError):  # (a party's word: a malformed one is left out)
+                totals.append(Totals.from_dict(theirs[p]))
+        parts = {"top": self.top.module}
+        if self.bottom is not None:
+            parts["bottom"] = self.bottom.module
+        model = torch.nn.ModuleDict(parts)
+        rows = TensorRows(torch.zeros(len(self.common), 0), torch.zeros(len(self.common)))
+        data = Dataset(name=f"vertical: {', '.join(self.parties)}", task=self.task,
+                       train=rows, test=None, num_outputs=self.table.num_outputs,
+                       input_shape=(0,))  # fmt: skip
+        epochs = [self._epoch_report(e, n) for e, n in sorted(self.counts.items())]
+        w.finish(
+            model, dataset=data, world_size=len(self.parties), steps=self.step,
+            num_parameters=sum(p.numel() for p in model.parameters()), wall_time=wall,
+            counts=self.counts, totals=totals, epochs=epochs, vertical=vertical,
+            checkpoints={"saved": self.saver.saves - self.saver.failed,
+                         "failed": self.saver.failed, "background": self.saver.background,
+                         "stall_s": self.saver.stall_s},
+            resumed_from_step=self.resumed_from,
+        )  # fmt: skip
+
+    def _epoch_report(self, epoch: int, n: int) -> dict[str, Any]:
+        from shoal.data.order import FeistelPermutation
+
+        got = self.digests.get(epoch, 0)
+        if n == len(self.common):
+            want = range_digest(0, n)
+        else:
+            seed = self.job.train.seed * 1_000_003 + epoch  # (as batch_rows orders an epoch)
+            want = digest(FeistelPermutation(len(self.common), seed)(np.arange(n)))
+        return {"epoch": epoch, "samples": n, "digest": f"{got:016x}",
+                "expected": f"{want:016x}", "exact": got == want}  # fmt: skip
+
+    def close(self) -> None:
+        super().close()
+        self.link.close()
+
+
+def _phases(compute: float) -> dict[str, float]:
+    return {**dict.fromkeys(PHASES, 0.0), "forward_backward": compute}
+
+
+class _Window:
+    """The label party's figures since the last log record."""
+
+    def __init__(self, mine: float = 0.0) -> None:
+        self.loss_sum = 0.0
+        self.samples = 0.0
+        self.steps = 0
+        self.start = time.perf_counter()
+        self.mine = mine
+        """The label party's compute seconds when the window began."""
