@@ -1,0 +1,238 @@
+"""``shoal train --strategy vertical``: parties in their own processes (and on their own
+"machines"), each reading its own Parquet columns, end at the parameters of the one
+model trained on the joined table; a party killed mid-run costs nothing but time."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytest.importorskip("private_set_intersection.python")
+
+from shoal import checkpoint, procs
+from shoal.cli import main
+from shoal.data.make import make
+from shoal.models.tasks import per_sample_loss
+from shoal.strategies.vertical.link import batch_rows, rows_of
+from shoal.strategies.vertical.runtime import _seeded
+from shoal.strategies.vertical.split import Pooled, build_bottom, build_top
+from shoal.strategies.vertical.tables import read_party
+
+HIDDEN, DIM, BATCH, SEED, LR = 8, 4, 64, 3, 0.01
+
+
+@pytest.fixture(scope="module")
+def clicks(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("vertical") / "clicks"
+    make("clicks", 3000, out, test_rows=600, options={"overlap": 0.8})
+    return out
+
+
+def job(clicks: Path, out: Path, steps: int, *more: str) -> list[str]:
+    return [
+        "train", "--strategy", "vertical", "--parties",
+        f"user={clicks / 'user'},item={clicks / 'item'}", "--split-model", "mlp",
+        "--bottom-hidden", str(HIDDEN), "--steps", str(steps), "--batch-size", str(BATCH),
+        "--seed", str(SEED), "--out", str(out), "--no-progress", "--no-report", *more,
+    ]  # fmt: skip
+
+
+def shoal(args: list[str], timeout: float = 120, prefix: tuple[str, ...] = ()) -> str:
+    done = subprocess.run(
+        [*prefix, sys.executable, "-m", "shoal", *args], capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stderr
+
+
+def pooled(clicks: Path, steps: int) -> Pooled:
+    """The same model trained by one process on the joined table of the common ids: the
+    item party's bottom (the label party's own) first, then the user's, as the top sees
+    them; the same initial weights, batches and optimizer (Adam, lr 0.01)."""
+    user = read_party("user", str(clicks / "user"), "id", "")
+    item = read_party("item", str(clicks / "item"), "id", "click")
+    common = np.intersect1d(user.train.ids, item.train.ids)
+    xu = user.train.features[torch.from_numpy(rows_of(user.train.ids, common))]
+    at = torch.from_numpy(rows_of(item.train.ids, common))
+    xi, y = item.train.features[at], item.train.labels[at]  # type: ignore[index]
+    _seeded(SEED, 0)
+    bu = build_bottom("mlp", user.width, 1, HIDDEN, DIM)
+    _seeded(SEED, 1)
+    bi = build_bottom("mlp", item.width, 1, HIDDEN, DIM)
+    _seeded(SEED, -1)
+    top = build_top("mlp", 2, 1, HIDDEN, DIM)
+    model = Pooled([bi, bu], top, [range(item.width), range(item.width, item.width + user.width)])
+    x = torch.cat([xi, xu], 1)
+    opt = torch.optim.Adam(model.parameters(), lr=LR)
+    for step in range(steps):
+        b = torch.from_numpy(batch_rows(len(common), step, BATCH, SEED))
+        opt.zero_grad()
+        per_sample_loss("binary", model(x[b]), y[b]).mean().backward()
+        opt.step()
+    return model
+
+
+def max_diff(run: Path, user_home: Path, ref: Pooled) -> float:
+    label, user = (
+        load_file(str(run / "model.safetensors")),
+        load_file(str(user_home / "model.safetensors")),
+    )
+    pairs = [(label[f"top.{k}"], v) for k, v in ref.top.state_dict().items()]
+    pairs += [(label[f"bottom.{k}"], v) for k, v in ref.bottoms[0].state_dict().items()]
+    pairs += [(user[k], v) for k, v in ref.bottoms[1].state_dict().items()]
+    return max(float((a - b).abs().max()) for a, b in pairs)
+
+
+def samples(common: int, steps: int) -> int:
+    """Samples in ``steps`` steps (an epoch's last batch is shorter)."""
+    return sum(len(batch_rows(common, step, BATCH, SEED)) for step in range(steps))
+
+
+def summary(run: Path) -> dict:
+    return json.loads((run / "summary.json").read_text())
+
+
+@pytest.mark.timeout(180)
+def test_two_parties_end_at_the_pooled_models_parameters(clicks, tmp_path):
+    """Split between a user party and an item party (labels), aligned by PSI over ids
+    each holds 80% of: the parameters of both end within 1e-5 of one process's on the
+    joined table; each epoch's samples are exactly the common ids (digests)."""
+    run = tmp_path / "run"
+    steps = 40
+    shoal(job(clicks, run, steps, "--eval-every", "20"))
+    assert max_diff(run, run / "parties" / "user", pooled(clicks, steps)) < 1e-5
+    s = summary(run)
+    user = read_party("user", str(clicks / "user"), "id", "")
+    item = read_party("item", str(clicks / "item"), "id", "click")
+    common = np.intersect1d(user.train.ids, item.train.ids)
+    v = s["vertical"]
+    assert v["common_ids"] == len(common) and v["align"] == "psi"
+    assert v["test_common_ids"] == len(np.intersect1d(user.test.ids, item.test.ids))  # type: ignore[union-attr]
+    assert s["epochs"] and all(e["exact"] for e in s["epochs"])
+    assert sum(e["samples"] for e in s["epochs"]) == samples(len(common), steps)
+    # what crossed per step: the user's output for the batch and its gradient back
+    payload = 2 * BATCH * HIDDEN * 4
+    assert payload < v["bytes_per_step"] < payload + 2_000 + 200_000 / steps
+    assert 0.5 < s["auc"] <= 1 and s["steps"] == steps
+    evals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in evals if "eval" in r] == [20, 40]
+
+
+@pytest.mark.timeout(240)
+def test_a_party_killed_mid_run_resumes_with_the_others_from_their_common_checkpoint(
+    clicks, tmp_path
+):
+    """SIGKILL the user party after its checkpoint of step 60: the launcher stops the
+    label party, starts both again, they agree on the newest step both hold, and the
+    run ends at the unbroken run's parameters with exact digests."""
+    run = tmp_path / "run"
+    steps = 240
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shoal", *job(clicks, run, steps, "--checkpoint-every", "30")],
+        stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    killed = None
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and killed is None:
+            if checkpoint.step_path(run / "parties" / "user", 60).is_dir():
+                for pid in procs.role_processes(proc.pid, "party"):
+                    if Path(f"/proc/{pid}/comm").read_text().strip() == "shoal-party0":
+                        os.kill(pid, signal.SIGKILL)
+                        killed = pid
+            time.sleep(0.01)
+        _, err = proc.communicate(timeout=180)
+    finally:
+        proc.kill()
+    assert killed is not None and proc.returncode == 0, err[-3000:]
+    assert "party user was killed by SIGKILL" in err, err[-3000:]
+    assert "every party resumes from step" in err
+    s = summary(run)
+    assert s["resumed_from_step"] >= 60 and s["steps"] == steps
+    assert all(e["exact"] for e in s["epochs"])
+    assert sum(e["samples"] for e in s["epochs"]) == samples(s["vertical"]["common_ids"], steps)
+    assert max_diff(run, run / "parties" / "user", pooled(clicks, steps)) < 1e-5
+
+
+def test_what_a_vertical_job_does_not_read_is_refused(clicks, tmp_path, capsys):
+    parties = f"user={clicks / 'user'},item={clicks / 'item'}"
+    base = ["train", "--strategy", "vertical", "--steps", "2", "--out", str(tmp_path / "r")]
+    cases = [
+        (["--parties", parties, "--data", "digits"], "--data: --strategy vertical does not read"),
+        (["--parties", parties, "--workers", "2"], "--workers: --strategy vertical does not"),
+        (["--parties", parties, "--hidden", "8"], "--hidden: --strategy vertical does not"),
+        (["--parties", parties, "--party", "bank", "--label-address", "1.2.3.4:5"],
+         "--party bank is not one of --parties"),
+        (["--parties", parties, "--party", "user"], "give --label-address"),
+        (["--parties", f"user={tmp_path / 'nowhere'},item={clicks / 'item'}"],
+         "no such file or directory"),
+        (["--parties", f"user={clicks / 'user'}"], "needs two parties or more"),
+        (["--parties", parties, "--id-column", "uid"], "no column 'uid'"),
+        (["--parties", parties, "--split-model", "linear", "--tower-dim", "8"],
+         "--tower-dim: it is read only with --split-model two-tower or two-tower-mlp"),
+        (["--parties", parties, "--dp-clip", "1", "--dp-noise", "1"],
+         "does not run differential privacy"),
+    ]  # fmt: skip
+    for extra, message in cases:
+        assert main([*base, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (extra, err)
+        assert len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_one_shoal_train_per_party_on_two_hosts(clicks, tmp_path):
+    """The item party (labels) on one network namespace, the user party on another,
+    each started by its own ``shoal train --party``: the same parameters as the
+    one-machine run. A party run with other flags is refused, by both sides."""
+    from netns import hosts
+
+    steps = 30
+    env = {**os.environ, "SHOAL_SECRET": "ab" * 32}
+    with hosts(subnet="10.231.13") as (a, b):
+        address = f"{a.addr}:7313"
+
+        def start(host, party: str, out: Path, *more: str) -> subprocess.Popen:
+            args = [*job(clicks, out, steps, "--party", party, "--label-address", address)]
+            return subprocess.Popen(
+                [*host.prefix(), sys.executable, "-m", "shoal", *args, *more], env=env,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            )  # fmt: skip
+
+        label = start(a, "item", tmp_path / "item")
+        user = start(b, "user", tmp_path / "user")
+        try:
+            _, label_err = label.communicate(timeout=150)
+            _, user_err = user.communicate(timeout=30)
+        finally:
+            label.kill()
+            user.kill()
+        assert label.returncode == 0, label_err[-3000:]
+        assert user.returncode == 0, user_err[-3000:]
+        ref = pooled(clicks, steps)
+        assert max_diff(tmp_path / "item", tmp_path / "user", ref) < 1e-5
+        assert summary(tmp_path / "user")["steps"] == steps  # (the label party's word)
+
+        label = start(a, "item", tmp_path / "item2")
+        user = start(b, "user", tmp_path / "user2", "--batch-size", "32")
+        try:
+            _, label_err = label.communicate(timeout=60)
+            _, user_err = user.communicate(timeout=30)
+        finally:
+            label.kill()
+            user.kill()
+    for code, err in ((label.returncode, label_err), (user.returncode, user_err)):
+        assert code != 0 and "runs another job: its batch_size is 32" in err, err[-2000:]
