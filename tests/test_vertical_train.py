@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from safetensors.torch import load_file
 
 pytest.importorskip("private_set_intersection.python")
@@ -22,10 +21,9 @@ pytest.importorskip("private_set_intersection.python")
 from shoal import checkpoint, procs
 from shoal.cli import main
 from shoal.data.make import make
-from shoal.models.tasks import per_sample_loss
-from shoal.strategies.vertical.link import batch_rows, rows_of
-from shoal.strategies.vertical.runtime import _seeded
-from shoal.strategies.vertical.split import Pooled, build_bottom, build_top
+from shoal.strategies.vertical.link import batch_rows
+from shoal.strategies.vertical.pooled import train_pooled
+from shoal.strategies.vertical.split import Pooled
 from shoal.strategies.vertical.tables import read_party
 
 HIDDEN, DIM, BATCH, SEED, LR = 8, 4, 64, 3, 0.01
@@ -58,29 +56,10 @@ def shoal(args: list[str], timeout: float = 120, prefix: tuple[str, ...] = ()) -
 
 def pooled(clicks: Path, steps: int) -> Pooled:
     """The same model trained by one process on the joined table of the common ids: the
-    item party's bottom (the label party's own) first, then the user's, as the top sees
-    them; the same initial weights, batches and optimizer (Adam, lr 0.01)."""
-    user = read_party("user", str(clicks / "user"), "id", "")
-    item = read_party("item", str(clicks / "item"), "id", "click")
-    common = np.intersect1d(user.train.ids, item.train.ids)
-    xu = user.train.features[torch.from_numpy(rows_of(user.train.ids, common))]
-    at = torch.from_numpy(rows_of(item.train.ids, common))
-    xi, y = item.train.features[at], item.train.labels[at]  # type: ignore[index]
-    _seeded(SEED, 0)
-    bu = build_bottom("mlp", user.width, 1, HIDDEN, DIM)
-    _seeded(SEED, 1)
-    bi = build_bottom("mlp", item.width, 1, HIDDEN, DIM)
-    _seeded(SEED, -1)
-    top = build_top("mlp", 2, 1, HIDDEN, DIM)
-    model = Pooled([bi, bu], top, [range(item.width), range(item.width, item.width + user.width)])
-    x = torch.cat([xi, xu], 1)
-    opt = torch.optim.Adam(model.parameters(), lr=LR)
-    for step in range(steps):
-        b = torch.from_numpy(batch_rows(len(common), step, BATCH, SEED))
-        opt.zero_grad()
-        per_sample_loss("binary", model(x[b]), y[b]).mean().backward()
-        opt.step()
-    return model
+    same initial weights, batches and optimizer (Adam, lr 0.01)."""
+    parties = {"user": str(clicks / "user"), "item": str(clicks / "item")}
+    return train_pooled(parties, "item", "click", "mlp", steps=steps, batch=BATCH, seed=SEED,
+                        lr=LR, hidden=HIDDEN, dim=DIM).model  # fmt: skip
 
 
 def max_diff(run: Path, user_home: Path, ref: Pooled) -> float:

@@ -28,9 +28,11 @@ Only blinded ids, outputs and gradients cross; bytes are counted per party.
 
 from __future__ import annotations
 
+import functools
 import secrets
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,8 +58,14 @@ def batch_rows(common: int, step: int, batch: int, seed: int) -> np.ndarray:
     shorter); the same at every party."""
     per_epoch = -(-common // batch)
     epoch, k = divmod(step, per_epoch)
-    perm = FeistelPermutation(common, seed * 1_000_003 + epoch)
+    perm = _permutation(common, seed * 1_000_003 + epoch)
     return perm(np.arange(k * batch, min((k + 1) * batch, common)))
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation(n: int, seed: int) -> FeistelPermutation:
+    """An epoch's permutation, built once (its round keys cost as much as a batch)."""
+    return FeistelPermutation(n, seed)
 
 
 def _bytes_tensor(b: bytes) -> torch.Tensor:
@@ -135,8 +143,11 @@ class LabelParty:
         self.address = self.listener.address
         self.buffers = wire.Buffers()
         self.comm: dict[str, CommCounter] = {p: CommCounter() for p in self.parties}
-        self.split_ids: dict[str, np.ndarray] = {"train": ids}
+        self.split_ids: dict[str, np.ndarray] = {}
         self.seekers: dict[str, psi.Seeker] = {}
+        self.requests: dict[str, Future[bytes]] = {}
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="shoal-psi")
+        self.add_split("train", ids)
         self.setups: dict[tuple[str, str], bytes] = {}  # (a party's PSI setup, until its answer)
         self.plan: tuple[int, int] | None = None  # (batch, seed) once training
         self.served = 0
@@ -151,7 +162,10 @@ class LabelParty:
         """What each party's output feeds (told with the common ids: a linear bottom's
         width)."""
         self.after_step: Any = None
-        """Called as ``after_step(step, loss, samples)`` once the top stepped on a step."""
+        """Called as ``after_step(step, loss, rows)`` once the top stepped on a step
+        (``rows``: the step's positions among the common ids)."""
+        self.ahead = -1
+        """The step whose output this party's own bottom computed already."""
         self.compute_mine = 0.0
         """Seconds this party computed so far (its top and its own bottom)."""
         self.compute_s: dict[str, float] = dict.fromkeys(self.parties, 0.0)
@@ -171,6 +185,14 @@ class LabelParty:
     def common(self) -> np.ndarray | None:
         """The training split's common ids, once aligned."""
         return self.commons.get("train")
+
+    def add_split(self, split: str, ids: np.ndarray) -> None:
+        """The ids of ``split`` to align; with PSI, this party's blinded request for them
+        is computed now, in the background, while the parties compute their setups."""
+        self.split_ids[split] = ids
+        if self.align_mode == "psi":
+            seeker = self.seekers[split] = psi.Seeker(ids.tolist())
+            self.requests[split] = self._pool.submit(seeker.request)
 
     # --- one request ----------------------------------------------------------------
 
@@ -239,7 +261,9 @@ class LabelParty:
     ) -> None:
         ids = self.split_ids[split]
         if op == "psi-count":
-            self.seekers.setdefault(split, psi.Seeker(ids.tolist()))
+            if split not in self.seekers:
+                self.seekers[split] = psi.Seeker(ids.tolist())
+                self.requests[split] = self._pool.submit(self.seekers[split].request)
             self._send(peer, {"op": "psi-count", "id": rid, "count": len(ids)}, name=name)
             return
         seeker = self.seekers.get(split)
@@ -247,7 +271,7 @@ class LabelParty:
             if seeker is None:
                 raise ValueError("psi-setup before psi-count")
             self.setups[name, split] = _tensor_bytes(tensors[0])
-            request = seeker.request()
+            request = self.requests[split].result()  # (one request serves every party)
             self._send(peer, {"op": "psi-request", "id": rid}, [_bytes_tensor(request)], name)
             return
         found = self.found[split]
@@ -415,23 +439,33 @@ class LabelParty:
         began = time.perf_counter()
         outputs = []
         if self.bottom is not None:
-            assert self.features is not None
-            outputs.append(self.bottom.forward(self.features[rows]))
+            if self.ahead != step:  # (else computed while the parties computed theirs)
+                assert self.features is not None
+                self.bottom.forward(self.features[rows])
+            assert self.bottom.out is not None
+            outputs.append(self.bottom.out.detach())
         outputs += [state.outputs[p] for p in self.parties]
         loss, grads = self.top.step(outputs, self.labels[rows])
-        self.losses.append(float(loss))
-        if self.bottom is not None:
-            self.bottom.backward(grads.pop(0))
-        self.compute_mine += time.perf_counter() - began
-        if self.after_step is not None:
-            self.after_step(step, float(loss), len(rows))
-        for p, g in zip(self.parties, grads):
+        mine = grads.pop(0) if self.bottom is not None else None
+        for p, g in zip(self.parties, grads):  # (first: the parties go on meanwhile)
             who, r = state.waiting[p]
             self._send(who, {"op": "backward", "id": r, "step": step}, [g], p)
         del self.steps[step]
         self.served += 1
+        self.losses.append(float(loss))
+        if self.bottom is not None:
+            assert self.features is not None and mine is not None
+            self.bottom.backward(mine)
+            # the next step's own output, while the parties compute theirs
+            self.ahead = step + 1
+            ahead = torch.from_numpy(batch_rows(len(self.common), step + 1, batch, seed))
+            self.bottom.forward(self.features[ahead])
+        self.compute_mine += time.perf_counter() - began
+        if self.after_step is not None:
+            self.after_step(step, float(loss), rows.numpy())
 
     def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
         self.listener.close(linger_ms=1000)
 
 

@@ -194,11 +194,14 @@ class Plugin(plugin.Plugin):
         others = ", ".join(p for p in v["parties"] if p != v["label_party"])
         rows = [
             ("parties", f"{others} + {v['label_party']} (labels)"),
-            ("common ids", f"{v['common_ids']:,} by {v['align']}"
+            ("common ids", f"{v['common_ids']:,} by {v['align']} in {v['align_s']:.1f} s"
                            + (f" ({v['test_common_ids']:,} held out)"
                               if v.get("test_common_ids") else "")),
             ("bytes per step", f"{v['bytes_per_step'] / 1000:,.1f} KB (outputs and gradients)"),
         ]  # fmt: skip
+        if v.get("train_samples_per_s"):
+            rows.append(("training throughput", f"{v['train_samples_per_s']:,.0f} samples/s "
+                         "in steps"))  # fmt: skip
         protect = []
         if v.get("noise"):
             protect.append(f"noise sigma {v['noise']:g} on outputs and gradients")
@@ -230,7 +233,12 @@ def launch_parties(job: JobConfig, config_path: str) -> None:
     else:
         address = f"tcp://{o.label_address or f'127.0.0.1:{_free_port()}'}"
         secret = wire.secret_hex() or wire.new_secret()
-    base = {wire.SECRET_ENV: secret, ADDRESS_ENV: address, "OMP_NUM_THREADS": "1"}
+    base = {
+        wire.SECRET_ENV: secret,
+        ADDRESS_ENV: address,
+        "OMP_NUM_THREADS": "1",
+        "LOCAL_WORLD_SIZE": str(len(names)),
+    }  # (the cores shared: see dist.init)
     roles = [Role("party", i, {**base, PARTY_ENV: n}) for i, n in enumerate(names)]
     attempts = 0 if o.party else job.cluster.max_restarts
     for attempt in range(attempts + 1):

@@ -40,7 +40,7 @@ from shoal.metrics import PHASES
 from shoal.models.tasks import per_sample_loss
 from shoal.net import wire
 from shoal.optim import build_optimizer, build_scheduler
-from shoal.strategies.vertical.link import LabelParty, Party, batch_rows, rows_of
+from shoal.strategies.vertical.link import LabelParty, Party, rows_of
 from shoal.strategies.vertical.split import Bottom, Top, _noisy, build_bottom, build_top
 from shoal.strategies.vertical.tables import PartyTable, read_party
 from shoal.telemetry import Totals, Window
@@ -321,7 +321,7 @@ class _LabelRun(_Run):
         self.link.outputs = table.num_outputs
         self.link.plan_check = plan_of(job)
         if table.test is not None:
-            self.link.split_ids["test"] = table.test.ids
+            self.link.add_split("test", table.test.ids)
         self.link.after_step = self._after_step
         self.link.scorer = self._score
         self.counts: dict[int, int] = {}
@@ -342,11 +342,13 @@ class _LabelRun(_Run):
         if state is not None:
             link.rr_seed = int(state["rr_seed"])
         features = table.train.features if table.width else None
+        began = time.perf_counter()
         self.common = link.align(table.train.labels, features)  # type: ignore[arg-type]
         self.test_rows = None
         if table.test is not None:
             common = link.align(table.test.labels, split="test")  # type: ignore[arg-type]
             self.test_rows = torch.from_numpy(rows_of(table.test.ids, common))
+        self.align_s = time.perf_counter() - began
         self.per_epoch = -(-len(self.common) // t.batch_size)
         total = self.total = t.total_steps(self.per_epoch)
         optimizers = [self.top.optimizer, *([self.bottom.optimizer] if self.bottom else [])]
@@ -367,11 +369,15 @@ class _LabelRun(_Run):
         self.writer.start(f"vertical x{len(self.parties)}", self.step)
         self.bytes_before = self._bytes()
         self.session_from = self.step
+        self.window = _Window(mine=link.compute_mine)
+        self.train_s = 0.0  # (seconds in training steps, evaluations and checkpoints left out)
         bounds = _boundaries(job, total)
         logs = set(range(t.log_every, total, t.log_every)) if t.log_every else set()
         try:
             for mark in sorted(b for b in bounds | logs if b > self.step):
+                began = time.perf_counter()
                 link.train(mark, t.batch_size, t.seed, start=self.step)
+                self.train_s += time.perf_counter() - began
                 self.step = mark
                 if mark in logs or mark == total:
                     self._log()
@@ -386,12 +392,10 @@ class _LabelRun(_Run):
         finally:
             self.writer.close()
 
-    def _after_step(self, step: int, loss: float, samples: int) -> None:
+    def _after_step(self, step: int, loss: float, positions: np.ndarray) -> None:
         for s in self.schedulers:
             s.step()
-        epoch = step // self.per_epoch
-        positions = batch_rows(len(self.common), step, self.job.train.batch_size,
-                               self.job.train.seed)  # fmt: skip
+        epoch, samples = step // self.per_epoch, len(positions)
         self.counts[epoch] = self.counts.get(epoch, 0) + samples
         self.digests[epoch] = (self.digests.get(epoch, 0) + digest(positions)) & MASK64
         w = self.window
@@ -477,6 +481,9 @@ class _LabelRun(_Run):
             "split_model": self.opts.split_model, "staleness": self.opts.staleness,
             "noise": self.opts.vertical_noise, "label_dp_epsilon": self.opts.label_dp or None,
             "bytes_per_step": (sent + received - sum(self.bytes_before)) / steps_here,
+            "align_s": self.align_s,
+            "train_samples_per_s": sum(self.counts.get(e, 0) for e in self.counts)
+            / max(self.train_s, 1e-9) if self.resumed_from is None else None,
             "bytes_per_party": per_party,
         }  # fmt: skip
         wall = self.wall_time()
