@@ -144,6 +144,41 @@ def test_a_party_killed_mid_run_resumes_with_the_others_from_their_common_checkp
     assert max_diff(run, run / "parties" / "user", pooled(clicks, steps)) < 1e-5
 
 
+@pytest.mark.timeout(240)
+def test_a_sigterm_stops_every_party_at_one_checkpoint_and_resume_goes_on(clicks, tmp_path):
+    """A scheduler's SIGTERM to the launcher: every party stops after the same step with
+    a checkpoint of it (exit 143, the preemption noted); ``--resume`` ends at the
+    unbroken run's parameters, the summary listing the preemption."""
+    run = tmp_path / "run"
+    steps = 240
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shoal", *job(clicks, run, steps, "--checkpoint-every", "100")],
+        stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (run / "metrics.jsonl").is_file():
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err[-3000:]
+    record = json.loads((run / "preempted.jsonl").read_text().splitlines()[-1])
+    step = record["step"]
+    assert 0 < step < steps and record["signal"] == "SIGTERM"
+    assert f"every worker stopped after step {step}" in err and "continue with" in err
+    for home in (run, run / "parties" / "user"):
+        assert checkpoint.list_checkpoints(home)[-1].name == checkpoint.step_path(home, step).name
+    shoal(["train", "--resume", str(run), "--no-progress", "--no-report"])
+    s = summary(run)
+    assert s["resumed_from_step"] == step and s["steps"] == steps
+    assert [p["step"] for p in s["preemptions"]] == [step]
+    assert all(e["exact"] for e in s["epochs"])
+    assert sum(e["samples"] for e in s["epochs"]) == samples(s["vertical"]["common_ids"], steps)
+    assert max_diff(run, run / "parties" / "user", pooled(clicks, steps)) < 1e-5
+
+
 def test_what_a_vertical_job_does_not_read_is_refused(clicks, tmp_path, capsys):
     parties = f"user={clicks / 'user'},item={clicks / 'item'}"
     base = ["train", "--strategy", "vertical", "--steps", "2", "--out", str(tmp_path / "r")]

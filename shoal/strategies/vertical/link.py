@@ -164,6 +164,11 @@ class LabelParty:
         self.after_step: Any = None
         """Called as ``after_step(step, loss, rows)`` once the top stepped on a step
         (``rows``: the step's positions among the common ids)."""
+        self.stop: tuple[str, float] | None = None
+        """A signal to stop (its name, when it came) this party or another got: the step
+        under way is the last, every party checkpoints it (preemption)."""
+        self.stop_after: int | None = None
+        """Once stopping: the steps done when every party stops."""
         self.ahead = -1
         """The step whose output this party's own bottom computed already."""
         self.compute_mine = 0.0
@@ -231,6 +236,7 @@ class LabelParty:
                     raise ValueError(f"no split {split[:20]!r} to align")
                 self._align(peer, rid, name, op, tensors, split)
             elif op == "forward":
+                self._stopping(header.get("stop"))
                 self._forward(peer, rid, name, int(header["step"]), tensors)
                 self.compute_s[name] = float(header.get("compute_s", 0.0))
             elif op == "evaluate":
@@ -372,10 +378,11 @@ class LabelParty:
     # --- training -------------------------------------------------------------------
 
     def train(self, steps: int, batch: int, seed: int, start: int = 0) -> None:
-        """Serve split training from step ``start`` up to step ``steps``."""
+        """Serve split training from step ``start`` up to step ``steps``, or until a stop
+        (:attr:`stop_after`)."""
         self.plan = (batch, seed)
         self.served = max(self.served, start)
-        self.serve_until(lambda: self.served >= steps)
+        self.serve_until(lambda: self.served >= steps or self.stop_after is not None)
 
     # --- evaluation -----------------------------------------------------------------
 
@@ -415,7 +422,19 @@ class LabelParty:
         self.serve_until(lambda: not state.waiting)
         del self.evaluations[step]
 
+    def _stopping(self, told: Any) -> None:
+        """A party says it got a signal to stop (``[name, when]``): the earliest counts."""
+        if told is None:
+            return
+        if not (isinstance(told, list) and len(told) == 2 and isinstance(told[0], str)):
+            raise ValueError("stop: must be [signal name, time]")
+        name, when = told[0][:16], float(told[1])
+        if self.stop is None or when < self.stop[1]:
+            self.stop = (name, when)
+
     def _forward(self, peer: bytes, rid: int | None, name: str, step: int, tensors: list) -> None:
+        if self.stop_after is not None and step >= self.stop_after:
+            return  # (sent ahead, before the party heard of the stop: never trained)
         if self.common is None or self.plan is None:
             raise ValueError("forward before the ids are aligned and training started")
         want = len(batch_rows(len(self.common), step, *self.plan))
@@ -447,9 +466,12 @@ class LabelParty:
         outputs += [state.outputs[p] for p in self.parties]
         loss, grads = self.top.step(outputs, self.labels[rows])
         mine = grads.pop(0) if self.bottom is not None else None
+        if self.stop is not None:
+            self.stop_after = step + 1
         for p, g in zip(self.parties, grads):  # (first: the parties go on meanwhile)
             who, r = state.waiting[p]
-            self._send(who, {"op": "backward", "id": r, "step": step}, [g], p)
+            head = {"op": "backward", "id": r, "step": step, "stop": self.stop_after is not None}
+            self._send(who, head, [g], p)
         del self.steps[step]
         self.served += 1
         self.losses.append(float(loss))
@@ -489,6 +511,10 @@ class Party:
         """The label party's word on what the bottom's output feeds (a linear one's width)."""
         self.compute_s = 0.0
         """Seconds spent computing so far (forward and backward)."""
+        self.stop: tuple[str, float] | None = None
+        """A signal to stop this party got (its name, when): told the label party."""
+        self.stopped_at: int | None = None
+        """The steps done when the label party said every party stops (preemption)."""
 
     def align(
         self, mode: str = "psi", split: str = "train", ids: np.ndarray | None = None
@@ -550,7 +576,10 @@ class Party:
             return features[torch.from_numpy(rows)]
 
         def header(step: int) -> dict[str, Any]:
-            return {"op": "forward", "step": step, "compute_s": self.compute_s}
+            head = {"op": "forward", "step": step, "compute_s": self.compute_s}
+            if self.stop is not None:
+                head["stop"] = list(self.stop)
+            return head
 
         if staleness not in (0, 1):
             raise ValueError("staleness must be 0 or 1")
@@ -559,12 +588,15 @@ class Party:
                 began = clock()
                 out = bottom.forward(batch_of(step))
                 self.compute_s += clock() - began
-                _, (grad,) = self.peer.call(header(step), [out])
+                reply, (grad,) = self.peer.call(header(step), [out])
                 began = clock()
                 bottom.backward(grad)
                 self.compute_s += clock() - began
                 if after_step is not None:
                     after_step(step)
+                if reply.get("stop"):
+                    self.stopped_at = step + 1
+                    return
             return
         pending: tuple[int, int, Stash] | None = None
         for step in range(start, steps + 1):
@@ -575,12 +607,15 @@ class Party:
                 self.compute_s += clock() - began
                 sent = (self.peer.send(header(step), [out]), step, stash)
             if pending is not None:
-                _, (grad,) = self.peer.recv(pending[0])
+                reply, (grad,) = self.peer.recv(pending[0])
                 began = clock()
                 bottom.backward_ahead(pending[2], grad)
                 self.compute_s += clock() - began
                 if after_step is not None:
                     after_step(pending[1])
+                if reply.get("stop"):  # (the batch sent ahead is never trained)
+                    self.stopped_at = pending[1] + 1
+                    return
             pending = sent
 
     def close(self) -> None:

@@ -9,7 +9,6 @@ one fails, starts them all again from the newest checkpoint every party holds. W
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import sys
@@ -114,7 +113,7 @@ class Plugin(plugin.Plugin):
     own_data = True
     default_optimizer = "adam"
     default_lr = 0.01
-    reads = ("cluster.startup_timeout",)
+    reads = ("cluster.startup_timeout", "cluster.grace_period")
     ignores = (
         "data", "model", "train.device", "train.balance", "train.balance_every",
         "train.max_rank_batch", "cluster.workers", "cluster.nnodes", "cluster.min_nodes",
@@ -216,9 +215,11 @@ def launch_parties(job: JobConfig, config_path: str) -> None:
     """Start this machine's parties and wait for them. Every party on this machine: a
     party that fails stops the others, and all start again (up to ``--max-restarts``)
     from the newest checkpoint they all hold. One party (``--party``): it runs once."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
     from shoal import failure
     from shoal.dist import _free_port
-    from shoal.launch import LaunchFailed, describe_exit
+    from shoal.launch import JobPreempted, LaunchFailed, describe_exit, preempted_since
     from shoal.net import wire
     from shoal.roles import Role, RoleGroup
     from shoal.strategies.vertical.runtime import ADDRESS_ENV, PARTY_ENV, parse_parties
@@ -241,55 +242,101 @@ def launch_parties(job: JobConfig, config_path: str) -> None:
     }  # (the cores shared: see dist.init)
     roles = [Role("party", i, {**base, PARTY_ENV: n}) for i, n in enumerate(names)]
     attempts = 0 if o.party else job.cluster.max_restarts
-    for attempt in range(attempts + 1):
-        group = RoleGroup(roles, config_path, fork_first=attempt == 0)
-        try:
-            failed = _wait(group, names)
-        finally:
-            group.close()
-        if failed is None:
-            return
-        name, code = failed
-        how = describe_exit(code)
-        if code == failure.EXIT_RAISED:
-            raised, verdict = group.raised.take("party")
-            how = f"raised {raised.kind}" if raised is not None else how
-            if verdict:
-                raise LaunchFailed(f"party {name} {how}; {verdict}")
-        if code == 2:  # (it said why, on its own line)
-            raise LaunchFailed(f"party {name} refused the job")
-        if attempt == attempts:
-            raise LaunchFailed(f"party {name} {how}" + (f", {attempt + 1} times (--max-restarts)"
-                                                         if attempts else ""))  # fmt: skip
-        print(f"shoal: error: party {name} {how}; every party starts again from the newest "
-              f"checkpoint they all hold (restart {attempt + 1} of {attempts})",
-              file=sys.stderr, flush=True)  # fmt: skip
-
-
-def _wait(group: Any, names: list[str]) -> tuple[str, int] | None:
-    """Until every party exited: ``None`` if all finished, else the party whose failure
-    says most (one that raised or refused the job, before one that lost its peer: a
-    party's failure ends the others' connections), the others stopped."""
-    from shoal import failure
-
-    done, failed = 0, []
+    signals = _PassOn()
+    started = time.time()
     try:
-        while done < len(names) and not failed:
-            for role, code in group.poll():
-                done += code == 0
-                if code != 0:
-                    failed.append((names[role.rank], code))
-            time.sleep(0.05)
-        until = time.monotonic() + 2.0  # (the others notice within a moment)
-        while failed and group.running and time.monotonic() < until:
-            failed += [(names[r.rank], c) for r, c in group.poll() if c != 0]
-            time.sleep(0.05)
-        group.signal(signal.SIGKILL)
-    except KeyboardInterrupt:
-        with contextlib.suppress(Exception):
-            group.signal(signal.SIGTERM)
-        raise
+        for attempt in range(attempts + 1):
+            group = signals.group = RoleGroup(roles, config_path, fork_first=attempt == 0)
+            signals.install()  # (after: torch's process layer puts in handlers of its own)
+            try:
+                failed, preempted = _wait(group, names)
+            finally:
+                group.close()
+            if preempted and failed is None:
+                record = preempted_since(config_path, started)
+                raise JobPreempted(record or {"step": "?", "signal": "SIGTERM",
+                                              "checkpoint_s": 0.0})  # fmt: skip
+            if failed is None:
+                return
+            name, code = failed
+            how = describe_exit(code)
+            if code == failure.EXIT_RAISED:
+                raised, verdict = group.raised.take("party")
+                how = f"raised {raised.kind}" if raised is not None else how
+                if verdict:
+                    raise LaunchFailed(f"party {name} {how}; {verdict}")
+            if code == 2:  # (it said why, on its own line)
+                raise LaunchFailed(f"party {name} refused the job")
+            if signals.told:
+                raise LaunchFailed(f"party {name} {how} while the job was stopping")
+            if attempt == attempts:
+                many = f", {attempt + 1} times (--max-restarts)" if attempts else ""
+                raise LaunchFailed(f"party {name} {how}{many}")
+            print(f"shoal: error: party {name} {how}; every party starts again from the newest "
+                  f"checkpoint they all hold (restart {attempt + 1} of {attempts})",
+                  file=sys.stderr, flush=True)  # fmt: skip
+    except SignalException:  # (one before ours were in: torch's process layer's)
+        raise KeyboardInterrupt from None
+    finally:
+        signals.restore()
+
+
+class _PassOn:
+    """The launcher's signals, passed on to the parties: SIGTERM (a scheduler's) and
+    Ctrl-C as SIGTERM, Slurm's SIGUSR1 as itself; each party tells the label party, and
+    all stop after the same step with a checkpoint of it. A second Ctrl-C: at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.group: Any = None
+        self.told: list[int] = []
+        self.previous = {s: signal.getsignal(s) for s in self.SIGNALS}
+
+    def install(self) -> None:
+        for s in self.SIGNALS:
+            signal.signal(s, self._on)
+
+    def _on(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and signal.SIGINT in self.told:
+            self.restore()
+            raise KeyboardInterrupt
+        self.told.append(signum)
+        if signum == signal.SIGINT:
+            from shoal.launch import CTRL_C
+
+            CTRL_C.set()
+        if self.group is not None:
+            self.group.signal(signal.SIGUSR1 if signum == signal.SIGUSR1 else signal.SIGTERM)
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def _wait(group: Any, names: list[str]) -> tuple[tuple[str, int] | None, bool]:
+    """Until every party exited: the party whose failure says most (one that raised or
+    refused the job, before one that lost its peer: a party's failure ends the others'
+    connections), the others stopped, or ``None``; and whether the parties stopped
+    preempted, each with a checkpoint of the same step."""
+    from shoal import failure
+    from shoal.preempt import EXIT_PREEMPTED
+
+    done, failed, preempted = 0, [], False
+    while done < len(names) and not failed:
+        for role, code in group.poll():
+            if code in (0, EXIT_PREEMPTED):
+                done += 1
+                preempted |= code == EXIT_PREEMPTED
+            else:
+                failed.append((names[role.rank], code))
+        time.sleep(0.05)
+    until = time.monotonic() + 2.0  # (the others notice within a moment)
+    while failed and group.running and time.monotonic() < until:
+        failed += [(names[r.rank], c) for r, c in group.poll() if c != 0]
+        time.sleep(0.05)
+    group.signal(signal.SIGKILL)
     if not failed:
-        return None
+        return None, preempted
     telling = [f for f in failed if f[1] in (failure.EXIT_RAISED, 2)]
-    return (telling or failed)[0]
+    return (telling or failed)[0], preempted

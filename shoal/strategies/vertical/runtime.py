@@ -21,6 +21,7 @@ import contextlib
 import math
 import os
 import secrets
+import signal
 import socket
 import sys
 import time
@@ -30,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from shoal import checkpoint
+from shoal import checkpoint, preempt
 from shoal.config import JobConfig
 from shoal.data.order import MASK64, digest, range_digest
 from shoal.errors import UserError
@@ -141,10 +142,34 @@ def run_party(job: JobConfig) -> None:
     home = party_home(job, name)
     home.mkdir(parents=True, exist_ok=True)
     run = (_LabelRun if name == label else _PartyRun)(job, name, table, _secret(), address, home)
+    signals = _Signals(run.link)
     try:
         run.run()
     finally:
+        signals.restore()
         run.close()
+
+
+class _Signals:
+    """A scheduler's SIGTERM, Slurm's SIGUSR1 or Ctrl-C: noted on the party's link, which
+    tells the label party; the step under way is every party's last, and each
+    checkpoints it (see :mod:`shoal.preempt`). A second Ctrl-C stops at once."""
+
+    def __init__(self, link: Any) -> None:
+        self.link = link
+        self.previous = {s: signal.signal(s, self._on) for s in preempt.SIGNALS}
+
+    def _on(self, signum: int, frame: Any) -> None:
+        if self.link.stop is not None:
+            if signum == signal.SIGINT and self.link.stop[0] == "SIGINT":
+                self.restore()
+                raise KeyboardInterrupt
+            return
+        self.link.stop = (signal.Signals(signum).name, time.time())
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 def _stored_label(path: str) -> str:
@@ -196,6 +221,15 @@ class _Run:
         self.noise_gen.set_state(state["noise_gen"])
         return state
 
+    def preempted(self, told: tuple[str, float] | None) -> None:
+        """Every party stopped after :attr:`step` and this one checkpointed it: note it
+        (its launcher says so) and leave as a preempted worker does."""
+        self.saver.wait()
+        name, received = told or ("SIGTERM", time.time())
+        entry = preempt.record(self.home, self.step, name, received,
+                               self.job.cluster.grace_period)  # fmt: skip
+        raise preempt.Preempted(self.step, entry)
+
     def bottom_of(self, width: int, outputs: int, noise: float) -> Bottom:
         _seeded(self.job.train.seed, self.index)
         o = self.opts
@@ -238,8 +272,10 @@ class _PartyRun(_Run):
             link.train(table.train.features, mark, job.train.batch_size, job.train.seed,
                        opts.staleness, start=self.step,
                        after_step=lambda s: scheduler.step())  # fmt: skip
-            self.step = mark
+            self.step = mark if link.stopped_at is None else link.stopped_at
             self.save(bottom, scheduler)
+            if link.stopped_at is not None:
+                self.preempted(link.stop)
             if test_x is not None and (mark == total or (evals and mark % evals == 0)):
                 with torch.no_grad():
                     out = bottom.module(test_x)
@@ -378,6 +414,11 @@ class _LabelRun(_Run):
                 began = time.perf_counter()
                 link.train(mark, t.batch_size, t.seed, start=self.step)
                 self.train_s += time.perf_counter() - began
+                if link.stop_after is not None:
+                    self.step = link.stop_after
+                    self._log()
+                    self._save()
+                    self.preempted(link.stop)
                 self.step = mark
                 if mark in logs or mark == total:
                     self._log()
@@ -514,7 +555,7 @@ class _LabelRun(_Run):
             checkpoints={"saved": self.saver.saves - self.saver.failed,
                          "failed": self.saver.failed, "background": self.saver.background,
                          "stall_s": self.saver.stall_s},
-            resumed_from_step=self.resumed_from,
+            resumed_from_step=self.resumed_from, preemptions=preempt.history(self.home),
         )  # fmt: skip
 
     def _epoch_report(self, epoch: int, n: int) -> dict[str, Any]:

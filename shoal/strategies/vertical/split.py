@@ -17,8 +17,9 @@ MLP on top).
 
 Protection of what crosses (``noise``): a bottom may add Gaussian noise of a
 given standard deviation to the output it sends, and the top to each gradient
-it returns; the noise is drawn from the party's own generator and never leaves
-it, so the receiver cannot subtract it.
+it returns (per sample, on the gradient of that sample's own loss); the noise is
+drawn from the party's own generator and never leaves it, so the receiver cannot
+subtract it.
 """
 
 from __future__ import annotations
@@ -96,7 +97,9 @@ class Bottom:
 
 class Top:
     """The label party's top model, loss and optimizer; ``noise``: the standard deviation
-    of the Gaussian noise added to every gradient it returns."""
+    of the Gaussian noise on every sample's gradient of its own loss (the batch's loss
+    is their mean, so a returned gradient of B samples gets ``noise / B``), on the same
+    scale as a bottom's ``noise`` relative to its output."""
 
     def __init__(
         self,
@@ -119,7 +122,9 @@ class Top:
         loss = self.loss(self.module(torch.cat(parts, 1)), labels)
         loss.backward()
         self.optimizer.step()
-        grads = [_noisy(p.grad, self.noise, self.generator) for p in parts]  # type: ignore[arg-type]
+        # noise on each sample's gradient of its own loss: the loss is their mean
+        std = self.noise / max(1, len(labels))
+        grads = [_noisy(p.grad, std, self.generator) for p in parts]  # type: ignore[arg-type]
         return loss.detach(), grads
 
 
