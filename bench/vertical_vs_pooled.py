@@ -11,10 +11,11 @@ common ids, in the same batches (:mod:`shoal.strategies.vertical.pooled`); the
 vertical runs are ``shoal train --strategy vertical`` with both parties on this
 machine (staleness 0 and 1), then, with ``--hosts``, each party on its own network
 namespace (``--party``, 1 Gbit/s links), then with noise on what crosses and with
-label DP. Throughput: the median log window's samples/s (pooled: samples over the
-seconds in its training steps). Time to target: seconds until the held-out AUC first
-reaches the pooled run's final AUC less 0.005 (vertical: from the label party's
-start, alignment included).
+label DP. Throughput: samples over the seconds spent in training steps (evaluation,
+checkpoints and the alignment left out; the summary's ``train_samples_per_s``). Time
+to target: training seconds until the held-out AUC first reaches the pooled run's
+final AUC less 0.005 (vertical: from the end of the alignment, evaluations included;
+the alignment's seconds are their own column).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -55,13 +55,12 @@ def finished(proc: subprocess.Popen, out: Path) -> dict[str, Any]:
         raise SystemExit(f"vertical run failed:\n{err[-2000:]}")
     summary = json.loads((out / "summary.json").read_text())
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    evals = [
-        {"step": r["step"], "wall": r["wall_time"], **r["eval"]} for r in records if "eval" in r
-    ]
-    windows = [r["samples_per_s"] for r in records if "samples_per_s" in r]
+    v = summary["vertical"]
+    evals = [{"step": r["step"], "wall": r["wall_time"] - v["train_started_s"], **r["eval"]}
+             for r in records if "eval" in r]  # fmt: skip
     return {"auc": summary["auc"], "wall_s": summary["wall_time_s"], "evals": evals,
-            "samples_per_s": statistics.median(windows),
-            "bytes_per_step": summary["vertical"]["bytes_per_step"]}  # fmt: skip
+            "samples_per_s": v["train_samples_per_s"], "align_s": v["align_s"],
+            "start_s": v["train_started_s"], "bytes_per_step": v["bytes_per_step"]}  # fmt: skip
 
 
 def to_target(evals: list[dict], target: float, clock: str) -> float | None:
@@ -105,19 +104,21 @@ def main() -> None:
             with netns.hosts(2, rate="1gbit", subnet="10.231.17") as (a, b):
                 address = ("--label-address", f"{a.addr}:7317")
                 outs = Path(tmp) / "item", Path(tmp) / "user"
+                # each "host" one core of this machine's two (taskset), as the one-host
+                # run's parties have one each
                 label = vertical(data, outs[0], args.steps, every, "--party", "item", *address,
-                                 prefix=tuple(a.prefix()), env=env)  # fmt: skip
+                                 prefix=(*a.prefix(), "taskset", "-c", "0"), env=env)  # fmt: skip
                 user = vertical(data, outs[1], args.steps, every, "--party", "user", *address,
-                                prefix=tuple(b.prefix()), env=env)  # fmt: skip
+                                prefix=(*b.prefix(), "taskset", "-c", "1"), env=env)  # fmt: skip
                 results["vertical, 2 hosts at 1 Gbit/s"] = finished(label, outs[0])
                 user.communicate(timeout=60)
     print(f"{'run':32} {'AUC':>7} {'vs pooled':>9} {'samples/s':>10} {'ratio':>6} "
-          f"{'KB/step':>8} {'to target s':>11}")  # fmt: skip
+          f"{'KB/step':>8} {'align s':>8} {'to target s':>11}")  # fmt: skip
     for name, r in results.items():
         hit = to_target(r["evals"], target, "wall")
         print(f"{name:32} {r['auc']:7.4f} {r['auc'] - pooled['auc']:+9.4f} "
               f"{r['samples_per_s']:10,.0f} {r['samples_per_s'] / pooled['samples_per_s']:6.2f} "
-              f"{r.get('bytes_per_step', 0) / 1000:8.1f} "
+              f"{r.get('bytes_per_step', 0) / 1000:8.1f} {r.get('align_s', 0):8.1f} "
               f"{'never' if hit is None else f'{hit:.1f}':>11}")  # fmt: skip
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "evals"}
                       for k, v in results.items()}))  # fmt: skip

@@ -407,6 +407,7 @@ class _LabelRun(_Run):
         self.session_from = self.step
         self.window = _Window(mine=link.compute_mine)
         self.train_s = 0.0  # (seconds in training steps, evaluations and checkpoints left out)
+        self.train_started = self.wall_time()
         bounds = _boundaries(job, total)
         logs = set(range(t.log_every, total, t.log_every)) if t.log_every else set()
         try:
@@ -523,6 +524,7 @@ class _LabelRun(_Run):
             "noise": self.opts.vertical_noise, "label_dp_epsilon": self.opts.label_dp or None,
             "bytes_per_step": (sent + received - sum(self.bytes_before)) / steps_here,
             "align_s": self.align_s,
+            "train_started_s": self.train_started,
             "train_samples_per_s": sum(self.counts.get(e, 0) for e in self.counts)
             / max(self.train_s, 1e-9) if self.resumed_from is None else None,
             "bytes_per_party": per_party,
