@@ -72,9 +72,7 @@ a seventh of the time batch by batch costs), beyond it batch by batch."""
 
 @functools.lru_cache(maxsize=2)
 def _epoch_order(n: int, key: int) -> np.ndarray:
-    order = FeistelPermutation(n, key)(np.arange(n))
-    order.setflags(write=False)
-    return order
+    return FeistelPermutation(n, key)(np.arange(n))  # (callers index it, never write)
 
 
 def _bytes_tensor(b: bytes) -> torch.Tensor:
