@@ -108,6 +108,21 @@ def test_two_parties_end_at_the_pooled_models_parameters(clicks, tmp_path):
     assert [r["step"] for r in evals if "eval" in r] == [20, 40]
 
 
+@pytest.mark.timeout(180)
+def test_parties_as_data_parallel_groups_train_the_same_model(clicks, tmp_path):
+    """Two processes per party, each training half of every batch with the label
+    party's process of its rank, the halves' gradients summed in each party's group:
+    the parameters of the one-process run (1e-5), the same digests."""
+    run = tmp_path / "run"
+    steps = 40
+    shoal(job(clicks, run, steps, "--party-workers", "2", "--eval-every", "20"))
+    assert max_diff(run, run / "parties" / "user", pooled(clicks, steps)) < 1e-5
+    s = summary(run)
+    assert s["vertical"]["processes_per_party"] == 2 and all(e["exact"] for e in s["epochs"])
+    assert sum(e["samples"] for e in s["epochs"]) == samples(s["vertical"]["common_ids"], steps)
+    assert len(s["per_worker"]) == 4 and "auc" in s
+
+
 @pytest.mark.timeout(240)
 def test_a_party_killed_mid_run_resumes_with_the_others_from_their_common_checkpoint(
     clicks, tmp_path

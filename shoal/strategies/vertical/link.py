@@ -65,6 +65,13 @@ def batch_rows(common: int, step: int, batch: int, seed: int) -> np.ndarray:
     return FeistelPermutation(common, key)(np.arange(wanted.start, wanted.stop))
 
 
+def part_of(rows: np.ndarray, part: tuple[int, int]) -> np.ndarray:
+    """Process ``part[0]`` of ``part[1]``'s slice of a batch's rows (a data-parallel
+    party: each of its processes trains one slice; the same cut at every party)."""
+    index, count = part
+    return rows if count == 1 else np.array_split(rows, count)[index]
+
+
 WHOLE_EPOCH = 1 << 24
 """Up to this many common ids an epoch's order is computed whole, once (8 bytes an id;
 a seventh of the time batch by batch costs), beyond it batch by batch."""
@@ -169,13 +176,20 @@ class LabelParty:
         """What each party's output feeds (told with the common ids: a linear bottom's
         width)."""
         self.after_step: Any = None
-        """Called as ``after_step(step, loss, rows)`` once the top stepped on a step
-        (``rows``: the step's positions among the common ids)."""
+        """Called as ``after_step(step, loss_sum, rows)`` once the top stepped on a step
+        (``rows``: this process's positions among the common ids; ``loss_sum``: their
+        losses summed)."""
         self.stop: tuple[str, float] | None = None
         """A signal to stop (its name, when it came) this party or another got: the step
         under way is the last, every party checkpoints it (preemption)."""
         self.stop_after: int | None = None
         """Once stopping: the steps done when every party stops."""
+        self.stop_agreed: bool | None = None
+        """A data-parallel label party's processes' agreement on :attr:`stop` (set with
+        each step's gradients by the top's ``reduce``); ``None``: one process."""
+        self.part = (0, 1)
+        """Which slice of each batch this process trains: (index, processes)."""
+        self.greeted: set[str] = set()
         self.ahead = -1
         """The step whose output this party's own bottom computed already."""
         self.compute_mine = 0.0
@@ -237,6 +251,7 @@ class LabelParty:
             if op == "hello":
                 welcome = self.listener.welcome(self.listener.user(ident), header)
                 self._send(peer, {**welcome, "id": rid}, name=name)
+                self.greeted.add(name)
             elif op in ("psi-count", "psi-setup", "psi-answer", "exact"):
                 split = str(header.get("split", "train"))
                 if split not in self.split_ids:
@@ -314,9 +329,24 @@ class LabelParty:
         split, keep this party's labels (and columns) of the common ids, in their order.
         Returns the common ids."""
         self.serve_until(lambda: split in self.commons)
-        common = self.commons[split]
+        return self.adopt(split, self.commons[split], labels, features)
+
+    def greet(self) -> None:
+        """Wait until every party said hello (a data-parallel party's other processes:
+        before they wait for their first process's alignment)."""
+        self.serve_until(lambda: self.greeted >= set(self.parties))
+
+    def adopt(
+        self, split: str, common: np.ndarray, labels: torch.Tensor | None = None,
+        features: torch.Tensor | None = None,
+    ) -> np.ndarray:  # fmt: skip
+        """Take ``common`` as the common ids of ``split`` (aligned by :meth:`align`, or by
+        this party's first process); for the training split, keep this party's labels
+        (through randomized response, drawn from :attr:`rr_seed`) and columns of them."""
+        self.commons[split] = common
         if split != "train":
             return common
+        assert labels is not None
         rows = torch.from_numpy(rows_of(self.ids, common))
         self.labels = labels[rows]
         if self.label_dp is not None:
@@ -444,7 +474,7 @@ class LabelParty:
             return  # (sent ahead, before the party heard of the stop: never trained)
         if self.common is None or self.plan is None:
             raise ValueError("forward before the ids are aligned and training started")
-        want = len(batch_rows(len(self.common), step, *self.plan))
+        want = len(part_of(batch_rows(len(self.common), step, *self.plan), self.part))
         assert self.common is not None
         if (
             step < self.served
@@ -461,7 +491,8 @@ class LabelParty:
             return
         assert self.labels is not None
         batch, seed = self.plan
-        rows = torch.from_numpy(batch_rows(len(self.common), step, batch, seed))
+        whole = batch_rows(len(self.common), step, batch, seed)
+        rows = torch.from_numpy(part_of(whole, self.part))
         began = time.perf_counter()
         outputs = []
         if self.bottom is not None:
@@ -471,9 +502,9 @@ class LabelParty:
             assert self.bottom.out is not None
             outputs.append(self.bottom.out.detach())
         outputs += [state.outputs[p] for p in self.parties]
-        loss, grads = self.top.step(outputs, self.labels[rows])
+        loss, grads = self.top.step(outputs, self.labels[rows], len(whole))
         mine = grads.pop(0) if self.bottom is not None else None
-        if self.stop is not None:
+        if self.stop is not None if self.stop_agreed is None else self.stop_agreed:
             self.stop_after = step + 1
         for p, g in zip(self.parties, grads):  # (first: the parties go on meanwhile)
             who, r = state.waiting[p]
@@ -487,11 +518,12 @@ class LabelParty:
             self.bottom.backward(mine)
             # the next step's own output, while the parties compute theirs
             self.ahead = step + 1
-            ahead = torch.from_numpy(batch_rows(len(self.common), step + 1, batch, seed))
+            ahead = batch_rows(len(self.common), step + 1, batch, seed)
+            ahead = torch.from_numpy(part_of(ahead, self.part))
             self.bottom.forward(self.features[ahead])
         self.compute_mine += time.perf_counter() - began
-        if self.after_step is not None:
-            self.after_step(step, float(loss), rows.numpy())
+        if self.after_step is not None:  # (the slice's loss summed over its samples)
+            self.after_step(step, float(loss) * len(whole), rows.numpy())
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -522,6 +554,8 @@ class Party:
         """A signal to stop this party got (its name, when): told the label party."""
         self.stopped_at: int | None = None
         """The steps done when the label party said every party stops (preemption)."""
+        self.part = (0, 1)
+        """Which slice of each batch this process trains: (index, processes)."""
 
     def align(
         self, mode: str = "psi", split: str = "train", ids: np.ndarray | None = None
@@ -539,13 +573,19 @@ class Party:
             _, (request,) = self.peer.call({"op": "psi-setup", "split": split}, [setup])
             answer = _bytes_tensor(holder.answer(_tensor_bytes(request)))
             reply, (common,) = self.peer.call({"op": "psi-answer", "split": split}, [answer])
-        found = common.numpy().copy()
-        rows_of(ids, found)  # (checks: only ids this party holds)
         self.outputs = int(reply.get("outputs", 1))
+        return self.adopt(split, common.numpy().copy(), self.outputs, ids)
+
+    def adopt(
+        self, split: str, common: np.ndarray, outputs: int, ids: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Take ``common`` as the common ids of ``split`` (aligned by :meth:`align`, or
+        by this party's first process) and ``outputs`` as the label party's word."""
+        rows = rows_of(self.ids if ids is None else ids, common)  # (only ids it holds)
+        self.outputs = outputs
         if split == "train":
-            self.common = found
-            self.rows = rows_of(self.ids, found)
-        return found
+            self.common, self.rows = common, rows
+        return common
 
     def agree(self, steps: Sequence[int], plan: dict[str, Any] | None = None) -> int:
         """The newest step whose checkpoint every party holds (``steps``: this party's),
@@ -579,8 +619,8 @@ class Party:
         bottom, clock = self.bottom, time.perf_counter
 
         def batch_of(step: int) -> torch.Tensor:
-            rows = self.rows[batch_rows(len(self.common), step, batch, seed)]
-            return features[torch.from_numpy(rows)]
+            rows = part_of(batch_rows(len(self.common), step, batch, seed), self.part)
+            return features[torch.from_numpy(self.rows[rows])]
 
         def header(step: int) -> dict[str, Any]:
             head = {"op": "forward", "step": step, "compute_s": self.compute_s}

@@ -45,6 +45,12 @@ class VerticalConfig:
         "", "HOST:PORT where the label party listens and the others connect (with --party; "
         "empty: a free port on this machine)",
     )  # fmt: skip
+    party_workers: int = option(
+        1, "processes per party, each training a slice of every batch with the label "
+        "party's process of the same rank, their gradients summed (a party as a "
+        "data-parallel group; with --party, process r of the label party listens at "
+        "--label-address PORT+r)", low=1, high=64,
+    )  # fmt: skip
     id_column: str = option("id", "the column naming each sample, in every party's data")
     label_column: str = option(
         "", "the label party's label column (empty: the one its writer stored)"
@@ -191,8 +197,10 @@ class Plugin(plugin.Plugin):
         if not v:
             return []
         others = ", ".join(p for p in v["parties"] if p != v["label_party"])
+        each = v.get("processes_per_party", 1)
         rows = [
-            ("parties", f"{others} + {v['label_party']} (labels)"),
+            ("parties", f"{others} + {v['label_party']} (labels)"
+                        + (f", {each} processes each" if each > 1 else "")),
             ("common ids", f"{v['common_ids']:,} by {v['align']} in {v['align_s']:.1f} s"
                            + (f" ({v['test_common_ids']:,} held out)"
                               if v.get("test_common_ids") else "")),
@@ -222,31 +230,49 @@ def launch_parties(job: JobConfig, config_path: str) -> None:
     from shoal.launch import JobPreempted, LaunchFailed, describe_exit, preempted_since
     from shoal.net import wire
     from shoal.roles import Role, RoleGroup
+    from shoal.strategies.vertical.group import GROUP_ENV, RANK_ENV
     from shoal.strategies.vertical.runtime import ADDRESS_ENV, PARTY_ENV, parse_parties
 
     o = job.strategy.options
-    names = [o.party] if o.party else list(parse_parties(o.parties))
+    here = [o.party] if o.party else list(parse_parties(o.parties))
+    n = o.party_workers
     if o.party:
         if not wire.secret_hex():
             raise UserError("--party needs SHOAL_SECRET, the same on every party "
                             "(e.g. export SHOAL_SECRET=$(openssl rand -hex 32))")  # fmt: skip
-        address, secret = f"tcp://{o.label_address}", wire.secret_hex()
+        addresses, secret = "", wire.secret_hex()  # (--label-address PORT + rank)
     else:
-        address = f"tcp://{o.label_address or f'127.0.0.1:{_free_port()}'}"
+        host, _, port = o.label_address.rpartition(":")
+        ports = (
+            [int(port) + r for r in range(n)]
+            if o.label_address
+            else [_free_port() for _ in range(n)]
+        )
+        addresses = ",".join(f"tcp://{host or '127.0.0.1'}:{p}" for p in ports)
         secret = wire.secret_hex() or wire.new_secret()
     base = {
         wire.SECRET_ENV: secret,
-        ADDRESS_ENV: address,
+        ADDRESS_ENV: addresses,
         "OMP_NUM_THREADS": "1",
-        "LOCAL_WORLD_SIZE": str(len(names)),
+        "LOCAL_WORLD_SIZE": str(len(here) * n),
     }  # (the cores shared: see dist.init)
-    roles = [Role("party", i, {**base, PARTY_ENV: n}) for i, n in enumerate(names)]
+    names = [p if n == 1 else f"{p} (process {r})" for p in here for r in range(n)]
+
+    def roles() -> list[Role]:
+        out = []
+        for party in here:
+            meet = f"tcp://127.0.0.1:{_free_port()}"  # (a party's processes: their group)
+            for r in range(n):
+                env = {**base, PARTY_ENV: party, RANK_ENV: str(r), GROUP_ENV: meet}
+                out.append(Role("party", len(out), env))
+        return out
+
     attempts = 0 if o.party else job.cluster.max_restarts
     signals = _PassOn()
     started = time.time()
     try:
         for attempt in range(attempts + 1):
-            group = signals.group = RoleGroup(roles, config_path, fork_first=attempt == 0)
+            group = signals.group = RoleGroup(roles(), config_path, fork_first=attempt == 0)
             signals.install()  # (after: torch's process layer puts in handlers of its own)
             try:
                 failed, preempted = _wait(group, names)

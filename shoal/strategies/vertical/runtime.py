@@ -41,6 +41,7 @@ from shoal.metrics import PHASES
 from shoal.models.tasks import per_sample_loss
 from shoal.net import wire
 from shoal.optim import build_optimizer, build_scheduler
+from shoal.strategies.vertical.group import Group
 from shoal.strategies.vertical.link import LabelParty, Party, rows_of
 from shoal.strategies.vertical.split import Bottom, Top, _noisy, build_bottom, build_top
 from shoal.strategies.vertical.tables import PartyTable, read_party
@@ -49,7 +50,8 @@ from shoal.telemetry import Totals, Window
 PARTY_ENV = "SHOAL_PARTY"
 """Which party a process of a one-machine vertical job is (its launcher sets it)."""
 ADDRESS_ENV = "SHOAL_VERTICAL_ADDRESS"
-"""Where the label party listens, in a one-machine job (its launcher picks a port)."""
+"""Where each process of the label party listens, in a one-machine job (comma-separated,
+by rank: its launcher picks the ports)."""
 
 
 def parse_parties(text: str) -> dict[str, str]:
@@ -98,7 +100,7 @@ def plan_of(job: JobConfig) -> dict[str, Any]:
         "staleness": o.staleness, "split_model": o.split_model, "hidden": o.hidden,
         "dim": o.dim, "optimizer": job.optim.name, "lr": job.optim.lr,
         "schedule": job.optim.schedule, "warmup": job.optim.warmup_steps, "align": o.align,
-        "parties": list(parse_parties(o.parties)),
+        "parties": list(parse_parties(o.parties)), "party_workers": o.party_workers,
     }  # fmt: skip
 
 
@@ -134,20 +136,32 @@ def run_party(job: JobConfig) -> None:
     parties = parse_parties(opts.parties)
     label = label_of(opts, parties)
     name = os.environ.get(PARTY_ENV) or opts.party
-    address = os.environ.get(ADDRESS_ENV) or f"tcp://{opts.address}"
+    group = Group(opts.party_workers)
+    address = _address(os.environ.get(ADDRESS_ENV, ""), opts.label_address, group.rank)
     label_column = ""
     if name == label:
         label_column = opts.label_column or _stored_label(parties[name])
     table = read_party(name, parties[name], opts.id_column, label_column)
     home = party_home(job, name)
     home.mkdir(parents=True, exist_ok=True)
-    run = (_LabelRun if name == label else _PartyRun)(job, name, table, _secret(), address, home)
+    kind = _LabelRun if name == label else _PartyRun
+    run = kind(job, name, table, _secret(), address, home, group)
     signals = _Signals(run.link)
     try:
         run.run()
     finally:
         signals.restore()
         run.close()
+        group.close()
+
+
+def _address(given: str, label_address: str, rank: int) -> str:
+    """Where process ``rank`` of the label party listens: the launcher's list (one
+    machine), else ``--label-address HOST:PORT`` plus the rank (PORT, PORT+1, ...)."""
+    if given:
+        return given.split(",")[rank]
+    host, _, port = label_address.rpartition(":")
+    return f"tcp://{host}:{int(port) + rank}"
 
 
 class _Signals:
@@ -186,8 +200,11 @@ def _stored_label(path: str) -> str:
 class _Run:
     """What every party's process does alike."""
 
-    def __init__(self, job: JobConfig, name: str, table: PartyTable, home: Path) -> None:
+    def __init__(
+        self, job: JobConfig, name: str, table: PartyTable, home: Path, group: Group
+    ) -> None:
         self.job, self.name, self.table, self.home = job, name, table, home
+        self.group = group
         self.opts = job.strategy.options
         self.parties = list(parse_parties(self.opts.parties))
         self.index = self.parties.index(name)
@@ -226,8 +243,10 @@ class _Run:
         (its launcher says so) and leave as a preempted worker does."""
         self.saver.wait()
         name, received = told or ("SIGTERM", time.time())
-        entry = preempt.record(self.home, self.step, name, received,
-                               self.job.cluster.grace_period)  # fmt: skip
+        entry: dict[str, Any] = {}
+        if self.group.first:
+            entry = preempt.record(self.home, self.step, name, received,
+                                   self.job.cluster.grace_period)  # fmt: skip
         raise preempt.Preempted(self.step, entry)
 
     def bottom_of(self, width: int, outputs: int, noise: float) -> Bottom:
@@ -235,7 +254,13 @@ class _Run:
         o = self.opts
         module = build_bottom(o.split_model, width, outputs, o.hidden, o.dim)
         opt = build_optimizer(module.parameters(), self.job.optim)
-        return Bottom(module, opt, noise, self.noise_gen)
+        reduce = self.group.reduce if self.group.size > 1 else None
+        return Bottom(module, opt, noise, self.noise_gen, reduce)
+
+    def save(self, state: dict[str, Any]) -> None:
+        """This party's checkpoint of :attr:`step` (its first process writes it)."""
+        if self.group.first:
+            self.saver.save(self.step, state)
 
     def close(self) -> None:
         self.saver.wait()
@@ -245,20 +270,27 @@ class _PartyRun(_Run):
     """A party without the labels: connects, aligns, trains its bottom."""
 
     def __init__(self, job: JobConfig, name: str, table: PartyTable, secret: bytes,
-                 address: str, home: Path) -> None:  # fmt: skip
-        super().__init__(job, name, table, home)
+                 address: str, home: Path, group: Group) -> None:  # fmt: skip
+        super().__init__(job, name, table, home, group)
         wait = job.cluster.startup_timeout
         self.link = Party(secret, name, address, table.train.ids, timeout_s=wait)
+        self.link.part = group.part
 
     def run(self) -> None:
-        job, link, table, opts = self.job, self.link, self.table, self.opts
-        start = link.agree(self.held_steps(), plan_of(job))
-        link.align(opts.align)
+        job, link, table, opts, g = self.job, self.link, self.table, self.opts, self.group
+        shared = None
+        if g.first:  # (once per party; its other processes take the answers)
+            start = link.agree(self.held_steps(), plan_of(job))
+            link.align(opts.align)
+            test = None
+            if table.test is not None:
+                test = link.align(opts.align, "test", table.test.ids)
+            shared = (start, link.common, test, link.outputs)
+        start, common, test, outputs = g.broadcast(shared)
+        link.adopt("train", common, outputs)
         test_x = None
-        if table.test is not None:
-            common = link.align(opts.align, "test", table.test.ids)
-            test_x = table.test.features[torch.from_numpy(rows_of(table.test.ids, common))]
-        assert link.common is not None
+        if table.test is not None and g.first:
+            test_x = table.test.features[torch.from_numpy(rows_of(table.test.ids, test))]
         total = job.train.total_steps(-(-len(link.common) // job.train.batch_size))
         bottom = link.bottom = self.bottom_of(table.width, link.outputs, opts.vertical_noise)
         scheduler = build_scheduler(bottom.optimizer, job.optim, total)
@@ -273,7 +305,7 @@ class _PartyRun(_Run):
                        opts.staleness, start=self.step,
                        after_step=lambda s: scheduler.step())  # fmt: skip
             self.step = mark if link.stopped_at is None else link.stopped_at
-            self.save(bottom, scheduler)
+            self.save_bottom(bottom, scheduler)
             if link.stopped_at is not None:
                 self.preempted(link.stop)
             if test_x is not None and (mark == total or (evals and mark % evals == 0)):
@@ -281,16 +313,18 @@ class _PartyRun(_Run):
                     out = bottom.module(test_x)
                 link.evaluate(mark, _noisy(out, opts.vertical_noise, self.noise_gen))
         self.saver.wait()
-        save_model(bottom.module, self.home)
-        totals = Totals(self.index, socket.gethostname(), link.comm.sent, link.comm.received,
+        if g.first:
+            save_model(bottom.module, self.home)
+        totals = Totals(self.index * g.size + g.rank, socket.gethostname(), link.comm.sent,
+                        link.comm.received,
                         state_bytes(bottom.module.parameters(), bottom.optimizer),
                         {"forward_backward": link.compute_s}).to_dict()  # fmt: skip
         result = link.finish(totals)
-        if opts.party:  # (its own run directory: its own summary)
+        if opts.party and g.first:  # (its own run directory: its own summary)
             _party_summary(job, self.home, self.name, result, totals, self.wall_time())
 
-    def save(self, bottom: Bottom, scheduler: Any) -> None:
-        self.saver.save(self.step, {
+    def save_bottom(self, bottom: Bottom, scheduler: Any) -> None:
+        self.save({
             "step": self.step, "bottom": bottom.module.state_dict(),
             "optimizer": bottom.optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "noise_gen": self.noise_gen.get_state(), "wall_time": self.wall_time(),
@@ -328,8 +362,8 @@ class _LabelRun(_Run):
     """The label party: listens, aligns, runs the top (and its own bottom), writes the run."""
 
     def __init__(self, job: JobConfig, name: str, table: PartyTable, secret: bytes,
-                 address: str, home: Path) -> None:  # fmt: skip
-        super().__init__(job, name, table, home)
+                 address: str, home: Path, group: Group) -> None:  # fmt: skip
+        super().__init__(job, name, table, home, group)
         o = self.opts
         self.others = [p for p in self.parties if p != name]
         parts = len(self.others) + (1 if table.width else 0)
@@ -347,43 +381,66 @@ class _LabelRun(_Run):
             return per_sample_loss(task, out, y).mean()
 
         opt = build_optimizer(module.parameters(), job.optim)
-        self.top = Top(module, opt, loss, o.vertical_noise, self.noise_gen)
+        reduce = self._reduce_top if group.size > 1 else None
+        self.top = Top(module, opt, loss, o.vertical_noise, self.noise_gen, reduce)
         self.bottom = self.bottom_of(table.width, table.num_outputs, 0.0) if table.width else None
         classes = 2 if task == "binary" else table.num_outputs
         self.link = LabelParty(
             secret, self.others, table.train.ids, self.top, self.bottom, bind=address,
-            align=o.align, label_dp=(o.label_dp, classes) if o.label_dp else None,
+            align=o.align if group.first else "exact",
+            label_dp=(o.label_dp, classes) if o.label_dp else None,
         )  # fmt: skip
+        self.link.part = group.part
+        self.link.stop_agreed = False if group.size > 1 else None
         self.link.outputs = table.num_outputs
         self.link.plan_check = plan_of(job)
-        if table.test is not None:
+        if table.test is not None and group.first:
             self.link.add_split("test", table.test.ids)
         self.link.after_step = self._after_step
         self.link.scorer = self._score
-        self.counts: dict[int, int] = {}
+        self.counts: dict[int, int] = {}  # (this process's, since it started)
         self.digests: dict[int, int] = {}
+        self.prior: tuple[dict[int, int], dict[int, int]] = ({}, {})  # (from the checkpoint)
         self.window = _Window()
         self.compute_seen = dict.fromkeys(self.others, 0.0)
         self.writer: Any = None
+
+    def _reduce_top(self, grads: list[torch.Tensor]) -> None:
+        """The top's gradients summed over the label party's processes, and with them
+        whether any of them (or of its parties) was told to stop: all stop at one step."""
+        told = self.group.reduce(grads, 1.0 if self.link.stop is not None else 0.0)
+        self.link.stop_agreed = told > 0
 
     # --- the loop -------------------------------------------------------------------
 
     def run(self) -> None:
         from shoal.writer import RunWriter
 
-        job, link, table = self.job, self.link, self.table
+        job, link, table, g = self.job, self.link, self.table, self.group
         t = job.train
-        start = link.agree(self.held_steps())
+        began = time.perf_counter()
+        if g.first:
+            start = link.agree(self.held_steps())
+        else:
+            link.greet()  # (its parties' processes said hello: they wait for theirs too)
+        start = g.broadcast(start if g.first else None)
         state = self.load(start) if start >= 0 else None
         if state is not None:
             link.rr_seed = int(state["rr_seed"])
+        link.rr_seed = g.broadcast(link.rr_seed)  # (each label's noisy copy drawn once)
         features = table.train.features if table.width else None
-        began = time.perf_counter()
-        self.common = link.align(table.train.labels, features)  # type: ignore[arg-type]
+        shared = None
+        if g.first:
+            common = link.align(table.train.labels, features)  # type: ignore[arg-type]
+            test = None
+            if table.test is not None:
+                test = link.align(table.test.labels, split="test")  # type: ignore[arg-type]
+            shared = (common, test)
+        common, test = g.broadcast(shared)
+        self.common = link.adopt("train", common, table.train.labels, features)
         self.test_rows = None
-        if table.test is not None:
-            common = link.align(table.test.labels, split="test")  # type: ignore[arg-type]
-            self.test_rows = torch.from_numpy(rows_of(table.test.ids, common))
+        if test is not None and g.first:
+            self.test_rows = torch.from_numpy(rows_of(table.test.ids, test))  # type: ignore[union-attr]
         self.align_s = time.perf_counter() - began
         self.per_epoch = -(-len(self.common) // t.batch_size)
         total = self.total = t.total_steps(self.per_epoch)
@@ -397,12 +454,17 @@ class _LabelRun(_Run):
                 self.bottom.optimizer.load_state_dict(state["bottom_optimizer"])
             for s, saved in zip(self.schedulers, state["schedulers"]):
                 s.load_state_dict(saved)
-            self.counts = {int(k): int(v) for k, v in state["counts"].items()}
-            self.digests = {int(k): int(v) for k, v in state["digests"].items()}
-            print(f"shoal: vertical: every party resumes from step {start}", file=sys.stderr)
-        job.model.name = self.opts.split_model  # (what the summary calls the model)
-        self.writer = RunWriter(job, total, self.resumed_from)
-        self.writer.start(f"vertical x{len(self.parties)}", self.step)
+            self.prior = (
+                {int(k): int(v) for k, v in state["counts"].items()},
+                {int(k): int(v) for k, v in state["digests"].items()},
+            )
+            if g.first:
+                print(f"shoal: vertical: every party resumes from step {start}",
+                      file=sys.stderr)  # fmt: skip
+        if g.first:
+            job.model.name = self.opts.split_model  # (what the summary calls the model)
+            self.writer = RunWriter(job, total, self.resumed_from)
+            self.writer.start(f"vertical x{len(self.parties)}", self.step)
         self.bytes_before = self._bytes()
         self.session_from = self.step
         self.window = _Window(mine=link.compute_mine)
@@ -432,19 +494,32 @@ class _LabelRun(_Run):
             self.saver.wait()
             self._finish()
         finally:
-            self.writer.close()
+            if self.writer is not None:
+                self.writer.close()
 
-    def _after_step(self, step: int, loss: float, positions: np.ndarray) -> None:
+    def _after_step(self, step: int, loss_sum: float, positions: np.ndarray) -> None:
         for s in self.schedulers:
             s.step()
         epoch, samples = step // self.per_epoch, len(positions)
         self.counts[epoch] = self.counts.get(epoch, 0) + samples
         self.digests[epoch] = (self.digests.get(epoch, 0) + digest(positions)) & MASK64
         w = self.window
-        w.loss_sum += loss * samples
+        w.loss_sum += loss_sum
         w.samples += samples
         w.steps += 1
-        self.writer.tick(step + 1)
+        if self.writer is not None:
+            self.writer.tick(step + 1)
+
+    def _totals(self) -> tuple[dict[int, int], dict[int, int]]:
+        """Samples and digests per epoch over every process of the label party (and the
+        run before the checkpoint it resumed from). Collective."""
+        counts, digests = dict(self.prior[0]), dict(self.prior[1])
+        for c, d in self.group.gather((self.counts, self.digests)):
+            for e, n in c.items():
+                counts[e] = counts.get(e, 0) + n
+            for e, x in d.items():
+                digests[e] = (digests.get(e, 0) + x) & MASK64
+        return counts, digests
 
     def _bytes(self) -> tuple[int, int]:
         c = self.link.comm.values()
@@ -454,21 +529,28 @@ class _LabelRun(_Run):
         w, link = self.window, self.link
         elapsed = time.perf_counter() - w.start
         sent, received = self._bytes()
+        theirs = [link.compute_s[p] - self.compute_seen[p] for p in self.others]
+        self.compute_seen = dict(link.compute_s)
+        sums = self.group.sum([w.loss_sum, w.samples, sent, received,
+                               link.compute_mine - w.mine, *theirs,
+                               *(link.comm[p].received for p in self.others),
+                               *(link.comm[p].sent for p in self.others)])  # fmt: skip
+        self.window = _Window(mine=link.compute_mine)
+        if self.writer is None:
+            return
+        loss, samples, sent, received, mine = sums[:5]
+        k = len(self.others)
         memory = {"params": float(self._state_bytes()), "private": float(private_bytes())}
-        windows = {0: Window(w.loss_sum, w.samples, sent, received,
-                             _phases(link.compute_mine - w.mine), memory)}  # fmt: skip
-        for i, p in enumerate(self.others, 1):
-            done = link.compute_s[p]
-            windows[i] = Window(0.0, 0.0, link.comm[p].received, link.comm[p].sent,
-                                _phases(done - self.compute_seen[p]))  # fmt: skip
-            self.compute_seen[p] = done
+        windows = {0: Window(loss, samples, sent, received, _phases(mine), memory)}
+        for i in range(1, k + 1):
+            windows[i] = Window(0.0, 0.0, sums[5 + k + i - 1], sums[5 + 2 * k + i - 1],
+                                _phases(sums[5 + i - 1]))  # fmt: skip
         lr = self.schedulers[0].get_last_lr()[0]
         self.writer.window(
             windows, step=self.step, epoch=self.step / self.per_epoch, lr=lr, steps=w.steps,
-            global_samples=int(w.samples), elapsed=elapsed, wall_time=self.wall_time(),
+            global_samples=int(samples), elapsed=elapsed, wall_time=self.wall_time(),
             shares=1,
         )  # fmt: skip
-        self.window = _Window(mine=link.compute_mine)
 
     def _state_bytes(self) -> int:
         parts = [self.top, *([self.bottom] if self.bottom is not None else [])]
@@ -476,13 +558,14 @@ class _LabelRun(_Run):
 
     def _save(self) -> None:
         b = self.bottom
-        self.saver.save(self.step, {
+        counts, digests = self._totals()
+        self.save({
             "step": self.step, "top": self.top.module.state_dict(),
             "top_optimizer": self.top.optimizer.state_dict(),
             **({"bottom": b.module.state_dict(), "bottom_optimizer": b.optimizer.state_dict()}
                if b is not None else {}),
             "schedulers": [s.state_dict() for s in self.schedulers],
-            "counts": dict(self.counts), "digests": dict(self.digests),
+            "counts": counts, "digests": digests,
             "rr_seed": self.link.rr_seed, "noise_gen": self.noise_gen.get_state(),
             "wall_time": self.wall_time(),
         })  # fmt: skip
@@ -511,36 +594,47 @@ class _LabelRun(_Run):
     def _finish(self) -> None:
         from shoal.data.datasets import Dataset, TensorRows
 
-        link, w = self.link, self.writer
-        steps_here = max(1, self.step - self.session_from)
+        link, w, g = self.link, self.writer, self.group
+        counts, digests = self._totals()
         sent, received = self._bytes()
-        per_party = {p: {"sent": link.comm[p].received, "received": link.comm[p].sent}
-                     for p in self.others}  # fmt: skip
-        vertical = {
-            "parties": self.parties, "label_party": self.name, "align": self.opts.align,
-            "common_ids": len(self.common),
-            "test_common_ids": None if self.test_rows is None else len(self.test_rows),
-            "split_model": self.opts.split_model, "staleness": self.opts.staleness,
-            "noise": self.opts.vertical_noise, "label_dp_epsilon": self.opts.label_dp or None,
-            "bytes_per_step": (sent + received - sum(self.bytes_before)) / steps_here,
-            "align_s": self.align_s,
-            "train_started_s": self.train_started,
-            "train_samples_per_s": sum(self.counts.get(e, 0) for e in self.counts)
-            / max(self.train_s, 1e-9) if self.resumed_from is None else None,
-            "bytes_per_party": per_party,
-        }  # fmt: skip
+        k = len(self.others)
+        sums = g.sum([sent + received - sum(self.bytes_before), self.train_s,
+                      *(link.comm[p].received for p in self.others),
+                      *(link.comm[p].sent for p in self.others)])  # fmt: skip
         wall = self.wall_time()
-        samples = sum(self.counts.values())
-        result = {"final_loss": w.last_loss, **w.eval_metrics, "steps": self.step,
-                  "samples_per_s": samples / wall if wall > 0 else 0.0,
-                  "vertical": vertical}  # fmt: skip
+        result = None
+        if g.first:
+            steps_here = max(1, self.step - self.session_from)
+            session = sum(counts.values()) - sum(self.prior[0].values())
+            vertical = {
+                "parties": self.parties, "label_party": self.name, "align": self.opts.align,
+                "processes_per_party": g.size, "common_ids": len(self.common),
+                "test_common_ids": None if self.test_rows is None else len(self.test_rows),
+                "split_model": self.opts.split_model, "staleness": self.opts.staleness,
+                "noise": self.opts.vertical_noise,
+                "label_dp_epsilon": self.opts.label_dp or None,
+                "bytes_per_step": sums[0] / steps_here, "align_s": self.align_s,
+                "train_started_s": self.train_started,
+                "train_samples_per_s": session / max(sums[1] / g.size, 1e-9),
+                "bytes_per_party": {p: {"sent": sums[2 + i], "received": sums[2 + k + i]}
+                                    for i, p in enumerate(self.others)},
+            }  # fmt: skip
+            result = {"final_loss": w.last_loss, **w.eval_metrics, "steps": self.step,
+                      "samples_per_s": sum(counts.values()) / wall if wall > 0 else 0.0,
+                      "vertical": vertical}  # fmt: skip
+        result = g.broadcast(result)
         theirs = link.finish(result)
-        totals = [Totals(0, socket.gethostname(), sent, received,
-                         {"params": self._state_bytes()},
-                         {"forward_backward": link.compute_mine})]  # fmt: skip
-        for p in self.others:
-            with contextlib.suppress(ValueError):  # (a party's word: a malformed one is left out)
-                totals.append(Totals.from_dict(theirs[p]))
+        me = Totals(self.index * g.size + g.rank, socket.gethostname(), sent, received,
+                    {"params": self._state_bytes()},
+                    {"forward_backward": link.compute_mine})  # fmt: skip
+        gathered = g.gather((me.to_dict(), theirs))
+        if not g.first:
+            return
+        totals = []
+        for mine, parties in gathered:
+            for d in [mine, *(parties.get(p) for p in self.others)]:
+                with contextlib.suppress(ValueError):  # (a party's word: malformed, left out)
+                    totals.append(Totals.from_dict(d))
         parts = {"top": self.top.module}
         if self.bottom is not None:
             parts["bottom"] = self.bottom.module
@@ -549,21 +643,21 @@ class _LabelRun(_Run):
         data = Dataset(name=f"vertical: {', '.join(self.parties)}", task=self.task,
                        train=rows, test=None, num_outputs=self.table.num_outputs,
                        input_shape=(0,))  # fmt: skip
-        epochs = [self._epoch_report(e, n) for e, n in sorted(self.counts.items())]
+        epochs = [self._epoch_report(e, n, digests) for e, n in sorted(counts.items())]
         w.finish(
             model, dataset=data, world_size=len(self.parties), steps=self.step,
             num_parameters=sum(p.numel() for p in model.parameters()), wall_time=wall,
-            counts=self.counts, totals=totals, epochs=epochs, vertical=vertical,
+            counts=counts, totals=totals, epochs=epochs, vertical=result["vertical"],
             checkpoints={"saved": self.saver.saves - self.saver.failed,
                          "failed": self.saver.failed, "background": self.saver.background,
                          "stall_s": self.saver.stall_s},
             resumed_from_step=self.resumed_from, preemptions=preempt.history(self.home),
         )  # fmt: skip
 
-    def _epoch_report(self, epoch: int, n: int) -> dict[str, Any]:
+    def _epoch_report(self, epoch: int, n: int, digests: dict[int, int]) -> dict[str, Any]:
         from shoal.data.order import FeistelPermutation
 
-        got = self.digests.get(epoch, 0)
+        got = digests.get(epoch, 0)
         if n == len(self.common):
             want = range_digest(0, n)
         else:

@@ -31,6 +31,8 @@ from torch import nn
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Stash = tuple[torch.Tensor, dict[str, torch.Tensor]]
+Reduce = Callable[[list[torch.Tensor]], None]
+"""Sums gradients in place over a party's processes (a data-parallel party)."""
 
 
 def _noisy(t: torch.Tensor, std: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -49,9 +51,12 @@ class Bottom:
         optimizer: torch.optim.Optimizer,
         noise: float = 0.0,
         generator: torch.Generator | None = None,
+        reduce: Reduce | None = None,
     ) -> None:
         self.module, self.optimizer = module, optimizer
         self.noise, self.generator = noise, generator
+        self.reduce = reduce
+        """Sums the gradients over the party's processes before each step (if several)."""
         self.out: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -68,6 +73,11 @@ class Bottom:
         self.optimizer.zero_grad(set_to_none=True)
         self.out.backward(grad)
         self.out = None
+        self._step()
+
+    def _step(self) -> None:
+        if self.reduce is not None:
+            self.reduce([p.grad for _, p in self._params()])  # type: ignore[misc]
         self.optimizer.step()
 
     def forward_ahead(self, x: torch.Tensor) -> tuple[torch.Tensor, Stash]:
@@ -89,7 +99,7 @@ class Bottom:
         self.optimizer.zero_grad(set_to_none=True)
         for (_, p), g in zip(self._params(), grads):
             p.grad = g
-        self.optimizer.step()
+        self._step()
 
     def _params(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
@@ -108,22 +118,33 @@ class Top:
         loss: LossFn,
         noise: float = 0.0,
         generator: torch.Generator | None = None,
+        reduce: Reduce | None = None,
     ) -> None:
         self.module, self.optimizer, self.loss = module, optimizer, loss
         self.noise, self.generator = noise, generator
+        self.reduce = reduce
+        """Sums the top's gradients over the label party's processes (if several)."""
 
     def step(
-        self, outputs: Sequence[torch.Tensor], labels: torch.Tensor
+        self, outputs: Sequence[torch.Tensor], labels: torch.Tensor, batch: int = 0
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Loss of the batch from every party's output (in party order); steps the top
-        and returns, per party, the gradient of the loss with respect to its output."""
+        and returns, per party, the gradient of the loss with respect to its output.
+        ``batch``: the whole batch's samples where these are a slice of it (a
+        data-parallel label party): the loss is then the slice's share of the batch's
+        mean, and the slices' gradients, summed, are the batch's."""
         parts = [o.detach().requires_grad_() for o in outputs]
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.loss(self.module(torch.cat(parts, 1)), labels)
+        batch = batch or len(labels)
+        if batch != len(labels):
+            loss = loss * (len(labels) / batch)
         loss.backward()
+        if self.reduce is not None:
+            self.reduce([p.grad for p in self.module.parameters()])  # type: ignore[misc]
         self.optimizer.step()
         # noise on each sample's gradient of its own loss: the loss is their mean
-        std = self.noise / max(1, len(labels))
+        std = self.noise / max(1, batch)
         grads = [_noisy(p.grad, std, self.generator) for p in parts]  # type: ignore[arg-type]
         return loss.detach(), grads
 
