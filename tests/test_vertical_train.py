@@ -89,8 +89,9 @@ def test_two_parties_end_at_the_pooled_models_parameters(clicks, tmp_path):
     joined table; each epoch's samples are exactly the common ids (digests)."""
     run = tmp_path / "run"
     steps = 40
-    shoal(job(clicks, run, steps, "--eval-every", "20"))
+    shoal(job(clicks, run, steps, "--eval-every", "20", "--tensorboard"))
     assert max_diff(run, run / "parties" / "user", pooled(clicks, steps)) < 1e-5
+    assert any((run / "tensorboard").iterdir())
     s = summary(run)
     user = read_party("user", str(clicks / "user"), "id", "")
     item = read_party("item", str(clicks / "item"), "id", "click")

@@ -24,6 +24,12 @@ examples:
   shoal train --config job.toml --workers 4 --out runs/exp1
   shoal train --resume runs/exp1 --steps 600          # continue, to step 600
 
+parties holding different columns of the same samples (see docs/VERTICAL.md):
+  shoal data make clicks --rows 50000 --overlap 0.8 --out data/clicks
+  shoal train --strategy vertical --parties user=data/clicks/user,item=data/clicks/item
+  shoal train --strategy vertical --parties user,item=DIR --party item \
+      --label-address 10.0.0.2:29600                  # one per machine, SHOAL_SECRET set
+
 under a scheduler or engine (see docs/ENGINES.md):
   torchrun --nproc-per-node 2 -m shoal train --model mlp   # each process one worker
   srun shoal train --model mlp --out runs/x --auto-resume  # Slurm: machines from SLURM_*

@@ -35,7 +35,7 @@ class VerticalConfig:
         "with an id column; the last party holds the labels unless --label-party says); "
         "with --party, only that party's PATH is read and the others may be bare names",
     )  # fmt: skip
-    label_party: str = option("", "the party holding the labels (default: the last one)")
+    label_party: str = option("", "the party holding the labels (empty: the last of --parties)")
     party: str = option(
         "", "run only this party here, connected to --label-address (one shoal train per "
         "party, each on its machine, SHOAL_SECRET the same on all); empty: every party "
