@@ -42,9 +42,13 @@ def check_tensorboard(job: JobConfig) -> None:
 class RunWriter:
     """Writes one run's results into its run directory (see :mod:`shoal.layout`)."""
 
-    def __init__(self, job: JobConfig, total_steps: int, resume_step: int | None) -> None:
-        """``resume_step``: records after it are dropped (``None``: none are)."""
+    def __init__(
+        self, job: JobConfig, total_steps: int, resume_step: int | None, model_name: str = ""
+    ) -> None:
+        """``resume_step``: records after it are dropped (``None``: none are);
+        ``model_name``: what the summary calls the model (``--model``'s by default)."""
         self.job = job
+        self.model_name = model_name or job.model.name
         self.out = Path(job.output.out)
         self.total_steps = total_steps
         self.metrics = MetricsFile(self.out / METRICS_FILE, resume_step)
@@ -181,7 +185,7 @@ class RunWriter:
         workers = [entries[r] for r in sorted(entries)]
         summary = {
             "strategy": self.job.strategy.name,
-            "model": self.job.model.name,
+            "model": self.model_name,
             "data": dataset.name,
             "world_size": world_size,
             "steps": steps,

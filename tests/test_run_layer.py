@@ -93,12 +93,21 @@ def test_every_declared_setting_is_refused_where_the_job_does_not_read_it(tmp_pa
                 "strategy.name": plugin.name,
                 f"option.{f.name}": getattr(plugin.Config(), f.name),
             }
-            name, _, values = when.partition("=")
-            default = getattr(plugin.Config(), name)
-            if str(default) in values.split("|"):  # e.g. local_steps when local_epochs=0
-                given[f"option.{name}"] = 1
+            if "!=" in when:  # read unless NAME is VALUE: give it that value
+                name, _, value = when.partition("!=")
+                given[f"option.{name}"] = value
+            else:
+                name, _, values = when.partition("=")
+                default = getattr(plugin.Config(), name)
+                if str(default) in values.split("|"):  # e.g. local_steps when local_epochs=0
+                    choices = plugin.Config.__dataclass_fields__[name].metadata.get("choices")
+                    other = [c for c in choices or () if c not in values.split("|")]
+                    given[f"option.{name}"] = other[0] if other else 1
             if plugin.name == "fedavg":
                 given["train.steps"] = 5
+            if plugin.name == "vertical":
+                root = parquet_dir.removeprefix("parquet:")
+                given["option.parties"] = f"a={root},b={root}"
             _refused(tmp_path, given, flag_of(f))
             walked += 1
     assert walked >= 30, walked
@@ -185,6 +194,9 @@ def test_every_builtin_strategy_refuses_each_shared_option_it_does_not_implement
             base = {"strategy.name": plugin.name, "model.name": "mlp", "train.steps": 8}
             if plugin.name == "pipeline":
                 base["model.layers"] = 2
+            if plugin.name == "vertical":  # (it reads no model: its parties build theirs)
+                del base["model.name"]
+                base["option.parties"] = f"a={tmp_path},b={tmp_path}"
             _refused(tmp_path, {**base, **given}, flag)
             refused += 1
     assert refused >= 20, refused

@@ -462,8 +462,7 @@ class _LabelRun(_Run):
                 print(f"shoal: vertical: every party resumes from step {start}",
                       file=sys.stderr)  # fmt: skip
         if g.first:
-            job.model.name = self.opts.split_model  # (what the summary calls the model)
-            self.writer = RunWriter(job, total, self.resumed_from)
+            self.writer = RunWriter(job, total, self.resumed_from, self.opts.split_model)
             self.writer.start(f"vertical x{len(self.parties)}", self.step)
         self.bytes_before = self._bytes()
         self.session_from = self.step
