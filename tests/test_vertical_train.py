@@ -25,6 +25,8 @@ from shoal.strategies.vertical.link import batch_rows
 from shoal.strategies.vertical.pooled import train_pooled
 from shoal.strategies.vertical.split import Pooled
 from shoal.strategies.vertical.tables import read_party
+from tests import forkserve
+from tests.conftest import FRESH, run_shoal, shoal_env
 
 HIDDEN, DIM, BATCH, SEED, LR = 8, 4, 64, 3, 0.01
 
@@ -45,13 +47,20 @@ def job(clicks: Path, out: Path, steps: int, *more: str) -> list[str]:
     ]  # fmt: skip
 
 
-def shoal(args: list[str], timeout: float = 120, prefix: tuple[str, ...] = ()) -> str:
-    done = subprocess.run(
-        [*prefix, sys.executable, "-m", "shoal", *args], capture_output=True, text=True,
-        timeout=timeout,
-    )  # fmt: skip
+def shoal(args: list[str], timeout: float = 120) -> str:
+    """``shoal ARGS`` (forked from the test worker's preloaded server); its stderr."""
+    done = run_shoal(*args, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stderr
+
+
+def start(args: list[str]) -> subprocess.Popen:
+    """``shoal ARGS`` started, not awaited (stderr piped)."""
+    if FRESH:
+        cmd = [sys.executable, "-m", "shoal", *args]
+        return subprocess.Popen(cmd, env=shoal_env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)  # fmt: skip
+    return forkserve.start(args, shoal_env(), stderr=subprocess.PIPE)  # type: ignore[return-value]
 
 
 def pooled(clicks: Path, steps: int) -> Pooled:
@@ -122,10 +131,7 @@ def test_a_party_killed_mid_run_resumes_with_the_others_from_their_common_checkp
     run ends at the unbroken run's parameters with exact digests."""
     run = tmp_path / "run"
     steps = 150
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "shoal", *job(clicks, run, steps, "--checkpoint-every", "30")],
-        stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    proc = start(job(clicks, run, steps, "--checkpoint-every", "30"))
     killed = None
     try:
         deadline = time.monotonic() + 120
@@ -156,10 +162,7 @@ def test_a_sigterm_stops_every_party_at_one_checkpoint_and_resume_goes_on(clicks
     unbroken run's parameters, the summary listing the preemption."""
     run = tmp_path / "run"
     steps = 150
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "shoal", *job(clicks, run, steps, "--checkpoint-every", "100")],
-        stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    proc = start(job(clicks, run, steps, "--checkpoint-every", "100"))
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not (run / "metrics.jsonl").is_file():
