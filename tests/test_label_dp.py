@@ -65,7 +65,7 @@ def test_the_label_party_trains_on_labels_drawn_once_and_secretly():
     labels stay float; the share kept is the mechanism's."""
     import torch
 
-    from shoal.strategies.vertical.link import private_labels
+    from shoal.strategies.vertical.label import private_labels
 
     labels = (torch.rand(50_000) > 0.5).float()
     a, b = private_labels(labels, 2, 1.0), private_labels(labels, 2, 1.0)

@@ -12,7 +12,9 @@ from torch import nn
 
 pytest.importorskip("private_set_intersection.python")
 
-from shoal.strategies.vertical.link import LabelParty, Party, batch_rows, rows_of
+from shoal.strategies.vertical.label import LabelParty
+from shoal.strategies.vertical.link import Party
+from shoal.strategies.vertical.order import batch_rows, rows_of
 from shoal.strategies.vertical.split import Bottom, Pooled, Top, split_mlp
 
 pytestmark = pytest.mark.timeout(120)

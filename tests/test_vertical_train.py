@@ -21,7 +21,7 @@ pytest.importorskip("private_set_intersection.python")
 from shoal import checkpoint, procs
 from shoal.cli import main
 from shoal.data.make import make
-from shoal.strategies.vertical.link import batch_rows
+from shoal.strategies.vertical.order import batch_rows
 from shoal.strategies.vertical.pooled import train_pooled
 from shoal.strategies.vertical.split import Pooled
 from shoal.strategies.vertical.tables import read_party

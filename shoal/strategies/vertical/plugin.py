@@ -132,7 +132,7 @@ class Plugin(plugin.Plugin):
     )
 
     def check(self, job: JobConfig) -> None:
-        from shoal.strategies.vertical.runtime import label_of, parse_parties
+        from shoal.strategies.vertical.job import label_of, parse_parties
 
         o = self.options(job)
         if not o.parties:
@@ -164,7 +164,7 @@ class Plugin(plugin.Plugin):
         """Each party run here: its files open, its id column and columns there (the rows
         are read by the party's process alone)."""
         from shoal.data.files import Files, split_roots
-        from shoal.strategies.vertical.runtime import label_of, parse_parties
+        from shoal.strategies.vertical.job import label_of, parse_parties
 
         o = self.options(job)
         parties = parse_parties(o.parties)
@@ -231,7 +231,7 @@ def launch_parties(job: JobConfig, config_path: str) -> None:
     from shoal.net import wire
     from shoal.roles import Role, RoleGroup
     from shoal.strategies.vertical.group import GROUP_ENV, RANK_ENV
-    from shoal.strategies.vertical.runtime import ADDRESS_ENV, PARTY_ENV, parse_parties
+    from shoal.strategies.vertical.job import ADDRESS_ENV, PARTY_ENV, parse_parties
 
     o = job.strategy.options
     here = [o.party] if o.party else list(parse_parties(o.parties))

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 from shoal.models.tasks import per_sample_loss
-from shoal.strategies.vertical.link import batch_rows, rows_of
-from shoal.strategies.vertical.runtime import _seeded
+from shoal.strategies.vertical.job import seeded
+from shoal.strategies.vertical.order import batch_rows, rows_of
 from shoal.strategies.vertical.split import Pooled, build_bottom, build_top
 from shoal.strategies.vertical.tables import PartyTable, read_party
 
@@ -57,11 +57,11 @@ def train_pooled(
     for t in tables:
         if t.width == 0:
             continue
-        _seeded(seed, names.index(t.name))
+        seeded(seed, names.index(t.name))
         bottoms.append(build_bottom(kind, t.width, outputs, hidden, dim))
         columns.append(range(at, at + t.width))
         at += t.width
-    _seeded(seed, -1)
+    seeded(seed, -1)
     top = build_top(kind, len(bottoms), outputs, hidden, dim)
     model = Pooled(bottoms, top, columns)
     opt = torch.optim.Adam(model.parameters(), lr=lr)

@@ -39,95 +39,27 @@ from shoal.layout import save_model
 from shoal.memory import private_bytes, state_bytes
 from shoal.metrics import PHASES
 from shoal.models.tasks import per_sample_loss
-from shoal.net import wire
 from shoal.optim import build_optimizer, build_scheduler
 from shoal.strategies.vertical.group import Group
-from shoal.strategies.vertical.link import LabelParty, Party, rows_of
+from shoal.strategies.vertical.job import (
+    ADDRESS_ENV,
+    PARTY_ENV,
+    address,
+    boundaries,
+    label_of,
+    parse_parties,
+    party_home,
+    plan_of,
+    secret,
+    seeded,
+    stored_label,
+)
+from shoal.strategies.vertical.label import LabelParty
+from shoal.strategies.vertical.link import Party
+from shoal.strategies.vertical.order import rows_of
 from shoal.strategies.vertical.split import Bottom, Top, _noisy, build_bottom, build_top
 from shoal.strategies.vertical.tables import PartyTable, read_party
 from shoal.telemetry import Totals, Window
-
-PARTY_ENV = "SHOAL_PARTY"
-"""Which party a process of a one-machine vertical job is (its launcher sets it)."""
-ADDRESS_ENV = "SHOAL_VERTICAL_ADDRESS"
-"""Where each process of the label party listens, in a one-machine job (comma-separated,
-by rank: its launcher picks the ports)."""
-
-
-def parse_parties(text: str) -> dict[str, str]:
-    """``--parties user=PATH,item=PATH`` as ``{name: path}`` ("" where only the name is
-    given: a party on another machine)."""
-    out: dict[str, str] = {}
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        name, _, path = part.partition("=")
-        name = name.strip()
-        if not name.isidentifier():
-            raise UserError(f"--parties: {name!r} is not a party name (letters, digits, _)")
-        if name in out:
-            raise UserError(f"--parties names {name} twice")
-        out[name] = path.strip()
-    if len(out) < 2:
-        raise UserError("--parties needs two parties or more: NAME=PATH,NAME=PATH")
-    return out
-
-
-def label_of(opts: Any, parties: dict[str, str]) -> str:
-    """The label party: ``--label-party``, else the last of ``--parties``."""
-    label = opts.label_party or list(parties)[-1]
-    if label not in parties:
-        raise UserError(f"--label-party {label} is not one of --parties ({', '.join(parties)})")
-    return label
-
-
-def party_home(job: JobConfig, name: str) -> Path:
-    """The directory of party ``name``'s own files (checkpoints, its part of the model)."""
-    opts = job.strategy.options
-    out = Path(job.output.out)
-    if opts.party or name == label_of(opts, parse_parties(opts.parties)):
-        return out
-    return out / "parties" / name
-
-
-def plan_of(job: JobConfig) -> dict[str, Any]:
-    """What every party must agree on (compared when they meet: one ``shoal train`` per
-    machine may be given different flags)."""
-    t, o = job.train, job.strategy.options
-    return {
-        "steps": t.steps, "epochs": t.epochs, "batch_size": t.batch_size, "seed": t.seed,
-        "eval_every": t.eval_every, "checkpoint_every": t.checkpoint_every,
-        "staleness": o.staleness, "split_model": o.split_model, "hidden": o.hidden,
-        "dim": o.dim, "optimizer": job.optim.name, "lr": job.optim.lr,
-        "schedule": job.optim.schedule, "warmup": job.optim.warmup_steps, "align": o.align,
-        "parties": list(parse_parties(o.parties)), "party_workers": o.party_workers,
-    }  # fmt: skip
-
-
-def _seeded(seed: int, index: int) -> None:
-    """Each part's initial weights from its own seed: party ``index``'s bottom
-    (``index`` in ``--parties`` order; -1: the top), the same however parties are run."""
-    torch.manual_seed(seed * 1_000_003 + index + 1)
-
-
-def _boundaries(job: JobConfig, total: int) -> set[int]:
-    """Steps where every party stops together: checkpoints, evaluations, the end."""
-    t = job.train
-    out = {total}
-    for every in (t.checkpoint_every, t.eval_every):
-        if every:
-            out |= set(range(every, total, every))
-    return out
-
-
-def _secret() -> bytes:
-    hex_ = wire.secret_hex()
-    if not hex_:
-        raise UserError(
-            "--strategy vertical with --party needs SHOAL_SECRET, the same on every party "
-            "(e.g. export SHOAL_SECRET=$(openssl rand -hex 32))"
-        )
-    return bytes.fromhex(hex_)
 
 
 def run_party(job: JobConfig) -> None:
@@ -137,15 +69,15 @@ def run_party(job: JobConfig) -> None:
     label = label_of(opts, parties)
     name = os.environ.get(PARTY_ENV) or opts.party
     group = Group(opts.party_workers)
-    address = _address(os.environ.get(ADDRESS_ENV, ""), opts.label_address, group.rank)
+    where = address(os.environ.get(ADDRESS_ENV, ""), opts.label_address, group.rank)
     label_column = ""
     if name == label:
-        label_column = opts.label_column or _stored_label(parties[name])
+        label_column = opts.label_column or stored_label(parties[name])
     table = read_party(name, parties[name], opts.id_column, label_column)
     home = party_home(job, name)
     home.mkdir(parents=True, exist_ok=True)
     kind = _LabelRun if name == label else _PartyRun
-    run = kind(job, name, table, _secret(), address, home, group)
+    run = kind(job, name, table, secret(), where, home, group)
     signals = _Signals(run.link)
     try:
         run.run()
@@ -153,15 +85,6 @@ def run_party(job: JobConfig) -> None:
         signals.restore()
         run.close()
         group.close()
-
-
-def _address(given: str, label_address: str, rank: int) -> str:
-    """Where process ``rank`` of the label party listens: the launcher's list (one
-    machine), else ``--label-address HOST:PORT`` plus the rank (PORT, PORT+1, ...)."""
-    if given:
-        return given.split(",")[rank]
-    host, _, port = label_address.rpartition(":")
-    return f"tcp://{host}:{int(port) + rank}"
 
 
 class _Signals:
@@ -184,17 +107,6 @@ class _Signals:
     def restore(self) -> None:
         for s, handler in self.previous.items():
             signal.signal(s, handler)
-
-
-def _stored_label(path: str) -> str:
-    from shoal.data.files import Files, split_roots
-
-    meta = Files(split_roots(path)[0]).metadata
-    label = str(meta.get("label", ""))
-    if not label:
-        raise UserError(f"{path}: the label party's data names no label column: give "
-                        "--label-column")  # fmt: skip
-    return label
 
 
 class _Run:
@@ -250,7 +162,7 @@ class _Run:
         raise preempt.Preempted(self.step, entry)
 
     def bottom_of(self, width: int, outputs: int, noise: float) -> Bottom:
-        _seeded(self.job.train.seed, self.index)
+        seeded(self.job.train.seed, self.index)
         o = self.opts
         module = build_bottom(o.split_model, width, outputs, o.hidden, o.dim)
         opt = build_optimizer(module.parameters(), self.job.optim)
@@ -300,7 +212,7 @@ class _PartyRun(_Run):
             bottom.optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
         evals = job.train.eval_every
-        for mark in sorted(b for b in _boundaries(job, total) if b > self.step):
+        for mark in sorted(b for b in boundaries(job, total) if b > self.step):
             link.train(table.train.features, mark, job.train.batch_size, job.train.seed,
                        opts.staleness, start=self.step,
                        after_step=lambda s: scheduler.step())  # fmt: skip
@@ -374,7 +286,7 @@ class _LabelRun(_Run):
             raise UserError("--label-dp is randomized response over classes: a regression "
                             "label has none")  # fmt: skip
         task = self.task = table.task
-        _seeded(job.train.seed, -1)
+        seeded(job.train.seed, -1)
         module = build_top(o.split_model, parts, table.num_outputs, o.hidden, o.dim)
 
         def loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -469,7 +381,7 @@ class _LabelRun(_Run):
         self.window = _Window(mine=link.compute_mine)
         self.train_s = 0.0  # (seconds in training steps, evaluations and checkpoints left out)
         self.train_started = self.wall_time()
-        bounds = _boundaries(job, total)
+        bounds = boundaries(job, total)
         logs = set(range(t.log_every, total, t.log_every)) if t.log_every else set()
         try:
             for mark in sorted(b for b in bounds | logs if b > self.step):
