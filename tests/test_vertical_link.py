@@ -187,3 +187,38 @@ def test_the_label_party_refuses_strangers_and_bad_outputs_and_goes_on():
     first, last, last_exact = (np.mean(v) for v in (losses[:20], losses[-20:], exact[-20:]))
     assert last < first - 0.2, (first, last)  # it learns ...
     assert abs(last - last_exact) < 0.1, (last, last_exact)  # ... about as fast
+
+
+def test_a_party_run_with_other_flags_is_refused_by_both_sides():
+    """One ``shoal train --party`` per machine may be given other flags: the party that
+    differs is told what differs, and the label party stops with the same line."""
+    import threading
+
+    from shoal.errors import UserError
+    from shoal.net.peer import PeerError
+
+    ids, _, _, _, _ = world(100)
+    bottoms, top = models()
+    label = LabelParty(
+        SECRET, ["b"], ids, Top(top, sgd(top.parameters()), nn.functional.cross_entropy)
+    )
+    label.plan_check = {"batch_size": 64, "seed": 7}
+    said: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            label.agree([])
+        except UserError as e:
+            said.append(e)
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    party = Party(SECRET, "b", label.address, ids, Bottom(bottoms[1], sgd(bottoms[1].parameters())))
+    with pytest.raises(
+        PeerError, match="runs another job: its batch_size is 32, the label party's 64"
+    ):
+        party.agree([], {"batch_size": 32, "seed": 7})
+    thread.join(timeout=10)
+    party.close()
+    label.close()
+    assert said and "its batch_size is 32" in str(said[0])

@@ -219,7 +219,7 @@ def test_what_a_vertical_job_does_not_read_is_refused(clicks, tmp_path, capsys):
 def test_one_shoal_train_per_party_on_two_hosts(clicks, tmp_path):
     """The item party (labels) on one network namespace, the user party on another,
     each started by its own ``shoal train --party``: the same parameters as the
-    one-machine run. A party run with other flags is refused, by both sides."""
+    one-machine run."""
     from netns import hosts
 
     steps = 30
@@ -247,14 +247,3 @@ def test_one_shoal_train_per_party_on_two_hosts(clicks, tmp_path):
         ref = pooled(clicks, steps)
         assert max_diff(tmp_path / "item", tmp_path / "user", ref) < 1e-5
         assert summary(tmp_path / "user")["steps"] == steps  # (the label party's word)
-
-        label = start(a, "item", tmp_path / "item2")
-        user = start(b, "user", tmp_path / "user2", "--batch-size", "32")
-        try:
-            _, label_err = label.communicate(timeout=60)
-            _, user_err = user.communicate(timeout=30)
-        finally:
-            label.kill()
-            user.kill()
-    for code, err in ((label.returncode, label_err), (user.returncode, user_err)):
-        assert code != 0 and "runs another job: its batch_size is 32" in err, err[-2000:]
