@@ -76,7 +76,7 @@ def _label(port_q: mp.Queue, out: mp.Queue) -> None:
     label.train(STEPS, BATCH, SEED)
     params = [p.detach().numpy().copy() for p in [*bottoms[0].parameters(), *top.parameters()]]
     out.put(("label", common, params, label.comm["b"].sent, label.comm["b"].received))
-    out.put(("losses", label.losses))
+    out.put(("losses", list(label.losses)))
     label.close()
 
 
@@ -139,7 +139,7 @@ def _label_exact(port_q: mp.Queue, out: mp.Queue) -> None:
     port_q.put(label.address)
     label.align(y, x[:, cols[0]])
     label.train(AHEAD_STEPS, BATCH, SEED)
-    out.put(label.losses)
+    out.put(list(label.losses))
     label.close()
 
 

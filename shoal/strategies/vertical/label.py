@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -96,7 +97,8 @@ class LabelParty:
         self.steps: dict[int, _Step] = {}
         self.labels: torch.Tensor | None = None
         self.features: torch.Tensor | None = None
-        self.losses: list[float] = []
+        self.losses: deque[float] = deque(maxlen=100_000)
+        """The latest steps' losses (the run's records hold them all)."""
         self.outputs = 1
         """What each party's output feeds (told with the common ids: a linear bottom's
         width)."""
