@@ -63,8 +63,8 @@ def plan_of(job: JobConfig) -> dict[str, Any]:
     return {
         "steps": t.steps, "epochs": t.epochs, "batch_size": t.batch_size, "seed": t.seed,
         "eval_every": t.eval_every, "checkpoint_every": t.checkpoint_every,
-        "staleness": o.staleness, "split_model": o.split_model, "hidden": o.hidden,
-        "dim": o.dim, "optimizer": job.optim.name, "lr": job.optim.lr,
+        "staleness": o.staleness, "split_model": o.split_model, "hidden": o.bottom_hidden,
+        "dim": o.tower_dim, "optimizer": job.optim.name, "lr": job.optim.lr,
         "schedule": job.optim.schedule, "warmup": job.optim.warmup_steps, "align": o.align,
         "parties": list(parse_parties(o.parties)), "party_workers": o.party_workers,
     }  # fmt: skip

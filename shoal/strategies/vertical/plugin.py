@@ -88,14 +88,6 @@ class VerticalConfig:
         "drawn once (0: off)", low=0, high=100,
     )  # fmt: skip
 
-    @property
-    def hidden(self) -> int:
-        return self.bottom_hidden
-
-    @property
-    def dim(self) -> int:
-        return self.tower_dim
-
 
 class Vertical(Strategy):
     """(Never built: a vertical job's processes run :func:`run_party`, not the trainer.)"""
@@ -178,9 +170,6 @@ class Plugin(plugin.Plugin):
                     raise UserError(f"{parties[name]}: the label party's data names no label "
                                     "column: give --label-column")  # fmt: skip
                 files.field(column)
-
-    def checkpoint_root(self, run_dir: Any) -> Any:
-        return run_dir
 
     def launch(self, job: JobConfig, config_path: str) -> None:
         launch_parties(job, config_path)

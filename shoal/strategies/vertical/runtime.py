@@ -164,7 +164,7 @@ class _Run:
     def bottom_of(self, width: int, outputs: int, noise: float) -> Bottom:
         seeded(self.job.train.seed, self.index)
         o = self.opts
-        module = build_bottom(o.split_model, width, outputs, o.hidden, o.dim)
+        module = build_bottom(o.split_model, width, outputs, o.bottom_hidden, o.tower_dim)
         opt = build_optimizer(module.parameters(), self.job.optim)
         reduce = self.group.reduce if self.group.size > 1 else None
         return Bottom(module, opt, noise, self.noise_gen, reduce)
@@ -199,7 +199,8 @@ class _PartyRun(_Run):
                 test = link.align(opts.align, "test", table.test.ids)
             shared = (start, link.common, test, link.outputs)
         start, common, test, outputs = g.broadcast(shared)
-        link.adopt("train", common, outputs)
+        if not g.first:  # (the first process aligned them itself)
+            link.adopt("train", common, outputs)
         test_x = None
         if table.test is not None and g.first:
             test_x = table.test.features[torch.from_numpy(rows_of(table.test.ids, test))]
@@ -287,7 +288,7 @@ class _LabelRun(_Run):
                             "label has none")  # fmt: skip
         task = self.task = table.task
         seeded(job.train.seed, -1)
-        module = build_top(o.split_model, parts, table.num_outputs, o.hidden, o.dim)
+        module = build_top(o.split_model, parts, table.num_outputs, o.bottom_hidden, o.tower_dim)
 
         def loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return per_sample_loss(task, out, y).mean()
