@@ -50,6 +50,7 @@ def launch(job: JobConfig, config_path: str, replicas: list[list[int]] | None = 
         return Role("worker", slot, {**env, "LOCAL_RANK": str(slot)})
 
     roles = [role(slot, 0) for slot in range(slots + spares)]
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     group = RoleGroup(roles, config_path, preload=("torch._dynamo",), fork_first=True)
     # the store's thread only now: the first workers are forks of this process (they
     # connect to the listening socket meanwhile)
@@ -81,6 +82,21 @@ def launch(job: JobConfig, config_path: str, replicas: list[list[int]] | None = 
         group.signal(signal.SIGUSR1)
         os.kill(os.getpid(), signal.SIGTERM)
 
+    told: list[int] = []  # (a stop asked for: Ctrl-C, SIGTERM)
+
+    def on_stop(signum: int, frame: Any) -> None:
+        """A flag the loop reads where it can act on it (an exception raised wherever the
+        signal landed, reading /proc say, ended the launcher with a traceback); a second
+        signal stops at once."""
+        if told:
+            raise KeyboardInterrupt
+        told.append(signum)
+
+    def own_signals() -> None:  # (torch's process layer installs its own as it starts one)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, on_stop)
+
+    own_signals()
     usr1 = signal.signal(signal.SIGUSR1, relay_usr1)
     try:
         while not coordinator.done:
@@ -134,22 +150,23 @@ def launch(job: JobConfig, config_path: str, replicas: list[list[int]] | None = 
                     new = role(r.rank, int(r.env[p.UID_ENV].split(".")[1]) + 1)
                     group.restart(r, new.env)
                     coordinator.started(new.env[p.UID_ENV])
+                own_signals()
                 waiting = []
             if group.running == 0 and not coordinator.done:
                 preempted = preempted_since(config_path, start)
                 if preempted is not None:
                     raise JobPreempted(preempted)
                 raise LaunchFailed("every worker of the job is gone")
-            try:
-                time.sleep(0.01)
-            except (KeyboardInterrupt, SignalException):  # Ctrl-C, SIGTERM: the workers
-                if stopping:  # stop at a common step and checkpoint it; a second: at once
-                    raise KeyboardInterrupt from None
+            if told and not stopping:  # the workers stop at a common step and checkpoint it
                 stopping = True
                 group.signal(signal.SIGTERM)
-
+            time.sleep(0.01)
+    except SignalException:  # (between a start and our handlers: torch's own)
+        raise KeyboardInterrupt from None
     finally:
         signal.signal(signal.SIGUSR1, usr1)
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
         group.close()
         _write_history(Path(config_path).parent, coordinator, pids)
     if stopping:
