@@ -7,18 +7,34 @@ bucket (``tc qdisc ... tbf``), so a transfer between two hosts runs at that
 rate. Needs root and iproute2 (``ip``, ``tc``). Everything made is removed on
 exit, also on an error or an interrupt; namespaces left by a run that was
 killed outright are removed by the next one.
+
+Distance (``delay``): this kernel has no netem, so a delayed network is a link of
+our own in user space. Each host then has a TUN device instead of a veth, and
+a relay (:class:`Relay`, a thread of this process) reads every packet a host
+sends, holds it for the delay and writes it into the TUN device of the host it
+is addressed to: every packet is ``delay`` late one way, as ``tc netem delay``
+on each host's link would make it. The rate cap stays ``tbf``, on each TUN
+device. The TUN devices take 64 KB packets, so the relay moves few of them; its
+ceiling is measured by ``shoal bench comm --relay-check``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import fcntl
+import heapq
 import os
 import re
+import selectors
 import shutil
 import signal
+import struct
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from shoal import procs
 
@@ -86,9 +102,105 @@ def parse_rate(rate: str) -> float | None:
     return float(m.group(1)) * {"k": 1e3, "m": 1e6, "g": 1e9}[m.group(2)]
 
 
+def parse_delay(delay: str) -> float:
+    """``50ms``, ``0.2s``, ``0`` -> seconds."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s)?", delay)
+    if not m or (m.group(2) is None and float(m.group(1)) != 0):
+        raise ValueError(f"link delay {delay!r} must look like 50ms, 0.2s or 0")
+    return float(m.group(1)) / (1000 if m.group(2) == "ms" else 1)
+
+
+TUN_MTU = 65000
+_TUNSETIFF = 0x400454CA
+_IFF_TUN, _IFF_NO_PI = 0x0001, 0x1000
+_CLONE_NEWNET = 0x40000000
+
+
+def _open_tun(ns: str, ifname: str) -> int:
+    """A file descriptor of the TUN device ``ifname`` made in namespace ``ns`` (this
+    thread enters the namespace to open it, then comes back)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    there = os.open(f"/var/run/netns/{ns}", os.O_RDONLY)
+    try:
+        if libc.setns(there, _CLONE_NEWNET) != 0:
+            raise NetnsError(f"setns {ns}: {os.strerror(ctypes.get_errno())}")
+        try:
+            fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
+            request = struct.pack("16sH", ifname.encode(), _IFF_TUN | _IFF_NO_PI)
+            fcntl.ioctl(fd, _TUNSETIFF, request)
+            return fd
+        finally:
+            libc.setns(home, _CLONE_NEWNET)
+    finally:
+        os.close(home)
+        os.close(there)
+
+
+@dataclass(eq=False)
+class Relay(threading.Thread):
+    """Moves IPv4 packets between the hosts' TUN devices, each ``delay`` seconds after
+    it was read: a constant delay keeps every flow's order."""
+
+    routes: dict[bytes, int]  # destination address -> that host's TUN descriptor
+    delay: float
+    packets: int = 0
+    bytes: int = 0
+    late_max: float = 0.0  # the longest a packet waited past its due time
+    busy: float = 0.0  # seconds this thread spent moving packets
+    stopped: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        super().__init__(name="shoal-relay", daemon=True)
+
+    def run(self) -> None:
+        sel = selectors.DefaultSelector()
+        for fd in self.routes.values():
+            sel.register(fd, selectors.EVENT_READ)
+        held: list[tuple[float, int, int, bytes]] = []
+        seq = 0
+        while not self.stopped.is_set():
+            wait = 0.05 if not held else max(0.0, held[0][0] - time.monotonic())
+            ready = sel.select(min(wait, 0.05))
+            t0 = time.monotonic()
+            for key, _ in ready:
+                while True:
+                    try:
+                        packet = os.read(key.fd, TUN_MTU + 100)
+                    except BlockingIOError:
+                        break
+                    ipv4 = len(packet) >= 20 and packet[0] >> 4 == 4
+                    out = self.routes.get(packet[16:20]) if ipv4 else None
+                    if out is not None:
+                        heapq.heappush(held, (t0 + self.delay, seq, out, packet))
+                        seq += 1
+            now = time.monotonic()
+            while held and held[0][0] <= now:
+                due, _, out, packet = heapq.heappop(held)
+                self.late_max = max(self.late_max, now - due)
+                try:
+                    os.write(out, packet)
+                except OSError:
+                    continue  # (the receiving queue is full: a drop, as on a wire)
+                self.packets += 1
+                self.bytes += len(packet)
+            self.busy += time.monotonic() - t0
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.join(timeout=5)
+
+
 @contextlib.contextmanager
-def hosts(count: int, rate: str = "none", subnet: str = "10.231.9") -> Iterator[list[Host]]:
-    """``count`` hosts on one bridge, each link capped at ``rate`` (``none``: uncapped)."""
+def hosts(
+    count: int, rate: str = "none", subnet: str = "10.231.9", delay: float = 0.0
+) -> Iterator[list[Host]]:
+    """``count`` hosts on one bridge, each link capped at ``rate`` (``none``: uncapped);
+    with ``delay`` (seconds), on TUN devices joined by a :class:`Relay` instead."""
+    if delay > 0:
+        with _tun_hosts(count, rate, subnet, delay) as made:
+            yield made
+        return
     reason = unavailable()
     if reason:
         raise NetnsError(reason)
@@ -141,5 +253,57 @@ def hosts(count: int, rate: str = "none", subnet: str = "10.231.9") -> Iterator[
         yield out
     finally:
         for ns in reversed(made):  # a namespace takes its ends of the veths with it
+            _delete(ns)
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _tun_hosts(count: int, rate: str, subnet: str, delay: float) -> Iterator[list[Host]]:
+    reason = unavailable()
+    if reason:
+        raise NetnsError(reason)
+    bits = parse_rate(rate)
+    remove_stale()
+    tag = f"{PREFIX}{os.getpid()}"
+    made: list[str] = []
+    fds: list[int] = []
+    relay: Relay | None = None
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # unwinds through the finally below
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        out, routes = [], {}
+        for i in range(count):
+            host = Host(f"{tag}-h{i}", "tun0", f"{subnet}.{i + 1}")
+            _run("ip", "netns", "add", host.ns)
+            made.append(host.ns)
+            _run("ip", "-n", host.ns, "tuntap", "add", "dev", host.ifname, "mode", "tun")
+            _run("ip", "-n", host.ns, "link", "set", host.ifname, "mtu", str(TUN_MTU))
+            _run("ip", "-n", host.ns, "addr", "add", f"{host.addr}/24", "dev", host.ifname)
+            _run("ip", "-n", host.ns, "link", "set", host.ifname, "up")
+            _run("ip", "-n", host.ns, "link", "set", "lo", "up")
+            for key in ("net.ipv4.tcp_rmem", "net.ipv4.tcp_wmem"):
+                # windows for a long fat link (1 Gbit/s x 100 ms round trip = 12.5 MB)
+                _run(*host.prefix(), "sysctl", "-qw", f"{key}=4096 131072 67108864")
+            if bits is not None:
+                _run(
+                    "tc", "-n", host.ns, "qdisc", "add", "dev", host.ifname, "root", "tbf",
+                    "rate", rate, "burst", str(tbf_burst(bits)), "latency", "1s",
+                )  # fmt: skip
+            fds.append(_open_tun(host.ns, host.ifname))
+            routes[bytes(int(x) for x in host.addr.split("."))] = fds[-1]
+            out.append(host)
+        relay = Relay(routes, delay)
+        relay.start()
+        yield out
+    finally:
+        if relay is not None:
+            relay.stop()
+        for fd in fds:
+            os.close(fd)
+        for ns in reversed(made):
             _delete(ns)
         signal.signal(signal.SIGTERM, previous)

@@ -23,7 +23,7 @@ from shoal.config import JobConfig
 from shoal.data import Dataset, GlobalBatchSampler, Task, build_dataset, build_order
 from shoal.data.loader import Audit, Loader
 from shoal.data.order import MASK64, digest
-from shoal.dist import DistEnv, attempt, peer_failure
+from shoal.dist import CollectiveGatherer, DistEnv, attempt, peer_failure
 from shoal.errors import UserError
 from shoal.faults import Injector
 from shoal.inplace import state as inplace_state
@@ -98,7 +98,9 @@ class Trainer(Regrouping):
         self.wall_offset = 0.0
         self.prior_samples: dict[int, int] = {}
         self.prior_digests: dict[int, int] = {}
-        self.time_totals = dict.fromkeys(PHASES, 0.0)  # this rank's seconds per phase
+        # this rank's seconds per phase, and (stepping) the wall of its training steps from
+        # one step's end to the next's with the forward and backward in them
+        self.time_totals = dict.fromkeys((*PHASES, "stepping", "stepping_compute"), 0.0)
         self.writer: RunWriter | None = None  # on the rank that writes the run, while it runs
         self.saver = checkpoint.AsyncSaver(
             self.out, job.train.keep_checkpoints, background=job.train.checkpoint_async
@@ -261,6 +263,10 @@ class Trainer(Regrouping):
                         self.faults.computed(len(task.indices), self.strategy.compute_time)
                         done = time.perf_counter()
                         if busy_since is not None:  # the step less its waits on peers
+                            # (steps that follow an evaluation, a checkpoint or a regroup
+                            # are not counted: the wall between them is not training's)
+                            self.time_totals["stepping"] += done - stepped
+                            self.time_totals["stepping_compute"] += self.strategy.compute_time
                             busy = done - busy_since - self.strategy.wait_time
                             self.balancer.observe(
                                 len(task.indices), busy, self.strategy.compute_time, done - stepped
@@ -294,6 +300,7 @@ class Trainer(Regrouping):
                             busy_since = None
                         if t.eval_every and self.step % t.eval_every == 0 and not last:
                             self._evaluate()
+                            self._together()
                             busy_since = None
                         if t.checkpoint_every and self.step % t.checkpoint_every == 0 and not last:
                             self.save_checkpoint()
@@ -444,6 +451,12 @@ class Trainer(Regrouping):
         for k, v in now.items():
             self.peak_memory[k] = max(self.peak_memory.get(k, 0), v)
         return now
+
+    def _together(self) -> None:
+        """Every rank waits here for the others (after the writer evaluated alone), where
+        the ranks' telemetry travels by collectives: the wait is then no step's."""
+        if isinstance(self.gatherer, CollectiveGatherer) and self.env.world_size > 1:
+            dist.barrier()
 
     def _evaluate(self) -> None:
         model = self.strategy.eval_model()  # collective where the model is sharded

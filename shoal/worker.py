@@ -114,9 +114,15 @@ def _run(job: JobConfig) -> int:
         if heartbeat is not None:
             heartbeat.stop()
     except UserError as e:
+        # every rank may find the same mistake: the first to write it down says it
+        try:
+            with (Path(job.output.out) / USER_ERROR_FILE).open("x") as fh:
+                fh.write(f"{e}\n")
+        except FileExistsError:
+            return 2
+        except OSError:
+            pass
         print(f"shoal: error: {e}", file=sys.stderr)
-        with contextlib.suppress(OSError):
-            (Path(job.output.out) / USER_ERROR_FILE).write_text(f"{e}\n")
         return 2
     except (PeerRejected, PeerLost) as e:
         rank = os.environ.get("SHOAL_ROLE_RANK") or os.environ.get("RANK", "")

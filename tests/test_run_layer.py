@@ -269,7 +269,6 @@ def test_overrides_use_the_toml_names(tmp_path):
     ("given", "flag"),
     [
         ({"option.compress": "fp16"}, "--compress"),
-        ({"strategy.name": "local-sgd", "option.compress": "topk:0.01"}, "--compress"),
         ({"train.dp_clip": 1.0, "train.dp_noise": 1.0}, "DP-SGD"),
         ({"train.balance": "static:1,2"}, "--balance static"),
         (
@@ -314,4 +313,12 @@ def test_recovery_auto_is_in_place_where_the_job_allows_it_and_restart_elsewhere
         "--recovery inplace runs without --compress for now: a codec's error "
         "feedback (and PowerSGD's warm start) would keep what a step cut short sent",
     )
+    # local SGD and DiLoCo keep their codec's state with each point they go back to
+    assert mode(**{"strategy.name": "local-sgd", "option.compress": "topk:0.01"}) == (
+        "inplace",
+        "",
+    )
+    streaming = {"strategy.name": "diloco", "option.fragments": 4, "option.sync_every": 8}
+    assert "set --checkpoint-every" in mode(**streaming)[1]
+    assert mode(**streaming, **{"train.checkpoint_every": 16}) == ("inplace", "")
     assert mode(**{"cluster.recovery": "restart"}) == ("restart", "")

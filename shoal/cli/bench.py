@@ -6,9 +6,15 @@
 (:mod:`shoal.netns`), gives each its own share of the cores (``taskset``),
 caps each host's link with ``tc ... tbf`` at every rate asked for, and runs
 the same job once per strategy x codec on each: a real multi-node run through
-the launcher, one node per host. It reports, per rate, time and bytes to the
-target loss and the speed-up over uncompressed ``allreduce``, and writes the
-table, a JSON file and a report with plots (loss vs wall time, loss vs bytes sent).
+the launcher, one node per host. ``--delay`` puts the hosts that far apart
+(every packet late by it, one way: TUN devices and a relay, see
+:mod:`shoal.netns`). It reports, per rate, time and bytes to the target (a
+training loss, or with ``--target-perplexity`` the held-out perplexity of the
+job's evaluations; the time is training's: start-up and evaluations are not
+counted) and the speed-up and the fewer bytes against uncompressed ``allreduce``,
+and writes
+the table, a JSON file and a report with plots (loss vs wall time, loss vs bytes
+sent).
 """
 
 from __future__ import annotations
@@ -32,10 +38,14 @@ from shoal.metrics import read_metrics
 COMM_HELP = """Build 2 to 4 hosts from Linux network namespaces on one bridge, each with its
 own share of the cores, cap each host's link with tc tbf at every rate given,
 and run the same job once per STRATEGY:CODEC on each: a real multi-node run,
-one node per host. Writes, per rate, time and bytes to the target loss and the
-speed-up over uncompressed allreduce (results.md, results.json) and a report
-with plots (loss vs wall time, loss vs bytes sent). Needs root; removes every
-namespace it made, also when it fails or is interrupted."""
+one node per host. Writes, per rate, time (start-up and evaluations not
+counted) and bytes to the target (the training loss, or --target-perplexity)
+and the speed-up over uncompressed allreduce (results.md, results.json) and a report
+with plots (loss vs wall time, loss vs bytes sent). --delay puts the hosts far
+apart (each packet late by it, one way, through a relay in user space). A run
+may carry strategy flags after its codec: diloco:int8+fragments=4+overlap=1 runs
+--strategy diloco --compress int8 --fragments 4 --overlap 1. Needs root;
+removes every namespace it made, also when it fails or is interrupted."""
 _PORTS = itertools.count()
 DEFAULT_RUNS = (
     "allreduce:none,allreduce:fp16,allreduce:topk:0.01,allreduce:sign,allreduce:powersgd:4,"
@@ -51,6 +61,9 @@ EXAMPLES = """examples:
   sudo shoal bench comm                                   # 2 hosts, 1gbit and uncapped
   sudo shoal bench comm --rates 100mbit,1gbit --hosts 4
   sudo shoal bench comm --runs allreduce:none,local-sgd:fp16 -- --model cnn --steps 300
+  sudo shoal bench comm --rates 100mbit --delay 50ms --target-perplexity 9 \\
+      --runs allreduce:none,diloco:int8+fragments=4+overlap=1 -- \\
+      --model transformer --eval-every 40 --steps 800
 """
 
 
@@ -76,7 +89,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--rates", default="1gbit,none", help="link rates to test, comma-separated (none: uncapped)"
     )
     comm.add_argument(
-        "--runs", default=DEFAULT_RUNS, help="STRATEGY:CODEC pairs to run, comma-separated"
+        "--delay",
+        default="0",
+        help="one-way delay of every packet between hosts, as 50ms (default 0: none)",
+    )
+    comm.add_argument(
+        "--runs",
+        default=DEFAULT_RUNS,
+        help="STRATEGY:CODEC[+FLAG=VALUE...] runs, comma-separated",
+    )
+    comm.add_argument(
+        "--target-perplexity",
+        type=float,
+        default=0.0,
+        help="target the held-out perplexity instead of the training loss (the job "
+        "must evaluate, --eval-every)",
     )
     comm.add_argument(
         "--target",
@@ -97,14 +124,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     bench_chaos.add_parser(kinds)
 
 
-def _runs(spec: str) -> list[tuple[str, str]]:
+def _runs(spec: str) -> list[tuple[str, str, list[str]]]:
+    """``(strategy, codec, extra flags)`` of each run."""
     from shoal.compress import parse_codec
     from shoal.strategies import find_plugin
 
     out = []
     for item in filter(None, (s.strip() for s in spec.split(","))):
-        strategy, _, codec = item.partition(":")
+        head, *pairs = item.split("+")
+        strategy, _, codec = head.partition(":")
         codec = codec or "none"
+        flags = []
+        for pair in pairs:
+            key, eq, value = pair.partition("=")
+            if not eq or not key or not value:
+                raise UserError(f"--runs {item!r}: {pair!r} must look like fragments=4")
+            flags += [f"--{key}", value]
         plugin = find_plugin(strategy)
         if not plugin.needs_process_group or not hasattr(plugin.Config(), "compress"):
             raise UserError(
@@ -115,7 +150,7 @@ def _runs(spec: str) -> list[tuple[str, str]]:
             parse_codec(codec)
         except ValueError as e:
             raise UserError(f"--runs {item!r}: {e}") from None
-        out.append((strategy, codec))
+        out.append((strategy, codec, flags))
     if not out:
         raise UserError("--runs names no run")
     return out
@@ -133,6 +168,10 @@ def run_comm(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise UserError(str(e)) from None
     runs = _runs(args.runs)
+    try:
+        delay = netns.parse_delay(args.delay)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     reason = netns.unavailable()
     if reason:
         raise UserError(f"shoal bench comm: {reason} (run it with sudo)")
@@ -145,12 +184,17 @@ def run_comm(args: argparse.Namespace) -> int:
     results: list[dict[str, Any]] = []
     for rate in rates:
         try:
-            with netns.hosts(args.hosts, rate) as hosts:
-                for strategy, codec in runs:
-                    name = f"{rate}-{strategy}-{codec.replace(':', '')}"
+            with netns.hosts(args.hosts, rate, delay=delay) as hosts:
+                for strategy, codec, flags in runs:
+                    name = "-".join([rate, strategy, codec.replace(":", ""), *flags[1::2]])
                     print(f"bench comm: {name} ...", file=sys.stderr, flush=True)
-                    result = _run_one(hosts, out / rate / name, strategy, codec, job, args)
-                    results.append({"rate": rate, "strategy": strategy, "codec": codec, **result})
+                    result = _run_one(
+                        hosts, out / rate / name, strategy, codec, [*job, *flags], args
+                    )
+                    results.append({
+                        "rate": rate, "delay": args.delay, "strategy": strategy,
+                        "codec": codec, "flags": " ".join(flags), **result,
+                    })  # fmt: skip
                     print(f"bench comm: {name}: {_describe(result)}", file=sys.stderr, flush=True)
         except netns.NetnsError as e:
             raise UserError(f"cannot build the emulated hosts: {e}") from None
@@ -210,12 +254,14 @@ def _run_one(
         log = (run_dir.parent / f".{run_dir.name}-node{rank}.log").open("w")
         procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
     deadline = time.monotonic() + args.run_timeout
+    stopped = False
     try:
         while any(p.poll() is None for p, _ in procs):
             if any(p.poll() not in (None, 0) for p, _ in procs):
                 break  # one node failed: the others would wait for it until they time out
             if time.monotonic() > deadline:
-                return {"error": f"stopped after {args.run_timeout:.0f} s"}
+                stopped = True
+                break
             time.sleep(0.2)
     finally:
         for proc, log in procs:
@@ -224,9 +270,12 @@ def _run_one(
                 proc.wait()
             log.close()
     codes = [p.poll() for p, _ in procs]
+    if stopped and (run_dir / METRICS_FILE).exists():
+        # what it reached before the time ran out (the target, or not)
+        return {**_measure(run_dir, args), "stopped_after_s": args.run_timeout}
     if any(codes) or not (run_dir / SUMMARY_FILE).exists():
         return {"error": f"exit codes {codes}; logs beside {run_dir}"}
-    return _measure(run_dir, args.target)
+    return _measure(run_dir, args)
 
 
 def host_cores(rank: int, num_hosts: int) -> str:
@@ -238,28 +287,57 @@ def host_cores(rank: int, num_hosts: int) -> str:
     return ",".join(str(c) for c in cores[start : start + per])
 
 
-def _measure(run_dir: Path, target: float) -> dict[str, Any]:
-    summary = json.loads((run_dir / SUMMARY_FILE).read_text())
-    steps = [r for r in read_metrics(run_dir / METRICS_FILE) if "loss" in r]
-    reached = next(
-        (
-            r
-            for i, r in enumerate(steps)
-            if i + 1 >= SMOOTH
-            and sum(x["loss"] for x in steps[i + 1 - SMOOTH : i + 1]) / SMOOTH <= target
-        ),
-        None,
-    )
+def _measure(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Time and bytes to the target, from the metrics (and the summary, where the run
+    finished)."""
+    records = read_metrics(run_dir / METRICS_FILE)
+    steps = [r for r in records if "loss" in r]
+    # wall time less the evaluations so far: each lasted from its step's record to its own
+    at_step = {r["step"]: r["wall_time"] for r in steps}
+    evaluating = 0.0
+    for r in records:
+        if "eval" in r and r["step"] in at_step:
+            evaluating += max(0.0, r["wall_time"] - at_step[r["step"]])
+        r["training_time"] = r["wall_time"] - evaluating
+    if args.target_perplexity:
+        # an evaluation record has no bytes: those of the step record just before it
+        reached = None
+        for i, r in enumerate(records):
+            ppl = r.get("eval", {}).get("test_perplexity")
+            if ppl is not None and ppl <= args.target_perplexity:
+                before = [x for x in records[:i] if "bytes_sent" in x]
+                reached = {**r, "bytes_sent": before[-1]["bytes_sent"] if before else 0}
+                break
+    else:
+        reached = next(
+            (
+                r
+                for i, r in enumerate(steps)
+                if i + 1 >= SMOOTH
+                and sum(x["loss"] for x in steps[i + 1 - SMOOTH : i + 1]) / SMOOTH <= args.target
+            ),
+            None,
+        )
     per_step = [r["step_time_s"] for r in steps[1:]] or [float("nan")]
+    evals = [r["eval"] for r in records if "eval" in r]
+    last = steps[-1] if steps else {"loss": float("nan"), "bytes_sent": 0, "wall_time": 0}
+    finished = (run_dir / SUMMARY_FILE).exists()
+    summary = json.loads((run_dir / SUMMARY_FILE).read_text()) if finished else {}
+    sync = summary.get("synchronization", {})
     return {
-        "time_to_target_s": reached["wall_time"] if reached else None,
+        "time_to_target_s": reached["training_time"] if reached else None,
         "bytes_to_target": reached["bytes_sent"] if reached else None,
         "step_at_target": reached["step"] if reached else None,
         "step_time_s": sorted(per_step)[len(per_step) // 2],
-        "final_loss": summary["final_loss"],
+        "steps_done": steps[-1]["step"] if steps else 0,
+        "final_loss": summary.get("final_loss", last["loss"]),
+        "test_perplexity": evals[-1].get("test_perplexity") if evals else None,
         "test_accuracy": summary.get("test_accuracy"),
-        "bytes_sent_total": summary["bytes_sent_total"],
-        "wall_time_s": summary["wall_time_s"],
+        "bytes_sent_total": summary.get("bytes_sent_total", last["bytes_sent"]),
+        "wall_time_s": summary.get("wall_time_s", last["wall_time"]),
+        "compute_utilisation": sync.get("compute_utilisation"),
+        "hidden_seconds": sync.get("hidden_seconds"),
+        "bytes_per_sync": sync.get("bytes_per_sync"),
         "run_dir": str(run_dir),
     }
 
@@ -274,35 +352,54 @@ def _describe(result: dict[str, Any]) -> str:
 
 
 def _speedups(results: list[dict[str, Any]]) -> None:
-    """Time to target of uncompressed allreduce at the same rate / this run's."""
+    """Time (and bytes) to target of uncompressed allreduce at the same rate / this run's."""
     base = {
-        r["rate"]: r.get("time_to_target_s")
+        r["rate"]: r
         for r in results
-        if r["strategy"] == "allreduce" and r["codec"] == "none"
+        if r["strategy"] == "allreduce" and r["codec"] == "none" and not r.get("flags")
     }
     for r in results:
-        b, t = base.get(r["rate"]), r.get("time_to_target_s")
-        r["speedup"] = b / t if b and t else None
+        b = base.get(r["rate"], {})
+        t, bt = b.get("time_to_target_s"), r.get("time_to_target_s")
+        r["speedup"] = t / bt if t and bt else None
+        x, bx = b.get("bytes_to_target"), r.get("bytes_to_target")
+        r["fewer_bytes"] = x / bx if x and bx else None
 
 
 def _table(results: list[dict[str, Any]], args: argparse.Namespace, job: list[str]) -> str:
+    target = (
+        f"held-out perplexity {args.target_perplexity}"
+        if args.target_perplexity
+        else f"loss {args.target}"
+    )
     lines = [
-        f"hosts {args.hosts} x {args.workers} worker(s); target loss {args.target}; "
+        f"hosts {args.hosts} x {args.workers} worker(s); delay {args.delay}; target {target}; "
         f"job: {' '.join(job)}",
         "",
-        "| link | strategy | codec | step (ms) | time to target (s) | speed-up vs allreduce "
-        "| MB sent to target | final loss |",
-        "|---|---|---|---|---|---|---|---|",
+        "| link | strategy | codec | flags | step (ms) | time to target (s) | speed-up vs "
+        "allreduce | MB sent to target | fewer bytes | compute utilisation | final loss "
+        "| held-out perplexity |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
+        head = f"| {r['rate']} | {r['strategy']} | {r['codec']} | {r['flags'] or '-'} |"
         if "error" in r:
-            lines.append(f"| {r['rate']} | {r['strategy']} | {r['codec']} | failed: {r['error']} |")
+            lines.append(f"{head} failed: {r['error']} |")
             continue
-        t, s, b = r["time_to_target_s"], r["speedup"], r["bytes_to_target"]
+        t, s, b, x = r["time_to_target_s"], r["speedup"], r["bytes_to_target"], r["fewer_bytes"]
+        if t is None and "stopped_after_s" in r:
+            t_text = f"not in {r['stopped_after_s']:.0f} s ({r['steps_done']} steps)"
+        else:
+            t_text = "not reached" if t is None else f"{t:.1f}"
+        util = r.get("compute_utilisation")
+        ppl = r.get("test_perplexity")
         lines.append(
-            f"| {r['rate']} | {r['strategy']} | {r['codec']} | {r['step_time_s'] * 1000:.0f} "
-            f"| {'-' if t is None else f'{t:.1f}'} | {'-' if s is None else f'{s:.2f}x'} "
-            f"| {'-' if b is None else f'{b / 1e6:.1f}'} | {r['final_loss']:.4g} |"
+            f"{head} {r['step_time_s'] * 1000:.0f} | {t_text} "
+            f"| {'-' if s is None else f'{s:.2f}x'} "
+            f"| {'-' if b is None else f'{b / 1e6:.1f}'} | {'-' if x is None else f'{x:.0f}x'} "
+            f"| {'-' if not util or None in util else f'{min(util):.2f}'} "
+            f"| {r['final_loss']:.4g} "
+            f"| {'-' if ppl is None else f'{ppl:.3f}'} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -4,6 +4,9 @@ The one place where a codec meets a process group. Three ways, by codec:
 
 - summable codecs (``none``, ``fp16``, ``bf16``): all-reduce the payloads as
   they are, in one flat buffer;
+- ``int8``, ``int4``: a max all-reduce of each chunk's largest magnitude (the
+  scales every rank then quantizes with), and the packed integers exchanged
+  and summed exactly in int32;
 - ``powersgd``: two all-reduces (the ``P`` factors, then the ``Q`` factors),
   vectors riding uncompressed with the first;
 - the others (``topk``, ``qsgd``, ``sign``): a sum cannot be taken in their
@@ -20,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from shoal.compress import Codec, Payload, PowerSGD
+from shoal.compress import Codec, Payload, PowerSGD, Quantize
 from shoal.metrics import CommCounter
 
 Items = list[tuple[str, torch.Tensor]]
@@ -95,6 +98,8 @@ def average(
         return []
     if isinstance(codec, PowerSGD):
         return _average_powersgd(items, codec, world, comm, group, into)
+    if isinstance(codec, Quantize):
+        return _average_quantized(items, codec, world, comm, group)
     payloads = [codec.encode(key, t) for key, t in items]
     if codec.summable:
         flat = torch.cat([p.tensors[0].reshape(-1) for p in payloads])
@@ -179,3 +184,41 @@ def _average_powersgd(
             target = t.view(t.shape[0], -1) if writable else None
             out[i] = codec.finish(key, q_sum, world, target).reshape(t.shape)
     return [t for t in out if t is not None]
+
+
+def _average_quantized(
+    items: Items, codec: Quantize, world: int, comm: CommCounter, group: object
+) -> list[torch.Tensor]:
+    """Shared scales, then every rank's integers summed in int32: the mean is
+    ``sum(q) * scale / W`` on every rank, bit for bit, whatever the order of arrival."""
+    xs = [codec.residual_added(key, t) for key, t in items]
+    flat = torch.cat(xs)
+    absmax = codec.absmax(flat)
+    if world > 1:
+        wire = ring_allreduce_bytes(_nbytes(absmax), world)
+        comm.add(sent=wire, received=wire)
+        dist.all_reduce(absmax, op=dist.ReduceOp.MAX, group=group)
+    scale = codec.scale(absmax)
+    q = codec.quantize(flat, scale)
+    error = flat - codec.dequantize(q, scale)
+    at = 0
+    for (key, _), x in zip(items, xs):
+        codec.residuals[key] = error[at : at + x.numel()]
+        at += x.numel()
+    mine = codec.pack(q)
+    if world > 1:
+        wire = (world - 1) * _nbytes(mine)
+        comm.add(sent=wire, received=wire)
+        gathered = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(gathered, mine, group=group)
+    else:
+        gathered = [mine]
+    total = torch.zeros(flat.numel(), dtype=torch.int32, device=flat.device)
+    for buf in gathered:
+        total += codec.unpack(buf, flat.numel())
+    mean = codec.dequantize(total, scale) / world
+    out, at = [], 0
+    for _, t in items:
+        out.append(mean[at : at + t.numel()].reshape(t.shape))
+        at += t.numel()
+    return out

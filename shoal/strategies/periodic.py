@@ -14,12 +14,32 @@ last step, so the final model is one model):
 
 With no compression one average moves every parameter once in a ring
 all-reduce: 1/H of what ``allreduce`` moves in the same steps.
+
+Streaming (Douillard et al. 2025, "Streaming DiLoCo"): ``--fragments F`` cuts
+the parameters, in order, into F fragments of about equal bytes; fragment f
+meets every H steps, after the steps ``(f + 1) H / F (mod H)``, so one
+fragment's worth travels every H/F steps instead of the whole model every H
+(the peak bandwidth falls F-fold). ``--overlap T`` runs each exchange in the
+background (a thread, on a process group of its own) while the next T inner
+steps train; after the T-th the result is merged: the fragment takes its new
+shared value plus the change this replica made to it in those T steps, so no
+step is lost. The schedule depends on the step alone, so every replica merges
+the same exchange after the same step, however long the wire took. ``--compress
+int8`` / ``int4`` quantize what travels with scales agreed by every replica and
+integers summed exactly (:mod:`shoal.strategies.collectives`).
+
+The replicas meet in full (every fragment, uncompressed, each codec's residual
+included) after the last step and at checkpoints, so a checkpoint holds one
+model and nothing of any codec; with streaming these are also the only points a
+preemption can stop at or an in-place job go back to.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -27,12 +47,12 @@ import torch.distributed as dist
 from torch import nn
 
 from shoal import balance
-from shoal.compress import COMPRESS_HELP, parse_codec
+from shoal.compress import COMPRESS_HELP, Codec, NoCompression, parse_codec
 from shoal.config import JobConfig, option
 from shoal.dist import DistEnv
 from shoal.errors import UserError
 from shoal.memory import ActivationMeter
-from shoal.metrics import PhaseTimer
+from shoal.metrics import CommCounter, PhaseTimer
 from shoal.optim import build_optimizer, build_scheduler
 from shoal.strategies import plugin
 from shoal.strategies.base import Batch, LossFn, Strategy
@@ -45,6 +65,20 @@ class LocalSGDConfig:
 
     sync_every: int = option(8, "local steps between synchronizations (H)", low=1, high=1 << 30)
     compress: str = option("none", COMPRESS_HELP)
+    fragments: int = option(
+        1,
+        "cut the parameters into F fragments of about equal bytes, each synchronized "
+        "every H steps on a staggered schedule, one every H/F steps (streaming DiLoCo)",
+        low=1,
+        high=1 << 16,
+    )
+    overlap: int = option(
+        0,
+        "inner steps a synchronization runs in the background while training goes on; "
+        "its result is merged that many steps later (0: workers wait for it)",
+        low=0,
+        high=1 << 30,
+    )
 
 
 @dataclass
@@ -55,8 +89,57 @@ class DiLoCoConfig(LocalSGDConfig):
     outer_momentum: float = option(0.9, "momentum of the outer Nesterov SGD", low=0, below=1)
 
 
+def cut_fragments(sizes: list[int], count: int) -> list[list[int]]:
+    """Indices of consecutive tensors (by ``sizes`` in bytes) in ``count`` fragments of
+    about equal bytes: fragment ``f`` takes the tensors that start before ``(f + 1) / count``
+    of the bytes (at least one each)."""
+    if count > len(sizes):
+        raise UserError(f"--fragments {count}: the model has only {len(sizes)} parameter tensors")
+    total, out, at, start = sum(sizes), [], 0, 0
+    for f in range(count):
+        end = start + 1
+        bound = total * (f + 1) / count
+        while end < len(sizes) - (count - 1 - f) and at + sizes[end - 1] + sizes[end] / 2 <= bound:
+            at += sizes[end - 1]
+            end += 1
+        at += sizes[end - 1] if end > start else 0
+        out.append(list(range(start, end)))
+        start = end
+    out[-1].extend(range(start, len(sizes)))
+    return out
+
+
+def offsets(sync_every: int, fragments: int) -> list[int]:
+    """The schedule: fragment ``f`` meets after the steps ``s`` with ``s % H`` equal to
+    its offset, ``(f + 1) H / F (mod H)`` (the last one at multiples of H, as the whole
+    model does with one fragment)."""
+    stride = sync_every // fragments
+    return [((f + 1) * stride) % sync_every for f in range(fragments)]
+
+
+@dataclass
+class _Exchange:
+    """One synchronization of some fragments: what this replica sent, and its result."""
+
+    fragments: list[int]
+    step: int  # the step after which it started
+    due: int  # the step after which it is merged
+    deltas: list[torch.Tensor]  # this replica's change, as computed at ``step``
+    result: Future | None = None  # (means, bytes, seconds) from the background
+    done: tuple[list[torch.Tensor], CommCounter, float] | None = None
+    full: bool = False  # every fragment, uncompressed: the replicas become one model
+    waited: float = field(default=0.0)
+
+
+def _flushed(codec: Codec, key: str, delta: torch.Tensor) -> torch.Tensor:
+    """``delta`` with what ``codec`` still holds back for ``key`` (its residual) added;
+    the residual is dropped from the codec."""
+    residual = codec.residuals.pop(key, None)
+    return delta if residual is None else delta + residual.reshape(delta.shape)
+
+
 class LocalSGD(Strategy):
-    """Local steps, parameters averaged every H steps."""
+    """Local steps, parameters averaged every H steps (whole, or a fragment at a time)."""
 
     options: LocalSGDConfig
 
@@ -69,42 +152,77 @@ class LocalSGD(Strategy):
         self.optimizer = build_optimizer(model.parameters(), self.job.optim)
         self.scheduler = build_scheduler(self.optimizer, self.job.optim, total_steps)
         self.codec = parse_codec(self.options.compress, seed=self.job.train.seed + self.env.rank)
+        self.exact = NoCompression()
         # the replicas start equal: every worker builds the model from the same seed
         self.params = dict(model.named_parameters())
+        self.names = list(self.params)
         self.anchor = {n: p.detach().clone() for n, p in self.params.items()}
+        sizes = [p.numel() * p.element_size() for p in self.params.values()]
+        self.fragments = [
+            [self.names[i] for i in idx] for idx in cut_fragments(sizes, self.options.fragments)
+        ]
+        self.fragment_bytes = [sum(sizes[self.names.index(n)] for n in f) for f in self.fragments]
+        self.overlap = self.options.overlap
+        self.streaming = len(self.fragments) > 1 or self.overlap > 0
+        self.offsets = offsets(self.sync_every, len(self.fragments))
         self.steps = 0
         # uneven slices (--balance): each replica steps on its slice's mean, and the
         # average weighs each replica's change by the samples it trained on
         self.weighted = balance.parse(self.job.train.balance).mode != "equal"
-        self.samples = 0  # this replica's, since the last synchronization
+        self.samples = [0] * len(self.fragments)  # this replica's, since each fragment met
         self.synced: dict[str, Any] = {}  # what rollback() goes back to (in-place jobs)
+        self.pending: _Exchange | None = None
+        self.pool = ThreadPoolExecutor(1, "shoal-sync") if self.overlap else None
+        self.group: Any = None  # made at the first background exchange (see _start)
+        self.syncs: list[dict[str, Any]] = []  # one record per synchronization, this rank's
         self._mark()
 
     def regroup(self, env: DistEnv) -> None:
-        self.env = env  # (nothing holds the group between synchronizations)
+        self.env = env
+        self.group = None  # (a new one at the next background exchange)
+
+    def release(self) -> None:
+        self.pending = None
+        self.group = None
+        if self.pool is not None:  # a background exchange on the old group fails, unread,
+            self.pool.shutdown(wait=False, cancel_futures=True)  # and holds nothing up
+            self.pool = ThreadPoolExecutor(1, "shoal-sync")
 
     def _mark(self) -> None:
-        """Keep this replica's inner optimizer at a synchronization (in-place jobs: the
-        model is the anchor then), for :meth:`rollback`."""
+        """Keep this replica's inner optimizer at a point where the replicas are one model
+        (in-place jobs: the model is the anchor then), for :meth:`rollback`."""
         if self.in_place:
             self.synced = {
                 "optimizer": copy.deepcopy(self.optimizer.state_dict()),
                 "scheduler": self.scheduler.state_dict(),
                 "steps": self.steps,
+                "model": {n: t.clone() for n, t in self.anchor.items()},
+                "outer": self._outer_state(),
+                "codec": copy.deepcopy(self.codec),
             }
+
+    def _outer_state(self) -> Any:
+        return None
+
+    def _load_outer_state(self, state: Any) -> None:
+        pass
 
     @torch.no_grad()
     def rollback(self) -> None:
-        """Back to the last synchronization: the anchor, and this replica's inner
-        optimizer as it was then."""
+        """Back to the last point where the replicas were one model: that model, and this
+        replica's inner optimizer as it was then."""
+        self.pending = None
         for n, p in self.params.items():
-            p.copy_(self.anchor[n])
+            p.copy_(self.synced["model"][n])
+            self.anchor[n].copy_(p)
         # (a copy: load_state_dict keeps tensors of the right dtype and device as they are,
         # so the live state would be the kept one, and a second rollback would see it moved)
         self.optimizer.load_state_dict(copy.deepcopy(self.synced["optimizer"]))
         self.scheduler.load_state_dict(self.synced["scheduler"])
+        self._load_outer_state(copy.deepcopy(self.synced["outer"]))
+        self.codec = copy.deepcopy(self.synced["codec"])
         self.steps = self.synced["steps"]
-        self.samples = 0
+        self.samples = [0] * len(self.fragments)
 
     def train_step(
         self, batch: Batch, loss_fn: LossFn, loss_scale: float, timer: PhaseTimer
@@ -112,42 +230,180 @@ class LocalSGD(Strategy):
         # loss_scale W/B: the mean over this replica's slice of the step (B/W samples)
         if self.weighted:
             loss_scale = 1.0 / len(batch[1])
-            self.samples += len(batch[1])
+            self.samples = [n + len(batch[1]) for n in self.samples]
         loss_sum = self.optimizer_step(self.model, batch, loss_fn, loss_scale, timer)
         self.steps += 1
-        if self.steps % self.sync_every == 0 or self.steps == self.total_steps:
-            before = timer.totals["comm"]
-            with timer.phase("comm"):
-                self.synchronize()
-            self.wait_time += timer.totals["comm"] - before
+        before = timer.totals["comm"]
+        with timer.phase("comm"):
+            self._after_step(self.steps)
+        self.wait_time += timer.totals["comm"] - before
         return loss_sum
 
-    def consistent_after(self, step: int) -> bool:
-        return step % self.sync_every == 0 or step == self.total_steps
+    def _full_sync_at(self, step: int) -> bool:
+        """Whether the replicas meet in full after ``step``: after the last step, and
+        (streaming) at checkpoints, so that a checkpoint holds one model."""
+        every = self.job.train.checkpoint_every
+        return step == self.total_steps or (every > 0 and step % every == 0)
+
+    def _after_step(self, step: int) -> None:
+        """Merge what is due, start what is due: the schedule is a function of the step
+        alone, so every replica merges the same exchange after the same step."""
+        if self.pending is not None and (self.pending.due == step or self._full_sync_at(step)):
+            self._merge(self.pending)
+            self.pending = None
+        if self._full_sync_at(step):
+            self._merge(self._start(list(range(len(self.fragments))), step, full=True))
+            return
+        due = [f for f, off in enumerate(self.offsets) if step % self.sync_every == off]
+        if due:
+            exchange = self._start(due, step)
+            if self.pool is None:
+                self._merge(exchange)
+            else:
+                self.pending = exchange
 
     @torch.no_grad()
-    def synchronize(self) -> None:
-        """Average the replicas' changes since the last synchronization, through the codec."""
-        deltas = [(n, p.detach() - self.anchor[n]) for n, p in self.params.items()]
-        if self.weighted:
-            total = torch.tensor([float(self.samples)], device=self.env.device)
-            dist.all_reduce(total)
-            weight = self.env.world_size * self.samples / float(total)
-            deltas = [(n, d * weight) for n, d in deltas]
-            self.samples = 0
-        means = average(deltas, self.codec, self.env.world_size, self.comm)
-        self._apply_average(means)
-        for n, p in self.params.items():
-            self.anchor[n].copy_(p)
-        self._mark()
+    def _start(self, fragments: list[int], step: int, full: bool = False) -> _Exchange:
+        names = [n for f in fragments for n in self.fragments[f]]
+        deltas = [self.params[n].detach() - self.anchor[n] for n in names]
+        samples = self.samples[fragments[0]]
+        for f in fragments:
+            self.samples[f] = 0
+        # a full meeting flushes the codec: the residuals travel too, in float32
+        codec = self.codec
+        if full and not isinstance(self.codec, NoCompression):
+            codec = self.exact
+            deltas = [_flushed(self.codec, n, d) for n, d in zip(names, deltas)]
+        items = list(zip(names, deltas))
+        blocking = full or self.pool is None
+        exchange = _Exchange(fragments, step, step if blocking else step + self.overlap, deltas)
+        exchange.full = full
+        if not blocking and self.group is None and self.env.world_size > 1:
+            # background exchanges get a process group of their own: they never queue
+            # behind, or interleave with, the trainer's collectives (made here, at the same
+            # step on every replica, since an in-place job forms its group after setup)
+            self.group = dist.new_group(backend=dist.get_backend())
+        group = None if blocking else self.group
+        job = (items, codec, samples, group)
+        if blocking:
+            exchange.done = self._average(*job)
+        else:
+            exchange.result = self.pool.submit(self._average, *job)  # type: ignore[union-attr]
+        return exchange
 
-    def _apply_average(self, means: list[torch.Tensor]) -> None:
-        for (n, p), m in zip(self.params.items(), means):
-            p.copy_(self.anchor[n] + m.reshape(p.shape))
+    def _average(
+        self, items: list[tuple[str, torch.Tensor]], codec: Codec, samples: int, group: Any
+    ) -> tuple[list[torch.Tensor], CommCounter, float]:
+        """The replicas' mean change (weighted by samples with --balance); runs in the
+        background with --overlap, so it touches nothing the training step does."""
+        t0 = time.perf_counter()
+        comm = CommCounter()
+        if self.weighted:
+            total = torch.tensor([float(samples)], device=self.env.device)
+            dist.all_reduce(total, group=group)
+            weight = self.env.world_size * samples / float(total)
+            items = [(n, d * weight) for n, d in items]
+        with torch.no_grad():
+            means = average(items, codec, self.env.world_size, comm, group)
+        return means, comm, time.perf_counter() - t0
+
+    @torch.no_grad()
+    def _merge(self, exchange: _Exchange) -> None:
+        t0 = time.perf_counter()
+        if exchange.done is None:
+            exchange.done = exchange.result.result()  # type: ignore[union-attr]
+        means, comm, seconds = exchange.done
+        waited = time.perf_counter() - t0
+        self.comm.add(sent=comm.sent, received=comm.received)
+        names = [n for f in exchange.fragments for n in self.fragments[f]]
+        fresh = self._new_globals(exchange.fragments, names, means)
+        late = exchange.step != self.steps
+        for n, new, sent in zip(names, fresh, exchange.deltas):
+            p = self.params[n]
+            if late:  # keep the steps taken while the exchange was away
+                p.add_(new - self.anchor[n] - sent)
+            else:
+                p.copy_(new)
+            self.anchor[n].copy_(new)
+        self.syncs.append({
+            "step": exchange.step,
+            "merged": self.steps,
+            "fragments": exchange.fragments,
+            "bytes": comm.sent,
+            "seconds": round(seconds, 6),
+            "waited": round(waited if late else seconds, 6),
+        })  # fmt: skip
+        if exchange.full or not self.streaming:
+            self._mark()
+
+    def _new_globals(
+        self, fragments: list[int], names: list[str], means: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """The shared value of each named parameter after a synchronization."""
+        return [self.anchor[n] + m.reshape(self.anchor[n].shape) for n, m in zip(names, means)]
+
+    def consistent_after(self, step: int) -> bool:
+        if self.streaming:
+            return step == 0 or self._full_sync_at(step)
+        return step % self.sync_every == 0 or step == self.total_steps
+
+    def eval_model(self) -> nn.Module:
+        """Between meetings, the shared model: each fragment as it was last agreed."""
+        if self.consistent_after(self.steps):
+            return self.model
+        shared = copy.deepcopy(self.model)
+        with torch.no_grad():
+            for n, p in shared.named_parameters():
+                p.copy_(self.anchor[n])
+        return shared
+
+    def totals(self) -> dict[str, float]:
+        syncs = [s for s in self.syncs if s["step"] < self.total_steps]
+        return {
+            "syncs": len(syncs),
+            "sync_bytes": sum(s["bytes"] for s in syncs),
+            "sync_seconds": sum(s["seconds"] for s in syncs),
+            "sync_waited": sum(s["waited"] for s in syncs),
+        }
+
+    def summarize(self, totals: list[Any]) -> dict[str, Any]:
+        own = [t.own for t in totals]
+        first = own[0]
+        syncs = [s for s in self.syncs if s["step"] < self.total_steps]
+        per_fragment: list[list[int]] = [[] for _ in self.fragments]
+        for s in syncs:
+            if len(s["fragments"]) == 1:
+                per_fragment[s["fragments"][0]].append(s["bytes"])
+        return {
+            "synchronization": {
+                "fragments": len(self.fragments),
+                "overlap": self.overlap,
+                "codec": self.codec.spec,
+                "syncs": int(first["syncs"]),
+                "fragment_bytes": self.fragment_bytes,
+                "bytes_per_sync": [round(sum(b) / len(b)) if b else None for b in per_fragment],
+                "sync_seconds": [round(o["sync_seconds"], 3) for o in own],
+                "hidden_seconds": [
+                    round(max(0.0, o["sync_seconds"] - o["sync_waited"]), 3) for o in own
+                ],
+                # forward and backward over the wall of the training steps, logging and
+                # waits included (evaluations and checkpoints not: see the trainer)
+                "compute_utilisation": [
+                    round(t.time["stepping_compute"] / t.time["stepping"], 4)
+                    if t.time.get("stepping")
+                    else None
+                    for t in totals
+                ],
+            }
+        }
+
+    def metrics(self) -> dict[str, float]:
+        return {"syncs": float(len(self.syncs))}
 
     def state_dict(self) -> dict[str, Any]:
-        """The model (one model: checkpoints fall on synchronizations, see the plugin's
-        check) and rank 0's inner optimizer state, which every replica resumes with."""
+        """The model (one model: checkpoints fall where the replicas meet in full, see the
+        plugin's check) and rank 0's inner optimizer state, which every replica resumes
+        with."""
         return {
             **super().state_dict(),
             "anchor": {n: t.clone() for n, t in self.anchor.items()},
@@ -161,40 +417,72 @@ class LocalSGD(Strategy):
         self.steps = int(state["steps"])
         self._mark()
 
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+
 
 class DiLoCo(LocalSGD):
-    """Inner optimizer for H steps; outer Nesterov momentum on the averaged pseudo-gradient."""
+    """Inner optimizer for H steps; outer Nesterov momentum on the averaged pseudo-gradient
+    (one outer optimizer per fragment)."""
 
     options: DiLoCoConfig
 
     def setup(
         self, model: nn.Module, total_steps: int, example: Batch, activations: ActivationMeter
     ) -> None:
+        self.outer_params: list[nn.Parameter] = []
+        self.outers: list[torch.optim.SGD] = []
         super().setup(model, total_steps, example, activations)
         self.outer_params = [
             nn.Parameter(t.clone(), requires_grad=False) for t in self.anchor.values()
         ]
+        self.outer_of = dict(zip(self.names, self.outer_params))
         s = self.options
-        self.outer = torch.optim.SGD(
-            self.outer_params,
-            lr=s.outer_lr,
-            momentum=s.outer_momentum,
-            nesterov=s.outer_momentum > 0,  # torch refuses Nesterov without momentum
-        )
+        self.outers = [
+            torch.optim.SGD(
+                [self.outer_of[n] for n in names],
+                lr=s.outer_lr,
+                momentum=s.outer_momentum,
+                nesterov=s.outer_momentum > 0,  # torch refuses Nesterov without momentum
+            )
+            for names in self.fragments
+        ]
+        self._mark()
 
-    def _apply_average(self, means: list[torch.Tensor]) -> None:
+    def _new_globals(
+        self, fragments: list[int], names: list[str], means: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
         """Outer step: the pseudo-gradient is minus the replicas' mean change."""
-        for outer, m in zip(self.outer_params, means):
+        for n, m in zip(names, means):
+            outer = self.outer_of[n]
             outer.grad = -m.reshape(outer.shape)
-        self.outer.step()
-        for (_, p), outer in zip(self.params.items(), self.outer_params):
-            p.copy_(outer)
+        for f in fragments:
+            self.outers[f].step()
+        return [self.outer_of[n].detach() for n in names]
+
+    def _outer_state(self) -> Any:
+        if not self.outers:
+            return None
+        return {
+            "params": [p.detach().clone() for p in self.outer_params],
+            "optimizers": [copy.deepcopy(o.state_dict()) for o in self.outers],
+        }
+
+    def _load_outer_state(self, state: Any) -> None:
+        if state is None:
+            return
+        with torch.no_grad():
+            for p, t in zip(self.outer_params, state["params"]):
+                p.copy_(t)
+        for o, sd in zip(self.outers, state["optimizers"]):
+            o.load_state_dict(sd)
 
     def state_dict(self) -> dict[str, Any]:
         return {
             **super().state_dict(),
             "outer_params": [p.detach().clone() for p in self.outer_params],
-            "outer": self.outer.state_dict(),
+            "outer": [o.state_dict() for o in self.outers],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -202,7 +490,9 @@ class DiLoCo(LocalSGD):
         with torch.no_grad():
             for p, t in zip(self.outer_params, state["outer_params"]):
                 p.copy_(t)
-        self.outer.load_state_dict(state["outer"])
+        for o, sd in zip(self.outers, state["outer"]):
+            o.load_state_dict(sd)
+        self._mark()
 
 
 class LocalSGDPlugin(plugin.Plugin):
@@ -213,10 +503,46 @@ class LocalSGDPlugin(plugin.Plugin):
     balance_modes = ("equal", "static", "auto")
     micro_batching = True
     recovers_in_place = True
+    codec_rolls_back = True  # (the codec's state is kept with each point gone back to)
     reads = (*plugin.Plugin.reads, *plugin.IN_PLACE_READS)
 
     def commits_every(self, job: JobConfig) -> int:
-        return self.options(job).sync_every
+        opts = self.options(job)
+        if opts.fragments > 1 or opts.overlap:
+            # streaming: the replicas are one model only where they meet in full
+            return job.train.checkpoint_every or 1 << 30
+        return opts.sync_every
+
+    def in_place_refusal(self, job: JobConfig) -> str:
+        opts = self.options(job)
+        if (opts.fragments > 1 or opts.overlap) and not job.train.checkpoint_every:
+            return (
+                "--recovery inplace with --fragments or --overlap goes back to where the "
+                "replicas last met in full: set --checkpoint-every (a multiple of "
+                "--sync-every), or it would go back to the start"
+            )
+        return ""
+
+    def summary_rows(self, summary: dict[str, Any]) -> list[tuple[str, str]]:
+        sync = summary.get("synchronization")
+        if not sync:
+            return []
+        per = [b for b in sync["bytes_per_sync"] if b is not None]
+        util = [u for u in sync["compute_utilisation"] if u is not None]
+        hidden, took = sum(sync["hidden_seconds"]), sum(sync["sync_seconds"])
+        return [
+            (
+                "synchronization",
+                f"{sync['fragments']} fragment(s), overlap {sync['overlap']}, "
+                f"{sync['codec']}, {sync['syncs']:,} exchanges",
+            ),
+            ("bytes per exchange", f"{min(per) / 1e6:.3g}-{max(per) / 1e6:.3g} MB" if per else "-"),
+            ("exchange time hidden", f"{hidden:.1f} of {took:.1f} s (all workers)"),
+            (
+                "compute utilisation",
+                f"{min(util):.2f}-{max(util):.2f} (per worker)" if util else "-",
+            ),
+        ]
 
     def check(self, job: JobConfig) -> None:
         """Checkpoints fall on synchronizations, where the replicas are one model."""
@@ -227,6 +553,21 @@ class LocalSGDPlugin(plugin.Plugin):
             raise UserError(
                 f"--checkpoint-every {every} must be a multiple of --sync-every {h} with "
                 f"--strategy {self.name}: between synchronizations the replicas differ"
+            )
+        f = opts.fragments
+        if f > 1 and balance.parse(job.train.balance).mode != "equal":
+            raise UserError(
+                f"--fragments {f} runs with --balance equal: each fragment would be weighed "
+                "by the samples since it last met"
+            )
+        if h % f:
+            raise UserError(
+                f"--fragments {f} must divide --sync-every {h}: one fragment meets every H/F steps"
+            )
+        if opts.overlap > h // f:
+            raise UserError(
+                f"--overlap {opts.overlap} must be at most --sync-every / --fragments = "
+                f"{h // f}: a fragment's exchange lands before the next one starts"
             )
 
 

@@ -113,6 +113,10 @@ class Plugin:
         newcomers in only there. Every step by default."""
         return 1
 
+    codec_rolls_back: ClassVar[bool] = False
+    """Whether the runtime keeps its codec's state (error feedback, warm starts) with what
+    it goes back to in place, so ``--compress`` may recover in place."""
+
     restart_only: ClassVar[str] = ""
     """Where it does not :attr:`recover in place <recovers_in_place>`: why (what a rank
     holds that exists nowhere else), said when a lost worker restarts the job."""
@@ -210,7 +214,7 @@ def _shared_in_place_refusal(plugin: Plugin, job: JobConfig) -> str:
             "--recovery inplace runs on one machine under shoal's own launcher "
             "for now (no --nnodes, no --engine)"
         )
-    if getattr(plugin.options(job), "compress", "none") != "none":
+    if getattr(plugin.options(job), "compress", "none") != "none" and not plugin.codec_rolls_back:
         return (
             "--recovery inplace runs without --compress for now: a codec's error "
             "feedback (and PowerSGD's warm start) would keep what a step cut short sent"

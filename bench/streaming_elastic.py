@@ -1,0 +1,78 @@
+"""Streaming DiLoCo losing a worker and taking a new one in, in place: do the others stop?
+
+    python bench/streaming_elastic.py [--workers 3 --steps 240 --kill-after 70]
+
+Job: the built-in transformer LM (hidden 128, 2 blocks, context 64), diloco with
+``--sync-every 16 --fragments 4 --overlap 2 --compress int8``, full meetings
+at ``--checkpoint-every 32``, one metrics record per step. Worker 1 is SIGKILLed
+after step ``--kill-after``; the others go back to the last full meeting and go
+on without it, and the launcher's replacement joins at a later full meeting.
+
+Reported: the generations (members, the step each starts at, the process ids of
+the workers that were never lost), each step's time on rank 0 (which is never
+lost): median, the largest and the steps over twice the median; each regroup's
+stall; every epoch's digest; and the same job unfailed, for the wall time the
+loss cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+JOB = ["--model", "transformer", "--hidden", "128", "--layers", "2", "--heads", "4",
+       "--context", "64", "--batch-size", "24", "--strategy", "diloco", "--sync-every", "16",
+       "--fragments", "4", "--overlap", "2", "--compress", "int8", "--checkpoint-every", "32",
+       "--log-every", "1", "--no-progress", "--no-report"]  # fmt: skip
+
+
+def run(out: Path, workers: int, steps: int, fault: str) -> dict:
+    cmd = [sys.executable, "-m", "shoal", "train", *JOB, "--workers", str(workers),
+           "--steps", str(steps), "--out", str(out)]  # fmt: skip
+    env = {"SHOAL_FAULT": fault} if fault else {}
+    proc = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"the run failed:\n{proc.stderr[-2000:]}")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((out / "summary.json").read_text())
+    gens_file = out / "generations.jsonl"
+    gens = [json.loads(x) for x in gens_file.read_text().splitlines()] if gens_file.exists() else []
+    return {"records": records, "summary": summary, "generations": gens}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workers", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=240)
+    ap.add_argument("--kill-after", type=int, default=70)
+    a = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        failed = run(Path(tmp) / "failed", a.workers, a.steps, f"crash:rank=1:step={a.kill_after}")
+        unfailed = run(Path(tmp) / "unfailed", a.workers, a.steps, "")
+    gens = failed["generations"]
+    kept = [u for u in gens[0]["members"] if all(u in g["members"] for g in gens)]
+    pids_kept = all(g["pids"][u] == gens[0]["pids"][u] for g in gens for u in kept)
+    times = [r["step_time_s"] for r in failed["records"] if "step_time_s" in r and r["step"] > 2]
+    median = statistics.median(times)
+    slow = [(r["step"], round(r["step_time_s"], 3)) for r in failed["records"]
+            if "step_time_s" in r and r["step"] > 2 and r["step_time_s"] > 2 * median]  # fmt: skip
+    s, u = failed["summary"], unfailed["summary"]
+    print(f"generations: {[(g['step'], g['members']) for g in gens]}")
+    print(f"workers never lost: {kept}; their process ids unchanged: {pids_kept}")
+    print(f"rank 0 step time: median {median * 1000:.0f} ms, largest {max(times) * 1000:.0f} ms "
+          f"({max(times) / median:.2f}x); steps over 2x the median: {slow}")  # fmt: skip
+    print(f"regroup stalls (s, rank 0): {[round(r['stall_s'], 3) for r in s.get('regroups', [])]}")
+    print(f"every epoch's digest exact: {all(e['exact'] for e in s['epochs'])}")
+    print(f"wall time: {s['wall_time_s']:.1f} s with the loss, {u['wall_time_s']:.1f} s "
+          f"without; held-out perplexity {s['test_perplexity']:.3f} vs "
+          f"{u['test_perplexity']:.3f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
