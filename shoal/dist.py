@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -56,6 +57,19 @@ class CollectiveGatherer:
         parts = [torch.empty_like(row) for _ in range(self.env.world_size)]
         dist.all_gather(parts, row)
         return torch.stack(parts).cpu() if self.is_writer else None
+
+    def start(self, row: torch.Tensor) -> Callable[[], torch.Tensor | None]:
+        """:meth:`gather` begun in the background: returns what finishes it (waits for
+        the collective, if it is still out, and gives its result)."""
+        row = row.to(self.env.device)
+        parts = [torch.empty_like(row) for _ in range(self.env.world_size)]
+        work = dist.all_gather(parts, row, async_op=True)
+
+        def finish() -> torch.Tensor | None:
+            work.wait()  # type: ignore[union-attr]
+            return torch.stack(parts).cpu() if self.is_writer else None
+
+        return finish
 
     def gather_object(self, obj: dict, tag: str = "") -> list[dict] | None:
         """Every rank's ``obj`` on rank 0 (pickled by torch: ranks trust each other);

@@ -112,6 +112,7 @@ class Trainer(Regrouping):
         self.ledger = inplace_state.Ledger()  # (in-place jobs: committed steps' batches)
         self.taken: list[Task] = []  # tasks taken and not yet committed
         self.regroups: list[dict[str, Any]] = []  # this process's, for the summary
+        self.pending_log: tuple[Any, dict[str, Any]] | None = None  # a record's gather, out
         self.sent = 0  # bytes of state this process sent in its last regroup
 
     # --- state --------------------------------------------------------------------
@@ -156,6 +157,7 @@ class Trainer(Regrouping):
 
     def save_checkpoint(self) -> None:
         """Every rank contributes its RNG and sample counts; the writer saves."""
+        self._flush_log()
         rng = self.gatherer.gather(torch.get_rng_state(), "rng")
         counts, digests = self.samples_per_epoch(), self.digests_per_epoch()
         own = self.strategy.state_dict()  # on every rank: a strategy may gather its state
@@ -321,6 +323,9 @@ class Trainer(Regrouping):
                     if self.member is None or not (isinstance(e, NewcomerWaits) or peer_failure(e)):
                         raise
                     why = str(e).splitlines()[0][:200]
+                    if isinstance(e, NewcomerWaits):
+                        self._flush_log()
+                    self.pending_log = None  # (a lost member: its gather was on the broken group)
                     _drop_frames(e)  # (their locals hold the group)
                 # (the exception is gone here, and with it any hold of its frames on the group)
                 if preemption is not None:
@@ -421,24 +426,38 @@ class Trainer(Regrouping):
             "digest": f"{window.digest:016x}" if reports else "0",
         }
         began = time.perf_counter()
-        rows = self.gatherer.gather(mine.to_tensor(), "window", meta)
-        waited = time.perf_counter() - began
+        self._flush_log()
         shares = self.balancer.log() if self.balancing else None
-        if rows is None or self.writer is None:
-            return waited
-        self.writer.window(
-            {r: Window.from_tensor(row) for r, row in enumerate(rows)},
-            step=self.step,
-            epoch=epoch,
-            lr=lr,
-            steps=window.steps,
-            global_samples=window.global_samples,
-            elapsed=time.perf_counter() - window.start,
-            wall_time=self.wall_time(),
-            rank_shares=shares,
-            extra=self.strategy.metrics(),
-        )
-        return waited
+        record = {
+            "step": self.step,
+            "epoch": epoch,
+            "lr": lr,
+            "steps": window.steps,
+            "global_samples": window.global_samples,
+            "elapsed": time.perf_counter() - window.start,
+            "wall_time": self.wall_time(),
+            "rank_shares": shares,
+            "extra": self.strategy.metrics() if self.writer is not None else {},
+        }
+        if isinstance(self.gatherer, CollectiveGatherer):
+            # in the background: written at the next record (or evaluation, checkpoint,
+            # end), so that no step waits a round trip for the metrics on a distant link
+            self.pending_log = (self.gatherer.start(mine.to_tensor()), record)
+        else:
+            rows = self.gatherer.gather(mine.to_tensor(), "window", meta)
+            self.pending_log = (lambda: rows, record)
+            self._flush_log()
+        return time.perf_counter() - began
+
+    def _flush_log(self) -> None:
+        """Write the metrics record whose gather is out, if one is (collective)."""
+        if self.pending_log is None:
+            return
+        finish, record = self.pending_log
+        self.pending_log = None
+        rows = finish()
+        if rows is not None and self.writer is not None:
+            self.writer.window({r: Window.from_tensor(row) for r, row in enumerate(rows)}, **record)
 
     def _memory(self) -> dict[str, int]:
         """This rank's memory figures (the activation peak: since the last call), also
@@ -459,12 +478,14 @@ class Trainer(Regrouping):
             dist.barrier()
 
     def _evaluate(self) -> None:
+        self._flush_log()  # (the step's record before its evaluation's)
         model = self.strategy.eval_model()  # collective where the model is sharded
         if self.writer is not None:
             self.writer.evaluation(model, self.data, self.env.device, self.step, self.wall_time())
 
     def _finish(self) -> None:
         """Every rank contributes its totals; the writer exports the model and summary."""
+        self._flush_log()
         comm = self.strategy.comm
         model = self.strategy.eval_model()  # collective where the model is sharded
         self._memory()

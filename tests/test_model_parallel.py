@@ -189,6 +189,19 @@ def test_the_transformer_beats_the_unigram_baseline(tmp_path):
 
 
 @pytest.mark.timeout(120)
+def test_an_empty_slice_at_the_end_of_an_epoch_trains(tmp_path):
+    """13,079 training windows of 32 characters in batches of 503: the epoch's last
+    global batch holds one window, so worker 1's slice of it is empty; the transformer
+    takes a batch of none and the epoch still counts every sample once."""
+    out = tmp_path / "lm"
+    job = ["--model", "transformer", "--hidden", "32", "--layers", "1", "--heads", "2"]
+    job += ["--context", "32", "--batch-size", "503", "--steps", "27", "--workers", "2"]
+    train(out, *job)
+    s = read_summary(out)
+    assert s["samples_per_epoch"] == {"0": 13079} and all(e["exact"] for e in s["epochs"]), s
+
+
+@pytest.mark.timeout(120)
 def test_a_mistake_found_by_the_workers_is_said_once_and_not_retried(tmp_path):
     """Unit names are known only once the model is built, in the workers: both ranks
     refuse, the agent's restarts end at once, and the user sees the reason."""

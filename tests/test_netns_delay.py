@@ -3,6 +3,7 @@ packet for the delay (this kernel has no netem)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -64,7 +65,7 @@ def test_every_packet_between_distant_hosts_is_late_by_the_delay():
         rtt = float(ping.stdout)
         assert rtt >= 0.08, rtt  # there and back: twice the one-way delay, at least
     listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
-    assert netns.PREFIX not in listing.stdout  # every namespace it made is gone
+    assert f"{netns.PREFIX}{os.getpid()}-" not in listing.stdout  # every one it made is gone
 
 
 @pytest.mark.timeout(60)

@@ -20,9 +20,11 @@ sent).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -113,6 +115,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     comm.add_argument(
         "--run-timeout", type=float, default=900, help="seconds before a run is stopped"
+    )
+    comm.add_argument(
+        "--stop-at-target",
+        action="store_true",
+        help="stop each run once it reaches the target (the table's last columns are then "
+        "at the target)",
     )
     comm.add_argument(
         "job",
@@ -252,9 +260,13 @@ def _run_one(
             "--no-report",
         ]
         log = (run_dir.parent / f".{run_dir.name}-node{rank}.log").open("w")
-        procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
+        procs.append((
+            subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True),
+            log,
+        ))  # fmt: skip
     deadline = time.monotonic() + args.run_timeout
-    stopped = False
+    stopped = at_target = False
+    checked = time.monotonic()
     try:
         while any(p.poll() is None for p, _ in procs):
             if any(p.poll() not in (None, 0) for p, _ in procs):
@@ -262,14 +274,22 @@ def _run_one(
             if time.monotonic() > deadline:
                 stopped = True
                 break
+            if args.stop_at_target and time.monotonic() > checked + 1:
+                checked = time.monotonic()
+                if (run_dir / METRICS_FILE).exists() and _measure(run_dir, args)["step_at_target"]:
+                    at_target = True
+                    break
             time.sleep(0.2)
     finally:
         for proc, log in procs:
-            if proc.poll() is None:
-                proc.kill()
+            if proc.poll() is None:  # (the node's launcher and its workers: its session)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
             log.close()
     codes = [p.poll() for p, _ in procs]
+    if at_target:
+        return {**_measure(run_dir, args), "stopped_at_target": True}
     if stopped and (run_dir / METRICS_FILE).exists():
         # what it reached before the time ran out (the target, or not)
         return {**_measure(run_dir, args), "stopped_after_s": args.run_timeout}
@@ -335,11 +355,31 @@ def _measure(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
         "test_accuracy": summary.get("test_accuracy"),
         "bytes_sent_total": summary.get("bytes_sent_total", last["bytes_sent"]),
         "wall_time_s": summary.get("wall_time_s", last["wall_time"]),
-        "compute_utilisation": sync.get("compute_utilisation"),
+        "compute_utilisation": sync.get("compute_utilisation") or _utilisation(records),
         "hidden_seconds": sync.get("hidden_seconds"),
         "bytes_per_sync": sync.get("bytes_per_sync"),
         "run_dir": str(run_dir),
     }
+
+
+def _utilisation(records: list[dict[str, Any]]) -> list[float] | None:
+    """Rank 0's forward and backward over its step time, from the metrics records of a run
+    that has no summary (stopped at its target): windows right after an evaluation are
+    left out (they hold it). Periodic strategies only: in ``allreduce`` the backward
+    pass waits for the all-reduce, so its forward and backward time is not compute."""
+    busy = wall = 0.0
+    after_eval, previous = False, 0
+    for r in records:
+        if "eval" in r:
+            after_eval = True
+        elif "t_forward_backward" in r:
+            steps = r["step"] - previous
+            previous = r["step"]
+            if not after_eval and r.get("syncs") is not None:
+                busy += r["t_forward_backward"] * steps
+                wall += r["step_time_s"] * steps
+            after_eval = False
+    return [round(busy / wall, 4)] if wall else None
 
 
 def _describe(result: dict[str, Any]) -> str:

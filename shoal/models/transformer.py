@@ -50,12 +50,14 @@ class Attention(nn.Module):
         self.wo = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, _ = x.shape
+        # (unflatten and flatten, not view(b, t, -1, ...): a rank's slice of a step may be
+        # empty, the last of an epoch, and -1 is then ambiguous)
         q, k, v = (
-            w(x).view(b, t, -1, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv)
+            w(x).unflatten(-1, (-1, self.head_dim)).transpose(1, 2)
+            for w in (self.wq, self.wk, self.wv)
         )
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.wo(y.transpose(1, 2).reshape(b, t, -1))
+        return self.wo(y.transpose(1, 2).flatten(2))
 
 
 class MLP(nn.Module):

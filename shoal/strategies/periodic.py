@@ -398,7 +398,13 @@ class LocalSGD(Strategy):
         }
 
     def metrics(self) -> dict[str, float]:
-        return {"syncs": float(len(self.syncs))}
+        """Rank 0's exchanges so far: how many, the bytes it sent in them and the
+        seconds of them it trained through."""
+        return {
+            "syncs": float(len(self.syncs)),
+            "sync_bytes": float(sum(s["bytes"] for s in self.syncs)),
+            "sync_hidden_s": sum(max(0.0, s["seconds"] - s["waited"]) for s in self.syncs),
+        }
 
     def state_dict(self) -> dict[str, Any]:
         """The model (one model: checkpoints fall where the replicas meet in full, see the
