@@ -445,8 +445,47 @@ def _table(results: list[dict[str, Any]], args: argparse.Namespace, job: list[st
 
 
 def _report(out: Path, run_dirs: list[Path]) -> None:
+    """The report of a rate's runs (those stopped early too), and plots of the held-out
+    metric against training time and bytes sent, where the job evaluates."""
     from shoal.report.html import write_report
 
-    done = [d for d in run_dirs if (d / SUMMARY_FILE).exists()]
+    done = [d for d in run_dirs if (d / METRICS_FILE).exists()]
     if done:
         write_report(done, out)
+        _eval_plots(out, done)
+
+
+def _eval_plots(out: Path, run_dirs: list[Path]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = []
+    for d in run_dirs:
+        records = read_metrics(d / METRICS_FILE)
+        points, sent = [], 0
+        for r in records:
+            sent = r.get("bytes_sent", sent)
+            ppl = r.get("eval", {}).get("test_perplexity")
+            if ppl is not None:
+                points.append((r["wall_time"], sent, ppl))
+        if points:
+            curves.append((d.name, points))
+    if not curves:
+        return
+    for name, axis, label in (("eval_vs_time.png", 0, "wall time (s), evaluations in it"),
+                              ("eval_vs_bytes.png", 1, "bytes sent")):  # fmt: skip
+        fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+        for run, points in curves:
+            ax.plot([p[axis] for p in points], [p[2] for p in points], label=run, linewidth=1.5)
+        ax.set_xlabel(label)
+        ax.set_ylabel("held-out perplexity")
+        ax.set_yscale("log")
+        if axis == 1:
+            ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / name)
+        plt.close(fig)
