@@ -159,7 +159,7 @@ class Totals:
             "bytes_sent": self.bytes_sent,
             "bytes_received": self.bytes_received,
             "memory": dict(self.memory),
-            "time": dict(self.time),
+            "time": {k: v for k, v in self.time.items() if not k.startswith("stepping")},
         }
 
 

@@ -188,17 +188,21 @@ def test_the_transformer_beats_the_unigram_baseline(tmp_path):
     assert s["test_perplexity"] < 0.5 * s["unigram_perplexity"]
 
 
-@pytest.mark.timeout(120)
-def test_an_empty_slice_at_the_end_of_an_epoch_trains(tmp_path):
-    """13,079 training windows of 32 characters in batches of 503: the epoch's last
-    global batch holds one window, so worker 1's slice of it is empty; the transformer
-    takes a batch of none and the epoch still counts every sample once."""
-    out = tmp_path / "lm"
-    job = ["--model", "transformer", "--hidden", "32", "--layers", "1", "--heads", "2"]
-    job += ["--context", "32", "--batch-size", "503", "--steps", "27", "--workers", "2"]
-    train(out, *job)
-    s = read_summary(out)
-    assert s["samples_per_epoch"] == {"0": 13079} and all(e["exact"] for e in s["epochs"]), s
+@pytest.mark.timeout(60)
+def test_the_transformer_takes_a_batch_of_no_windows():
+    """A rank's slice of a step can be empty (seen: worker 1 of a restarted two-node
+    diloco job, "cannot reshape tensor of 0 elements"): forward and backward of no
+    windows give no outputs and zero gradients."""
+    import torch
+
+    from shoal.models.transformer import Block
+
+    block = Block(32, 4)
+    x = torch.zeros(0, 16, 32, requires_grad=True)
+    y = block(x)
+    y.sum().backward()
+    assert y.shape == (0, 16, 32)
+    assert all(float(p.grad.abs().sum()) == 0 for p in block.parameters() if p.grad is not None)
 
 
 @pytest.mark.timeout(120)
