@@ -192,22 +192,14 @@ class Relay(threading.Thread):
 
 
 @contextlib.contextmanager
-def hosts(
-    count: int, rate: str = "none", subnet: str = "10.231.9", delay: float = 0.0
-) -> Iterator[list[Host]]:
-    """``count`` hosts on one bridge, each link capped at ``rate`` (``none``: uncapped);
-    with ``delay`` (seconds), on TUN devices joined by a :class:`Relay` instead."""
-    if delay > 0:
-        with _tun_hosts(count, rate, subnet, delay) as made:
-            yield made
-        return
+def _namespaces() -> Iterator[tuple[str, list[str]]]:
+    """What every way of making hosts shares: the checks, stale namespaces removed, a
+    SIGTERM that unwinds, and every namespace put in the list removed at the end.
+    Yields this process's tag (the prefix of its namespaces' names) and that list."""
     reason = unavailable()
     if reason:
         raise NetnsError(reason)
-    bits = parse_rate(rate)
     remove_stale()
-    tag = f"{PREFIX}{os.getpid()}"
-    bridge_ns = f"{tag}-br"
     made: list[str] = []
     previous = signal.getsignal(signal.SIGTERM)
 
@@ -216,94 +208,89 @@ def hosts(
 
     signal.signal(signal.SIGTERM, on_term)
     try:
-        _run("ip", "netns", "add", bridge_ns)
-        made.append(bridge_ns)
-        _run("ip", "-n", bridge_ns, "link", "add", "br0", "type", "bridge")
-        _run("ip", "-n", bridge_ns, "link", "set", "br0", "up")
-        out = []
-        for i in range(count):
-            host = Host(f"{tag}-h{i}", f"eth{i}", f"{subnet}.{i + 1}")
-            _run("ip", "netns", "add", host.ns)
-            made.append(host.ns)
-            peer = f"p{i}"
-            _run(
-                "ip",
-                "-n",
-                host.ns,
-                "link",
-                "add",
-                host.ifname,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                peer,
-            )
-            _run("ip", "-n", host.ns, "link", "set", peer, "netns", bridge_ns)
-            _run("ip", "-n", bridge_ns, "link", "set", peer, "master", "br0", "up")
-            _run("ip", "-n", host.ns, "addr", "add", f"{host.addr}/24", "dev", host.ifname)
-            _run("ip", "-n", host.ns, "link", "set", host.ifname, "up")
-            _run("ip", "-n", host.ns, "link", "set", "lo", "up")
-            if bits is not None:
-                _run(
-                    "tc", "-n", host.ns, "qdisc", "add", "dev", host.ifname, "root", "tbf",
-                    "rate", rate, "burst", str(tbf_burst(bits)), "latency", "100ms",
-                )  # fmt: skip
-            out.append(host)
-        yield out
+        yield f"{PREFIX}{os.getpid()}", made
     finally:
         for ns in reversed(made):  # a namespace takes its ends of the veths with it
             _delete(ns)
         signal.signal(signal.SIGTERM, previous)
 
 
-@contextlib.contextmanager
-def _tun_hosts(count: int, rate: str, subnet: str, delay: float) -> Iterator[list[Host]]:
-    reason = unavailable()
-    if reason:
-        raise NetnsError(reason)
+def _add_namespace(ns: str, made: list[str]) -> None:
+    _run("ip", "netns", "add", ns)
+    made.append(ns)
+
+
+def _cap(host: Host, rate: str, latency: str) -> None:
+    """``tbf`` at ``rate`` on ``host``'s link (``none``: nothing)."""
     bits = parse_rate(rate)
-    remove_stale()
-    tag = f"{PREFIX}{os.getpid()}"
-    made: list[str] = []
-    fds: list[int] = []
-    relay: Relay | None = None
-    previous = signal.getsignal(signal.SIGTERM)
+    if bits is not None:
+        _run(
+            "tc", "-n", host.ns, "qdisc", "add", "dev", host.ifname, "root", "tbf",
+            "rate", rate, "burst", str(tbf_burst(bits)), "latency", latency,
+        )  # fmt: skip
 
-    def on_term(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt  # unwinds through the finally below
 
-    signal.signal(signal.SIGTERM, on_term)
-    try:
-        out, routes = [], {}
+@contextlib.contextmanager
+def hosts(
+    count: int, rate: str = "none", subnet: str = "10.231.9", delay: float = 0.0
+) -> Iterator[list[Host]]:
+    """``count`` hosts on one bridge, each link capped at ``rate`` (``none``: uncapped);
+    with ``delay`` (seconds), on TUN devices joined by a :class:`Relay` instead."""
+    parse_rate(rate)  # (a bad rate before anything is made)
+    if delay > 0:
+        with _tun_hosts(count, rate, subnet, delay) as made:
+            yield made
+        return
+    with _namespaces() as (tag, made):
+        bridge_ns = f"{tag}-br"
+        _add_namespace(bridge_ns, made)
+        _run("ip", "-n", bridge_ns, "link", "add", "br0", "type", "bridge")
+        _run("ip", "-n", bridge_ns, "link", "set", "br0", "up")
+        out = []
         for i in range(count):
-            host = Host(f"{tag}-h{i}", "tun0", f"{subnet}.{i + 1}")
-            _run("ip", "netns", "add", host.ns)
-            made.append(host.ns)
-            _run("ip", "-n", host.ns, "tuntap", "add", "dev", host.ifname, "mode", "tun")
-            _run("ip", "-n", host.ns, "link", "set", host.ifname, "mtu", str(TUN_MTU))
+            host = Host(f"{tag}-h{i}", f"eth{i}", f"{subnet}.{i + 1}")
+            _add_namespace(host.ns, made)
+            peer = f"p{i}"
+            _run("ip", "-n", host.ns, "link", "add", host.ifname, "type", "veth",
+                 "peer", "name", peer)  # fmt: skip
+            _run("ip", "-n", host.ns, "link", "set", peer, "netns", bridge_ns)
+            _run("ip", "-n", bridge_ns, "link", "set", peer, "master", "br0", "up")
             _run("ip", "-n", host.ns, "addr", "add", f"{host.addr}/24", "dev", host.ifname)
             _run("ip", "-n", host.ns, "link", "set", host.ifname, "up")
             _run("ip", "-n", host.ns, "link", "set", "lo", "up")
-            for key in ("net.ipv4.tcp_rmem", "net.ipv4.tcp_wmem"):
-                # windows for a long fat link (1 Gbit/s x 100 ms round trip = 12.5 MB)
-                _run(*host.prefix(), "sysctl", "-qw", f"{key}=4096 131072 67108864")
-            if bits is not None:
-                _run(
-                    "tc", "-n", host.ns, "qdisc", "add", "dev", host.ifname, "root", "tbf",
-                    "rate", rate, "burst", str(tbf_burst(bits)), "latency", "1s",
-                )  # fmt: skip
-            fds.append(_open_tun(host.ns, host.ifname))
-            routes[bytes(int(x) for x in host.addr.split("."))] = fds[-1]
+            _cap(host, rate, "100ms")
             out.append(host)
-        relay = Relay(routes, delay)
-        relay.start()
         yield out
-    finally:
-        if relay is not None:
-            relay.stop()
-        for fd in fds:
-            os.close(fd)
-        for ns in reversed(made):
-            _delete(ns)
-        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _tun_hosts(count: int, rate: str, subnet: str, delay: float) -> Iterator[list[Host]]:
+    fds: list[int] = []
+    relay: Relay | None = None
+    with _namespaces() as (tag, made):
+        try:
+            routes = {}
+            out = []
+            for i in range(count):
+                host = Host(f"{tag}-h{i}", "tun0", f"{subnet}.{i + 1}")
+                _add_namespace(host.ns, made)
+                _run("ip", "-n", host.ns, "tuntap", "add", "dev", host.ifname, "mode", "tun")
+                _run("ip", "-n", host.ns, "link", "set", host.ifname, "mtu", str(TUN_MTU))
+                _run("ip", "-n", host.ns, "addr", "add", f"{host.addr}/24", "dev", host.ifname)
+                _run("ip", "-n", host.ns, "link", "set", host.ifname, "up")
+                _run("ip", "-n", host.ns, "link", "set", "lo", "up")
+                for key in ("net.ipv4.tcp_rmem", "net.ipv4.tcp_wmem"):
+                    # windows for a long fat link (1 Gbit/s x 100 ms round trip = 12.5 MB)
+                    _run(*host.prefix(), "sysctl", "-qw", f"{key}=4096 131072 67108864")
+                _cap(host, rate, "1s")
+                fds.append(_open_tun(host.ns, host.ifname))
+                routes[bytes(int(x) for x in host.addr.split("."))] = fds[-1]
+                out.append(host)
+            relay = Relay(routes, delay)
+            relay.start()
+            yield out
+        finally:
+            if relay is not None:
+                relay.stop()
+            for fd in fds:
+                os.close(fd)

@@ -133,17 +133,22 @@ def _from_bytes(buf: torch.Tensor, like: list[Payload]) -> list[Payload]:
     return out
 
 
+def _gather(mine: torch.Tensor, world: int, comm: CommCounter, group: object) -> list[torch.Tensor]:
+    """Every rank's ``mine`` (bytes of one length), in rank order, counted as sent."""
+    if world <= 1:
+        return [mine]
+    wire = (world - 1) * _nbytes(mine)
+    comm.add(sent=wire, received=wire)
+    gathered = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(gathered, mine, group=group)
+    return gathered
+
+
 def _average_gathered(
     payloads: list[Payload], codec: Codec, world: int, comm: CommCounter, group: object
 ) -> list[torch.Tensor]:
     mine = _as_bytes(payloads)
-    if world > 1:
-        wire = (world - 1) * _nbytes(mine)
-        comm.add(sent=wire, received=wire)
-        gathered = [torch.empty_like(mine) for _ in range(world)]
-        dist.all_gather(gathered, mine, group=group)
-    else:
-        gathered = [mine]
+    gathered = _gather(mine, world, comm, group)
     sums = [torch.zeros(p.shape, dtype=torch.float32, device=mine.device) for p in payloads]
     for buf in gathered:
         for total, p in zip(sums, _from_bytes(buf, payloads)):
@@ -205,14 +210,7 @@ def _average_quantized(
     for (key, _), x in zip(items, xs):
         codec.residuals[key] = error[at : at + x.numel()]
         at += x.numel()
-    mine = codec.pack(q)
-    if world > 1:
-        wire = (world - 1) * _nbytes(mine)
-        comm.add(sent=wire, received=wire)
-        gathered = [torch.empty_like(mine) for _ in range(world)]
-        dist.all_gather(gathered, mine, group=group)
-    else:
-        gathered = [mine]
+    gathered = _gather(codec.pack(q), world, comm, group)
     total = torch.zeros(flat.numel(), dtype=torch.int32, device=flat.device)
     for buf in gathered:
         total += codec.unpack(buf, flat.numel())
