@@ -39,7 +39,7 @@ from __future__ import annotations
 import copy
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -128,7 +128,6 @@ class _Exchange:
     result: Future | None = None  # (means, bytes, seconds) from the background
     done: tuple[list[torch.Tensor], CommCounter, float] | None = None
     full: bool = False  # every fragment, uncompressed: the replicas become one model
-    waited: float = field(default=0.0)
 
 
 def _flushed(codec: Codec, key: str, delta: torch.Tensor) -> torch.Tensor:
@@ -158,10 +157,9 @@ class LocalSGD(Strategy):
         self.names = list(self.params)
         self.anchor = {n: p.detach().clone() for n, p in self.params.items()}
         sizes = [p.numel() * p.element_size() for p in self.params.values()]
-        self.fragments = [
-            [self.names[i] for i in idx] for idx in cut_fragments(sizes, self.options.fragments)
-        ]
-        self.fragment_bytes = [sum(sizes[self.names.index(n)] for n in f) for f in self.fragments]
+        cut = cut_fragments(sizes, self.options.fragments)
+        self.fragments = [[self.names[i] for i in idx] for idx in cut]
+        self.fragment_bytes = [sum(sizes[i] for i in idx) for idx in cut]
         self.overlap = self.options.overlap
         self.streaming = len(self.fragments) > 1 or self.overlap > 0
         self.offsets = offsets(self.sync_every, len(self.fragments))
@@ -174,7 +172,11 @@ class LocalSGD(Strategy):
         self.pending: _Exchange | None = None
         self.pool = ThreadPoolExecutor(1, "shoal-sync") if self.overlap else None
         self.group: Any = None  # made at the first background exchange (see _start)
-        self.syncs: list[dict[str, Any]] = []  # one record per synchronization, this rank's
+        # this rank's scheduled exchanges (full meetings apart): how many, seconds from
+        # start to result, seconds waited for them, and bytes sent by fragment
+        self.syncs, self.sync_seconds, self.sync_waited = 0, 0.0, 0.0
+        self.fragment_sent = [0] * len(self.fragments)
+        self.fragment_syncs = [0] * len(self.fragments)
         self._mark()
 
     def regroup(self, env: DistEnv) -> None:
@@ -276,8 +278,8 @@ class LocalSGD(Strategy):
             deltas = [_flushed(self.codec, n, d) for n, d in zip(names, deltas)]
         items = list(zip(names, deltas))
         blocking = full or self.pool is None
-        exchange = _Exchange(fragments, step, step if blocking else step + self.overlap, deltas)
-        exchange.full = full
+        due = step if blocking else step + self.overlap
+        exchange = _Exchange(fragments, step, due, deltas, full=full)
         if not blocking and self.group is None and self.env.world_size > 1:
             # background exchanges get a process group of their own: they never queue
             # behind, or interleave with, the trainer's collectives (made here, at the same
@@ -325,14 +327,13 @@ class LocalSGD(Strategy):
             else:
                 p.copy_(new)
             self.anchor[n].copy_(new)
-        self.syncs.append({
-            "step": exchange.step,
-            "merged": self.steps,
-            "fragments": exchange.fragments,
-            "bytes": comm.sent,
-            "seconds": round(seconds, 6),
-            "waited": round(waited if late else seconds, 6),
-        })  # fmt: skip
+        if not exchange.full:
+            self.syncs += 1
+            self.sync_seconds += seconds
+            self.sync_waited += waited if late else seconds
+            for f in exchange.fragments:  # (one: offsets differ)
+                self.fragment_sent[f] += comm.sent
+                self.fragment_syncs[f] += 1
         if exchange.full or not self.streaming:
             self._mark()
 
@@ -358,30 +359,19 @@ class LocalSGD(Strategy):
         return shared
 
     def totals(self) -> dict[str, float]:
-        syncs = [s for s in self.syncs if s["step"] < self.total_steps]
-        return {
-            "syncs": len(syncs),
-            "sync_bytes": sum(s["bytes"] for s in syncs),
-            "sync_seconds": sum(s["seconds"] for s in syncs),
-            "sync_waited": sum(s["waited"] for s in syncs),
-        }
+        return {"sync_seconds": self.sync_seconds, "sync_waited": self.sync_waited}
 
     def summarize(self, totals: list[Any]) -> dict[str, Any]:
         own = [t.own for t in totals]
-        first = own[0]
-        syncs = [s for s in self.syncs if s["step"] < self.total_steps]
-        per_fragment: list[list[int]] = [[] for _ in self.fragments]
-        for s in syncs:
-            if len(s["fragments"]) == 1:
-                per_fragment[s["fragments"][0]].append(s["bytes"])
+        sent = zip(self.fragment_sent, self.fragment_syncs)
         return {
             "synchronization": {
                 "fragments": len(self.fragments),
                 "overlap": self.overlap,
                 "codec": self.codec.spec,
-                "syncs": int(first["syncs"]),
+                "syncs": self.syncs,
                 "fragment_bytes": self.fragment_bytes,
-                "bytes_per_sync": [round(sum(b) / len(b)) if b else None for b in per_fragment],
+                "bytes_per_sync": [round(b / n) if n else None for b, n in sent],
                 "sync_seconds": [round(o["sync_seconds"], 3) for o in own],
                 "hidden_seconds": [
                     round(max(0.0, o["sync_seconds"] - o["sync_waited"]), 3) for o in own
@@ -398,12 +388,12 @@ class LocalSGD(Strategy):
         }
 
     def metrics(self) -> dict[str, float]:
-        """Rank 0's exchanges so far: how many, the bytes it sent in them and the
-        seconds of them it trained through."""
+        """Rank 0's scheduled exchanges so far: how many, the bytes it sent in them and
+        the seconds of them it trained through."""
         return {
-            "syncs": float(len(self.syncs)),
-            "sync_bytes": float(sum(s["bytes"] for s in self.syncs)),
-            "sync_hidden_s": sum(max(0.0, s["seconds"] - s["waited"]) for s in self.syncs),
+            "syncs": float(self.syncs),
+            "sync_bytes": float(sum(self.fragment_sent)),
+            "sync_hidden_s": max(0.0, self.sync_seconds - self.sync_waited),
         }
 
     def state_dict(self) -> dict[str, Any]:
