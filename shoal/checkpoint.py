@@ -86,6 +86,7 @@ class AsyncSaver:
         self.run_dir, self.keep, self.background = run_dir, keep, background
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._error_step = -1
         self.stall_s = 0.0
         """Seconds the caller was blocked, over all saves."""
         self.saves = 0
@@ -174,6 +175,15 @@ class AsyncSaver:
             if not _write_failure(error):
                 raise error
             self._failed(self._error_step, error)
+
+
+    def settle(self) -> None:
+        """Finish the write in flight while another error is on its way up: the checkpoint
+        is kept if it completes, and its own failure is said in one line, not raised."""
+        try:
+            self.wait()
+        except Exception as e:
+            self._failed(self._error_step, e)
 
 
 def _write_failure(error: BaseException) -> bool:

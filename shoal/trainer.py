@@ -342,6 +342,7 @@ class Trainer(Regrouping):
                         _drop_frames(e)
                 busy_since = None
         except BaseException as e:
+            self.saver.settle()  # a checkpoint begun before the failure is one to resume from
             if self.writer is not None:
                 self.writer.close()
             if preemption is not None and isinstance(e, Preempted):
