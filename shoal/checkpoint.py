@@ -176,7 +176,6 @@ class AsyncSaver:
                 raise error
             self._failed(self._error_step, error)
 
-
     def settle(self) -> None:
         """Finish the write in flight while another error is on its way up: the checkpoint
         is kept if it completes, and its own failure is said in one line, not raised."""

@@ -301,8 +301,10 @@ class Trainer(Regrouping):
                             self.balancer.replan(self.step, self.env.device)
                             busy_since = None
                         if t.eval_every and self.step % t.eval_every == 0 and not last:
+                            began = time.perf_counter()
                             self._evaluate()
                             self._together()
+                            window.start += time.perf_counter() - began  # (not a step's time)
                             busy_since = None
                         if t.checkpoint_every and self.step % t.checkpoint_every == 0 and not last:
                             self.save_checkpoint()

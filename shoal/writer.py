@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -137,16 +138,23 @@ class RunWriter:
     def evaluation(
         self, model: torch.nn.Module, data: Dataset, device: torch.device, step: int, wall: float
     ) -> dict[str, float]:
-        """Evaluate ``model`` on the test split and record it."""
-        return self.record_evaluation(evaluate(model, data, device), step, wall)
+        """Evaluate ``model`` on the test split and record it (``wall``: when it began)."""
+        start = time.perf_counter()
+        metrics = evaluate(model, data, device)
+        return self.record_evaluation(metrics, step, wall, time.perf_counter() - start)
 
     def record_evaluation(
-        self, metrics: dict[str, float], step: int, wall: float
+        self, metrics: dict[str, float], step: int, wall: float, seconds: float | None = None
     ) -> dict[str, float]:
         """Record held-out ``metrics`` measured after ``step`` (by whoever could: the
-        label party of a vertical job scores the parties' outputs itself)."""
+        label party of a vertical job scores the parties' outputs itself); ``wall`` is
+        when the evaluation began and ``seconds`` how long it took (``eval_s``: what a
+        reader of the metrics leaves out of training's time)."""
         self.eval_metrics = metrics
-        self.metrics.write({"step": step, "wall_time": wall, "eval": metrics})
+        record: dict[str, Any] = {"step": step, "wall_time": wall, "eval": metrics}
+        if seconds is not None:
+            record["eval_s"] = seconds
+        self.metrics.write(record)
         if self.tb is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and math.isfinite(v):

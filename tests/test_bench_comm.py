@@ -76,3 +76,27 @@ def test_bench_comm_refuses_bad_input(tmp_path):
         proc = run_shoal("bench", "comm", "--out", str(tmp_path / "b"), *args)
         assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
         assert proc.stderr.count("\n") == 1, proc.stderr
+
+
+@pytest.mark.timeout(30)
+def test_time_to_target_leaves_every_evaluation_out(tmp_path):
+    """An evaluation's record says when it began and how long it took (eval_s): the time
+    to the target is the records' wall time less each evaluation, whole."""
+    import argparse
+
+    from shoal.cli.bench import _measure
+
+    step = {"loss": 2.0, "step_time_s": 0.1, "bytes_sent": 100, "t_forward_backward": 0.09}
+    records = [
+        {**step, "step": 10, "wall_time": 1.0, "syncs": 1},
+        {"step": 10, "wall_time": 1.2, "eval_s": 3.0, "eval": {"test_perplexity": 12.0}},
+        {**step, "step": 20, "wall_time": 5.2, "syncs": 2, "bytes_sent": 300},
+        {"step": 20, "wall_time": 5.3, "eval_s": 3.0, "eval": {"test_perplexity": 9.0}},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    args = argparse.Namespace(target_perplexity=9.5, target=None)
+    got = _measure(tmp_path, args)
+    # 5.3 s of wall less 0.2 + 3.0 (the first evaluation) and 0.1 (the second's start)
+    assert got["time_to_target_s"] == pytest.approx(2.0)
+    assert got["step_at_target"] == 20 and got["bytes_to_target"] == 300
+    assert got["compute_utilisation"] == [pytest.approx(0.9)]

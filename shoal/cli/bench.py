@@ -313,12 +313,16 @@ def _measure(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     records = read_metrics(run_dir / METRICS_FILE)
     steps = [r for r in records if "loss" in r]
     # wall time less the evaluations so far: each lasted from its step's record to its own
+    # start, and then its eval_s (the record's wall time is when the evaluation began)
     at_step = {r["step"]: r["wall_time"] for r in steps}
     evaluating = 0.0
     for r in records:
         if "eval" in r and r["step"] in at_step:
             evaluating += max(0.0, r["wall_time"] - at_step[r["step"]])
-        r["training_time"] = r["wall_time"] - evaluating
+            r["training_time"] = r["wall_time"] - evaluating
+            evaluating += r.get("eval_s", 0.0)
+        else:
+            r["training_time"] = r["wall_time"] - evaluating
     if args.target_perplexity:
         # an evaluation record has no bytes: those of the step record just before it
         reached = None
@@ -364,21 +368,18 @@ def _measure(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 def _utilisation(records: list[dict[str, Any]]) -> list[float] | None:
     """Rank 0's forward and backward over its step time, from the metrics records of a run
-    that has no summary (stopped at its target): windows right after an evaluation are
-    left out (they hold it). Periodic strategies only: in ``allreduce`` the backward
-    pass waits for the all-reduce, so its forward and backward time is not compute."""
+    that has no summary (stopped at its target; a window's step time leaves its
+    evaluation out). Periodic strategies only: in ``allreduce`` the backward pass waits
+    for the all-reduce, so its forward and backward time is not compute."""
     busy = wall = 0.0
-    after_eval, previous = False, 0
+    previous = 0
     for r in records:
-        if "eval" in r:
-            after_eval = True
-        elif "t_forward_backward" in r:
+        if "t_forward_backward" in r:
             steps = r["step"] - previous
             previous = r["step"]
-            if not after_eval and r.get("syncs") is not None:
+            if r.get("syncs") is not None:
                 busy += r["t_forward_backward"] * steps
                 wall += r["step_time_s"] * steps
-            after_eval = False
     return [round(busy / wall, 4)] if wall else None
 
 
