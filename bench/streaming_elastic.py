@@ -1,10 +1,12 @@
 """Streaming DiLoCo losing a worker and taking a new one in, in place: do the others stop?
 
-    python bench/streaming_elastic.py [--workers 3 --steps 240 --kill-after 70]
+    python bench/streaming_elastic.py [--workers 3 --steps 240 --kill-after 70 --job small]
 
-Job: the built-in transformer LM (hidden 128, 2 blocks, context 64), diloco with
-``--sync-every 16 --fragments 4 --overlap 2 --compress int8``, full meetings
-at ``--checkpoint-every 32``, one metrics record per step. Worker 1 is SIGKILLed
+Job (``--job small``): the built-in transformer LM (hidden 128, 2 blocks, context 64),
+diloco with ``--sync-every 16 --fragments 4 --overlap 2 --compress int8``, full
+meetings at ``--checkpoint-every 32``; ``--job lm``: the model and streaming settings
+of the slow-links benchmark (hidden 256, 4 blocks; H 64, 4 fragments, overlap 4,
+int4), full meetings every 64 steps. One metrics record per step. Worker 1 is SIGKILLed
 after step ``--kill-after``; the others go back to the last full meeting and go
 on without it, and the launcher's replacement joins at a later full meeting.
 
@@ -26,15 +28,24 @@ import sys
 import tempfile
 from pathlib import Path
 
-JOB = ["--model", "transformer", "--hidden", "128", "--layers", "2", "--heads", "4",
-       "--context", "64", "--batch-size", "24", "--strategy", "diloco", "--sync-every", "16",
-       "--fragments", "4", "--overlap", "2", "--compress", "int8", "--checkpoint-every", "32",
-       "--log-every", "1", "--no-progress", "--no-report"]  # fmt: skip
+JOBS = {
+    "small": ["--model", "transformer", "--hidden", "128", "--layers", "2", "--heads", "4",
+              "--context", "64", "--batch-size", "24", "--strategy", "diloco",
+              "--sync-every", "16", "--fragments", "4", "--overlap", "2", "--compress", "int8",
+              "--checkpoint-every", "32"],
+    # the job and the streaming settings of the slow-links table (docs/BENCHMARKS.md)
+    "lm": ["--model", "transformer", "--hidden", "256", "--layers", "4", "--heads", "4",
+           "--context", "64", "--batch-size", "24", "--optimizer", "adamw", "--lr", "0.001",
+           "--strategy", "diloco", "--sync-every", "64", "--fragments", "4", "--overlap", "4",
+           "--compress", "int4", "--outer-lr", "1.0", "--outer-momentum", "0",
+           "--checkpoint-every", "64"],
+}  # fmt: skip
+COMMON = ["--log-every", "1", "--no-progress", "--no-report"]
 
 
-def run(out: Path, workers: int, steps: int, fault: str) -> dict:
-    cmd = [sys.executable, "-m", "shoal", "train", *JOB, "--workers", str(workers),
-           "--steps", str(steps), "--out", str(out)]  # fmt: skip
+def run(out: Path, job: str, workers: int, steps: int, fault: str) -> dict:
+    cmd = [sys.executable, "-m", "shoal", "train", *JOBS[job], *COMMON,
+           "--workers", str(workers), "--steps", str(steps), "--out", str(out)]  # fmt: skip
     env = {"SHOAL_FAULT": fault} if fault else {}
     proc = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -51,10 +62,14 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=3)
     ap.add_argument("--steps", type=int, default=240)
     ap.add_argument("--kill-after", type=int, default=70)
+    ap.add_argument(
+        "--job", choices=sorted(JOBS), default="small", help="small, or lm: the slow-links model"
+    )
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        failed = run(Path(tmp) / "failed", a.workers, a.steps, f"crash:rank=1:step={a.kill_after}")
-        unfailed = run(Path(tmp) / "unfailed", a.workers, a.steps, "")
+        crash = f"crash:rank=1:step={a.kill_after}"
+        failed = run(Path(tmp) / "failed", a.job, a.workers, a.steps, crash)
+        unfailed = run(Path(tmp) / "unfailed", a.job, a.workers, a.steps, "")
     gens = failed["generations"]
     kept = [u for u in gens[0]["members"] if all(u in g["members"] for g in gens)]
     pids_kept = all(g["pids"][u] == gens[0]["pids"][u] for g in gens for u in kept)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import itertools
+import json
 import threading
 
 import pytest
@@ -95,6 +96,57 @@ def test_large_tensors_travel_in_bounded_frames():
             wire.decode(bad, 1 << 20)
     with pytest.raises(wire.WireError, match="oversized"):  # checked before any frame is read
         wire.decode(frames[:1], 1000)
+
+
+def test_larger_frames_only_where_the_receiver_takes_them():
+    """A message cut in 1 MiB frames says so (``f``); a receiver whose cap is smaller, or
+    a frame size that is not an integer or under the smallest, is refused; messages
+    whose tensors all fit a small frame say nothing of frames."""
+    t = torch.arange(3 * wire.LARGE_FRAME_BYTES // 4 + 9, dtype=torch.float32)  # 4 frames
+    frames = wire.encode({"op": "x"}, [t], frame_bytes=wire.LARGE_FRAME_BYTES)
+    assert len(frames) == 1 + 4 and json.loads(frames[0])["f"] == wire.LARGE_FRAME_BYTES
+    _, (got,) = wire.decode(frames, 1 << 24, frame_cap=wire.LARGE_FRAME_BYTES)
+    assert torch.equal(got, t)
+    with pytest.raises(wire.WireError, match="this receiver takes"):
+        wire.decode(frames, 1 << 24)  # (a listener with 64 KiB frames)
+    small = wire.encode({"op": "x"}, [torch.ones(10)], frame_bytes=wire.LARGE_FRAME_BYTES)
+    assert "f" not in json.loads(small[0])
+    for f in ("1024", 1024, 2**40, True):
+        bad = [json.dumps({**json.loads(frames[0]), "f": f}).encode(), *frames[1:]]
+        with pytest.raises(wire.WireError, match=r"f must be|this receiver takes"):
+            wire.decode(bad, 1 << 24, frame_cap=wire.LARGE_FRAME_BYTES)
+
+
+def test_a_listener_s_frames_times_its_connections_stay_bounded():
+    assert gate.frame_bytes(gate.SHARD_CONNECTIONS) == wire.LARGE_FRAME_BYTES
+    assert gate.frame_bytes(gate.MAX_CONNECTIONS) == wire.FRAME_BYTES
+    for cap in (1, 64, 65, 100, 256, 1024, 5000):
+        size = gate.frame_bytes(cap)
+        assert wire.FRAME_BYTES <= size <= wire.LARGE_FRAME_BYTES
+        assert size * cap <= gate.STRANGERS_BYTES or size == wire.FRAME_BYTES
+
+
+def test_a_shard_and_its_client_agree_on_large_frames():
+    """Over the authenticated wire: the shard's welcome says its frame size, the client
+    cuts its pushes in it, the shard's replies come in it, and the values arrive whole."""
+    server = Server(0, b"k" * 32, OptimConfig(name="sgd", lr=0.5), "asp", 0)
+    thread = threading.Thread(target=server.serve, daemon=True)
+    thread.start()
+    peer = Peer(zmq.Context.instance(), server.address, b"k" * 32, "w0", CommCounter(),
+                timeout_s=30, target=server.target)  # fmt: skip
+    try:
+        assert peer.frame_bytes == server.listener.frame_bytes == wire.LARGE_FRAME_BYTES
+        w = torch.arange(2 * wire.LARGE_FRAME_BYTES // 4 + 3, dtype=torch.float32)
+        peer.call({"op": "init", "parts": 1, "total_steps": 10, "tables": []},
+                  [w, wire.strings_tensor(["w@0"])])  # fmt: skip
+        push = {"op": "push", "step": 0, "part": 0, "read_through": -1, "tables": []}
+        peer.call(push, [torch.ones_like(w)])
+        _, (values,) = peer.call({"op": "pull", "step": 1, "tables": []})
+        assert torch.equal(values, w - 0.5)
+    finally:
+        peer.call({"op": "shutdown"})
+        peer.close()
+        thread.join(timeout=10)
 
 
 def test_buffers_are_reused_only_once_nothing_refers_to_them():

@@ -207,7 +207,11 @@ def run_comm(args: argparse.Namespace) -> int:
         except netns.NetnsError as e:
             raise UserError(f"cannot build the emulated hosts: {e}") from None
         if (out / rate).is_dir():
-            _report(out / rate, [out / rate / r for r in sorted(os.listdir(out / rate))])
+            _report(
+                out / rate,
+                [out / rate / r for r in sorted(os.listdir(out / rate))],
+                args.target_perplexity,
+            )
     _speedups(results)
     write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
     table = _table(results, args, job)
@@ -307,14 +311,11 @@ def host_cores(rank: int, num_hosts: int) -> str:
     return ",".join(str(c) for c in cores[start : start + per])
 
 
-def _measure(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """Time and bytes to the target, from the metrics (and the summary, where the run
-    finished)."""
-    records = read_metrics(run_dir / METRICS_FILE)
-    steps = [r for r in records if "loss" in r]
-    # wall time less the evaluations so far: each lasted from its step's record to its own
-    # start, and then its eval_s (the record's wall time is when the evaluation began)
-    at_step = {r["step"]: r["wall_time"] for r in steps}
+def _with_training_time(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``records``, each given its ``training_time``: the wall time less the evaluations
+    before it. Each evaluation lasted from its step's record to its own start (the
+    record's wall time is when it began), and then its ``eval_s``."""
+    at_step = {r["step"]: r["wall_time"] for r in records if "loss" in r}
     evaluating = 0.0
     for r in records:
         if "eval" in r and r["step"] in at_step:
@@ -323,6 +324,14 @@ def _measure(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
             evaluating += r.get("eval_s", 0.0)
         else:
             r["training_time"] = r["wall_time"] - evaluating
+    return records
+
+
+def _measure(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Time and bytes to the target, from the metrics (and the summary, where the run
+    finished)."""
+    records = _with_training_time(read_metrics(run_dir / METRICS_FILE))
+    steps = [r for r in records if "loss" in r]
     if args.target_perplexity:
         # an evaluation record has no bytes: those of the step record just before it
         reached = None
@@ -445,7 +454,7 @@ def _table(results: list[dict[str, Any]], args: argparse.Namespace, job: list[st
     return "\n".join(lines) + "\n"
 
 
-def _report(out: Path, run_dirs: list[Path]) -> None:
+def _report(out: Path, run_dirs: list[Path], target: float | None = None) -> None:
     """The report of a rate's runs (those stopped early too), and plots of the held-out
     metric against training time and bytes sent, where the job evaluates."""
     from shoal.report.html import write_report
@@ -453,10 +462,10 @@ def _report(out: Path, run_dirs: list[Path]) -> None:
     done = [d for d in run_dirs if (d / METRICS_FILE).exists()]
     if done:
         write_report(done, out)
-        _eval_plots(out, done)
+        _eval_plots(out, done, target)
 
 
-def _eval_plots(out: Path, run_dirs: list[Path]) -> None:
+def _eval_plots(out: Path, run_dirs: list[Path], target: float | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -464,22 +473,24 @@ def _eval_plots(out: Path, run_dirs: list[Path]) -> None:
 
     curves = []
     for d in run_dirs:
-        records = read_metrics(d / METRICS_FILE)
+        records = _with_training_time(read_metrics(d / METRICS_FILE))
         points, sent = [], 0
         for r in records:
             sent = r.get("bytes_sent", sent)
             ppl = r.get("eval", {}).get("test_perplexity")
             if ppl is not None:
-                points.append((r["wall_time"], sent, ppl))
+                points.append((r["training_time"], sent, ppl))
         if points:
             curves.append((d.name, points))
     if not curves:
         return
-    for name, axis, label in (("eval_vs_time.png", 0, "wall time (s), evaluations in it"),
+    for name, axis, label in (("eval_vs_time.png", 0, "training time (s), evaluations left out"),
                               ("eval_vs_bytes.png", 1, "bytes sent")):  # fmt: skip
         fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
         for run, points in curves:
             ax.plot([p[axis] for p in points], [p[2] for p in points], label=run, linewidth=1.5)
+        if target:
+            ax.axhline(target, color="0.3", linestyle="--", linewidth=1, label="target")
         ax.set_xlabel(label)
         ax.set_ylabel("held-out perplexity")
         ax.set_yscale("log")

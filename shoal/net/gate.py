@@ -10,10 +10,12 @@ than one small handshake frame:
   listener it is meant for (``coordinator``, ``shard-3``) and to a time window;
   each nonce is accepted once. libzmq does not pass a connection's messages on
   (not even a part of a multipart message) until the handler says yes, and
-  every frame on these sockets is at most :data:`FRAME_BYTES` (tensors travel
-  as several frames), so an unauthenticated peer is held to one frame of the
-  handshake, :data:`HANDSHAKE_S` seconds, and a connection count
-  (:data:`MAX_CONNECTIONS`).
+  every frame on these sockets is capped (tensors travel as several frames), so
+  an unauthenticated peer is held to one frame of the handshake,
+  :data:`HANDSHAKE_S` seconds, and a connection count (:data:`MAX_CONNECTIONS`):
+  a listener's frame cap times its connection cap is at most
+  :data:`STRANGERS_BYTES` (:func:`frame_bytes`: 64 KiB frames where 1,024
+  connections are allowed, 1 MiB at a shard's 64).
 - The listener proves itself in turn: a client's first request is ``hello``
   with a fresh nonce, answered by ``HMAC(secret, "server"|target|user|...)``
   (:func:`server_proof`); a client refuses a listener that cannot answer
@@ -44,7 +46,7 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from shoal.net.wire import FRAME_BYTES
+from shoal.net.wire import FRAME_BYTES, LARGE_FRAME_BYTES
 
 HANDSHAKE_S = 5.0
 """A connection that has not authenticated by then is closed (``ZMQ_HANDSHAKE_IVL``)."""
@@ -61,6 +63,30 @@ ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 def max_connections(job: Any) -> int:
     """The connection cap of a job's listeners: room for every worker's connections."""
     return max(MAX_CONNECTIONS, 4 * (job.world_size + job.cluster.nnodes + job.cluster.servers))
+
+
+SHARD_CONNECTIONS = 64
+"""Open connections per parameter-server shard, at least (:func:`shard_connections`)."""
+STRANGERS_BYTES = 64 << 20
+"""What all the connections of one listener that have not authenticated may make it
+hold at most: its connection cap times its largest frame (:func:`frame_bytes`)."""
+
+
+def shard_connections(job: Any) -> int:
+    """The connection cap of a shard: a connection from each worker and from the
+    coordinator, with room for replacements' new ones while the old ones close."""
+    return max(SHARD_CONNECTIONS, 4 * (job.world_size + job.cluster.nnodes + job.cluster.servers))
+
+
+def frame_bytes(max_connections: int) -> int:
+    """The largest frame a listener with this connection cap takes: a power of two from
+    :data:`FRAME_BYTES` to :data:`LARGE_FRAME_BYTES` such that every connection's one
+    frame of the handshake fits in :data:`STRANGERS_BYTES` (1 MiB for 64 connections;
+    64 KiB for the 1,024 of a coordinator or a federation's server)."""
+    size = LARGE_FRAME_BYTES
+    while size > FRAME_BYTES and size * max(1, max_connections) > STRANGERS_BYTES:
+        size //= 2
+    return size
 
 
 def _mac(secret: bytes, *parts: str) -> str:
@@ -192,11 +218,13 @@ class Listener:
         self, ctx: zmq.Context, bind: str, secret: bytes, target: str, max_connections: int
     ) -> None:
         self.target, self.secret, self.max_connections = target, secret, max_connections
+        self.frame_bytes = frame_bytes(max_connections)
+        """The largest frame this listener takes (said to each client in its welcome)."""
         self.gate = Gatekeeper.get()
         self.domain, self.door = self.gate.register(secret, target)
         sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, FRAME_BYTES)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.frame_bytes)
         sock.setsockopt(zmq.HANDSHAKE_IVL, int(HANDSHAKE_S * 1000))
         sock.plain_server = True
         sock.zap_domain = self.domain.encode()
@@ -242,9 +270,11 @@ class Listener:
         return str(frame.get("User-Id"))
 
     def welcome(self, user_id: str, header: dict) -> dict:
-        """The answer to a client's ``hello``: proof that this listener knows the secret."""
+        """The answer to a client's ``hello``: proof that this listener knows the secret,
+        and the largest frame it takes."""
         nonce = str(header.get("nonce", ""))[:64]
-        return {"op": "welcome", "proof": server_proof(self.secret, self.target, user_id, nonce)}
+        proof = server_proof(self.secret, self.target, user_id, nonce)
+        return {"op": "welcome", "proof": proof, "frame": self.frame_bytes}
 
     def refused(self) -> dict[str, int]:
         """Connections refused at the door, by reason (and those cut for the cap)."""
@@ -282,7 +312,8 @@ def connect(
     ``RECONNECT_IVL=-1``: libzmq then drops replies that arrived just before the end.)"""
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.MAXMSGSIZE, FRAME_BYTES)
+    # (one connection: what a listener that is not who it says can make it hold is a frame)
+    sock.setsockopt(zmq.MAXMSGSIZE, LARGE_FRAME_BYTES)
     sock.setsockopt(zmq.RECONNECT_IVL, 24 * 3600 * 1000)
     sock.setsockopt(zmq.SNDTIMEO, int(link_timeout_s * 1000))  # no peer: no endless send
     sock.setsockopt(zmq.HEARTBEAT_IVL, int(min(1.0, link_timeout_s / 3) * 1000))

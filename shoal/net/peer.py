@@ -73,6 +73,8 @@ class Peer:
         self.ids = itertools.count()
         self.stash: dict[int, Reply] = {}
         self.buffers = wire.Buffers()  # what replies are received into, reply after reply
+        self.frame_bytes = wire.FRAME_BYTES
+        """The frames requests are cut in: the listener's own cap, once it proved itself."""
         self.watch: Callable[[], None] | None = None
         """Called about every second while a reply is awaited; may raise to stop waiting."""
         self.gone = ""
@@ -129,6 +131,9 @@ class Peer:
                 f"{self.address} answered as {self.target} but does not know the job's "
                 "secret: refusing it (another process on that port?)"
             )
+        frame = welcome.get("frame")
+        if isinstance(frame, int) and wire.FRAME_BYTES <= frame <= wire.LARGE_FRAME_BYTES:
+            self.frame_bytes = frame
 
     def _check_link(self) -> None:
         """Raise :class:`PeerGone` once the connection has ended."""
@@ -142,7 +147,7 @@ class Peer:
     def send(self, header: dict[str, Any], tensors: list[torch.Tensor] = ()) -> int:
         self._check_link()
         rid = next(self.ids)
-        frames = wire.encode({**header, "id": rid}, list(tensors))
+        frames = wire.encode({**header, "id": rid}, list(tensors), self.frame_bytes)
         self.comm.add(sent=wire.message_bytes(frames))
         try:
             self.sock.send_multipart(frames, copy=False)
@@ -165,7 +170,9 @@ class Peer:
                     self.watch()
                 continue
             try:
-                _, size, header, tensors = wire.receive(self.sock, self.max_bytes, self.buffers)
+                _, size, header, tensors = wire.receive(
+                    self.sock, self.max_bytes, self.buffers, frame_cap=wire.LARGE_FRAME_BYTES
+                )
             except wire.WireError as e:
                 self.comm.add(received=e.received[1] if e.received else 0)
                 raise

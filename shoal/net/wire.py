@@ -29,7 +29,11 @@ import numpy as np
 import torch
 
 FRAME_BYTES = 64 * 1024
-"""The largest frame on the wire (``ZMQ_MAXMSGSIZE`` of every socket)."""
+"""The frame size every listener takes (``ZMQ_MAXMSGSIZE``), and the one a message uses
+unless its header says otherwise (``f``)."""
+LARGE_FRAME_BYTES = 1024 * 1024
+"""The largest frame anyone takes: a client's connection (one per listener it talks to),
+and a listener whose connections are few enough (:func:`shoal.net.gate.frame_bytes`)."""
 MAX_HEADER_BYTES = FRAME_BYTES
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -92,19 +96,28 @@ class Buffers:
         return b
 
 
-def encode(header: dict[str, Any], tensors: list[torch.Tensor] = ()) -> list[Any]:
+def encode(
+    header: dict[str, Any], tensors: list[torch.Tensor] = (), frame_bytes: int = FRAME_BYTES
+) -> list[Any]:
     """Frames for ``header`` plus ``tensors`` (CPU tensors; their bytes are sent as
-    views, never copied, in frames of at most :data:`FRAME_BYTES`)."""
-    frames: list[Any] = [b""]
-    spec = []
+    views, never copied, in frames of at most ``frame_bytes``: more than
+    :data:`FRAME_BYTES` only to a receiver that takes them, and then said in the
+    header's ``f``)."""
+    spec, raws = [], []
     for t in tensors:
         t = t.detach()
         if t.device.type != "cpu":
             t = t.cpu()
         t = t.contiguous()
         spec.append([DTYPE_NAMES[t.dtype], list(t.shape)])
-        raw = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else b""
-        frames.extend(raw[i : i + FRAME_BYTES] for i in range(0, len(raw), FRAME_BYTES))
+        raws.append(memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else b"")
+    if frame_bytes != FRAME_BYTES and any(len(raw) > FRAME_BYTES for raw in raws):
+        header = {**header, "f": frame_bytes}
+    else:  # (no tensor needs more: the message says nothing of frames)
+        frame_bytes = FRAME_BYTES
+    frames: list[Any] = [b""]
+    for raw in raws:
+        frames.extend(raw[i : i + frame_bytes] for i in range(0, len(raw), frame_bytes))
         if not raw:
             frames.append(b"")
     frames[0] = json.dumps({**header, "t": spec}, separators=(",", ":")).encode()
@@ -133,9 +146,9 @@ def tensor_strings(t: torch.Tensor) -> list[str]:
     return text.split("\n") if text else []
 
 
-def num_frames(nbytes: int) -> int:
+def num_frames(nbytes: int, frame_bytes: int = FRAME_BYTES) -> int:
     """Frames a tensor of ``nbytes`` bytes travels in."""
-    return max(1, -(-nbytes // FRAME_BYTES))
+    return max(1, -(-nbytes // frame_bytes))
 
 
 def _view(frame: Any) -> memoryview:
@@ -159,21 +172,30 @@ def parse_header(frames: list[Any]) -> dict[str, Any]:
 
 
 def decode(
-    frames: list[Any], max_bytes: int, buffers: Buffers | None = None
+    frames: list[Any],
+    max_bytes: int,
+    buffers: Buffers | None = None,
+    frame_cap: int = FRAME_BYTES,
 ) -> tuple[dict[str, Any], list[torch.Tensor]]:
     """Parse and check a received message; raise :class:`WireError` if it is bad.
-    Tensors of several frames are joined into memory from ``buffers`` (else fresh)."""
-    return _decode(_Frames(frames), max_bytes, buffers)
+    Tensors of several frames are joined into memory from ``buffers`` (else fresh).
+    ``frame_cap``: the largest frame size a message may say it uses (``f``)."""
+    return _decode(_Frames(frames), max_bytes, buffers, frame_cap)
 
 
 def receive(
-    sock: Any, max_bytes: int, buffers: Buffers | None = None, routed: bool = False
+    sock: Any,
+    max_bytes: int,
+    buffers: Buffers | None = None,
+    routed: bool = False,
+    frame_cap: int = FRAME_BYTES,
 ) -> tuple[Any, int, dict[str, Any], list[torch.Tensor]]:
     """Receive one message from ``sock`` frame by frame, each tensor of several frames
     straight into its buffer (no frame objects kept, no second copy): ``(first frame,
     bytes received, header, tensors)``, the first frame being a ROUTER's peer identity
     when ``routed`` (else the header). A bad message is read to its end (the socket
-    stays in step) and raises :class:`WireError`, with :attr:`WireError.received` set."""
+    stays in step) and raises :class:`WireError`, with :attr:`WireError.received` set.
+    ``frame_cap`` is the socket's own (its ``MAXMSGSIZE``)."""
     source = _Socket(sock)
     first = sock.recv(copy=False)
     source.received = _view(first).nbytes
@@ -184,7 +206,7 @@ def receive(
         else:
             source.head = first
         source.more = source.head is not None and source.head.more
-        header, tensors = _decode(source, max_bytes, buffers)
+        header, tensors = _decode(source, max_bytes, buffers, frame_cap)
     except WireError as e:
         source.drain()
         e.received = (first, source.received, source.head)
@@ -250,9 +272,14 @@ class _Socket:
 
 
 def _decode(
-    source: _Frames | _Socket, max_bytes: int, buffers: Buffers | None
+    source: _Frames | _Socket, max_bytes: int, buffers: Buffers | None, frame_cap: int
 ) -> tuple[dict[str, Any], list[torch.Tensor]]:
     header = source.header()
+    size = header.get("f", FRAME_BYTES)  # the frame size this message's tensors are cut in
+    if not (isinstance(size, int) and not isinstance(size, bool)):
+        raise WireError("malformed", "f must be an integer")
+    if not FRAME_BYTES <= size <= max(frame_cap, FRAME_BYTES):
+        raise WireError("malformed", f"frames of {size} bytes: this receiver takes {frame_cap}")
     for key in ("step", "part", "worker", "read_through"):
         if key in header and not (
             isinstance(header[key], int) and not isinstance(header[key], bool)
@@ -271,7 +298,7 @@ def _decode(
         layout.append((dtype, shape, want))
     tensors = []
     for dtype, shape, want in layout:
-        n = num_frames(want)
+        n = num_frames(want, size)
         if n == 1:  # no copy
             if not source.left():
                 raise WireError("truncated", "fewer frames than the declared tensors")
@@ -289,7 +316,7 @@ def _decode(
         for k in range(n):  # one copy, into memory of its own
             if not source.left():
                 raise WireError("truncated", "fewer frames than the declared tensors")
-            part = flat[k * FRAME_BYTES : (k + 1) * FRAME_BYTES]
+            part = flat[k * size : (k + 1) * size]
             got = source.into(part)
             if got != len(part):
                 raise WireError("truncated", f"a frame of {got} bytes where {len(part)} belong")

@@ -273,7 +273,7 @@ class FederationServer(SecureRounds):
         if len(body) > 1 + wire.num_frames(self.limit):  # more than one tensor's worth
             raise Refused("oversized", f"{len(body)} frames")
         try:
-            header, tensors = wire.decode(body, self.limit)
+            header, tensors = wire.decode(body, self.limit, frame_cap=self.listener.frame_bytes)
         except wire.WireError as e:
             raise Refused(e.kind, str(e)) from None
         msg = checks.parse(header, tensors, self.numel, self.secure)
@@ -292,7 +292,7 @@ class FederationServer(SecureRounds):
 
     def _reply(self, ident: Any, header: dict, tensors: list[torch.Tensor] = ()) -> None:
         try:
-            frames = wire.encode(header, list(tensors))
+            frames = wire.encode(header, list(tensors), self.listener.frame_bytes)
         except ValueError:  # a reply over the frame limit: the server's fault
             frames = wire.encode({**self._failed("?"), "id": header.get("id")})
         self.comm.add(sent=wire.message_bytes(frames))

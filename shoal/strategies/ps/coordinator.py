@@ -123,7 +123,9 @@ class Coordinator(threading.Thread):
             frames = self.sock.recv_multipart(copy=False)
             peer = frames[0].bytes
             try:
-                header, tensors = wire.decode(frames[1:], MAX_MESSAGE_BYTES)
+                header, tensors = wire.decode(
+                    frames[1:], MAX_MESSAGE_BYTES, frame_cap=self.listener.frame_bytes
+                )
                 if header["op"] == "hello":  # the peer proved itself at the door (gate)
                     reply = self.listener.welcome(self.listener.user(frames[1]), header)
                 else:
@@ -138,7 +140,8 @@ class Coordinator(threading.Thread):
         self.listener.close()
 
     def _send(self, peer: bytes, header: dict[str, Any]) -> None:
-        self.sock.send_multipart([peer, *wire.encode(header)], copy=False)
+        frames = wire.encode(header, frame_bytes=self.listener.frame_bytes)
+        self.sock.send_multipart([peer, *frames], copy=False)
 
     def dispatch(
         self, peer: bytes, header: dict[str, Any], tensors: list[torch.Tensor]

@@ -449,7 +449,7 @@ def run_server(job: JobConfig, last: bool = True) -> None:
         max_message_bytes=peers.max_message_bytes(job),
         run_dir=job.output.out,
         keep_checkpoints=job.train.keep_checkpoints,
-        max_connections=gate.max_connections(job),
+        max_connections=gate.shard_connections(job),
     )
     peer = Peer(
         zmq.Context.instance(),

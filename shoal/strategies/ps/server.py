@@ -96,7 +96,7 @@ class Server:
         max_message_bytes: int = 1 << 30,
         run_dir: str | os.PathLike | None = None,
         keep_checkpoints: int = 3,
-        max_connections: int = gate.MAX_CONNECTIONS,
+        max_connections: int = gate.SHARD_CONNECTIONS,
     ) -> None:
         self.shard = shard
         self.saver = (
@@ -150,7 +150,11 @@ class Server:
         answer it; a bad one is refused, counted, and answered with an error."""
         try:
             ident, size, header, tensors = wire.receive(
-                self.sock, self.max_bytes, self.buffers, routed=True
+                self.sock,
+                self.max_bytes,
+                self.buffers,
+                routed=True,
+                frame_cap=self.listener.frame_bytes,
             )
             fault: Exception | None = None
             rid = wire.header_id(header)
@@ -179,7 +183,7 @@ class Server:
             self.send(peer, {"op": "error", "id": rid, "kind": "malformed", "error": error})
 
     def send(self, peer: bytes, header: dict[str, Any], tensors: list[torch.Tensor] = ()) -> None:
-        frames = wire.encode(header, list(tensors))
+        frames = wire.encode(header, list(tensors), self.listener.frame_bytes)
         size = wire.message_bytes(frames)
         self.stats.bytes_out += size
         name = self.names.get(peer)

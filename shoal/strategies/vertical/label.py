@@ -161,7 +161,11 @@ class LabelParty:
     def _handle(self) -> None:
         try:
             ident, size, header, tensors = wire.receive(
-                self.listener.sock, 1 << 31, self.buffers, routed=True
+                self.listener.sock,
+                1 << 31,
+                self.buffers,
+                routed=True,
+                frame_cap=self.listener.frame_bytes,
             )
         except wire.WireError as e:
             ident, _, head = e.received  # type: ignore[misc]
@@ -204,7 +208,7 @@ class LabelParty:
         tensors: Sequence[torch.Tensor] = (),
         name: str = "",
     ) -> None:
-        frames = wire.encode(header, list(tensors))
+        frames = wire.encode(header, list(tensors), self.listener.frame_bytes)
         if name in self.comm:
             self.comm[name].add(sent=wire.message_bytes(frames))
         self.listener.sock.send_multipart([peer, *frames], copy=False)
