@@ -51,7 +51,7 @@ def test_ps_and_allreduce_runs_are_written_by_one_writer(linear_reference, ps_bs
     runs = [load_run(linear_reference), load_run(ps_bsp_linear)]
     window_keys = [set(r.steps[0]) for r in runs]
     assert window_keys[0] == window_keys[1] and {"loss", "t_comm", "memory"} <= window_keys[0]
-    assert [set(r.evals[-1]) for r in runs] == [{"step", "wall_time", "eval"}] * 2
+    assert [set(r.evals[-1]) for r in runs] == [{"step", "wall_time", "eval", "eval_s"}] * 2
     shared = {
         "strategy", "model", "data", "world_size", "steps", "global_batch_size",
         "num_parameters", "final_loss", "test_loss", "wall_time_s", "samples_per_s",
