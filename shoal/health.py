@@ -134,9 +134,26 @@ class Heartbeat:
     def _watch(self) -> None:
         while not self._stop.wait(self.interval_s):
             quiet = time.monotonic() - self.contact
-            if quiet > self.timeout_s:
-                self._lost_store(quiet)
+            if quiet > self.timeout_s and not self._answers():
+                self._lost_store(time.monotonic() - self.contact)
                 return
+
+    def _answers(self) -> bool:
+        """Ask the store once more before a verdict: on a loaded machine this process (its
+        beat thread starved of the CPU or the GIL) may be what was quiet, not the store.
+        Asked from a thread of its own: a call to a stopped store can block for ever."""
+        answered = threading.Event()
+
+        def ask() -> None:
+            with contextlib.suppress(Exception):
+                self.store.check([f"beat/{self.rank}"])
+                answered.set()
+
+        threading.Thread(target=ask, name="shoal-ask-store", daemon=True).start()
+        if not answered.wait(self.timeout_s / 3):
+            return False
+        self.contact = time.monotonic()
+        return True
 
     def _done(self, rank: int) -> bool:
         try:
