@@ -65,11 +65,13 @@ def main() -> None:
     ap.add_argument(
         "--job", choices=sorted(JOBS), default="small", help="small, or lm: the slow-links model"
     )
+    ap.add_argument("--failed-only", action="store_true", help="skip the run without the loss")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         crash = f"crash:rank=1:step={a.kill_after}"
         failed = run(Path(tmp) / "failed", a.job, a.workers, a.steps, crash)
-        unfailed = run(Path(tmp) / "unfailed", a.job, a.workers, a.steps, "")
+        unfailed = None if a.failed_only else run(Path(tmp) / "unfailed", a.job, a.workers,
+                                                  a.steps, "")  # fmt: skip
     gens = failed["generations"]
     kept = [u for u in gens[0]["members"] if all(u in g["members"] for g in gens)]
     pids_kept = all(g["pids"][u] == gens[0]["pids"][u] for g in gens for u in kept)
@@ -77,16 +79,24 @@ def main() -> None:
     median = statistics.median(times)
     slow = [(r["step"], round(r["step_time_s"], 3)) for r in failed["records"]
             if "step_time_s" in r and r["step"] > 2 and r["step_time_s"] > 2 * median]  # fmt: skip
-    s, u = failed["summary"], unfailed["summary"]
+    s = failed["summary"]
     print(f"generations: {[(g['step'], g['members']) for g in gens]}")
     print(f"workers never lost: {kept}; their process ids unchanged: {pids_kept}")
     print(f"rank 0 step time: median {median * 1000:.0f} ms, largest {max(times) * 1000:.0f} ms "
           f"({max(times) / median:.2f}x); steps over 2x the median: {slow}")  # fmt: skip
-    print(f"regroup stalls (s, rank 0): {[round(r['stall_s'], 3) for r in s.get('regroups', [])]}")
+    for r in s.get("regroups", []):
+        print(
+            f"regroup to generation {r['generation']} ({r['why']}): stall "
+            f"{r['stall_s'] * 1000:.0f} ms on rank 0, of which forming the group "
+            f"{r.get('group_s', 0) * 1000:.0f} ms, passing the state "
+            f"{r.get('state_s', 0) * 1000:.0f} ms ({r['state_bytes'] / 1e6:.1f} MB sent)"
+        )
     print(f"every epoch's digest exact: {all(e['exact'] for e in s['epochs'])}")
-    print(f"wall time: {s['wall_time_s']:.1f} s with the loss, {u['wall_time_s']:.1f} s "
-          f"without; held-out perplexity {s['test_perplexity']:.3f} vs "
-          f"{u['test_perplexity']:.3f}")  # fmt: skip
+    if unfailed is not None:
+        u = unfailed["summary"]
+        print(f"wall time: {s['wall_time_s']:.1f} s with the loss, {u['wall_time_s']:.1f} s "
+              f"without; held-out perplexity {s['test_perplexity']:.3f} vs "
+              f"{u['test_perplexity']:.3f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -114,6 +114,7 @@ class Trainer(Regrouping):
         self.regroups: list[dict[str, Any]] = []  # this process's, for the summary
         self.pending_log: tuple[Any, dict[str, Any]] | None = None  # a record's gather, out
         self.sent = 0  # bytes of state this process sent in its last regroup
+        self.state_s = 0.0  # seconds this process spent passing state in its last regroup
 
     # --- state --------------------------------------------------------------------
 

@@ -77,3 +77,67 @@ def test_with_whole_state_the_living_go_on_without_waiting():
     c.tick()
     assert c.current.members == ["0.0", "2.0", "3.0"] and c.current.step == 40
     assert c.lost_shard() is None
+
+
+def _state() -> dict:
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    big = torch.randn(300, 200, generator=g)
+    return {
+        "model": {"w": big, "half": torch.randn(256, 256, generator=g).half()},
+        "optimizer": {"state": {0: {"step": torch.tensor(7.0), "exp_avg": big * 2}},
+                      "param_groups": [{"lr": 0.1, "params": [0]}]},
+        "view": torch.randn(1000, 100, generator=g)[:, :50],  # (not contiguous)
+        "slice": torch.arange(400_000)[1000:30_000],  # (of a larger storage)
+        "small": [torch.ones(3, dtype=torch.bool), (1, "two", 3.0)],
+        "rng": torch.Generator().manual_seed(5).get_state(),
+    }  # fmt: skip
+
+
+def _pass(rank: int, port: int, out: str) -> None:
+    import torch
+
+    from shoal.inplace import state
+
+    store = dist.TCPStore("127.0.0.1", port, 2, is_master=rank == 0,
+                          timeout=timedelta(seconds=30))  # fmt: skip
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=2)
+    try:
+        if rank == 0:
+            torch.save(state.send(_state(), [1]), out + ".sent")
+        else:
+            torch.save(state.receive(0), out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(60)
+def test_state_passes_whole_its_large_tensors_sent_as_themselves(tmp_path):
+    """Between two real processes over gloo: every value arrives equal, with its dtype,
+    shape and container; a slice of a large storage costs its own bytes only."""
+    import socket
+
+    import torch
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "received.pt")
+    mp.start_processes(_pass, args=(port, out), nprocs=2, start_method="spawn")
+    got, want = torch.load(out, weights_only=True), _state()
+    flat_got, flat_want = [], []
+    for x, into in ((got, flat_got), (want, flat_want)):
+        torch.utils._pytree.tree_map(into.append, x)
+    assert torch.utils._pytree.tree_structure(got) == torch.utils._pytree.tree_structure(want)
+    for a, b in zip(flat_got, flat_want, strict=True):
+        if isinstance(b, torch.Tensor):
+            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+        else:
+            assert a == b
+    sent = torch.load(out + ".sent", weights_only=True)
+    tensor_bytes = sum(
+        t.numel() * t.element_size() for t in flat_want if isinstance(t, torch.Tensor)
+    )
+    assert tensor_bytes < sent < tensor_bytes + 20_000  # (the outline: a few KB)

@@ -46,6 +46,7 @@ class Regrouping:
     ledger: inplace_state.Ledger
     regroups: list[dict[str, Any]]
     sent: int
+    state_s: float
     prior_samples: dict[int, int]
     prior_digests: dict[int, int]
     wall_offset: float
@@ -83,10 +84,12 @@ class Regrouping:
         self.strategy.release()  # (its hold on the group would keep the group's sockets open)
         committed = min((t.step for t in self.taken), default=self.step)
         gen = self.member.leave(committed, why)
+        grouped = time.perf_counter()
         self._adopt(gen)
         self.regroups.append({
             "generation": gen.number, "step": gen.step, "members": len(gen.members),
             "why": why, "stall_s": time.perf_counter() - began, "state_bytes": self.sent,
+            "group_s": grouped - began, "state_s": self.state_s,
         })  # fmt: skip
         return self.strategy.work(self.sampler, self.step, self.total_steps)
 
@@ -95,6 +98,7 @@ class Regrouping:
         lacks it, the data it trains from ``gen.step`` on and the counts of lost members."""
         assert self.member is not None
         self.env = dataclasses.replace(self.env, rank=self.member.rank, world_size=self.member.size)
+        self.state_s = 0.0
         if gen.step >= 0:
             self._pass_state(gen)
         self.strategy.regroup(self.env)
@@ -106,8 +110,8 @@ class Regrouping:
         )
         if self.balancing:
             self.sampler.cut = self.balancer.sizes
-        if gen.step >= 0:
-            self._fold()
+        if gen.step >= 0 and gen.lost:  # (else the lost samples are as they were: see
+            self._fold()  # Ledger.load)
         if self.gatherer.is_writer and self.writer is None and gen.number > 0:
             self.writer = RunWriter(self.job, self.total_steps, self.step)  # (the writer was lost)
             self.writer.start(f"{self.job.strategy.name} x{self.env.world_size}", self.step)
@@ -118,7 +122,7 @@ class Regrouping:
         of steps from ``gen.step`` on (they are trained again)."""
         assert self.member is not None
         uid, source = self.member.uid, gen.members.index(gen.source)
-        self.sent = 0
+        self.sent, began = 0, time.perf_counter()
         if uid not in gen.needs_state:  # back to its newest committed step, gen.step
             for task in self.taken:  # begun, never committed: not trained
                 if self.strategy.draws_global_batches:
@@ -133,6 +137,7 @@ class Regrouping:
         if uid in gen.needs_state:
             self._take_live_state(inplace_state.receive(source))
             self._at(gen.step)
+        self.state_s = time.perf_counter() - began
 
     def _at(self, step: int) -> None:
         """This process's state is that after ``step`` committed steps."""

@@ -12,27 +12,74 @@ import torch.distributed as dist
 
 from shoal.data.order import MASK64, digest
 
+DIRECT_BYTES = 64 * 1024
+"""Tensors of at least this size travel as themselves, straight from and into memory;
+smaller ones, and everything else, in one serialized outline."""
+
 
 def send(state: dict[str, Any], to: list[int]) -> int:
     """Send ``state`` (tensors, numbers, strings, in dicts and lists) to ranks ``to`` of
-    the current group; returns the bytes sent to each."""
+    the current group; returns the bytes sent to each.
+
+    Its outline (the structure, small values, and each large CPU tensor as a meta tensor
+    of its shape and dtype) is serialized; the large tensors then go as they are, all
+    posted at once in the order the outline lists them: no serialized copy of the model,
+    and no wait for the receiver between one tensor and the next (on a busy machine,
+    each such wait costs a turn of the scheduler)."""
+    direct: list[torch.Tensor] = []
     buffer = io.BytesIO()
-    torch.save(state, buffer)
-    data = torch.frombuffer(bytearray(buffer.getbuffer()), dtype=torch.uint8)
-    size = torch.tensor([data.numel()], dtype=torch.int64)
+    torch.save(_outline(state, direct), buffer)
+    outline = torch.frombuffer(buffer.getbuffer(), dtype=torch.uint8)
+    size = torch.tensor([outline.numel()], dtype=torch.int64)
     for rank in to:
         dist.send(size, rank)
-        dist.send(data, rank)
-    return data.numel()
+        dist.send(outline, rank)
+        for work in [dist.isend(t, rank) for t in direct]:  # (all posted at once: the
+            work.wait()  # handshake of each with the receiver overlaps the others' data)
+    return outline.numel() + sum(t.numel() * t.element_size() for t in direct)
 
 
 def receive(source: int) -> dict[str, Any]:
-    """What rank ``source`` sent with :func:`send` (loaded as weights only: no code)."""
+    """What rank ``source`` sent with :func:`send` (its outline loaded as weights only: no
+    code; its large tensors received into tensors of the shapes the outline says)."""
     size = torch.zeros(1, dtype=torch.int64)
     dist.recv(size, source)
-    data = torch.empty(int(size.item()), dtype=torch.uint8)
-    dist.recv(data, source)
-    return torch.load(io.BytesIO(data.numpy().tobytes()), weights_only=True)
+    outline = torch.empty(int(size.item()), dtype=torch.uint8)
+    dist.recv(outline, source)
+    state = torch.load(io.BytesIO(outline.numpy()), weights_only=True)
+    direct: list[torch.Tensor] = []
+    state = _fill(state, direct)
+    for work in [dist.irecv(t, source) for t in direct]:
+        work.wait()
+    return state
+
+
+def _outline(x: Any, direct: list[torch.Tensor]) -> Any:
+    if isinstance(x, torch.Tensor):
+        if x.device.type != "cpu" or x.numel() * x.element_size() < DIRECT_BYTES:
+            return x
+        direct.append(x.detach().contiguous())
+        return torch.empty(x.shape, dtype=x.dtype, device="meta")
+    if isinstance(x, dict):
+        return {k: _outline(v, direct) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_outline(v, direct) for v in x)
+    return x
+
+
+def _fill(x: Any, into: list[torch.Tensor]) -> Any:
+    """The outline with each meta tensor replaced by a new tensor of its shape and dtype,
+    also listed in ``into``, in order."""
+    if isinstance(x, torch.Tensor):
+        if not x.is_meta:
+            return x
+        into.append(torch.empty(x.shape, dtype=x.dtype))
+        return into[-1]
+    if isinstance(x, dict):
+        return {k: _fill(v, into) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_fill(v, into) for v in x)
+    return x
 
 
 def add_batch(counts: dict[int, int], digests: dict[int, int], epoch: int, n: int,
@@ -97,9 +144,15 @@ class Ledger:
         counts, summed over the group (collective)."""
         self.credited = credit(self.whole, own)
 
-    def state(self) -> list[list[tuple[int, int]]]:
-        """:attr:`whole`, for a newcomer."""
-        return [list(d.items()) for d in self.whole]
+    def state(self) -> dict[str, list[list[tuple[int, int]]]]:
+        """:attr:`whole` and :attr:`credited`, for a newcomer."""
+        return {"whole": [list(d.items()) for d in self.whole],
+                "credited": [list(d.items()) for d in self.credited]}  # fmt: skip
 
-    def load(self, state: list[list[tuple[int, int]]]) -> None:
-        self.whole = tuple({int(k): int(v) for k, v in pairs} for pairs in state)  # type: ignore[assignment]
+    def load(self, state: dict[str, list[list[tuple[int, int]]]]) -> None:
+        """What :meth:`state` gave: a group that lost nobody since its source's last fold
+        holds the same lost samples, so the newcomer need not fold."""
+        self.whole, self.credited = (
+            tuple({int(k): int(v) for k, v in pairs} for pairs in state[key])  # type: ignore[misc]
+            for key in ("whole", "credited")
+        )

@@ -193,17 +193,19 @@ class LocalSGD(Strategy):
     def _mark(self) -> None:
         """Keep this replica's inner optimizer at a point where the replicas are one model
         (in-place jobs: the model is the anchor then), for :meth:`rollback`."""
-        if self.in_place:
+        if self.in_place:  # (into the tensors kept last time: no fresh memory each meeting)
+            kept = self.synced
             self.synced = {
-                "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+                "optimizer": _keep(kept.get("optimizer"), self.optimizer.state_dict()),
                 "scheduler": self.scheduler.state_dict(),
                 "steps": self.steps,
-                "model": {n: t.clone() for n, t in self.anchor.items()},
-                "outer": self._outer_state(),
+                "model": _keep(kept.get("model"), self.anchor),
+                "outer": _keep(kept.get("outer"), self._outer_state()),
                 "codec": copy.deepcopy(self.codec),
             }
 
     def _outer_state(self) -> Any:
+        """The outer optimizers' state, as live references (:meth:`_mark` copies it)."""
         return None
 
     def _load_outer_state(self, state: Any) -> None:
@@ -214,6 +216,9 @@ class LocalSGD(Strategy):
         """Back to the last point where the replicas were one model: that model, and this
         replica's inner optimizer as it was then."""
         self.pending = None
+        self.samples = [0] * len(self.fragments)
+        if self.steps == self.synced["steps"]:
+            return  # (no step since: nothing moved; the exchange in flight, if any, is dropped)
         for n, p in self.params.items():
             p.copy_(self.synced["model"][n])
             self.anchor[n].copy_(p)
@@ -224,7 +229,6 @@ class LocalSGD(Strategy):
         self._load_outer_state(copy.deepcopy(self.synced["outer"]))
         self.codec = copy.deepcopy(self.synced["codec"])
         self.steps = self.synced["steps"]
-        self.samples = [0] * len(self.fragments)
 
     def train_step(
         self, batch: Batch, loss_fn: LossFn, loss_scale: float, timer: PhaseTimer
@@ -411,7 +415,12 @@ class LocalSGD(Strategy):
         for n, t in state["anchor"].items():
             self.anchor[n].copy_(t)
         self.steps = int(state["steps"])
+        self._load_more(state)
         self._mark()
+
+    def _load_more(self, state: dict[str, Any]) -> None:
+        """What a subclass keeps in :meth:`state_dict` besides this class's (before the
+        mark)."""
 
     def close(self) -> None:
         if self.pool is not None:
@@ -461,8 +470,8 @@ class DiLoCo(LocalSGD):
         if not self.outers:
             return None
         return {
-            "params": [p.detach().clone() for p in self.outer_params],
-            "optimizers": [copy.deepcopy(o.state_dict()) for o in self.outers],
+            "params": [p.detach() for p in self.outer_params],
+            "optimizers": [o.state_dict() for o in self.outers],
         }
 
     def _load_outer_state(self, state: Any) -> None:
@@ -481,14 +490,12 @@ class DiLoCo(LocalSGD):
             "outer": [o.state_dict() for o in self.outers],
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
+    def _load_more(self, state: dict[str, Any]) -> None:
         with torch.no_grad():
             for p, t in zip(self.outer_params, state["outer_params"]):
                 p.copy_(t)
         for o, sd in zip(self.outers, state["outer"]):
             o.load_state_dict(sd)
-        self._mark()
 
 
 class LocalSGDPlugin(plugin.Plugin):
@@ -577,3 +584,20 @@ class DiLoCoPlugin(LocalSGDPlugin):
     runtime = DiLoCo
     default_optimizer = "adamw"
     default_lr = 0.003
+
+
+def _keep(kept: Any, live: Any) -> Any:
+    """A copy of ``live`` (tensors, in dicts, lists and tuples), written into the tensors of
+    ``kept`` (an earlier copy) where shape, dtype and device agree, fresh elsewhere."""
+    if isinstance(live, torch.Tensor):
+        same = isinstance(kept, torch.Tensor) and (kept.shape, kept.dtype, kept.device) == (
+            live.shape, live.dtype, live.device)  # fmt: skip
+        return kept.copy_(live) if same else live.detach().clone()
+    if isinstance(live, dict):
+        kept = kept if isinstance(kept, dict) else {}
+        return {k: _keep(kept.get(k), v) for k, v in live.items()}
+    if isinstance(live, (list, tuple)):
+        if not (isinstance(kept, (list, tuple)) and len(kept) == len(live)):
+            kept = [None] * len(live)
+        return type(live)(_keep(k, v) for k, v in zip(kept, live))
+    return copy.deepcopy(live)
