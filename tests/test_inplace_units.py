@@ -92,6 +92,8 @@ def _state() -> dict:
         "slice": torch.arange(400_000)[1000:30_000],  # (of a larger storage)
         "small": [torch.ones(3, dtype=torch.bool), (1, "two", 3.0)],
         "rng": torch.Generator().manual_seed(5).get_state(),
+        "copies": [big.clone(), big.clone().neg_().neg_(), torch.zeros(300, 200),
+                   torch.zeros(300, 200).neg_()],  # (sent once; -0.0 is not 0.0)
     }  # fmt: skip
 
 
@@ -115,7 +117,8 @@ def _pass(rank: int, port: int, out: str) -> None:
 @pytest.mark.timeout(60)
 def test_state_passes_whole_its_large_tensors_sent_as_themselves(tmp_path):
     """Between two real processes over gloo: every value arrives equal, with its dtype,
-    shape and container; a slice of a large storage costs its own bytes only."""
+    shape and container; a slice of a large storage costs its own bytes only, and copies
+    of a tensor (bit for bit) are sent once."""
     import socket
 
     import torch
@@ -137,7 +140,11 @@ def test_state_passes_whole_its_large_tensors_sent_as_themselves(tmp_path):
         else:
             assert a == b
     sent = torch.load(out + ".sent", weights_only=True)
+    big_bytes = 300 * 200 * 4
     tensor_bytes = sum(
         t.numel() * t.element_size() for t in flat_want if isinstance(t, torch.Tensor)
     )
-    assert tensor_bytes < sent < tensor_bytes + 20_000  # (the outline: a few KB)
+    copies = 2 * big_bytes  # (the two copies of w, sent once)
+    assert tensor_bytes - copies < sent < tensor_bytes - copies + 20_000  # (outline: KBs)
+    signs = torch.signbit(got["copies"][3]), torch.signbit(got["copies"][2])
+    assert signs[0].all() and not signs[1].any()

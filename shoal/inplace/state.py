@@ -14,72 +14,139 @@ from shoal.data.order import MASK64, digest
 
 DIRECT_BYTES = 64 * 1024
 """Tensors of at least this size travel as themselves, straight from and into memory;
-smaller ones, and everything else, in one serialized outline."""
+smaller ones packed together, in one message."""
+
+_MARK = "shoal:tensor"  # (a tensor's place in the outline: (_MARK, its index))
 
 
 def send(state: dict[str, Any], to: list[int]) -> int:
     """Send ``state`` (tensors, numbers, strings, in dicts and lists) to ranks ``to`` of
     the current group; returns the bytes sent to each.
 
-    Its outline (the structure, small values, and each large CPU tensor as a meta tensor
-    of its shape and dtype) is serialized; the large tensors then go as they are, all
-    posted at once in the order the outline lists them: no serialized copy of the model,
-    and no wait for the receiver between one tensor and the next (on a busy machine,
-    each such wait costs a turn of the scheduler)."""
-    direct: list[torch.Tensor] = []
+    What travels: a head (the structure and plain values, each CPU tensor replaced by
+    its index in a list of dtypes and shapes), then the small tensors packed in one
+    buffer, then each large one as it is: no serialized copy of the model, and all of it
+    posted at once, so that no tensor waits for the receiver's turn to take the one
+    before it (on a busy machine each such wait costs a turn of the scheduler). A tensor
+    equal, bit for bit, to one before it (the model and its copies, at a point where the
+    replicas are one) is sent once."""
+    tensors: list[torch.Tensor] = []
+    outline = _outline(state, tensors)
+    kinds, packed, direct = _pack(tensors)
+    same = _same(direct)
     buffer = io.BytesIO()
-    torch.save(_outline(state, direct), buffer)
-    outline = torch.frombuffer(buffer.getbuffer(), dtype=torch.uint8)
-    size = torch.tensor([outline.numel()], dtype=torch.int64)
+    head = {"outline": outline, "kinds": kinds, "packed": packed.numel(), "same": same}
+    torch.save(head, buffer)
+    raw = torch.frombuffer(buffer.getbuffer(), dtype=torch.uint8)
+    size = torch.tensor([raw.numel()], dtype=torch.int64)
+    sent = [packed, *(t for j, t in enumerate(direct) if j not in same)]
     for rank in to:
         dist.send(size, rank)
-        dist.send(outline, rank)
-        for work in [dist.isend(t, rank) for t in direct]:  # (all posted at once: the
-            work.wait()  # handshake of each with the receiver overlaps the others' data)
-    return outline.numel() + sum(t.numel() * t.element_size() for t in direct)
+        dist.send(raw, rank)
+        for work in [dist.isend(t, rank) for t in sent if t.numel()]:
+            work.wait()
+    return raw.numel() + sum(t.numel() * t.element_size() for t in sent)
 
 
 def receive(source: int) -> dict[str, Any]:
-    """What rank ``source`` sent with :func:`send` (its outline loaded as weights only: no
-    code; its large tensors received into tensors of the shapes the outline says)."""
+    """What rank ``source`` sent with :func:`send` (its head loaded as weights only: no
+    code; its tensors received into tensors of the dtypes and shapes the head says)."""
     size = torch.zeros(1, dtype=torch.int64)
     dist.recv(size, source)
-    outline = torch.empty(int(size.item()), dtype=torch.uint8)
-    dist.recv(outline, source)
-    state = torch.load(io.BytesIO(outline.numpy()), weights_only=True)
-    direct: list[torch.Tensor] = []
-    state = _fill(state, direct)
-    for work in [dist.irecv(t, source) for t in direct]:
+    raw = torch.empty(int(size.item()), dtype=torch.uint8)
+    dist.recv(raw, source)
+    head = torch.load(io.BytesIO(raw.numpy()), weights_only=True)
+    kinds = [(_dtype(d), tuple(shape), int(at)) for d, shape, at in head["kinds"]]
+    same = {int(j): int(i) for j, i in head["same"].items()}
+    packed = torch.empty(int(head["packed"]), dtype=torch.uint8)
+    direct = [torch.empty(s, dtype=d) for d, s, at in kinds if at < 0]
+    wanted = [packed, *(t for j, t in enumerate(direct) if j not in same)]
+    for work in [dist.irecv(t, source) for t in wanted if t.numel()]:
         work.wait()
-    return state
+    for j, i in sorted(same.items()):
+        direct[j].copy_(direct[i])
+    tensors, big = [], iter(direct)
+    for d, s, at in kinds:
+        small = at >= 0
+        tensors.append(packed[at : at + _nbytes(d, s)].view(d).reshape(s).clone() if small
+                       else next(big))  # fmt: skip
+    return _fill(head["outline"], tensors)
 
 
-def _outline(x: Any, direct: list[torch.Tensor]) -> Any:
-    if isinstance(x, torch.Tensor):
-        if x.device.type != "cpu" or x.numel() * x.element_size() < DIRECT_BYTES:
-            return x
-        direct.append(x.detach().contiguous())
-        return torch.empty(x.shape, dtype=x.dtype, device="meta")
+def _outline(x: Any, tensors: list[torch.Tensor]) -> Any:
+    if isinstance(x, torch.Tensor) and x.device.type == "cpu":
+        tensors.append(x.detach().contiguous())
+        return (_MARK, len(tensors) - 1)
     if isinstance(x, dict):
-        return {k: _outline(v, direct) for k, v in x.items()}
+        return {k: _outline(v, tensors) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return type(x)(_outline(v, direct) for v in x)
+        return type(x)(_outline(v, tensors) for v in x)
     return x
 
 
-def _fill(x: Any, into: list[torch.Tensor]) -> Any:
-    """The outline with each meta tensor replaced by a new tensor of its shape and dtype,
-    also listed in ``into``, in order."""
-    if isinstance(x, torch.Tensor):
-        if not x.is_meta:
-            return x
-        into.append(torch.empty(x.shape, dtype=x.dtype))
-        return into[-1]
+def _fill(x: Any, tensors: list[torch.Tensor]) -> Any:
+    """The outline with each tensor's mark replaced by that tensor."""
+    if isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) and x[0] == _MARK:
+        return tensors[x[1]]
     if isinstance(x, dict):
-        return {k: _fill(v, into) for k, v in x.items()}
+        return {k: _fill(v, tensors) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return type(x)(_fill(v, into) for v in x)
+        return type(x)(_fill(v, tensors) for v in x)
     return x
+
+
+def _pack(
+    tensors: list[torch.Tensor],
+) -> tuple[list[tuple[str, list[int], int]], torch.Tensor, list[torch.Tensor]]:
+    """Each tensor's dtype, shape and offset in the packed buffer (-1: sent as itself),
+    the packed buffer of the small ones (8-byte aligned), and the large ones, in order."""
+    kinds, parts, direct, at = [], [], [], 0
+    for t in tensors:
+        name = str(t.dtype).removeprefix("torch.")
+        if t.numel() * t.element_size() >= DIRECT_BYTES:
+            kinds.append((name, list(t.shape), -1))
+            direct.append(t)
+            continue
+        raw = t.reshape(-1).view(torch.uint8)
+        pad = -raw.numel() % 8
+        kinds.append((name, list(t.shape), at))
+        parts += [raw, torch.zeros(pad, dtype=torch.uint8)]
+        at += raw.numel() + pad
+    return kinds, torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8), direct
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"not a dtype: {name!r}")
+    return dtype
+
+
+def _nbytes(dtype: torch.dtype, shape: tuple) -> int:
+    return int(np.prod(shape, dtype=np.int64)) * torch.empty(0, dtype=dtype).element_size()
+
+
+def _same(direct: list[torch.Tensor]) -> dict[int, int]:
+    """Which of ``direct`` equal, bit for bit, an earlier one: index -> that one's."""
+    same: dict[int, int] = {}
+    firsts: dict[tuple, list[int]] = {}
+    for j, t in enumerate(direct):
+        kind = firsts.setdefault((t.shape, t.dtype), [])
+        i = next((i for i in kind if _bits_equal(direct[i], t)), None)
+        if i is None:
+            kind.append(j)
+        else:
+            same[j] = i
+    return same
+
+
+def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    a, b = a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)
+    if not torch.equal(a[:64], b[:64]):  # (most differ at once)
+        return False
+    if a.numel() % 8 == 0 and a.data_ptr() % 8 == 0 and b.data_ptr() % 8 == 0:
+        a, b = a.view(torch.int64), b.view(torch.int64)  # (several times faster)
+    return torch.equal(a, b)
 
 
 def add_batch(counts: dict[int, int], digests: dict[int, int], epoch: int, n: int,

@@ -406,7 +406,7 @@ class LocalSGD(Strategy):
         with."""
         return {
             **super().state_dict(),
-            "anchor": {n: t.clone() for n, t in self.anchor.items()},
+            "anchor": dict(self.anchor),  # (live: a checkpoint snapshots what it saves)
             "steps": self.steps,
         }
 
@@ -486,7 +486,7 @@ class DiLoCo(LocalSGD):
     def state_dict(self) -> dict[str, Any]:
         return {
             **super().state_dict(),
-            "outer_params": [p.detach().clone() for p in self.outer_params],
+            "outer_params": [p.detach() for p in self.outer_params],
             "outer": [o.state_dict() for o in self.outers],
         }
 
