@@ -133,7 +133,13 @@ class Regrouping:
         # step whatever it raises, and leaves for the next generation from there)
         if uid == gen.source and gen.needs_state:
             to = [gen.members.index(u) for u in gen.needs_state]
-            self.sent = inplace_state.send(self._live_state(), to)
+            lent = self.strategy.lent_state()
+            if lent is None:  # (the live state: sent while this process waits)
+                self.sent = inplace_state.send(self._live_state(), to)
+            else:  # (copies that stay as they are: sent while this process trains on)
+                posted = inplace_state.post(self._live_state(lent), to)
+                self.sent = posted.bytes
+                self.strategy.lend(posted)
         if uid in gen.needs_state:
             self._take_live_state(inplace_state.receive(source))
             self._at(gen.step)
@@ -146,9 +152,9 @@ class Regrouping:
         self.step = step
         self.sampler.seek(step)
 
-    def _live_state(self) -> dict[str, Any]:
+    def _live_state(self, strategy: dict[str, Any] | None = None) -> dict[str, Any]:
         return {
-            "strategy": self.strategy.state_dict(),
+            "strategy": self.strategy.state_dict() if strategy is None else strategy,
             "rng": torch.get_rng_state(),
             "whole": self.ledger.state(),
             "prior": [list(self.prior_samples.items()), list(self.prior_digests.items())],

@@ -21,7 +21,30 @@ _MARK = "shoal:tensor"  # (a tensor's place in the outline: (_MARK, its index))
 
 def send(state: dict[str, Any], to: list[int]) -> int:
     """Send ``state`` (tensors, numbers, strings, in dicts and lists) to ranks ``to`` of
-    the current group; returns the bytes sent to each.
+    the current group and wait until it is sent; returns the bytes sent to each (see
+    :func:`post`)."""
+    posted = post(state, to)
+    posted.wait()
+    return posted.bytes
+
+
+class Posted:
+    """A state on its way (:func:`post`): what it sends must stay as it is until
+    :meth:`wait` returns."""
+
+    def __init__(self, works: list[Any], keep: list[Any], nbytes: int) -> None:
+        self.works, self.keep, self.bytes = works, keep, nbytes
+
+    def wait(self) -> None:
+        """Until every part is sent (raises what a failed send raised)."""
+        works, self.works = self.works, []
+        for work in works:
+            work.wait()
+        self.keep = []
+
+
+def post(state: dict[str, Any], to: list[int]) -> Posted:
+    """Start sending ``state`` to ranks ``to`` of the current group, without waiting.
 
     What travels: a head (the structure and plain values, each CPU tensor replaced by
     its index in a list of dtypes and shapes), then the small tensors packed in one
@@ -37,15 +60,11 @@ def send(state: dict[str, Any], to: list[int]) -> int:
     buffer = io.BytesIO()
     head = {"outline": outline, "kinds": kinds, "packed": packed.numel(), "same": same}
     torch.save(head, buffer)
-    raw = torch.frombuffer(buffer.getbuffer(), dtype=torch.uint8)
+    raw = torch.frombuffer(bytearray(buffer.getbuffer()), dtype=torch.uint8)
     size = torch.tensor([raw.numel()], dtype=torch.int64)
-    sent = [packed, *(t for j, t in enumerate(direct) if j not in same)]
-    for rank in to:
-        dist.send(size, rank)
-        dist.send(raw, rank)
-        for work in [dist.isend(t, rank) for t in sent if t.numel()]:
-            work.wait()
-    return raw.numel() + sum(t.numel() * t.element_size() for t in sent)
+    sent = [size, raw, packed, *(t for j, t in enumerate(direct) if j not in same)]
+    works = [dist.isend(t, rank) for rank in to for t in sent if t.numel()]
+    return Posted(works, sent, sum(t.numel() * t.element_size() for t in sent[1:]))
 
 
 def receive(source: int) -> dict[str, Any]:

@@ -204,6 +204,18 @@ class Strategy(ABC):
         ``env.rank`` of ``env.world_size``; the model and optimizer stay."""
         raise NotImplementedError(f"{type(self).__name__} cannot change its group")
 
+    def lent_state(self) -> dict[str, Any] | None:
+        """What :meth:`state_dict` would say, made of tensors that stay as they are while
+        training goes on, until :meth:`lend`'s send is done (``--recovery inplace``: a
+        newcomer's state then travels while this replica trains); None (the default)
+        when there are none, and the state is sent while this replica waits."""
+        return None
+
+    def lend(self, posted: Any) -> None:
+        """``posted`` (a :class:`shoal.inplace.state.Posted`) sends :meth:`lent_state`:
+        keep its tensors as they are until it is done (by default: wait for it now)."""
+        posted.wait()
+
     def rollback(self) -> None:  # noqa: B027 - optional hook
         """Go back to the state after the newest step :meth:`consistent_after` holds for
         (``--recovery inplace``: the steps after it are trained again, in the next

@@ -36,6 +36,7 @@ preemption can stop at or an in-place job go back to.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -169,6 +170,7 @@ class LocalSGD(Strategy):
         self.weighted = balance.parse(self.job.train.balance).mode != "equal"
         self.samples = [0] * len(self.fragments)  # this replica's, since each fragment met
         self.synced: dict[str, Any] = {}  # what rollback() goes back to (in-place jobs)
+        self.lent: list[Any] = []  # sends of the kept copies to a newcomer, on their way
         self.pending: _Exchange | None = None
         self.pool = ThreadPoolExecutor(1, "shoal-sync") if self.overlap else None
         self.group: Any = None  # made at the first background exchange (see _start)
@@ -184,6 +186,7 @@ class LocalSGD(Strategy):
         self.group = None  # (a new one at the next background exchange)
 
     def release(self) -> None:
+        self._settle_lent()
         self.pending = None
         self.group = None
         if self.pool is not None:  # a background exchange on the old group fails, unread,
@@ -194,6 +197,7 @@ class LocalSGD(Strategy):
         """Keep this replica's inner optimizer at a point where the replicas are one model
         (in-place jobs: the model is the anchor then), for :meth:`rollback`."""
         if self.in_place:  # (into the tensors kept last time: no fresh memory each meeting)
+            self._settle_lent()  # (they may be on their way to a newcomer)
             kept = self.synced
             self.synced = {
                 "optimizer": _keep(kept.get("optimizer"), self.optimizer.state_dict()),
@@ -207,6 +211,33 @@ class LocalSGD(Strategy):
     def _outer_state(self) -> Any:
         """The outer optimizers' state, as live references (:meth:`_mark` copies it)."""
         return None
+
+    def lent_state(self) -> dict[str, Any] | None:
+        """At the kept point (no step since: a newcomer is taken in at a full meeting),
+        the state from the copies kept for :meth:`rollback`, which change only at the
+        next mark."""
+        kept = self.synced
+        if not self.in_place or kept.get("steps") != self.steps:
+            return None
+        state = self.state_dict()
+        model = kept["model"]
+        state["model"] = {k: model[k] if k in model else v.clone()  # (buffers: copied)
+                          for k, v in state["model"].items()}  # fmt: skip
+        state["optimizer"], state["anchor"] = kept["optimizer"], model
+        state["scheduler"] = copy.deepcopy(kept["scheduler"])
+        return state
+
+    def lend(self, posted: Any) -> None:
+        self.lent.append(posted)
+
+    def _settle_lent(self) -> None:
+        """The kept copies are about to change, or the group to end: the sends of them
+        finish first (one that failed, to a newcomer lost meanwhile, is that loss: the
+        next regroup sees it)."""
+        lent, self.lent = self.lent, []
+        for posted in lent:
+            with contextlib.suppress(Exception):
+                posted.wait()
 
     def _load_outer_state(self, state: Any) -> None:
         pass
@@ -423,6 +454,7 @@ class LocalSGD(Strategy):
         mark)."""
 
     def close(self) -> None:
+        self._settle_lent()
         if self.pool is not None:
             self.pool.shutdown(wait=False, cancel_futures=True)
 
@@ -489,6 +521,13 @@ class DiLoCo(LocalSGD):
             "outer_params": [p.detach() for p in self.outer_params],
             "outer": [o.state_dict() for o in self.outers],
         }
+
+    def lent_state(self) -> dict[str, Any] | None:
+        state = super().lent_state()
+        if state is not None and self.synced["outer"] is not None:
+            outer = self.synced["outer"]
+            state["outer_params"], state["outer"] = outer["params"], outer["optimizers"]
+        return state
 
     def _load_more(self, state: dict[str, Any]) -> None:
         with torch.no_grad():
