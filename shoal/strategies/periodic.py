@@ -253,11 +253,12 @@ class LocalSGD(Strategy):
         for n, p in self.params.items():
             p.copy_(self.synced["model"][n])
             self.anchor[n].copy_(p)
-        # (a copy: load_state_dict keeps tensors of the right dtype and device as they are,
-        # so the live state would be the kept one, and a second rollback would see it moved)
-        self.optimizer.load_state_dict(copy.deepcopy(self.synced["optimizer"]))
+        # (copied into the live tensors: load_state_dict keeps tensors of the right dtype
+        # and device as they are, so given the kept ones it would make them live, and a
+        # second rollback would see them moved)
+        self.optimizer.load_state_dict(_keep(self.optimizer.state_dict(), self.synced["optimizer"]))
         self.scheduler.load_state_dict(self.synced["scheduler"])
-        self._load_outer_state(copy.deepcopy(self.synced["outer"]))
+        self._load_outer_state(_keep(self._outer_state(), self.synced["outer"]))
         self.codec = copy.deepcopy(self.synced["codec"])
         self.steps = self.synced["steps"]
 
@@ -625,18 +626,19 @@ class DiLoCoPlugin(LocalSGDPlugin):
     default_lr = 0.003
 
 
-def _keep(kept: Any, live: Any) -> Any:
-    """A copy of ``live`` (tensors, in dicts, lists and tuples), written into the tensors of
-    ``kept`` (an earlier copy) where shape, dtype and device agree, fresh elsewhere."""
-    if isinstance(live, torch.Tensor):
-        same = isinstance(kept, torch.Tensor) and (kept.shape, kept.dtype, kept.device) == (
-            live.shape, live.dtype, live.device)  # fmt: skip
-        return kept.copy_(live) if same else live.detach().clone()
-    if isinstance(live, dict):
-        kept = kept if isinstance(kept, dict) else {}
-        return {k: _keep(kept.get(k), v) for k, v in live.items()}
-    if isinstance(live, (list, tuple)):
-        if not (isinstance(kept, (list, tuple)) and len(kept) == len(live)):
-            kept = [None] * len(live)
-        return type(live)(_keep(k, v) for k, v in zip(kept, live))
-    return copy.deepcopy(live)
+def _keep(into: Any, value: Any) -> Any:
+    """A copy of ``value`` (tensors, in dicts, lists and tuples), written into the tensors
+    of ``into`` (an earlier copy, or the live state) where shape, dtype and device agree,
+    fresh elsewhere: no fresh memory for what has its place already."""
+    if isinstance(value, torch.Tensor):
+        same = isinstance(into, torch.Tensor) and (into.shape, into.dtype, into.device) == (
+            value.shape, value.dtype, value.device)  # fmt: skip
+        return into.copy_(value) if same else value.detach().clone()
+    if isinstance(value, dict):
+        into = into if isinstance(into, dict) else {}
+        return {k: _keep(into.get(k), v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        if not (isinstance(into, (list, tuple)) and len(into) == len(value)):
+            into = [None] * len(value)
+        return type(value)(_keep(k, v) for k, v in zip(into, value))
+    return copy.deepcopy(value)
