@@ -1,6 +1,7 @@
 """Streaming DiLoCo losing a worker and taking a new one in, in place: do the others stop?
 
     python bench/streaming_elastic.py [--workers 3 --steps 240 --kill-after 70 --job small]
+                                      [--failed-only]
 
 Job (``--job small``): the built-in transformer LM (hidden 128, 2 blocks, context 64),
 diloco with ``--sync-every 16 --fragments 4 --overlap 2 --compress int8``, full
@@ -13,8 +14,8 @@ on without it, and the launcher's replacement joins at a later full meeting.
 Reported: the generations (members, the step each starts at, the process ids of
 the workers that were never lost), each step's time on rank 0 (which is never
 lost): median, the largest and the steps over twice the median; each regroup's
-stall; every epoch's digest; and the same job unfailed, for the wall time the
-loss cost.
+stall (forming the group, passing the state); every epoch's digest; and, unless
+``--failed-only``, the same job unfailed, for the wall time the loss cost.
 """
 
 from __future__ import annotations
