@@ -48,6 +48,7 @@ import torch.distributed as dist
 from torch import nn
 
 from shoal import balance
+from shoal.checkpoint import snapshot
 from shoal.compress import COMPRESS_HELP, Codec, NoCompression, parse_codec
 from shoal.config import JobConfig, option
 from shoal.dist import DistEnv
@@ -200,11 +201,11 @@ class LocalSGD(Strategy):
             self._settle_lent()  # (they may be on their way to a newcomer)
             kept = self.synced
             self.synced = {
-                "optimizer": _keep(kept.get("optimizer"), self.optimizer.state_dict()),
+                "optimizer": snapshot(self.optimizer.state_dict(), kept.get("optimizer")),
                 "scheduler": self.scheduler.state_dict(),
                 "steps": self.steps,
-                "model": _keep(kept.get("model"), self.anchor),
-                "outer": _keep(kept.get("outer"), self._outer_state()),
+                "model": snapshot(self.anchor, kept.get("model")),
+                "outer": snapshot(self._outer_state(), kept.get("outer")),
                 "codec": copy.deepcopy(self.codec),
             }
 
@@ -256,9 +257,11 @@ class LocalSGD(Strategy):
         # (copied into the live tensors: load_state_dict keeps tensors of the right dtype
         # and device as they are, so given the kept ones it would make them live, and a
         # second rollback would see them moved)
-        self.optimizer.load_state_dict(_keep(self.optimizer.state_dict(), self.synced["optimizer"]))
+        self.optimizer.load_state_dict(
+            snapshot(self.synced["optimizer"], self.optimizer.state_dict())
+        )
         self.scheduler.load_state_dict(self.synced["scheduler"])
-        self._load_outer_state(_keep(self._outer_state(), self.synced["outer"]))
+        self._load_outer_state(snapshot(self.synced["outer"], self._outer_state()))
         self.codec = copy.deepcopy(self.synced["codec"])
         self.steps = self.synced["steps"]
 
@@ -624,21 +627,3 @@ class DiLoCoPlugin(LocalSGDPlugin):
     runtime = DiLoCo
     default_optimizer = "adamw"
     default_lr = 0.003
-
-
-def _keep(into: Any, value: Any) -> Any:
-    """A copy of ``value`` (tensors, in dicts, lists and tuples), written into the tensors
-    of ``into`` (an earlier copy, or the live state) where shape, dtype and device agree,
-    fresh elsewhere: no fresh memory for what has its place already."""
-    if isinstance(value, torch.Tensor):
-        same = isinstance(into, torch.Tensor) and (into.shape, into.dtype, into.device) == (
-            value.shape, value.dtype, value.device)  # fmt: skip
-        return into.copy_(value) if same else value.detach().clone()
-    if isinstance(value, dict):
-        into = into if isinstance(into, dict) else {}
-        return {k: _keep(into.get(k), v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        if not (isinstance(into, (list, tuple)) and len(into) == len(value)):
-            into = [None] * len(value)
-        return type(value)(_keep(k, v) for k, v in zip(into, value))
-    return copy.deepcopy(value)
