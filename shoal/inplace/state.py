@@ -4,6 +4,7 @@ to point over the new generation's group, and the sample counts of lost members.
 from __future__ import annotations
 
 import io
+import math
 from typing import Any
 
 import numpy as np
@@ -142,7 +143,7 @@ def _dtype(name: str) -> torch.dtype:
 
 
 def _nbytes(dtype: torch.dtype, shape: tuple) -> int:
-    return int(np.prod(shape, dtype=np.int64)) * torch.empty(0, dtype=dtype).element_size()
+    return math.prod(shape) * dtype.itemsize
 
 
 def _same(direct: list[torch.Tensor]) -> dict[int, int]:
