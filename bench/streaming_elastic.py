@@ -58,6 +58,16 @@ def run(out: Path, job: str, workers: int, steps: int, fault: str) -> dict:
     return {"records": records, "summary": summary, "generations": gens}
 
 
+def _steps(records: list[dict]) -> tuple[float, list[float], list[tuple[int, float]]]:
+    """Rank 0's step times (the first two apart): their median, all of them, and the
+    steps (with their seconds) slower than twice the median."""
+    timed = [r for r in records if "step_time_s" in r and r["step"] > 2]
+    times = [r["step_time_s"] for r in timed]
+    median = statistics.median(times)
+    slow = [(r["step"], round(r["step_time_s"], 3)) for r in timed if r["step_time_s"] > 2 * median]
+    return median, times, slow
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workers", type=int, default=3)
@@ -76,10 +86,7 @@ def main() -> None:
     gens = failed["generations"]
     kept = [u for u in gens[0]["members"] if all(u in g["members"] for g in gens)]
     pids_kept = all(g["pids"][u] == gens[0]["pids"][u] for g in gens for u in kept)
-    times = [r["step_time_s"] for r in failed["records"] if "step_time_s" in r and r["step"] > 2]
-    median = statistics.median(times)
-    slow = [(r["step"], round(r["step_time_s"], 3)) for r in failed["records"]
-            if "step_time_s" in r and r["step"] > 2 and r["step_time_s"] > 2 * median]  # fmt: skip
+    median, times, slow = _steps(failed["records"])
     s = failed["summary"]
     print(f"generations: {[(g['step'], g['members']) for g in gens]}")
     print(f"workers never lost: {kept}; their process ids unchanged: {pids_kept}")
@@ -95,6 +102,10 @@ def main() -> None:
     print(f"every epoch's digest exact: {all(e['exact'] for e in s['epochs'])}")
     if unfailed is not None:
         u = unfailed["summary"]
+        u_median, u_times, u_slow = _steps(unfailed["records"])
+        print(f"the same job unfailed, rank 0: median {u_median * 1000:.0f} ms, largest "
+              f"{max(u_times) * 1000:.0f} ms ({max(u_times) / u_median:.2f}x); steps over 2x "
+              f"its median: {u_slow}")  # fmt: skip
         print(f"wall time: {s['wall_time_s']:.1f} s with the loss, {u['wall_time_s']:.1f} s "
               f"without; held-out perplexity {s['test_perplexity']:.3f} vs "
               f"{u['test_perplexity']:.3f}")  # fmt: skip
