@@ -1,7 +1,7 @@
 """Streaming DiLoCo losing a worker and taking a new one in, in place: do the others stop?
 
     python bench/streaming_elastic.py [--workers 3 --steps 240 --kill-after 70 --job small]
-                                      [--failed-only]
+                                      [--failed-only] [--no-saves]
 
 Job (``--job small``): the built-in transformer LM (hidden 128, 2 blocks, context 64),
 diloco with ``--sync-every 16 --fragments 4 --overlap 2 --compress int8``, full
@@ -10,6 +10,8 @@ of the slow-links benchmark (hidden 256, 4 blocks; H 64, 4 fragments, overlap 4,
 int4), full meetings every 64 steps. One metrics record per step. Worker 1 is SIGKILLed
 after step ``--kill-after``; the others go back to the last full meeting and go
 on without it, and the launcher's replacement joins at a later full meeting.
+``--no-saves``: the replicas meet at the same steps (``--meet-every``) but write no
+checkpoint there (only the last step's).
 
 Reported: the generations (members, the step each starts at, the process ids of
 the workers that were never lost), each step's time on rank 0 (which is never
@@ -44,8 +46,12 @@ JOBS = {
 COMMON = ["--log-every", "1", "--no-progress", "--no-report"]
 
 
-def run(out: Path, job: str, workers: int, steps: int, fault: str) -> dict:
-    cmd = [sys.executable, "-m", "shoal", "train", *JOBS[job], *COMMON,
+def run(out: Path, job: str, workers: int, steps: int, fault: str, saves: bool = True) -> dict:
+    args = JOBS[job]
+    if not saves:  # the same meetings, no checkpoint written at them
+        at = args.index("--checkpoint-every")
+        args = [*args[:at], "--meet-every", args[at + 1], *args[at + 2 :]]
+    cmd = [sys.executable, "-m", "shoal", "train", *args, *COMMON,
            "--workers", str(workers), "--steps", str(steps), "--out", str(out)]  # fmt: skip
     env = {"SHOAL_FAULT": fault} if fault else {}
     proc = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True)
@@ -77,12 +83,16 @@ def main() -> None:
         "--job", choices=sorted(JOBS), default="small", help="small, or lm: the slow-links model"
     )
     ap.add_argument("--failed-only", action="store_true", help="skip the run without the loss")
+    ap.add_argument(
+        "--no-saves", action="store_true", help="meet at the same steps, write no checkpoints"
+    )
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         crash = f"crash:rank=1:step={a.kill_after}"
-        failed = run(Path(tmp) / "failed", a.job, a.workers, a.steps, crash)
+        saves = not a.no_saves
+        failed = run(Path(tmp) / "failed", a.job, a.workers, a.steps, crash, saves)
         unfailed = None if a.failed_only else run(Path(tmp) / "unfailed", a.job, a.workers,
-                                                  a.steps, "")  # fmt: skip
+                                                  a.steps, "", saves)  # fmt: skip
     gens = failed["generations"]
     kept = [u for u in gens[0]["members"] if all(u in g["members"] for g in gens)]
     pids_kept = all(g["pids"][u] == gens[0]["pids"][u] for g in gens for u in kept)

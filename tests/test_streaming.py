@@ -85,20 +85,22 @@ def test_three_hosts_end_where_one_host_ends(tmp_path):
 @pytest.mark.timeout(240)
 def test_a_lost_worker_goes_back_to_the_last_full_meeting(tmp_path):
     """In place, with a spare: slot 1 is SIGKILLed after step 21 of a streaming job that
-    meets in full at its checkpoints (every 16 steps); the others keep their processes,
-    go back to step 16 (model, inner and outer optimizers, fragments' anchors), the spare
-    takes slot 1's place, and the job ends at the unfailed run's parameters with every
+    meets in full every 16 steps (--meet-every: no checkpoint is written); the others
+    keep their processes, go back to step 16 (model, inner and outer optimizers,
+    fragments' anchors), the spare takes slot 1's place, and the job ends at the
+    parameters of the unfailed run that meets at its checkpoints instead, with every
     epoch's samples once. (Exactly so with an inner optimizer that keeps no state: with
     Adam the spare's would be a survivor's, as on a resume from a checkpoint.)"""
     job = [*LM, *STREAM, "--steps", "40", "--workers", "2", "--compress", "int8"]
     job += ["--optimizer", "sgd", "--lr", "0.3"]
-    job += ["--checkpoint-every", "16"]
-    train(tmp_path / "unfailed", *job)
+    train(tmp_path / "unfailed", *job, "--checkpoint-every", "16")
     out = tmp_path / "failed"
     proc = train(
-        out, *job, "--recovery", "inplace", "--spares", "1",
+        out, *job, "--meet-every", "16", "--recovery", "inplace", "--spares", "1",
         env={"SHOAL_FAULT": "crash:rank=1:step=21"},
     )  # fmt: skip
+    saved = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
+    assert saved == ["step-00000040"], saved  # (the last step's, as every run has)
     gens = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
     assert gens[1]["lost"] == ["1.0"] and gens[1]["step"] == 16, gens
     assert gens[1]["pids"]["0.0"] == gens[0]["pids"]["0.0"], proc.stderr
@@ -109,12 +111,17 @@ def test_a_lost_worker_goes_back_to_the_last_full_meeting(tmp_path):
 
 @pytest.mark.timeout(120)
 def test_streaming_flags_that_cannot_work_are_refused_in_one_line(tmp_path):
-    for args, needle in (
+    four = ["--sync-every", "8", "--fragments", "4"]
+    for i, (args, needle) in enumerate((
         (["--sync-every", "8", "--fragments", "3"], "--fragments 3 must divide --sync-every 8"),
         (["--sync-every", "8", "--fragments", "4", "--overlap", "3"], "--overlap 3 must be"),
         (["--fragments", "8", "--sync-every", "8", "--model", "linear"], "only 2 parameter"),
-    ):
-        proc = train(tmp_path / "x", "--strategy", "diloco", *args, check=False)
+        (["--meet-every", "16"], "--meet-every 16 is for streaming"),
+        ([*four, "--meet-every", "12"], "--meet-every 12 must be a multiple of --sync-every"),
+        ([*four, "--meet-every", "16", "--checkpoint-every", "24"], "be a multiple of --meet"),
+        ([*four, "--recovery", "inplace"], "set --meet-every or --checkpoint-every"),
+    )):  # fmt: skip
+        proc = train(tmp_path / f"run{i}", "--strategy", "diloco", *args, check=False)
         assert proc.returncode != 0 and needle in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr, proc.stderr
 

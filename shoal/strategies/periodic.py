@@ -31,7 +31,9 @@ integers summed exactly (:mod:`shoal.strategies.collectives`).
 The replicas meet in full (every fragment, uncompressed, each codec's residual
 included) after the last step and at checkpoints, so a checkpoint holds one
 model and nothing of any codec; with streaming these are also the only points a
-preemption can stop at or an in-place job go back to.
+preemption can stop at or an in-place job go back to. ``--meet-every M`` adds
+meetings that save nothing: an in-place job's points of return (kept in memory)
+can then come more often than its checkpoints (written to disk).
 """
 
 from __future__ import annotations
@@ -78,6 +80,14 @@ class LocalSGDConfig:
         0,
         "inner steps a synchronization runs in the background while training goes on; "
         "its result is merged that many steps later (0: workers wait for it)",
+        low=0,
+        high=1 << 30,
+    )
+    meet_every: int = option(
+        0,
+        "streaming: steps between the points where the replicas meet in full (every "
+        "fragment, uncompressed), which an in-place job goes back to after a loss and "
+        "takes newcomers at, besides --checkpoint-every's (0: at checkpoints only)",
         low=0,
         high=1 << 30,
     )
@@ -282,9 +292,14 @@ class LocalSGD(Strategy):
 
     def _full_sync_at(self, step: int) -> bool:
         """Whether the replicas meet in full after ``step``: after the last step, and
-        (streaming) at checkpoints, so that a checkpoint holds one model."""
-        every = self.job.train.checkpoint_every
-        return step == self.total_steps or (every > 0 and step % every == 0)
+        (streaming) at checkpoints, so that a checkpoint holds one model, and every
+        ``--meet-every`` steps."""
+        every, meet = self.job.train.checkpoint_every, self.options.meet_every
+        return (
+            step == self.total_steps
+            or (every > 0 and step % every == 0)
+            or (meet > 0 and step % meet == 0)
+        )
 
     def _after_step(self, step: int) -> None:
         """Merge what is due, start what is due: the schedule is a function of the step
@@ -556,16 +571,17 @@ class LocalSGDPlugin(plugin.Plugin):
         opts = self.options(job)
         if opts.fragments > 1 or opts.overlap:
             # streaming: the replicas are one model only where they meet in full
-            return job.train.checkpoint_every or 1 << 30
+            return opts.meet_every or job.train.checkpoint_every or 1 << 30
         return opts.sync_every
 
     def in_place_refusal(self, job: JobConfig) -> str:
         opts = self.options(job)
-        if (opts.fragments > 1 or opts.overlap) and not job.train.checkpoint_every:
+        streaming = opts.fragments > 1 or opts.overlap
+        if streaming and not (job.train.checkpoint_every or opts.meet_every):
             return (
                 "--recovery inplace with --fragments or --overlap goes back to where the "
-                "replicas last met in full: set --checkpoint-every (a multiple of "
-                "--sync-every), or it would go back to the start"
+                "replicas last met in full: set --meet-every or --checkpoint-every (a "
+                "multiple of --sync-every), or it would go back to the start"
             )
         return ""
 
@@ -600,7 +616,19 @@ class LocalSGDPlugin(plugin.Plugin):
                 f"--checkpoint-every {every} must be a multiple of --sync-every {h} with "
                 f"--strategy {self.name}: between synchronizations the replicas differ"
             )
-        f = opts.fragments
+        f, meet = opts.fragments, opts.meet_every
+        if meet and not (f > 1 or opts.overlap):
+            raise UserError(
+                f"--meet-every {meet} is for streaming (--fragments or --overlap): without "
+                "it the replicas meet in full at every synchronization"
+            )
+        if meet % h:
+            raise UserError(f"--meet-every {meet} must be a multiple of --sync-every {h}")
+        if meet and every % meet:
+            raise UserError(
+                f"--checkpoint-every {every} must be a multiple of --meet-every {meet}: "
+                "the replicas meet in full at every checkpoint"
+            )
         if f > 1 and balance.parse(job.train.balance).mode != "equal":
             raise UserError(
                 f"--fragments {f} runs with --balance equal: each fragment would be weighed "

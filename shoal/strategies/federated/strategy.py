@@ -272,7 +272,8 @@ class FedAvg(Strategy):
 
     def close(self) -> None:
         if self.remote is not None:
-            self.remote.finish()  # the clients that ask now hear that the job is done
+            if not self.remote.finished:  # the clients that ask now hear that the job is done
+                self.remote.finish()
             self.remote.close()
             self.remote = None
 
@@ -309,6 +310,8 @@ class FedAvg(Strategy):
 
     def summarize(self, totals: list[Any]) -> dict[str, Any]:
         o, own = self.options, totals[0].own  # (every process saw the same counts)
+        if self.remote is not None:  # its last seconds' answers first: what it refuses
+            self.remote.finish()  # then is in the summary too
         return {
             "federated": {
                 "clients": o.clients,
