@@ -319,6 +319,7 @@ def test_recovery_auto_is_in_place_where_the_job_allows_it_and_restart_elsewhere
         "",
     )
     streaming = {"strategy.name": "diloco", "option.fragments": 4, "option.sync_every": 8}
-    assert "set --checkpoint-every" in mode(**streaming)[1]
+    assert "set --meet-every or --checkpoint-every" in mode(**streaming)[1]
     assert mode(**streaming, **{"train.checkpoint_every": 16}) == ("inplace", "")
+    assert mode(**streaming, **{"option.meet_every": 16}) == ("inplace", "")
     assert mode(**{"cluster.recovery": "restart"}) == ("restart", "")

@@ -146,3 +146,30 @@ def test_a_worker_lost_and_one_joining_later_never_stop_the_others(tmp_path):
         assert all(g["pids"][u] == gens[0]["pids"][u] for u in ("0.0", "2.0")), proc.stderr
     s = read_summary(out)
     assert s["steps"] == 80 and all(e["exact"] for e in s["epochs"]), s["epochs"]
+
+
+@pytest.mark.timeout(240)
+def test_a_preemption_stops_at_a_meeting_that_saves_nothing_and_resumes_exactly(tmp_path):
+    """SIGTERM after step 10 of a streaming job (int8) that meets every 8 steps and
+    checkpoints only at the end: every worker trains on to a meeting (the ranks agree on
+    the signal in the background, so it is one of the next few), the checkpoint is
+    written there, and the resumed run ends at the parameters of the run that was never
+    stopped (a meeting leaves nothing in any codec; the checkpoint keeps rank 0's inner
+    optimizer for every replica, so exactly so with one that keeps no state)."""
+    job = [*LM, *STREAM, "--steps", "96", "--workers", "2", "--compress", "int8"]
+    job += ["--meet-every", "8", "--optimizer", "sgd", "--lr", "0.3"]
+    slow = {"SHOAL_FAULT": "slow:rank=*:ms=10"}  # (a step long enough for the signal to land)
+    train(tmp_path / "unbroken", *job, env=slow)
+    out = tmp_path / "run"
+    fault = {"SHOAL_FAULT": slow["SHOAL_FAULT"] + ";term:rank=1:step=10"}
+    proc = train(out, *job, env=fault, check=False)
+    assert proc.returncode == 143, proc.stderr
+    (record,) = [json.loads(line) for line in (out / "preempted.jsonl").read_text().splitlines()]
+    stop = record["step"]
+    assert 10 < stop < 96 and stop % 8 == 0, record
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step-{stop:08d}"]
+    train(out, "--resume", str(out))
+    s = read_summary(out)
+    assert s["resumed_from_step"] == stop and s["steps"] == 96, s
+    assert all(e["exact"] for e in s["epochs"]), s["epochs"]
+    assert max_abs_diff(params(out), params(tmp_path / "unbroken")) < 1e-6
