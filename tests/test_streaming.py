@@ -10,13 +10,32 @@ import sys
 
 import pytest
 
-from tests.conftest import free_port, max_abs_diff, params, read_summary, shoal_env, train
+from tests.conftest import (
+    free_port,
+    max_abs_diff,
+    params,
+    read_summary,
+    shared_run,
+    shoal_env,
+    train,
+)
 
 pytestmark = pytest.mark.slow  # trains through the launcher: not in the quick tier
 
 LM = ["--model", "transformer", "--hidden", "64", "--layers", "2", "--heads", "4"]
 LM += ["--context", "32", "--batch-size", "24", "--optimizer", "adamw", "--lr", "0.003"]
 STREAM = ["--strategy", "diloco", "--sync-every", "8", "--fragments", "4", "--overlap", "2"]
+SGD_STREAM = [*LM, *STREAM, "--steps", "40", "--workers", "2", "--compress", "int8"]
+SGD_STREAM += ["--optimizer", "sgd", "--lr", "0.3"]
+"""A streaming job whose inner optimizer keeps no state: a replica that takes another's
+state (a spare, a resumed run) goes on as the replica it replaces would have."""
+
+
+@pytest.fixture(scope="session")
+def sgd_stream_unbroken(tmp_path_factory: pytest.TempPathFactory):
+    """SGD_STREAM, meeting in full at its checkpoints (every 16 steps), never stopped."""
+    make = lambda out: train(out, *SGD_STREAM, "--checkpoint-every", "16")  # noqa: E731
+    return shared_run(tmp_path_factory, "sgd-stream-unbroken", make)
 
 
 @pytest.mark.timeout(240)
@@ -83,7 +102,7 @@ def test_three_hosts_end_where_one_host_ends(tmp_path):
 
 
 @pytest.mark.timeout(240)
-def test_a_lost_worker_goes_back_to_the_last_full_meeting(tmp_path):
+def test_a_lost_worker_goes_back_to_the_last_full_meeting(tmp_path, sgd_stream_unbroken):
     """In place, with a spare: slot 1 is SIGKILLed after step 21 of a streaming job that
     meets in full every 16 steps (--meet-every: no checkpoint is written); the others
     keep their processes, go back to step 16 (model, inner and outer optimizers,
@@ -91,12 +110,9 @@ def test_a_lost_worker_goes_back_to_the_last_full_meeting(tmp_path):
     parameters of the unfailed run that meets at its checkpoints instead, with every
     epoch's samples once. (Exactly so with an inner optimizer that keeps no state: with
     Adam the spare's would be a survivor's, as on a resume from a checkpoint.)"""
-    job = [*LM, *STREAM, "--steps", "40", "--workers", "2", "--compress", "int8"]
-    job += ["--optimizer", "sgd", "--lr", "0.3"]
-    train(tmp_path / "unfailed", *job, "--checkpoint-every", "16")
     out = tmp_path / "failed"
     proc = train(
-        out, *job, "--meet-every", "16", "--recovery", "inplace", "--spares", "1",
+        out, *SGD_STREAM, "--meet-every", "16", "--recovery", "inplace", "--spares", "1",
         env={"SHOAL_FAULT": "crash:rank=1:step=21"},
     )  # fmt: skip
     saved = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
@@ -106,7 +122,7 @@ def test_a_lost_worker_goes_back_to_the_last_full_meeting(tmp_path):
     assert gens[1]["pids"]["0.0"] == gens[0]["pids"]["0.0"], proc.stderr
     s = read_summary(out)
     assert s["steps"] == 40 and all(e["exact"] for e in s["epochs"]), s["epochs"]
-    assert max_abs_diff(params(out), params(tmp_path / "unfailed")) < 1e-5
+    assert max_abs_diff(params(out), params(sgd_stream_unbroken)) < 1e-5
 
 
 @pytest.mark.timeout(120)
@@ -149,27 +165,27 @@ def test_a_worker_lost_and_one_joining_later_never_stop_the_others(tmp_path):
 
 
 @pytest.mark.timeout(240)
-def test_a_preemption_stops_at_a_meeting_that_saves_nothing_and_resumes_exactly(tmp_path):
-    """SIGTERM after step 10 of a streaming job (int8) that meets every 8 steps and
+def test_a_preemption_stops_at_a_meeting_that_saves_nothing_and_resumes_exactly(
+    tmp_path, sgd_stream_unbroken
+):
+    """SIGTERM after step 10 of a streaming job (int8) that meets every 16 steps and
     checkpoints only at the end: every worker trains on to a meeting (the ranks agree on
-    the signal in the background, so it is one of the next few), the checkpoint is
-    written there, and the resumed run ends at the parameters of the run that was never
-    stopped (a meeting leaves nothing in any codec; the checkpoint keeps rank 0's inner
-    optimizer for every replica, so exactly so with one that keeps no state)."""
-    job = [*LM, *STREAM, "--steps", "96", "--workers", "2", "--compress", "int8"]
-    job += ["--meet-every", "8", "--optimizer", "sgd", "--lr", "0.3"]
-    slow = {"SHOAL_FAULT": "slow:rank=*:ms=10"}  # (a step long enough for the signal to land)
-    train(tmp_path / "unbroken", *job, env=slow)
+    the signal in the background, so it is one of the next), the checkpoint is written
+    there, and the resumed run ends at the parameters of the run that was never stopped
+    and met at its checkpoints (a meeting leaves nothing in any codec; the checkpoint
+    keeps rank 0's inner optimizer for every replica, so exactly so with one that keeps
+    no state)."""
     out = tmp_path / "run"
-    fault = {"SHOAL_FAULT": slow["SHOAL_FAULT"] + ";term:rank=1:step=10"}
-    proc = train(out, *job, env=fault, check=False)
+    # (slowed: the run outlasts the ranks' agreement on the signal)
+    fault = {"SHOAL_FAULT": "slow:rank=*:ms=20;term:rank=1:step=10"}
+    proc = train(out, *SGD_STREAM, "--meet-every", "16", env=fault, check=False)
     assert proc.returncode == 143, proc.stderr
     (record,) = [json.loads(line) for line in (out / "preempted.jsonl").read_text().splitlines()]
     stop = record["step"]
-    assert 10 < stop < 96 and stop % 8 == 0, record
+    assert stop in (16, 32), record
     assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step-{stop:08d}"]
     train(out, "--resume", str(out))
     s = read_summary(out)
-    assert s["resumed_from_step"] == stop and s["steps"] == 96, s
+    assert s["resumed_from_step"] == stop and s["steps"] == 40, s
     assert all(e["exact"] for e in s["epochs"]), s["epochs"]
-    assert max_abs_diff(params(out), params(tmp_path / "unbroken")) < 1e-6
+    assert max_abs_diff(params(out), params(sgd_stream_unbroken)) < 1e-6
