@@ -15,16 +15,13 @@ pytestmark = pytest.mark.slow  # trains through the launcher: not in the quick t
 
 
 def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
+    """The example under torchrun with ``nproc`` workers; 0: as a plain script, one
+    process without torchrun."""
     script = REPO / "examples" / "torchrun_digits.py"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        str(script),
-        *args,
-    ]
+    cmd = [sys.executable]
+    if nproc:
+        cmd += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    cmd += [str(script), *args]
     proc = subprocess.run(cmd, env=shoal_env(), capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr
     return proc
@@ -33,7 +30,7 @@ def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
 @pytest.mark.timeout(240)
 def test_example_under_torchrun_matches_one_process(tmp_path):
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
-    torchrun(1, "--steps", "150", "--out", str(one))
+    torchrun(0, "--steps", "150", "--out", str(one))  # (one process, no torchrun needed)
     proc = torchrun(2, "--steps", "150", "--out", str(two))
     accuracy = float(re.search(r"accuracy (\S+)", proc.stdout).group(1))
     sent = int(re.search(r"bytes sent ([\d,]+)", proc.stdout).group(1).replace(",", ""))
