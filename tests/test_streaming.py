@@ -57,6 +57,7 @@ def test_quantized_outer_updates_keep_the_perplexity_and_send_a_quarter_or_an_ei
         assert abs(runs[codec]["test_perplexity"] / base - 1) < 0.02, (codec, runs[codec])
     f32 = runs["none"]["synchronization"]
     assert f32["fragments"] == 4 and f32["syncs"] == 4 * 160 // 8 - 1  # (the last: in full)
+    assert f32["meetings"] == 1 and f32["meet_every"] == 0  # (after the last step alone)
     sizes = f32["fragment_bytes"]
     assert max(sizes) < 1.6 * min(sizes), sizes  # about equal bytes
     assert f32["bytes_per_sync"] == sizes  # 2 ranks: a ring all-reduce sends the fragment
@@ -122,6 +123,8 @@ def test_a_lost_worker_goes_back_to_the_last_full_meeting(tmp_path, sgd_stream_u
     assert gens[1]["pids"]["0.0"] == gens[0]["pids"]["0.0"], proc.stderr
     s = read_summary(out)
     assert s["steps"] == 40 and all(e["exact"] for e in s["epochs"]), s["epochs"]
+    # rank 0 met at 16 (then went back there), 32 and after step 40
+    assert s["synchronization"]["meetings"] == 3, s["synchronization"]
     assert max_abs_diff(params(out), params(sgd_stream_unbroken)) < 1e-5
 
 

@@ -188,6 +188,7 @@ class LocalSGD(Strategy):
         # this rank's scheduled exchanges (full meetings apart): how many, seconds from
         # start to result, seconds waited for them, and bytes sent by fragment
         self.syncs, self.sync_seconds, self.sync_waited = 0, 0.0, 0.0
+        self.meetings = 0  # full meetings (streaming; the last step's included)
         self.fragment_sent = [0] * len(self.fragments)
         self.fragment_syncs = [0] * len(self.fragments)
         self._mark()
@@ -388,6 +389,8 @@ class LocalSGD(Strategy):
             for f in exchange.fragments:  # (one: offsets differ)
                 self.fragment_sent[f] += comm.sent
                 self.fragment_syncs[f] += 1
+        else:
+            self.meetings += 1
         if exchange.full or not self.streaming:
             self._mark()
 
@@ -424,6 +427,8 @@ class LocalSGD(Strategy):
                 "overlap": self.overlap,
                 "codec": self.codec.spec,
                 "syncs": self.syncs,
+                "meetings": self.meetings,
+                "meet_every": self.options.meet_every,
                 "fragment_bytes": self.fragment_bytes,
                 "bytes_per_sync": [round(b / n) if n else None for b, n in sent],
                 "sync_seconds": [round(o["sync_seconds"], 3) for o in own],
@@ -596,7 +601,8 @@ class LocalSGDPlugin(plugin.Plugin):
             (
                 "synchronization",
                 f"{sync['fragments']} fragment(s), overlap {sync['overlap']}, "
-                f"{sync['codec']}, {sync['syncs']:,} exchanges",
+                f"{sync['codec']}, {sync['syncs']:,} exchanges, "
+                f"{sync.get('meetings', 0):,} full meeting(s)",
             ),
             ("bytes per exchange", f"{min(per) / 1e6:.3g}-{max(per) / 1e6:.3g} MB" if per else "-"),
             ("exchange time hidden", f"{hidden:.1f} of {took:.1f} s (all workers)"),
