@@ -35,6 +35,7 @@ ROWS = (
     ("overlap (steps)", "synchronization.overlap", "{}"),
     ("outer codec", "synchronization.codec", "{}"),
     ("fragment exchanges", "synchronization.syncs", "{:,}"),
+    ("full meetings", "synchronization.meetings", "{:,}"),
     ("bytes per exchange, by fragment", "synchronization.bytes_per_sync", "{}"),
     ("seconds hidden by overlap, by worker", "synchronization.hidden_seconds", "{}"),
     ("compute utilisation, by worker", "synchronization.compute_utilisation", "{}"),

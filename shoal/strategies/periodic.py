@@ -188,7 +188,7 @@ class LocalSGD(Strategy):
         # this rank's scheduled exchanges (full meetings apart): how many, seconds from
         # start to result, seconds waited for them, and bytes sent by fragment
         self.syncs, self.sync_seconds, self.sync_waited = 0, 0.0, 0.0
-        self.meetings = 0  # full meetings (streaming; the last step's included)
+        self.meetings = 0  # full meetings this process took part in (the last step's too)
         self.fragment_sent = [0] * len(self.fragments)
         self.fragment_syncs = [0] * len(self.fragments)
         self._mark()
@@ -602,7 +602,8 @@ class LocalSGDPlugin(plugin.Plugin):
                 "synchronization",
                 f"{sync['fragments']} fragment(s), overlap {sync['overlap']}, "
                 f"{sync['codec']}, {sync['syncs']:,} exchanges, "
-                f"{sync.get('meetings', 0):,} full meeting(s)",
+                f"{sync.get('meetings', 0):,} full meeting(s)"
+                + (f" (every {sync['meet_every']})" if sync.get("meet_every") else ""),
             ),
             ("bytes per exchange", f"{min(per) / 1e6:.3g}-{max(per) / 1e6:.3g} MB" if per else "-"),
             ("exchange time hidden", f"{hidden:.1f} of {took:.1f} s (all workers)"),
