@@ -5,7 +5,7 @@
 One row per fragment: a dot where its exchange starts (after that step), a bar
 while it runs in the background with the inner steps, a bar's end where it is
 merged; the whole model meets in full after the last step. The schedule is
-shoal's own (:func:`shoal.strategies.periodic.offsets`), not redrawn by hand.
+shoal's own (:func:`shoal.strategies.periodic.strategy.offsets`), not redrawn by hand.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from shoal.strategies.periodic import offsets
+from shoal.strategies.periodic.strategy import offsets
 
 
 def main() -> None:

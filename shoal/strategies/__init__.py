@@ -16,9 +16,10 @@ from shoal.config import JobConfig, check_component, flag_of, public_fields
 from shoal.errors import UserError
 from shoal.jobfile import overlay
 from shoal.registry import import_ref, is_user_ref, lookup
-from shoal.strategies import allreduce, easgd, fsdp, periodic, pipeline, tensor
+from shoal.strategies import allreduce, easgd, fsdp, pipeline, tensor
 from shoal.strategies.base import Batch, LossFn, Strategy
 from shoal.strategies.federated import plugin as federated
+from shoal.strategies.periodic import plugin as periodic
 from shoal.strategies.plugin import NoOptions, Plugin
 from shoal.strategies.ps import plugin as ps
 from shoal.strategies.vertical import plugin as vertical

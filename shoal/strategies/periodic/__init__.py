@@ -1,0 +1,1 @@
+"""Periodic data parallel: local SGD and DiLoCo, streaming or not (see :mod:`.strategy`)."""
