@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -282,6 +283,27 @@ def _pass_ctrl_c_on_as_sigterm() -> None:
         raise api.SignalException(f"Process {os.getpid()} got signal: {signum}", sigval=sigval)
 
     api._terminate_process_handler = on_signal  # (what the agent registers as it starts)
+    if not getattr(sys.unraisablehook, "shoal_signal_again", False):
+        sys.unraisablehook = _signal_again(sys.unraisablehook)
+
+
+def _signal_again(hook: Callable[[Any], Any]) -> Callable[[Any], None]:
+    """``hook``, but a stop (the agent's :class:`SignalException`) raised in code whose
+    exceptions Python drops, a finalizer run by the garbage collector, is not printed as
+    a traceback and lost: the signal is sent again, a moment later (sent from here, its
+    handler would raise in this hook, which drops it too), to land in the agent's loop."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    def unraisable(args: Any) -> None:
+        if isinstance(args.exc_value, SignalException):
+            again = threading.Timer(0.05, os.kill, (os.getpid(), args.exc_value.sigval))
+            again.daemon = True
+            again.start()
+            return
+        hook(args)
+
+    unraisable.shoal_signal_again = True  # type: ignore[attr-defined]
+    return unraisable
 
 
 def _on_usr1(signum: int, frame: Any) -> None:

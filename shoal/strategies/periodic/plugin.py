@@ -26,15 +26,13 @@ class LocalSGDPlugin(plugin.Plugin):
 
     def commits_every(self, job: JobConfig) -> int:
         opts = self.options(job)
-        if opts.fragments > 1 or opts.overlap:
-            # streaming: the replicas are one model only where they meet in full
+        if _streaming(opts):  # the replicas are one model only where they meet in full
             return opts.meet_every or job.train.checkpoint_every or 1 << 30
         return opts.sync_every
 
     def in_place_refusal(self, job: JobConfig) -> str:
         opts = self.options(job)
-        streaming = opts.fragments > 1 or opts.overlap
-        if streaming and not (job.train.checkpoint_every or opts.meet_every):
+        if _streaming(opts) and not (job.train.checkpoint_every or opts.meet_every):
             return (
                 "--recovery inplace with --fragments or --overlap goes back to where the "
                 "replicas last met in full: set --meet-every or --checkpoint-every (a "
@@ -66,7 +64,8 @@ class LocalSGDPlugin(plugin.Plugin):
         ]
 
     def check(self, job: JobConfig) -> None:
-        """Checkpoints fall on synchronizations, where the replicas are one model."""
+        """Checkpoints and meetings fall on synchronizations, where the replicas are one
+        model; the streaming schedule fits in --sync-every."""
         super().check(job)
         opts = self.options(job)
         every, h = job.train.checkpoint_every, opts.sync_every
@@ -76,7 +75,7 @@ class LocalSGDPlugin(plugin.Plugin):
                 f"--strategy {self.name}: between synchronizations the replicas differ"
             )
         f, meet = opts.fragments, opts.meet_every
-        if meet and not (f > 1 or opts.overlap):
+        if meet and not _streaming(opts):
             raise UserError(
                 f"--meet-every {meet} is for streaming (--fragments or --overlap): without "
                 "it the replicas meet in full at every synchronization"
@@ -114,3 +113,8 @@ class DiLoCoPlugin(LocalSGDPlugin):
     runtime = DiLoCo
     default_optimizer = "adamw"
     default_lr = 0.003
+
+
+def _streaming(opts: LocalSGDConfig) -> bool:
+    """Whether the job syncs fragments on a staggered schedule or in the background."""
+    return opts.fragments > 1 or opts.overlap > 0
